@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the toolkit's dependencies into the current Python environment.
+#
+#   bash install.sh          # runtime + test dependencies
+#
+# torch comes first: an existing torch is kept; on a machine without an NVIDIA GPU the
+# CPU build is installed (no gigabytes of CUDA wheels); with a GPU, the default CUDA build.
+set -euo pipefail
+PYTHON="${PYTHON:-python}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    "$PYTHON" -m pip install "torch>=2.6"
+  else
+    # The CPU build lives on PyTorch's own index; --retries 0 keeps an offline mirror fast.
+    "$PYTHON" -m pip install --retries 0 "torch==2.13.0+cpu" \
+      --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+"$PYTHON" -m pip install -r "$here/requirements-dev.txt"

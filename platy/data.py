@@ -1,0 +1,286 @@
+"""Instruction data: read Alpaca-format rows, check them, tokenize with exact label masking."""
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from platy.cli import UserError
+
+IGNORE_INDEX = -100  # label value the loss skips
+FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+MAX_ROW_PROBLEMS_SHOWN = 3
+
+
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def looks_like_local_path(spec):
+    """A data set id is 'name' or 'owner/name'; anything else, or a file suffix, means a file."""
+    return not HUB_ID.match(spec) or Path(spec).suffix.lower() in FILE_FORMATS
+
+
+def load_rows(data_path):
+    """Rows of a local data file or a data set id, with a fingerprint of their content.
+
+    Returns (rows, fingerprint). Rows are checked: see check_rows.
+    """
+    path = Path(os.path.expanduser(str(data_path)))
+    if path.exists():
+        rows, fingerprint = _read_local(path)
+    elif looks_like_local_path(str(data_path)):
+        raise UserError(f"--data_path: file not found: {data_path}; give an existing JSON, JSONL, CSV or "
+                        f"Parquet file or a data set id")
+    else:
+        rows, fingerprint = _read_hub(str(data_path))
+    return check_rows(rows, str(data_path)), fingerprint
+
+
+def _read_local(path):
+    if path.is_dir():
+        raise UserError(f"--data_path: {path} is a folder; give a JSON, JSONL, CSV or Parquet file")
+    kind = FILE_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(f"--data_path: {path}: unsupported file type '{path.suffix}'; "
+                        f"use .json, .jsonl, .csv or .parquet")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"--data_path: cannot read {path}: {err.strerror}; check the path and permissions") from err
+    fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
+    try:
+        if kind == "json":
+            rows = _parse_json(raw.decode("utf-8"))
+        elif kind == "jsonl":
+            rows = _parse_jsonl(raw.decode("utf-8"))
+        elif kind == "csv":
+            import pandas as pd
+
+            # keep_default_na=False: an empty cell is an empty string, not NaN
+            rows = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+        else:
+            import pandas as pd
+
+            rows = pd.read_parquet(path).to_dict("records")
+    except UserError as err:
+        raise UserError(f"--data_path: {path}: {err}") from err
+    except Exception as err:  # any parser failure is a file the user must fix
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"--data_path: {path} is not valid {kind.upper()} ({detail}); fix or convert the file") from err
+    return rows, fingerprint
+
+
+def _parse_json(text):
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        # a .json file holding JSON Lines is common (and what many exporters write)
+        try:
+            return _parse_jsonl(text)
+        except UserError:
+            raise UserError(f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                            "fix the file") from None
+    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]} wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError("JSON must be a list of rows (or an object holding one list of rows)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UserError("JSON must be a list of rows")
+    return data
+
+
+def _parse_jsonl(text):
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UserError(f"line {number} is not valid JSON ({err.msg}); fix that line") from None
+    return rows
+
+
+def _read_hub(data_id):
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(data_id, split="train")
+    except Exception as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"--data_path: '{data_id}' is not a local file and could not be loaded as a data set id "
+                        f"({detail}); check the name, or the network, or download it to a file") from err
+    return ds.to_list(), f"hub:{data_id}:{ds._fingerprint}"
+
+
+def check_rows(rows, source):
+    """Each row needs non-blank string 'instruction' and 'output'; 'input' is an optional string.
+
+    Row numbers in messages count from 1, in file order (a JSONL row number is its line
+    number when the file has no blank lines).
+    """
+    problems = []
+    clean = []
+    for number, row in enumerate(rows, start=1):
+        problem = _row_problem(row)
+        if problem:
+            problems.append(f"row {number}: {problem}")
+            continue
+        entry = {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+        if isinstance(row.get("data_source"), str):
+            entry["data_source"] = row["data_source"]
+        clean.append(entry)
+    if problems:
+        more = len(problems) - MAX_ROW_PROBLEMS_SHOWN
+        shown = "; ".join(problems[:MAX_ROW_PROBLEMS_SHOWN]) + (f"; and {more} more rows" if more > 0 else "")
+        raise UserError(f"{source}: {shown}. Every row needs non-empty text fields 'instruction' and 'output' "
+                        "('input' is optional); fix or remove those rows")
+    if not clean:
+        raise UserError(f"{source}: no rows; the data set is empty")
+    return clean
+
+
+def _row_problem(row):
+    if not isinstance(row, dict):
+        return f"expected an object with instruction/input/output, got {type(row).__name__}"
+    for field in ("instruction", "output"):
+        if field not in row or row[field] is None:
+            return f"missing '{field}'"
+        if not isinstance(row[field], str):
+            return f"'{field}' is {type(row[field]).__name__}, not text"
+        if not row[field].strip():
+            return f"'{field}' is blank"
+    value = row.get("input")
+    if value is not None and not isinstance(value, str):
+        return f"'input' is {type(value).__name__}, not text"
+    return None
+
+
+def split_rows(rows, val_set_size, seed):
+    """Hold out val_set_size rows (an int) or that fraction of rows (a float below 1)."""
+    if not val_set_size:
+        return rows, []
+    n_val = int(val_set_size) if val_set_size >= 1 else max(1, round(val_set_size * len(rows)))
+    if n_val >= len(rows):
+        raise UserError(f"--val_set_size {val_set_size}: holds out {n_val} of {len(rows)} rows, leaving none to "
+                        "train on; use a smaller number or a fraction such as 0.05")
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    val = [rows[i] for i in sorted(order[:n_val])]
+    train = [rows[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def prepare_tokenizer(tokenizer):
+    """Give the tokenizer a pad id and right padding for training.
+
+    Labels are built explicitly (padding positions get -100 in the collator, not by pad id),
+    so a pad id equal to EOS cannot mask the real EOS. A distinct id is still preferred.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UserError("the base model's tokenizer has no EOS token; the model could not learn to stop. "
+                        "Set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def adds_bos(tokenizer):
+    """Whether the model expects BOS first (its tokenizer adds one by default)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+class ExampleTokenizer:
+    """Tokenizes Alpaca rows into input_ids / labels with exact prompt masking.
+
+    Layout: [BOS] prompt response [EOS]. The prompt is tokenized on its own and the
+    response ids are what follows those prompt ids in the tokenization of prompt+response,
+    so the prompt ids are always an exact prefix and the response keeps its natural
+    tokenization. Where a tokenizer merges across the boundary (prompt ids are then no
+    prefix of the joint ids), the response is tokenized on its own and appended.
+
+    add_eos_token:
+      False (Platypus default): EOS follows every response that fits in cutoff_len; a
+            response cut by cutoff_len ends without EOS, since it did not end there.
+      True: EOS is always the last token; a cut response loses one more token to make room.
+    Either way, EOS is a label, and an example whose response is cut away entirely is
+    dropped (see tokenize_rows).
+    """
+
+    def __init__(self, tokenizer, prompter, cutoff_len, train_on_inputs=False, add_eos_token=False):
+        self.tokenizer = tokenizer
+        self.prompter = prompter
+        self.cutoff_len = cutoff_len
+        self.train_on_inputs = train_on_inputs
+        self.add_eos_token = add_eos_token
+        self.bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+        self.eos = tokenizer.eos_token_id
+
+    def __call__(self, batch):
+        prompts = [self.prompter.generate_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
+        encode = self.tokenizer
+        prompt_ids = encode(prompts, add_special_tokens=False)["input_ids"]
+        joint_ids = encode([p + r for p, r in zip(prompts, batch["output"])], add_special_tokens=False)["input_ids"]
+        out = {"input_ids": [], "attention_mask": [], "labels": [], "n_response": [], "truncated": []}
+        for prompt, joint, response_text in zip(prompt_ids, joint_ids, batch["output"]):
+            if joint[: len(prompt)] == prompt:
+                response = joint[len(prompt):]
+            else:
+                response = encode(response_text, add_special_tokens=False)["input_ids"]
+            bos = [] if prompt[:1] == self.bos else self.bos  # a template carrying BOS text gets no second one
+            example = self.build(bos + prompt, response)
+            for key, value in example.items():
+                out[key].append(value)
+        return out
+
+    def build(self, prompt, response):
+        room = self.cutoff_len - len(prompt)
+        truncated = len(response) + 1 > room
+        if not truncated:
+            kept, tail = response, [self.eos]
+        else:
+            kept = response[: max(room - 1 if self.add_eos_token else room, 0)]
+            tail = [self.eos] if self.add_eos_token and kept else []
+        ids = (prompt + kept + tail)[: self.cutoff_len]
+        if self.train_on_inputs:
+            labels = list(ids)
+        else:
+            labels = [IGNORE_INDEX] * len(prompt) + kept + tail
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels[: len(ids)],
+                "n_response": len(kept), "truncated": truncated}
+
+
+def tokenize_rows(rows, example_tokenizer, num_proc=None):
+    """Tokenize rows into a datasets.Dataset; drop examples with no response token left.
+
+    Returns (dataset, stats). Dropped examples are counted, never trained on: a batch with
+    no trainable token gives a NaN loss.
+    """
+    import datasets
+
+    if not rows:
+        return None, {"rows": 0, "dropped_cut_away": 0, "truncated": 0, "tokens": 0, "label_tokens": 0}
+    columns = {key: [row.get(key, "") for row in rows] for key in ("instruction", "input", "output")}
+    ds = datasets.Dataset.from_dict(columns)
+    ds = ds.map(example_tokenizer, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
+                desc="Tokenizing", load_from_cache_file=False)
+    n_before = len(ds)
+    stats_truncated = sum(ds["truncated"])
+    ds = ds.filter(lambda n: n > 0, input_columns="n_response", desc="Dropping cut-away examples")
+    dropped = n_before - len(ds)
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    label_tokens = sum(sum(1 for v in labels[1:] if v != IGNORE_INDEX) for labels in ds["labels"])
+    ds = ds.remove_columns(["n_response", "truncated"])
+    stats = {"rows": n_before, "kept": len(ds), "dropped_cut_away": dropped, "truncated": stats_truncated,
+             "tokens": sum(lengths), "label_tokens": label_tokens,
+             "max_len": max(lengths, default=0)}
+    return ds, stats

@@ -1,0 +1,177 @@
+"""Model loading shared by the scripts: precision, quantization, placement, LoRA targets."""
+
+import os
+from pathlib import Path
+
+from platy.cli import UserError, world_size
+
+QUANTIZATIONS = ("4bit", "8bit", "none")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_precision(precision):
+    """auto: bf16 on GPUs that support it, else fp16 on CUDA; fp32 on CPU and Apple GPUs."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and not cuda:
+        raise UserError("--precision fp16: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 here")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bf16 support; use fp16 or fp32")
+    return precision
+
+
+def torch_dtype(precision):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def quantization_config(quantization, precision, double_quant=False):
+    """BitsAndBytesConfig for 4-bit NF4 (QLoRA) or 8-bit, None for plain LoRA."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "none":
+        if double_quant:
+            raise UserError("--double_quant needs --quantization 4bit")
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes, "
+                        "or use --quantization none") from err
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        if double_quant:
+            raise UserError("--double_quant applies to 4-bit only; drop it or use --quantization 4bit")
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=bool(double_quant),
+        bnb_4bit_compute_dtype=torch_dtype(precision),
+    )
+
+
+def resolve_base_model(base_model):
+    """A local folder, the embedded tiny model (builtin:tiny-llama), or a hub id."""
+    if base_model.startswith(BUILTIN_PREFIX):
+        from platy import tiny
+
+        return str(tiny.ensure_model(base_model[len(BUILTIN_PREFIX):]))
+    path = Path(os.path.expanduser(base_model))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--base_model {base_model}: folder has no config.json; point to a Hugging Face "
+                            "model folder")
+        return str(path)
+    if base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or path.exists():
+        raise UserError(f"--base_model {base_model}: folder does not exist; give a model folder or a hub id")
+    return base_model
+
+
+def load_config(base_model, trust_remote_code=False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"--base_model {base_model}: cannot load its config ({detail}); check the name or path "
+                        "(offline machines need a local folder)") from err
+
+
+def load_tokenizer(base_model, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"--base_model {base_model}: cannot load its tokenizer ({detail})") from err
+
+
+def linear_module_names(config, trust_remote_code=False):
+    """Names (last path component) of the Linear layers of a model, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+
+
+def parse_target_modules(value):
+    """Accepts a list, '[gate_proj, down_proj, up_proj]' or 'gate_proj,down_proj,up_proj'."""
+    if isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    else:
+        items = str(value).strip().strip("[]()").split(",")
+    names = [item.strip().strip("'\"") for item in items]
+    names = [n for n in names if n]
+    if not names:
+        raise UserError("--lora_target_modules is empty; name the Linear layers to adapt, e.g. "
+                        "'[gate_proj, up_proj, down_proj]'")
+    return names
+
+
+def check_target_modules(targets, linear_names, base_model):
+    missing = [t for t in targets if t not in linear_names]
+    if missing:
+        raise UserError(f"--lora_target_modules: {base_model} has no Linear layer named {', '.join(missing)}; "
+                        f"its Linear layers are: {', '.join(linear_names)}")
+
+
+def device_map():
+    """Where the weights go.
+
+    Under torchrun every rank holds a whole copy on its own device (a quantized model must
+    not be spread across devices in distributed mode). Without torchrun, several GPUs
+    share one big model layer by layer.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        if world_size() > 1:
+            return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        return "auto" if torch.cuda.device_count() > 1 else {"": 0}
+    return {"": "cpu"}
+
+
+def load_model(base_model, quantization, precision, double_quant=False, trust_remote_code=False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(precision)
+    kwargs = {"dtype": dtype, "device_map": device_map(), "trust_remote_code": trust_remote_code}
+    qconfig = quantization_config(quantization, precision, double_quant)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+    except (OSError, ValueError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"--base_model {base_model}: cannot load the model ({detail})") from err
+    keep_cpu_4bit_layout(model)
+    return model
+
+
+def keep_cpu_4bit_layout(model):
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward under no_grad (an evaluation
+    pass) repacks each Linear4bit weight for a kernel that has no backward: later training
+    steps then lose the gradient through the frozen weights without an error, and
+    dequantizing gives wrong weights. Keeping the standard layout costs CPU speed only.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False

@@ -1,0 +1,84 @@
+"""What a run shows and leaves behind: progress with loss, curves, run configuration."""
+
+import json
+import platform
+from pathlib import Path
+
+from transformers.trainer_callback import ProgressCallback
+
+RUN_CONFIG = "run_config.json"
+LOG_HISTORY = "log_history.json"
+CURVES = "training_curves.png"
+
+
+class LossProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, with the latest loss and learning rate beside it.
+
+    Each logging step also leaves one short line (kept in logs and CI output); the raw
+    metrics dictionaries are not printed.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        step = f"step {state.global_step}/{state.max_steps}"
+        if "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+            extra = f"  grad_norm {logs['grad_norm']:.3f}" if "grad_norm" in logs else ""
+            self.training_bar.write(f"{step}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.3e}{extra}")
+        elif "eval_loss" in logs:
+            self.training_bar.write(f"{step}  eval_loss {logs['eval_loss']:.4f}")
+
+
+def library_versions():
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_json(path, data):
+    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_run_config(folder):
+    path = Path(folder) / RUN_CONFIG
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def plot_curves(log_history, path):
+    """Loss (train and eval) and learning rate against the optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
+    lrs = [(r["step"], r["learning_rate"]) for r in log_history if "learning_rate" in r]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        ax_loss.plot(*zip(*train), label="train loss")
+    if evals:
+        ax_loss.plot(*zip(*evals), "o-", label="eval loss")
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_loss.set_title("Loss")
+    if lrs:
+        ax_lr.plot(*zip(*lrs))
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_title("Learning rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""The embedded base model: a tiny random Llama with a real sentencepiece tokenizer.
+
+It lets the whole recipe run offline on a CPU: `--base_model builtin:tiny-llama`. It is
+built once from the bundled sample data and cached under $PLATY_CACHE (default
+~/.cache/platy). The build is deterministic, and concurrent builders (torchrun ranks)
+each write a private folder and rename it into place, so nobody reads a half-built model.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from platy.cli import REPO_ROOT, UserError
+
+SAMPLE_DATA = Path(REPO_ROOT) / "data" / "sample_platypus.json"
+BUILD_VERSION = 1  # bump when the recipe below changes, so caches are rebuilt
+
+# Dimensions are multiples of 64: bitsandbytes' CPU 4-bit kernels need that.
+TINY_MODELS = {
+    "tiny-llama": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "vocab_size": 1024,
+    },
+}
+
+
+def cache_root():
+    return Path(os.environ.get("PLATY_CACHE", Path.home() / ".cache" / "platy"))
+
+
+def ensure_model(name="tiny-llama"):
+    """Path of the cached tiny model, building it first if needed."""
+    if name not in TINY_MODELS:
+        raise UserError(f"--base_model builtin:{name}: unknown built-in model; available: "
+                        + ", ".join(f"builtin:{n}" for n in TINY_MODELS))
+    target = cache_root() / f"{name}-v{BUILD_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build(work, **TINY_MODELS[name])
+        try:
+            os.rename(work, target)
+        except OSError:  # another process finished first; its build is identical
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target
+
+
+def corpus_lines():
+    from platy.prompts import Prompter
+
+    rows = json.loads(SAMPLE_DATA.read_text(encoding="utf-8"))
+    prompters = [Prompter(n) for n in ("alpaca", "alpaca_short", "alpaca_ko")]
+    lines = []
+    for prompter in prompters:
+        lines.extend(prompter.template[k] for k in ("prompt_input", "prompt_no_input"))
+    for row in rows:
+        lines.extend([row["instruction"], row["input"], row["output"]])
+    return [line for line in lines if line]
+
+
+def train_tokenizer(folder, vocab_size):
+    """sentencepiece BPE with byte fallback, so any UTF-8 text (Korean too) encodes."""
+    import sentencepiece as spm
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(corpus_lines()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spm"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, num_threads=1, minloglevel=2,
+    )
+    corpus.unlink()
+    # transformers 5 converts a sentencepiece model only through from_pretrained on a folder
+    # holding tokenizer.model; saving the result writes tokenizer.json.
+    raw = folder / "spm_raw"
+    raw.mkdir()
+    (folder / "spm.model").rename(raw / "tokenizer.model")
+    (folder / "spm.vocab").unlink()
+    (raw / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096,
+    }))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(raw))
+    tokenizer.save_pretrained(str(folder))
+    shutil.copy(raw / "tokenizer.model", folder / "tokenizer.model")
+    shutil.rmtree(raw)
+    return tokenizer
+
+
+def build(folder, vocab_size, **dims):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    tokenizer = train_tokenizer(folder, vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **dims,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(folder))
