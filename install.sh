@@ -13,8 +13,9 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     "$PYTHON" -m pip install "torch>=2.6"
   else
-    # The CPU build lives on PyTorch's own index; --retries 0 keeps an offline mirror fast.
-    "$PYTHON" -m pip install --retries 0 "torch==2.13.0+cpu" \
+    # The CPU build lives on PyTorch's own index; --retries 0 keeps a machine that only
+    # reaches a local mirror fast. TORCH_SPEC picks another CPU build.
+    "$PYTHON" -m pip install --retries 0 "${TORCH_SPEC:-torch==2.13.0+cpu}" \
       --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi

@@ -19,7 +19,8 @@ def quiet_libraries():
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
-    warnings.filterwarnings("ignore", message=".*Please make sure you already `pip install kernels`.*")
+    # peft still calls the v5-deprecated spelling; nothing for the user to change
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def rank():
@@ -47,7 +48,6 @@ def run(fn):
     """
     import fire
 
-    quiet_libraries()
     try:
         fire.Fire(fn)
     except UserError as err:

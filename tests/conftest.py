@@ -1,0 +1,99 @@
+"""Fixtures: tiny random models built from configs, offline, on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample_platypus.json"
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def platy_cache(tmp_path_factory):
+    """One tiny-model cache per test session, shared with subprocesses through PLATY_CACHE."""
+    cache = os.environ.get("PLATY_TEST_CACHE") or str(tmp_path_factory.mktemp("platy-cache"))
+    os.environ["PLATY_CACHE"] = cache
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return Path(cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(platy_cache):
+    from platy import tiny
+
+    return tiny.ensure_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def build_model(folder, arch, tokenizer_dir):
+    """A tiny random model of another architecture, sharing the tiny tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dims = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=False)
+    config, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    torch.manual_seed(1)
+    model = cls(config(**dims))
+    if arch == "qwen2":  # random biases, so a dropped bias would show
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    for name in ("tokenizer.model",):
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copy(Path(tokenizer_dir) / name, Path(folder) / name)
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tiny_llama):
+    return build_model(tmp_path_factory.mktemp("qwen2"), "qwen2", tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory, tiny_llama):
+    return build_model(tmp_path_factory.mktemp("mistral"), "mistral", tiny_llama)
+
+
+def run_cli(args, cwd=None, env=None, timeout=600):
+    """Run a command line as a user would; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(args, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def finetune(output_dir, *extra, base_model="builtin:tiny-llama", data_path=SAMPLE, cwd=None, env=None):
+    """python finetune.py with small, fast settings unless `extra` overrides them."""
+    args = [sys.executable, str(REPO / "finetune.py"), "--base_model", str(base_model), "--data_path",
+            str(data_path), "--output_dir", str(output_dir), "--batch_size", "4", "--micro_batch_size", "2",
+            "--max_steps", "3", "--warmup_steps", "0", "--logging_steps", "1", "--cutoff_len", "256",
+            *map(str, extra)]
+    return run_cli(args, cwd=cwd, env=env)
+
+
+def write_rows(path, rows):
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    else:
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path

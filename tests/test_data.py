@@ -1,0 +1,246 @@
+"""Templates, data loading and the exact label masking of training examples."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+from conftest import REPO, SAMPLE, write_rows
+
+from platy.cli import UserError
+from platy.data import IGNORE_INDEX, ExampleTokenizer, check_rows, load_rows, prepare_tokenizer, split_rows, \
+    tokenize_rows
+from platy.prompts import Prompter
+
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                "### Input:\n{input}\n\n### Response:\n")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+# ---- templates -------------------------------------------------------------------------
+
+def test_alpaca_template_is_the_published_text():
+    template = json.loads((REPO / "templates" / "alpaca.json").read_text())
+    assert template["prompt_input"] == ALPACA_INPUT
+    assert template["prompt_no_input"] == ALPACA_NO_INPUT
+    assert template["response_split"] == "### Response:"
+
+
+@pytest.mark.parametrize("name", ["alpaca", "alpaca_short", "alpaca_ko"])
+def test_templates_found_from_any_working_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prompter = Prompter(name)
+    with_input = prompter.generate_prompt("Add the numbers.", "2 and 3")
+    assert "Add the numbers." in with_input and "2 and 3" in with_input
+    assert prompter.template["response_split"] in with_input
+    no_input = prompter.generate_prompt("Say hi.")
+    assert "Say hi." in no_input and "{input}" not in no_input
+    assert prompter.get_response(with_input + " 5") == "5"
+
+
+def test_korean_template_is_korean():
+    assert "지시문" in Prompter("alpaca_ko").generate_prompt("두 수를 더하시오.")
+
+
+def test_unknown_template_names_the_choices():
+    with pytest.raises(UserError, match="unknown template 'nope'.*alpaca, alpaca_ko, alpaca_short"):
+        Prompter("nope")
+
+
+# ---- sample data -----------------------------------------------------------------------
+
+def test_sample_data_is_a_real_instruction_set():
+    rows, _ = load_rows(str(SAMPLE))
+    assert len(rows) >= 200
+    assert sum(1 for r in rows if r["input"]) >= 50, "some rows carry an input"
+    assert sum(1 for r in rows if any("\uac00" <= ch <= "\ud7a3" for ch in r["output"])) >= 20, "some Korean rows"
+    arithmetic = [r for r in rows if r.get("data_source") == "arithmetic"]
+    for row in arithmetic:  # answers are correct: recompute them
+        expression, value = row["output"].rstrip(".").split(" = ")
+        a, op, b = expression.split()
+        assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(value)
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+ROWS = [{"instruction": "What is 2 + 2?", "input": "", "output": "4"},
+        {"instruction": "Add the numbers.", "input": "3 and 5", "output": "8"}]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_every_file_format_gives_the_same_rows(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        pd.DataFrame(ROWS).to_csv(path, index=False)
+    elif suffix == ".parquet":
+        pd.DataFrame(ROWS).to_parquet(path)
+    else:
+        write_rows(path, ROWS)
+    rows, fingerprint = load_rows(str(path))
+    assert rows == ROWS  # an empty CSV cell reads back as "", not NaN
+    assert fingerprint.startswith("sha256:")
+
+
+def test_missing_input_field_means_no_input(tmp_path):
+    rows, _ = load_rows(str(write_rows(tmp_path / "d.json", [{"instruction": "Hi?", "output": "Hello."}])))
+    assert rows == [{"instruction": "Hi?", "input": "", "output": "Hello."}]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([ROWS[0], {"instruction": "x"}], "row 2: missing 'output'"),
+    ([{"output": "y"}], "row 1: missing 'instruction'"),
+    ([ROWS[0], ROWS[1], {"instruction": "x", "output": 5}], "row 3: 'output' is int, not text"),
+    ([{"instruction": "x", "input": ["a"], "output": "y"}], "row 1: 'input' is list, not text"),
+    ([{"instruction": "  ", "output": "y"}], "row 1: 'instruction' is blank"),
+    (["just text"], "row 1: expected an object"),
+    ([], "no rows"),
+])
+def test_bad_rows_are_named_by_number(rows, message):
+    with pytest.raises(UserError, match=message):
+        check_rows(rows, "data.json")
+
+
+def test_many_bad_rows_are_summarised_in_one_line():
+    rows = [{"instruction": "x"}] * 7
+    with pytest.raises(UserError) as err:
+        check_rows(rows, "data.json")
+    assert "row 1" in str(err.value) and "and 4 more rows" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_val_split_by_count_and_fraction():
+    rows = [{"instruction": str(i), "input": "", "output": str(i)} for i in range(100)]
+    train, val = split_rows(rows, 10, seed=1)
+    assert len(val) == 10 and len(train) == 90
+    assert {r["instruction"] for r in train}.isdisjoint(r["instruction"] for r in val)
+    assert split_rows(rows, 10, seed=1) == (train, val), "the split is reproducible"
+    train, val = split_rows(rows, 0.25, seed=1)
+    assert len(val) == 25
+    with pytest.raises(UserError, match="val_set_size 100"):
+        split_rows(rows, 100, seed=1)
+
+
+# ---- tokenization and labels -----------------------------------------------------------
+
+@pytest.fixture
+def tok(tokenizer):
+    return prepare_tokenizer(tokenizer)
+
+
+def encode(tok, rows, cutoff_len=4096, **kwargs):
+    example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), cutoff_len, **kwargs)
+    return example_tokenizer({k: [r[k] for r in rows] for k in ("instruction", "input", "output")})
+
+
+def test_labels_are_exactly_the_response_and_eos(tok):
+    rows, _ = load_rows(str(SAMPLE))
+    rows = rows[:40]
+    out = encode(tok, rows)
+    prompter = Prompter("alpaca")
+    for row, ids, labels in zip(rows, out["input_ids"], out["labels"]):
+        prompt_ids = tok(prompter.generate_prompt(row["instruction"], row["input"]),
+                         add_special_tokens=False)["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, "one BOS, at position 0"
+        assert ids[1: 1 + len(prompt_ids)] == prompt_ids, "prompt ids are an exact prefix"
+        n_prompt = 1 + len(prompt_ids)
+        assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt, "every prompt position is masked"
+        assert all(label != IGNORE_INDEX for label in labels[n_prompt:]), "every response token is a label"
+        assert labels[-1] == tok.eos_token_id and ids[-1] == tok.eos_token_id
+        response_labels = [label for label in labels if label != IGNORE_INDEX]
+        assert tok.decode(response_labels[:-1]).strip() == row["output"].strip()
+        assert tok.decode(response_labels) .endswith(tok.eos_token)
+
+
+def test_train_on_inputs_labels_the_prompt_too(tok):
+    out = encode(tok, ROWS, train_on_inputs=True)
+    for ids, labels in zip(out["input_ids"], out["labels"]):
+        assert labels == ids
+
+
+def test_response_merged_across_the_boundary_keeps_prompt_prefix(tok):
+    """Find a word that tokenizes differently when split, and put the split at the boundary."""
+    words = {w.strip(".,?") for r in load_rows(str(SAMPLE))[0] for w in r["output"].split() if len(w) > 6}
+    prompter = Prompter("alpaca")
+    case = None
+    for word in sorted(words):
+        for cut in range(1, len(word)):
+            prompt = prompter.generate_prompt("Spell it.") + word[:cut]
+            p = tok(prompt, add_special_tokens=False)["input_ids"]
+            j = tok(prompt + word[cut:], add_special_tokens=False)["input_ids"]
+            if j[: len(p)] != p:
+                case = (word, cut)
+                break
+        if case:
+            break
+    assert case, "the tiny tokenizer should merge some word across a split"
+    word, cut = case
+    prompter.template = {**prompter.template, "prompt_no_input": prompter.template["prompt_no_input"] + word[:cut]}
+    example_tokenizer = ExampleTokenizer(tok, prompter, 4096)
+    out = example_tokenizer({"instruction": ["Spell it."], "input": [""], "output": [word[cut:]]})
+    prompt_ids = tok(prompter.generate_prompt("Spell it."), add_special_tokens=False)["input_ids"]
+    assert out["input_ids"][0][1: 1 + len(prompt_ids)] == prompt_ids
+    labels = [label for label in out["labels"][0] if label != IGNORE_INDEX]
+    assert tok.decode(labels[:-1]).strip() == word[cut:] and labels[-1] == tok.eos_token_id
+
+
+def test_add_eos_token_decides_the_end_of_a_cut_response(tok):
+    row = {"instruction": "Count.", "input": "", "output": " ".join(str(i) for i in range(60))}
+    prompt_len = len(encode(tok, [{**row, "output": "x"}])["input_ids"][0]) - 2
+    cutoff = prompt_len + 10
+    plain = encode(tok, [row], cutoff_len=cutoff, add_eos_token=False)
+    forced = encode(tok, [row], cutoff_len=cutoff, add_eos_token=True)
+    assert len(plain["input_ids"][0]) == cutoff == len(forced["input_ids"][0])
+    assert plain["truncated"] == [True] and plain["input_ids"][0][-1] != tok.eos_token_id
+    assert forced["input_ids"][0][-1] == tok.eos_token_id and forced["labels"][0][-1] == tok.eos_token_id
+    assert forced["input_ids"][0][:-1] == plain["input_ids"][0][:-1]
+    # an example that fits ends with EOS whatever the flag
+    short = {**row, "output": "0 1 2"}
+    for flag in (False, True):
+        assert encode(tok, [short], add_eos_token=flag)["labels"][0][-1] == tok.eos_token_id
+
+
+def test_examples_with_the_response_cut_away_are_dropped_and_counted(tok):
+    rows = [{"instruction": "Short?", "input": "", "output": "Yes."},
+            {"instruction": "Long " * 80, "input": "", "output": "Yes."}]
+    example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), 80)
+    ds, stats = tokenize_rows(rows, example_tokenizer)
+    assert len(ds) == 1 and stats["dropped_cut_away"] == 1
+    for labels in ds["labels"]:
+        assert any(label != IGNORE_INDEX for label in labels[1:]), "no example without a trainable token"
+
+
+def test_pad_id_never_masks_eos(tok):
+    """Even where pad == EOS, the collator pads labels with -100 and leaves the real EOS a label."""
+    import transformers
+
+    tok.pad_token = tok.eos_token
+    ds, _ = tokenize_rows(ROWS, ExampleTokenizer(tok, Prompter("alpaca"), 4096))
+    collator = transformers.DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    batch = collator([ds[0], ds[1]])
+    for row, labels in zip(ds, batch["labels"].tolist()):
+        assert labels[len(row["input_ids"]) - 1] == tok.eos_token_id
+        assert all(label == IGNORE_INDEX for label in labels[len(row["input_ids"]):])
+
+
+def test_data_set_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="not a local file and could not be loaded as a data set id"):
+        load_rows("someone/no-such-set")
+
+
+def test_unsupported_file_type(tmp_path):
+    path = tmp_path / "rows.txt"
+    path.write_text("hello")
+    with pytest.raises(UserError, match=r"unsupported file type '\.txt'"):
+        load_rows(str(path))
+
+
+def test_invalid_json_names_the_place(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[{"instruction": "a", "output": "b"},\n{"instruction": ')
+    with pytest.raises(UserError, match="rows.json.*not valid JSON"):
+        load_rows(str(path))
+    assert os.path.exists(path)

@@ -1,0 +1,194 @@
+"""Training end to end: outputs, what changes, what is learned, models, quantization modes."""
+
+import hashlib
+import inspect
+import json
+
+import pytest
+import torch
+from conftest import SAMPLE, finetune, write_rows
+
+import finetune as finetune_script
+
+
+def flags(**overrides):
+    """finetune.train's defaults, with small settings for the tests, then overrides."""
+    values = {name: p.default for name, p in inspect.signature(finetune_script.train).parameters.items()}
+    values.update(base_model="builtin:tiny-llama", data_path=str(SAMPLE), batch_size=4, micro_batch_size=2,
+                  max_steps=3, warmup_steps=0, logging_steps=1, cutoff_len=256, report_to="none")
+    values.update(overrides)
+    return values
+
+
+def build(tmp_path, **overrides):
+    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), **overrides))
+    tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
+    train_set, val_set, _ = finetune_script.build_datasets(setup, tokenizer, prompter)
+    model = finetune_script.load_model_with_lora(setup)
+    return setup, finetune_script.build_trainer(setup, model, tokenizer, train_set, val_set)
+
+
+def test_lora_weights_change_and_base_weights_do_not(tmp_path):
+    setup, trainer = build(tmp_path, learning_rate=1e-3)
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen_4bit = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    trainer.train()
+    after = dict(model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    assert lora and all(after[n].requires_grad for n in lora)
+    assert all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n), "every lora_B was trained"
+    base = [n for n in before if "lora_" not in n]
+    assert base and all(torch.equal(before[n], after[n]) for n in base), "base weights untouched"
+    assert frozen_4bit, "the base really is 4-bit"
+
+
+def test_group_by_length_changes_the_sampler(tmp_path):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    _, trainer = build(tmp_path, group_by_length=True)
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    _, trainer = build(tmp_path, group_by_length=False)
+    assert not isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+
+
+def test_gradients_are_unchanged_by_an_evaluation_pass(tmp_path):
+    """bitsandbytes repacks 4-bit weights on CPU in eval mode for a kernel without backward;
+    the toolkit keeps the trainable layout, so gradients after an eval pass are the same."""
+    setup, trainer = build(tmp_path, lora_dropout=0.0)
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    # a non-zero lora_B, so gradients flow through every layer's adapter
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    fresh = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    again = lora_grads()
+    assert fresh.keys() == again.keys() and fresh
+    for name in fresh:
+        torch.testing.assert_close(again[name], fresh[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_end_to_end_run_writes_everything(tmp_path):
+    out = tmp_path / "out"
+    result = finetune(out, "--val_set_size", 8, "--save_steps", 2, "--max_steps", 4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "run_config.json", "log_history.json", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["flags"]["learning_rate"] == 4e-4 and config["flags"]["lora_r"] == 16
+    assert config["flags"]["lora_target_modules"] == ["gate_proj", "down_proj", "up_proj"]
+    assert config["resolved"]["gradient_accumulation_steps"] == 2 and config["resolved"]["world_size"] == 1
+    assert config["resolved"]["template"]["name"] == "alpaca"
+    assert config["resolved"]["precision"] == "fp32" and config["flags"]["quantization"] == "4bit"
+    assert config["data"]["fingerprint"] == "sha256:" + hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
+    assert config["data"]["train"]["kept"] + config["data"]["val"]["kept"] == len(json.loads(SAMPLE.read_text()))
+    assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(config["versions"])
+    assert config["result"]["global_step"] == 4 and config["result"]["trained_tokens"] > 0
+    history = json.loads((out / "log_history.json").read_text())
+    assert sum("loss" in r for r in history) == 4 and any("eval_loss" in r for r in history)
+    assert (out / "checkpoint-2" / "run_config.json").is_file(), "checkpoints carry the run configuration"
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == ["down_proj", "gate_proj", "up_proj"]
+    # what the user sees: a progress bar with the loss, and a closing summary
+    assert "loss=" in result.stderr
+    assert "Done: 4 optimizer steps" in result.stdout and "tokens/s" in result.stdout
+    assert str(out / "adapter_model.safetensors") in result.stdout
+
+
+def test_eval_loss_falls_on_learnable_data(tmp_path):
+    out = tmp_path / "out"
+    result = finetune(out, "--val_set_size", 16, "--max_steps", 30, "--eval_steps", 10, "--batch_size", 8,
+                      "--micro_batch_size", 4, "--learning_rate", 3e-3, "--lora_dropout", 0.0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [r["eval_loss"] for r in json.loads((out / "log_history.json").read_text()) if "eval_loss" in r]
+    assert len(evals) >= 4  # at start, steps 10, 20, 30 (and the final evaluation)
+    assert evals[-1] < evals[0] - 0.5, evals
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_qwen2", "tiny_mistral"])
+def test_other_architectures_train(tmp_path, model_fixture, request):
+    base = request.getfixturevalue(model_fixture)
+    out = tmp_path / "out"
+    result = finetune(out, "--max_steps", 2, base_model=base)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    keys = load_file(out / "adapter_model.safetensors").keys()
+    for module in ("gate_proj", "up_proj", "down_proj"):
+        assert any(f"{module}.lora_A" in k for k in keys) and any(f"{module}.lora_B" in k for k in keys)
+    assert json.loads((out / "run_config.json").read_text())["resolved"]["model_type"] in ("qwen2", "mistral")
+
+
+@pytest.mark.parametrize("extra, quant", [(["--quantization", "8bit"], "8bit"),
+                                          (["--quantization", "none"], "none"),
+                                          (["--double_quant", "True"], "4bit")])
+def test_quantization_modes(tmp_path, extra, quant):
+    out = tmp_path / "out"
+    result = finetune(out, "--max_steps", 1, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["flags"]["quantization"] == quant
+
+
+def test_resume_from_checkpoint_continues_the_step_count(tmp_path):
+    out = tmp_path / "out"
+    first = finetune(out, "--max_steps", 2, "--save_steps", 1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = finetune(out, "--max_steps", 3, "--resume_from_checkpoint", out / "checkpoint-1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Resuming from" in again.stdout
+    history = json.loads((out / "log_history.json").read_text())
+    assert [r["step"] for r in history if "loss" in r] == [1, 2, 3]
+
+
+def test_resume_from_an_adapter_folder_says_what_restarts(tmp_path):
+    first = finetune(tmp_path / "a", "--max_steps", 1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = finetune(tmp_path / "b", "--max_steps", 1, "--resume_from_checkpoint", tmp_path / "a")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "optimizer state and learning-rate schedule restart" in again.stdout
+
+
+def test_finished_output_dir_is_not_overwritten_unless_asked(tmp_path):
+    out = tmp_path / "out"
+    assert finetune(out, "--max_steps", 1).returncode == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    second = finetune(out, "--max_steps", 1, "--seed", 7)
+    assert second.returncode == 2 and "already holds a run" in second.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    third = finetune(out, "--max_steps", 1, "--seed", 7, "--overwrite", "True")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_tensorboard_reporting_writes_events(tmp_path):
+    out = tmp_path / "out"
+    result = finetune(out, "--max_steps", 1, "--report_to", "tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(out.rglob("events.out.tfevents.*")), "tensorboard event file"
+
+
+def test_korean_data_with_korean_template(tmp_path):
+    rows = [{"instruction": "다음 두 수의 합을 구하시오.", "input": f"{a}, {a + 1}", "output": f"{a} + {a + 1} = {2 * a + 1} 입니다."}
+            for a in range(10, 30)]
+    data = write_rows(tmp_path / "ko.jsonl", rows)
+    out = tmp_path / "out"
+    result = finetune(out, "--max_steps", 2, "--prompt_template_name", "alpaca_ko", data_path=data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["resolved"]["template"]["response_split"] == "### 응답:"
+    assert config["data"]["train"]["label_tokens"] > 0
