@@ -13,6 +13,7 @@ Defaults are Platypus's published hyperparameters; the base model is loaded in 4
 (QLoRA) unless --quantization says otherwise.
 """
 
+import inspect
 import os
 import shutil
 import time
@@ -134,13 +135,12 @@ def train(
         deepspeed: Path to a DeepSpeed JSON config, passed to the Trainer.
         overwrite: Allow writing into an output_dir that already holds a run.
     """
-    flags = dict(locals())
-    setup = validate(flags)
+    setup = validate(dict(locals()))
+    run_config = describe_run(setup)
     tokenizer, prompter = load_tokenizer_and_prompter(setup)
-    train_set, val_set, data_stats = build_datasets(setup, tokenizer, prompter)
+    train_set, val_set, run_config["data"] = build_datasets(setup, tokenizer, prompter)
     model = load_model_with_lora(setup)
     trainer = build_trainer(setup, model, tokenizer, train_set, val_set)
-    run_config = describe_run(setup, prompter, data_stats)
     result = run_training(setup, trainer, run_config)
     save(setup, trainer, run_config, result)
 
@@ -315,12 +315,12 @@ def build_datasets(setup, tokenizer, prompter):
     if val_set is not None and len(val_set) == 0:
         raise UserError(f"--val_set_size {setup.val_set_size}: every held-out example was cut away by "
                         f"--cutoff_len {setup.cutoff_len}; raise --cutoff_len")
-    stats = {"train": train_stats, "val": val_stats}
+    stats = {"path": setup.data_path, "fingerprint": setup.data_fingerprint, "train": train_stats, "val": val_stats}
     dropped = train_stats["dropped_cut_away"] + val_stats["dropped_cut_away"]
     say(f"Data: {len(setup.rows)} rows from {setup.data_path}; {len(train_set)} train, "
         f"{0 if val_set is None else len(val_set)} held out; {train_stats['truncated'] + val_stats['truncated']} "
         f"cut at cutoff_len {setup.cutoff_len}; {dropped} dropped (response cut away entirely); "
-        f"{train_stats['label_tokens']} trainable tokens per epoch")
+        f"{train_stats['label_tokens']:,} trainable tokens per epoch")
     return train_set, val_set, stats
 
 
@@ -419,9 +419,10 @@ def build_trainer(setup, model, tokenizer, train_set, val_set):
     return trainer
 
 
-def describe_run(setup, prompter, data_stats):
-    """The run configuration saved next to the adapter and printed once at start."""
-    flags = {k: setup[k] for k in setup if k in train.__code__.co_varnames[: train.__code__.co_argcount]}
+def describe_run(setup):
+    """The run configuration: printed once at start, saved next to the adapter and in checkpoints."""
+    flags = {k: setup[k] for k in inspect.signature(train).parameters}
+    prompter = setup.prompter
     config = {
         "flags": flags,
         "resolved": {
@@ -434,15 +435,17 @@ def describe_run(setup, prompter, data_stats):
             "gradient_accumulation_steps": setup.gradient_accumulation_steps,
             "resume": setup.resume,
         },
-        "data": {"path": setup.data_path, "fingerprint": setup.data_fingerprint, **data_stats},
+        "data": {},
         "versions": library_versions(),
     }
-    if cli.is_main_process():
-        import pprint
-
-        say("Run configuration:")
-        say(pprint.pformat({**flags, **{k: v for k, v in config["resolved"].items() if k != "template"}},
-                           sort_dicts=False, width=110))
+    shown = {**flags, **{k: v for k, v in config["resolved"].items() if k != "template"}}
+    lines, line = [], ""
+    for pair in (f"{k}={v!r}" for k, v in shown.items()):  # pairs are never split across lines
+        if line and len(line) + 2 + len(pair) > 110:
+            lines.append(line)
+            line = ""
+        line = f"{line}  {pair}" if line else f"  {pair}"
+    say("Run configuration:\n" + "\n".join(lines + [line]))
     return config
 
 
@@ -495,11 +498,13 @@ def save(setup, trainer, run_config, result):
     plot_curves(trainer.state.log_history, out / CURVES)
     run_config["result"] = result
     write_json(out / RUN_CONFIG, run_config)  # written last: its presence marks a finished run
-    eval_part = f", eval loss {result['eval_loss']:.4f}" if result["eval_loss"] is not None else ""
-    loss = result["last_logged_loss"]
+    losses = f"mean training loss {result['train_loss']:.4f}"
+    if result["last_logged_loss"] is not None:
+        losses += f", last logged {result['last_logged_loss']:.4f}"
+    if result["eval_loss"] is not None:
+        losses += f", eval loss {result['eval_loss']:.4f}"
     say(f"\nDone: {result['global_step']} optimizer steps, {result['trained_tokens']:,} trained tokens "
-        f"(non-padding) in {result['train_seconds']:.1f} s = {result['tokens_per_second']:,.0f} tokens/s; "
-        f"last logged loss {loss if loss is None else round(loss, 4)}{eval_part}")
+        f"(non-padding) in {result['train_seconds']:.1f} s = {result['tokens_per_second']:,.0f} tokens/s; {losses}")
     say(f"Adapter: {out / 'adapter_model.safetensors'}")
     say(f"Run configuration: {out / RUN_CONFIG}; curves: {out / CURVES}; log: {out / LOG_HISTORY}")
 

@@ -114,4 +114,10 @@ def build(folder, vocab_size, **dims):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(str(folder))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-shard save of a tiny model needs no bar
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        hf_logging.enable_progress_bar()

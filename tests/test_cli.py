@@ -1,0 +1,141 @@
+"""Bad input through the real command line: one clear line, exit status 2, nothing written."""
+
+import json
+
+import pytest
+from conftest import REPO, SAMPLE, finetune, run_cli, write_rows
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    # progress bars of stages that ran before the problem showed may precede it
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == lines[-1:], lines
+    assert lines[-1].startswith("finetune.py: error: "), lines[-1]
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "never-written"
+
+
+def check(result, out, *fragments):
+    assert_user_error(result, *fragments)
+    assert not out.exists(), "nothing is written into output_dir"
+
+
+def test_missing_data_file(out, tmp_path):
+    check(finetune(out, data_path=tmp_path / "nope.json"), out, "--data_path", "nope.json", "not found")
+
+
+def test_unreadable_data_file(out, tmp_path):
+    # a file that exists but fails to read, even for root: /proc/self/mem at offset 0
+    data = tmp_path / "rows.json"
+    data.symlink_to("/proc/self/mem")
+    check(finetune(out, data_path=data), out, "rows.json", "cannot read")
+
+
+def test_not_a_supported_format(out, tmp_path):
+    data = tmp_path / "rows.txt"
+    data.write_text("instruction: hi\n")
+    check(finetune(out, data_path=data), out, "rows.txt", "unsupported file type", ".jsonl")
+
+
+def test_broken_json(out, tmp_path):
+    data = tmp_path / "rows.json"
+    data.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ')
+    check(finetune(out, data_path=data), out, "rows.json", "not valid JSON")
+
+
+def test_broken_parquet(out, tmp_path):
+    data = tmp_path / "rows.parquet"
+    data.write_bytes(b"not parquet at all")
+    check(finetune(out, data_path=data), out, "rows.parquet", "not valid PARQUET")
+
+
+def test_row_without_output_names_the_row(out, tmp_path):
+    rows = json.loads(SAMPLE.read_text())[:5] + [{"instruction": "What is 1 + 1?"}]
+    check(finetune(out, data_path=write_rows(tmp_path / "d.jsonl", rows)), out, "row 6", "missing 'output'")
+
+
+def test_non_string_value_names_the_row(out, tmp_path):
+    rows = [{"instruction": "a", "output": "x"}, {"instruction": "b", "output": 3}]
+    check(finetune(out, data_path=write_rows(tmp_path / "d.json", rows)), out, "row 2", "'output' is int")
+
+
+def test_empty_data_set_after_filtering(out):
+    check(finetune(out, "--cutoff_len", 16), out, "no training example keeps any response token", "--cutoff_len")
+
+
+def test_empty_file(out, tmp_path):
+    check(finetune(out, data_path=write_rows(tmp_path / "d.json", [])), out, "no rows")
+
+
+def test_unknown_template(out):
+    check(finetune(out, "--prompt_template_name", "vicuna"), out, "--prompt_template_name", "unknown template",
+          "alpaca_short")
+
+
+def test_base_model_path_does_not_exist(out, tmp_path):
+    check(finetune(out, base_model=tmp_path / "no-model"), out, "--base_model", "does not exist")
+
+
+def test_base_model_hub_id_offline(out):
+    check(finetune(out, base_model="nobody/no-such-model", env={"HF_HUB_OFFLINE": "1"}), out,
+          "--base_model nobody/no-such-model", "cannot load its config")
+
+
+def test_resume_checkpoint_does_not_exist(out, tmp_path):
+    check(finetune(out, "--resume_from_checkpoint", tmp_path / "checkpoint-9"), out,
+          "--resume_from_checkpoint", "folder not found")
+
+
+def test_resume_auto_without_checkpoint(out):
+    check(finetune(out, "--resume_from_checkpoint", "auto"), out, "no complete checkpoint")
+
+
+def test_batch_sizes_that_do_not_divide(out):
+    check(finetune(out, "--batch_size", 6, "--micro_batch_size", 4), out, "--batch_size 6", "--micro_batch_size 4")
+
+
+def test_target_module_the_model_lacks_lists_its_linear_layers(out):
+    check(finetune(out, "--lora_target_modules", "[gate_proj, c_attn]"), out, "c_attn",
+          "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--quantization", "3bit"], "--quantization 3bit"),
+    (["--precision", "fp16"], "fp16 mixed precision needs a CUDA GPU"),
+    (["--wandb_project", "demo", "--report_to", "none"], "--wandb_project is set but --report_to"),
+    (["--report_to", "mlflow"], "--report_to mlflow"),
+    (["--eval_steps", "5"], "--eval_steps needs held-out rows"),
+    (["--val_set_size", "5000"], "--val_set_size 5000"),
+    (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler cosine_annealing"),
+    (["--double_quant", "True", "--quantization", "none"], "--double_quant needs --quantization 4bit"),
+    (["--deepspeed", "/no/ds_config.json"], "--deepspeed /no/ds_config.json"),
+    (["--micro_batch_size", "0"], "--micro_batch_size must be a positive integer"),
+])
+def test_flag_problems(out, extra, fragment):
+    check(finetune(out, *extra), out, fragment)
+
+
+def test_required_flags():
+    result = run_cli(["python", str(REPO / "finetune.py")])
+    assert_user_error(result, "--base_model is required", "--data_path is required")
+
+
+def test_dash_spelling_of_data_path(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(["python", str(REPO / "finetune.py"), "--base_model", "builtin:tiny-llama", "--data-path",
+                      str(SAMPLE), "--output_dir", str(out), "--max_steps", "1", "--batch_size", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_traceback_on_request(out, tmp_path):
+    result = finetune(out, data_path=tmp_path / "nope.json", env={"PLATY_TRACEBACK": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr

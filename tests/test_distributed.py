@@ -1,0 +1,69 @@
+"""Data parallelism with torchrun on CPU (gloo), and the launcher users call."""
+
+import json
+import shutil
+import sys
+
+import torch
+from conftest import REPO, SAMPLE, run_cli
+from safetensors.torch import load_file
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+
+
+def test_torchrun_two_processes_keep_identical_adapters(tmp_path):
+    out = tmp_path / "out"
+    args = TORCHRUN + [str(REPO / "tests" / "ddp_driver.py"), "--base_model", "builtin:tiny-llama",
+                       "--data_path", str(SAMPLE), "--output_dir", str(out), "--batch_size", "8",
+                       "--micro_batch_size", "2", "--max_steps", "3", "--warmup_steps", "0",
+                       "--learning_rate", "1e-3", "--cutoff_len", "256", "--logging_steps", "1"]
+    result = run_cli(args, env={"DUMP_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert any(t.abs().sum() > 0 for n, t in rank0.items() if "lora_B" in n), "the adapter was trained"
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["resolved"]["world_size"] == 2
+    assert config["resolved"]["gradient_accumulation_steps"] == 2  # 8 / (2 x 2)
+    assert result.stdout.count("Done:") == 1, "only rank 0 reports"
+    saved = load_file(out / "adapter_model.safetensors")
+    assert len(saved) == len(rank0)
+
+
+def test_default_launcher_runs_the_whole_recipe(tmp_path):
+    """`bash fine-tuning.sh` with no arguments: tiny model, sample data, Platypus hyperparameters."""
+    result = run_cli(["bash", str(REPO / "fine-tuning.sh")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "outputs" / "platypus-qlora"
+    assert (out / "adapter_model.safetensors").is_file()
+    config = json.loads((out / "run_config.json").read_text())
+    flags = config["flags"]
+    assert (flags["learning_rate"], flags["batch_size"], flags["micro_batch_size"], flags["warmup_steps"]) == \
+        (4e-4, 16, 1, 100)
+    assert (flags["lora_r"], flags["lora_alpha"], flags["lora_dropout"], flags["cutoff_len"]) == (16, 16, 0.05, 4096)
+    assert flags["quantization"] == "4bit" and flags["lr_scheduler"] == "cosine"
+    n_rows = len(json.loads(SAMPLE.read_text()))
+    assert config["result"]["global_step"] == -(-n_rows // 16)
+    assert "Done:" in result.stdout and str(out / "adapter_model.safetensors") in result.stdout
+
+
+def test_launcher_uses_torchrun_for_several_processes(tmp_path):
+    result = run_cli(["bash", str(REPO / "fine-tuning.sh"), "--max_steps", "2"], cwd=tmp_path,
+                     env={"NPROC": "2", "OUTPUT_DIR": str(tmp_path / "o"), "MASTER_PORT": "29544"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = json.loads((tmp_path / "o" / "run_config.json").read_text())
+    assert config["resolved"]["world_size"] == 2 and config["resolved"]["gradient_accumulation_steps"] == 8
+
+
+def test_launcher_works_from_a_copy_of_the_repository(tmp_path):
+    """Templates and data are found next to the code, wherever it lives and runs from."""
+    copy = tmp_path / "toolkit"
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "outputs", "__pycache__", ".pytest_cache"))
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    result = run_cli(["bash", str(copy / "fine-tuning.sh"), "--max_steps", "1"], cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = json.loads((elsewhere / "outputs" / "platypus-qlora" / "run_config.json").read_text())
+    assert config["resolved"]["template"]["path"] == str(copy / "templates" / "alpaca.json")
