@@ -23,7 +23,8 @@ from platy import cli
 from platy.cli import UserError, say
 from platy.data import ExampleTokenizer, load_rows, prepare_tokenizer, split_rows, tokenize_rows
 from platy.modeling import (check_target_modules, linear_module_names, load_config, load_model, load_tokenizer,
-                            parse_target_modules, quantization_config, resolve_base_model, resolve_precision)
+                            parse_target_modules, quantization_config, quantization_layout, resolve_base_model,
+                            resolve_precision)
 from platy.prompts import Prompter
 from platy.reporting import (CURVES, LOG_HISTORY, RUN_CONFIG, LossProgressCallback, library_versions, plot_curves,
                              write_json)
@@ -139,7 +140,7 @@ def train(
     run_config = describe_run(setup)
     tokenizer, prompter = load_tokenizer_and_prompter(setup)
     train_set, val_set, run_config["data"] = build_datasets(setup, tokenizer, prompter)
-    model = load_model_with_lora(setup)
+    model, run_config["resolved"]["quantization_layout"] = load_model_with_lora(setup)
     trainer = build_trainer(setup, model, tokenizer, train_set, val_set)
     result = run_training(setup, trainer, run_config)
     save(setup, trainer, run_config, result)
@@ -331,6 +332,7 @@ def load_model_with_lora(setup):
     say(f"Loading {setup.base_model} ({setup.quantization}, {setup.precision}) on {setup.device}")
     model = load_model(setup.base_model_path, setup.quantization, setup.precision, setup.double_quant,
                        setup.trust_remote_code)
+    layout = quantization_layout(model, setup.quantization, setup.precision)
     if setup.quantization != "none":
         # upcasts norms/embeddings to fp32 for stable training; checkpointing is the Trainer's job
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -344,7 +346,7 @@ def load_model_with_lora(setup):
         trainable, total = model.get_nb_trainable_parameters()
         say(f"LoRA r={setup.lora_r} alpha={setup.lora_alpha} on {', '.join(setup.lora_target_modules)}: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
-    return model
+    return model, layout
 
 
 def load_adapter_weights(model, folder):

@@ -175,3 +175,22 @@ def keep_cpu_4bit_layout(model):
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def quantization_layout(model, quantization, precision):
+    """How the base was quantized in training, so merge.py can rebuild exactly those weights.
+
+    Names the quantized Linear modules (transformers leaves some, such as lm_head, in full
+    precision) and the 4-bit block parameters.
+    """
+    if quantization == "none":
+        return None
+    kinds = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
+    modules = {name: m for name, m in model.named_modules() if type(m).__name__ == kinds[quantization]}
+    layout = {"quantization": quantization, "load_dtype": str(torch_dtype(precision)).replace("torch.", ""),
+              "modules": sorted(modules)}
+    if quantization == "4bit" and modules:
+        state = next(iter(modules.values())).weight.quant_state
+        layout.update(quant_type=state.quant_type, blocksize=state.blocksize, double_quant=bool(state.nested),
+                      quant_storage=str(next(iter(modules.values())).weight.dtype).replace("torch.", ""))
+    return layout

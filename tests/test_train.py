@@ -24,7 +24,7 @@ def build(tmp_path, **overrides):
     setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), **overrides))
     tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
     train_set, val_set, _ = finetune_script.build_datasets(setup, tokenizer, prompter)
-    model = finetune_script.load_model_with_lora(setup)
+    model, _ = finetune_script.load_model_with_lora(setup)
     return setup, finetune_script.build_trainer(setup, model, tokenizer, train_set, val_set)
 
 

@@ -1,0 +1,281 @@
+"""Fuse a LoRA / QLoRA adapter into the base weights and export a standalone Hugging Face model.
+
+    # base model and template come from the adapter's run_config.json
+    python merge.py --peft_model_path ./outputs/platypus-qlora --output_dir ./outputs/merged --verify
+
+    # Platypus's spelling, explicit base, bfloat16 output in 2 GB shards
+    python merge.py --base_model_name_or_path meta-llama/Llama-2-13b-hf \
+        --peft_model_path ./Platypus2-13B-lora --output_dir ./Platypus2-13B --dtype bfloat16 --max_shard_size 2GB
+
+Methods: `dequant` rebuilds the base exactly as it was quantized in training, dequantizes
+it and adds the adapter to those weights (the weights the adapter was trained against);
+`peft` adds the adapter to the original 16-bit weights. `auto` (default): dequant for an
+adapter trained on a 4-bit or 8-bit base, peft otherwise. The merge streams tensor by
+tensor: peak memory is about one output shard plus the adapter, whatever the model size.
+"""
+
+import datetime
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from platy import cli
+from platy.cli import UserError, say
+from platy.merging import (DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base,
+                           swap_into_place)
+from platy.reporting import write_json
+
+
+def merge(
+    base_model_name_or_path: str = None,
+    peft_model_path: str = None,
+    output_dir: str = None,
+    device: str = "auto",
+    method: str = "auto",
+    dtype: str = "float16",
+    max_shard_size: str = "5GB",
+    verify: bool = False,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    base_model: str = None,
+    lora_weights: str = None,
+):
+    """Merge an adapter into its base model and write a standalone model folder.
+
+    Args:
+        base_model_name_or_path: Base model (hub id or folder); default: the one the adapter's
+            run_config.json records. Alias: --base_model.
+        peft_model_path: The adapter folder (finetune.py's output_dir or a checkpoint-N).
+            Alias: --lora_weights.
+        output_dir: Where the merged model goes; must be new or empty unless --overwrite.
+        device: Where the merge arithmetic runs: auto (cuda if present), cpu or cuda.
+        method: auto, dequant or peft (see the module docstring).
+        dtype: float16 (default), bfloat16 or float32 for the exported weights.
+        max_shard_size: Largest safetensors shard, e.g. 5GB or 500MB.
+        verify: Compare the merged model's logits with base + adapter on a few prompts.
+        overwrite: Replace a non-empty output_dir (only once the new model is complete).
+        trust_remote_code: Allow model code from the hub for --verify.
+        base_model: Alias of --base_model_name_or_path.
+        lora_weights: Alias of --peft_model_path.
+    """
+    setup = validate(dict(locals()))
+    adapter = setup["adapter"]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{setup['output_dir'].name}.partial-", dir=setup["output_dir"].parent))
+    try:
+        stats = write_weights(setup, adapter, tmp)
+        write_companions(setup, adapter, tmp, stats)
+        swap_into_place(tmp, setup["output_dir"])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"Merged model ({setup['method']} merge, {setup['dtype']}): {setup['output_dir']} "
+        f"({len(stats['shards'])} shard(s), {stats['bytes'] / 1e9:.3f} GB, {stats['merged_modules']} modules merged)")
+    if verify:
+        report = verify_merge(setup, adapter)
+        say(f"Verify: largest |logit difference| {report['max_abs_diff']:.2e} over {report['positions']} positions "
+            f"of {report['prompts']} prompts; greedy next-token agreement {100 * report['agreement']:.1f}%")
+
+
+def pick(value, alias, name, alias_name):
+    if value and alias and value != alias:
+        raise UserError(f"--{name} {value} and --{alias_name} {alias} disagree; give one of them")
+    return value or alias
+
+
+def validate(flags):
+    peft_path = pick(flags["peft_model_path"], flags["lora_weights"], "peft_model_path", "lora_weights")
+    if not peft_path:
+        raise UserError("--peft_model_path is required (the adapter folder written by finetune.py)")
+    if not flags["output_dir"]:
+        raise UserError("--output_dir is required (where the merged model goes)")
+    if flags["method"] not in METHODS:
+        raise UserError(f"--method {flags['method']}: choose one of {', '.join(METHODS)}")
+    if str(flags["dtype"]) not in DTYPES:
+        raise UserError(f"--dtype {flags['dtype']}: choose float16, bfloat16 or float32")
+    if flags["device"] not in ("auto", "cpu", "cuda") and not str(flags["device"]).startswith("cuda:"):
+        raise UserError(f"--device {flags['device']}: choose auto, cpu or cuda")
+    max_bytes = parse_size(flags["max_shard_size"])
+    out = Path(flags["output_dir"]).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not flags["overwrite"]:
+        raise UserError(f"--output_dir {out} is not empty; choose a new folder or pass --overwrite")
+    adapter = Adapter(Path(peft_path).expanduser())
+    recorded = adapter.run_config or {}
+    recorded_base = recorded.get("flags", {}).get("base_model") or adapter.config.get("base_model_name_or_path")
+    base = pick(flags["base_model_name_or_path"], flags["base_model"], "base_model_name_or_path", "base_model")
+    if not base:
+        if not recorded_base:
+            raise UserError("--base_model_name_or_path is required: the adapter records no base model")
+        base = recorded_base
+    elif recorded_base and base != recorded_base:
+        say(f"Note: the adapter was trained on {recorded_base}; merging into {base} as asked")
+    layout = recorded.get("resolved", {}).get("quantization_layout")
+    method = flags["method"]
+    if method == "auto":
+        method = "dequant" if layout else "peft"
+    if method == "dequant" and not layout:
+        raise UserError("--method dequant: the adapter's run_config.json records no quantized base (trained without "
+                        "quantization, or not by finetune.py); use --method peft")
+    import torch
+
+    device = flags["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU here; use --device cpu")
+    return {**flags, "base": base, "base_path": resolve_local_base(base), "adapter": adapter, "layout": layout,
+            "method": method, "dtype": DTYPES[str(flags["dtype"])], "max_bytes": max_bytes, "output_dir": out,
+            "device": device, "peft_model_path": str(adapter.folder)}
+
+
+def write_weights(setup, adapter, folder):
+    return merge_stream(setup["base_path"], adapter, setup["method"], setup["layout"], setup["dtype"], folder,
+                        setup["max_bytes"], setup["device"])
+
+
+def write_companions(setup, adapter, folder, stats):
+    """config.json, generation config, tokenizer, a model card, and how the merge was made."""
+    import json
+
+    (folder / "config.json").write_text(json.dumps(output_config(setup["base_path"], setup["dtype"]), indent=2) + "\n")
+    base = Path(setup["base_path"])
+    if (base / "generation_config.json").is_file():
+        shutil.copy(base / "generation_config.json", folder / "generation_config.json")
+    tokenizer_source = adapter.folder if (adapter.folder / "tokenizer_config.json").is_file() else base
+    for path in tokenizer_source.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens_map")) or path.name in ("chat_template.jinja",):
+            shutil.copy(path, folder / path.name)
+    merge_info = {
+        "method": setup["method"], "dtype": setup["dtype"], "base_model": setup["base"],
+        "adapter": setup["peft_model_path"], "shards": stats["shards"], "merged_modules": stats["merged_modules"],
+        "quantization_layout": {k: v for k, v in (setup["layout"] or {}).items() if k != "modules"} or None,
+        "command": " ".join(["python", "merge.py", *sys.argv[1:]]),
+        "date": datetime.date.today().isoformat(),
+    }
+    write_json(folder / "merge_config.json", merge_info)
+    if adapter.run_config:
+        write_json(folder / "run_config.json", adapter.run_config)
+    (folder / "README.md").write_text(model_card(setup, adapter, merge_info), encoding="utf-8")
+
+
+METHOD_TEXT = {
+    "dequant": "the base was rebuilt exactly as it was quantized in training ({quant}), dequantized, and the LoRA "
+               "update added to those weights, the weights the adapter was trained against",
+    "peft": "the LoRA update was added to the original base weights",
+}
+
+
+def model_card(setup, adapter, info):
+    run = adapter.run_config or {}
+    flags = run.get("flags", {})
+    data = run.get("data", {})
+    layout = setup["layout"] or {}
+    quant = (f"{layout.get('quantization')} {layout.get('quant_type', '')}".strip()
+             + (", double quantization" if layout.get("double_quant") else "")) if layout else "none"
+    rows = [("learning rate", flags.get("learning_rate")), ("batch size", flags.get("batch_size")),
+            ("micro batch size", flags.get("micro_batch_size")), ("warmup steps", flags.get("warmup_steps")),
+            ("epochs", flags.get("num_epochs")), ("max steps", flags.get("max_steps")),
+            ("weight decay", flags.get("weight_decay")), ("lr scheduler", flags.get("lr_scheduler")),
+            ("lora alpha", adapter.config.get("lora_alpha")), ("lora rank", adapter.config.get("r")),
+            ("lora dropout", adapter.config.get("lora_dropout")),
+            ("lora target modules", ", ".join(sorted(adapter.config.get("target_modules") or []))),
+            ("cutoff length", flags.get("cutoff_len")), ("train on inputs", flags.get("train_on_inputs")),
+            ("group by length", flags.get("group_by_length")), ("add eos token", flags.get("add_eos_token")),
+            ("prompt template", run.get("resolved", {}).get("template", {}).get("name")),
+            ("base quantization in training", quant), ("precision", run.get("resolved", {}).get("precision"))]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows if value not in (None, ""))
+    template = run.get("resolved", {}).get("template", {})
+    prompt = template.get("prompt_no_input", "").replace("\n", "\\n")
+    result = run.get("result", {})
+    name = setup["output_dir"].name
+    return f"""---
+base_model: {setup['base']}
+library_name: transformers
+tags:
+- lora
+- platypus
+---
+
+# {name}
+
+**{name}** is [{setup['base']}]({setup['base']}) fine-tuned with LoRA on instruction data and
+merged into standalone {info['dtype']} weights.
+
+## Model details
+
+* **Base model:** {setup['base']}
+* **Training data:** {data.get('path', 'not recorded')} ({data.get('train', {}).get('kept', '?')} training examples; fingerprint `{data.get('fingerprint', 'n/a')}`)
+* **Fine-tuning:** LoRA adapter trained with `finetune.py`; {result.get('global_step', '?')} optimizer steps, {result.get('trained_tokens', '?')} trained tokens
+* **Merge method:** `{info['method']}`: {METHOD_TEXT[info['method']].format(quant=quant)}
+* **Weights:** {info['dtype']}, {len(info['shards'])} safetensors shard(s)
+
+## Hyperparameters
+
+| Hyperparameter | Value |
+| --- | --- |
+{table}
+
+## Prompt template
+
+```
+{prompt}
+```
+
+## How it was made
+
+```bash
+{info['command']}
+```
+
+Merged on {info['date']}; `merge_config.json` and `run_config.json` in this folder record the
+merge and the full training configuration.
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```
+"""
+
+
+def verify_merge(setup, adapter, prompts=None):
+    """Largest logit difference and greedy agreement: merged model vs base + adapter as trained."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from platy.modeling import load_model, resolve_precision
+    from platy.prompts import Prompter
+
+    run = adapter.run_config or {}
+    quantization = (setup["layout"] or {}).get("quantization", "none")
+    precision = resolve_precision("auto")
+    reference = load_model(setup["base_path"], quantization, precision,
+                           bool((setup["layout"] or {}).get("double_quant")), setup["trust_remote_code"])
+    reference = PeftModel.from_pretrained(reference, str(adapter.folder))
+    merged = AutoModelForCausalLM.from_pretrained(str(setup["output_dir"]), dtype=torch.float32,
+                                                  device_map=reference.device.type)
+    tokenizer = AutoTokenizer.from_pretrained(str(setup["output_dir"]))
+    template = run.get("resolved", {}).get("template", {}).get("name", "alpaca")
+    prompter = Prompter(template if template else "alpaca")
+    prompts = prompts or [prompter.generate_prompt(q) for q in (
+        "What is the boiling point of water at sea level?", "Is 91 a prime number?",
+        "Explain Newton's second law in one sentence.", "다음 두 수의 합을 구하시오: 12, 30")]
+    reference.eval()
+    merged.eval()
+    worst, agree, positions = 0.0, 0, 0
+    with torch.no_grad():
+        for text in prompts:
+            ids = tokenizer(text, return_tensors="pt").to(reference.device)
+            a = reference(**ids).logits.float()
+            b = merged(**ids).logits.float()
+            worst = max(worst, (a - b).abs().max().item())
+            agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+            positions += a.shape[1]
+    return {"max_abs_diff": worst, "agreement": agree / positions, "positions": positions, "prompts": len(prompts)}
+
+
+if __name__ == "__main__":
+    cli.run(merge)
