@@ -37,17 +37,18 @@ def load_rows(data_path):
     return check_rows(rows, str(data_path)), fingerprint
 
 
-def _read_local(path):
+def _read_local(path, flag="--data_path"):
+    """Rows of a JSON, JSONL, CSV or Parquet file, and the sha256 of its bytes."""
     if path.is_dir():
-        raise UserError(f"--data_path: {path} is a folder; give a JSON, JSONL, CSV or Parquet file")
+        raise UserError(f"{flag}: {path} is a folder; give a JSON, JSONL, CSV or Parquet file")
     kind = FILE_FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise UserError(f"--data_path: {path}: unsupported file type '{path.suffix}'; "
+        raise UserError(f"{flag}: {path}: unsupported file type '{path.suffix}'; "
                         f"use .json, .jsonl, .csv or .parquet")
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise UserError(f"--data_path: cannot read {path}: {err.strerror}; check the path and permissions") from err
+        raise UserError(f"{flag}: cannot read {path}: {err.strerror}; check the path and permissions") from err
     fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
     try:
         if kind == "json":
@@ -64,11 +65,51 @@ def _read_local(path):
 
             rows = pd.read_parquet(path).to_dict("records")
     except UserError as err:
-        raise UserError(f"--data_path: {path}: {err}") from err
+        raise UserError(f"{flag}: {path}: {err}") from err
     except Exception as err:  # any parser failure is a file the user must fix
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"--data_path: {path} is not valid {kind.upper()} ({detail}); fix or convert the file") from err
+        raise UserError(f"{flag}: {path} is not valid {kind.upper()} ({detail}); fix or convert the file") from err
     return rows, fingerprint
+
+
+def read_prompts(path, flag):
+    """Prompt rows (instruction, optional input) of a file, with their other columns kept.
+
+    Plain strings in a JSON list are instructions. Returns (rows, kind).
+    """
+    path = Path(os.path.expanduser(str(path)))
+    if not path.exists():
+        raise UserError(f"{flag}: file not found: {path}")
+    rows, _ = _read_local(path, flag)
+    rows = [{"instruction": r} if isinstance(r, str) else r for r in rows]
+    if not rows:
+        raise UserError(f"{flag}: {path} holds no prompts; add rows with an 'instruction' field")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            raise UserError(f"{flag}: {path}: row {number} has no 'instruction' text; every row needs an "
+                            "'instruction' column ('input' is optional)")
+        if row.get("input") is not None and not isinstance(row["input"], str):
+            raise UserError(f"{flag}: {path}: row {number}: 'input' is {type(row['input']).__name__}, not text")
+    return rows, FILE_FORMATS[path.suffix.lower()]
+
+
+def write_rows(path, rows, kind):
+    """Write rows as JSON, JSONL, CSV or Parquet through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if kind == "json":
+        tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    elif kind == "jsonl":
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    else:
+        import pandas as pd
+
+        frame = pd.DataFrame(rows)
+        if kind == "csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp)
+    tmp.replace(path)
 
 
 def _parse_json(text):

@@ -130,6 +130,17 @@ def check_target_modules(targets, linear_names, base_model):
                         f"its Linear layers are: {', '.join(linear_names)}")
 
 
+def generation_device():
+    """cuda, Apple's mps, or cpu, and the precision generation uses there."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps", "fp16"
+    return "cpu", "fp32"
+
+
 def device_map():
     """Where the weights go.
 
@@ -146,12 +157,13 @@ def device_map():
     return {"": "cpu"}
 
 
-def load_model(base_model, quantization, precision, double_quant=False, trust_remote_code=False):
+def load_model(base_model, quantization, precision, double_quant=False, trust_remote_code=False, placement=None):
+    """A causal LM as training and inference load it; `placement` overrides device_map()."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(precision)
-    kwargs = {"dtype": dtype, "device_map": device_map(), "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "device_map": placement or device_map(), "trust_remote_code": trust_remote_code}
     qconfig = quantization_config(quantization, precision, double_quant)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig

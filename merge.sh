@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Fuse the adapter written by fine-tuning.sh into standalone fp16 weights.
+#
+#   bash merge.sh                                   # ./outputs/platypus-qlora -> ./outputs/platypus-merged
+#   PEFT_MODEL_PATH=./Platypus2-13B-lora OUTPUT_DIR=./Platypus2-13B bash merge.sh --verify
+#
+# Environment: PEFT_MODEL_PATH (the adapter), OUTPUT_DIR, BASE_MODEL (default: the base the
+# adapter's run_config.json records), METHOD (auto, dequant, peft), DTYPE (float16, bfloat16,
+# float32). Further arguments go to merge.py.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PEFT_MODEL_PATH="${PEFT_MODEL_PATH:-./outputs/platypus-qlora}"
+OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-merged}"
+PYTHON="${PYTHON:-python}"
+
+args=(--peft_model_path "$PEFT_MODEL_PATH" --output_dir "$OUTPUT_DIR" --method "${METHOD:-auto}"
+      --dtype "${DTYPE:-float16}")
+if [ -n "${BASE_MODEL:-}" ]; then
+  args+=(--base_model_name_or_path "$BASE_MODEL")
+fi
+exec "$PYTHON" "$here/merge.py" "${args[@]}" "$@"
