@@ -37,7 +37,7 @@ def tokenizer(tiny_llama):
     return AutoTokenizer.from_pretrained(tiny_llama)
 
 
-def build_model(folder, arch, tokenizer_dir):
+def build_model(folder, arch, tokenizer_dir, **overrides):
     """A tiny random model of another architecture, sharing the tiny tokenizer."""
     import shutil
 
@@ -49,7 +49,11 @@ def build_model(folder, arch, tokenizer_dir):
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                 tie_word_embeddings=False)
-    config, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[arch]
+    dims.update(overrides)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                   "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
     torch.manual_seed(1)
     model = cls(config(**dims))
     if arch == "qwen2":  # random biases, so a dropped bias would show
@@ -97,3 +101,38 @@ def write_rows(path, rows):
     else:
         path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_wide(tmp_path_factory, tiny_llama):
+    """Same family, other shapes: an adapter of tiny-llama does not fit it."""
+    return build_model(tmp_path_factory.mktemp("wide"), "llama", tiny_llama, intermediate_size=512)
+
+
+def train_adapter(folder, *extra, base_model="builtin:tiny-llama"):
+    """A really trained adapter (large learning rate, so its effect is large)."""
+    result = finetune(folder, "--max_steps", 8, "--learning_rate", 5e-3, "--save_steps", 4, *extra,
+                      base_model=base_model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def qlora_adapter(tmp_path_factory):
+    return train_adapter(tmp_path_factory.mktemp("qlora") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def qwen2_adapter(tmp_path_factory, tiny_qwen2):
+    return train_adapter(tmp_path_factory.mktemp("qwen-qlora") / "adapter", "--lora_target_modules",
+                         "[q_proj, k_proj, v_proj, gate_proj, up_proj, down_proj]", base_model=tiny_qwen2)
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(tmp_path_factory):
+    return train_adapter(tmp_path_factory.mktemp("lora") / "adapter", "--quantization", "none")
+
+
+def merge_cli(adapter, output_dir, *extra, env=None):
+    return run_cli([sys.executable, str(REPO / "merge.py"), "--peft_model_path", str(adapter), "--output_dir",
+                    str(output_dir), *map(str, extra)], env=env)

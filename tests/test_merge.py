@@ -1,0 +1,226 @@
+"""merge.py: fidelity of both methods, output format, model card, streaming, atomic output, bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import merge_cli
+from safetensors.torch import load_file, save_file
+
+PROMPTS = ["Below is an instruction that describes a task. Write a response that appropriately completes the "
+           "request.\n\n### Instruction:\nWhat is 12 + 30?\n\n### Response:\n",
+           "### Instruction:\nIs 91 a prime number?\n\n### Response:\nNo. 91 = 7 x 13",
+           "다음 두 수의 합을 구하시오. 12, 30"]
+
+
+def logits_of(model, tokenizer):
+    out = []
+    with torch.no_grad():
+        for text in PROMPTS:
+            ids = tokenizer(text, return_tensors="pt")
+            out.append(model(**ids).logits.float())
+    return torch.cat(out, dim=1)
+
+
+def reference_logits(adapter, base_path, quantization="4bit"):
+    """Base as trained (4-bit) + adapter: what the adapter is meant to do."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from platy.modeling import load_model
+
+    model = load_model(str(base_path), quantization, "fp32", placement={"": "cpu"})
+    base_logits = logits_of(model, AutoTokenizer.from_pretrained(adapter))
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    return logits_of(model, AutoTokenizer.from_pretrained(adapter)), base_logits
+
+
+def merged_logits(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return logits_of(model, AutoTokenizer.from_pretrained(folder))
+
+
+def base_path_of(adapter):
+    return json.loads((adapter / "run_config.json").read_text())["resolved"]["base_model_path"]
+
+
+def test_dequant_merge_matches_4bit_base_plus_adapter(qlora_adapter, tmp_path):
+    result = merge_cli(qlora_adapter, tmp_path / "m", "--dtype", "float32", "--verify")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, base = reference_logits(qlora_adapter, base_path_of(qlora_adapter))
+    merged = merged_logits(tmp_path / "m")
+    assert (reference - base).abs().max() > 0.1, "the adapter really changes the model"
+    assert (merged - reference).abs().max() < 1e-4
+    assert "dequant merge" in result.stdout
+    line = next(x for x in result.stdout.splitlines() if x.startswith("Verify:"))
+    assert float(line.split("difference| ")[1].split()[0]) < 1e-4 and "agreement 100.0%" in line
+
+
+def test_dequant_is_closer_than_peft_for_a_qlora_adapter(qlora_adapter, tmp_path):
+    for method in ("dequant", "peft"):
+        assert merge_cli(qlora_adapter, tmp_path / method, "--method", method, "--dtype", "float32").returncode == 0
+    reference, _ = reference_logits(qlora_adapter, base_path_of(qlora_adapter))
+    dequant = (merged_logits(tmp_path / "dequant") - reference).abs().max()
+    peft = (merged_logits(tmp_path / "peft") - reference).abs().max()
+    assert dequant * 100 < peft, (dequant, peft)
+
+
+def test_streaming_peft_merge_equals_peft_in_memory_merge(lora_adapter, tmp_path):
+    """For an adapter trained without quantization, auto picks peft; equal to peft's merge_and_unload."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = merge_cli(lora_adapter, tmp_path / "m", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "peft merge" in result.stdout
+    base = AutoModelForCausalLM.from_pretrained(base_path_of(lora_adapter), dtype=torch.float32)
+    in_memory = PeftModel.from_pretrained(base, str(lora_adapter)).merge_and_unload().state_dict()
+    streamed = load_file(tmp_path / "m" / "model.safetensors")
+    assert streamed.keys() == in_memory.keys()
+    for name, tensor in streamed.items():
+        torch.testing.assert_close(tensor, in_memory[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_biases_are_kept_and_merge_is_faithful(qwen2_adapter, tiny_qwen2, tmp_path):
+    result = merge_cli(qwen2_adapter, tmp_path / "m", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    base = load_file(tiny_qwen2 / "model.safetensors")
+    biases = [k for k in base if k.endswith("bias")]
+    assert biases and all(torch.equal(merged[k], base[k]) for k in biases)
+    reference, _ = reference_logits(qwen2_adapter, tiny_qwen2)
+    assert (merged_logits(tmp_path / "m") - reference).abs().max() < 1e-4
+
+
+def test_shards_dtype_config_and_reload(qlora_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "m"
+    result = merge_cli(qlora_adapter, out, "--dtype", "bfloat16", "--max_shard_size", "300KB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).stat().st_size < 300_000 + 200_000 for s in shards)
+    tensors = {}
+    for shard in shards:
+        tensors.update(load_file(out / shard))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert set(index["weight_map"]) == set(tensors)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+        assert (out / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16 and not getattr(model, "is_loaded_in_4bit", False)
+
+
+def test_default_is_float16(qlora_adapter, tmp_path):
+    assert merge_cli(qlora_adapter, tmp_path / "m").returncode == 0
+    assert {t.dtype for t in load_file(tmp_path / "m" / "model.safetensors").values()} == {torch.float16}
+
+
+def test_model_card_describes_the_model(qlora_adapter, tmp_path):
+    assert merge_cli(qlora_adapter, tmp_path / "m").returncode == 0
+    card = (tmp_path / "m" / "README.md").read_text()
+    run = json.loads((qlora_adapter / "run_config.json").read_text())
+    assert "base_model: builtin:tiny-llama" in card
+    assert run["data"]["path"] in card
+    assert "| learning rate | 0.005 |" in card and "| lora rank | 16 |" in card
+    assert "| lora target modules | down_proj, gate_proj, up_proj |" in card
+    assert "`dequant`" in card and "4bit nf4" in card
+    assert "python merge.py" in card
+
+
+def test_checkpoint_folder_merges_too(qlora_adapter, tmp_path):
+    result = merge_cli(qlora_adapter / "checkpoint-4", tmp_path / "m")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dequant merge" in result.stdout
+
+
+def test_eval_forward_does_not_corrupt_what_dequantize_returns(qlora_adapter):
+    """bitsandbytes' CPU eval path repacks 4-bit weights; the toolkit's loader keeps them intact."""
+    import bitsandbytes.functional as bnbf
+
+    from platy.merging import rebuild_quantized
+
+    run = json.loads((qlora_adapter / "run_config.json").read_text())
+    from platy.modeling import load_model
+
+    model = load_model(run["resolved"]["base_model_path"], "4bit", "fp32", placement={"": "cpu"}).eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 9, 12]]))
+    layer = model.model.layers[0].mlp.down_proj
+    original = load_file(run["resolved"]["base_model_path"] + "/model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    expected = rebuild_quantized(original, run["resolved"]["quantization_layout"])
+    got = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# ---- nothing lost, bad input -------------------------------------------------------------
+
+def assert_refused(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("merge.py: error:"), last
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+
+
+def untouched(folder, before):
+    return sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_non_empty_output_dir_is_refused_then_replaced_on_request(qlora_adapter, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(merge_cli(qlora_adapter, out), "not empty", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    result = merge_cli(qlora_adapter, out, "--overwrite")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"], "no temporary folder left behind"
+
+
+def test_nan_adapter_is_refused_and_nothing_written(qlora_adapter, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(qlora_adapter, bad, ignore=shutil.ignore_patterns("checkpoint-*"))
+    tensors = load_file(bad / "adapter_model.safetensors")
+    name = next(k for k in tensors if "lora_B" in k)
+    tensors[name][0, 0] = math.nan
+    save_file(tensors, bad / "adapter_model.safetensors")
+    assert_refused(merge_cli(bad, tmp_path / "m"), "NaN or inf", name)
+    assert not (tmp_path / "m").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_adapter_for_another_base_is_refused(qlora_adapter, tiny_llama_wide, tmp_path):
+    out = tmp_path / "m"
+    result = merge_cli(qlora_adapter, out, "--base_model", tiny_llama_wide)
+    assert_refused(result, "adapter does not fit the base model", "mlp")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--method", "slerp"], "--method slerp"),
+    (["--dtype", "int4"], "--dtype int4"),
+    (["--max_shard_size", "big"], "--max_shard_size big"),
+    (["--base_model", "/no/such/base"], "does not exist"),
+])
+def test_bad_flags(qlora_adapter, tmp_path, extra, fragment):
+    assert_refused(merge_cli(qlora_adapter, tmp_path / "m", *extra), fragment)
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_adapter_path(tmp_path):
+    assert_refused(merge_cli(tmp_path / "nothing", tmp_path / "m"), "--peft_model_path", "not found")
+
+
+def test_dequant_needs_a_quantized_training_run(lora_adapter, tmp_path):
+    assert_refused(merge_cli(lora_adapter, tmp_path / "m", "--method", "dequant"), "--method peft")
