@@ -1,0 +1,170 @@
+"""inference.py: batched = sequential greedy, input column used, stop at EOS, files, bad input."""
+
+import json
+import sys
+
+import pandas as pd
+import pytest
+from conftest import REPO, finetune, merge_cli, run_cli, write_rows
+
+QUESTIONS = [{"instruction": "What is 2 + 3?"},
+             {"instruction": "Compute the value of the expression.", "input": "12 * 3"},
+             {"instruction": "Convert 5 kilometres to metres."},
+             {"instruction": "다음 두 수의 합을 구하시오.", "input": "12, 30"},
+             {"instruction": "Is 91 a prime number? Explain with a factorisation, please, in detail."}]
+
+
+def infer(*args, env=None):
+    return run_cli([sys.executable, str(REPO / "inference.py"), *map(str, args)], env=env)
+
+
+def make_generator(adapter, **overrides):
+    import inference
+
+    flags = {"base_model": None, "lora_weights": str(adapter), "prompt_template": None, "prompt": "x", "input": None,
+             "prompts_file": None, "output_file": None, "csv_path": None, "output_csv_path": None,
+             "interactive": False, "max_new_tokens": 12, "temperature": 0.0, "top_p": 1.0, "num_beams": 1,
+             "repetition_penalty": 1.0, "batch_size": 8, "load_8bit": False, "load_4bit": False, "seed": 0,
+             "trust_remote_code": False, **overrides}
+    setup = inference.validate(flags)
+    model, tokenizer, prompter = inference.load_for_generation(setup)
+    return inference.Generator(model, tokenizer, prompter, setup)
+
+
+def test_batched_greedy_equals_one_at_a_time(qlora_adapter):
+    generator = make_generator(qlora_adapter)
+    batched = generator.generate(QUESTIONS)
+    single = [generator.generate([q])[0] for q in QUESTIONS]
+    assert batched == single
+    assert len(set(batched)) > 1 or all(batched), batched
+
+
+def test_prompt_ids_match_training_and_input_is_used(qlora_adapter):
+    from platy.data import ExampleTokenizer
+
+    generator = make_generator(qlora_adapter)
+    ids, mask = generator.encode([QUESTIONS[1]])
+    training = ExampleTokenizer(generator.tokenizer, generator.prompter, 4096)(
+        {"instruction": [QUESTIONS[1]["instruction"]], "input": [QUESTIONS[1]["input"]], "output": ["36"]})
+    n_prompt = sum(1 for label in training["labels"][0] if label == -100)
+    assert ids[0].tolist() == training["input_ids"][0][:n_prompt], "generation sees the prompt ids training saw"
+    assert "12 * 3" in generator.tokenizer.decode(ids[0]) and "### Input:" in generator.tokenizer.decode(ids[0])
+    left_padded, _ = generator.encode([QUESTIONS[0], QUESTIONS[4]])
+    assert left_padded[0, 0].item() == generator.tokenizer.pad_token_id, "short prompts are padded on the left"
+
+
+@pytest.fixture(scope="module")
+def stopper(tmp_path_factory):
+    """A model trained until it answers 'Yes.' and stops: generation must end at its EOS."""
+    folder = tmp_path_factory.mktemp("stop")
+    data = write_rows(folder / "d.json", [{"instruction": "Say yes.", "output": "Yes."}] * 16)
+    out = folder / "adapter"
+    result = finetune(out, "--max_steps", 40, "--learning_rate", 1e-2, "--lora_dropout", 0.0, "--quantization",
+                      "none", "--batch_size", 4, "--micro_batch_size", 4, data_path=data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_generation_stops_at_eos(stopper):
+    generator = make_generator(stopper, max_new_tokens=40)
+    input_ids, _ = generator.encode([{"instruction": "Say yes."}])
+    import torch
+
+    with torch.no_grad():
+        out = generator.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                       **generator.kwargs)
+    new = out[0, input_ids.shape[1]:].tolist()
+    assert generator.tokenizer.eos_token_id in new and len(new) < 40, "the model learned to stop"
+    assert generator.generate([{"instruction": "Say yes."}]) == ["Yes."]
+
+
+def test_cli_prompt_with_adapter_and_with_merged_model(stopper, tmp_path):
+    result = infer("--lora_weights", stopper, "--prompt", "Say yes.", "--max_new_tokens", 20)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "Yes."
+    assert merge_cli(stopper, tmp_path / "merged").returncode == 0
+    result = infer("--base_model", tmp_path / "merged", "--prompt", "Say yes.", "--max_new_tokens", 20)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "Yes."
+
+
+def test_base_model_alone(tmp_path):
+    result = infer("--base_model", "builtin:tiny-llama", "--prompt", "What is 2 + 3?", "--max_new_tokens", 5)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_prompts_file_round_trip(qlora_adapter, tmp_path, suffix):
+    src = tmp_path / f"q{suffix}"
+    if suffix == ".csv":
+        pd.DataFrame([{"instruction": q["instruction"], "input": q.get("input", "")} for q in QUESTIONS]).to_csv(
+            src, index=False)
+    else:
+        write_rows(src, QUESTIONS)
+    dst = tmp_path / f"a{suffix}"
+    result = infer("--lora_weights", qlora_adapter, "--prompts_file", src, "--output_file", dst,
+                   "--max_new_tokens", 8, "--batch_size", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if suffix == ".csv":
+        rows = pd.read_csv(dst, keep_default_na=False).to_dict("records")
+    elif suffix == ".jsonl":
+        rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    else:
+        rows = json.loads(dst.read_text())
+    assert [r["instruction"] for r in rows] == [q["instruction"] for q in QUESTIONS]
+    assert all("response" in r for r in rows)
+    assert "Generating" in result.stderr, "a progress bar over the prompts file"
+
+
+def test_platypus_csv_flags(qlora_adapter, tmp_path):
+    src = tmp_path / "q.csv"
+    pd.DataFrame({"instruction": ["What is 2 + 3?"], "input": [""]}).to_csv(src, index=False)
+    result = infer("--lora_weights", qlora_adapter, "--csv_path", src, "--output_csv_path", tmp_path / "a.csv",
+                   "--max_new_tokens", 4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(pd.read_csv(tmp_path / "a.csv").columns) == ["instruction", "input", "response"]
+
+
+def assert_refused(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("inference.py: error:"), last
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+
+
+def test_empty_prompts_file(qlora_adapter, tmp_path):
+    assert_refused(infer("--lora_weights", qlora_adapter, "--prompts_file", write_rows(tmp_path / "q.json", [])),
+                   "holds no prompts")
+
+
+def test_missing_instruction_column(qlora_adapter, tmp_path):
+    src = tmp_path / "q.csv"
+    pd.DataFrame({"question": ["What?"]}).to_csv(src, index=False)
+    assert_refused(infer("--lora_weights", qlora_adapter, "--csv_path", src), "row 1 has no 'instruction'")
+
+
+def test_unknown_template(qlora_adapter):
+    assert_refused(infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--prompt_template", "chatml"),
+                   "unknown template 'chatml'")
+
+
+def test_adapter_for_another_base(qlora_adapter, tiny_llama_wide):
+    assert_refused(infer("--lora_weights", qlora_adapter, "--base_model", tiny_llama_wide, "--prompt", "hi"),
+                   "does not fit --base_model")
+
+
+def test_no_prompt_source():
+    assert_refused(infer("--base_model", "builtin:tiny-llama"), "exactly one of --prompt")
+
+
+def test_interactive_streams_answers(stopper):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(REPO / "inference.py"), "--lora_weights", str(stopper),
+                           "--interactive", "--max_new_tokens", "20"], input="Say yes.\n\n", capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Yes." in proc.stdout
