@@ -26,8 +26,7 @@ from platy.modeling import (check_target_modules, linear_module_names, load_conf
                             parse_target_modules, quantization_config, quantization_layout, resolve_base_model,
                             resolve_precision)
 from platy.prompts import Prompter
-from platy.reporting import (CURVES, LOG_HISTORY, RUN_CONFIG, LossProgressCallback, library_versions, plot_curves,
-                             write_json)
+from platy.reporting import CURVES, LOG_HISTORY, RUN_CONFIG, library_versions, loss_progress_callback, plot_curves, write_json
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -154,8 +153,6 @@ class Setup(dict):
 
 def validate(flags):
     """Check every flag before any weight is loaded; fail once, naming the flag and the fix."""
-    import torch
-
     problems = []
     f = Setup(flags)
     if not f.base_model:
@@ -197,19 +194,21 @@ def validate(flags):
     f["world_size"] = world
     f["gradient_accumulation_steps"] = f.batch_size // per_step
     f["lora_target_modules"] = parse_target_modules(f.lora_target_modules)
-    f["precision"] = resolve_precision(f.precision)
-    quantization_config(f.quantization, f.precision, f.double_quant)  # validates the quantization flags
-    f["report_to"] = resolve_report_to(f)
-    if f.deepspeed is not None:
-        check_deepspeed(f.deepspeed)
-    f["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-
     f["prompter"] = Prompter(f.prompt_template_name)
     f["output_dir"] = str(Path(f.output_dir).expanduser().resolve())
     f["resume"] = resolve_resume(f.resume_from_checkpoint, f.output_dir)
     check_output_dir(f.output_dir, f.overwrite, f.resume)
     f["rows"], f["data_fingerprint"] = load_rows(f.data_path)
     f["train_rows"], f["val_rows"] = split_rows(f.rows, f.val_set_size, f.seed)
+
+    import torch
+
+    f["precision"] = resolve_precision(f.precision)
+    quantization_config(f.quantization, f.precision, f.double_quant)  # validates the quantization flags
+    f["report_to"] = resolve_report_to(f)
+    if f.deepspeed is not None:
+        check_deepspeed(f.deepspeed)
+    f["device"] = "cuda" if torch.cuda.is_available() else "cpu"
 
     f["base_model_path"] = resolve_base_model(f.base_model)
     f["model_config"] = load_config(f.base_model_path, f.trust_remote_code)
@@ -417,7 +416,7 @@ def build_trainer(setup, model, tokenizer, train_set, val_set):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                                    data_collator=collator, processing_class=tokenizer)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(LossProgressCallback())
+    trainer.add_callback(loss_progress_callback())
     return trainer
 
 

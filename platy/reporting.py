@@ -4,30 +4,34 @@ import json
 import platform
 from pathlib import Path
 
-from transformers.trainer_callback import ProgressCallback
-
 RUN_CONFIG = "run_config.json"
 LOG_HISTORY = "log_history.json"
 CURVES = "training_curves.png"
 
 
-class LossProgressCallback(ProgressCallback):
+def loss_progress_callback():
     """The Trainer's progress bar, with the latest loss and learning rate beside it.
 
     Each logging step also leaves one short line (kept in logs and CI output); the raw
-    metrics dictionaries are not printed.
+    metrics dictionaries are not printed. (A factory: transformers is imported only when
+    training starts, so argument errors come back fast.)
     """
+    from transformers.trainer_callback import ProgressCallback
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or self.training_bar is None or not logs:
-            return
-        step = f"step {state.global_step}/{state.max_steps}"
-        if "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
-            extra = f"  grad_norm {logs['grad_norm']:.3f}" if "grad_norm" in logs else ""
-            self.training_bar.write(f"{step}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.3e}{extra}")
-        elif "eval_loss" in logs:
-            self.training_bar.write(f"{step}  eval_loss {logs['eval_loss']:.4f}")
+    class LossProgressCallback(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            step = f"step {state.global_step}/{state.max_steps}"
+            if "loss" in logs:
+                lr = logs.get("learning_rate", 0)
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
+                extra = f"  grad_norm {logs['grad_norm']:.3f}" if "grad_norm" in logs else ""
+                self.training_bar.write(f"{step}  loss {logs['loss']:.4f}  lr {lr:.3e}{extra}")
+            elif "eval_loss" in logs:
+                self.training_bar.write(f"{step}  eval_loss {logs['eval_loss']:.4f}")
+
+    return LossProgressCallback()
 
 
 def library_versions():
