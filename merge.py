@@ -34,7 +34,7 @@ def merge(
     device: str = "auto",
     method: str = "auto",
     dtype: str = "float16",
-    max_shard_size: str = "5GB",
+    max_shard_size: str = "auto",
     verify: bool = False,
     overwrite: bool = False,
     trust_remote_code: bool = False,
@@ -52,7 +52,8 @@ def merge(
         device: Where the merge arithmetic runs: auto (cuda if present), cpu or cuda.
         method: auto, dequant or peft (see the module docstring).
         dtype: float16 (default), bfloat16 or float32 for the exported weights.
-        max_shard_size: Largest safetensors shard, e.g. 5GB or 500MB.
+        max_shard_size: Largest safetensors shard, e.g. 5GB or 500MB; auto: the size of the
+            base model's largest shard, which keeps peak memory near two shards.
         verify: Compare the merged model's logits with base + adapter on a few prompts.
         overwrite: Replace a non-empty output_dir (only once the new model is complete).
         trust_remote_code: Allow model code from the hub for --verify.
@@ -95,7 +96,7 @@ def validate(flags):
         raise UserError(f"--dtype {flags['dtype']}: choose float16, bfloat16 or float32")
     if flags["device"] not in ("auto", "cpu", "cuda") and not str(flags["device"]).startswith("cuda:"):
         raise UserError(f"--device {flags['device']}: choose auto, cpu or cuda")
-    max_bytes = parse_size(flags["max_shard_size"])
+    max_bytes = None if flags["max_shard_size"] == "auto" else parse_size(flags["max_shard_size"])
     out = Path(flags["output_dir"]).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not flags["overwrite"]:
         raise UserError(f"--output_dir {out} is not empty; choose a new folder or pass --overwrite")
@@ -123,7 +124,12 @@ def validate(flags):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU here; use --device cpu")
-    return {**flags, "base": base, "base_path": resolve_local_base(base), "adapter": adapter, "layout": layout,
+    base_path = resolve_local_base(base)
+    if max_bytes is None:
+        from platy.merging import base_checkpoint
+
+        max_bytes = max(p.stat().st_size for p in base_checkpoint(base_path))
+    return {**flags, "base": base, "base_path": base_path, "adapter": adapter, "layout": layout,
             "method": method, "dtype": DTYPES[str(flags["dtype"])], "max_bytes": max_bytes, "output_dir": out,
             "device": device, "peft_model_path": str(adapter.folder)}
 

@@ -1,10 +1,12 @@
 """Fuse a LoRA adapter into base weights, one tensor at a time, shard by shard.
 
-Peak memory is about one output shard plus the adapter: the base checkpoint is read lazily
-(safetensors) and merged tensors are written as soon as a shard is full.
+The base checkpoint is read tensor by tensor and each merged tensor is written at once
+into output shards planned from the base headers, so memory holds about one tensor plus
+the adapter, whatever the size of the model.
 """
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -92,14 +94,14 @@ class Adapter:
         alpha = self.config.get("alpha_pattern", {}).get(short, self.config["lora_alpha"])
         return alpha / (r ** 0.5 if self.config.get("use_rslora") else r)
 
-    def delta(self, module, device="cpu"):
-        """B @ A x scale in float32, the update the adapter adds to module.weight."""
+    def add_to(self, module, weight):
+        """weight += B @ A x scale, in place (weight is float32): no second weight-sized buffer."""
         import torch
 
         parts = self.modules[module]
-        a = parts["A"].to(device, torch.float32)
-        b = parts["B"].to(device, torch.float32)
-        return (b @ a) * self.scale(module)
+        a = parts["A"].to(weight.device, torch.float32)
+        b = parts["B"].to(weight.device, torch.float32)
+        return weight.addmm_(b, a, alpha=self.scale(module))
 
 
 def base_checkpoint(base_path):
@@ -117,20 +119,52 @@ def base_checkpoint(base_path):
                     "folder")
 
 
-def iter_tensors(path):
-    """(name, tensor) pairs of one weight file, read one tensor at a time where the format allows."""
-    import torch
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        for name in list(state):
-            yield name, state.pop(name)
+class TensorSource:
+    """Tensors of one weight file, read one at a time with plain reads.
+
+    Plain reads (not mmap) keep the pages of a shard from staying resident while it is
+    merged: memory holds the current tensor only.
+    """
+
+    def __init__(self, path):
+        import torch
+
+        self.path = Path(path)
+        self.entries = {}  # name -> (dtype name, shape, begin, end) in file order
+        if self.path.suffix == ".safetensors":
+            with open(self.path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            header.pop("__metadata__", None)
+            start = 8 + size
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                begin, end = info["data_offsets"]
+                self.entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], info["shape"], start + begin, start + end)
+            self.state = None
+        else:  # pytorch_model*.bin: memory-mapped torch.load
+            self.state = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+            for name, t in self.state.items():
+                self.entries[name] = (str(t.dtype).replace("torch.", ""), list(t.shape), None, None)
+
+    def read(self, name):
+        import torch
+
+        dtype, shape, begin, end = self.entries[name]
+        if self.state is not None:
+            return self.state[name].clone()
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as handle:
+            handle.seek(begin)
+            handle.readinto(buffer)
+        if not buffer:
+            return torch.empty(shape, dtype=getattr(torch, dtype))
+        return torch.frombuffer(buffer, dtype=getattr(torch, dtype)).reshape(shape)
 
 
 def rebuild_quantized(weight, layout):
@@ -149,88 +183,133 @@ def rebuild_quantized(weight, layout):
     return bnbf.int8_vectorwise_dequant(codes, stats).to(torch.float32)
 
 
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most max_bytes, then the index."""
+def release_freed_memory():
+    """Hand freed heap pages back to the OS.
 
-    def __init__(self, folder, max_bytes):
-        self.folder = Path(folder)
-        self.max_bytes = max_bytes
-        self.pending, self.pending_bytes = {}, 0
-        self.files, self.weight_map, self.total = [], {}, 0
+    glibc raises its mmap threshold after large frees, so later tensors come from the heap
+    and freed memory stays resident; trimming keeps a long merge at one tensor's footprint.
+    """
+    import ctypes
 
-    def add(self, name, tensor):
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total += size
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
-    def flush(self):
-        from safetensors.torch import save_file
 
-        if not self.pending:
-            return
-        path = self.folder / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+def plan_shards(items, max_bytes):
+    """Split (name, dtype, shape) items, in order, into shards of at most max_bytes (one tensor at least)."""
+    import torch
+
+    shards, current, size = [], [], 0
+    for name, dtype, shape in items:
+        nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, dtype, shape, nbytes))
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_names(count):
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+class ShardFile:
+    """A safetensors file whose header is written first, from the plan; tensors then stream in."""
+
+    def __init__(self, path, plan):
+        self.path = Path(path)
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, dtype, shape, nbytes in plan:
+            header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
+        self.expected = [(name, dtype, list(shape)) for name, dtype, shape, _ in plan]
+        self.handle = open(self.path, "wb")
+        self.handle.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, name, tensor):
+        expected_name, dtype, shape = self.expected.pop(0)
+        assert (name, dtype, shape) == (expected_name, str(tensor.dtype).replace("torch.", ""), list(tensor.shape))
+        tensor = tensor.contiguous()
+        if tensor.numel():
+            self.handle.write(memoryview(tensor.view(-1).view(__import__("torch").uint8).numpy()))
 
     def close(self):
-        """Name shards as transformers expects; write the index when there are several."""
-        self.flush()
-        if len(self.files) == 1:
-            self.files[0][0].rename(self.folder / "model.safetensors")
-            return ["model.safetensors"]
-        names = []
-        for number, (path, keys) in enumerate(self.files, start=1):
-            name = f"model-{number:05d}-of-{len(self.files):05d}.safetensors"
-            path.rename(self.folder / name)
-            names.append(name)
-            self.weight_map.update({k: name for k in keys})
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
+        self.handle.close()
 
 
 def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_bytes, device="cpu"):
-    """Merge shard by shard into out_folder. Returns stats (tensors, merged modules, bytes)."""
+    """Merge tensor by tensor into out_folder. Returns stats (shards, bytes, merged modules).
+
+    The output shards are planned from the base headers, so each merged tensor is written
+    as soon as it is computed: memory holds about one tensor (plus the adapter).
+    """
     import torch
     from tqdm import tqdm
 
-    dtype = getattr(torch, out_dtype)
+    sources = [TensorSource(p) for p in base_checkpoint(base_path)]
+    order = []
+    for source in sources:
+        for name, (dtype, shape, _, _) in source.entries.items():
+            is_float = dtype.startswith(("float", "bfloat"))
+            order.append((source, name, out_dtype if is_float else dtype, shape))
+    check_fit(adapter, {name: shape for _, name, _, shape in order})
+    plan = plan_shards([(name, dtype, shape) for _, name, dtype, shape in order], max_bytes)
+    names = shard_names(len(plan))
     quantized = set(layout["modules"]) if method == "dequant" and layout else set()
     load_dtype = getattr(torch, layout["load_dtype"]) if method == "dequant" and layout else None
-    pending_modules = set(adapter.modules)
-    writer = ShardWriter(out_folder, max_bytes)
-    files = base_checkpoint(base_path)
-    for path in files:
-        with tqdm(desc=f"Merging {path.name}", unit=" tensors", leave=True, dynamic_ncols=True) as bar:
-            for name, tensor in iter_tensors(path):
-                module = name[: -len(".weight")] if name.endswith(".weight") else None
+    dtype = getattr(torch, out_dtype)
+    position = 0
+    with tqdm(total=len(order), desc="Merging", unit=" tensors", dynamic_ncols=True) as bar:
+        for shard_name, shard_plan in zip(names, plan):
+            out = ShardFile(Path(out_folder) / shard_name, shard_plan)
+            bar.set_postfix(shard=shard_name)
+            for _ in shard_plan:
+                source, name, _, _ = order[position]
+                position += 1
+                tensor = source.read(name)
                 if tensor.is_floating_point():
+                    module = name[: -len(".weight")] if name.endswith(".weight") else None
                     if module in quantized:
                         tensor = rebuild_quantized(tensor.to(device), layout)
                     elif load_dtype is not None:
                         tensor = tensor.to(load_dtype)  # as training loaded it
                     if module in adapter.modules:
-                        delta = adapter.delta(module, device)
-                        if delta.shape != tensor.shape:
-                            raise UserError(
-                                f"adapter does not fit the base model: {module} is {tuple(tensor.shape)} in the base "
-                                f"but the adapter update is {tuple(delta.shape)}; merge with the base model the "
-                                "adapter was trained on")
-                        tensor = tensor.to(device, torch.float32) + delta
-                        pending_modules.discard(module)
-                    tensor = tensor.to(dtype)
-                writer.add(name, tensor.to("cpu"))
+                        tensor = adapter.add_to(module, tensor.to(device, torch.float32, copy=True))
+                    tensor = tensor.to("cpu", dtype)
+                out.write(name, tensor)
+                del tensor
+                release_freed_memory()
                 bar.update(1)
-    if pending_modules:
-        missing = sorted(pending_modules)
-        raise UserError(f"adapter does not fit the base model: {len(missing)} adapted modules are not in the base "
-                        f"(e.g. {missing[0]}); merge with the base model the adapter was trained on")
-    shards = writer.close()
-    return {"shards": shards, "bytes": writer.total, "merged_modules": len(adapter.modules)}
+            out.close()
+    total = sum(nbytes for shard in plan for *_, nbytes in shard)
+    if len(plan) > 1:
+        weight_map = {name: shard for shard, shard_plan in zip(names, plan) for name, *_ in shard_plan}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (Path(out_folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return {"shards": names, "bytes": total, "merged_modules": len(adapter.modules)}
+
+
+def check_fit(adapter, shapes):
+    """Every adapted module exists in the base with the shape its LoRA update has."""
+    for module, parts in sorted(adapter.modules.items()):
+        shape = shapes.get(f"{module}.weight")
+        update = [parts["B"].shape[0], parts["A"].shape[1]]
+        if shape is None:
+            raise UserError(f"adapter does not fit the base model: {module} is not in the base; merge with the base "
+                            "model the adapter was trained on")
+        if list(shape) != update:
+            raise UserError(f"adapter does not fit the base model: {module} is {tuple(shape)} in the base but the "
+                            f"adapter update is {tuple(update)}; merge with the base model the adapter was trained on")
 
 
 def resolve_local_base(base_model):

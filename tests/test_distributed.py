@@ -67,3 +67,18 @@ def test_launcher_works_from_a_copy_of_the_repository(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     config = json.loads((elsewhere / "outputs" / "platypus-qlora" / "run_config.json").read_text())
     assert config["resolved"]["template"]["path"] == str(copy / "templates" / "alpaca.json")
+
+
+def test_readme_quick_start_train_merge_generate(tmp_path):
+    """The README's quick start, in order: fine-tuning.sh, merge.sh, inference.py on the merged model."""
+    train = run_cli(["bash", str(REPO / "fine-tuning.sh"), "--max_steps", "3"], cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    merge = run_cli(["bash", str(REPO / "merge.sh"), "--verify"], cwd=tmp_path)
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    merged = tmp_path / "outputs" / "platypus-merged"
+    assert (merged / "model.safetensors").is_file() and (merged / "README.md").is_file()
+    assert "Verify: largest |logit difference|" in merge.stdout
+    answer = run_cli([sys.executable, str(REPO / "inference.py"), "--base_model", str(merged), "--prompt",
+                      "What is 12 + 30?", "--max_new_tokens", "8"], cwd=tmp_path)
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    assert answer.stdout.strip()
