@@ -22,11 +22,28 @@ from pathlib import Path
 from platy import cli
 from platy.cli import UserError, say
 from platy.data import ExampleTokenizer, load_rows, prepare_tokenizer, split_rows, tokenize_rows
-from platy.modeling import (check_target_modules, linear_module_names, load_config, load_model, load_tokenizer,
-                            parse_target_modules, quantization_config, quantization_layout, resolve_base_model,
-                            resolve_precision)
+from platy.modeling import (
+    check_target_modules,
+    linear_module_names,
+    load_config,
+    load_model,
+    load_tokenizer,
+    parse_target_modules,
+    quantization_config,
+    quantization_layout,
+    resolve_base_model,
+    resolve_precision,
+)
 from platy.prompts import Prompter
-from platy.reporting import CURVES, LOG_HISTORY, RUN_CONFIG, library_versions, loss_progress_callback, plot_curves, write_json
+from platy.reporting import (
+    CURVES,
+    LOG_HISTORY,
+    RUN_CONFIG,
+    library_versions,
+    loss_progress_callback,
+    plot_curves,
+    write_json,
+)
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",

@@ -22,8 +22,16 @@ from pathlib import Path
 
 from platy import cli
 from platy.cli import UserError, say
-from platy.merging import (DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base,
-                           swap_into_place)
+from platy.merging import (
+    DTYPES,
+    METHODS,
+    Adapter,
+    merge_stream,
+    output_config,
+    parse_size,
+    resolve_local_base,
+    swap_into_place,
+)
 from platy.reporting import write_json
 
 

@@ -159,7 +159,6 @@ def device_map():
 
 def load_model(base_model, quantization, precision, double_quant=False, trust_remote_code=False, placement=None):
     """A causal LM as training and inference load it; `placement` overrides device_map()."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(precision)

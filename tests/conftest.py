@@ -136,3 +136,16 @@ def lora_adapter(tmp_path_factory):
 def merge_cli(adapter, output_dir, *extra, env=None):
     return run_cli([sys.executable, str(REPO / "merge.py"), "--peft_model_path", str(adapter), "--output_dir",
                     str(output_dir), *map(str, extra)], env=env)
+
+
+def assert_user_error(result, script, *fragments):
+    """A user mistake: exit status 2, no traceback, and the output ends with one `script: error:` line."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    # progress bars of stages that ran before the problem showed may precede it
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == lines[-1:], lines
+    assert lines[-1].startswith(f"{script}: error: "), lines[-1]
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])

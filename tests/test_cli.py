@@ -4,18 +4,11 @@ import json
 
 import pytest
 from conftest import REPO, SAMPLE, finetune, run_cli, write_rows
+from conftest import assert_user_error as shared_assert_user_error
 
 
 def assert_user_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    # progress bars of stages that ran before the problem showed may precede it
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    assert errors == lines[-1:], lines
-    assert lines[-1].startswith("finetune.py: error: "), lines[-1]
-    for fragment in fragments:
-        assert fragment in lines[-1], (fragment, lines[-1])
+    shared_assert_user_error(result, "finetune.py", *fragments)
 
 
 @pytest.fixture

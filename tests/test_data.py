@@ -8,8 +8,15 @@ import pytest
 from conftest import REPO, SAMPLE, write_rows
 
 from platy.cli import UserError
-from platy.data import IGNORE_INDEX, ExampleTokenizer, check_rows, load_rows, prepare_tokenizer, split_rows, \
-    tokenize_rows
+from platy.data import (
+    IGNORE_INDEX,
+    ExampleTokenizer,
+    check_rows,
+    load_rows,
+    prepare_tokenizer,
+    split_rows,
+    tokenize_rows,
+)
 from platy.prompts import Prompter
 
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "

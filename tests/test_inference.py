@@ -5,7 +5,7 @@ import sys
 
 import pandas as pd
 import pytest
-from conftest import REPO, finetune, merge_cli, run_cli, write_rows
+from conftest import REPO, assert_user_error, finetune, merge_cli, run_cli, write_rows
 
 QUESTIONS = [{"instruction": "What is 2 + 3?"},
              {"instruction": "Compute the value of the expression.", "input": "12 * 3"},
@@ -127,12 +127,7 @@ def test_platypus_csv_flags(qlora_adapter, tmp_path):
 
 
 def assert_refused(result, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("inference.py: error:"), last
-    for fragment in fragments:
-        assert fragment in last, (fragment, last)
+    assert_user_error(result, "inference.py", *fragments)
 
 
 def test_empty_prompts_file(qlora_adapter, tmp_path):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import merge_cli
+from conftest import assert_user_error, merge_cli
 from safetensors.torch import load_file, save_file
 
 PROMPTS = ["Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -162,16 +162,7 @@ def test_eval_forward_does_not_corrupt_what_dequantize_returns(qlora_adapter):
 # ---- nothing lost, bad input -------------------------------------------------------------
 
 def assert_refused(result, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("merge.py: error:"), last
-    for fragment in fragments:
-        assert fragment in last, (fragment, last)
-
-
-def untouched(folder, before):
-    return sorted(p.name for p in folder.iterdir()) == before
+    assert_user_error(result, "merge.py", *fragments)
 
 
 def test_non_empty_output_dir_is_refused_then_replaced_on_request(qlora_adapter, tmp_path):
