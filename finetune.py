@@ -1,4 +1,4 @@
-"""Fine-tune a causal LM with LoRA / QLoRA on Alpaca-format instruction data (Platypus recipe).
+r"""Fine-tune a causal LM with LoRA / QLoRA on Alpaca-format instruction data (Platypus recipe).
 
     # the embedded tiny model on the bundled sample data (CPU, offline, about a minute)
     python finetune.py --base_model builtin:tiny-llama --data_path data/sample_platypus.json
@@ -14,6 +14,7 @@ Defaults are Platypus's published hyperparameters; the base model is loaded in 4
 """
 
 import inspect
+import math
 import os
 import shutil
 import time
@@ -171,7 +172,7 @@ class Setup(dict):
 def validate(flags):
     """Check every flag before any weight is loaded; fail once, naming the flag and the fix."""
     problems = []
-    f = Setup(flags)
+    f = Setup(cli.coerce_bools(train, flags))
     if not f.base_model:
         problems.append("--base_model is required (a hub id, a local folder, or builtin:tiny-llama)")
     if not f.data_path:
@@ -282,6 +283,12 @@ def latest_checkpoint(output_dir):
     return str(max(candidates)[1]) if candidates else None
 
 
+def checkpoint_step(folder):
+    import json
+
+    return json.loads((Path(folder) / "trainer_state.json").read_text()).get("global_step", 0)
+
+
 def resolve_resume(value, output_dir):
     """None, or ('checkpoint' | 'adapter', path)."""
     if value in (None, "", False):
@@ -310,10 +317,14 @@ def check_output_dir(output_dir, overwrite, resume):
         raise UserError(f"--output_dir {output_dir} is a file; give a folder")
     if resume or overwrite or not path.is_dir():
         return
+    if (path / RUN_CONFIG).exists():
+        raise UserError(f"--output_dir {output_dir} already holds a finished run; choose another folder or pass "
+                        "--overwrite (to train that adapter further: --resume_from_checkpoint "
+                        f"{output_dir} with a new --output_dir)")
     ours = [name for name in OWN_OUTPUTS if (path / name).exists()] + [p.name for p in path.glob("checkpoint-*")]
     if ours:
-        raise UserError(f"--output_dir {output_dir} already holds a run ({', '.join(sorted(ours)[:3])}); "
-                        "choose another folder, resume with --resume_from_checkpoint auto, or pass --overwrite")
+        raise UserError(f"--output_dir {output_dir} holds an unfinished run ({', '.join(sorted(ours)[:3])}); "
+                        "continue it with --resume_from_checkpoint auto, choose another folder, or pass --overwrite")
 
 
 def load_tokenizer_and_prompter(setup):
@@ -337,8 +348,24 @@ def build_datasets(setup, tokenizer, prompter):
     say(f"Data: {len(setup.rows)} rows from {setup.data_path}; {len(train_set)} train, "
         f"{0 if val_set is None else len(val_set)} held out; {train_stats['truncated'] + val_stats['truncated']} "
         f"cut at cutoff_len {setup.cutoff_len}; {dropped} dropped (response cut away entirely); "
-        f"{train_stats['label_tokens']:,} trainable tokens per epoch")
+        f"{train_stats['label_tokens']:,} response tokens (labels) per epoch")
+    steps = optimizer_steps(setup, len(train_set))
+    if setup.resume and setup.resume[0] == "checkpoint" and checkpoint_step(setup.resume[1]) >= steps:
+        raise UserError(f"--resume_from_checkpoint {setup.resume[1]}: that checkpoint already finished the run "
+                        f"({checkpoint_step(setup.resume[1])} of {steps} steps); nothing to train. Raise --num_epochs "
+                        "or --max_steps to go further")
+    if setup.warmup_steps >= steps:
+        say(f"Note: --warmup_steps {setup.warmup_steps} covers the whole run ({steps} optimizer steps): the learning "
+            f"rate never reaches --learning_rate {setup.learning_rate}")
     return train_set, val_set, stats
+
+
+def optimizer_steps(setup, n_train):
+    """Optimizer steps the run will take (as the Trainer counts them)."""
+    if setup.max_steps > 0:
+        return setup.max_steps
+    micro_batches = math.ceil(n_train / (setup.micro_batch_size * setup.world_size))
+    return math.ceil(setup.num_epochs * math.ceil(micro_batches / setup.gradient_accumulation_steps))
 
 
 def load_model_with_lora(setup):
@@ -479,7 +506,7 @@ def run_training(setup, trainer, run_config):
                 write_json(folder / RUN_CONFIG, run_config)
 
     trainer.add_callback(SaveRunConfig())
-    if setup.overwrite and cli.is_main_process():
+    if setup.overwrite and not setup.resume and cli.is_main_process():
         for old in Path(setup.output_dir).glob("checkpoint-*"):
             say(f"--overwrite: removing {old}")
             shutil.rmtree(old)
@@ -521,7 +548,7 @@ def save(setup, trainer, run_config, result):
         losses += f", last logged {result['last_logged_loss']:.4f}"
     if result["eval_loss"] is not None:
         losses += f", eval loss {result['eval_loss']:.4f}"
-    say(f"\nDone: {result['global_step']} optimizer steps, {result['trained_tokens']:,} trained tokens "
+    say(f"\nDone: {result['global_step']} optimizer steps, {result['trained_tokens']:,} tokens processed "
         f"(non-padding) in {result['train_seconds']:.1f} s = {result['tokens_per_second']:,.0f} tokens/s; {losses}")
     say(f"Adapter: {out / 'adapter_model.safetensors'}")
     say(f"Run configuration: {out / RUN_CONFIG}; curves: {out / CURVES}; log: {out / LOG_HISTORY}")

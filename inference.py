@@ -1,4 +1,4 @@
-"""Generate answers with a base model, base + adapter, or a merged model.
+r"""Generate answers with a base model, base + adapter, or a merged model.
 
     # one question, with the adapter written by finetune.py (base and template from its run_config.json)
     python inference.py --lora_weights ./outputs/platypus-qlora --prompt "What is 12 + 30?"
@@ -85,6 +85,7 @@ def validate(flags):
     from platy.merging import Adapter
     from platy.prompts import Prompter
 
+    flags = cli.coerce_bools(main, flags)
     sources = [name for name in ("prompt", "prompts_file", "csv_path", "interactive") if flags[name]]
     if len(sources) != 1:
         raise UserError("give exactly one of --prompt, --prompts_file (or --csv_path) and --interactive"

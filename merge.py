@@ -1,4 +1,4 @@
-"""Fuse a LoRA / QLoRA adapter into the base weights and export a standalone Hugging Face model.
+r"""Fuse a LoRA / QLoRA adapter into the base weights and export a standalone Hugging Face model.
 
     # base model and template come from the adapter's run_config.json
     python merge.py --peft_model_path ./outputs/platypus-qlora --output_dir ./outputs/merged --verify
@@ -93,6 +93,7 @@ def pick(value, alias, name, alias_name):
 
 
 def validate(flags):
+    flags = cli.coerce_bools(merge, flags)
     peft_path = pick(flags["peft_model_path"], flags["lora_weights"], "peft_model_path", "lora_weights")
     if not peft_path:
         raise UserError("--peft_model_path is required (the adapter folder written by finetune.py)")

@@ -41,14 +41,93 @@ def say(*parts):
         print(*parts, flush=True)
 
 
+TRUE_WORDS = ("true", "yes", "1", "on")
+FALSE_WORDS = ("false", "no", "0", "off", "none")
+
+
+def parameter_names(fn):
+    import inspect
+
+    return list(inspect.signature(fn).parameters)
+
+
+def check_flags(fn, argv):
+    """Every --flag must be a parameter of fn: a typo must not train with a default for hours."""
+    import difflib
+
+    names = parameter_names(fn)
+    known = set(names) | {f"no{n}" for n in names}
+    for arg in argv:
+        if not arg.startswith("--") or arg == "--":
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else f"; see {os.path.basename(sys.argv[0])} --help"
+            raise UserError(f"unknown flag --{name}{hint}")
+
+
+def coerce_bools(fn, flags):
+    """Flags declared bool accept True/False in any case, yes/no, on/off and 1/0; anything else is an error."""
+    import inspect
+
+    for name, param in inspect.signature(fn).parameters.items():
+        value = flags.get(name)
+        if param.annotation is not bool or isinstance(value, bool):
+            continue
+        word = str(value).strip().lower()
+        if word in TRUE_WORDS:
+            flags[name] = True
+        elif word in FALSE_WORDS:
+            flags[name] = False
+        else:
+            raise UserError(f"--{name} {value!r}: give True or False")
+    return flags
+
+
+def print_help(fn):
+    """The script's usage (module docstring) and every flag with its default and description."""
+    import inspect
+
+    module = sys.modules.get(fn.__module__)
+    print((module.__doc__ or "").strip() + "\n")
+    doc = inspect.getdoc(fn) or ""
+    summary, _, rest = doc.partition("Args:")
+    print(summary.strip() + "\n\nFlags:")
+    descriptions, current = {}, None
+    for line in rest.splitlines():
+        stripped = line.strip()
+        head, sep, tail = stripped.partition(":")
+        if sep and line.startswith(" " * 4) and not line.startswith(" " * 8) and head.isidentifier():
+            current = head
+            descriptions[current] = tail.strip()
+        elif current and stripped:
+            descriptions[current] += " " + stripped
+    for name, param in inspect.signature(fn).parameters.items():
+        default = "" if param.default is inspect.Parameter.empty else f" (default: {param.default!r})"
+        print(f"  --{name}{default}")
+        text = descriptions.get(name, "")
+        while text:
+            cut = text.rfind(" ", 0, 92) if len(text) > 92 else len(text)
+            cut = cut if cut > 0 else len(text)
+            print(f"      {text[:cut].strip()}")
+            text = text[cut:].strip()
+
+
 def run(fn):
     """Run a fire command; UserError becomes one line on stderr and exit status 2.
 
+    Unknown flags are refused before anything runs, and --help prints every flag to stdout.
     Set PLATY_TRACEBACK=1 to see the traceback of a user error too.
     """
     import fire
 
     try:
+        argv = sys.argv[1:]
+        if any(a in ("-h", "--help") for a in argv):
+            print_help(fn)
+            return
+        check_flags(fn, argv)
         fire.Fire(fn)
     except UserError as err:
         if os.environ.get("PLATY_TRACEBACK"):

@@ -17,8 +17,11 @@ HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 def looks_like_local_path(spec):
-    """A data set id is 'name' or 'owner/name'; anything else, or a file suffix, means a file."""
-    return not HUB_ID.match(spec) or Path(spec).suffix.lower() in FILE_FORMATS
+    """A data set id is 'name' or 'owner/name'. A file suffix, or a first component that is a
+    local folder (data/rows.jsn), means a file that is missing, not an id to download."""
+    first = spec.split("/", 1)[0]
+    return (not HUB_ID.match(spec) or bool(re.search(r"\.[A-Za-z]{2,8}$", spec))
+            or ("/" in spec and Path(first).is_dir()))
 
 
 def load_rows(data_path):
@@ -162,6 +165,12 @@ def check_rows(rows, source):
     Row numbers in messages count from 1, in file order (a JSONL row number is its line
     number when the file has no blank lines).
     """
+    if rows and all(isinstance(r, dict) for r in rows):
+        for field in ("instruction", "output"):
+            if all(field not in r for r in rows):
+                columns = sorted({k for r in rows for k in r})
+                raise UserError(f"{source}: no '{field}' column; the rows have {', '.join(columns) or 'no fields'}. "
+                                "Rename the columns to instruction, input (optional) and output")
     problems = []
     clean = []
     for number, row in enumerate(rows, start=1):

@@ -73,7 +73,9 @@ def resolve_base_model(base_model):
             raise UserError(f"--base_model {base_model}: folder has no config.json; point to a Hugging Face "
                             "model folder")
         return str(path)
-    if base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or path.exists():
+    first = base_model.split("/", 1)[0]
+    if (base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or path.exists()
+            or ("/" in base_model and Path(first).is_dir())):
         raise UserError(f"--base_model {base_model}: folder does not exist; give a model folder or a hub id")
     return base_model
 

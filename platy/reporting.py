@@ -70,16 +70,21 @@ def plot_curves(log_history, path):
     evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
     lrs = [(r["step"], r["learning_rate"]) for r in log_history if "learning_rate" in r]
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 4))
+    # markers, so that a short run with one or two logged points still shows them
     if train:
-        ax_loss.plot(*zip(*train), label="train loss")
+        ax_loss.plot(*zip(*train), ".-", label="train loss")
     if evals:
         ax_loss.plot(*zip(*evals), "o-", label="eval loss")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("loss")
-    ax_loss.legend()
+    if train or evals:
+        ax_loss.legend()
+    else:
+        ax_loss.text(0.5, 0.5, "no loss logged yet\n(fewer steps than logging_steps)", ha="center",
+                     va="center", transform=ax_loss.transAxes)
     ax_loss.set_title("Loss")
     if lrs:
-        ax_lr.plot(*zip(*lrs))
+        ax_lr.plot(*zip(*lrs), ".-")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_title("Learning rate")

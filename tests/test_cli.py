@@ -132,3 +132,50 @@ def test_dash_spelling_of_data_path(tmp_path):
 def test_traceback_on_request(out, tmp_path):
     result = finetune(out, data_path=tmp_path / "nope.json", env={"PLATY_TRACEBACK": "1"})
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_unknown_flag_is_refused_before_anything_runs(out):
+    check(finetune(out, "--lerning_rate", "1e-4"), out, "unknown flag --lerning_rate", "did you mean --learning_rate")
+
+
+@pytest.mark.parametrize("word, expected", [("false", 5705), ("FALSE", 5705), ("no", 5705), ("0", 5705),
+                                            ("true", None), ("Yes", None)])
+def test_boolean_words(tmp_path, word, expected):
+    result = finetune(tmp_path / "o", "--train_on_inputs", word, "--max_steps", 1, "--cutoff_len", 4096)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((tmp_path / "o" / "run_config.json").read_text())
+    assert config["flags"]["train_on_inputs"] is (expected is None)
+    labels = config["data"]["train"]["label_tokens"]
+    assert (labels == expected) if expected else labels > 5705
+
+
+def test_non_boolean_word_is_refused(out):
+    check(finetune(out, "--overwrite", "maybe"), out, "--overwrite 'maybe': give True or False")
+
+
+def test_help_lists_every_flag_on_stdout():
+    import inspect
+
+    import finetune as script
+
+    result = run_cli(["python", str(REPO / "finetune.py"), "--help"])
+    assert result.returncode == 0
+    for name in inspect.signature(script.train).parameters:
+        assert f"--{name} (default:" in result.stdout, name
+    assert "builtin:tiny-llama" in result.stdout and "response cut by cutoff_len ends without EOS" in \
+        " ".join(result.stdout.split())
+
+
+def test_csv_without_output_column_names_the_columns(out, tmp_path):
+    import pandas as pd
+
+    data = tmp_path / "d.csv"
+    pd.DataFrame({"instruction": ["a", "b"], "response": ["x", "y"]}).to_csv(data, index=False)
+    check(finetune(out, data_path=data), out, "no 'output' column", "instruction, response")
+
+
+def test_typo_in_a_local_path_is_not_sent_to_the_hub(out):
+    result = finetune(out, data_path="data/sample_platypus.jsn")
+    check(result, out, "file not found: data/sample_platypus.jsn")
+    result = finetune(out, base_model="data/llama-7b")
+    check(result, out, "--base_model data/llama-7b: folder does not exist")

@@ -168,7 +168,7 @@ def test_finished_output_dir_is_not_overwritten_unless_asked(tmp_path):
     assert finetune(out, "--max_steps", 1).returncode == 0
     before = (out / "adapter_model.safetensors").read_bytes()
     second = finetune(out, "--max_steps", 1, "--seed", 7)
-    assert second.returncode == 2 and "already holds a run" in second.stderr
+    assert second.returncode == 2 and "already holds a finished run" in second.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == before
     third = finetune(out, "--max_steps", 1, "--seed", 7, "--overwrite", "True")
     assert third.returncode == 0, third.stderr[-3000:]
@@ -192,3 +192,34 @@ def test_korean_data_with_korean_template(tmp_path):
     config = json.loads((out / "run_config.json").read_text())
     assert config["resolved"]["template"]["response_split"] == "### 응답:"
     assert config["data"]["train"]["label_tokens"] > 0
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_record(tmp_path):
+    out = tmp_path / "out"
+    assert finetune(out, "--max_steps", 2, "--save_steps", 2).returncode == 0
+    record = (out / "run_config.json").read_text()
+    again = finetune(out, "--max_steps", 2, "--resume_from_checkpoint", "auto")
+    assert again.returncode == 2 and "already finished the run (2 of 2 steps)" in again.stderr
+    assert (out / "run_config.json").read_text() == record
+
+
+def test_warmup_longer_than_the_run_is_pointed_out(tmp_path):
+    result = finetune(tmp_path / "out", "--max_steps", 2, "--warmup_steps", 100)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--warmup_steps 100 covers the whole run (2 optimizer steps)" in result.stdout
+
+
+def test_planned_steps_match_the_trainer(tmp_path):
+    """The step count behind the warmup note is the Trainer's own."""
+    result = finetune(tmp_path / "out", "--max_steps", -1, "--num_epochs", 0.5, "--batch_size", 8,
+                      "--micro_batch_size", 2, "--warmup_steps", 1000)
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = json.loads((tmp_path / "out" / "run_config.json").read_text())["result"]["global_step"]
+    assert f"covers the whole run ({steps} optimizer steps)" in result.stdout
+
+
+def test_short_run_curves_show_their_points(tmp_path):
+    result = finetune(tmp_path / "out", "--max_steps", 1, "--logging_steps", 10)
+    assert result.returncode == 0
+    assert "No artists with labels" not in result.stderr
+    assert (tmp_path / "out" / "training_curves.png").stat().st_size > 5000
