@@ -269,11 +269,12 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
     load_dtype = getattr(torch, layout["load_dtype"]) if method == "dequant" and layout else None
     dtype = getattr(torch, out_dtype)
     position = 0
-    with tqdm(total=len(order), desc="Merging", unit=" tensors", dynamic_ncols=True) as bar:
-        for shard_name, shard_plan in zip(names, plan):
+    for number, (shard_name, shard_plan) in enumerate(zip(names, plan), start=1):
+        shard_bytes = sum(nbytes for *_, nbytes in shard_plan)
+        with tqdm(total=shard_bytes, desc=f"Shard {number}/{len(plan)}", unit="B", unit_scale=True,
+                  dynamic_ncols=True) as bar:
             out = ShardFile(Path(out_folder) / shard_name, shard_plan)
-            bar.set_postfix(shard=shard_name)
-            for _ in shard_plan:
+            for *_, nbytes in shard_plan:
                 source, name, _, _ = order[position]
                 position += 1
                 tensor = source.read(name)
@@ -289,7 +290,7 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
                 out.write(name, tensor)
                 del tensor
                 release_freed_memory()
-                bar.update(1)
+                bar.update(nbytes)
             out.close()
     total = sum(nbytes for shard in plan for *_, nbytes in shard)
     if len(plan) > 1:

@@ -223,3 +223,19 @@ def test_short_run_curves_show_their_points(tmp_path):
     assert result.returncode == 0
     assert "No artists with labels" not in result.stderr
     assert (tmp_path / "out" / "training_curves.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("gpus, world, local_rank, expected", [
+    (0, 1, 0, {"": "cpu"}),
+    (1, 1, 0, {"": 0}),
+    (4, 1, 0, "auto"),           # no torchrun, several GPUs: one big model spread over them
+    (4, 4, 2, {"": 2}),          # torchrun: each rank a whole (quantized) copy on its own GPU
+])
+def test_weights_placement(monkeypatch, gpus, world, local_rank, expected):
+    from platy import modeling
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert modeling.device_map() == expected
