@@ -37,8 +37,8 @@ def main(
     num_beams: int = 1,
     repetition_penalty: float = 1.0,
     batch_size: int = 8,
-    load_8bit: bool = False,
-    load_4bit: bool = False,
+    load_8bit: bool = None,
+    load_4bit: bool = None,
     seed: int = 42,
     trust_remote_code: bool = False,
 ):
@@ -64,8 +64,10 @@ def main(
         num_beams: Beam search width (1 = none).
         repetition_penalty: Above 1.0 discourages repeating tokens.
         batch_size: Prompts generated together (left-padded).
-        load_8bit: Load the base in 8-bit (bitsandbytes).
-        load_4bit: Load the base in 4-bit NF4 (bitsandbytes).
+        load_8bit: Load the base in 8-bit (bitsandbytes). Default with --lora_weights: load the
+            base as the adapter was trained (4-bit, 8-bit or not quantized), so the answers are
+            those of the trained adapter; False loads it unquantized.
+        load_4bit: Load the base in 4-bit NF4 (bitsandbytes); default as for --load_8bit.
         seed: Seed for sampling.
         trust_remote_code: Allow model code from the hub.
     """
@@ -86,12 +88,13 @@ def validate(flags):
     from platy.prompts import Prompter
 
     flags = cli.coerce_bools(main, flags)
-    sources = [name for name in ("prompt", "prompts_file", "csv_path", "interactive") if flags[name]]
+    if flags["input"] and not flags["prompt"]:
+        raise UserError("--input goes with --prompt; a prompts file carries inputs in its 'input' column")
+    sources = [name for name in ("prompt", "prompts_file", "csv_path", "interactive")
+               if flags[name] not in (None, False, "")]
     if len(sources) != 1:
         raise UserError("give exactly one of --prompt, --prompts_file (or --csv_path) and --interactive"
                         + (f"; got {', '.join('--' + s for s in sources)}" if sources else ""))
-    if flags["input"] and not flags["prompt"]:
-        raise UserError("--input goes with --prompt; a prompts file carries inputs in its 'input' column")
     if flags["load_8bit"] and flags["load_4bit"]:
         raise UserError("--load_8bit and --load_4bit exclude each other; pick one")
     for name in ("max_new_tokens", "batch_size", "num_beams"):
@@ -109,7 +112,7 @@ def validate(flags):
     if out_path and Path(out_path).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
         raise UserError(f"--output_file {out_path}: use a .json, .jsonl, .csv or .parquet name")
 
-    adapter = Adapter(Path(flags["lora_weights"]).expanduser()) if flags["lora_weights"] else None
+    adapter = Adapter(Path(flags["lora_weights"]).expanduser(), "--lora_weights") if flags["lora_weights"] else None
     recorded = (adapter.run_config if adapter else None) or {}
     base = flags["base_model"] or recorded.get("flags", {}).get("base_model")
     if not base and adapter:
@@ -123,8 +126,18 @@ def validate(flags):
         folder = Path(base).expanduser()
         recorded = (read_run_config(folder) if folder.is_dir() else None) or {}
     template = flags["prompt_template"] or recorded.get("resolved", {}).get("template", {}).get("name") or "alpaca"
-    return {**flags, "base": base, "adapter": adapter, "prompter": Prompter(template), "rows": rows, "kind": kind,
-            "out_path": out_path}
+    if flags["load_8bit"]:
+        quantization = "8bit"
+    elif flags["load_4bit"]:
+        quantization = "4bit"
+    elif flags["load_8bit"] is None and flags["load_4bit"] is None and adapter:
+        # the adapter's answers are those of the base it was trained on: quantized the same way
+        quantization = ((recorded.get("resolved", {}).get("quantization_layout") or {}).get("quantization")
+                        or "none")
+    else:
+        quantization = "none"
+    return {**flags, "base": base, "adapter": adapter, "prompter": Prompter(template, "--prompt_template"),
+            "rows": rows, "kind": kind, "out_path": out_path, "quantization": quantization}
 
 
 def load_for_generation(setup):
@@ -134,10 +147,12 @@ def load_for_generation(setup):
     from platy.modeling import generation_device, load_model, load_tokenizer, resolve_base_model
 
     device, precision = generation_device()
-    quantization = "8bit" if setup["load_8bit"] else "4bit" if setup["load_4bit"] else "none"
+    quantization = setup["quantization"]
     path = resolve_base_model(setup["base"])
-    say(f"Loading {setup['base']}" + (f" + adapter {setup['adapter'].folder}" if setup["adapter"] else "")
-        + f" on {device} ({precision}{', ' + quantization if quantization != 'none' else ''})")
+    say(f"Loading {setup['base']}" + (f" ({quantization}, as trained)" if setup["adapter"] and quantization != "none"
+                                      else f" ({quantization})" if quantization != "none" else "")
+        + (f" + adapter {setup['adapter'].folder}" if setup["adapter"] else "") + f" on {device} ({precision})",
+        err=True)
     tokenizer_source = setup["adapter"].folder if setup["adapter"] else path
     tokenizer = prepare_tokenizer(load_tokenizer(str(tokenizer_source), setup["trust_remote_code"]))
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
@@ -213,7 +228,7 @@ def answer_file(generator, setup):
         kind = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}[
             Path(setup["out_path"]).suffix.lower()]
         write_rows(setup["out_path"], results, kind)
-        say(f"Wrote {len(results)} responses to {setup['out_path']}")
+        say(f"Wrote {len(results)} responses to {setup['out_path']}", err=True)
     else:
         for row in results:
             print(json.dumps(row, ensure_ascii=False))
@@ -231,6 +246,7 @@ def interactive_loop(generator):
             print()
             return
         if not line.strip():
+            print()
             return
         instruction, _, extra = line.partition(" || ")
         generator.generate([{"instruction": instruction.strip(), "input": extra.strip()}], streamer=streamer)

@@ -11,10 +11,11 @@ Methods: `dequant` rebuilds the base exactly as it was quantized in training, de
 it and adds the adapter to those weights (the weights the adapter was trained against);
 `peft` adds the adapter to the original 16-bit weights. `auto` (default): dequant for an
 adapter trained on a 4-bit or 8-bit base, peft otherwise. The merge streams tensor by
-tensor: peak memory is about one output shard plus the adapter, whatever the model size.
+tensor: memory holds about one tensor plus the adapter, whatever the model size.
 """
 
 import datetime
+import os
 import shutil
 import sys
 import tempfile
@@ -49,7 +50,7 @@ def merge(
     base_model: str = None,
     lora_weights: str = None,
 ):
-    """Merge an adapter into its base model and write a standalone model folder.
+    """Flags:
 
     Args:
         base_model_name_or_path: Base model (hub id or folder); default: the one the adapter's
@@ -58,10 +59,10 @@ def merge(
             Alias: --lora_weights.
         output_dir: Where the merged model goes; must be new or empty unless --overwrite.
         device: Where the merge arithmetic runs: auto (cuda if present), cpu or cuda.
-        method: auto, dequant or peft (see the module docstring).
+        method: auto, dequant or peft (see above).
         dtype: float16 (default), bfloat16 or float32 for the exported weights.
         max_shard_size: Largest safetensors shard, e.g. 5GB or 500MB; auto: the size of the
-            base model's largest shard, which keeps peak memory near two shards.
+            base model's largest shard.
         verify: Compare the merged model's logits with base + adapter on a few prompts.
         overwrite: Replace a non-empty output_dir (only once the new model is complete).
         trust_remote_code: Allow model code from the hub for --verify.
@@ -70,7 +71,12 @@ def merge(
     """
     setup = validate(dict(locals()))
     adapter = setup["adapter"]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{setup['output_dir'].name}.partial-", dir=setup["output_dir"].parent))
+    remove_stale_partials(setup["output_dir"])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{setup['output_dir'].name}.partial-{os.getpid()}-",
+                                dir=setup["output_dir"].parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes a private folder; the model is for everyone who may read here
     try:
         stats = write_weights(setup, adapter, tmp)
         write_companions(setup, adapter, tmp, stats)
@@ -84,6 +90,19 @@ def merge(
         report = verify_merge(setup, adapter)
         say(f"Verify: largest |logit difference| {report['max_abs_diff']:.2e} over {report['positions']} positions "
             f"of {report['prompts']} prompts; greedy next-token agreement {100 * report['agreement']:.1f}%")
+        if report["agreement"] < 1 or report["max_abs_diff"] > 0.05:
+            hint = (" (expected with --method peft for an adapter trained on a quantized base: --method dequant "
+                    "reproduces it)" if setup["method"] == "peft" and setup["layout"] else "")
+            say(f"Warning: the merged model does not reproduce base + adapter exactly{hint}")
+
+
+def remove_stale_partials(output_dir):
+    """Partial folders left by a merge that was killed (kill -9, power loss): their process is gone."""
+    for path in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
+        pid = path.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            say(f"Removing {path}, left by an interrupted merge")
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def pick(value, alias, name, alias_name):
@@ -107,9 +126,15 @@ def validate(flags):
         raise UserError(f"--device {flags['device']}: choose auto, cpu or cuda")
     max_bytes = None if flags["max_shard_size"] == "auto" else parse_size(flags["max_shard_size"])
     out = Path(flags["output_dir"]).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not flags["overwrite"]:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()) and not flags["overwrite"]:
         raise UserError(f"--output_dir {out} is not empty; choose a new folder or pass --overwrite")
     adapter = Adapter(Path(peft_path).expanduser())
+    adapter_dir = adapter.folder.resolve()
+    if out == adapter_dir or out in adapter_dir.parents or adapter_dir in out.parents:
+        raise UserError(f"--output_dir {out} would replace or nest in the adapter folder {adapter_dir}; "
+                        "choose a folder outside it")
     recorded = adapter.run_config or {}
     recorded_base = recorded.get("flags", {}).get("base_model") or adapter.config.get("base_model_name_or_path")
     base = pick(flags["base_model_name_or_path"], flags["base_model"], "base_model_name_or_path", "base_model")
@@ -117,7 +142,7 @@ def validate(flags):
         if not recorded_base:
             raise UserError("--base_model_name_or_path is required: the adapter records no base model")
         base = recorded_base
-    elif recorded_base and base != recorded_base:
+    elif recorded_base and not same_model(base, recorded_base):
         say(f"Note: the adapter was trained on {recorded_base}; merging into {base} as asked")
     layout = recorded.get("resolved", {}).get("quantization_layout")
     method = flags["method"]
@@ -134,13 +159,26 @@ def validate(flags):
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU here; use --device cpu")
     base_path = resolve_local_base(base)
+    if Path(base_path).resolve() in (out, *out.parents):
+        raise UserError(f"--output_dir {out} would replace the base model folder; choose another folder")
     if max_bytes is None:
         from platy.merging import base_checkpoint
 
         max_bytes = max(p.stat().st_size for p in base_checkpoint(base_path))
+
     return {**flags, "base": base, "base_path": base_path, "adapter": adapter, "layout": layout,
             "method": method, "dtype": DTYPES[str(flags["dtype"])], "max_bytes": max_bytes, "output_dir": out,
             "device": device, "peft_model_path": str(adapter.folder)}
+
+
+def same_model(a, b):
+    from platy.modeling import resolve_base_model
+
+    def where(name):
+        path = Path(resolve_base_model(name)).expanduser()
+        return path.resolve() if path.exists() else name
+
+    return a == b or where(a) == where(b)
 
 
 def write_weights(setup, adapter, folder):
@@ -200,11 +238,31 @@ def model_card(setup, adapter, info):
             ("base quantization in training", quant), ("precision", run.get("resolved", {}).get("precision"))]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows if value not in (None, ""))
     template = run.get("resolved", {}).get("template", {})
-    prompt = template.get("prompt_no_input", "").replace("\n", "\\n")
     result = run.get("result", {})
     name = setup["output_dir"].name
+    base = setup["base"]
+    from platy.data import HUB_ID
+
+    is_hub_id = HUB_ID.match(base) and "/" in base and not Path(base).exists()
+    base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id else f"`{base}`"
+    train = data.get("train", {})
+    training = ["LoRA adapter trained with `finetune.py`"]
+    if result.get("global_step"):
+        training.append(f"{result['global_step']} optimizer steps")
+    if train.get("kept"):
+        training.append(f"{train['kept']:,} training examples, {train.get('label_tokens', 0):,} response tokens "
+                        "(labels) per epoch")
+    if not result:
+        training.append(f"merged from an intermediate checkpoint ({setup['peft_model_path']})")
+    prompts = ""
+    if template:
+        prompts = (f"With an input:\n\n```\n{template.get('prompt_input', '')}\n```\n\n"
+                   f"Without one:\n\n```\n{template.get('prompt_no_input', '')}\n```\n\n"
+                   f"The answer follows `{template.get('response_split', '')}`.")
+    else:
+        prompts = "Not recorded (the adapter has no run_config.json)."
     return f"""---
-base_model: {setup['base']}
+base_model: {base}
 library_name: transformers
 tags:
 - lora
@@ -213,14 +271,14 @@ tags:
 
 # {name}
 
-**{name}** is [{setup['base']}]({setup['base']}) fine-tuned with LoRA on instruction data and
-merged into standalone {info['dtype']} weights.
+**{name}** is {base_text} fine-tuned with LoRA on instruction data and merged into
+standalone {info['dtype']} weights.
 
 ## Model details
 
-* **Base model:** {setup['base']}
-* **Training data:** {data.get('path', 'not recorded')} ({data.get('train', {}).get('kept', '?')} training examples; fingerprint `{data.get('fingerprint', 'n/a')}`)
-* **Fine-tuning:** LoRA adapter trained with `finetune.py`; {result.get('global_step', '?')} optimizer steps, {result.get('trained_tokens', '?')} trained tokens
+* **Base model:** {base_text}
+* **Training data:** {data.get('path', 'not recorded')} (fingerprint `{data.get('fingerprint', 'n/a')}`)
+* **Fine-tuning:** {'; '.join(training)}
 * **Merge method:** `{info['method']}`: {METHOD_TEXT[info['method']].format(quant=quant)}
 * **Weights:** {info['dtype']}, {len(info['shards'])} safetensors shard(s)
 
@@ -230,11 +288,9 @@ merged into standalone {info['dtype']} weights.
 | --- | --- |
 {table}
 
-## Prompt template
+## Prompt template ({template.get('name', 'unknown')})
 
-```
-{prompt}
-```
+{prompts}
 
 ## How it was made
 
@@ -249,8 +305,8 @@ merge and the full training configuration.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = AutoModelForCausalLM.from_pretrained("path/to/{name}")
+tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
 ```
 """
 

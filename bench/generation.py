@@ -28,8 +28,8 @@ def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_s
     flags = {"base_model": base_model, "lora_weights": lora_weights, "prompt_template": None, "prompt": "x",
              "input": None, "prompts_file": None, "output_file": None, "csv_path": None, "output_csv_path": None,
              "interactive": False, "max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0,
-             "num_beams": 1, "repetition_penalty": 1.0, "batch_size": batch_size, "load_8bit": False,
-             "load_4bit": False, "seed": 0, "trust_remote_code": False}
+             "num_beams": 1, "repetition_penalty": 1.0, "batch_size": batch_size, "load_8bit": None,
+             "load_4bit": None, "seed": 0, "trust_remote_code": False}
     setup = inference.validate(flags)
     model, tokenizer, prompter = inference.load_for_generation(setup)
     generator = inference.Generator(model, tokenizer, prompter, setup)

@@ -35,10 +35,13 @@ def is_main_process():
     return rank() == 0
 
 
-def say(*parts):
-    """Print once per job (rank 0), flushed so it interleaves with progress bars."""
+def say(*parts, err=False):
+    """Print once per job (rank 0), flushed so it interleaves with progress bars.
+
+    err=True sends it to stderr, for scripts whose stdout is data (inference.py).
+    """
     if is_main_process():
-        print(*parts, flush=True)
+        print(*parts, flush=True, file=sys.stderr if err else sys.stdout)
 
 
 TRUE_WORDS = ("true", "yes", "1", "on")
@@ -67,13 +70,41 @@ def check_flags(fn, argv):
             raise UserError(f"unknown flag --{name}{hint}")
 
 
+def protect_strings(fn, argv):
+    """Pass the values of str flags verbatim.
+
+    fire reads every value as a Python literal: --input "12, 30" would become a tuple,
+    --output_dir 2024 an int and --prompt 1e3 a float. Quoting the value as a literal
+    string keeps what the user typed.
+    """
+    import inspect
+
+    text_flags = {n for n, p in inspect.signature(fn).parameters.items() if p.annotation is str}
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name.replace("-", "_") in text_flags:
+            if eq:
+                out.append(f"--{name}={value!r}")
+                i += 1
+                continue
+            if i + 1 < len(argv):
+                out += [arg, repr(argv[i + 1])]
+                i += 2
+                continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def coerce_bools(fn, flags):
     """Flags declared bool accept True/False in any case, yes/no, on/off and 1/0; anything else is an error."""
     import inspect
 
     for name, param in inspect.signature(fn).parameters.items():
         value = flags.get(name)
-        if param.annotation is not bool or isinstance(value, bool):
+        if param.annotation is not bool or isinstance(value, bool) or value is None:
             continue
         word = str(value).strip().lower()
         if word in TRUE_WORDS:
@@ -120,15 +151,25 @@ def run(fn):
     Unknown flags are refused before anything runs, and --help prints every flag to stdout.
     Set PLATY_TRACEBACK=1 to see the traceback of a user error too.
     """
+    import signal
+
     import fire
 
+    def terminated(signum, frame):  # SIGTERM unwinds like Ctrl-C: cleanup handlers run
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         argv = sys.argv[1:]
         if any(a in ("-h", "--help") for a in argv):
             print_help(fn)
             return
         check_flags(fn, argv)
-        fire.Fire(fn)
+        fire.Fire(fn, command=protect_strings(fn, argv))
+    except KeyboardInterrupt:
+        print(f"\n{os.path.basename(sys.argv[0])}: interrupted; nothing half-written was kept", file=sys.stderr,
+              flush=True)
+        sys.exit(130)
     except UserError as err:
         if os.environ.get("PLATY_TRACEBACK"):
             raise

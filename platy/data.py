@@ -83,14 +83,23 @@ def read_prompts(path, flag):
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
         raise UserError(f"{flag}: file not found: {path}")
-    rows, _ = _read_local(path, flag)
+    if path.suffix.lower() == ".csv" and not path.read_bytes().strip():
+        rows = []
+    else:
+        rows, _ = _read_local(path, flag)
     rows = [{"instruction": r} if isinstance(r, str) else r for r in rows]
     if not rows:
         raise UserError(f"{flag}: {path} holds no prompts; add rows with an 'instruction' field")
+    if all(isinstance(r, dict) and "instruction" not in r for r in rows):
+        columns = sorted({k for r in rows if isinstance(r, dict) for k in r})
+        raise UserError(f"{flag}: {path}: no 'instruction' column; the rows have {', '.join(columns) or 'no fields'}. "
+                        "Name the question column instruction (and an optional one input)")
     for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-            raise UserError(f"{flag}: {path}: row {number} has no 'instruction' text; every row needs an "
-                            "'instruction' column ('input' is optional)")
+        value = row.get("instruction") if isinstance(row, dict) else row
+        if not isinstance(value, str):
+            raise UserError(f"{flag}: {path}: row {number}: 'instruction' is {type(value).__name__}, not text")
+        if not value.strip():
+            raise UserError(f"{flag}: {path}: row {number}: 'instruction' is blank")
         if row.get("input") is not None and not isinstance(row["input"], str):
             raise UserError(f"{flag}: {path}: row {number}: 'input' is {type(row['input']).__name__}, not text")
     return rows, FILE_FORMATS[path.suffix.lower()]

@@ -36,17 +36,18 @@ def parse_size(text):
 class Adapter:
     """A saved LoRA adapter: its config, weights grouped per module, and the run configuration."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, flag="--peft_model_path"):
         import torch
 
         self.folder = Path(folder)
+        self.flag = flag
         if not self.folder.is_dir():
-            raise UserError(f"--peft_model_path {folder}: folder not found; give the output_dir of finetune.py "
+            raise UserError(f"{flag} {folder}: folder not found; give the output_dir of finetune.py "
                             "or a checkpoint-N folder")
         config_path = self.folder / "adapter_config.json"
         weights = next((self.folder / n for n in ADAPTER_FILES if (self.folder / n).is_file()), None)
         if not config_path.is_file() or weights is None:
-            raise UserError(f"--peft_model_path {folder}: no adapter_config.json and adapter_model.safetensors "
+            raise UserError(f"{flag} {folder}: no adapter_config.json and adapter_model.safetensors "
                             "there; give the output_dir of finetune.py or a checkpoint-N folder")
         self.config = json.loads(config_path.read_text())
         self._check_supported()
@@ -58,19 +59,19 @@ class Adapter:
             tensors = torch.load(str(weights), map_location="cpu", weights_only=True)
         bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
-            raise UserError(f"--peft_model_path {folder}: the adapter holds NaN or inf values ({len(bad)} tensors, "
+            raise UserError(f"{flag} {folder}: the adapter holds NaN or inf values ({len(bad)} tensors, "
                             f"e.g. {bad[0]}); the run diverged: use an earlier checkpoint-N or retrain with a lower "
                             "learning rate")
         self.modules = {}
         for key, tensor in tensors.items():
             match = LORA_KEY.match(key)
             if not match:
-                raise UserError(f"--peft_model_path {folder}: unexpected tensor {key} in the adapter; only LoRA "
+                raise UserError(f"{flag} {folder}: unexpected tensor {key} in the adapter; only LoRA "
                                 "A/B weights can be merged")
             self.modules.setdefault(match["module"], {})[match["part"]] = tensor
         incomplete = [m for m, parts in self.modules.items() if set(parts) != {"A", "B"}]
         if incomplete or not self.modules:
-            raise UserError(f"--peft_model_path {folder}: adapter weights are incomplete "
+            raise UserError(f"{flag} {folder}: adapter weights are incomplete "
                             f"({incomplete[0] if incomplete else 'no LoRA weights'})")
         run_config_path = self.folder / "run_config.json"
         self.run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else None
@@ -78,14 +79,14 @@ class Adapter:
     def _check_supported(self):
         config = self.config
         if config.get("peft_type", "LORA") != "LORA":
-            raise UserError(f"--peft_model_path {self.folder}: a {config.get('peft_type')} adapter; merge.py fuses "
+            raise UserError(f"{self.flag} {self.folder}: a {config.get('peft_type')} adapter; merge.py fuses "
                             "LoRA adapters")
         for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
             if config.get(key, ok) != ok:
-                raise UserError(f"--peft_model_path {self.folder}: adapters with {key}={config[key]} are not "
+                raise UserError(f"{self.flag} {self.folder}: adapters with {key}={config[key]} are not "
                                 "supported by the streaming merge")
         if config.get("modules_to_save"):
-            raise UserError(f"--peft_model_path {self.folder}: adapters with modules_to_save are not supported")
+            raise UserError(f"{self.flag} {self.folder}: adapters with modules_to_save are not supported")
 
     def scale(self, module):
         """lora_alpha / r (or / sqrt(r) with rsLoRA), with per-module overrides."""
@@ -204,6 +205,9 @@ def plan_shards(items, max_bytes):
     shards, current, size = [], [], 0
     for name, dtype, shape in items:
         nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        if nbytes > max_bytes:
+            raise UserError(f"--max_shard_size: {max_bytes:,} bytes is smaller than the tensor {name} "
+                            f"({nbytes:,} bytes); give a larger size with a unit, such as 500MB or 5GB")
         if current and size + nbytes > max_bytes:
             shards.append(current)
             current, size = [], 0

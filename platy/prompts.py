@@ -16,13 +16,15 @@ def available_templates():
 class Prompter:
     """Builds prompts from one template and cuts model output at its response_split."""
 
-    def __init__(self, template_name="alpaca"):
+    def __init__(self, template_name="alpaca", flag="--prompt_template_name"):
         path = Path(template_name)
+        if path.suffix == ".json" and not path.is_file():
+            raise UserError(f"{flag}: template file not found: {template_name}")
         if path.suffix != ".json":  # a bare name means one of the shipped templates
             path = TEMPLATES_DIR / f"{template_name}.json"
         if not path.is_file():
             raise UserError(
-                f"--prompt_template_name: unknown template '{template_name}'; "
+                f"{flag}: unknown template '{template_name}'; "
                 f"choose one of {', '.join(available_templates())} or give a path to a .json template"
             )
         try:

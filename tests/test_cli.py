@@ -179,3 +179,16 @@ def test_typo_in_a_local_path_is_not_sent_to_the_hub(out):
     check(result, out, "file not found: data/sample_platypus.jsn")
     result = finetune(out, base_model="data/llama-7b")
     check(result, out, "--base_model data/llama-7b: folder does not exist")
+
+
+def test_text_flags_are_passed_verbatim():
+    """fire reads values as literals; text flags keep exactly what was typed."""
+    import fire
+
+    from platy import cli
+
+    def show(prompt: str = None, input: str = None, output_dir: str = None, batch_size: int = 1):
+        return (prompt, input, output_dir, batch_size)
+
+    argv = ["--prompt", "1e3", "--input", "12, 30", "--output_dir=2024", "--batch_size", "4"]
+    assert fire.Fire(show, command=cli.protect_strings(show, argv)) == ("1e3", "12, 30", "2024", 4)

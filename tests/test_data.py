@@ -97,7 +97,8 @@ def test_missing_input_field_means_no_input(tmp_path):
 
 @pytest.mark.parametrize("rows, message", [
     ([ROWS[0], {"instruction": "x"}], "row 2: missing 'output'"),
-    ([{"output": "y"}], "row 1: missing 'instruction'"),
+    ([ROWS[0], {"output": "y"}], "row 2: missing 'instruction'"),
+    ([{"output": "y"}, {"output": "z"}], "no 'instruction' column; the rows have output"),
     ([ROWS[0], ROWS[1], {"instruction": "x", "output": 5}], "row 3: 'output' is int, not text"),
     ([{"instruction": "x", "input": ["a"], "output": "y"}], "row 1: 'input' is list, not text"),
     ([{"instruction": "  ", "output": "y"}], "row 1: 'instruction' is blank"),
@@ -110,10 +111,10 @@ def test_bad_rows_are_named_by_number(rows, message):
 
 
 def test_many_bad_rows_are_summarised_in_one_line():
-    rows = [{"instruction": "x"}] * 7
+    rows = [ROWS[0]] + [{"instruction": "x"}] * 7
     with pytest.raises(UserError) as err:
         check_rows(rows, "data.json")
-    assert "row 1" in str(err.value) and "and 4 more rows" in str(err.value)
+    assert "row 2" in str(err.value) and "and 4 more rows" in str(err.value)
     assert "\n" not in str(err.value)
 
 

@@ -24,7 +24,7 @@ def make_generator(adapter, **overrides):
     flags = {"base_model": None, "lora_weights": str(adapter), "prompt_template": None, "prompt": "x", "input": None,
              "prompts_file": None, "output_file": None, "csv_path": None, "output_csv_path": None,
              "interactive": False, "max_new_tokens": 12, "temperature": 0.0, "top_p": 1.0, "num_beams": 1,
-             "repetition_penalty": 1.0, "batch_size": 8, "load_8bit": False, "load_4bit": False, "seed": 0,
+             "repetition_penalty": 1.0, "batch_size": 8, "load_8bit": None, "load_4bit": None, "seed": 0,
              "trust_remote_code": False, **overrides}
     setup = inference.validate(flags)
     model, tokenizer, prompter = inference.load_for_generation(setup)
@@ -163,3 +163,19 @@ def test_interactive_streams_answers(stopper):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Yes." in proc.stdout
+
+
+def test_adapter_answers_come_from_the_base_as_trained(qlora_adapter):
+    result = infer("--lora_weights", qlora_adapter, "--prompt", "What is 2 + 3?", "--max_new_tokens", 4)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(4bit, as trained)" in result.stderr
+    assert "Loading" not in result.stdout, "stdout holds only the answer"
+    plain = make_generator(qlora_adapter, load_4bit=False)
+    assert plain.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.__class__.__name__ == "Linear"
+    trained = make_generator(qlora_adapter)
+    assert trained.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.__class__.__name__ == "Linear4bit"
+
+
+def test_template_error_names_this_scripts_flag(qlora_adapter, tmp_path):
+    assert_refused(infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--prompt_template",
+                         tmp_path / "nope.json"), "--prompt_template", "template file not found")

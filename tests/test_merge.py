@@ -215,3 +215,41 @@ def test_missing_adapter_path(tmp_path):
 
 def test_dequant_needs_a_quantized_training_run(lora_adapter, tmp_path):
     assert_refused(merge_cli(lora_adapter, tmp_path / "m", "--method", "dequant"), "--method peft")
+
+
+def test_output_dir_may_not_be_the_adapter_or_a_file(qlora_adapter, tmp_path):
+    before = sorted(p.name for p in qlora_adapter.iterdir())
+    assert_refused(merge_cli(qlora_adapter, qlora_adapter, "--overwrite"), "adapter folder")
+    assert_refused(merge_cli(qlora_adapter, qlora_adapter / "merged"), "adapter folder")
+    assert sorted(p.name for p in qlora_adapter.iterdir()) == before
+    a_file = tmp_path / "model.md"
+    a_file.write_text("notes")
+    assert_refused(merge_cli(qlora_adapter, a_file, "--overwrite"), "is a file")
+    assert a_file.read_text() == "notes" and sorted(p.name for p in tmp_path.iterdir()) == ["model.md"]
+
+
+def test_partial_folder_of_a_killed_merge_is_cleaned_and_output_is_readable(qlora_adapter, tmp_path):
+    import os
+
+    stale = tmp_path / ".m.partial-999999999-abc"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    result = merge_cli(qlora_adapter, tmp_path / "m")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not stale.exists() and "left by an interrupted merge" in result.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_card_of_a_checkpoint_has_no_unknowns(qlora_adapter, tmp_path):
+    assert merge_cli(qlora_adapter / "checkpoint-4", tmp_path / "m").returncode == 0
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "?" not in card.split("## Hyperparameters")[0]
+    assert "intermediate checkpoint" in card and "### Response:" in card
+
+
+def test_shard_size_below_the_largest_tensor_is_refused(qlora_adapter, tmp_path):
+    assert_refused(merge_cli(qlora_adapter, tmp_path / "m", "--max_shard_size", "300"), "--max_shard_size",
+                   "smaller than the tensor")
+    assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
