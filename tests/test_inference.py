@@ -138,7 +138,7 @@ def test_empty_prompts_file(qlora_adapter, tmp_path):
 def test_missing_instruction_column(qlora_adapter, tmp_path):
     src = tmp_path / "q.csv"
     pd.DataFrame({"question": ["What?"]}).to_csv(src, index=False)
-    assert_refused(infer("--lora_weights", qlora_adapter, "--csv_path", src), "row 1 has no 'instruction'")
+    assert_refused(infer("--lora_weights", qlora_adapter, "--csv_path", src), "no 'instruction' column", "question")
 
 
 def test_unknown_template(qlora_adapter):
