@@ -433,6 +433,7 @@ def build_trainer(setup, model, tokenizer, train_set, val_set):
         fp16=setup.precision == "fp16",
         activation_checkpointing=setup.gradient_checkpointing,
         logging_steps=setup.logging_steps,
+        logging_first_step=True,  # the starting loss, and a point on the curves of short runs
         eval_strategy="steps" if has_val else "no",
         eval_steps=(setup.eval_steps or setup.save_steps) if has_val else None,
         eval_on_start=has_val,
