@@ -18,8 +18,8 @@ OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-qlora}"
 PYTHON="${PYTHON:-python}"
 
 if [ -z "${NPROC:-}" ]; then
-  NPROC=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-  [ "${NPROC:-0}" -ge 1 ] 2>/dev/null || NPROC=1
+  # the GPUs this process may use (CUDA_VISIBLE_DEVICES included), at least 1
+  NPROC=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null || echo 1)
 fi
 NNODES="${NNODES:-1}"
 
@@ -48,7 +48,7 @@ args=(
 )
 
 if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
-  exec torchrun \
+  exec "$PYTHON" -m torch.distributed.run \
     --nproc_per_node "$NPROC" \
     --nnodes "$NNODES" \
     --node_rank "${NODE_RANK:-0}" \

@@ -191,6 +191,9 @@ def validate(flags):
         problems.append(f"--num_epochs must be positive, got {f.num_epochs!r}")
     if not isinstance(f.learning_rate, (int, float)) or f.learning_rate <= 0:
         problems.append(f"--learning_rate must be positive, got {f.learning_rate!r}")
+    for name in ("weight_decay", "lora_alpha"):
+        if not isinstance(f[name], (int, float)) or isinstance(f[name], bool) or f[name] < 0:
+            problems.append(f"--{name} must be a non-negative number, got {f[name]!r}")
     if not isinstance(f.lora_dropout, (int, float)) or not 0 <= f.lora_dropout < 1:
         problems.append(f"--lora_dropout must be in [0, 1), got {f.lora_dropout!r}")
     if not isinstance(f.val_set_size, (int, float)) or f.val_set_size < 0:
@@ -225,7 +228,7 @@ def validate(flags):
     quantization_config(f.quantization, f.precision, f.double_quant)  # validates the quantization flags
     f["report_to"] = resolve_report_to(f)
     if f.deepspeed is not None:
-        check_deepspeed(f.deepspeed)
+        check_deepspeed(f.deepspeed, f.quantization)
     f["device"] = "cuda" if torch.cuda.is_available() else "cpu"
 
     f["base_model_path"] = resolve_base_model(f.base_model)
@@ -258,15 +261,20 @@ def resolve_report_to(f):
     return wanted
 
 
-def check_deepspeed(path):
+def check_deepspeed(path, quantization):
     import json
 
     if not Path(path).is_file():
         raise UserError(f"--deepspeed {path}: file not found; give a DeepSpeed JSON config")
     try:
-        json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"--deepspeed {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    stage = (config.get("zero_optimization") or {}).get("stage")
+    if stage == 3 and quantization != "none":
+        # the model is loaded (and quantized) whole on every rank before the Trainer starts DeepSpeed
+        raise UserError(f"--deepspeed {path}: ZeRO-3 cannot shard a {quantization} base loaded by this script; "
+                        "use ZeRO-2 (the Dolphin-ORCA-Platypus setup) or --quantization none")
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -304,6 +312,11 @@ def resolve_resume(value, output_dir):
         raise UserError(f"--resume_from_checkpoint {value}: folder not found; give a checkpoint-N folder, "
                         "an adapter folder, or 'auto'")
     if (path / "trainer_state.json").is_file():
+        missing = [n for n in ("optimizer.pt", "scheduler.pt") if not (path / n).is_file()]
+        if missing and not any(path.glob("global_step*")):  # DeepSpeed keeps its states in global_stepN/
+            raise UserError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete ({', '.join(missing)} "
+                            "missing), so optimizer and schedule would restart silently; use an earlier checkpoint-N, "
+                            "or the folder as an adapter-only start by copying its adapter files elsewhere")
         return ("checkpoint", str(path))
     if any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         return ("adapter", str(path))
@@ -315,7 +328,8 @@ def check_output_dir(output_dir, overwrite, resume):
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"--output_dir {output_dir} is a file; give a folder")
-    if resume or overwrite or not path.is_dir():
+    resuming_here = resume and resume[0] == "checkpoint" and Path(resume[1]).resolve().parent == path.resolve()
+    if resuming_here or overwrite or not path.is_dir():
         return
     if (path / RUN_CONFIG).exists():
         raise UserError(f"--output_dir {output_dir} already holds a finished run; choose another folder or pass "
@@ -508,6 +522,8 @@ def run_training(setup, trainer, run_config):
 
     trainer.add_callback(SaveRunConfig())
     if setup.overwrite and not setup.resume and cli.is_main_process():
+        # the old run's marker and checkpoints go first: a crash must not leave the folder looking finished
+        (Path(setup.output_dir) / RUN_CONFIG).unlink(missing_ok=True)
         for old in Path(setup.output_dir).glob("checkpoint-*"):
             say(f"--overwrite: removing {old}")
             shutil.rmtree(old)

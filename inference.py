@@ -100,8 +100,13 @@ def validate(flags):
     for name in ("max_new_tokens", "batch_size", "num_beams"):
         if not isinstance(flags[name], int) or flags[name] < 1:
             raise UserError(f"--{name} must be a positive integer, got {flags[name]!r}")
-    if flags["temperature"] < 0 or not 0 < flags["top_p"] <= 1:
-        raise UserError("--temperature must be >= 0 and --top_p in (0, 1]")
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        if not isinstance(flags[name], (int, float)) or isinstance(flags[name], bool):
+            raise UserError(f"--{name} must be a number, got {flags[name]!r}")
+    if flags["temperature"] < 0 or not 0 < flags["top_p"] <= 1 or flags["repetition_penalty"] <= 0:
+        raise UserError("--temperature must be >= 0, --top_p in (0, 1] and --repetition_penalty > 0")
+    if flags["top_p"] < 1 and flags["temperature"] == 0:
+        raise UserError("--top_p applies to sampling: set --temperature above 0 too (0 is greedy)")
     out_path = flags["output_file"] or flags["output_csv_path"]
     if out_path and flags["prompt"]:
         raise UserError("--output_file goes with a prompts file; --prompt prints its answer")
@@ -114,9 +119,7 @@ def validate(flags):
 
     adapter = Adapter(Path(flags["lora_weights"]).expanduser(), "--lora_weights") if flags["lora_weights"] else None
     recorded = (adapter.run_config if adapter else None) or {}
-    base = flags["base_model"] or recorded.get("flags", {}).get("base_model")
-    if not base and adapter:
-        base = adapter.config.get("base_model_name_or_path")
+    base = flags["base_model"] or (adapter.base_model() if adapter else None)
     if not base:
         raise UserError("--base_model is required (a model folder or hub id; with --lora_weights, the adapter's "
                         "run_config.json can name it)")
@@ -156,14 +159,17 @@ def load_for_generation(setup):
     tokenizer_source = setup["adapter"].folder if setup["adapter"] else path
     tokenizer = prepare_tokenizer(load_tokenizer(str(tokenizer_source), setup["trust_remote_code"]))
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+    # CUDA: "auto" spreads a model too big for one GPU over all of them
     model = load_model(path, quantization, precision, trust_remote_code=setup["trust_remote_code"],
-                       placement={"": device})
+                       placement="auto" if device == "cuda" else {"": device})
     if setup["adapter"]:
         from peft import PeftModel
 
         try:
             model = PeftModel.from_pretrained(model, str(setup["adapter"].folder))
         except (RuntimeError, ValueError, KeyError) as err:
+            if isinstance(err, RuntimeError) and "size mismatch" not in str(err):
+                raise  # out of memory and the like are not a mismatch
             detail = str(err).strip().splitlines()[-1][:200] if str(err) else type(err).__name__
             raise UserError(f"--lora_weights {setup['adapter'].folder} does not fit --base_model {setup['base']} "
                             f"({detail}); use the base model the adapter was trained on") from err
@@ -193,8 +199,10 @@ class Generator:
         """The same ids training used for the prompt: [BOS] + prompt, left-padded."""
         import torch
 
+        from platy.data import with_bos
+
         texts = [self.prompter.generate_prompt(r["instruction"], r.get("input") or "") for r in rows]
-        ids = [self.bos + x for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ids = [with_bos(x, self.bos) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
@@ -207,8 +215,9 @@ class Generator:
         input_ids, mask = self.encode(rows)
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **self.kwargs)
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [self.prompter.get_response(t) for t in texts]
+        # the answer is what follows the prompt (which ends with the template's response_split);
+        # decoding only the new tokens keeps an instruction that quotes the marker out of the answer
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
 
 
 def answer_file(generator, setup):

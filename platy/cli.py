@@ -167,8 +167,7 @@ def run(fn):
         check_flags(fn, argv)
         fire.Fire(fn, command=protect_strings(fn, argv))
     except KeyboardInterrupt:
-        print(f"\n{os.path.basename(sys.argv[0])}: interrupted; nothing half-written was kept", file=sys.stderr,
-              flush=True)
+        print(f"\n{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     except UserError as err:
         if os.environ.get("PLATY_TRACEBACK"):

@@ -258,6 +258,11 @@ def adds_bos(tokenizer):
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def with_bos(ids, bos):
+    """[BOS] + ids, unless the ids already start with it (a template that carries BOS text)."""
+    return ids if ids[:1] == bos else bos + ids
+
+
 class ExampleTokenizer:
     """Tokenizes Alpaca rows into input_ids / labels with exact prompt masking.
 
@@ -295,8 +300,7 @@ class ExampleTokenizer:
                 response = joint[len(prompt):]
             else:
                 response = encode(response_text, add_special_tokens=False)["input_ids"]
-            bos = [] if prompt[:1] == self.bos else self.bos  # a template carrying BOS text gets no second one
-            example = self.build(bos + prompt, response)
+            example = self.build(with_bos(prompt, self.bos), response)
             for key, value in example.items():
                 out[key].append(value)
         return out

@@ -76,6 +76,17 @@ class Adapter:
         run_config_path = self.folder / "run_config.json"
         self.run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else None
 
+    def base_model(self):
+        """The base the adapter was trained on: its flag as typed, or the resolved folder where the typed
+        value no longer resolves from here (a relative path from another working directory)."""
+        recorded = self.run_config or {}
+        typed = recorded.get("flags", {}).get("base_model") or self.config.get("base_model_name_or_path")
+        resolved = recorded.get("resolved", {}).get("base_model_path")
+        if (typed and not typed.startswith("builtin:") and not Path(typed).expanduser().exists() and resolved
+                and Path(resolved).is_dir()):
+            return resolved
+        return typed
+
     def _check_supported(self):
         config = self.config
         if config.get("peft_type", "LORA") != "LORA":
@@ -89,11 +100,16 @@ class Adapter:
             raise UserError(f"{self.flag} {self.folder}: adapters with modules_to_save are not supported")
 
     def scale(self, module):
-        """lora_alpha / r (or / sqrt(r) with rsLoRA), with per-module overrides."""
-        short = module.rsplit(".", 1)[-1]
-        r = self.config.get("rank_pattern", {}).get(short, self.config["r"])
-        alpha = self.config.get("alpha_pattern", {}).get(short, self.config["lora_alpha"])
-        return alpha / (r ** 0.5 if self.config.get("use_rslora") else r)
+        """lora_alpha / r (or / sqrt(r) with rsLoRA); per-module alpha matched on the full path, as peft does."""
+        from peft.utils.other import get_pattern_key
+
+        config = self.config
+        r = self.modules[module]["A"].shape[0]  # the rank the weights really have
+        alpha = config["lora_alpha"]
+        patterns = config.get("alpha_pattern") or {}
+        if patterns:
+            alpha = patterns.get(get_pattern_key(list(patterns), module), alpha)
+        return alpha / (r ** 0.5 if config.get("use_rslora") else r)
 
     def add_to(self, module, weight):
         """weight += B @ A x scale, in place (weight is float32): no second weight-sized buffer."""
@@ -112,8 +128,12 @@ def base_checkpoint(base_path):
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index_name).is_file():
             weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-            return [folder / f for f in files]
+            files = [folder / f for f in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise UserError(f"--base_model {base_path}: {index_name} lists {len(missing)} missing weight file(s), "
+                                f"e.g. {missing[0]}; download the whole model")
+            return files
         if (folder / single).is_file():
             return [folder / single]
     raise UserError(f"--base_model {base_path}: no model.safetensors or pytorch_model.bin (or their index) in the "
@@ -180,7 +200,8 @@ def rebuild_quantized(weight, layout):
                                            quant_type=layout["quant_type"],
                                            quant_storage=getattr(torch, layout["quant_storage"]))
         return bnbf.dequantize_4bit(packed, state).to(torch.float32)
-    codes, stats, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+    loaded = weight.to(getattr(torch, layout["load_dtype"]))
+    codes, stats, _ = bnbf.int8_vectorwise_quant(loaded.to(torch.float16).contiguous())
     return bnbf.int8_vectorwise_dequant(codes, stats).to(torch.float32)
 
 
@@ -327,7 +348,7 @@ def resolve_local_base(base_model):
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model"])
     except Exception as err:
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"--base_model {base_model}: not a local folder and not downloadable ({detail}); "

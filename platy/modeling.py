@@ -19,11 +19,11 @@ def resolve_precision(precision):
     cuda = torch.cuda.is_available()
     if precision == "auto":
         if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         return "fp32"
     if precision == "fp16" and not cuda:
         raise UserError("--precision fp16: fp16 mixed precision needs a CUDA GPU; use bf16 or fp32 here")
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError("--precision bf16: this GPU has no bf16 support; use fp16 or fp32")
     return precision
 
@@ -72,7 +72,7 @@ def resolve_base_model(base_model):
         if not (path / "config.json").is_file():
             raise UserError(f"--base_model {base_model}: folder has no config.json; point to a Hugging Face "
                             "model folder")
-        return str(path)
+        return str(path.resolve())
     first = base_model.split("/", 1)[0]
     if (base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or path.exists()
             or ("/" in base_model and Path(first).is_dir())):
@@ -137,7 +137,7 @@ def generation_device():
     import torch
 
     if torch.cuda.is_available():
-        return "cuda", ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        return "cuda", ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps", "fp16"
     return "cpu", "fp32"

@@ -192,3 +192,20 @@ def test_text_flags_are_passed_verbatim():
 
     argv = ["--prompt", "1e3", "--input", "12, 30", "--output_dir=2024", "--batch_size", "4"]
     assert fire.Fire(show, command=cli.protect_strings(show, argv)) == ("1e3", "12, 30", "2024", 4)
+
+
+def test_non_numeric_hyperparameters(out):
+    check(finetune(out, "--weight_decay", "abc", "--lora_alpha", "x"), out, "--weight_decay must be", "--lora_alpha")
+
+
+def test_zero3_with_a_quantized_base_is_refused(out, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    check(finetune(out, "--deepspeed", config), out, "ZeRO-3", "ZeRO-2")
+
+
+def test_incomplete_checkpoint_is_refused(out, tmp_path):
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text("{}")
+    check(finetune(out, "--resume_from_checkpoint", folder), out, "incomplete", "optimizer.pt")

@@ -179,3 +179,7 @@ def test_adapter_answers_come_from_the_base_as_trained(qlora_adapter):
 def test_template_error_names_this_scripts_flag(qlora_adapter, tmp_path):
     assert_refused(infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--prompt_template",
                          tmp_path / "nope.json"), "--prompt_template", "template file not found")
+
+
+def test_top_p_without_sampling_is_refused(qlora_adapter):
+    assert_refused(infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--top_p", 0.9), "--top_p applies to sampling")

@@ -253,3 +253,23 @@ def test_shard_size_below_the_largest_tensor_is_refused(qlora_adapter, tmp_path)
     assert_refused(merge_cli(qlora_adapter, tmp_path / "m", "--max_shard_size", "300"), "--max_shard_size",
                    "smaller than the tensor")
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_per_module_rank_and_alpha_match_peft(tiny_llama, tmp_path):
+    """rank_pattern / alpha_pattern keyed by full module path: the streaming merge scales as peft does."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["down_proj", "up_proj"], init_lora_weights=False,
+                        rank_pattern={"model.layers.0.mlp.down_proj": 2},
+                        alpha_pattern={"model.layers.0.mlp.down_proj": 32, "up_proj": 4})
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    result = merge_cli(tmp_path / "adapter", tmp_path / "m", "--base_model", tiny_llama, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    expected = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                 "model.layers.0.mlp.up_proj.weight"):
+        torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)

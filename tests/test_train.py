@@ -239,3 +239,12 @@ def test_weights_placement(monkeypatch, gpus, world, local_rank, expected):
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     assert modeling.device_map() == expected
+
+
+def test_resuming_from_elsewhere_does_not_overwrite_a_finished_run(tmp_path):
+    assert finetune(tmp_path / "a", "--max_steps", 1).returncode == 0
+    assert finetune(tmp_path / "b", "--max_steps", 1).returncode == 0
+    before = (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    again = finetune(tmp_path / "b", "--max_steps", 1, "--resume_from_checkpoint", tmp_path / "a")
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert (tmp_path / "b" / "adapter_model.safetensors").read_bytes() == before
