@@ -145,7 +145,7 @@ def train(
         logging_steps: Log loss every this many optimizer steps.
         eval_steps: Evaluate every this many steps (default: save_steps); needs val_set_size.
         save_steps: Write a checkpoint every this many optimizer steps.
-        save_total_limit: Checkpoints kept in output_dir (oldest deleted first).
+        save_total_limit: Checkpoints kept in output_dir (oldest deleted first); 0 keeps all.
         gradient_checkpointing: Recompute activations in backward to save memory.
         report_to: auto (wandb when wandb_project is set, else none), none, wandb,
             tensorboard, or a comma-separated list.
@@ -166,7 +166,11 @@ def train(
 class Setup(dict):
     """Validated flags plus what was derived from them; attribute access for readability."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def validate(flags):

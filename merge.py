@@ -16,6 +16,7 @@ tensor: memory holds about one tensor plus the adapter, whatever the model size.
 
 import datetime
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def merge(
     """
     setup = validate(dict(locals()))
     adapter = setup["adapter"]
-    remove_stale_partials(setup["output_dir"])
+    setup["output_dir"].parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{setup['output_dir'].name}.partial-{os.getpid()}-",
                                 dir=setup["output_dir"].parent))
     umask = os.umask(0)
@@ -99,10 +100,19 @@ def merge(
 
 
 def remove_stale_partials(output_dir):
-    """Partial folders left by a merge that was killed (kill -9, power loss): their process is gone."""
-    for path in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
-        pid = path.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+    """Clean up after a merge that was killed (kill -9, power loss): its process is gone.
+
+    A partial folder is removed. A previous model moved aside (.NAME.old-PID) goes back into
+    place if the kill came before the new model arrived, else it is removed.
+    """
+    for path in sorted(output_dir.parent.glob(f".{output_dir.name}.*")):
+        match = re.fullmatch(rf"\.{re.escape(output_dir.name)}\.(partial|old)-(\d+)(-.*)?", path.name)
+        if not match or Path(f"/proc/{match[2]}").exists():
+            continue
+        if match[1] == "old" and not output_dir.exists():
+            path.rename(output_dir)
+            say(f"Restored {output_dir} from {path}, left by an interrupted merge")
+        else:
             say(f"Removing {path}, left by an interrupted merge")
             shutil.rmtree(path, ignore_errors=True)
 
@@ -130,6 +140,7 @@ def validate(flags):
         raise UserError("--trust_remote_code only matters for --verify (the merge itself runs no model code)")
     max_bytes = None if flags["max_shard_size"] == "auto" else parse_size(flags["max_shard_size"])
     out = Path(flags["output_dir"]).expanduser().resolve()
+    remove_stale_partials(out)  # first: a restored previous model must count as what is there
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; give a folder")
     if out.exists() and any(out.iterdir()) and not flags["overwrite"]:

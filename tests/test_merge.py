@@ -273,3 +273,12 @@ def test_per_module_rank_and_alpha_match_peft(tiny_llama, tmp_path):
     for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight",
                  "model.layers.0.mlp.up_proj.weight"):
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_previous_model_moved_aside_by_a_killed_merge_is_restored(qlora_adapter, tmp_path):
+    aside = tmp_path / ".m.old-999999999"
+    aside.mkdir()
+    (aside / "model.safetensors").write_bytes(b"previous")
+    result = merge_cli(qlora_adapter, tmp_path / "m")
+    assert result.returncode == 2 and "not empty" in result.stderr  # restored first, then protected
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == b"previous" and not aside.exists()
