@@ -23,6 +23,7 @@ from pathlib import Path
 from platy import cli
 from platy.cli import UserError, say
 from platy.data import ExampleTokenizer, load_rows, prepare_tokenizer, split_rows, tokenize_rows
+from platy.merging import ADAPTER_FILES
 from platy.modeling import (
     check_target_modules,
     linear_module_names,
@@ -49,7 +50,7 @@ from platy.reporting import (
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
-OWN_OUTPUTS = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", RUN_CONFIG)
+OWN_OUTPUTS = (*ADAPTER_FILES, "adapter_config.json", RUN_CONFIG)
 
 
 def train(
@@ -322,7 +323,7 @@ def resolve_resume(value, output_dir):
                             "missing), so optimizer and schedule would restart silently; use an earlier checkpoint-N, "
                             "or the folder as an adapter-only start by copying its adapter files elsewhere")
         return ("checkpoint", str(path))
-    if any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+    if any((path / name).is_file() for name in ADAPTER_FILES):
         return ("adapter", str(path))
     raise UserError(f"--resume_from_checkpoint {value}: holds neither a Trainer checkpoint (trainer_state.json) "
                     "nor an adapter (adapter_model.safetensors)")

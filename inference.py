@@ -83,7 +83,7 @@ def main(
 
 
 def validate(flags):
-    from platy.data import read_prompts
+    from platy.data import FILE_FORMATS, read_prompts
     from platy.merging import Adapter
     from platy.prompts import Prompter
 
@@ -114,7 +114,7 @@ def validate(flags):
     prompts_path = flags["prompts_file"] or flags["csv_path"]
     if prompts_path:
         rows, kind = read_prompts(prompts_path, "--prompts_file" if flags["prompts_file"] else "--csv_path")
-    if out_path and Path(out_path).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
+    if out_path and Path(out_path).suffix.lower() not in FILE_FORMATS:
         raise UserError(f"--output_file {out_path}: use a .json, .jsonl, .csv or .parquet name")
 
     adapter = Adapter(Path(flags["lora_weights"]).expanduser(), "--lora_weights") if flags["lora_weights"] else None
@@ -223,7 +223,7 @@ class Generator:
 def answer_file(generator, setup):
     from tqdm import tqdm
 
-    from platy.data import write_rows
+    from platy.data import FILE_FORMATS, write_rows
 
     rows, size = setup["rows"], setup["batch_size"]
     results = []
@@ -234,9 +234,7 @@ def answer_file(generator, setup):
                 results.append({**row, "response": response})
             bar.update(len(batch))
     if setup["out_path"]:
-        kind = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}[
-            Path(setup["out_path"]).suffix.lower()]
-        write_rows(setup["out_path"], results, kind)
+        write_rows(setup["out_path"], results, FILE_FORMATS[Path(setup["out_path"]).suffix.lower()])
         say(f"Wrote {len(results)} responses to {setup['out_path']}", err=True)
     else:
         for row in results:
