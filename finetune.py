@@ -369,9 +369,10 @@ def build_datasets(setup, tokenizer, prompter):
         f"cut at cutoff_len {setup.cutoff_len}; {dropped} dropped (response cut away entirely); "
         f"{train_stats['label_tokens']:,} response tokens (labels) per epoch")
     steps = optimizer_steps(setup, len(train_set))
-    if setup.resume and setup.resume[0] == "checkpoint" and checkpoint_step(setup.resume[1]) >= steps:
+    done = checkpoint_step(setup.resume[1]) if setup.resume and setup.resume[0] == "checkpoint" else 0
+    if done and done >= steps:
         raise UserError(f"--resume_from_checkpoint {setup.resume[1]}: that checkpoint already finished the run "
-                        f"({checkpoint_step(setup.resume[1])} of {steps} steps); nothing to train. Raise --num_epochs "
+                        f"({done} of {steps} steps); nothing to train. Raise --num_epochs "
                         "or --max_steps to go further")
     if setup.warmup_steps >= steps:
         say(f"Note: --warmup_steps {setup.warmup_steps} covers the whole run ({steps} optimizer steps): the learning "

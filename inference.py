@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from platy import cli
-from platy.cli import UserError, say
+from platy.cli import UserError, error_detail, say
 
 
 def main(
@@ -170,7 +170,7 @@ def load_for_generation(setup):
         except (RuntimeError, ValueError, KeyError) as err:
             if isinstance(err, RuntimeError) and "size mismatch" not in str(err):
                 raise  # out of memory and the like are not a mismatch
-            detail = str(err).strip().splitlines()[-1][:200] if str(err) else type(err).__name__
+            detail = error_detail(err, last=True)
             raise UserError(f"--lora_weights {setup['adapter'].folder} does not fit --base_model {setup['base']} "
                             f"({detail}); use the base model the adapter was trained on") from err
     model.eval()

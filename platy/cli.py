@@ -23,6 +23,15 @@ def quiet_libraries():
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+def error_detail(err, last=False):
+    """One line from a library's exception, to quote inside a UserError: its first (or last) line."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    lines = text.splitlines()
+    return lines[-1][:200] if last else lines[0]
+
+
 def rank():
     return int(os.environ.get("RANK", "0"))
 

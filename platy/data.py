@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from platy.cli import UserError
+from platy.cli import UserError, error_detail
 
 IGNORE_INDEX = -100  # label value the loss skips
 FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -70,7 +70,7 @@ def _read_local(path, flag="--data_path"):
     except UserError as err:
         raise UserError(f"{flag}: {path}: {err}") from err
     except Exception as err:  # any parser failure is a file the user must fix
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = error_detail(err)
         raise UserError(f"{flag}: {path} is not valid {kind.upper()} ({detail}); fix or convert the file") from err
     return rows, fingerprint
 
@@ -162,7 +162,7 @@ def _read_hub(data_id):
 
         ds = datasets.load_dataset(data_id, split="train")
     except Exception as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = error_detail(err)
         raise UserError(f"--data_path: '{data_id}' is not a local file and could not be loaded as a data set id "
                         f"({detail}); check the name, or the network, or download it to a file") from err
     return ds.to_list(), f"hub:{data_id}:{ds._fingerprint}"

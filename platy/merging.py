@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from platy.cli import UserError
+from platy.cli import UserError, error_detail
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -350,7 +350,7 @@ def resolve_local_base(base_model):
 
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model"])
     except Exception as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = error_detail(err)
         raise UserError(f"--base_model {base_model}: not a local folder and not downloadable ({detail}); "
                         "download it first or check the name") from err
 

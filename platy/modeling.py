@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from platy.cli import UserError, world_size
+from platy.cli import UserError, error_detail, world_size
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -86,7 +86,7 @@ def load_config(base_model, trust_remote_code=False):
     try:
         return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except Exception as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = error_detail(err)
         raise UserError(f"--base_model {base_model}: cannot load its config ({detail}); check the name or path "
                         "(offline machines need a local folder)") from err
 
@@ -97,7 +97,7 @@ def load_tokenizer(base_model, trust_remote_code=False):
     try:
         return AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except Exception as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = error_detail(err)
         raise UserError(f"--base_model {base_model}: cannot load its tokenizer ({detail})") from err
 
 
@@ -171,7 +171,7 @@ def load_model(base_model, quantization, precision, double_quant=False, trust_re
     try:
         model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as err:
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = error_detail(err)
         raise UserError(f"--base_model {base_model}: cannot load the model ({detail})") from err
     keep_cpu_4bit_layout(model)
     return model

@@ -32,22 +32,15 @@ def test_unreadable_data_file(out, tmp_path):
     check(finetune(out, data_path=data), out, "rows.json", "cannot read")
 
 
-def test_not_a_supported_format(out, tmp_path):
-    data = tmp_path / "rows.txt"
-    data.write_text("instruction: hi\n")
-    check(finetune(out, data_path=data), out, "rows.txt", "unsupported file type", ".jsonl")
-
-
-def test_broken_json(out, tmp_path):
-    data = tmp_path / "rows.json"
-    data.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ')
-    check(finetune(out, data_path=data), out, "rows.json", "not valid JSON")
-
-
-def test_broken_parquet(out, tmp_path):
-    data = tmp_path / "rows.parquet"
-    data.write_bytes(b"not parquet at all")
-    check(finetune(out, data_path=data), out, "rows.parquet", "not valid PARQUET")
+@pytest.mark.parametrize("name, content, fragments", [
+    ("rows.txt", b"instruction: hi\n", ("unsupported file type", ".jsonl")),
+    ("rows.json", b'[{"instruction": "a", "output": "b"}, {"instruction": ', ("not valid JSON",)),
+    ("rows.parquet", b"not parquet at all", ("not valid PARQUET",)),
+])
+def test_file_that_is_not_a_supported_data_file(out, tmp_path, name, content, fragments):
+    data = tmp_path / name
+    data.write_bytes(content)
+    check(finetune(out, data_path=data), out, name, *fragments)
 
 
 def test_row_without_output_names_the_row(out, tmp_path):
