@@ -21,8 +21,21 @@ import time
 from pathlib import Path
 
 from platy import cli
+from platy.checkpoints import (
+    PREEMPTED,
+    STAGING,
+    checkpoint_step,
+    remove_leftovers,
+    resolve_resume,
+)
 from platy.cli import UserError, say
-from platy.data import ExampleTokenizer, load_rows, prepare_tokenizer, split_rows, tokenize_rows
+from platy.data import (
+    ExampleTokenizer,
+    load_rows,
+    prepare_tokenizer,
+    split_rows,
+    tokenize_rows,
+)
 from platy.merging import ADAPTER_FILES
 from platy.modeling import (
     check_target_modules,
@@ -44,6 +57,7 @@ from platy.reporting import (
     library_versions,
     loss_progress_callback,
     plot_curves,
+    read_run_config,
     write_json,
 )
 
@@ -99,6 +113,7 @@ def train(
     trust_remote_code: bool = False,
     deepspeed: str = None,
     overwrite: bool = False,
+    skip_nonfinite_steps: bool = False,
 ):
     """Train a LoRA adapter; output_dir then holds everything merge.py and inference.py need.
 
@@ -131,9 +146,9 @@ def train(
         group_by_length: Batch examples of similar length together (less padding).
         prompt_template_name: Template in templates/ (alpaca, alpaca_short, alpaca_ko) or a
             path to a template .json.
-        resume_from_checkpoint: A checkpoint folder (continues step, schedule and optimizer),
-            'auto' (the latest checkpoint in output_dir), or an adapter folder (loads its
-            weights; optimizer and schedule restart).
+        resume_from_checkpoint: A checkpoint folder (continues step, schedule, optimizer, RNG
+            and data order), 'auto' (the latest complete checkpoint in output_dir), or an
+            adapter folder (loads its weights; optimizer and schedule restart).
         wandb_project: Weights & Biases project; setting it turns wandb reporting on.
         wandb_run_name: Weights & Biases run name.
         wandb_watch: 'gradients', 'all' or 'false': what wandb watches.
@@ -153,13 +168,17 @@ def train(
         trust_remote_code: Allow model code from the hub (some Yi/Qwen variants need it).
         deepspeed: Path to a DeepSpeed JSON config, passed to the Trainer.
         overwrite: Allow writing into an output_dir that already holds a run.
+        skip_nonfinite_steps: On a non-finite loss or gradient, drop that step's update and
+            go on (counted in the log as nonfinite_steps_skipped); default: stop the run there.
     """
     setup = validate(dict(locals()))
     run_config = describe_run(setup)
     tokenizer, prompter = load_tokenizer_and_prompter(setup)
     train_set, val_set, run_config["data"] = build_datasets(setup, tokenizer, prompter)
+    if setup.finished_checkpoint:  # the run ended but its final save was cut short
+        return export_finished_checkpoint(setup, tokenizer, run_config)
     model, run_config["resolved"]["quantization_layout"] = load_model_with_lora(setup)
-    trainer = build_trainer(setup, model, tokenizer, train_set, val_set)
+    trainer = build_trainer(setup, model, tokenizer, train_set, val_set, run_config)
     result = run_training(setup, trainer, run_config)
     save(setup, trainer, run_config, result)
 
@@ -225,6 +244,8 @@ def validate(flags):
     f["resume"] = resolve_resume(f.resume_from_checkpoint, f.output_dir)
     check_output_dir(f.output_dir, f.overwrite, f.resume)
     f["rows"], f["data_fingerprint"] = load_rows(f.data_path)
+    if f.resume and f.resume[0] == "checkpoint":
+        note_changed_settings(f)
     f["train_rows"], f["val_rows"] = split_rows(f.rows, f.val_set_size, f.seed)
 
     import torch
@@ -240,6 +261,7 @@ def validate(flags):
     f["model_config"] = load_config(f.base_model_path, f.trust_remote_code)
     check_target_modules(f.lora_target_modules, linear_module_names(f.model_config, f.trust_remote_code),
                          f.base_model)
+    check_writable(f.output_dir)
     return f
 
 
@@ -286,49 +308,6 @@ def check_deepspeed(path, quantization):
         raise UserError("--deepspeed needs the deepspeed package: pip install deepspeed") from None
 
 
-def latest_checkpoint(output_dir):
-    """The highest-numbered checkpoint-N in output_dir that the Trainer finished writing."""
-    candidates = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
-            candidates.append((int(suffix), path))
-    return str(max(candidates)[1]) if candidates else None
-
-
-def checkpoint_step(folder):
-    import json
-
-    return json.loads((Path(folder) / "trainer_state.json").read_text()).get("global_step", 0)
-
-
-def resolve_resume(value, output_dir):
-    """None, or ('checkpoint' | 'adapter', path)."""
-    if value in (None, "", False):
-        return None
-    if value == "auto":
-        path = latest_checkpoint(output_dir)
-        if path is None:
-            raise UserError(f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; "
-                            "drop the flag to start a new run")
-        return ("checkpoint", path)
-    path = Path(str(value)).expanduser()
-    if not path.is_dir():
-        raise UserError(f"--resume_from_checkpoint {value}: folder not found; give a checkpoint-N folder, "
-                        "an adapter folder, or 'auto'")
-    if (path / "trainer_state.json").is_file():
-        missing = [n for n in ("optimizer.pt", "scheduler.pt") if not (path / n).is_file()]
-        if missing and not any(path.glob("global_step*")):  # DeepSpeed keeps its states in global_stepN/
-            raise UserError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete ({', '.join(missing)} "
-                            "missing), so optimizer and schedule would restart silently; use an earlier checkpoint-N, "
-                            "or the folder as an adapter-only start by copying its adapter files elsewhere")
-        return ("checkpoint", str(path))
-    if any((path / name).is_file() for name in ADAPTER_FILES):
-        return ("adapter", str(path))
-    raise UserError(f"--resume_from_checkpoint {value}: holds neither a Trainer checkpoint (trainer_state.json) "
-                    "nor an adapter (adapter_model.safetensors)")
-
-
 def check_output_dir(output_dir, overwrite, resume):
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
@@ -344,6 +323,45 @@ def check_output_dir(output_dir, overwrite, resume):
     if ours:
         raise UserError(f"--output_dir {output_dir} holds an unfinished run ({', '.join(sorted(ours)[:3])}); "
                         "continue it with --resume_from_checkpoint auto, choose another folder, or pass --overwrite")
+
+
+# what decides which example lands in which step, and what each step computes
+RESUME_MUST_MATCH = ("base_model", "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "seed",
+                     "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "train_on_inputs",
+                     "add_eos_token", "group_by_length", "prompt_template_name", "quantization", "learning_rate",
+                     "lr_scheduler", "warmup_steps", "weight_decay")
+
+
+def note_changed_settings(f):
+    """Resuming with other data or hyperparameters continues, but not as the interrupted run would have."""
+    saved = read_run_config(f.resume[1])
+    if not saved:
+        return
+    changed = [f"{name} {saved['flags'][name]!r} -> {f[name]!r}" for name in RESUME_MUST_MATCH
+               if name in saved.get("flags", {}) and saved["flags"][name] != f[name]]
+    if saved.get("data", {}).get("fingerprint", f.data_fingerprint) != f.data_fingerprint:
+        changed.append("the data rows (another fingerprint)")
+    if changed:
+        say(f"Note: resuming from {Path(f.resume[1]).name} with settings that differ from its run: "
+            f"{'; '.join(changed)}. The run continues, but not as the interrupted one would have")
+
+
+def check_writable(output_dir):
+    """A folder that cannot take a checkpoint must fail now, not after hours of training."""
+    path = Path(output_dir)
+    created = [p for p in [path, *path.parents] if not p.exists()]  # removed again: a failed check writes nothing
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 65536)
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--output_dir {output_dir} cannot be written ({err.strerror or err}); "
+                        "choose a folder you can write to") from None
+    finally:
+        for folder in created:
+            if folder.is_dir():
+                folder.rmdir()
 
 
 def load_tokenizer_and_prompter(setup):
@@ -370,7 +388,10 @@ def build_datasets(setup, tokenizer, prompter):
         f"{train_stats['label_tokens']:,} response tokens (labels) per epoch")
     steps = optimizer_steps(setup, len(train_set))
     done = checkpoint_step(setup.resume[1]) if setup.resume and setup.resume[0] == "checkpoint" else 0
-    if done and done >= steps:
+    # a run whose last checkpoint holds every step but whose final save was cut short: export that checkpoint
+    setup["finished_checkpoint"] = bool(done and done >= steps and Path(setup.resume[1]).parent == Path(
+        setup.output_dir) and not (Path(setup.output_dir) / RUN_CONFIG).exists())
+    if done and done >= steps and not setup.finished_checkpoint:
         raise UserError(f"--resume_from_checkpoint {setup.resume[1]}: that checkpoint already finished the run "
                         f"({done} of {steps} steps); nothing to train. Raise --num_epochs "
                         "or --max_steps to go further")
@@ -427,9 +448,11 @@ def load_adapter_weights(model, folder):
         "(an adapter folder holds no optimizer state; resume from a checkpoint-N folder to continue them).")
 
 
-def build_trainer(setup, model, tokenizer, train_set, val_set):
+def build_trainer(setup, model, tokenizer, train_set, val_set, run_config):
     import transformers
     from transformers.trainer_callback import ProgressCallback
+
+    from platy.training import Trainer
 
     if setup.wandb_project:
         os.environ["WANDB_PROJECT"] = setup.wandb_project
@@ -459,7 +482,7 @@ def build_trainer(setup, model, tokenizer, train_set, val_set):
         eval_on_start=has_val,
         save_strategy="steps",
         save_steps=setup.save_steps,
-        save_total_limit=setup.save_total_limit or None,
+        save_total_limit=None,  # the Trainer subclass deletes old checkpoints, after the new one is complete
         train_sampling_strategy="group_by_length" if setup.group_by_length else "random",
         report_to=setup.report_to,
         run_name=setup.wandb_run_name or None,
@@ -478,8 +501,9 @@ def build_trainer(setup, model, tokenizer, train_set, val_set):
     )
     collator = transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt",
                                                    padding=True, label_pad_token_id=-100)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                                   data_collator=collator, processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, data_collator=collator,
+                      processing_class=tokenizer, run_config=run_config, checkpoint_limit=setup.save_total_limit,
+                      skip_nonfinite_steps=setup.skip_nonfinite_steps)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(loss_progress_callback())
     return trainer
@@ -516,29 +540,34 @@ def describe_run(setup):
 
 
 def run_training(setup, trainer, run_config):
-    from transformers.trainer_callback import TrainerCallback
+    from platy.training import PreemptionCallback, StopRequest, lost_peer, peer_lost
 
-    class SaveRunConfig(TrainerCallback):
-        """Each checkpoint carries the run configuration, so merge.py can use it directly."""
-
-        def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and folder.is_dir():
-                write_json(folder / RUN_CONFIG, run_config)
-
-    trainer.add_callback(SaveRunConfig())
-    if setup.overwrite and not setup.resume and cli.is_main_process():
-        # the old run's marker and checkpoints go first: a crash must not leave the folder looking finished
-        (Path(setup.output_dir) / RUN_CONFIG).unlink(missing_ok=True)
-        for old in Path(setup.output_dir).glob("checkpoint-*"):
-            say(f"--overwrite: removing {old}")
-            shutil.rmtree(old)
+    out = Path(setup.output_dir)
+    if cli.is_main_process():
+        if setup.overwrite and not setup.resume:
+            # the old run's marker and checkpoints go first: a crash must not leave the folder looking finished
+            (out / RUN_CONFIG).unlink(missing_ok=True)
+            for old in out.glob("checkpoint-*"):
+                say(f"--overwrite: removing {old}")
+                shutil.rmtree(old)
+        remove_leftovers(out)
+        (out / PREEMPTED).unlink(missing_ok=True)
     resume = setup.resume[1] if setup.resume and setup.resume[0] == "checkpoint" else None
     if resume:
-        say(f"Resuming from {resume} (global step, optimizer, schedule and data order continue)")
+        say(f"Resuming from {resume} (global step, optimizer, schedule, RNG and data order continue)")
     started = time.time()
-    output = trainer.train(resume_from_checkpoint=resume)
+    with StopRequest() as request:
+        preemption = PreemptionCallback(request)
+        trainer.add_callback(preemption)
+        try:
+            output = trainer.train(resume_from_checkpoint=resume)
+        except RuntimeError as err:
+            if setup.world_size > 1 and lost_peer(err):
+                raise peer_lost(err, out) from None
+            raise
     seconds = time.time() - started
+    if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+        stop_preempted(setup, trainer.state)
     metrics = {}
     if trainer.eval_dataset is not None:
         metrics = trainer.evaluate()
@@ -556,23 +585,87 @@ def run_training(setup, trainer, run_config):
     }
 
 
+def stop_preempted(setup, state):
+    """Signalled: the checkpoint of this step is written; leave a marker and exit with PREEMPTED."""
+    checkpoint = Path(setup.output_dir) / f"checkpoint-{state.global_step}"
+    if cli.is_main_process():
+        write_json(Path(setup.output_dir) / PREEMPTED, {"global_step": state.global_step, "max_steps": state.max_steps,
+                                                        "checkpoint": str(checkpoint), "time": time.time()})
+    raise cli.Stopped(f"stopped at optimizer step {state.global_step} of {state.max_steps}; checkpoint saved in "
+                      f"{checkpoint}. Run the same command with --resume_from_checkpoint auto to finish",
+                      cli.PREEMPTED, label="preempted", every_rank=True)
+
+
 def save(setup, trainer, run_config, result):
     """Adapter (safetensors) and tokenizer via the Trainer; then config, history, curves (rank 0)."""
-    trainer.save_model(setup.output_dir)
-    if not trainer.is_world_process_zero():
-        return
+    from platy.training import write_failed
+
     out = Path(setup.output_dir)
-    write_json(out / LOG_HISTORY, trainer.state.log_history)
-    plot_curves(trainer.state.log_history, out / CURVES)
+    try:
+        trainer.save_model(str(out / STAGING / "final"))  # every rank: ZeRO-3 gathers the weights
+        if trainer.is_world_process_zero():
+            publish_final(out / STAGING / "final", out)
+            write_results(out, trainer.state.log_history, run_config, result)
+    except OSError as err:
+        raise write_failed(err, "writing the final adapter", out) from None
+    if trainer.is_world_process_zero():
+        report_done(out, result)
+
+
+def publish_final(staged, out):
+    """Move each fully written file into output_dir: a reader never sees half an adapter."""
+    for path in staged.iterdir():
+        os.replace(path, out / path.name)
+    shutil.rmtree(staged.parent, ignore_errors=True)
+
+
+def write_results(out, log_history, run_config, result):
+    write_json(out / LOG_HISTORY, log_history)
+    plot_curves(log_history, out / CURVES)
     run_config["result"] = result
     write_json(out / RUN_CONFIG, run_config)  # written last: its presence marks a finished run
-    losses = f"mean training loss {result['train_loss']:.4f}"
+
+
+def export_finished_checkpoint(setup, tokenizer, run_config):
+    """The last checkpoint holds the whole run but the final save was interrupted: export it."""
+    import json
+
+    checkpoint = Path(setup.resume[1])
+    out = Path(setup.output_dir)
+    say(f"{checkpoint.name} already holds all {checkpoint_step(checkpoint)} steps of this run; its final save was "
+        "interrupted, so its adapter becomes the final one")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    remove_leftovers(out)
+    staged = out / STAGING / "final"
+    staged.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        if path.name.startswith(("adapter_", "README")):
+            shutil.copy2(path, staged / path.name)
+    tokenizer.save_pretrained(staged)
+    history = state.get("log_history", [])
+    losses = [r["loss"] for r in history if "loss" in r]
+    result = {"global_step": state["global_step"], "trained_tokens": int(state.get("num_input_tokens_seen", 0)),
+              "train_seconds": None, "tokens_per_second": None,
+              "train_loss": sum(losses) / len(losses) if losses else None,
+              "last_logged_loss": losses[-1] if losses else None, "eval_loss": None,
+              "exported_from": str(checkpoint)}
+    publish_final(staged, out)
+    write_results(out, history, run_config, result)
+    report_done(out, result)
+
+
+def report_done(out, result):
+    losses = "" if result["train_loss"] is None else f"mean training loss {result['train_loss']:.4f}"
     if result["last_logged_loss"] is not None:
         losses += f", last logged {result['last_logged_loss']:.4f}"
     if result["eval_loss"] is not None:
         losses += f", eval loss {result['eval_loss']:.4f}"
-    say(f"\nDone: {result['global_step']} optimizer steps, {result['trained_tokens']:,} tokens processed "
-        f"(non-padding) in {result['train_seconds']:.1f} s = {result['tokens_per_second']:,.0f} tokens/s; {losses}")
+    if result["train_seconds"] is None:
+        say(f"\nDone: {result['global_step']} optimizer steps (exported from {result['exported_from']}); {losses}")
+    else:
+        say(f"\nDone: {result['global_step']} optimizer steps, {result['trained_tokens']:,} tokens processed "
+            f"(non-padding) in {result['train_seconds']:.1f} s = {result['tokens_per_second']:,.0f} tokens/s; "
+            f"{losses}")
     say(f"Adapter: {out / 'adapter_model.safetensors'}")
     say(f"Run configuration: {out / RUN_CONFIG}; curves: {out / CURVES}; log: {out / LOG_HISTORY}")
 

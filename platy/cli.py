@@ -11,6 +11,25 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit status 2, no traceback."""
 
 
+class Stopped(Exception):
+    """A run that ended early for a known reason (preempted, diverged, disk full).
+
+    Printed as one line `script: <label>: message` with its own exit status. every_rank:
+    every process of a job stops for the same reason, so only rank 0 prints it.
+    """
+
+    def __init__(self, message, status, label="error", every_rank=False):
+        super().__init__(message)
+        self.status, self.label, self.every_rank = status, label, every_rank
+
+
+# exit statuses of a stopped run, documented in the README's fault table
+DIVERGED = 3  # non-finite loss or gradient
+WRITE_FAILED = 74  # a checkpoint or the adapter could not be written (sysexits EX_IOERR)
+LOST_PEER = 1  # another process of a torchrun job died
+PREEMPTED = 75  # stopped by SIGTERM / Ctrl-C after saving a checkpoint: resume to go on (EX_TEMPFAIL)
+
+
 def quiet_libraries():
     """Silence start-up chatter that says nothing about the user's run."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -154,6 +173,13 @@ def print_help(fn):
             text = text[cut:].strip()
 
 
+def close_progress_bars():
+    """An open bar redraws itself when it is collected: close it so the error stays the last line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def run(fn):
     """Run a fire command; UserError becomes one line on stderr and exit status 2.
 
@@ -178,9 +204,16 @@ def run(fn):
     except KeyboardInterrupt:
         print(f"\n{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except Stopped as err:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's shutdown signal must not interrupt the exit
+        close_progress_bars()
+        if is_main_process() or not err.every_rank:
+            print(f"{os.path.basename(sys.argv[0])}: {err.label}: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.status)
     except UserError as err:
         if os.environ.get("PLATY_TRACEBACK"):
             raise
+        close_progress_bars()
         prog = os.path.basename(sys.argv[0])
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -25,7 +25,7 @@ def build(tmp_path, **overrides):
     tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
     train_set, val_set, _ = finetune_script.build_datasets(setup, tokenizer, prompter)
     model, _ = finetune_script.load_model_with_lora(setup)
-    return setup, finetune_script.build_trainer(setup, model, tokenizer, train_set, val_set)
+    return setup, finetune_script.build_trainer(setup, model, tokenizer, train_set, val_set, run_config={})
 
 
 def test_lora_weights_change_and_base_weights_do_not(tmp_path):

@@ -1,0 +1,116 @@
+"""Checkpoint folders: which are complete, which to resume from, and how they appear and go.
+
+A checkpoint is written into output_dir/.staging/checkpoint-N and renamed to
+output_dir/checkpoint-N only when every rank has finished writing it, so a folder named
+checkpoint-N is always complete; a kill during the write leaves only the staging folder,
+which the next run removes. Old checkpoints are renamed away before they are deleted.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from platy.cli import UserError, say
+from platy.merging import ADAPTER_FILES
+
+STAGING = ".staging"  # partial checkpoints and the final adapter are written here first
+DELETING = ".deleting-"  # old checkpoints being removed
+PREEMPTED = "preempted.json"  # marks a run stopped by a signal, with its checkpoint
+
+
+def checkpoint_steps(output_dir):
+    """(step, path) of every folder named checkpoint-N, highest step first."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit() and path.is_dir():
+            found.append((int(suffix), path))
+    return sorted(found, reverse=True)
+
+
+def missing_parts(folder):
+    """What a Trainer checkpoint lacks to continue a run exactly ([] when complete)."""
+    folder = Path(folder)
+    missing = [] if (folder / "trainer_state.json").is_file() else ["trainer_state.json"]
+    if not any((folder / name).is_file() for name in ADAPTER_FILES) and not any(folder.glob("*.safetensors")):
+        missing.append("adapter weights")
+    if not any(folder.glob("global_step*")):  # DeepSpeed keeps optimizer and schedule in global_stepN/
+        missing += [n for n in ("optimizer.pt", "scheduler.pt") if not (folder / n).is_file()]
+    return missing
+
+
+def latest_checkpoint(output_dir):
+    """The highest-numbered complete checkpoint-N in output_dir, or None."""
+    for _, path in checkpoint_steps(output_dir):
+        if not missing_parts(path):
+            return str(path)
+        say(f"Note: skipping {path}: incomplete ({', '.join(missing_parts(path))} missing)")
+    return None
+
+
+def checkpoint_step(folder):
+    return json.loads((Path(folder) / "trainer_state.json").read_text()).get("global_step", 0)
+
+
+def resolve_resume(value, output_dir):
+    """None, or ('checkpoint' | 'adapter', path) for --resume_from_checkpoint."""
+    if value in (None, "", False):
+        return None
+    if value == "auto":
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise UserError(f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; "
+                            "drop the flag to start a new run")
+        return ("checkpoint", path)
+    path = Path(str(value)).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {value}: folder not found; give a checkpoint-N folder, "
+                        "an adapter folder, or 'auto'")
+    if (path / "trainer_state.json").is_file():
+        missing = missing_parts(path)
+        if missing:
+            raise UserError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete ({', '.join(missing)} "
+                            "missing), so optimizer and schedule would restart silently; use an earlier checkpoint-N, "
+                            "or the folder as an adapter-only start by copying its adapter files elsewhere")
+        return ("checkpoint", str(path))
+    if any((path / name).is_file() for name in ADAPTER_FILES):
+        return ("adapter", str(path))
+    raise UserError(f"--resume_from_checkpoint {value}: holds neither a Trainer checkpoint (trainer_state.json) "
+                    "nor an adapter (adapter_model.safetensors)")
+
+
+def remove_leftovers(output_dir):
+    """Partial writes of a killed run: never taken as a checkpoint, removed at the next start."""
+    out = Path(output_dir)
+    for path in [out / STAGING, *out.glob(f"{DELETING}*")]:
+        if path.exists():
+            say(f"Removing {path.name} left by an interrupted run in {out}")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(staged, final):
+    """Rename a fully written checkpoint into place; a same-named older one is moved away first."""
+    final = Path(final)
+    if final.exists():
+        retire(final)
+    os.replace(staged, final)
+
+
+def retire(path):
+    """Delete a checkpoint without ever leaving a half-deleted checkpoint-N behind."""
+    path = Path(path)
+    doomed = path.with_name(f"{DELETING}{path.name}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def rotate(output_dir, keep, newest):
+    """Keep the `keep` most recently written checkpoints (0: all); `newest` is always kept."""
+    if not keep:
+        return
+    others = [path for _, path in checkpoint_steps(output_dir)
+              if path.resolve() != Path(newest).resolve() and not missing_parts(path)]  # others are not ours
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in others[keep - 1:]:
+        retire(path)

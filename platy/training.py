@@ -1,0 +1,193 @@
+"""A Trainer that survives faults: atomic checkpoints, preemption, non-finite steps.
+
+- Checkpoints are written into output_dir/.staging and renamed when every rank is done
+  (platy/checkpoints.py); the checkpoint limit deletes old ones only after that.
+- SIGTERM or Ctrl-C finishes the current optimizer step, saves a checkpoint and stops;
+  all ranks agree on the step, so none waits for another in a collective.
+- A non-finite loss or gradient is caught before the optimizer applies it: the run stops
+  (or, with skip_nonfinite_steps, the update is dropped and counted).
+"""
+
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.trainer_callback import TrainerCallback
+
+from platy.checkpoints import STAGING, latest_checkpoint, publish, rotate
+from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, say
+from platy.reporting import RUN_CONFIG, write_json
+
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+# torchrun passes a signal on to its workers, which got it from the terminal already:
+# signals this close together are one request, a later one means "stop now"
+SAME_REQUEST_SECONDS = 2.0
+
+
+def any_rank(flags):
+    """Element-wise OR of boolean flags over all processes (one tiny all-reduce under torchrun)."""
+    values = torch.tensor([float(f) for f in flags])
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if "nccl" in str(dist.get_backend()):
+            values = values.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+class StopRequest:
+    """SIGTERM / SIGINT during training: note it; the next optimizer step ends with a checkpoint."""
+
+    def __init__(self):
+        self.signum, self.first_at, self.previous = None, None, {}
+
+    def __enter__(self):
+        for signum in SIGNAL_NAMES:
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self.first_at = signum, now
+            say(f"\n{SIGNAL_NAMES[signum]} received: finishing this optimizer step, then saving a checkpoint "
+                "(send it again to stop at once, without one)", err=True)
+        elif now - self.first_at > SAME_REQUEST_SECONDS:
+            raise KeyboardInterrupt
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+
+class PreemptionCallback(TrainerCallback):
+    """At each optimizer step's end: if any rank was signalled, all save and stop here."""
+
+    def __init__(self, request):
+        self.request, self.stopped_at = request, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        (requested,) = any_rank([self.request.requested])
+        if requested:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Checks the loss and the gradients of the trained weights before every optimizer step."""
+
+    def __init__(self, trainer, skip):
+        self.trainer, self.skip, self.skipped, self.overflows = trainer, skip, 0, 0
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = [p.grad for p in self.trainer.trained_parameters if p.grad is not None]
+        grads_finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True)
+        bad_loss, bad_grad = any_rank([bool(self.trainer.loss_went_nonfinite), not bool(grads_finite)])
+        self.trainer.loss_went_nonfinite = False
+        step = state.global_step + 1
+        if not (bad_loss or bad_grad):
+            return
+        if self.trainer.accelerator.scaler is not None and not bad_loss:
+            self.overflows += 1  # fp16 loss scaling: the scaler skips this step and lowers its scale
+            return
+        if self.skip:
+            for param in self.trainer.trained_parameters:
+                param.grad = None  # AdamW leaves weights without a gradient untouched
+            self.skipped += 1
+            say(f"Skipped optimizer step {step}: non-finite {'loss' if bad_loss else 'gradient'} "
+                f"({self.skipped} skipped so far)")
+            return
+        what = "loss" if bad_loss else "gradient norm"
+        last = latest_checkpoint(args.output_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+        raise Stopped(f"non-finite {what} at optimizer step {step}; stopped before applying it, {kept}. "
+                      "Lower --learning_rate, check that step's data rows, or pass --skip_nonfinite_steps "
+                      "to skip such steps", DIVERGED, every_rank=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        record = state.log_history[-1] if state.log_history else {}  # the Trainer stored a copy of logs
+        if "loss" in record and self.skip:
+            record["nonfinite_steps_skipped"] = self.skipped
+        if "loss" in record and self.overflows:
+            record["fp16_overflow_steps"] = self.overflows
+
+
+class Trainer(transformers.Trainer):
+    """transformers.Trainer with atomic checkpoints, run configuration inside each, and loss checks."""
+
+    def __init__(self, *args, run_config, checkpoint_limit, skip_nonfinite_steps=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_config, self.checkpoint_limit = run_config, checkpoint_limit
+        self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.loss_went_nonfinite = False
+        self._staging = False
+        self.nonfinite_guard = NonFiniteGuard(self, skip_nonfinite_steps)
+        self.add_callback(self.nonfinite_guard)
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if not torch.isfinite(loss).all():
+            self.loss_went_nonfinite = True
+        return loss
+
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                write_json(run_dir / STAGING / name / RUN_CONFIG, self.run_config)
+                publish(run_dir / STAGING / name, run_dir / name)
+                (run_dir / STAGING).rmdir()  # only ever holds the checkpoint being written
+                rotate(run_dir, self.checkpoint_limit, newest=run_dir / name)
+        except OSError as err:
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+            raise write_failed(err, f"writing {name}", run_dir) from None
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+
+
+def write_failed(err, doing, output_dir):
+    """A Stopped error for a failed write (disk full, quota, permissions), naming what is still good."""
+    last = latest_checkpoint(output_dir)
+    kept = f"the last complete checkpoint, {last}, is intact" if last else "no complete checkpoint exists yet"
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return Stopped(f"{doing} failed: {err.strerror or err}{where}; {kept}. Free disk space and continue with "
+                   "--resume_from_checkpoint auto", WRITE_FAILED)
+
+
+# what the collective backends say when another process of the job is gone
+PEER_GONE = ("connection reset", "connection closed", "broken pipe", "timed out", "nccl communicator was aborted",
+             "socket closed", "peer")
+
+
+def lost_peer(err):
+    """Did a collective fail because another rank died (killed, crashed, out of memory)?"""
+    text = str(err).lower()
+    return isinstance(err, torch.distributed.DistError) or (
+        any(backend in text for backend in ("gloo", "nccl", "c10d")) and any(p in text for p in PEER_GONE))
+
+
+def peer_lost(err, output_dir):
+    last = latest_checkpoint(output_dir)
+    kept = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was written yet"
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0])[:120]  # drop the source path
+    return Stopped(f"another process of this job stopped (killed, crashed or out of memory), so this one stops too "
+                   f"[{detail}]; {kept}: run the job again with --resume_from_checkpoint auto", LOST_PEER)
