@@ -178,7 +178,7 @@ def train(
         return
     tokenizer, prompter = load_tokenizer_and_prompter(setup)
     train_set, val_set, run_config["data"] = build_datasets(setup, tokenizer, prompter)
-    model, run_config["resolved"]["quantization_layout"] = load_model_for_training(setup)
+    model, run_config["resolved"]["quantization_layout"] = load_model_with_lora(setup)
     trainer = build_trainer(setup, model, tokenizer, train_set, val_set)
     result = run_training(setup, trainer, run_config)
     save(setup, trainer, run_config, result)
@@ -504,7 +504,7 @@ def optimizer_steps(setup, n_train):
     return math.ceil(setup.num_epochs * math.ceil(micro_batches / setup.gradient_accumulation_steps))
 
 
-def load_model_for_training(setup):
+def load_model_with_lora(setup):
     """The base with LoRA adapters (or, for --finetuning full, every weight trainable)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

@@ -260,3 +260,23 @@ def test_the_table_matches_the_seeds():
     assert (dolphin["lora_rank"], dolphin["lora_alpha"], dolphin["batch_size"], dolphin["lr"]) == ("16", "16", "14", "3e-4")
     assert dolphin["gpus"].startswith("8x") and dolphin["deepspeed"] == "ZERO-2"
     assert "kyujinpy/KOpen-platypus" in text["004"]
+
+
+def test_sizing_counts_and_sharding():
+    """Parameter counts from the published Llama-2-7B shape; what each strategy divides; FSDP's 4-bit storage."""
+    from platy import sizing
+    from platy.modeling import meta_model, quantization_config
+
+    config, source = sizing.published_config("meta-llama/Llama-2-7b-hf")
+    counts = sizing.parameter_counts(meta_model(config), {"gate_proj", "up_proj", "down_proj"}, 16)
+    assert counts["total"] == 6_738_415_616  # Llama-2-7B's published parameter count
+    assert counts["lora"] == 32 * 3 * 16 * (4096 + 11008)
+    common = dict(finetuning="lora", quantization="4bit", compute_bytes=2, double_quant=False, micro_batch_size=1,
+                  cutoff_len=4096, gradient_checkpointing=True, world_size=8)
+    ddp, zero2, fsdp = (sizing.estimate(config, counts, strategy=s, **common) for s in ("ddp", "zero2", "fsdp"))
+    assert zero2["weights"] == ddp["weights"] and zero2["trainable_and_optimizer"] < ddp["trainable_and_optimizer"]
+    assert fsdp["weights"] < ddp["weights"] / 8 + 0.01  # sharded, and no fp32 upcast under FSDP
+    full = sizing.estimate(config, counts, strategy="ddp", **{**common, "finetuning": "full", "quantization": "none"})
+    assert full["weights"] + full["trainable_and_optimizer"] == pytest.approx(16 * counts["total"] / sizing.GIB, 0.01)
+    assert quantization_config("4bit", "bf16", quant_storage="bf16").bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config("4bit", "bf16").bnb_4bit_quant_storage == torch.uint8
