@@ -315,6 +315,7 @@ def load_model_config(f):
             raise
         return known
 
+
 def plan_run(f, model):
     """Processes, batch arithmetic, tokens per step and the GPU memory estimate (see platy/sizing.py)."""
     import torch

@@ -5,7 +5,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -111,9 +110,9 @@ def recorded_launch(name, tmp_path, env):
 def dry_run_in_process(argv, env, monkeypatch, capsys):
     """finetune.py's dry run on the recorded command line, in this process (no interpreter start per recipe)."""
     import fire
-    from platy import cli
 
     import finetune
+    from platy import cli
 
     assert Path(argv[0]) == REPO / "finetune.py"
     for key, value in env.items():
@@ -144,7 +143,7 @@ def check_plan(name, out, world, nodes):
 def test_dry_run_prints_the_published_numbers_and_the_plan(name, tmp_path, monkeypatch, capsys):
     """DRY_RUN=1 for 2 nodes x 4 GPUs: the seeds' values, accumulation, tokens per step, memory; nothing loaded."""
     recipe_out, argv, env = recorded_launch(name, tmp_path, {"DRY_RUN": "1", "NPROC": "4", "NNODES": "2"})
-    assert f"Recipe " in recipe_out and "assumes:" in recipe_out and PUBLISHED[name]["base_model"] in recipe_out
+    assert "Recipe " in recipe_out and "assumes:" in recipe_out and PUBLISHED[name]["base_model"] in recipe_out
     assert env == {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "RANK": "0"}
     out = dry_run_in_process(argv, env, monkeypatch, capsys)
     flags, weights = check_plan(name, out, world=8, nodes=2)
@@ -229,7 +228,7 @@ def seeds_folder():
 
 def seed_tables(text):
     """Two-column markdown tables as {lower-cased name: value}."""
-    return {k.strip().lower(): v.strip().strip("`") for k, v in re.findall(r"^\|([^|]+)\|([^|]+)\|\s*$", text, re.M)}
+    return {k.strip().lower(): v.strip().strip("`") for k, v in re.findall(r"^\|([^|]+)\|([^|]+)\|\s*$", text, re.MULTILINE)}
 
 
 def test_the_table_matches_the_seeds():
@@ -267,7 +266,7 @@ def test_sizing_counts_and_sharding():
     from platy import sizing
     from platy.modeling import meta_model, quantization_config
 
-    config, source = sizing.published_config("meta-llama/Llama-2-7b-hf")
+    config, _ = sizing.published_config("meta-llama/Llama-2-7b-hf")
     counts = sizing.parameter_counts(meta_model(config), {"gate_proj", "up_proj", "down_proj"}, 16)
     assert counts["total"] == 6_738_415_616  # Llama-2-7B's published parameter count
     assert counts["lora"] == 32 * 3 * 16 * (4096 + 11008)
