@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Launch finetune.py with the Platypus recipe.
+# Launch finetune.py with the Platypus recipe, on one process, one node or many nodes.
 #
 #   bash fine-tuning.sh                         # tiny embedded model + bundled sample data (CPU, offline)
 #   BASE_MODEL=meta-llama/Llama-2-13b-hf DATA_PATH=garage-bAInd/Open-Platypus \
 #     OUTPUT_DIR=./Platypus2-13B-lora bash fine-tuning.sh
 #   bash fine-tuning.sh --learning_rate 3e-4 --num_epochs 2      # extra flags go to finetune.py
+#   DRY_RUN=1 NPROC=8 NNODES=2 bash fine-tuning.sh               # print the plan for 2 x 8 GPUs, load nothing
 #
-# Environment: BASE_MODEL, DATA_PATH, OUTPUT_DIR; NPROC (processes per node, default: the
-# number of GPUs, else 1); NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT for several nodes.
+# Environment:
+#   BASE_MODEL, DATA_PATH, OUTPUT_DIR
+#   NPROC        processes per node (default: the number of GPUs, else 1)
+#   NNODES       nodes (default: $SLURM_NNODES, else 1)
+#   NODE_RANK    this node's rank (default: $SLURM_NODEID, else 0)
+#   MASTER_ADDR, MASTER_PORT   address of node 0 (default 127.0.0.1:29500)
+#   RDZV_ID      a job id: use c10d rendezvous at RDZV_ENDPOINT (default MASTER_ADDR:MASTER_PORT);
+#                nodes then need no NODE_RANK and may start in any order
+#   DEEPSPEED    a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json)
+#   ACCELERATE_CONFIG  an accelerate config file (configs/fsdp_qlora.yaml): launch with accelerate
+#   DRY_RUN=1    validate and print the plan for this many processes and nodes, without launching
 # With more than one process in total, the job runs under torchrun (data parallel).
 set -euo pipefail
 
@@ -21,7 +31,10 @@ if [ -z "${NPROC:-}" ]; then
   # the GPUs this process may use (CUDA_VISIBLE_DEVICES included), at least 1
   NPROC=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null || echo 1)
 fi
-NNODES="${NNODES:-1}"
+NNODES="${NNODES:-${SLURM_NNODES:-1}}"
+NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
 
 # Platypus's published hyperparameters, spelled out so this file documents the recipe.
 args=(
@@ -46,14 +59,51 @@ args=(
   --warmup_steps 100
   --weight_decay 0.0
 )
+if [ -n "${DEEPSPEED:-}" ]; then
+  args+=(--deepspeed "$DEEPSPEED")
+fi
+
+if [ -n "${DRY_RUN:-}" ] && [ "$DRY_RUN" != "0" ]; then
+  # one process that plans for the whole job: the world the launcher would start
+  export WORLD_SIZE=$((NPROC * NNODES)) LOCAL_WORLD_SIZE="$NPROC" RANK=0 LOCAL_RANK=0
+  if [ -n "${ACCELERATE_CONFIG:-}" ] && grep -q "distributed_type: *FSDP" "$ACCELERATE_CONFIG"; then
+    export ACCELERATE_USE_FSDP=true
+  fi
+  exec "$PYTHON" "$here/finetune.py" "${args[@]}" "$@" --dry_run True
+fi
+
+if [ -n "${ACCELERATE_CONFIG:-}" ]; then
+  # the config holds the strategy (FSDP, ...); the job's size comes from here
+  exec "$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" \
+    --num_processes $((NPROC * NNODES)) --num_machines "$NNODES" --machine_rank "$NODE_RANK" \
+    --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
+    "$here/finetune.py" "${args[@]}" "$@"
+fi
 
 if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
-  exec "$PYTHON" -m torch.distributed.run \
-    --nproc_per_node "$NPROC" \
-    --nnodes "$NNODES" \
-    --node_rank "${NODE_RANK:-0}" \
-    --master_addr "${MASTER_ADDR:-127.0.0.1}" \
-    --master_port "${MASTER_PORT:-29500}" \
-    "$here/finetune.py" "${args[@]}" "$@"
+  if [ -n "${RDZV_ID:-}" ]; then
+    rendezvous=(--rdzv_id "$RDZV_ID" --rdzv_backend c10d
+                --rdzv_endpoint "${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}")
+  else
+    rendezvous=(--node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+  fi
+  # workers get this long after a SIGTERM to finish their step and save a checkpoint before torchrun kills them
+  export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
+  out="$OUTPUT_DIR"
+  prev=""
+  for arg in "$@"; do  # the last --output_dir given wins, as in finetune.py
+    case "$arg" in --output_dir=*|--output-dir=*) out="${arg#*=}" ;; esac
+    if [ "$prev" = "--output_dir" ] || [ "$prev" = "--output-dir" ]; then out="$arg"; fi
+    prev="$arg"
+  done
+  rm -f "$out/preempted.json"
+  status=0
+  "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" "${rendezvous[@]}" \
+    "$here/finetune.py" "${args[@]}" "$@" || status=$?
+  if [ "$status" -ne 0 ] && [ -f "$out/preempted.json" ]; then
+    # torchrun reports any worker's non-zero exit as 1: give schedulers the preemption status back
+    exit 75
+  fi
+  exit "$status"
 fi
 exec "$PYTHON" "$here/finetune.py" "${args[@]}" "$@"

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from platy import cli
+from platy import cli, sizing
 from platy.checkpoints import (
     PREEMPTED,
     STAGING,
@@ -38,11 +38,13 @@ from platy.data import (
 )
 from platy.merging import ADAPTER_FILES
 from platy.modeling import (
+    SHARDED,
     check_target_modules,
     linear_module_names,
     load_config,
     load_model,
     load_tokenizer,
+    meta_model,
     parse_target_modules,
     quantization_config,
     quantization_layout,
@@ -65,6 +67,8 @@ REPORT_TO = ("auto", "none", "wandb", "tensorboard")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
 OWN_OUTPUTS = (*ADAPTER_FILES, "adapter_config.json", RUN_CONFIG)
+FINETUNING = ("lora", "full")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 def train(
@@ -99,6 +103,7 @@ def train(
     wandb_watch: str = "",
     wandb_log_model: str = "",
     # added by this toolkit
+    finetuning: str = "lora",
     quantization: str = "4bit",
     double_quant: bool = False,
     precision: str = "auto",
@@ -112,8 +117,11 @@ def train(
     report_to: str = "auto",
     trust_remote_code: bool = False,
     deepspeed: str = None,
+    attn_implementation: str = "auto",
     overwrite: bool = False,
     skip_nonfinite_steps: bool = False,
+    dry_run: bool = False,
+    gpu_memory_gb: float = None,
 ):
     """Train a LoRA adapter; output_dir then holds everything merge.py and inference.py need.
 
@@ -153,6 +161,8 @@ def train(
         wandb_run_name: Weights & Biases run name.
         wandb_watch: 'gradients', 'all' or 'false': what wandb watches.
         wandb_log_model: 'true' or 'checkpoint' to upload the model to wandb.
+        finetuning: lora (train an adapter; the lora_* flags apply) or full (train every
+            weight, held in fp32 with bf16/fp16 compute; needs --quantization none).
         quantization: 4bit (NF4, QLoRA), 8bit, or none (LoRA on 16/32-bit weights).
         double_quant: Quantize the 4-bit quantization constants too (saves ~0.4 bit/weight).
         precision: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16, fp32.
@@ -166,13 +176,23 @@ def train(
         report_to: auto (wandb when wandb_project is set, else none), none, wandb,
             tensorboard, or a comma-separated list.
         trust_remote_code: Allow model code from the hub (some Yi/Qwen variants need it).
-        deepspeed: Path to a DeepSpeed JSON config, passed to the Trainer.
+        deepspeed: Path to a DeepSpeed JSON config, passed to the Trainer (configs/ has ZeRO-2
+            and ZeRO-3 ones).
+        attn_implementation: auto (the library's choice, SDPA for most models), sdpa, eager,
+            flash_attention_2 (needs the flash-attn package and a CUDA GPU), flex_attention.
         overwrite: Allow writing into an output_dir that already holds a run.
         skip_nonfinite_steps: On a non-finite loss or gradient, drop that step's update and
             go on (counted in the log as nonfinite_steps_skipped); default: stop the run there.
+        dry_run: Validate, print the configuration and the plan (accumulation, tokens per step,
+            GPU memory estimate) and stop: no weights loaded, nothing written. A base model whose
+            config is not available locally is planned from its published shape when known.
+        gpu_memory_gb: GPU memory to check the estimate against (default: the detected GPU's).
     """
     setup = validate(dict(locals()))
     run_config = describe_run(setup)
+    if setup.dry_run:
+        say("Dry run: nothing was loaded or written; drop --dry_run to train.")
+        return
     tokenizer, prompter = load_tokenizer_and_prompter(setup)
     train_set, val_set, run_config["data"] = build_datasets(setup, tokenizer, prompter)
     if setup.finished_checkpoint:  # the run ended but its final save was cut short
@@ -226,6 +246,15 @@ def validate(flags):
         problems.append(f"--lr_scheduler {f.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}")
     if f.eval_steps is not None and not f.val_set_size:
         problems.append("--eval_steps needs held-out rows: set --val_set_size too")
+    if f.finetuning not in FINETUNING:
+        problems.append(f"--finetuning {f.finetuning}: choose one of {', '.join(FINETUNING)}")
+    elif f.finetuning == "full" and f.quantization != "none":
+        problems.append(f"--finetuning full trains every weight, which a {f.quantization} base cannot hold; "
+                        "add --quantization none")
+    if f.attn_implementation not in ATTENTION:
+        problems.append(f"--attn_implementation {f.attn_implementation}: choose one of {', '.join(ATTENTION)}")
+    if f.gpu_memory_gb is not None and (not isinstance(f.gpu_memory_gb, (int, float)) or f.gpu_memory_gb <= 0):
+        problems.append(f"--gpu_memory_gb must be a positive number, got {f.gpu_memory_gb!r}")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -242,27 +271,112 @@ def validate(flags):
     f["prompter"] = Prompter(f.prompt_template_name)
     f["output_dir"] = str(Path(f.output_dir).expanduser().resolve())
     f["resume"] = resolve_resume(f.resume_from_checkpoint, f.output_dir)
+    if f.finetuning == "full" and f.resume and f.resume[0] == "adapter":
+        raise UserError(f"--resume_from_checkpoint {f.resume[1]} is an adapter folder, which cannot start "
+                        "--finetuning full; give a checkpoint-N folder of a full run, or drop the flag")
     check_output_dir(f.output_dir, f.overwrite, f.resume)
-    f["rows"], f["data_fingerprint"] = load_rows(f.data_path)
-    if f.resume and f.resume[0] == "checkpoint":
+    f["rows"] = f["data_fingerprint"] = f["train_rows"] = f["val_rows"] = None
+    if not f.dry_run or Path(f.data_path).expanduser().is_file():  # a dry run fetches nothing
+        f["rows"], f["data_fingerprint"] = load_rows(f.data_path)
+        f["train_rows"], f["val_rows"] = split_rows(f.rows, f.val_set_size, f.seed)
+    if f.resume and f.resume[0] == "checkpoint" and f.rows is not None:
         note_changed_settings(f)
-    f["train_rows"], f["val_rows"] = split_rows(f.rows, f.val_set_size, f.seed)
 
     import torch
 
     f["precision"] = resolve_precision(f.precision)
     quantization_config(f.quantization, f.precision, f.double_quant)  # validates the quantization flags
     f["report_to"] = resolve_report_to(f)
-    if f.deepspeed is not None:
-        check_deepspeed(f.deepspeed, f.quantization)
     f["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    f["deepspeed_stage"] = check_deepspeed(f.deepspeed, f.quantization, f.dry_run) if f.deepspeed else None
+    f["strategy"] = parallel_strategy(f)
+    check_attention(f)
 
     f["base_model_path"] = resolve_base_model(f.base_model)
-    f["model_config"] = load_config(f.base_model_path, f.trust_remote_code)
-    check_target_modules(f.lora_target_modules, linear_module_names(f.model_config, f.trust_remote_code),
-                         f.base_model)
-    check_writable(f.output_dir)
+    f["model_config"], f["shape_source"] = load_model_config(f)
+    model = meta_model(f.model_config, f.trust_remote_code)
+    if f.finetuning == "lora":
+        check_target_modules(f.lora_target_modules, linear_module_names(model), f.base_model)
+    f["plan"] = plan_run(f, model)
+    if not f.dry_run:
+        check_writable(f.output_dir)
     return f
+
+
+def parallel_strategy(f):
+    """How the processes share the model, from the launcher's environment and --deepspeed."""
+    if f.deepspeed_stage in (2, 3):
+        return f"zero{f.deepspeed_stage}"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # set by accelerate launch
+        return "fsdp"
+    if f.world_size > 1:
+        return "ddp"
+    import torch
+
+    return "model_parallel" if torch.cuda.device_count() > 1 else "single"
+
+
+def check_attention(f):
+    if f.attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("--attn_implementation flash_attention_2 needs the flash-attn package "
+                        "(pip install flash-attn --no-build-isolation); or use sdpa")
+    if f.device != "cuda" and not f.dry_run:
+        raise UserError("--attn_implementation flash_attention_2 runs on CUDA GPUs only; use sdpa here")
+
+
+def load_model_config(f):
+    """The base's config and where it came from; a dry run may plan from a published shape."""
+    try:
+        return load_config(f.base_model_path, f.trust_remote_code), "config.json"
+    except UserError:
+        known = sizing.published_config(f.base_model) if f.dry_run else None
+        if known is None:
+            raise
+        return known
+
+
+def plan_run(f, model):
+    """Processes, batch arithmetic, tokens per step and the GPU memory estimate (see platy/sizing.py)."""
+    import torch
+
+    counts = sizing.parameter_counts(model, f.lora_target_modules, f.lora_r)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", f.world_size))
+    gpus = torch.cuda.device_count()
+    # on a machine without GPUs the plan is for GPUs computing in bf16
+    compute = f.precision if f.device == "cuda" else "bf16"
+    memory = sizing.estimate(
+        f.model_config, counts, finetuning=f.finetuning, quantization=f.quantization,
+        compute_bytes=2 if compute in ("bf16", "fp16") else 4, double_quant=f.double_quant,
+        micro_batch_size=f.micro_batch_size, cutoff_len=f.cutoff_len,
+        gradient_checkpointing=f.gradient_checkpointing, strategy=f.strategy, world_size=f.world_size,
+        gpus_per_process=max(gpus, 1))
+    available = f.gpu_memory_gb
+    if available is None and gpus:
+        available = round(torch.cuda.get_device_properties(0).total_memory / sizing.GIB, 1)
+    plan = {
+        "processes": f.world_size,
+        "nodes": max(1, f.world_size // max(local, 1)),
+        "processes_per_node": local,
+        "strategy": f.strategy,
+        "global_batch": f.batch_size,
+        "micro_batch_size": f.micro_batch_size,
+        "gradient_accumulation_steps": f.gradient_accumulation_steps,
+        "max_tokens_per_optimizer_step": f.batch_size * f.cutoff_len,
+        "parameters": counts["total"],
+        "trainable_parameters": counts["total"] if f.finetuning == "full" else counts["lora"],
+        "shape_source": f.shape_source,
+        "estimate_precision": compute,
+        "gpu_memory_gib": memory,
+        "gpu_memory_available_gib": available,
+    }
+    if f.train_rows is not None:
+        plan["train_rows"] = len(f.train_rows)
+        plan["optimizer_steps"] = optimizer_steps(f, len(f.train_rows))
+    return plan
 
 
 def resolve_report_to(f):
@@ -288,7 +402,8 @@ def resolve_report_to(f):
     return wanted
 
 
-def check_deepspeed(path, quantization):
+def check_deepspeed(path, quantization, dry_run=False):
+    """The config's ZeRO stage; a dry run only notes a missing deepspeed package."""
     import json
 
     if not Path(path).is_file():
@@ -305,7 +420,10 @@ def check_deepspeed(path, quantization):
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise UserError("--deepspeed needs the deepspeed package: pip install deepspeed") from None
+        if not dry_run:
+            raise UserError("--deepspeed needs the deepspeed package: pip install deepspeed") from None
+        say("Note: the deepspeed package is not installed here; the training machines need it")
+    return stage
 
 
 def check_output_dir(output_dir, overwrite, resume):
@@ -410,15 +528,30 @@ def optimizer_steps(setup, n_train):
 
 
 def load_model_with_lora(setup):
+    """The base with LoRA adapters (or, for --finetuning full, every weight trainable)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    say(f"Loading {setup.base_model} ({setup.quantization}, {setup.precision}) on {setup.device}")
-    model = load_model(setup.base_model_path, setup.quantization, setup.precision, setup.double_quant,
-                       setup.trust_remote_code)
+    fsdp = setup.strategy == "fsdp"
+    full = setup.finetuning == "full"
+    say(f"Loading {setup.base_model} ({setup.quantization}, {setup.precision}) on {setup.device}"
+        + (", fp32 master weights for full fine-tuning" if full else ""))
+    model = load_model(
+        setup.base_model_path, setup.quantization, setup.precision, setup.double_quant, setup.trust_remote_code,
+        # FSDP and ZeRO-3 place (and shard) the weights themselves
+        placement=SHARDED if setup.strategy in ("fsdp", "zero3") else None,
+        load_precision="fp32" if full else None,
+        # FSDP shards float tensors only: pack the 4-bit codes in the compute dtype
+        quant_storage=setup.precision if fsdp and setup.quantization == "4bit" else None,
+        attn_implementation=None if setup.attn_implementation == "auto" else setup.attn_implementation)
+    if full:
+        if cli.is_main_process():
+            say(f"Full fine-tuning: all {sum(p.numel() for p in model.parameters()):,} parameters trainable")
+        return model, None
     layout = quantization_layout(model, setup.quantization, setup.precision)
-    if setup.quantization != "none":
-        # upcasts norms/embeddings to fp32 for stable training; checkpointing is the Trainer's job
+    if setup.quantization != "none" and not fsdp:
+        # upcasts norms/embeddings to fp32 for stable training; checkpointing is the Trainer's job.
+        # Not under FSDP: a wrapped layer's tensors must share one dtype.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(setup.seed)
     lora = LoraConfig(r=setup.lora_r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout,
@@ -524,11 +657,12 @@ def describe_run(setup):
             "world_size": setup.world_size,
             "gradient_accumulation_steps": setup.gradient_accumulation_steps,
             "resume": setup.resume,
+            "plan": setup.plan,
         },
         "data": {},
         "versions": library_versions(),
     }
-    shown = {**flags, **{k: v for k, v in config["resolved"].items() if k != "template"}}
+    shown = {**flags, **{k: v for k, v in config["resolved"].items() if k not in ("template", "plan")}}
     lines, line = [], ""
     for pair in (f"{k}={v!r}" for k, v in shown.items()):  # pairs are never split across lines
         if line and len(line) + 2 + len(pair) > 110:
@@ -536,7 +670,46 @@ def describe_run(setup):
             line = ""
         line = f"{line}  {pair}" if line else f"  {pair}"
     say("Run configuration:\n" + "\n".join(lines + [line]))
+    say(describe_plan(setup))
     return config
+
+
+def describe_plan(setup):
+    plan, memory = setup.plan, setup.plan["gpu_memory_gib"]
+    config = setup.model_config
+    what = (f"full fine-tuning, {plan['trainable_parameters']:,} trainable" if setup.finetuning == "full" else
+            f"LoRA r={setup.lora_r} on {', '.join(setup.lora_target_modules)}: "
+            f"{plan['trainable_parameters']:,} trainable ({100 * plan['trainable_parameters'] / plan['parameters']:.2f}%)")
+    lines = [
+        f"Plan ({'dry run, ' if setup.dry_run else ''}estimates; no weights loaded yet):",
+        f"  model: {setup.base_model} ({config.model_type}, shape from {plan['shape_source']}): "
+        f"{sizing.human(plan['parameters'])} parameters, hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, vocab {config.vocab_size}",
+        f"  training: {what}; base weights {setup.quantization if setup.finetuning == 'lora' else 'fp32'}",
+        f"  processes: {plan['processes']} = {plan['nodes']} node(s) x {plan['processes_per_node']} per node; "
+        f"{sizing.STRATEGY_WORDS[plan['strategy']]}",
+        f"  batch: global {plan['global_batch']} = micro batch {plan['micro_batch_size']} x gradient accumulation "
+        f"{plan['gradient_accumulation_steps']} x {plan['processes']} process(es)",
+        f"  tokens per optimizer step: up to {plan['max_tokens_per_optimizer_step']:,} ({plan['global_batch']} "
+        f"sequences x cutoff_len {setup.cutoff_len}; shorter examples use fewer)",
+    ]
+    if "train_rows" in plan:
+        lines.append(f"  data: {plan['train_rows']:,} training rows: {plan['optimizer_steps']:,} optimizer steps")
+    else:
+        lines.append(f"  data: {setup.data_path} is not a local file: rows are counted when the run starts")
+    lines.append(
+        f"  GPU memory per process ({plan['estimate_precision']} compute): weights {memory['weights']:.1f} GiB"
+        f" + trainable weights, gradients and AdamW states {memory['trainable_and_optimizer']:.1f} GiB"
+        f" + activations {memory['activations']:.1f} GiB (micro batch {setup.micro_batch_size} x {setup.cutoff_len}"
+        f" tokens, checkpointing {'on' if setup.gradient_checkpointing else 'off'}) + CUDA overhead"
+        f" {memory['cuda_overhead']:.1f} GiB = {memory['total']:.1f} GiB")
+    available = plan["gpu_memory_available_gib"]
+    if available is None:
+        lines.append("  fit: no GPU here; pass --gpu_memory_gb (e.g. 80) to check the estimate against a GPU")
+    else:
+        verdict = "fits" if memory["total"] <= available else "does NOT fit"
+        lines.append(f"  fit: {memory['total']:.1f} GiB estimated {verdict} in {available:g} GiB per GPU")
+    return "\n".join(lines)
 
 
 def run_training(setup, trainer, run_config):
@@ -609,7 +782,7 @@ def save(setup, trainer, run_config, result):
     except OSError as err:
         raise write_failed(err, "writing the final adapter", out) from None
     if trainer.is_world_process_zero():
-        report_done(out, result)
+        report_done(setup, out, result)
 
 
 def publish_final(staged, out):
@@ -626,6 +799,9 @@ def write_results(out, log_history, run_config, result):
     write_json(out / RUN_CONFIG, run_config)  # written last: its presence marks a finished run
 
 
+TRAINER_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", RUN_CONFIG)
+
+
 def export_finished_checkpoint(setup, tokenizer, run_config):
     """The last checkpoint holds the whole run but the final save was interrupted: export it."""
     import json
@@ -638,8 +814,8 @@ def export_finished_checkpoint(setup, tokenizer, run_config):
     remove_leftovers(out)
     staged = out / STAGING / "final"
     staged.mkdir(parents=True)
-    for path in checkpoint.iterdir():
-        if path.name.startswith(("adapter_", "README")):
+    for path in checkpoint.iterdir():  # the weights (adapter or full model) and their configs, not the Trainer state
+        if path.is_file() and path.name not in TRAINER_STATE and not path.name.startswith("rng_state"):
             shutil.copy2(path, staged / path.name)
     tokenizer.save_pretrained(staged)
     history = state.get("log_history", [])
@@ -651,10 +827,10 @@ def export_finished_checkpoint(setup, tokenizer, run_config):
               "exported_from": str(checkpoint)}
     publish_final(staged, out)
     write_results(out, history, run_config, result)
-    report_done(out, result)
+    report_done(setup, out, result)
 
 
-def report_done(out, result):
+def report_done(setup, out, result):
     losses = "" if result["train_loss"] is None else f"mean training loss {result['train_loss']:.4f}"
     if result["last_logged_loss"] is not None:
         losses += f", last logged {result['last_logged_loss']:.4f}"
@@ -666,7 +842,8 @@ def report_done(out, result):
         say(f"\nDone: {result['global_step']} optimizer steps, {result['trained_tokens']:,} tokens processed "
             f"(non-padding) in {result['train_seconds']:.1f} s = {result['tokens_per_second']:,.0f} tokens/s; "
             f"{losses}")
-    say(f"Adapter: {out / 'adapter_model.safetensors'}")
+    weights = "model.safetensors" if setup.finetuning == "full" else "adapter_model.safetensors"
+    say(f"{'Model' if setup.finetuning == 'full' else 'Adapter'}: {out / weights}")
     say(f"Run configuration: {out / RUN_CONFIG}; curves: {out / CURVES}; log: {out / LOG_HISTORY}")
 
 

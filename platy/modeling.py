@@ -34,30 +34,37 @@ def torch_dtype(precision):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def quantization_config(quantization, precision, double_quant=False):
-    """BitsAndBytesConfig for 4-bit NF4 (QLoRA) or 8-bit, None for plain LoRA."""
+def quantization_config(quantization, precision, double_quant=False, quant_storage=None):
+    """BitsAndBytesConfig for 4-bit NF4 (QLoRA) or 8-bit, None for plain LoRA.
+
+    quant_storage (a precision such as bf16) packs the 4-bit codes into that float dtype
+    instead of uint8: FSDP shards float tensors only, so FSDP + QLoRA needs it equal to the
+    compute dtype.
+    """
     if quantization not in QUANTIZATIONS:
         raise UserError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
     if quantization == "none":
         if double_quant:
             raise UserError("--double_quant needs --quantization 4bit")
         return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:  # found, not imported: its import alone takes seconds
         raise UserError(f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes, "
-                        "or use --quantization none") from err
+                        "or use --quantization none")
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
         if double_quant:
             raise UserError("--double_quant applies to 4-bit only; drop it or use --quantization 4bit")
         return BitsAndBytesConfig(load_in_8bit=True)
+    storage = {} if quant_storage is None else {"bnb_4bit_quant_storage": torch_dtype(quant_storage)}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=bool(double_quant),
         bnb_4bit_compute_dtype=torch_dtype(precision),
+        **storage,
     )
 
 
@@ -101,13 +108,19 @@ def load_tokenizer(base_model, trust_remote_code=False):
         raise UserError(f"--base_model {base_model}: cannot load its tokenizer ({detail})") from err
 
 
-def linear_module_names(config, trust_remote_code=False):
-    """Names (last path component) of the Linear layers of a model, built on the meta device."""
+def meta_model(config, trust_remote_code=False):
+    """The model built on the meta device: its layers and shapes, no memory, no weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def linear_module_names(model):
+    """Names (last path component) of the Linear layers of a (meta) model."""
+    import torch
+
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
 
 
@@ -159,13 +172,26 @@ def device_map():
     return {"": "cpu"}
 
 
-def load_model(base_model, quantization, precision, double_quant=False, trust_remote_code=False, placement=None):
-    """A causal LM as training and inference load it; `placement` overrides device_map()."""
+SHARDED = "sharded"
+
+
+def load_model(base_model, quantization, precision, double_quant=False, trust_remote_code=False, placement=None,
+               load_precision=None, quant_storage=None, attn_implementation=None):
+    """A causal LM as training and inference load it.
+
+    placement overrides device_map(); SHARDED passes no device map, so FSDP or DeepSpeed
+    ZeRO-3 place the weights. load_precision (default: precision) is the dtype the weights
+    are held in: full fine-tuning keeps fp32 master weights and computes in precision.
+    """
     from transformers import AutoModelForCausalLM
 
-    dtype = torch_dtype(precision)
-    kwargs = {"dtype": dtype, "device_map": placement or device_map(), "trust_remote_code": trust_remote_code}
-    qconfig = quantization_config(quantization, precision, double_quant)
+    dtype = torch_dtype(load_precision or precision)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if placement != SHARDED:
+        kwargs["device_map"] = placement or device_map()
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    qconfig = quantization_config(quantization, precision, double_quant, quant_storage)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
     try:
