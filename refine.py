@@ -1,6 +1,6 @@
 r"""Refine instruction data the Open-Platypus way: normalise, drop duplicates and test-set look-alikes, mix.
 
-    # the bundled sample set: exact and near duplicates removed (about 20 s on 2 CPU cores)
+    # the bundled sample set: exact and near duplicates removed (about 13 s on 2 CPU cores)
     python refine.py --data_path data/sample_platypus.json --output_path refined.json
 
     # Open-Platypus's recipe: also drop rows too similar to benchmark test questions,
@@ -9,7 +9,7 @@ r"""Refine instruction data the Open-Platypus way: normalise, drop duplicates an
         --test_files arc_test.jsonl,mmlu_test.parquet --tokenizer meta-llama/Llama-2-13b-hf
 
     # the Dolphin-ORCA-Platypus mix: all of one set, 1% each of two others (fixed seed);
-    # finetune.py --data_path takes the same spec and samples the same rows
+    # finetune.py --data_path takes the same spec and, with the same --seed, samples the same rows
     python refine.py --mix 'open_platypus.json:1.0,dolphin.jsonl:0.01,openorca.jsonl:0.01' \
         --output_path dolphin_orca_platypus.json
 
@@ -344,14 +344,14 @@ def embed_rows(setup, rows, report):
 
 
 def warn_about_language(setup, rows, report):
-    """all-MiniLM-L6-v2 is an English model: on Korean text, questions that differ score about
-    0.7 to 0.8 with it, so Platypus's thresholds would drop rows that should stay."""
+    """all-MiniLM-L6-v2 is an English model: different Korean questions scored 0.50 to 0.82 with
+    it in our check, so Platypus's thresholds would drop rows that should stay."""
     if setup.embedding_model not in BUNDLED_NAMES:
         return
     non_latin = sum(1 for row in rows if mostly_non_latin(row_text(row)))
     if non_latin >= max(1, 0.1 * len(rows)):
         message = (f"{non_latin} of {len(rows)} rows are mostly in a non-Latin script, which all-MiniLM-L6-v2 "
-                   "(an English model) tells apart poorly: different questions score about 0.7-0.8. Check the "
+                   "(an English model) tells apart poorly: different questions often score above 0.7. Check the "
                    "dropped rows in the report, raise the thresholds, or give --embedding_model a multilingual "
                    "sentence-transformers model folder")
         report["warnings"].append(message)

@@ -50,9 +50,19 @@ CONTEXT = ["Assume standard conditions.", "Ignore friction.", "Give the answer t
            "Show your reasoning step by step.", "Use SI units.", "Choose the best option: A, B, C or D.", ""]
 
 
-def synthetic_rows(n, seed=0):
-    """Distinct templated STEM questions, with about 4% exact repeats and 4% light rewordings."""
+def vocabulary():
+    """Whole English words of the embedding model's own vocabulary (offline, about 20,000)."""
+    folder = Path(resolve_embedding_model(BUILTIN_EMBEDDING_MODEL))
+    words = (folder / "vocab.txt").read_text(encoding="utf-8").split()
+    return [w for w in words if w.isalpha() and w.isascii() and len(w) >= 4]
+
+
+def synthetic_rows(n, seed=0, words=None):
+    """STEM-style questions, mostly distinct as in Open-Platypus (a frame filled with a subject,
+    quantities and topic words drawn from a large vocabulary), with about 4% exact repeats and
+    4% light rewordings that near dedup must catch."""
     rng = random.Random(seed)
+    words = words or vocabulary()
     rows = []
     while len(rows) < n:
         roll = rng.random()
@@ -65,7 +75,8 @@ def synthetic_rows(n, seed=0):
             continue
         q, q2 = rng.sample(QUANTITIES, 2)
         text = rng.choice(ASKS).format(q=q, q2=q2, s=rng.choice(SUBJECTS), n=rng.randint(2, 9999))
-        text += " " + " ".join(rng.sample(CONTEXT, 2))
+        topic = " ".join(rng.sample(words, rng.randint(4, 8)))
+        text += f" Consider {topic}. " + " ".join(rng.sample(CONTEXT, 2))
         rows.append({"instruction": text.strip(), "input": "", "output": f"The answer is {rng.randint(1, 99)}. "
                      + "Reasoning follows. " * rng.randint(1, 30), "data_source": "synthetic"})
     return rows
@@ -91,8 +102,9 @@ def main(rows: int = 25000, loop_rows: int = 4000, test_questions: int = 1000, t
          batch_size: int = 64):
     import torch
 
-    data = synthetic_rows(rows)
-    tests = [row_text(r) for r in synthetic_rows(test_questions, seed=1)]
+    words = vocabulary()
+    data = synthetic_rows(rows, words=words)
+    tests = [row_text(r) for r in synthetic_rows(test_questions, seed=1, words=words)]
     print(f"{rows:,} synthetic rows, {test_questions:,} test questions, threshold {threshold}, "
           f"{torch.get_num_threads()} torch threads")
 
