@@ -129,7 +129,9 @@ def train(
         base_model: Hub id or local folder of a causal LM (Llama, Mistral, Yi, Qwen, ...);
             builtin:tiny-llama is the embedded tiny model for CPU try-outs.
         data_path: JSON, JSONL, CSV or Parquet file of rows with instruction, input
-            (optional) and output, or a data set id (needs network).
+            (optional) and output (OpenOrca and one-exchange conversation rows are converted),
+            a data set id (needs network), or a mix spec 'a.json:1.0,b.jsonl:0.01' (each
+            source sampled to its fraction with --seed, as refine.py --mix does).
         output_dir: Where the adapter, tokenizer, run_config.json, log_history.json,
             training_curves.png and checkpoints go.
         batch_size: Global batch size; gradient accumulation = batch_size /
@@ -277,7 +279,7 @@ def validate(flags):
     check_output_dir(f.output_dir, f.overwrite, f.resume)
     f["rows"] = f["data_fingerprint"] = f["train_rows"] = f["val_rows"] = None
     if not f.dry_run or Path(f.data_path).expanduser().is_file():  # a dry run fetches nothing
-        f["rows"], f["data_fingerprint"] = load_rows(f.data_path)
+        f["rows"], f["data_fingerprint"] = load_rows(f.data_path, f.seed)
         f["train_rows"], f["val_rows"] = split_rows(f.rows, f.val_set_size, f.seed)
     if f.resume and f.resume[0] == "checkpoint" and f.rows is not None:
         note_changed_settings(f)

