@@ -332,10 +332,10 @@ def check_attention(f):
 
 def load_model_config(f):
     """The base's config and where it came from; a dry run may plan from a published shape."""
-    try:
-        return load_config(f.base_model_path, f.trust_remote_code), "config.json"
+    known = sizing.published_config(f.base_model) if f.dry_run else None
+    try:  # a dry run of a model with a published shape asks no server (offline machines would wait on retries)
+        return load_config(f.base_model_path, f.trust_remote_code, local_only=known is not None), "config.json"
     except UserError:
-        known = sizing.published_config(f.base_model) if f.dry_run else None
         if known is None:
             raise
         return known

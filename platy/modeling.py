@@ -87,11 +87,12 @@ def resolve_base_model(base_model):
     return base_model
 
 
-def load_config(base_model, trust_remote_code=False):
+def load_config(base_model, trust_remote_code=False, local_only=False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code,
+                                          local_files_only=local_only)
     except Exception as err:
         detail = error_detail(err)
         raise UserError(f"--base_model {base_model}: cannot load its config ({detail}); check the name or path "
