@@ -44,6 +44,7 @@ from platy.reporting import (
     library_versions,
     loss_progress_callback,
     plot_curves,
+    say_configuration,
     write_json,
 )
 
@@ -504,14 +505,8 @@ def describe_run(setup):
         "data": {},
         "versions": library_versions(),
     }
-    shown = {**flags, **{k: v for k, v in config["resolved"].items() if k != "template"}}
-    lines, line = [], ""
-    for pair in (f"{k}={v!r}" for k, v in shown.items()):  # pairs are never split across lines
-        if line and len(line) + 2 + len(pair) > 110:
-            lines.append(line)
-            line = ""
-        line = f"{line}  {pair}" if line else f"  {pair}"
-    say("Run configuration:\n" + "\n".join(lines + [line]))
+    say_configuration("Run configuration", {**flags, **{k: v for k, v in config["resolved"].items()
+                                                        if k != "template"}})
     return config
 
 

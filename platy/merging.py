@@ -87,6 +87,11 @@ class Adapter:
             return resolved
         return typed
 
+    def trained_quantization(self):
+        """How the base was quantized in training ('4bit', '8bit' or 'none'), from run_config.json."""
+        layout = (self.run_config or {}).get("resolved", {}).get("quantization_layout") or {}
+        return layout.get("quantization") or "none"
+
     def _check_supported(self):
         config = self.config
         if config.get("peft_type", "LORA") != "LORA":
