@@ -156,7 +156,7 @@ def resolve_models(flags, problems):
     for spec, label, folder in zip(specs, labels, folders):
         try:
             path = Path(spec).expanduser()
-            adapter = Adapter(path, "--models") if (path / "adapter_config.json").is_file() else None
+            adapter = Adapter(path, "--models", merge=False) if (path / "adapter_config.json").is_file() else None
             if adapter:
                 base = adapter.base_model()
                 if not base:
@@ -289,17 +289,21 @@ def load_tasks(suite, include):
     """Build every task once (its data downloaded or read from the cache) before any model loads, so a
     missing data set stops the run before hours of evaluation."""
     manager = manager_for(suite.tasks(), include)
-    problems = []
+    problems, hints = [], {}
     for task in suite.tasks():
         try:
             manager.load([task])
         except Exception as err:  # noqa: BLE001 - building a task fails in many ways, all about its data
             problems.append(f"{task} ({type(err).__name__}: {error_detail(err)[:160]})")
+            if isinstance(err, FileNotFoundError):
+                hints["files"] = (f"The harness reads a task's data_files relative to the working directory "
+                                  f"({Path.cwd()}): run from the task's folder or give absolute paths")
             if isinstance(err, ConnectionError):
+                hints["hub"] = ("Offline, a task's data set must be in the Hugging Face cache (downloaded once "
+                                "online), or use local tasks with --include_path")
                 break  # the hub is out of reach: every further task would wait through the same retries
     if problems:
-        raise UserError(f"cannot load task {'; '.join(problems)}. Offline, a task's data set must be in the Hugging "
-                        "Face cache (downloaded once online), or use local tasks with --include_path")
+        raise UserError(f"cannot load task {'; '.join(problems)}" + "".join(f". {h}" for h in hints.values()))
     return manager
 
 
@@ -356,7 +360,8 @@ def evaluate_model(model, setup):
             write_json(folder / f"{'default' if shots is None else shots}-shot.json", results)
             runs[shots] = results
     finally:
-        release(lm)
+        del lm  # the next model loads where this one was
+        free_memory()
     return runs
 
 
@@ -372,35 +377,30 @@ def load_lm(model, setup):
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[setup["precision"]]
     several_gpus = setup["device"] == "cuda" and torch.cuda.device_count() > 1
     common = {"tokenizer": tokenizer, "batch_size": setup["batch_size"], "trust_remote_code": setup["trust_remote_code"]}
+    model_args = {"pretrained": model["base_path"], "dtype": dtype, "device": setup["device"], **common}
+    if adapter:
+        model_args["peft"] = str(adapter.folder)
     if model["quantization"] == "none":
-        model_args = {"pretrained": model["base_path"], "dtype": dtype, "device": setup["device"],
-                      "parallelize": several_gpus, **common}
-        if adapter:
-            model_args["peft"] = str(adapter.folder)
+        model_args["parallelize"] = several_gpus  # a model too big for one GPU is spread over all of them
         try:
             return HFLM(**model_args), model_args
         except (OSError, ValueError) as err:
             raise UserError(f"--models {model['spec']}: cannot load the model ({error_detail(err)})") from err
     from platy.modeling import load_model
 
-    placement = "auto" if several_gpus else {"": setup["device"]}
     weights = load_model(model["base_path"], model["quantization"], setup["precision"],
-                         trust_remote_code=setup["trust_remote_code"], placement=placement)
+                         trust_remote_code=setup["trust_remote_code"],
+                         placement="auto" if several_gpus else {"": setup["device"]})
     if adapter:
         from peft import PeftModel
 
         weights = PeftModel.from_pretrained(weights, str(adapter.folder))
-    model_args = {"pretrained": model["base_path"], "quantization": model["quantization"], "dtype": dtype,
-                  "device": setup["device"], **common}
-    if adapter:
-        model_args["peft"] = str(adapter.folder)
-    return HFLM(pretrained=weights, **common), model_args
+    return HFLM(pretrained=weights, **common), {**model_args, "quantization": model["quantization"]}
 
 
-def release(lm):
+def free_memory():
     import torch
 
-    del lm
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
