@@ -79,12 +79,12 @@ def main(
         trust_remote_code: Allow model code from the hub.
     """
     setup = validate(dict(locals()))
-    describe(setup)
+    eval_config = describe(setup)
     quiet_harness()
     runs_by_model = {}
     for model in setup["models"]:
         runs_by_model[model["label"]] = evaluate_model(model, setup)
-    report(setup, runs_by_model)
+    report(setup, runs_by_model, eval_config)
 
 
 def validate(flags):
@@ -308,20 +308,23 @@ def load_tasks(suite, include):
 
 
 def describe(setup):
+    """The evaluation configuration: printed once at start, saved as eval_config.json at the end."""
     suite = setup["suite"]
-    shown = {"models": [m["spec"] for m in setup["models"]],
-             "suite": setup["flags"]["suite"], "tasks": suite.tasks(), "shots": suite.shot_counts(),
-             "limit": setup["limit"], "device": setup["device"], "precision": setup["precision"],
-             "batch_size": setup["batch_size"], "output_dir": str(setup["output_dir"])}
-    if setup["flags"]["include_path"]:
-        shown["include_path"] = setup["flags"]["include_path"]
-    say_configuration("Evaluation configuration", shown)
+    resolved = {"tasks": suite.tasks(), "shots": suite.shot_counts(), "device": setup["device"],
+                "precision": setup["precision"], "batch_size": setup["batch_size"]}
+    say_configuration("Evaluation configuration", {**setup["flags"], **resolved})
     for model in setup["models"]:
         source = f"adapter {model['spec']} on {model['base']}" if model["adapter"] else model["spec"]
         load = "unquantized" if model["quantization"] == "none" else model["quantization"]
         say(f"  {model['label']}: {source} ({load}{', as trained' if model['as_trained'] else ''})")
     for note in setup["notes"]:
         say(note)
+    models = [{k: v for k, v in m.items() if k != "adapter"} | {"adapter": str(m["adapter"].folder) if m["adapter"]
+                                                                 else None} for m in setup["models"]]
+    return {"flags": setup["flags"], "resolved": {**resolved, "models": models,
+                                                  "suite": [vars(s) for s in suite.scores]},
+            "command": " ".join(["python", "evaluate.py", *sys.argv[1:]]),
+            "versions": library_versions() | {"lm_eval": lm_eval_version()}}
 
 
 # harness messages that restate what this script asked for
@@ -406,7 +409,7 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def report(setup, runs_by_model):
+def report(setup, runs_by_model, eval_config):
     suite = setup["suite"]
     tables = render_tables(suite, runs_by_model)
     if setup["limit"] is not None:
@@ -417,17 +420,7 @@ def report(setup, runs_by_model):
     tmp.write_text(tables, encoding="utf-8")
     tmp.replace(out / "results.md")
     write_json(out / "scores.json", scores_json(suite, runs_by_model))
-    write_json(out / "eval_config.json", {
-        "flags": setup["flags"],
-        "resolved": {"device": setup["device"], "precision": setup["precision"], "batch_size": setup["batch_size"],
-                     "models": [{k: m[k] for k in ("spec", "label", "folder", "base", "base_path", "quantization",
-                                                   "as_trained")}
-                                | {"adapter": str(m["adapter"].folder) if m["adapter"] else None}
-                                for m in setup["models"]],
-                     "suite": [vars(s) for s in suite.scores]},
-        "command": " ".join(["python", "evaluate.py", *sys.argv[1:]]),
-        "versions": library_versions() | {"lm_eval": lm_eval_version()},
-    })
+    write_json(out / "eval_config.json", eval_config)
     say("")
     print(tables, end="", flush=True)
     say(f"\nTables: {out / 'results.md'}; harness results: {out}/<model>/<shots>-shot.json")
