@@ -60,6 +60,7 @@ from platy.reporting import (
     loss_progress_callback,
     plot_curves,
     read_run_config,
+    say_configuration,
     write_json,
 )
 
@@ -664,14 +665,8 @@ def describe_run(setup):
         "data": {},
         "versions": library_versions(),
     }
-    shown = {**flags, **{k: v for k, v in config["resolved"].items() if k not in ("template", "plan")}}
-    lines, line = [], ""
-    for pair in (f"{k}={v!r}" for k, v in shown.items()):  # pairs are never split across lines
-        if line and len(line) + 2 + len(pair) > 110:
-            lines.append(line)
-            line = ""
-        line = f"{line}  {pair}" if line else f"  {pair}"
-    say("Run configuration:\n" + "\n".join(lines + [line]))
+    say_configuration("Run configuration", {**flags, **{k: v for k, v in config["resolved"].items()
+                                                        if k not in ("template", "plan")}})
     say(describe_plan(setup))
     return config
 

@@ -135,8 +135,7 @@ def validate(flags):
         quantization = "4bit"
     elif flags["load_8bit"] is None and flags["load_4bit"] is None and adapter:
         # the adapter's answers are those of the base it was trained on: quantized the same way
-        quantization = ((recorded.get("resolved", {}).get("quantization_layout") or {}).get("quantization")
-                        or "none")
+        quantization = adapter.trained_quantization()
     else:
         quantization = "none"
     return {**flags, "base": base, "adapter": adapter, "prompter": Prompter(template, "--prompt_template"),

@@ -36,7 +36,8 @@ def parse_size(text):
 class Adapter:
     """A saved LoRA adapter: its config, weights grouped per module, and the run configuration."""
 
-    def __init__(self, folder, flag="--peft_model_path"):
+    def __init__(self, folder, flag="--peft_model_path", merge=True):
+        """merge=False: for peft to apply as it is (DoRA, modules_to_save and the like allowed)."""
         import torch
 
         self.folder = Path(folder)
@@ -50,7 +51,8 @@ class Adapter:
             raise UserError(f"{flag} {folder}: no adapter_config.json and adapter_model.safetensors "
                             "there; give the output_dir of finetune.py or a checkpoint-N folder")
         self.config = json.loads(config_path.read_text())
-        self._check_supported()
+        if merge:
+            self._check_supported()
         if weights.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -62,17 +64,7 @@ class Adapter:
             raise UserError(f"{flag} {folder}: the adapter holds NaN or inf values ({len(bad)} tensors, "
                             f"e.g. {bad[0]}); the run diverged: use an earlier checkpoint-N or retrain with a lower "
                             "learning rate")
-        self.modules = {}
-        for key, tensor in tensors.items():
-            match = LORA_KEY.match(key)
-            if not match:
-                raise UserError(f"{flag} {folder}: unexpected tensor {key} in the adapter; only LoRA "
-                                "A/B weights can be merged")
-            self.modules.setdefault(match["module"], {})[match["part"]] = tensor
-        incomplete = [m for m, parts in self.modules.items() if set(parts) != {"A", "B"}]
-        if incomplete or not self.modules:
-            raise UserError(f"{flag} {folder}: adapter weights are incomplete "
-                            f"({incomplete[0] if incomplete else 'no LoRA weights'})")
+        self.modules = self._lora_modules(tensors) if merge else {}
         run_config_path = self.folder / "run_config.json"
         self.run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else None
 
@@ -86,6 +78,26 @@ class Adapter:
                 and Path(resolved).is_dir()):
             return resolved
         return typed
+
+    def trained_quantization(self):
+        """How the base was quantized in training ('4bit', '8bit' or 'none'), from run_config.json."""
+        layout = (self.run_config or {}).get("resolved", {}).get("quantization_layout") or {}
+        return layout.get("quantization") or "none"
+
+    def _lora_modules(self, tensors):
+        """{module: {"A": tensor, "B": tensor}}: what the streaming merge adds to each base weight."""
+        modules = {}
+        for key, tensor in tensors.items():
+            match = LORA_KEY.match(key)
+            if not match:
+                raise UserError(f"{self.flag} {self.folder}: unexpected tensor {key} in the adapter; only LoRA "
+                                "A/B weights can be merged")
+            modules.setdefault(match["module"], {})[match["part"]] = tensor
+        incomplete = [m for m, parts in modules.items() if set(parts) != {"A", "B"}]
+        if incomplete or not modules:
+            raise UserError(f"{self.flag} {self.folder}: adapter weights are incomplete "
+                            f"({incomplete[0] if incomplete else 'no LoRA weights'})")
+        return modules
 
     def _check_supported(self):
         config = self.config

@@ -68,8 +68,11 @@ def quantization_config(quantization, precision, double_quant=False, quant_stora
     )
 
 
-def resolve_base_model(base_model):
-    """A local folder, the embedded tiny model (builtin:tiny-llama), or a hub id."""
+def resolve_base_model(base_model, flag="--base_model"):
+    """A local folder, the embedded tiny model (builtin:tiny-llama), or a hub id.
+
+    `flag` names the flag that gave it, for the error messages.
+    """
     if base_model.startswith(BUILTIN_PREFIX):
         from platy import tiny
 
@@ -77,17 +80,17 @@ def resolve_base_model(base_model):
     path = Path(os.path.expanduser(base_model))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"--base_model {base_model}: folder has no config.json; point to a Hugging Face "
+            raise UserError(f"{flag} {base_model}: folder has no config.json; point to a Hugging Face "
                             "model folder")
         return str(path.resolve())
     first = base_model.split("/", 1)[0]
     if (base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or path.exists()
             or ("/" in base_model and Path(first).is_dir())):
-        raise UserError(f"--base_model {base_model}: folder does not exist; give a model folder or a hub id")
+        raise UserError(f"{flag} {base_model}: folder does not exist; give a model folder or a hub id")
     return base_model
 
 
-def load_config(base_model, trust_remote_code=False, local_only=False):
+def load_config(base_model, trust_remote_code=False, flag="--base_model", local_only=False):
     from transformers import AutoConfig
 
     try:
@@ -95,7 +98,7 @@ def load_config(base_model, trust_remote_code=False, local_only=False):
                                           local_files_only=local_only)
     except Exception as err:
         detail = error_detail(err)
-        raise UserError(f"--base_model {base_model}: cannot load its config ({detail}); check the name or path "
+        raise UserError(f"{flag} {base_model}: cannot load its config ({detail}); check the name or path "
                         "(offline machines need a local folder)") from err
 
 
@@ -146,15 +149,16 @@ def check_target_modules(targets, linear_names, base_model):
                         f"its Linear layers are: {', '.join(linear_names)}")
 
 
-def generation_device():
-    """cuda, Apple's mps, or cpu, and the precision generation uses there."""
+def generation_device(device="auto"):
+    """cuda, Apple's mps, or cpu (auto: the first available), and the precision used there."""
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda", ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps", "fp16"
-    return "cpu", "fp32"
+    if device == "auto":
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if device.startswith("cuda"):
+        return device, ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
+    return device, ("fp16" if device.startswith("mps") else "fp32")
 
 
 def device_map():

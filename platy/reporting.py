@@ -46,6 +46,19 @@ def library_versions():
     return versions
 
 
+def say_configuration(title, values):
+    """Print name=value pairs once at start, wrapped at 110 columns; a pair is never split."""
+    from platy.cli import say
+
+    lines, line = [], ""
+    for pair in (f"{k}={v!r}" for k, v in values.items()):
+        if line and len(line) + 2 + len(pair) > 110:
+            lines.append(line)
+            line = ""
+        line = f"{line}  {pair}" if line else f"  {pair}"
+    say(f"{title}:\n" + "\n".join(lines + [line]))
+
+
 def write_json(path, data):
     """Write JSON through a temporary file and a rename: a reader never sees half a file."""
     path = Path(path)

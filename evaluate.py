@@ -1,0 +1,436 @@
+r"""Benchmark base, merged and adapter models with EleutherAI's lm-evaluation-harness.
+
+    # the Open LLM Leaderboard table (ARC, HellaSwag, MMLU, TruthfulQA, Winogrande, GSM8K) for a
+    # base model and its fine-tune, in one table
+    python evaluate.py --models meta-llama/Llama-2-13b-hf,./Platypus2-13B --suite openllm
+
+    # KoBEST (COPA, HellaSwag, BoolQ, SentiNeg), macro F1 at 0, 5, 10 and 50 shots; an adapter
+    # folder is evaluated on its base without merging
+    python evaluate.py --models beomi/llama-2-ko-7b,./outputs/ko-platypus-qlora --suite kobest
+
+    # any harness tasks, or local tasks in the harness's YAML format (offline)
+    python evaluate.py --models ./outputs/platypus-merged --suite arc_easy,piqa --num_fewshot 0 --limit 100
+    python evaluate.py --models builtin:tiny-llama --suite my_task --include_path ./my_tasks
+
+Needs lm-eval: pip install -r requirements-eval.txt. Writes the harness's results JSON per model
+and shot count, and the tables (Markdown, as the published model cards lay them out) into
+--output_dir.
+"""
+
+import gc
+import logging
+import sys
+from pathlib import Path
+
+from platy import cli
+from platy.cli import UserError, error_detail, say
+from platy.evaluation import (
+    SUITES,
+    custom_suite,
+    folder_name,
+    model_labels,
+    render_tables,
+    scores_json,
+    with_shots,
+)
+from platy.reporting import library_versions, say_configuration, write_json
+
+INSTALL_HINT = "lm-eval is not installed; install it with: pip install -r requirements-eval.txt"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CPU_BATCH_SIZE = 8
+
+
+def main(
+    models: str = None,
+    suite: str = "openllm",
+    num_fewshot: str = None,
+    limit: float = None,
+    include_path: str = None,
+    output_dir: str = "./outputs/eval",
+    batch_size: str = "auto",
+    device: str = "auto",
+    load_4bit: bool = None,
+    trust_remote_code: bool = False,
+):
+    """Evaluate each model on a suite and print its table.
+
+    Args:
+        models: Comma-separated models: merged or base model folders, hub ids, builtin:tiny-llama,
+            or adapter folders written by finetune.py (evaluated on their recorded base without
+            merging). One row each, in this order.
+        suite: openllm (ARC 25-shot acc_norm, HellaSwag 10-shot acc_norm, MMLU 5-shot acc,
+            TruthfulQA 0-shot mc2, Winogrande 5-shot acc, GSM8K 5-shot exact match, and their
+            average), kobest (COPA, HellaSwag, BoolQ, SentiNeg: macro F1 at 0, 5, 10 and 50 shots),
+            or comma-separated harness task names.
+        num_fewshot: Shot count(s) for a task list, e.g. 5 or 0,5,10 (a table per task, a column per
+            shot count); default: each task's own. With openllm or kobest it replaces the published
+            shots (a note says so).
+        limit: Evaluate only the first N examples of each task (or a fraction below 1): for quick
+            checks; the scores are then not comparable with published ones.
+        include_path: Folder of local tasks in lm-eval's YAML format (used first, then the
+            harness's built-in tasks).
+        output_dir: Where the results JSON per model and the tables (results.md) go.
+        batch_size: auto (the harness finds the largest that fits on a CUDA GPU; 8 on CPU and mps,
+            where its full-length probe would take minutes) or a number.
+        device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.
+        load_4bit: Load models in 4-bit NF4. Default: adapters on their base quantized as in
+            training (their scores are those of the trained adapter), other models unquantized;
+            True or False applies to every model.
+        trust_remote_code: Allow model code from the hub.
+    """
+    setup = validate(dict(locals()))
+    eval_config = describe(setup)
+    quiet_harness()
+    runs_by_model = {}
+    for model in setup["models"]:
+        runs_by_model[model["label"]] = evaluate_model(model, setup)
+    report(setup, runs_by_model, eval_config)
+
+
+def validate(flags):
+    """Check every flag, model and task before any weights load; all problems in one message."""
+    flags = cli.coerce_bools(main, flags)
+    try:
+        import lm_eval  # noqa: F401
+    except ModuleNotFoundError as err:
+        if err.name != "lm_eval":
+            raise  # installed, but one of its own dependencies is missing: the traceback says which
+        raise UserError(INSTALL_HINT) from err
+    problems = []
+    shot_counts = parse_shots(flags["num_fewshot"], problems)
+    check_numbers(flags, problems)
+    check_device(flags["device"], problems)
+    include = Path(flags["include_path"]).expanduser() if flags["include_path"] else None
+    if include is not None and not include.is_dir():
+        problems.append(f"--include_path {flags['include_path']}: folder not found")
+    output_dir = Path(flags["output_dir"]).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        problems.append(f"--output_dir {output_dir} is a file; give a folder")
+    models = resolve_models(flags, problems)
+    suite, notes = resolve_suite(flags["suite"], shot_counts, include if include and include.is_dir() else None,
+                                 problems)
+    if problems:
+        raise UserError("; ".join(problems))
+    device, precision, batch_size = resolve_placement(flags["device"], flags["batch_size"])
+    task_manager = load_tasks(suite, include)
+    return {"flags": flags, "models": models, "suite": suite, "notes": notes, "task_manager": task_manager,
+            "device": device, "precision": precision, "batch_size": batch_size, "output_dir": output_dir,
+            "limit": flags["limit"], "trust_remote_code": flags["trust_remote_code"]}
+
+
+def parse_shots(value, problems):
+    if value is None:
+        return []
+    items = [item.strip() for item in str(value).strip("[]() ").split(",") if item.strip()]
+    if not items or not all(item.isdigit() for item in items):
+        problems.append(f"--num_fewshot {value}: give a shot count such as 5, or several such as 0,5,10")
+        return []
+    return list(dict.fromkeys(int(item) for item in items))
+
+
+def check_numbers(flags, problems):
+    limit = flags["limit"]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
+                              or (limit >= 1 and limit != int(limit))):
+        problems.append(f"--limit {limit}: give a number of examples (a positive integer) or a fraction below 1")
+    batch = str(flags["batch_size"])
+    if not (batch == "auto" or batch.isdigit() and int(batch) > 0):
+        problems.append(f"--batch_size {batch}: give auto or a positive integer")
+
+
+def resolve_models(flags, problems):
+    """Each --models entry as a base path (and adapter), with its row label and how it loads."""
+    from platy.merging import Adapter
+    from platy.modeling import resolve_base_model
+
+    specs = [spec.strip() for spec in str(flags["models"] or "").split(",") if spec.strip()]
+    if not specs:
+        problems.append("--models is required: model folders, hub ids or adapter folders, separated by commas")
+        return []
+    repeated = sorted({s for s in specs if specs.count(s) > 1})
+    if repeated:
+        problems.append(f"--models names {', '.join(repeated)} more than once")
+    labels = model_labels(specs)
+    folders = unique_folders(labels)
+    models = []
+    for spec, label, folder in zip(specs, labels, folders):
+        try:
+            path = Path(spec).expanduser()
+            adapter = Adapter(path, "--models", merge=False) if (path / "adapter_config.json").is_file() else None
+            if adapter:
+                base = adapter.base_model()
+                if not base:
+                    raise UserError(f"--models {spec}: the adapter records no base model (no run_config.json or "
+                                    "base_model_name_or_path); evaluate a merged model instead")
+                base_path = resolve_base_model(base, f"--models {spec}: its base model")
+            else:
+                base, base_path = spec, resolve_base_model(spec, "--models")
+        except UserError as err:
+            problems.append(str(err))
+            continue
+        as_trained = adapter is not None and flags["load_4bit"] is None
+        # as trained: the scores are those of the trained adapter (and of merge.py's dequant merge)
+        quantization = adapter.trained_quantization() if as_trained else "4bit" if flags["load_4bit"] else "none"
+        models.append({"spec": spec, "label": label, "folder": folder, "base": base, "base_path": base_path,
+                       "adapter": adapter, "quantization": quantization, "as_trained": as_trained})
+    check_configs(models, flags["trust_remote_code"], problems)
+    return models
+
+
+def unique_folders(labels):
+    folders = []
+    for label in labels:
+        name, n = folder_name(label), 2
+        while name in folders:
+            name, n = f"{folder_name(label)}-{n}", n + 1
+        folders.append(name)
+    return folders
+
+
+def check_configs(models, trust_remote_code, problems):
+    """Every model's config loads (a hub id that does not exist or cannot be reached fails here, before any
+    model is evaluated)."""
+    from platy.modeling import load_config
+
+    for model in models:
+        flag = f"--models {model['spec']}: its base model" if model["adapter"] else "--models"
+        try:
+            load_config(model["base_path"], trust_remote_code, flag=flag)
+        except UserError as err:
+            problems.append(str(err))
+
+
+def resolve_suite(name, shot_counts, include, problems):
+    """The suite definition (published or from a task list), and notes on what --num_fewshot changed."""
+    notes = []
+    if name in SUITES:
+        suite = SUITES[name]
+        if shot_counts:
+            if not suite.per_task and len(shot_counts) > 1:
+                problems.append(f"--num_fewshot {','.join(map(str, shot_counts))}: the {name} table holds one shot "
+                                "count per column; give one number")
+                return suite, notes
+            published = (", ".join(map(str, suite.shot_counts())) if suite.per_task
+                         else ", ".join(f"{s.title} {s.shots}" for s in suite.scores))
+            notes.append(f"Note: --num_fewshot {','.join(map(str, shot_counts))} replaces the published shots of "
+                         f"{name} ({published}): the scores are not comparable with published tables")
+            suite = with_shots(suite, shot_counts)
+        return suite, notes
+    tasks = [task.strip() for task in str(name).split(",") if task.strip()]
+    if not tasks:
+        problems.append("--suite is empty: give openllm, kobest or harness task names")
+        return None, notes
+    unknown = unknown_tasks(tasks, include)
+    for task in unknown:
+        import difflib
+
+        close = difflib.get_close_matches(task, list(SUITES) + known_task_names(include), n=1)
+        hint = f"did you mean {close[0]}?" if close else "list the harness's tasks with: lm-eval ls tasks"
+        problems.append(f"--suite: unknown suite or task {task}; {hint} (suites: {', '.join(SUITES)}"
+                        + (f"; local tasks from --include_path {include}" if include else "") + ")")
+    return custom_suite(tasks, shot_counts), notes
+
+
+_task_managers = {}
+
+
+def task_manager(include, defaults):
+    """lm-eval's task index. Indexing its ~15,000 built-in tasks takes seconds, so local tasks are indexed
+    alone first and the built-in ones only when needed."""
+    key = (str(include) if include else None, defaults)
+    if key not in _task_managers:
+        from lm_eval.tasks import TaskManager
+
+        _task_managers[key] = TaskManager(include_path=str(include) if include else None, include_defaults=defaults)
+    return _task_managers[key]
+
+
+def manager_for(tasks, include):
+    if include is not None:
+        local = task_manager(include, defaults=False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
+    return task_manager(include, defaults=True)
+
+
+def unknown_tasks(tasks, include):
+    known = set(manager_for(tasks, include).all_tasks)
+    return [task for task in tasks if task not in known]
+
+
+def known_task_names(include):
+    return list(task_manager(include, defaults=True).all_tasks)
+
+
+def check_device(device, problems):
+    import torch
+
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        problems.append(f"--device {device}: choose {', '.join(DEVICES)} or cuda:N")
+    elif str(device).startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {device}: no CUDA GPU here; use --device cpu (or auto)")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        problems.append("--device mps: Apple's mps is not available here; use --device cpu (or auto)")
+
+
+def resolve_placement(device, batch_size):
+    """Device, precision and batch size; 'auto' batch sizes are searched only on CUDA GPUs."""
+    from platy.modeling import generation_device
+
+    device, precision = generation_device(device)
+    if batch_size == "auto":
+        # the harness's search runs batches of full-length sequences (64 x the context length):
+        # minutes on a CPU for a generation task, where memory never runs out to stop it
+        batch_size = "auto" if device.startswith("cuda") else CPU_BATCH_SIZE
+    return device, precision, int(batch_size) if batch_size != "auto" else "auto"
+
+
+def load_tasks(suite, include):
+    """Build every task once (its data downloaded or read from the cache) before any model loads, so a
+    missing data set stops the run before hours of evaluation."""
+    manager = manager_for(suite.tasks(), include)
+    problems, hints = [], {}
+    for task in suite.tasks():
+        try:
+            manager.load([task])
+        except Exception as err:  # noqa: BLE001 - building a task fails in many ways, all about its data
+            problems.append(f"{task} ({type(err).__name__}: {error_detail(err)[:160]})")
+            if isinstance(err, FileNotFoundError):
+                hints["files"] = (f"The harness reads a task's data_files relative to the working directory "
+                                  f"({Path.cwd()}): run from the task's folder or give absolute paths")
+            if isinstance(err, ConnectionError):
+                hints["hub"] = ("Offline, a task's data set must be in the Hugging Face cache (downloaded once "
+                                "online), or use local tasks with --include_path")
+                break  # the hub is out of reach: every further task would wait through the same retries
+    if problems:
+        raise UserError(f"cannot load task {'; '.join(problems)}" + "".join(f". {h}" for h in hints.values()))
+    return manager
+
+
+def describe(setup):
+    """The evaluation configuration: printed once at start, saved as eval_config.json at the end."""
+    suite = setup["suite"]
+    resolved = {"tasks": suite.tasks(), "shots": suite.shot_counts(), "device": setup["device"],
+                "precision": setup["precision"], "batch_size": setup["batch_size"]}
+    say_configuration("Evaluation configuration", {**setup["flags"], **resolved})
+    for model in setup["models"]:
+        source = f"adapter {model['spec']} on {model['base']}" if model["adapter"] else model["spec"]
+        load = "unquantized" if model["quantization"] == "none" else model["quantization"]
+        say(f"  {model['label']}: {source} ({load}{', as trained' if model['as_trained'] else ''})")
+    for note in setup["notes"]:
+        say(note)
+    models = [{k: v for k, v in m.items() if k != "adapter"} | {"adapter": str(m["adapter"].folder) if m["adapter"]
+                                                                 else None} for m in setup["models"]]
+    return {"flags": setup["flags"], "resolved": {**resolved, "models": models,
+                                                  "suite": [vars(s) for s in suite.scores]},
+            "command": " ".join(["python", "evaluate.py", *sys.argv[1:]]),
+            "versions": library_versions() | {"lm_eval": lm_eval_version()}}
+
+
+# harness messages that restate what this script asked for
+HARNESS_CHATTER = ("Overwriting default num_fewshot", "is not of type `str`", "Passed an already-initialized model")
+
+
+class DropChatter(logging.Filter):
+    def filter(self, record):
+        return not any(text in record.getMessage() for text in HARNESS_CHATTER)
+
+
+def quiet_harness():
+    for name in ("lm_eval.evaluator", "lm_eval.models.huggingface"):
+        logging.getLogger(name).addFilter(DropChatter())
+
+
+def evaluate_model(model, setup):
+    """Load one model, run the suite's tasks at each shot count, save each harness result."""
+    from lm_eval import simple_evaluate
+
+    suite = setup["suite"]
+    say(f"\n== {model['label']}")
+    lm, model_args = load_lm(model, setup)
+    runs = {}
+    folder = setup["output_dir"] / model["folder"]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        for shots in suite.shot_counts():
+            tasks = [s.task for s in suite.scores if s.shots == shots]
+            tasks = list(dict.fromkeys(tasks))
+            say(f"{model['label']}: {', '.join(tasks)} ({'default shots' if shots is None else f'{shots}-shot'})")
+            results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=setup["limit"],
+                                      task_manager=setup["task_manager"], log_samples=False)
+            # the harness records model_args only when it builds the model itself
+            results["config"]["model_args"] = model_args
+            write_json(folder / f"{'default' if shots is None else shots}-shot.json", results)
+            runs[shots] = results
+    finally:
+        del lm  # the next model loads where this one was
+        free_memory()
+    return runs
+
+
+def load_lm(model, setup):
+    """The harness's Hugging Face model: built by the harness from a path (adapters through its peft
+    argument); a quantized model is loaded here, since transformers 5 takes no load_in_4bit flag."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    adapter = model["adapter"]
+    tokenizer = str(adapter.folder) if adapter and (adapter.folder / "tokenizer_config.json").is_file() \
+        else model["base_path"]
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[setup["precision"]]
+    several_gpus = setup["device"] == "cuda" and torch.cuda.device_count() > 1
+    common = {"tokenizer": tokenizer, "batch_size": setup["batch_size"], "trust_remote_code": setup["trust_remote_code"]}
+    model_args = {"pretrained": model["base_path"], "dtype": dtype, "device": setup["device"], **common}
+    if adapter:
+        model_args["peft"] = str(adapter.folder)
+    if model["quantization"] == "none":
+        model_args["parallelize"] = several_gpus  # a model too big for one GPU is spread over all of them
+        try:
+            return HFLM(**model_args), model_args
+        except (OSError, ValueError) as err:
+            raise UserError(f"--models {model['spec']}: cannot load the model ({error_detail(err)})") from err
+    from platy.modeling import load_model
+
+    weights = load_model(model["base_path"], model["quantization"], setup["precision"],
+                         trust_remote_code=setup["trust_remote_code"],
+                         placement="auto" if several_gpus else {"": setup["device"]})
+    if adapter:
+        from peft import PeftModel
+
+        weights = PeftModel.from_pretrained(weights, str(adapter.folder))
+    return HFLM(pretrained=weights, **common), {**model_args, "quantization": model["quantization"]}
+
+
+def free_memory():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def report(setup, runs_by_model, eval_config):
+    suite = setup["suite"]
+    tables = render_tables(suite, runs_by_model)
+    if setup["limit"] is not None:
+        tables += (f"\nScores on the first {setup['limit']} examples of each task (--limit): not comparable with "
+                   "published ones.\n")
+    out = setup["output_dir"]
+    tmp = out / ".results.md.tmp"
+    tmp.write_text(tables, encoding="utf-8")
+    tmp.replace(out / "results.md")
+    write_json(out / "scores.json", scores_json(suite, runs_by_model))
+    write_json(out / "eval_config.json", eval_config)
+    say("")
+    print(tables, end="", flush=True)
+    say(f"\nTables: {out / 'results.md'}; harness results: {out}/<model>/<shots>-shot.json")
+
+
+def lm_eval_version():
+    import importlib.metadata as md
+
+    return md.version("lm_eval")
+
+
+if __name__ == "__main__":
+    cli.run(main)
