@@ -17,7 +17,7 @@ RECIPES = REPO / "recipes"
 
 # What each system published (shared/seeds; Platypus2-70B's learning rate from the issue, which
 # quotes the Platypus2 paper), in finetune.py's flag names. test_the_table_matches_the_seeds
-# checks these against the seeds' own tables when the seeds folder is present.
+# checks these against the seeds' tables (tests/fixtures/seeds/hyperparameters).
 PLATYPUS = dict(batch_size=16, micro_batch_size=1, num_epochs=1, warmup_steps=100, weight_decay=0.0,
                 lr_scheduler="cosine", lora_r=16, lora_alpha=16, lora_dropout=0.05, cutoff_len=4096,
                 lora_target_modules={"gate_proj", "up_proj", "down_proj"}, train_on_inputs=False,
@@ -219,11 +219,8 @@ def test_bad_recipe_overrides_are_refused_before_loading(tmp_path):
     assert_user_error(result, "finetune.py", "--finetuning full", "--quantization none", "--learning_rate")
 
 
-def seeds_folder():
-    for parent in REPO.parents:
-        if (parent / "shared" / "seeds" / "README.md").is_file():
-            return parent / "shared" / "seeds"
-    return None
+# the hyperparameter tables of ../shared/seeds/0*.txt, table rows only, kept with the tests
+SEED_TABLES = Path(__file__).parent / "fixtures" / "seeds" / "hyperparameters"
 
 
 def seed_tables(text):
@@ -232,10 +229,7 @@ def seed_tables(text):
 
 
 def test_the_table_matches_the_seeds():
-    seeds = seeds_folder()
-    if seeds is None:  # the seeds sit beside the repository in the project, not in a copy of it
-        pytest.skip("shared/seeds not beside this checkout")
-    text = {path.name[:3]: path.read_text(encoding="utf-8") for path in seeds.glob("0*.txt")}
+    text = {path.stem: path.read_text(encoding="utf-8") for path in SEED_TABLES.glob("0*.md")}
     llama_q, plain_q = text["000"].split("- PlatYi-34B-Q")
     names = {"learning rate": "learning_rate", "batch size": "batch_size", "microbatch  size": "micro_batch_size",
              "warmup steps": "warmup_steps", "weight decay": "weight_decay", "lr scheduler": "lr_scheduler",
