@@ -1,0 +1,102 @@
+"""Speed features: packing, tokenization cache, partial checkpointing, compile, token budgets."""
+
+import json
+
+import pytest
+import torch
+from conftest import assert_user_error, finetune
+from test_train import flags
+
+import finetune as finetune_script
+from platy.packing import PackedCollator, pack_dataset, pack_lengths
+
+
+def lora_setup(tmp_path, **overrides):
+    """Unquantized tiny Llama with LoRA, dropout 0: forwards are deterministic, so exact comparisons hold."""
+    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), quantization="none", lora_dropout=0.0,
+                                           **overrides))
+    tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
+    train_set, _, _ = finetune_script.build_datasets(setup, tokenizer, prompter)
+    model, _ = finetune_script.load_model_with_lora(setup)
+    with torch.no_grad():  # a non-zero adapter, so its gradients flow through every layer
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return setup, tokenizer, train_set, model
+
+
+def padded_batch(tokenizer, examples):
+    from transformers import DataCollatorForSeq2Seq
+
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    return collate([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in examples])
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_pack_lengths_fills_rows_within_the_budget():
+    lengths = [5, 9, 3, 7, 1, 10, 2, 6]
+    rows = pack_lengths(lengths, 10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths))), "every example exactly once"
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 5  # 43 tokens need at least 5 rows of 10
+    with pytest.raises(ValueError, match="more than the packing budget"):
+        pack_lengths([11], 10)
+
+
+def test_packed_loss_gradients_and_logits_equal_unpacked(tmp_path):
+    """One step on packed rows computes what padded batches of the same examples compute."""
+    setup, tokenizer, train_set, model = lora_setup(tmp_path)
+    examples = train_set.select(range(12))
+    packed, stats = pack_dataset(examples, 256)
+    assert stats["packed_rows"] < 12 and stats["examples"] == 12, stats
+    packed_batch = PackedCollator()([packed[i] for i in range(len(packed))])
+    assert "attention_mask" not in packed_batch and packed_batch["input_ids"].shape[0] == 1
+    assert packed_batch["use_cache"] is False, "a cache turns off the detection of example boundaries"
+    # no pad token anywhere: the packed row is exactly the examples' tokens
+    assert packed_batch["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in examples)
+
+    # the Trainer's loss is the mean over the label tokens of a batch: the same set of tokens on both sides
+    padded_loss, padded_grads = loss_and_grads(model, padded_batch(tokenizer, list(examples)))
+    packed_loss, packed_grads = loss_and_grads(model, packed_batch)
+    assert abs(packed_loss.item() - padded_loss.item()) < 1e-5, (packed_loss, padded_loss)
+    assert padded_grads.keys() == packed_grads.keys() and padded_grads
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # attention never crosses an example: each example's logits in the packed row equal its own forward
+    model.eval()
+    row = packed[0]
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+    assert len(starts) > 2, "the first packed row holds several examples"
+    for attention in ("sdpa", "eager"):
+        model.base_model.model.set_attn_implementation(attention)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]]),
+                           position_ids=torch.tensor([row["position_ids"]]), use_cache=False).logits[0]
+            for begin, end in zip(starts, starts[1:]):
+                alone = model(input_ids=torch.tensor([row["input_ids"][begin:end]])).logits[0]
+                assert (logits[begin:end] - alone).abs().max().item() < 1e-5, (attention, begin)
+
+
+def test_finetune_with_packing_end_to_end(tmp_path):
+    out = tmp_path / "packed"
+    result = finetune(out, "--packing", "true", "--batch_size", 2, "--micro_batch_size", 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Packing: 244 training examples in" in result.stderr + result.stdout
+    config = json.loads((out / "run_config.json").read_text())
+    packing = config["data"]["train_packing"]
+    assert packing["examples"] == 244 and packing["packed_rows"] < 122 and packing["fill"] > 0.8, packing
+    assert config["result"]["global_step"] == 3
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_speed_flags_refused_together(tmp_path):
+    result = finetune(tmp_path / "bad", "--micro_batch_tokens", 100, "--micro_batch_size", 2)
+    assert_user_error(result, "finetune.py", "--micro_batch_tokens fills each micro-step with packed examples",
+                      "--micro_batch_tokens replaces --micro_batch_size")
