@@ -34,10 +34,10 @@ from platy.data import (
     load_rows,
     prepare_tokenizer,
     split_rows,
-    tokenize_rows,
 )
 from platy.merging import ADAPTER_FILES
 from platy.packing import PackedCollator, pack_dataset
+from platy.tokencache import tokenized_splits
 from platy.modeling import (
     SHARDED,
     check_target_modules,
@@ -528,8 +528,11 @@ def load_tokenizer_and_prompter(setup):
 def build_datasets(setup, tokenizer, prompter):
     example_tokenizer = ExampleTokenizer(tokenizer, prompter, setup.cutoff_len, setup.train_on_inputs,
                                          setup.add_eos_token)
-    train_set, train_stats = tokenize_rows(setup.train_rows, example_tokenizer)
-    val_set, val_stats = tokenize_rows(setup.val_rows, example_tokenizer)
+    split = {"seed": setup.seed, "val_set_size": setup.val_set_size}
+    splits, (where, folder) = tokenized_splits({"train": setup.train_rows, "val": setup.val_rows}, example_tokenizer,
+                                               setup.data_fingerprint, split)
+    (train_set, train_stats), (val_set, val_stats) = splits["train"], splits["val"]
+    say(f"Tokenized data: {'loaded from the cache' if where == 'cache' else 'tokenized and cached'} in {folder}")
     if train_set is None or len(train_set) == 0:
         raise UserError(f"{setup.data_path}: no training example keeps any response token within --cutoff_len "
                         f"{setup.cutoff_len}; raise --cutoff_len or shorten the prompts")

@@ -100,3 +100,48 @@ def test_speed_flags_refused_together(tmp_path):
     result = finetune(tmp_path / "bad", "--micro_batch_tokens", 100, "--micro_batch_size", 2)
     assert_user_error(result, "finetune.py", "--micro_batch_tokens fills each micro-step with packed examples",
                       "--micro_batch_tokens replaces --micro_batch_size")
+
+
+def per_example_tokens(tok, rows, **kwargs):
+    """The original per-example path: one row at a time, the tokenizer called through transformers."""
+    from platy.data import ExampleTokenizer
+    from platy.prompts import Prompter
+
+    class PerExample(ExampleTokenizer):
+        def encode(self, texts):
+            return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    example_tokenizer = PerExample(tok, Prompter("alpaca"), **kwargs)
+    out = [example_tokenizer({k: [row.get(k, "")] for k in ("instruction", "input", "output")}) for row in rows]
+    kept = [o for o in out if o["n_response"][0] > 0]
+    return {key: [o[key][0] for o in kept] for key in ("input_ids", "attention_mask", "labels")}
+
+
+@pytest.mark.parametrize("kwargs", [dict(cutoff_len=256), dict(cutoff_len=40, train_on_inputs=True, add_eos_token=True)])
+def test_cached_equals_batched_equals_per_example(tmp_path, tokenizer, kwargs):
+    from conftest import SAMPLE
+
+    from platy.data import ExampleTokenizer, load_rows, prepare_tokenizer
+    from platy.prompts import Prompter
+    from platy.tokencache import tokenized_splits
+
+    tok = prepare_tokenizer(tokenizer)
+    rows, fingerprint = load_rows(str(SAMPLE))
+    rows = rows[:120]
+    expected = per_example_tokens(tok, rows, **kwargs)
+    tok("warm up", truncation=True, max_length=8)  # leaves truncation set on the backend: must not matter
+    example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), **kwargs)
+    seen = []
+    for _ in range(2):
+        splits, (where, folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, example_tokenizer,
+                                                   fingerprint, {"seed": 42}, root=tmp_path)
+        seen.append(where)
+        got = {key: list(splits["train"][0][key]) + list(splits["val"][0][key]) for key in expected}
+        assert got == expected  # bit for bit: ids, mask and labels of every kept example
+    assert seen == ["tokenized", "cache"]
+    assert splits["train"][1]["rows"] == 100 and splits["val"][1]["rows"] == 20
+    # another cutoff_len is another entry
+    other = ExampleTokenizer(tok, Prompter("alpaca"), cutoff_len=kwargs["cutoff_len"] + 1)
+    _, (where, other_folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, other, fingerprint,
+                                                {"seed": 42}, root=tmp_path)
+    assert where == "tokenized" and other_folder != folder
