@@ -53,6 +53,7 @@ from platy.modeling import (
     resolve_precision,
 )
 from platy.prompts import Prompter
+from platy.speed import checkpoint_fraction, checkpoint_layers, kernel_problems
 from platy.reporting import (
     CURVES,
     LOG_HISTORY,
@@ -114,7 +115,7 @@ def train(
     eval_steps: int = None,
     save_steps: int = 200,
     save_total_limit: int = 3,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing=True,
     report_to: str = "auto",
     trust_remote_code: bool = False,
     deepspeed: str = None,
@@ -126,6 +127,8 @@ def train(
     # speed
     packing: bool = False,
     micro_batch_tokens: int = None,
+    liger: bool = False,
+    torch_compile: bool = False,
 ):
     """Train a LoRA adapter; output_dir then holds everything merge.py and inference.py need.
 
@@ -178,7 +181,9 @@ def train(
         eval_steps: Evaluate every this many steps (default: save_steps); needs val_set_size.
         save_steps: Write a checkpoint every this many optimizer steps.
         save_total_limit: Checkpoints kept in output_dir (oldest deleted first); 0 keeps all.
-        gradient_checkpointing: Recompute activations in backward to save memory.
+        gradient_checkpointing: Recompute activations in backward to save memory: true, false, or
+            the fraction of decoder layers to checkpoint (0.5: the first half). Off is fastest when
+            memory allows; each checkpointed layer costs its forward again.
         report_to: auto (wandb when wandb_project is set, else none), none, wandb,
             tensorboard, or a comma-separated list.
         trust_remote_code: Allow model code from the hub (some Yi/Qwen variants need it).
@@ -198,6 +203,9 @@ def train(
             unpacked one without pad tokens. batch_size and micro_batch_size then count packed rows.
         micro_batch_tokens: Token budget of a micro-step instead of a count of examples (needs
             --packing; micro_batch_size stays 1: each micro-step is one row of up to this many tokens).
+        liger: Fused Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs the
+            liger-kernel package and a CUDA GPU.
+        torch_compile: Compile the model with torch.compile (the first steps are slow while it compiles).
     """
     setup = validate(dict(locals()))
     run_config = describe_run(setup)
@@ -266,7 +274,11 @@ def validate(flags):
         problems.append(f"--attn_implementation {f.attn_implementation}: choose one of {', '.join(ATTENTION)}")
     if f.gpu_memory_gb is not None and (not isinstance(f.gpu_memory_gb, (int, float)) or f.gpu_memory_gb <= 0):
         problems.append(f"--gpu_memory_gb must be a positive number, got {f.gpu_memory_gb!r}")
-    problems += speed_problems(f)
+    problems += speed_problems(f) + kernel_problems(f.liger, f.torch_compile)
+    try:
+        f["checkpoint_fraction"] = checkpoint_fraction(f.gradient_checkpointing)
+    except UserError as err:
+        problems.append(str(err))
     if problems:
         raise UserError("; ".join(problems))
 
@@ -389,7 +401,7 @@ def plan_run(f, model):
         f.model_config, counts, finetuning=f.finetuning, quantization=f.quantization,
         compute_bytes=2 if compute in ("bf16", "fp16") else 4, double_quant=f.double_quant,
         micro_batch_size=f.micro_batch_size, cutoff_len=f.pack_budget or f.cutoff_len,
-        gradient_checkpointing=f.gradient_checkpointing, strategy=f.strategy, world_size=f.world_size,
+        gradient_checkpointing=f.checkpoint_fraction, strategy=f.strategy, world_size=f.world_size,
         gpus_per_process=max(gpus, 1))
     available = f.gpu_memory_gb
     if available is None and gpus:
@@ -592,6 +604,9 @@ def load_model_with_lora(setup):
         # FSDP shards float tensors only: pack the 4-bit codes in the compute dtype
         quant_storage=setup.precision if fsdp and setup.quantization == "4bit" else None,
         attn_implementation=None if setup.attn_implementation == "auto" else setup.attn_implementation)
+    checkpointed, layers = checkpoint_layers(model, setup.checkpoint_fraction)
+    if checkpointed and cli.is_main_process():
+        say(f"Activation checkpointing on {checkpointed} of {layers} decoder layers")
     if full:
         if cli.is_main_process():
             say(f"Full fine-tuning: all {sum(p.numel() for p in model.parameters()):,} parameters trainable")
@@ -655,7 +670,9 @@ def build_trainer(setup, model, tokenizer, train_set, val_set, run_config):
         weight_decay=setup.weight_decay,
         bf16=setup.precision == "bf16",
         fp16=setup.precision == "fp16",
-        activation_checkpointing=setup.gradient_checkpointing,
+        activation_checkpointing=False,  # set on the model (load_model_with_lora): it may cover some layers only
+        use_liger_kernel=setup.liger,
+        torch_compile=setup.torch_compile,
         logging_steps=setup.logging_steps,
         logging_first_step=True,  # the starting loss, and a point on the curves of short runs
         eval_strategy="steps" if has_val else "no",
@@ -756,7 +773,7 @@ def describe_plan(setup):
         f"  GPU memory per process ({plan['estimate_precision']} compute): weights {memory['weights']:.1f} GiB"
         f" + trainable weights, gradients and AdamW states {memory['trainable_and_optimizer']:.1f} GiB"
         f" + activations {memory['activations']:.1f} GiB (micro batch {setup.micro_batch_size} x {setup.pack_budget or setup.cutoff_len}"
-        f" tokens, checkpointing {'on' if setup.gradient_checkpointing else 'off'}) + CUDA overhead"
+        f" tokens, checkpointing {describe_checkpointing(setup.checkpoint_fraction)}) + CUDA overhead"
         f" {memory['cuda_overhead']:.1f} GiB = {memory['total']:.1f} GiB")
     available = plan["gpu_memory_available_gib"]
     if available is None:
@@ -765,6 +782,10 @@ def describe_plan(setup):
         verdict = "fits" if memory["total"] <= available else "does NOT fit"
         lines.append(f"  fit: {memory['total']:.1f} GiB estimated {verdict} in {available:g} GiB per GPU")
     return "\n".join(lines)
+
+
+def describe_checkpointing(fraction):
+    return {0: "off", 1: "on"}.get(fraction, f"on the first {100 * fraction:g}% of layers")
 
 
 def run_training(setup, trainer, run_config):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from conftest import assert_user_error, finetune
 from test_train import flags
 
@@ -145,3 +146,65 @@ def test_cached_equals_batched_equals_per_example(tmp_path, tokenizer, kwargs):
     _, (where, other_folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, other, fingerprint,
                                                 {"seed": 42}, root=tmp_path)
     assert where == "tokenized" and other_folder != folder
+
+
+def test_checkpoint_fraction_counts_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from platy.speed import checkpoint_layers
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1)
+    for fraction, expected in ((0.5, 2), (0.3, 2), (1.0, 4), (0.0, 0), (0.25, 1)):
+        model = LlamaForCausalLM(config)
+        assert checkpoint_layers(model, fraction) == (expected, 4)
+        flags_on = [layer.gradient_checkpointing for layer in model.model.layers]
+        assert flags_on == [True] * expected + [False] * (4 - expected), (fraction, flags_on)
+
+
+def test_partial_checkpointing_recomputes_those_layers_and_keeps_gradients(tmp_path):
+    torch.manual_seed(0)
+    setup, tokenizer, train_set, model = lora_setup(tmp_path, gradient_checkpointing=0.5)
+    layers = model.base_model.model.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    calls = [0, 0]
+    for i, layer in enumerate(layers):
+        # a pre-hook: the recompute stops as soon as it has the tensors backward needs, before mlp returns
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    batch = padded_batch(tokenizer, list(train_set.select(range(4))))
+    model.train()
+    loss, grads = loss_and_grads(model, batch)
+    assert calls == [2, 1], "the checkpointed layer runs again in backward, the other one does not"
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    plain_loss, plain_grads = loss_and_grads(model, batch)
+    assert abs(loss.item() - plain_loss.item()) < 1e-6
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+class QuickCompile(transformers.TrainingArguments):
+    """TrainingArguments that compile with aot_eager instead of inductor."""
+
+    def __post_init__(self):
+        if self.torch_compile:
+            self.torch_compile_backend = "aot_eager"
+        super().__post_init__()
+
+
+def test_torch_compile_leaves_the_first_step_loss_unchanged(tmp_path, monkeypatch):
+    """The Trainer compiles the model when --torch_compile is on. Inductor's C++ build takes about 40 s on
+    these CPUs, so the test compiles with the aot_eager backend: the same graph capture, no code generation."""
+    from test_train import build
+
+    monkeypatch.setattr(transformers, "TrainingArguments", QuickCompile)
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        _, trainer = build(tmp_path / str(compiled), quantization="none", lora_dropout=0.0, max_steps=1,
+                           torch_compile=compiled, gradient_checkpointing=False)
+        assert trainer.args.torch_compile is compiled
+        trainer.train()
+        assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule) is compiled
+        losses[compiled] = [r["loss"] for r in trainer.state.log_history if "loss" in r][0]
+    assert abs(losses[True] - losses[False]) < 1e-5, losses
