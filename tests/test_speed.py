@@ -85,14 +85,17 @@ def test_packed_loss_gradients_and_logits_equal_unpacked(tmp_path):
                 assert (logits[begin:end] - alone).abs().max().item() < 1e-5, (attention, begin)
 
 
-def test_finetune_with_packing_end_to_end(tmp_path):
+def test_finetune_with_packing_and_token_budget_end_to_end(tmp_path):
     out = tmp_path / "packed"
-    result = finetune(out, "--packing", "true", "--batch_size", 2, "--micro_batch_size", 1)
+    result = finetune(out, "--packing", "true", "--micro_batch_tokens", 512, "--batch_size", 2,
+                      "--micro_batch_size", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Packing: 244 training examples in" in result.stderr + result.stdout
     config = json.loads((out / "run_config.json").read_text())
     packing = config["data"]["train_packing"]
-    assert packing["examples"] == 244 and packing["packed_rows"] < 122 and packing["fill"] > 0.8, packing
+    assert packing["examples"] == 244 and packing["token_budget"] == 512, packing
+    tokens = config["data"]["train"]["tokens"]
+    assert -(-tokens // 512) <= packing["packed_rows"] <= tokens / 512 / 0.9, (tokens, packing)  # rows 90% full
     assert config["result"]["global_step"] == 3
     assert (out / "adapter_model.safetensors").is_file()
 
@@ -208,3 +211,16 @@ def test_torch_compile_leaves_the_first_step_loss_unchanged(tmp_path, monkeypatc
         assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule) is compiled
         losses[compiled] = [r["loss"] for r in trainer.state.log_history if "loss" in r][0]
     assert abs(losses[True] - losses[False]) < 1e-5, losses
+
+
+def test_micro_batch_tokens_bounds_every_micro_step(tmp_path):
+    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=300,
+                                           batch_size=2, micro_batch_size=1))
+    assert setup.pack_budget == 300 and setup.gradient_accumulation_steps == 2
+    tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
+    train_set, _, stats = finetune_script.build_datasets(setup, tokenizer, prompter)
+    sizes = [len(ids) for ids in train_set["input_ids"]]
+    assert max(sizes) <= 300 and sum(sizes) == stats["train"]["tokens"], "every token once, no row over budget"
+    assert len(sizes) == stats["train_packing"]["packed_rows"] < stats["train"]["kept"] / 3
+    with pytest.raises(finetune_script.UserError, match="--micro_batch_tokens 100 is below --cutoff_len 256"):
+        finetune_script.validate(flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=100))
