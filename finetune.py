@@ -34,9 +34,10 @@ from platy.data import (
     load_rows,
     prepare_tokenizer,
     split_rows,
-    tokenize_rows,
 )
 from platy.merging import ADAPTER_FILES
+from platy.packing import PackedCollator, pack_dataset
+from platy.tokencache import tokenized_splits
 from platy.modeling import (
     SHARDED,
     check_target_modules,
@@ -52,6 +53,7 @@ from platy.modeling import (
     resolve_precision,
 )
 from platy.prompts import Prompter
+from platy.speed import checkpoint_fraction, checkpoint_layers, kernel_problems
 from platy.reporting import (
     CURVES,
     LOG_HISTORY,
@@ -114,7 +116,7 @@ def train(
     eval_steps: int = None,
     save_steps: int = 200,
     save_total_limit: int = 3,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing=True,
     report_to: str = "auto",
     trust_remote_code: bool = False,
     deepspeed: str = None,
@@ -123,6 +125,11 @@ def train(
     skip_nonfinite_steps: bool = False,
     dry_run: bool = False,
     gpu_memory_gb: float = None,
+    # speed
+    packing: bool = False,
+    micro_batch_tokens: int = None,
+    liger: bool = False,
+    torch_compile: bool = False,
 ):
     """Train a LoRA adapter; output_dir then holds everything merge.py and inference.py need.
 
@@ -175,7 +182,9 @@ def train(
         eval_steps: Evaluate every this many steps (default: save_steps); needs val_set_size.
         save_steps: Write a checkpoint every this many optimizer steps.
         save_total_limit: Checkpoints kept in output_dir (oldest deleted first); 0 keeps all.
-        gradient_checkpointing: Recompute activations in backward to save memory.
+        gradient_checkpointing: Recompute activations in backward to save memory: true, false, or
+            the fraction of decoder layers to checkpoint (0.5: the first half). Off is fastest when
+            memory allows; each checkpointed layer costs its forward again.
         report_to: auto (wandb when wandb_project is set, else none), none, wandb,
             tensorboard, or a comma-separated list.
         trust_remote_code: Allow model code from the hub (some Yi/Qwen variants need it).
@@ -190,6 +199,14 @@ def train(
             GPU memory estimate) and stop: no weights loaded, nothing written. A base model whose
             config is not available locally is planned from its published shape when known.
         gpu_memory_gb: GPU memory to check the estimate against (default: the detected GPU's).
+        packing: Padding-free packing: whole examples share rows of up to cutoff_len tokens
+            (or micro_batch_tokens), attention never crosses an example, the loss is the
+            unpacked one without pad tokens. batch_size and micro_batch_size then count packed rows.
+        micro_batch_tokens: Token budget of a micro-step instead of a count of examples (needs
+            --packing; micro_batch_size stays 1: each micro-step is one row of up to this many tokens).
+        liger: Fused Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs the
+            liger-kernel package and a CUDA GPU.
+        torch_compile: Compile the model with torch.compile (the first steps are slow while it compiles).
     """
     setup = validate(dict(locals()))
     run_config = describe_run(setup)
@@ -258,6 +275,11 @@ def validate(flags):
         problems.append(f"--attn_implementation {f.attn_implementation}: choose one of {', '.join(ATTENTION)}")
     if f.gpu_memory_gb is not None and (not isinstance(f.gpu_memory_gb, (int, float)) or f.gpu_memory_gb <= 0):
         problems.append(f"--gpu_memory_gb must be a positive number, got {f.gpu_memory_gb!r}")
+    problems += speed_problems(f) + kernel_problems(f.liger, f.torch_compile)
+    try:
+        f["checkpoint_fraction"] = checkpoint_fraction(f.gradient_checkpointing)
+    except UserError as err:
+        problems.append(str(err))
     if problems:
         raise UserError("; ".join(problems))
 
@@ -269,6 +291,8 @@ def validate(flags):
             f"--batch_size {f.batch_size} is not a multiple of --micro_batch_size {f.micro_batch_size} x "
             f"{world} process(es) = {per_step}; choose a batch_size such as {per_step * max(1, round(f.batch_size / per_step))}")
     f["world_size"] = world
+    # the token budget of one packed row: a micro-step's worth of tokens
+    f["pack_budget"] = (f.micro_batch_tokens or f.cutoff_len) if f.packing else None
     f["gradient_accumulation_steps"] = f.batch_size // per_step
     f["lora_target_modules"] = parse_target_modules(f.lora_target_modules)
     f["prompter"] = Prompter(f.prompt_template_name)
@@ -304,6 +328,29 @@ def validate(flags):
     if not f.dry_run:
         check_writable(f.output_dir)
     return f
+
+
+def speed_problems(f):
+    """Problems with the speed flags (packing, token budgets), to be reported with all others."""
+    problems = []
+    if f.packing not in (True, False):
+        problems.append(f"--packing must be true or false, got {f.packing!r}")
+    if f.micro_batch_tokens is not None:
+        if not isinstance(f.micro_batch_tokens, int) or isinstance(f.micro_batch_tokens, bool) \
+                or f.micro_batch_tokens < 1:
+            problems.append(f"--micro_batch_tokens must be a positive integer, got {f.micro_batch_tokens!r}")
+        elif f.packing is not True:
+            problems.append("--micro_batch_tokens fills each micro-step with packed examples: add --packing true")
+        elif isinstance(f.cutoff_len, int) and f.micro_batch_tokens < f.cutoff_len:
+            problems.append(f"--micro_batch_tokens {f.micro_batch_tokens} is below --cutoff_len {f.cutoff_len}, "
+                            "so the longest examples would not fit; raise it or lower --cutoff_len")
+        if f.micro_batch_size != 1:
+            problems.append(f"--micro_batch_tokens replaces --micro_batch_size (got {f.micro_batch_size!r}); "
+                            "drop --micro_batch_size")
+    if f.packing is True and f.group_by_length:
+        problems.append("--group_by_length has nothing to do with --packing (packed rows hold no padding); "
+                        "drop one of them")
+    return problems
 
 
 def parallel_strategy(f):
@@ -354,8 +401,8 @@ def plan_run(f, model):
     memory = sizing.estimate(
         f.model_config, counts, finetuning=f.finetuning, quantization=f.quantization,
         compute_bytes=2 if compute in ("bf16", "fp16") else 4, double_quant=f.double_quant,
-        micro_batch_size=f.micro_batch_size, cutoff_len=f.cutoff_len,
-        gradient_checkpointing=f.gradient_checkpointing, strategy=f.strategy, world_size=f.world_size,
+        micro_batch_size=f.micro_batch_size, cutoff_len=f.pack_budget or f.cutoff_len,
+        gradient_checkpointing=f.checkpoint_fraction, strategy=f.strategy, world_size=f.world_size,
         gpus_per_process=max(gpus, 1))
     available = f.gpu_memory_gb
     if available is None and gpus:
@@ -368,7 +415,7 @@ def plan_run(f, model):
         "global_batch": f.batch_size,
         "micro_batch_size": f.micro_batch_size,
         "gradient_accumulation_steps": f.gradient_accumulation_steps,
-        "max_tokens_per_optimizer_step": f.batch_size * f.cutoff_len,
+        "max_tokens_per_optimizer_step": f.batch_size * (f.pack_budget or f.cutoff_len),
         "parameters": counts["total"],
         "trainable_parameters": counts["total"] if f.finetuning == "full" else counts["lora"],
         "shape_source": f.shape_source,
@@ -378,6 +425,7 @@ def plan_run(f, model):
     }
     if f.train_rows is not None:
         plan["train_rows"] = len(f.train_rows)
+    if f.train_rows is not None and not f.packing:  # packed rows are counted after tokenization
         plan["optimizer_steps"] = optimizer_steps(f, len(f.train_rows))
     return plan
 
@@ -450,7 +498,7 @@ def check_output_dir(output_dir, overwrite, resume):
 RESUME_MUST_MATCH = ("base_model", "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "seed",
                      "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "train_on_inputs",
                      "add_eos_token", "group_by_length", "prompt_template_name", "quantization", "learning_rate",
-                     "lr_scheduler", "warmup_steps", "weight_decay")
+                     "lr_scheduler", "warmup_steps", "weight_decay", "packing", "micro_batch_tokens")
 
 
 def note_changed_settings(f):
@@ -493,8 +541,11 @@ def load_tokenizer_and_prompter(setup):
 def build_datasets(setup, tokenizer, prompter):
     example_tokenizer = ExampleTokenizer(tokenizer, prompter, setup.cutoff_len, setup.train_on_inputs,
                                          setup.add_eos_token)
-    train_set, train_stats = tokenize_rows(setup.train_rows, example_tokenizer)
-    val_set, val_stats = tokenize_rows(setup.val_rows, example_tokenizer)
+    split = {"seed": setup.seed, "val_set_size": setup.val_set_size}
+    splits, (where, folder) = tokenized_splits({"train": setup.train_rows, "val": setup.val_rows}, example_tokenizer,
+                                               setup.data_fingerprint, split)
+    (train_set, train_stats), (val_set, val_stats) = splits["train"], splits["val"]
+    say(f"Tokenized data: {'loaded from the cache' if where == 'cache' else 'tokenized and cached'} in {folder}")
     if train_set is None or len(train_set) == 0:
         raise UserError(f"{setup.data_path}: no training example keeps any response token within --cutoff_len "
                         f"{setup.cutoff_len}; raise --cutoff_len or shorten the prompts")
@@ -507,6 +558,13 @@ def build_datasets(setup, tokenizer, prompter):
         f"{0 if val_set is None else len(val_set)} held out; {train_stats['truncated'] + val_stats['truncated']} "
         f"cut at cutoff_len {setup.cutoff_len}; {dropped} dropped (response cut away entirely); "
         f"{train_stats['label_tokens']:,} response tokens (labels) per epoch")
+    if setup.packing:
+        train_set, stats["train_packing"] = pack_dataset(train_set, setup.pack_budget)
+        val_set, stats["val_packing"] = pack_dataset(val_set, setup.pack_budget)
+        packing = stats["train_packing"]
+        say(f"Packing: {packing['examples']} training examples in {packing['packed_rows']} rows of up to "
+            f"{setup.pack_budget} tokens ({100 * packing['fill']:.1f}% filled); batch_size {setup.batch_size} "
+            "and micro_batch_size count these rows")
     steps = optimizer_steps(setup, len(train_set))
     done = checkpoint_step(setup.resume[1]) if setup.resume and setup.resume[0] == "checkpoint" else 0
     # a run whose last checkpoint holds every step but whose final save was cut short: export that checkpoint
@@ -547,6 +605,9 @@ def load_model_with_lora(setup):
         # FSDP shards float tensors only: pack the 4-bit codes in the compute dtype
         quant_storage=setup.precision if fsdp and setup.quantization == "4bit" else None,
         attn_implementation=None if setup.attn_implementation == "auto" else setup.attn_implementation)
+    checkpointed, layers = checkpoint_layers(model, setup.checkpoint_fraction)
+    if checkpointed and cli.is_main_process():
+        say(f"Activation checkpointing on {checkpointed} of {layers} decoder layers")
     if full:
         if cli.is_main_process():
             say(f"Full fine-tuning: all {sum(p.numel() for p in model.parameters()):,} parameters trainable")
@@ -610,7 +671,9 @@ def build_trainer(setup, model, tokenizer, train_set, val_set, run_config):
         weight_decay=setup.weight_decay,
         bf16=setup.precision == "bf16",
         fp16=setup.precision == "fp16",
-        activation_checkpointing=setup.gradient_checkpointing,
+        activation_checkpointing=False,  # set on the model (load_model_with_lora): it may cover some layers only
+        use_liger_kernel=setup.liger,
+        torch_compile=setup.torch_compile,
         logging_steps=setup.logging_steps,
         logging_first_step=True,  # the starting loss, and a point on the curves of short runs
         eval_strategy="steps" if has_val else "no",
@@ -635,8 +698,11 @@ def build_trainer(setup, model, tokenizer, train_set, val_set, run_config):
         # without use_cpu, accelerate runs CPU ranks as independent jobs: no gradient sync
         use_cpu=setup.device == "cpu",
     )
-    collator = transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt",
-                                                   padding=True, label_pad_token_id=-100)
+    if setup.packing:
+        collator = PackedCollator()
+    else:
+        collator = transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt",
+                                                       padding=True, label_pad_token_id=-100)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, data_collator=collator,
                       processing_class=tokenizer, run_config=run_config, checkpoint_limit=setup.save_total_limit,
                       skip_nonfinite_steps=setup.skip_nonfinite_steps)
@@ -688,17 +754,21 @@ def describe_plan(setup):
         f"  batch: global {plan['global_batch']} = micro batch {plan['micro_batch_size']} x gradient accumulation "
         f"{plan['gradient_accumulation_steps']} x {plan['processes']} process(es)",
         f"  tokens per optimizer step: up to {plan['max_tokens_per_optimizer_step']:,} ({plan['global_batch']} "
-        f"sequences x cutoff_len {setup.cutoff_len}; shorter examples use fewer)",
+        + (f"packed rows x {setup.pack_budget} tokens)" if setup.packing else
+           f"sequences x cutoff_len {setup.cutoff_len}; shorter examples use fewer)"),
     ]
-    if "train_rows" in plan:
+    if "train_rows" in plan and setup.packing:
+        lines.append(f"  data: {plan['train_rows']:,} training rows, packed after tokenization: the optimizer steps "
+                     "are counted then")
+    elif "train_rows" in plan:
         lines.append(f"  data: {plan['train_rows']:,} training rows: {plan['optimizer_steps']:,} optimizer steps")
     else:
         lines.append(f"  data: {setup.data_path} is not a local file: rows are counted when the run starts")
     lines.append(
         f"  GPU memory per process ({plan['estimate_precision']} compute): weights {memory['weights']:.1f} GiB"
         f" + trainable weights, gradients and AdamW states {memory['trainable_and_optimizer']:.1f} GiB"
-        f" + activations {memory['activations']:.1f} GiB (micro batch {setup.micro_batch_size} x {setup.cutoff_len}"
-        f" tokens, checkpointing {'on' if setup.gradient_checkpointing else 'off'}) + CUDA overhead"
+        f" + activations {memory['activations']:.1f} GiB (micro batch {setup.micro_batch_size} x {setup.pack_budget or setup.cutoff_len}"
+        f" tokens, checkpointing {describe_checkpointing(setup.checkpoint_fraction)}) + CUDA overhead"
         f" {memory['cuda_overhead']:.1f} GiB = {memory['total']:.1f} GiB")
     available = plan["gpu_memory_available_gib"]
     if available is None:
@@ -707,6 +777,10 @@ def describe_plan(setup):
         verdict = "fits" if memory["total"] <= available else "does NOT fit"
         lines.append(f"  fit: {memory['total']:.1f} GiB estimated {verdict} in {available:g} GiB per GPU")
     return "\n".join(lines)
+
+
+def describe_checkpointing(fraction):
+    return {0: "off", 1: "on"}.get(fraction, f"on the first {100 * fraction:g}% of layers")
 
 
 def run_training(setup, trainer, run_config):

@@ -484,19 +484,29 @@ class ExampleTokenizer:
 
     def __call__(self, batch):
         prompts = [self.prompter.generate_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
-        encode = self.tokenizer
-        prompt_ids = encode(prompts, add_special_tokens=False)["input_ids"]
-        joint_ids = encode([p + r for p, r in zip(prompts, batch["output"])], add_special_tokens=False)["input_ids"]
+        prompt_ids = self.encode(prompts)
+        joint_ids = self.encode([p + r for p, r in zip(prompts, batch["output"])])
         out = {"input_ids": [], "attention_mask": [], "labels": [], "n_response": [], "truncated": []}
         for prompt, joint, response_text in zip(prompt_ids, joint_ids, batch["output"]):
             if joint[: len(prompt)] == prompt:
                 response = joint[len(prompt):]
             else:
-                response = encode(response_text, add_special_tokens=False)["input_ids"]
+                response = self.encode([response_text])[0]
             example = self.build(with_bos(prompt, self.bos), response)
             for key, value in example.items():
                 out[key].append(value)
         return out
+
+    def encode(self, texts):
+        """Token ids of texts without special tokens: the same ids as tokenizer(texts), and for a
+        fast tokenizer straight from its Rust backend (batched over threads, no Python per text)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
+        if backend is None:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # an earlier tokenizer(..., truncation=True) call leaves its setting on the backend
+        backend.no_truncation()
+        backend.no_padding()
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
 
     def build(self, prompt, response):
         room = self.cutoff_len - len(prompt)
@@ -515,28 +525,51 @@ class ExampleTokenizer:
                 "n_response": len(kept), "truncated": truncated}
 
 
+TOKENIZE_BATCH = 2000  # rows per call of the tokenizer: large enough to keep its threads busy
+PARALLEL_ROWS = 20000  # from this many rows on, tokenize in several processes (where there are cores to spare)
+
+
 def tokenize_rows(rows, example_tokenizer, num_proc=None):
     """Tokenize rows into a datasets.Dataset; drop examples with no response token left.
 
     Returns (dataset, stats). Dropped examples are counted, never trained on: a batch with
-    no trainable token gives a NaN loss.
+    no trainable token gives a NaN loss. The tokenizer sees batches of TOKENIZE_BATCH rows;
+    num_proc (default: half the cores, at most 8, for PARALLEL_ROWS rows or more on a
+    machine with at least 4 cores) splits them over processes.
     """
     import datasets
 
     if not rows:
         return None, {"rows": 0, "dropped_cut_away": 0, "truncated": 0, "tokens": 0, "label_tokens": 0}
+    if num_proc is None:
+        cores = os.cpu_count() or 1
+        num_proc = min(8, cores // 2) if len(rows) >= PARALLEL_ROWS and cores >= 4 else 1
     columns = {key: [row.get(key, "") for row in rows] for key in ("instruction", "input", "output")}
-    ds = datasets.Dataset.from_dict(columns)
-    ds = ds.map(example_tokenizer, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
-                desc="Tokenizing", load_from_cache_file=False)
-    n_before = len(ds)
-    stats_truncated = sum(ds["truncated"])
-    ds = ds.filter(lambda n: n > 0, input_columns="n_response", desc="Dropping cut-away examples")
-    dropped = n_before - len(ds)
-    lengths = [len(ids) for ids in ds["input_ids"]]
-    label_tokens = sum(sum(1 for v in labels[1:] if v != IGNORE_INDEX) for labels in ds["labels"])
-    ds = ds.remove_columns(["n_response", "truncated"])
-    stats = {"rows": n_before, "kept": len(ds), "dropped_cut_away": dropped, "truncated": stats_truncated,
-             "tokens": sum(lengths), "label_tokens": label_tokens,
-             "max_len": max(lengths, default=0)}
-    return ds, stats
+    if num_proc > 1:
+        ds = datasets.Dataset.from_dict(columns)
+        parts = [ds.map(example_tokenizer, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=ds.column_names,
+                        num_proc=num_proc, desc="Tokenizing", load_from_cache_file=False).to_dict()]
+    else:  # in this process: no Arrow round trip per batch
+        parts = [example_tokenizer({key: values[i:i + TOKENIZE_BATCH] for key, values in columns.items()})
+                 for i in range(0, len(rows), TOKENIZE_BATCH)]
+    examples = {key: [v for part in parts for v in part[key]] for key in ("input_ids", "attention_mask", "labels")}
+    n_response = [n for part in parts for n in part["n_response"]]
+    truncated = sum(t for part in parts for t in part["truncated"])
+    keep = [i for i, n in enumerate(n_response) if n > 0]
+    if len(keep) < len(n_response):
+        examples = {key: [values[i] for i in keep] for key, values in examples.items()}
+    lengths = [len(ids) for ids in examples["input_ids"]]
+    # labels are shifted inside the model: a label at position 0 is never a target
+    label_tokens = sum(len(labels) - 1 - labels[1:].count(IGNORE_INDEX) for labels in examples["labels"])
+    stats = {"rows": len(rows), "kept": len(keep), "dropped_cut_away": len(rows) - len(keep), "truncated": truncated,
+             "tokens": sum(lengths), "label_tokens": label_tokens, "max_len": max(lengths, default=0)}
+    return tokenized_dataset(examples), stats
+
+
+def tokenized_dataset(examples):
+    """A datasets.Dataset of input_ids, attention_mask and labels; typed, so an empty one is valid too."""
+    import datasets
+
+    ids = datasets.List(datasets.Value("int64"))
+    features = datasets.Features({"input_ids": ids, "attention_mask": ids, "labels": ids})
+    return datasets.Dataset.from_dict(examples, features=features)

@@ -17,6 +17,7 @@ allocator fragmentation and library versions. Rules used (bytes per parameter):
   FSDP split weights too; one process spreading the layers over its GPUs splits all of it.
 """
 
+import math
 GIB = 1024 ** 3
 CUDA_OVERHEAD_GIB = 1.0  # CUDA context, kernels and allocator slack per process
 
@@ -86,9 +87,12 @@ def activation_bytes(config, micro_batch_size, cutoff_len, compute_bytes, gradie
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
     one_layer = tokens * (17 * hidden + 6 * intermediate) * compute_bytes / 2
     logits = tokens * config.vocab_size * (compute_bytes + 8)
-    if gradient_checkpointing:
-        return layers * tokens * hidden * compute_bytes + one_layer + logits
-    return layers * one_layer + logits
+    # gradient_checkpointing: the fraction of layers checkpointed (True: all); those keep only their input
+    checkpointed = math.ceil(float(gradient_checkpointing) * layers - 1e-9)
+    kept = (layers - checkpointed) * one_layer
+    if checkpointed:
+        return checkpointed * tokens * hidden * compute_bytes + kept + one_layer + logits
+    return kept + logits
 
 
 def estimate(config, counts, *, finetuning, quantization, compute_bytes, double_quant, micro_batch_size,

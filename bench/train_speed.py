@@ -1,0 +1,302 @@
+"""Training throughput side by side: this toolkit's fastest settings, the original Platypus
+settings, and TRL's SFTTrainer (QLoRA defaults, and padding-free), on the same synthetic data.
+
+    python bench/train_speed.py                                  # tiny model, CPU, 4-bit
+    python bench/train_speed.py --arch llama2-7b --cutoff_len 4096 --steps 20    # on a GPU
+    python bench/train_speed.py --arch llama3-8b --cutoff_len 4096 --steps 20
+
+The model is randomly initialised with the named architecture's shapes (built once and
+cached under $PLATY_CACHE/bench-models), 4-bit NF4, LoRA r 16 on gate/up/down; the rows
+are synthetic with an Open-Platypus-like length spread (bench/synthetic.py), tokenized with
+the embedded tiny model's tokenizer. Each configuration runs --steps optimizer steps in a
+process of its own (so peak memory is its own):
+  (a) toolkit:       --packing true, --micro_batch_tokens (default 2 x cutoff_len), no
+                     activation checkpointing (--fast_checkpointing to change), SDPA
+                     (FlashAttention 2 when flash-attn is installed);
+  (b) platypus:      micro batch 1, padding, activation checkpointing on every layer;
+  (c) trl:           TRL SFTTrainer with QLoRA and its defaults (prompt-completion rows);
+  (d) trl-pad-free:  the same with padding_free=True (with packing_strategy bfd, as TRL
+                     requires for padding-free batches that respect max_length).
+(c) and (d) need trl (requirements-bench.txt); without it they are skipped with a note.
+
+Printed per configuration: trained (non-pad) tokens per second, peak memory (GPU:
+max allocated; CPU: the process's peak resident memory), MFU, and the ratio of each to (c).
+MFU = F x tokens/s / peak FLOP/s, with F = 4 N_frozen + 6 N_lora + 6 L d s FLOPs per token
+(N_frozen: frozen linear weights incl. lm_head, no embedding; N_lora: LoRA weights; L
+layers, d hidden size, s = sum of squared example lengths / sum of lengths). The peak is
+the GPU's dense bf16 figure (H100/H200 989 TFLOP/s, A100 312) or --peak_tflops; on a CPU
+MFU is shown only when --peak_tflops is given.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from synthetic import synthetic_rows  # noqa: E402
+
+from platy.cli import UserError, run, say  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+CONFIGS = ("toolkit", "platypus", "trl", "trl-pad-free")
+LABELS = {"toolkit": "(a) toolkit fastest", "platypus": "(b) original Platypus", "trl": "(c) TRL QLoRA defaults",
+          "trl-pad-free": "(d) TRL padding-free"}
+TARGETS = ["gate_proj", "up_proj", "down_proj"]
+LORA_R = 16
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int = 1024, micro_batch_tokens: int = None,
+         fast_checkpointing: float = 0.0, peak_tflops: float = None, configs: str = ",".join(CONFIGS),
+         seed: int = 0, only: str = None, result_file: str = None):
+    """Args:
+        arch: Model shapes: tiny, llama2-7b or llama3-8b (random weights).
+        steps: Optimizer steps of every configuration.
+        rows: Synthetic rows to draw the training examples from.
+        cutoff_len: Longest example in tokens.
+        micro_batch_tokens: Token budget of a micro-step in (a) (default 2 x cutoff_len).
+        fast_checkpointing: --gradient_checkpointing of (a): 0 (off), a fraction, or 1.
+        peak_tflops: The device's peak FLOP/s in TFLOP/s for MFU (default: known GPUs only).
+        configs: Which configurations to run, comma-separated (toolkit, platypus, trl, trl-pad-free).
+        seed: Seed of the synthetic rows.
+        only: (internal) run one configuration in this process.
+        result_file: (internal) where that run writes its figures.
+    """
+    if arch not in SHAPES:
+        raise UserError(f"--arch {arch}: choose one of {', '.join(SHAPES)}")
+    wanted = [c.strip() for c in str(configs).split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in CONFIGS]
+    if unknown:
+        raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    budget = micro_batch_tokens or 2 * cutoff_len
+    if only:
+        return run_one(only, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed, result_file)
+    model_dir = random_model(arch)
+    lengths = example_lengths(rows, seed, cutoff_len)
+    s = sum(n * n for n in lengths) / sum(lengths)
+    flops_per_token = model_flops_per_token(arch, s)
+    peak = peak_tflops or detect_peak_tflops()
+    say(f"{arch} (random weights, {model_dir}), 4-bit, LoRA r {LORA_R} on {', '.join(TARGETS)}; {rows} synthetic rows, "
+        f"cutoff_len {cutoff_len}, {steps} optimizer steps each; s = {s:.0f} tokens; "
+        f"F = {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak or 'unknown'} TFLOP/s")
+    results = {}
+    for name in wanted:
+        if name.startswith("trl") and not has_trl():
+            say(f"{LABELS[name]}: skipped, trl is not installed (pip install -r requirements-bench.txt)")
+            continue
+        results[name] = run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed)
+    report(results, flops_per_token, peak)
+
+
+def has_trl():
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, __file__, "--only", name, "--arch", arch, "--steps", str(steps), "--rows", str(rows),
+                   "--cutoff_len", str(cutoff_len), "--micro_batch_tokens", str(budget), "--fast_checkpointing",
+                   str(fast_checkpointing), "--seed", str(seed), "--result_file", str(out)]
+        started = time.time()
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not out.is_file():
+            say(f"{LABELS[name]}: failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+            return None
+        result = json.loads(out.read_text())
+        say(f"{LABELS[name]}: {result['tokens']:,} tokens in {result['seconds']:.1f} s "
+            f"(process {time.time() - started:.0f} s)")
+        return result
+
+
+def report(results, flops_per_token, peak):
+    base = results.get("trl")
+    say("\n| configuration | tokens/s | peak memory (GiB) | MFU | tokens/s vs (c) | memory vs (c) |")
+    say("| --- | --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        if r is None:
+            say(f"| {LABELS[name]} | failed | | | | |")
+            continue
+        speed = r["tokens"] / r["seconds"]
+        mfu = f"{100 * flops_per_token * speed / (peak * 1e12):.1f}%" if peak else "n/a"
+        vs = (f"{speed / (base['tokens'] / base['seconds']):.2f}x", f"{r['peak_gib'] / base['peak_gib']:.2f}x") \
+            if base else ("n/a", "n/a")
+        say(f"| {LABELS[name]} | {speed:,.0f} | {r['peak_gib']:.2f} | {mfu} | {vs[0]} | {vs[1]} |")
+    a, b = results.get("toolkit"), results.get("platypus")
+    if a and b:
+        say(f"\n(a)/(b) tokens per second: {(a['tokens'] / a['seconds']) / (b['tokens'] / b['seconds']):.2f}x")
+
+
+# ---- the model, the data and the FLOPs ---------------------------------------------------
+
+def random_model(arch):
+    """A folder holding a randomly initialised model of the architecture (bf16 on disk), built once."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from platy import tiny
+
+    folder = tiny.cache_root() / "bench-models" / arch
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(tiny.ensure_model())
+    config = LlamaConfig(**SHAPES[arch], max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # a 7B model in fp32 would need twice the memory to build
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    staging = folder.with_name(f".{arch}.{os.getpid()}.tmp")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.replace(folder)
+    return folder
+
+
+def data_file(rows, seed):
+    from platy import tiny
+
+    path = tiny.cache_root() / "bench-data" / f"rows-{rows}-{seed}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(synthetic_rows(rows, seed)))
+        tmp.replace(path)
+    return path
+
+
+def example_lengths(rows, seed, cutoff_len):
+    """Token counts of the training examples (the tokenized rows, as finetune.py builds them)."""
+    from transformers import AutoTokenizer
+
+    from platy import tiny
+    from platy.data import ExampleTokenizer, prepare_tokenizer, tokenize_rows
+    from platy.prompts import Prompter
+
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny.ensure_model()))
+    ds, _ = tokenize_rows(json.loads(data_file(rows, seed).read_text()),
+                          ExampleTokenizer(tokenizer, Prompter("alpaca"), cutoff_len))
+    return [len(ids) for ids in ds["input_ids"]]
+
+
+def model_flops_per_token(arch, s):
+    """F = 4 N_frozen + 6 N_lora + 6 L d s: frozen weights need forward and input gradients, LoRA
+    weights also weight gradients, attention scores and values cost 6 L d s per token."""
+    shape = SHAPES[arch]
+    d, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter  # q, o; k, v; gate, up, down
+    frozen = layers * per_layer + d * shape["vocab_size"]  # with lm_head, no embedding
+    lora = layers * LORA_R * ((d + inter) * 2 + (inter + d))  # gate, up: d -> inter; down: inter -> d
+    return 4 * frozen + 6 * lora + 6 * layers * d * s
+
+
+def detect_peak_tflops():
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+# ---- one configuration, in its own process ----------------------------------------------
+
+def run_one(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed, result_file):
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    runner = run_trl if name.startswith("trl") else run_toolkit
+    with tempfile.TemporaryDirectory() as out:
+        trainer = runner(name, random_model(arch), data_file(rows, seed), out, steps, cutoff_len, budget,
+                         fast_checkpointing)
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    result = {"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds, "peak_gib": peak,
+              "steps": trainer.state.global_step}
+    Path(result_file).write_text(json.dumps(result))
+
+
+def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_checkpointing):
+    import importlib.util
+    import inspect
+
+    import finetune
+
+    flags = {k: p.default for k, p in inspect.signature(finetune.train).parameters.items()}
+    flags.update(base_model=str(model_dir), data_path=str(data_path), output_dir=out, max_steps=steps,
+                 cutoff_len=cutoff_len, warmup_steps=0, logging_steps=max(1, steps), save_steps=10 ** 6,
+                 report_to="none", lora_target_modules=TARGETS)
+    if name == "toolkit":
+        flags.update(packing=True, micro_batch_tokens=budget, micro_batch_size=1, batch_size=4,
+                     gradient_checkpointing=fast_checkpointing,
+                     attn_implementation="flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa")
+    else:  # Platypus's published settings: micro batch 1, global batch 16, padding, checkpointing
+        flags.update(packing=False, micro_batch_size=1, batch_size=16, gradient_checkpointing=True)
+    setup = finetune.validate(flags)
+    tokenizer, prompter = finetune.load_tokenizer_and_prompter(setup)
+    train_set, _, _ = finetune.build_datasets(setup, tokenizer, prompter)
+    model, _ = finetune.load_model_with_lora(setup)
+    return finetune.build_trainer(setup, model, tokenizer, train_set, None, run_config={})
+
+
+def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_checkpointing):
+    """TRL's SFTTrainer, its defaults except what the comparison needs fixed: the steps, max_length
+    (cutoff_len), the LoRA settings and the precision this device has."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from platy.data import prepare_tokenizer
+    from platy.modeling import load_model, load_tokenizer, resolve_precision
+    from platy.prompts import Prompter
+
+    precision = resolve_precision("auto")
+    prompter = Prompter("alpaca")
+    rows = json.loads(Path(data_path).read_text())
+    ds = datasets.Dataset.from_list([{"prompt": prompter.generate_prompt(r["instruction"], r["input"]),
+                                      "completion": r["output"]} for r in rows])
+    tokenizer = prepare_tokenizer(load_tokenizer(str(model_dir)))
+    model = load_model(str(model_dir), "4bit", precision)
+    cpu = not torch.cuda.is_available()
+    config = SFTConfig(output_dir=out, max_steps=steps, max_length=cutoff_len, report_to="none",
+                       save_strategy="no", logging_steps=max(1, steps), include_num_input_tokens_seen="non_padding",
+                       bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=cpu,
+                       # TRL refuses padding_free alone (it would not enforce max_length): its own advice is
+                       # padding-free with best-fit-decreasing packing, which cuts examples at max_length
+                       **({"padding_free": True, "packing": True, "packing_strategy": "bfd"}
+                          if name == "trl-pad-free" else {}))
+    lora = LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    return SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tokenizer, peft_config=lora)
+
+
+if __name__ == "__main__":
+    run(main)

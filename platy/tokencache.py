@@ -1,0 +1,89 @@
+"""Tokenized training data cached on disk, so a second run and every DDP rank skip tokenization.
+
+The cache key is everything the tokens depend on: the data's fingerprint and its train /
+held-out split, the tokenizer (its full serialized definition), the template, cutoff_len,
+train_on_inputs, add_eos_token and the version of the tokenization code. One process
+builds an entry while holding a file lock; the others wait on the lock and then load the
+finished entry. An entry is written to a temporary folder and renamed into place, so a
+killed build never leaves a half-written one.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from platy.data import adds_bos, tokenize_rows, tokenized_dataset
+from platy.tiny import cache_root
+
+TOKENIZATION_VERSION = 1  # bump when ExampleTokenizer or tokenize_rows change what they produce
+SPLITS = ("train", "val")
+
+
+def tokenizer_fingerprint(tokenizer):
+    """sha256 of what decides the ids: the backend's full definition (vocab, merges, normalizer,
+    pre-tokenizer) where there is one, the special tokens and whether BOS is added."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # truncation and padding are per-call settings that calls leave on the backend: not part of the ids
+        definition = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        definition = tokenizer.get_vocab()
+    definition = json.dumps(definition, sort_keys=True)
+    special = {"class": type(tokenizer).__name__, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+               "adds_bos": adds_bos(tokenizer)}
+    return hashlib.sha256((definition + json.dumps(special, sort_keys=True)).encode()).hexdigest()
+
+
+def cache_key(data_fingerprint, split, example_tokenizer):
+    """The folder name of an entry; split says how the rows were divided (seed, val_set_size)."""
+    parts = {"data": data_fingerprint, "split": split, "tokenizer": tokenizer_fingerprint(example_tokenizer.tokenizer),
+             "template": example_tokenizer.prompter.template, "cutoff_len": example_tokenizer.cutoff_len,
+             "train_on_inputs": example_tokenizer.train_on_inputs, "add_eos_token": example_tokenizer.add_eos_token,
+             "version": TOKENIZATION_VERSION}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, root=None):
+    """{name: (dataset or None, stats)} for the row splits, from the cache or tokenized and cached.
+
+    Returns (splits, (where, folder)): where is 'cache' or 'tokenized'; folder is the entry.
+    """
+    folder = Path(root or cache_root() / "tokenized") / cache_key(data_fingerprint, split, example_tokenizer)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait here, then load its entry
+        if not (folder / "stats.json").is_file():
+            build(folder, row_splits, example_tokenizer)
+            where = "tokenized"
+        else:
+            where = "cache"
+    stats = json.loads((folder / "stats.json").read_text())
+    splits = {name: (load_split(folder / name, stats[name]), stats[name]) for name in row_splits}
+    return splits, (where, folder)
+
+
+def load_split(folder, stats):
+    """The saved split; None for a split without rows, an empty dataset when every example was dropped
+    (datasets cannot load an empty saved dataset, so none is saved)."""
+    import datasets
+
+    if folder.is_dir():
+        return datasets.load_from_disk(str(folder))
+    return tokenized_dataset({"input_ids": [], "attention_mask": [], "labels": []}) if stats["rows"] else None
+
+
+def build(folder, row_splits, example_tokenizer):
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    stats = {}
+    for name, rows in row_splits.items():
+        ds, stats[name] = tokenize_rows(rows, example_tokenizer)
+        if ds is not None and len(ds):
+            ds.save_to_disk(str(staging / name))
+    (staging / "stats.json").write_text(json.dumps(stats))  # written last: marks a complete entry
+    shutil.rmtree(folder, ignore_errors=True)  # a leftover without stats.json
+    os.replace(staging, folder)

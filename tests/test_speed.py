@@ -1,0 +1,226 @@
+"""Speed features: packing, tokenization cache, partial checkpointing, compile, token budgets."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from conftest import assert_user_error, finetune
+from test_train import flags
+
+import finetune as finetune_script
+from platy.packing import PackedCollator, pack_dataset, pack_lengths
+
+
+def lora_setup(tmp_path, **overrides):
+    """Unquantized tiny Llama with LoRA, dropout 0: forwards are deterministic, so exact comparisons hold."""
+    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), quantization="none", lora_dropout=0.0,
+                                           **overrides))
+    tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
+    train_set, _, _ = finetune_script.build_datasets(setup, tokenizer, prompter)
+    model, _ = finetune_script.load_model_with_lora(setup)
+    with torch.no_grad():  # a non-zero adapter, so its gradients flow through every layer
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return setup, tokenizer, train_set, model
+
+
+def padded_batch(tokenizer, examples):
+    from transformers import DataCollatorForSeq2Seq
+
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    return collate([{k: e[k] for k in ("input_ids", "attention_mask", "labels")} for e in examples])
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_pack_lengths_fills_rows_within_the_budget():
+    lengths = [5, 9, 3, 7, 1, 10, 2, 6]
+    rows = pack_lengths(lengths, 10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths))), "every example exactly once"
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == 5  # 43 tokens need at least 5 rows of 10
+    with pytest.raises(ValueError, match="more than the packing budget"):
+        pack_lengths([11], 10)
+
+
+def test_packed_loss_gradients_and_logits_equal_unpacked(tmp_path):
+    """One step on packed rows computes what padded batches of the same examples compute."""
+    setup, tokenizer, train_set, model = lora_setup(tmp_path)
+    examples = train_set.select(range(12))
+    packed, stats = pack_dataset(examples, 256)
+    assert stats["packed_rows"] < 12 and stats["examples"] == 12, stats
+    packed_batch = PackedCollator()([packed[i] for i in range(len(packed))])
+    assert "attention_mask" not in packed_batch and packed_batch["input_ids"].shape[0] == 1
+    assert packed_batch["use_cache"] is False, "a cache turns off the detection of example boundaries"
+    # no pad token anywhere: the packed row is exactly the examples' tokens
+    assert packed_batch["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in examples)
+
+    # the Trainer's loss is the mean over the label tokens of a batch: the same set of tokens on both sides
+    padded_loss, padded_grads = loss_and_grads(model, padded_batch(tokenizer, list(examples)))
+    packed_loss, packed_grads = loss_and_grads(model, packed_batch)
+    assert abs(packed_loss.item() - padded_loss.item()) < 1e-5, (packed_loss, padded_loss)
+    assert padded_grads.keys() == packed_grads.keys() and padded_grads
+    for name in padded_grads:
+        torch.testing.assert_close(packed_grads[name], padded_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # attention never crosses an example: each example's logits in the packed row equal its own forward
+    model.eval()
+    row = packed[0]
+    starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+    assert len(starts) > 2, "the first packed row holds several examples"
+    for attention in ("sdpa", "eager"):
+        model.base_model.model.set_attn_implementation(attention)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]]),
+                           position_ids=torch.tensor([row["position_ids"]]), use_cache=False).logits[0]
+            for begin, end in zip(starts, starts[1:]):
+                alone = model(input_ids=torch.tensor([row["input_ids"][begin:end]])).logits[0]
+                assert (logits[begin:end] - alone).abs().max().item() < 1e-5, (attention, begin)
+
+
+def test_finetune_with_packing_and_token_budget_end_to_end(tmp_path):
+    out = tmp_path / "packed"
+    result = finetune(out, "--packing", "true", "--micro_batch_tokens", 512, "--batch_size", 2,
+                      "--micro_batch_size", 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Packing: 244 training examples in" in result.stderr + result.stdout
+    config = json.loads((out / "run_config.json").read_text())
+    packing = config["data"]["train_packing"]
+    assert packing["examples"] == 244 and packing["token_budget"] == 512, packing
+    tokens = config["data"]["train"]["tokens"]
+    assert -(-tokens // 512) <= packing["packed_rows"] <= tokens / 512 / 0.9, (tokens, packing)  # rows 90% full
+    assert config["result"]["global_step"] == 3
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_speed_flags_refused_together(tmp_path):
+    result = finetune(tmp_path / "bad", "--micro_batch_tokens", 100, "--micro_batch_size", 2)
+    assert_user_error(result, "finetune.py", "--micro_batch_tokens fills each micro-step with packed examples",
+                      "--micro_batch_tokens replaces --micro_batch_size")
+
+
+def per_example_tokens(tok, rows, **kwargs):
+    """The original per-example path: one row at a time, the tokenizer called through transformers."""
+    from platy.data import ExampleTokenizer
+    from platy.prompts import Prompter
+
+    class PerExample(ExampleTokenizer):
+        def encode(self, texts):
+            return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    example_tokenizer = PerExample(tok, Prompter("alpaca"), **kwargs)
+    out = [example_tokenizer({k: [row.get(k, "")] for k in ("instruction", "input", "output")}) for row in rows]
+    kept = [o for o in out if o["n_response"][0] > 0]
+    return {key: [o[key][0] for o in kept] for key in ("input_ids", "attention_mask", "labels")}
+
+
+@pytest.mark.parametrize("kwargs", [dict(cutoff_len=256), dict(cutoff_len=40, train_on_inputs=True, add_eos_token=True)])
+def test_cached_equals_batched_equals_per_example(tmp_path, tokenizer, kwargs):
+    from conftest import SAMPLE
+
+    from platy.data import ExampleTokenizer, load_rows, prepare_tokenizer
+    from platy.prompts import Prompter
+    from platy.tokencache import tokenized_splits
+
+    tok = prepare_tokenizer(tokenizer)
+    rows, fingerprint = load_rows(str(SAMPLE))
+    rows = rows[:120]
+    expected = per_example_tokens(tok, rows, **kwargs)
+    tok("warm up", truncation=True, max_length=8)  # leaves truncation set on the backend: must not matter
+    example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), **kwargs)
+    seen = []
+    for _ in range(2):
+        splits, (where, folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, example_tokenizer,
+                                                   fingerprint, {"seed": 42}, root=tmp_path)
+        seen.append(where)
+        got = {key: list(splits["train"][0][key]) + list(splits["val"][0][key]) for key in expected}
+        assert got == expected  # bit for bit: ids, mask and labels of every kept example
+    assert seen == ["tokenized", "cache"]
+    assert splits["train"][1]["rows"] == 100 and splits["val"][1]["rows"] == 20
+    # another cutoff_len is another entry
+    other = ExampleTokenizer(tok, Prompter("alpaca"), cutoff_len=kwargs["cutoff_len"] + 1)
+    _, (where, other_folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, other, fingerprint,
+                                                {"seed": 42}, root=tmp_path)
+    assert where == "tokenized" and other_folder != folder
+
+
+def test_checkpoint_fraction_counts_layers():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from platy.speed import checkpoint_layers
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=1)
+    for fraction, expected in ((0.5, 2), (0.3, 2), (1.0, 4), (0.0, 0), (0.25, 1)):
+        model = LlamaForCausalLM(config)
+        assert checkpoint_layers(model, fraction) == (expected, 4)
+        flags_on = [layer.gradient_checkpointing for layer in model.model.layers]
+        assert flags_on == [True] * expected + [False] * (4 - expected), (fraction, flags_on)
+
+
+def test_partial_checkpointing_recomputes_those_layers_and_keeps_gradients(tmp_path):
+    torch.manual_seed(0)
+    setup, tokenizer, train_set, model = lora_setup(tmp_path, gradient_checkpointing=0.5)
+    layers = model.base_model.model.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    calls = [0, 0]
+    for i, layer in enumerate(layers):
+        # a pre-hook: the recompute stops as soon as it has the tensors backward needs, before mlp returns
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    batch = padded_batch(tokenizer, list(train_set.select(range(4))))
+    model.train()
+    loss, grads = loss_and_grads(model, batch)
+    assert calls == [2, 1], "the checkpointed layer runs again in backward, the other one does not"
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    plain_loss, plain_grads = loss_and_grads(model, batch)
+    assert abs(loss.item() - plain_loss.item()) < 1e-6
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+class QuickCompile(transformers.TrainingArguments):
+    """TrainingArguments that compile with aot_eager instead of inductor."""
+
+    def __post_init__(self):
+        if self.torch_compile:
+            self.torch_compile_backend = "aot_eager"
+        super().__post_init__()
+
+
+def test_torch_compile_leaves_the_first_step_loss_unchanged(tmp_path, monkeypatch):
+    """The Trainer compiles the model when --torch_compile is on. Inductor's C++ build takes about 40 s on
+    these CPUs, so the test compiles with the aot_eager backend: the same graph capture, no code generation."""
+    from test_train import build
+
+    monkeypatch.setattr(transformers, "TrainingArguments", QuickCompile)
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        _, trainer = build(tmp_path / str(compiled), quantization="none", lora_dropout=0.0, max_steps=1,
+                           torch_compile=compiled, gradient_checkpointing=False)
+        assert trainer.args.torch_compile is compiled
+        trainer.train()
+        assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule) is compiled
+        losses[compiled] = [r["loss"] for r in trainer.state.log_history if "loss" in r][0]
+    assert abs(losses[True] - losses[False]) < 1e-5, losses
+
+
+def test_micro_batch_tokens_bounds_every_micro_step(tmp_path):
+    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=300,
+                                           batch_size=2, micro_batch_size=1))
+    assert setup.pack_budget == 300 and setup.gradient_accumulation_steps == 2
+    tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
+    train_set, _, stats = finetune_script.build_datasets(setup, tokenizer, prompter)
+    sizes = [len(ids) for ids in train_set["input_ids"]]
+    assert max(sizes) <= 300 and sum(sizes) == stats["train"]["tokens"], "every token once, no row over budget"
+    assert len(sizes) == stats["train_packing"]["packed_rows"] < stats["train"]["kept"] / 3
+    with pytest.raises(finetune_script.UserError, match="--micro_batch_tokens 100 is below --cutoff_len 256"):
+        finetune_script.validate(flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=100))
