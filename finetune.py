@@ -545,7 +545,8 @@ def build_datasets(setup, tokenizer, prompter):
     splits, (where, folder) = tokenized_splits({"train": setup.train_rows, "val": setup.val_rows}, example_tokenizer,
                                                setup.data_fingerprint, split)
     (train_set, train_stats), (val_set, val_stats) = splits["train"], splits["val"]
-    say(f"Tokenized data: {'loaded from the cache' if where == 'cache' else 'tokenized and cached'} in {folder}")
+    if folder is not None:
+        say(f"Tokenized data: {'loaded from the cache' if where == 'cache' else 'tokenized and cached'} in {folder}")
     if train_set is None or len(train_set) == 0:
         raise UserError(f"{setup.data_path}: no training example keeps any response token within --cutoff_len "
                         f"{setup.cutoff_len}; raise --cutoff_len or shorten the prompts")

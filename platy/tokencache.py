@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from platy.cli import say
 from platy.data import adds_bos, tokenize_rows, tokenized_dataset
 from platy.tiny import cache_root
 
@@ -52,14 +53,19 @@ def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, roo
     Returns (splits, (where, folder)): where is 'cache' or 'tokenized'; folder is the entry.
     """
     folder = Path(root or cache_root() / "tokenized") / cache_key(data_fingerprint, split, example_tokenizer)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait here, then load its entry
-        if not (folder / "stats.json").is_file():
-            build(folder, row_splits, example_tokenizer)
-            where = "tokenized"
-        else:
-            where = "cache"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait here, then load its entry
+            if not (folder / "stats.json").is_file():
+                build(folder, row_splits, example_tokenizer)
+                where = "tokenized"
+            else:
+                where = "cache"
+    except OSError as err:  # a read-only or full cache folder costs the cache, not the run
+        say(f"Note: the token cache in {folder.parent} cannot be written ({err.strerror or err}); tokenizing "
+            "without it (set PLATY_CACHE to a writable folder to cache)")
+        return {name: tokenize_rows(rows, example_tokenizer) for name, rows in row_splits.items()}, ("uncached", None)
     stats = json.loads((folder / "stats.json").read_text())
     splits = {name: (load_split(folder / name, stats[name]), stats[name]) for name in row_splits}
     return splits, (where, folder)

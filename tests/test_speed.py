@@ -149,6 +149,13 @@ def test_cached_equals_batched_equals_per_example(tmp_path, tokenizer, kwargs):
     _, (where, other_folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, other, fingerprint,
                                                 {"seed": 42}, root=tmp_path)
     assert where == "tokenized" and other_folder != folder
+    # a cache folder that cannot be written costs the cache, not the run
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    splits, (where, folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, example_tokenizer,
+                                               fingerprint, {"seed": 42}, root=blocked / "tokenized")
+    assert (where, folder) == ("uncached", None)
+    assert {key: list(splits["train"][0][key]) + list(splits["val"][0][key]) for key in expected} == expected
 
 
 def test_checkpoint_fraction_counts_layers():
