@@ -880,9 +880,9 @@ def export_finished_checkpoint(setup, tokenizer, run_config):
 
     checkpoint = Path(setup.resume[1])
     out = Path(setup.output_dir)
-    say(f"{checkpoint.name} already holds all {checkpoint_step(checkpoint)} steps of this run; its final save was "
-        "interrupted, so its adapter becomes the final one")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
+    say(f"{checkpoint.name} already holds all {state['global_step']} steps of this run; its final save was "
+        "interrupted, so its adapter becomes the final one")
     remove_leftovers(out)
     staged = out / STAGING / "final"
     staged.mkdir(parents=True)

@@ -22,12 +22,13 @@ dedup, decontaminate; sampling comes before deduplication so that the embedding 
 follows the rows kept, not the size of the sources.
 """
 
-import textwrap
 import time
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 from types import SimpleNamespace
+
+import numpy as np
 
 from platy import cli
 from platy.cli import UserError, say
@@ -55,7 +56,7 @@ from platy.refining import (
     row_text,
     token_lengths,
 )
-from platy.reporting import library_versions, write_json
+from platy.reporting import library_versions, say_configuration, write_json
 
 # per data_source counts: rows read, dropped by each stage, kept
 SOURCE_COLUMNS = {"read": "read", "normalise": "rejected", "mix": "not sampled", "exact_dedup": "exact dups",
@@ -128,8 +129,8 @@ def refine(
     """
     setup = validate(dict(locals()))
     report = describe_run(setup)
-    rows = read_and_normalise(setup, report)
-    rows = mix_sources(setup, rows, report)
+    groups = read_and_normalise(setup, report)
+    rows = mix_sources(setup, groups, report)
     rows = drop_exact_duplicates(setup, rows, report)
     embeddings = embed_rows(setup, rows, report)
     rows, embeddings = drop_near_duplicates(setup, rows, embeddings, report)
@@ -229,10 +230,7 @@ def load_length_tokenizer(name, template):
     from platy.prompts import Prompter
 
     prompter = Prompter(template)
-    try:  # the model helpers name the flag finetune.py uses
-        return prepare_tokenizer(load_tokenizer(resolve_base_model(name))), prompter
-    except UserError as err:
-        raise UserError(str(err).replace("--base_model", "--tokenizer")) from None
+    return prepare_tokenizer(load_tokenizer(resolve_base_model(name, "--tokenizer"), flag="--tokenizer")), prompter
 
 
 def describe_run(setup):
@@ -241,9 +239,7 @@ def describe_run(setup):
     resolved = {"sources": setup.sources, "embedding_model_folder": setup.embedding_model_path,
                 "embedding_cache": str(setup.cache_root) if setup.cache_root else None,
                 "report_file": str(setup.report_file), "rejects_file": str(setup.rejects_file)}
-    pairs = " ".join(f"{k}={v!r}" for k, v in {**flags, **resolved}.items())
-    say("Refine configuration:\n" + textwrap.fill(pairs, 110, initial_indent="  ", subsequent_indent="  ",
-                                                   break_long_words=False, break_on_hyphens=False))
+    say_configuration("Refine configuration", {**flags, **resolved})
     return {"config": {"flags": flags, "resolved": resolved}, "inputs": [], "stages": [],
             "data_sources": defaultdict(Counter), "warnings": [], "versions": library_versions()}
 
@@ -251,9 +247,10 @@ def describe_run(setup):
 # ---- stages --------------------------------------------------------------------------
 
 def read_and_normalise(setup, report):
-    """Rows of every source in Alpaca form, each knowing its place ('file row N'); rejects kept aside."""
+    """[(source, fraction, rows)]: every source's rows in Alpaca form, each knowing its place
+    ('file row N'); rejects kept aside."""
     started = time.time()
-    rows, rejects = [], []
+    groups, rejects = [], []
     for source, fraction in setup.sources:
         raw, fingerprint = read_source(source, setup.input_flag)
         clean, bad = normalise_rows(raw, source)
@@ -264,7 +261,6 @@ def read_and_normalise(setup, report):
         name = origin_name(source)
         for number, row in zip(numbers, clean):
             row["_at"] = f"{source} row {number}"
-            row["_source"] = source
             row.setdefault("data_source", name)
         for number, reason, row in bad:
             origin = row.get("data_source") if isinstance(row, dict) else None
@@ -272,20 +268,18 @@ def read_and_normalise(setup, report):
                             "data": row})
         report["inputs"].append({"source": source, "fraction": fraction, "fingerprint": fingerprint,
                                  "rows_read": len(raw), "rejected": len(bad)})
-        for row in clean:
-            report["data_sources"][row["data_source"]]["read"] += 1
-        for reject in rejects[len(rejects) - len(bad):]:
-            report["data_sources"][reject["data_source"]]["read"] += 1
-        rows += clean
+        groups.append((source, fraction, clean))
     report["rejects"] = rejects
-    for reject in rejects:
-        report["data_sources"][reject["data_source"]]["normalise"] += 1
+    rows = [row for _, _, clean in groups for row in clean]
+    for row in rows + rejects:
+        report["data_sources"][row["data_source"]]["read"] += 1
     read = sum(item["rows_read"] for item in report["inputs"])
     converted = "converted and checked" if setup.normalise else "checked (--normalise False)"
-    record(report, "normalise", read, rows, [], time.time() - started, dropped=len(rejects),
+    record(report, "normalise", read, rows, rejects, time.time() - started,
            note=f"{converted}; {len(rejects)} set aside in {setup.rejects_file.name}")
-    return require_rows(rows, "normalise", "every row was set aside; see the reasons in the rejects file "
-                        "(nothing is written on error: rerun with fixed data)")
+    require_rows(rows, "normalise", "every row was set aside; see the reasons in the rejects file "
+                 "(nothing is written on error: rerun with fixed data)")
+    return groups
 
 
 def refuse_non_alpaca(raw, bad, source):
@@ -300,18 +294,16 @@ def refuse_non_alpaca(raw, bad, source):
                         "to convert such rows or set them aside")
 
 
-def mix_sources(setup, rows, report):
+def mix_sources(setup, groups, report):
     started = time.time()
-    mixing = any(fraction < 1 for _, fraction in setup.sources)
-    by_source = defaultdict(list)
-    for row in rows:
-        by_source[row["_source"]].append(row)
-    kept = []
-    for source, fraction in setup.sources:
-        kept += take_share(by_source.pop(source, []), source, fraction, setup.seed)
-    kept_ids = {id(row) for row in kept}
-    dropped = [row for row in rows if id(row) not in kept_ids]
-    if not mixing:
+    rows, kept, dropped = [], [], []
+    for source, fraction, clean in groups:
+        share = take_share(clean, source, fraction, setup.seed)  # the rows themselves: data_source is set
+        taken = {id(row) for row in share}
+        rows += clean
+        kept += share
+        dropped += [row for row in clean if id(row) not in taken]
+    if not any(fraction < 1 for _, fraction, _ in groups):
         record(report, "mix", len(rows), kept, [], 0, skipped="every source taken whole")
         return kept
     shares = ", ".join(f"{origin_name(s)} {f:g}" for s, f in setup.sources)
@@ -336,21 +328,22 @@ def embed_rows(setup, rows, report):
     if not setup.embedding_model_path:
         return None
     started = time.time()
-    embeddings, counts = embed_texts([row_text(row) for row in rows], setup.embedding_model_path,
-                                     setup.cache_root, setup.embedding_batch_size, setup.embedding_model)
+    texts = [row_text(row) for row in rows]
+    embeddings, counts = embed_texts(texts, setup.embedding_model_path, setup.cache_root,
+                                     setup.embedding_batch_size, setup.embedding_model)
     report["embedding"] = {"model": setup.embedding_model, "seconds": round(time.time() - started, 2), **counts}
-    warn_about_language(setup, rows, report)
+    warn_about_language(setup, texts, report)
     return embeddings
 
 
-def warn_about_language(setup, rows, report):
+def warn_about_language(setup, texts, report):
     """all-MiniLM-L6-v2 is an English model: different Korean questions scored 0.50 to 0.82 with
     it in our check, so Platypus's thresholds would drop rows that should stay."""
     if setup.embedding_model not in BUNDLED_NAMES:
         return
-    non_latin = sum(1 for row in rows if mostly_non_latin(row_text(row)))
-    if non_latin >= max(1, 0.1 * len(rows)):
-        message = (f"{non_latin} of {len(rows)} rows are mostly in a non-Latin script, which all-MiniLM-L6-v2 "
+    non_latin = sum(1 for text in texts if mostly_non_latin(text))
+    if non_latin >= max(1, 0.1 * len(texts)):
+        message = (f"{non_latin} of {len(texts)} rows are mostly in a non-Latin script, which all-MiniLM-L6-v2 "
                    "(an English model) tells apart poorly: different questions often score above 0.7. Check the "
                    "dropped rows in the report, raise the thresholds, or give --embedding_model a multilingual "
                    "sentence-transformers model folder")
@@ -369,14 +362,14 @@ def drop_near_duplicates(setup, rows, embeddings, report):
         return rows, embeddings
     started = time.time()
     keep, matched, score = near_duplicates(embeddings, setup.near_dedup_threshold, progress="Near dedup")
-    dropped = [i for i in range(len(rows)) if not keep[i]]
+    dropped = np.flatnonzero(~keep)
     report["near_duplicates"] = [{"dropped": rows[i]["_at"], "instruction": rows[i]["instruction"][:200],
                                   "kept": rows[matched[i]]["_at"], "kept_instruction":
                                   rows[matched[i]]["instruction"][:200], "score": round(float(score[i]), 4)}
                                  for i in dropped]
-    record(report, "near_dedup", len(rows), keep.nonzero()[0], [rows[i] for i in dropped], time.time() - started,
-           note=f"similarity to a kept row above {setup.near_dedup_threshold}")
     kept = [row for row, k in zip(rows, keep) if k]
+    record(report, "near_dedup", len(rows), kept, [rows[i] for i in dropped], time.time() - started,
+           note=f"similarity to a kept row above {setup.near_dedup_threshold}")
     return require_rows(kept, "near_dedup", "raise --near_dedup_threshold"), embeddings[keep]
 
 
@@ -391,16 +384,15 @@ def drop_contaminated(setup, rows, embeddings, report):
     report["test_embedding"] = counts
     best, at = most_similar(embeddings, tests, progress="Decontaminating")
     hits = best >= setup.decontaminate_threshold - SCORE_TOLERANCE
-    dropped = [i for i in range(len(rows)) if hits[i]]
+    dropped = np.flatnonzero(hits)
     report["contaminated"] = [
         {"dropped": rows[i]["_at"], "instruction": rows[i]["instruction"], "input": rows[i]["input"],
          "data_source": rows[i].get("data_source"), "test_file": setup.test_items[at[i]]["file"],
          "test_row": setup.test_items[at[i]]["row"], "test_item": setup.test_items[at[i]]["text"],
          "score": round(float(best[i]), 4)} for i in dropped]
-    record(report, "decontaminate", len(rows), [i for i in range(len(rows)) if not hits[i]],
-           [rows[i] for i in dropped], time.time() - started,
-           note=f"similarity to one of {len(tests)} test questions at least {setup.decontaminate_threshold}")
     kept = [row for row, hit in zip(rows, hits) if not hit]
+    record(report, "decontaminate", len(rows), kept, [rows[i] for i in dropped], time.time() - started,
+           note=f"similarity to one of {len(tests)} test questions at least {setup.decontaminate_threshold}")
     return require_rows(kept, "decontaminate", "check --test_files, or raise --decontaminate_threshold")
 
 
@@ -412,10 +404,9 @@ def measure_lengths(setup, rows, report):
                                **length_distribution(lengths)}
 
 
-def record(report, stage, rows_in, kept, dropped_rows, seconds, dropped=None, **extra):
+def record(report, stage, rows_in, kept, dropped_rows, seconds, **extra):
     """One stage's line of the report; dropped rows are counted under their data_source."""
-    n_dropped = len(dropped_rows) if dropped is None else dropped
-    report["stages"].append({"stage": stage, "rows_in": rows_in, "dropped": n_dropped,
+    report["stages"].append({"stage": stage, "rows_in": rows_in, "dropped": len(dropped_rows),
                              "rows_out": len(kept), "seconds": round(seconds, 3), **extra})
     for row in dropped_rows:
         report["data_sources"][row.get("data_source", "")][stage] += 1

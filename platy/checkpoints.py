@@ -43,9 +43,10 @@ def missing_parts(folder):
 def latest_checkpoint(output_dir):
     """The highest-numbered complete checkpoint-N in output_dir, or None."""
     for _, path in checkpoint_steps(output_dir):
-        if not missing_parts(path):
+        missing = missing_parts(path)
+        if not missing:
             return str(path)
-        say(f"Note: skipping {path}: incomplete ({', '.join(missing_parts(path))} missing)")
+        say(f"Note: skipping {path}: incomplete ({', '.join(missing)} missing)")
     return None
 
 

@@ -102,14 +102,14 @@ def load_config(base_model, trust_remote_code=False, flag="--base_model", local_
                         "(offline machines need a local folder)") from err
 
 
-def load_tokenizer(base_model, trust_remote_code=False):
+def load_tokenizer(base_model, trust_remote_code=False, flag="--base_model"):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except Exception as err:
         detail = error_detail(err)
-        raise UserError(f"--base_model {base_model}: cannot load its tokenizer ({detail})") from err
+        raise UserError(f"{flag} {base_model}: cannot load its tokenizer ({detail})") from err
 
 
 def meta_model(config, trust_remote_code=False):

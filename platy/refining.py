@@ -5,6 +5,7 @@ row kept before it), computed with matrix products over blocks of rows; near_dup
 is the same rule one comparison at a time, kept as the reference and the benchmark's baseline.
 """
 
+import functools
 import hashlib
 import os
 import zipfile
@@ -257,6 +258,7 @@ def embed_texts(texts, model, cache_root=None, batch_size=64, name=None, flag="-
                     "from_cache": sum(1 for key in keys if key not in missing)}
 
 
+@functools.lru_cache(maxsize=2)  # the rows and the test questions share one loaded model
 def load_encoder(model, flag="--embedding_model"):
     from sentence_transformers import SentenceTransformer
 

@@ -8,6 +8,7 @@
   (or, with skip_nonfinite_steps, the update is dropped and counted).
 """
 
+import math
 import os
 import re
 import shutil
@@ -90,10 +91,12 @@ class NonFiniteGuard(TrainerCallback):
         self.trainer, self.skip, self.skipped, self.overflows = trainer, skip, 0, 0
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        grads = [p.grad for p in self.trainer.trained_parameters if p.grad is not None]
-        grads_finite = torch.stack([g.isfinite().all() for g in grads]).all() if grads else torch.tensor(True)
-        bad_loss, bad_grad = any_rank([bool(self.trainer.loss_went_nonfinite), not bool(grads_finite)])
-        self.trainer.loss_went_nonfinite = False
+        # the Trainer's gradient norm of this step (computed anyway, and global under ZeRO and FSDP):
+        # non-finite exactly when some gradient is
+        norm, loss_flag = self.trainer.step_grad_norm, self.trainer.loss_went_nonfinite
+        bad_loss, bad_grad = any_rank([loss_flag is not None and bool(loss_flag),
+                                       norm is not None and not math.isfinite(float(norm))])
+        self.trainer.loss_went_nonfinite = None
         step = state.global_step + 1
         if not (bad_loss or bad_grad):
             return
@@ -129,16 +132,21 @@ class Trainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self.run_config, self.checkpoint_limit = run_config, checkpoint_limit
         self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.loss_went_nonfinite = False
+        self.loss_went_nonfinite = None  # a tensor flag over the micro-steps of one optimizer step
+        self.step_grad_norm = None
         self._staging = False
         self.nonfinite_guard = NonFiniteGuard(self, skip_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
-        if not torch.isfinite(loss).all():
-            self.loss_went_nonfinite = True
+        bad = (~torch.isfinite(loss)).any()  # stays on the device: read once per optimizer step
+        self.loss_went_nonfinite = bad if self.loss_went_nonfinite is None else self.loss_went_nonfinite | bad
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self.step_grad_norm = super()._get_grad_norm(model, grad_norm)
+        return self.step_grad_norm
 
     def _get_output_dir(self, trial):
         run_dir = super()._get_output_dir(trial)
