@@ -89,19 +89,15 @@ if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
   fi
   # workers get this long after a SIGTERM to finish their step and save a checkpoint before torchrun kills them
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
-  out="$OUTPUT_DIR"
-  prev=""
-  for arg in "$@"; do  # the last --output_dir given wins, as in finetune.py
-    case "$arg" in --output_dir=*|--output-dir=*) out="${arg#*=}" ;; esac
-    if [ "$prev" = "--output_dir" ] || [ "$prev" = "--output-dir" ]; then out="$arg"; fi
-    prev="$arg"
-  done
-  rm -f "$out/preempted.json"
+  # finetune.py also writes its preemption record here, wherever --output_dir points
+  PLATY_PREEMPTED_FILE="$(mktemp -u)"
+  export PLATY_PREEMPTED_FILE
   status=0
   "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" "${rendezvous[@]}" \
     "$here/finetune.py" "${args[@]}" "$@" || status=$?
-  if [ "$status" -ne 0 ] && [ -f "$out/preempted.json" ]; then
+  if [ "$status" -ne 0 ] && [ -f "$PLATY_PREEMPTED_FILE" ]; then
     # torchrun reports any worker's non-zero exit as 1: give schedulers the preemption status back
+    rm -f "$PLATY_PREEMPTED_FILE"
     exit 75
   fi
   exit "$status"

@@ -36,8 +36,6 @@ from platy.data import (
     split_rows,
 )
 from platy.merging import ADAPTER_FILES
-from platy.packing import PackedCollator, pack_dataset
-from platy.tokencache import tokenized_splits
 from platy.modeling import (
     SHARDED,
     check_target_modules,
@@ -52,8 +50,8 @@ from platy.modeling import (
     resolve_base_model,
     resolve_precision,
 )
+from platy.packing import PackedCollator, pack_dataset
 from platy.prompts import Prompter
-from platy.speed import checkpoint_fraction, checkpoint_layers, kernel_problems
 from platy.reporting import (
     CURVES,
     LOG_HISTORY,
@@ -65,6 +63,8 @@ from platy.reporting import (
     say_configuration,
     write_json,
 )
+from platy.speed import checkpoint_fraction, checkpoint_layers, kernel_problems
+from platy.tokencache import tokenized_splits
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -332,14 +332,12 @@ def validate(flags):
 
 def speed_problems(f):
     """Problems with the speed flags (packing, token budgets), to be reported with all others."""
-    problems = []
-    if f.packing not in (True, False):
-        problems.append(f"--packing must be true or false, got {f.packing!r}")
+    problems = []  # --packing is a bool flag: cli.coerce_bools has checked its word
     if f.micro_batch_tokens is not None:
         if not isinstance(f.micro_batch_tokens, int) or isinstance(f.micro_batch_tokens, bool) \
                 or f.micro_batch_tokens < 1:
             problems.append(f"--micro_batch_tokens must be a positive integer, got {f.micro_batch_tokens!r}")
-        elif f.packing is not True:
+        elif not f.packing:
             problems.append("--micro_batch_tokens fills each micro-step with packed examples: add --packing true")
         elif isinstance(f.cutoff_len, int) and f.micro_batch_tokens < f.cutoff_len:
             problems.append(f"--micro_batch_tokens {f.micro_batch_tokens} is below --cutoff_len {f.cutoff_len}, "
@@ -347,7 +345,7 @@ def speed_problems(f):
         if f.micro_batch_size != 1:
             problems.append(f"--micro_batch_tokens replaces --micro_batch_size (got {f.micro_batch_size!r}); "
                             "drop --micro_batch_size")
-    if f.packing is True and f.group_by_length:
+    if f.packing and f.group_by_length:
         problems.append("--group_by_length has nothing to do with --packing (packed rows hold no padding); "
                         "drop one of them")
     return problems
@@ -834,8 +832,11 @@ def stop_preempted(setup, state):
     """Signalled: the checkpoint of this step is written; leave a marker and exit with PREEMPTED."""
     checkpoint = Path(setup.output_dir) / f"checkpoint-{state.global_step}"
     if cli.is_main_process():
-        write_json(Path(setup.output_dir) / PREEMPTED, {"global_step": state.global_step, "max_steps": state.max_steps,
-                                                        "checkpoint": str(checkpoint), "time": time.time()})
+        record = {"global_step": state.global_step, "max_steps": state.max_steps, "checkpoint": str(checkpoint),
+                  "time": time.time()}
+        write_json(Path(setup.output_dir) / PREEMPTED, record)
+        if os.environ.get("PLATY_PREEMPTED_FILE"):  # fine-tuning.sh turns torchrun's status back into PREEMPTED
+            write_json(os.environ["PLATY_PREEMPTED_FILE"], record)
     raise cli.Stopped(f"stopped at optimizer step {state.global_step} of {state.max_steps}; checkpoint saved in "
                       f"{checkpoint}. Run the same command with --resume_from_checkpoint auto to finish",
                       cli.PREEMPTED, label="preempted", every_rank=True)

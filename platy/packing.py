@@ -63,9 +63,10 @@ def pack_dataset(ds, budget):
 
     if ds is None:
         return None, {}
-    lengths = [len(ids) for ids in ds["input_ids"]]
+    examples = ds.select_columns(["input_ids", "labels"]).to_dict()  # one read; the mask is rebuilt by packing
+    lengths = [len(ids) for ids in examples["input_ids"]]
     rows = pack_lengths(lengths, budget)
-    packed = datasets.Dataset.from_dict(pack_examples(ds.to_dict(), rows))
+    packed = datasets.Dataset.from_dict(pack_examples(examples, rows))
     tokens = sum(lengths)
     stats = {"packed_rows": len(rows), "examples": len(lengths), "token_budget": budget,
              "fill": round(tokens / (len(rows) * budget), 4) if rows else 0.0}

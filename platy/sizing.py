@@ -17,7 +17,9 @@ allocator fragmentation and library versions. Rules used (bytes per parameter):
   FSDP split weights too; one process spreading the layers over its GPUs splits all of it.
 """
 
-import math
+
+from platy.speed import checkpointed_count
+
 GIB = 1024 ** 3
 CUDA_OVERHEAD_GIB = 1.0  # CUDA context, kernels and allocator slack per process
 
@@ -88,7 +90,7 @@ def activation_bytes(config, micro_batch_size, cutoff_len, compute_bytes, gradie
     one_layer = tokens * (17 * hidden + 6 * intermediate) * compute_bytes / 2
     logits = tokens * config.vocab_size * (compute_bytes + 8)
     # gradient_checkpointing: the fraction of layers checkpointed (True: all); those keep only their input
-    checkpointed = math.ceil(float(gradient_checkpointing) * layers - 1e-9)
+    checkpointed = checkpointed_count(float(gradient_checkpointing), layers)
     kept = (layers - checkpointed) * one_layer
     if checkpointed:
         return checkpointed * tokens * hidden * compute_bytes + kept + one_layer + logits

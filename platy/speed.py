@@ -25,6 +25,11 @@ def checkpoint_fraction(value):
     return fraction
 
 
+def checkpointed_count(fraction, layers):
+    """How many of `layers` decoder layers a fraction checkpoints (the memory estimate counts the same)."""
+    return math.ceil(fraction * layers - 1e-9)
+
+
 def checkpoint_layers(model, fraction):
     """Checkpoint the first ceil(fraction x layers) decoder layers; returns (checkpointed, layers).
 
@@ -34,7 +39,7 @@ def checkpoint_layers(model, fraction):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    count = math.ceil(fraction * len(layers) - 1e-9)
+    count = checkpointed_count(fraction, len(layers))
     if count:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         for layer in layers[count:]:
@@ -44,11 +49,8 @@ def checkpoint_layers(model, fraction):
 
 def kernel_problems(liger, torch_compile):
     """Problems with --liger and --torch_compile, reported with every other flag problem."""
-    problems = []
-    for name, value in (("liger", liger), ("torch_compile", torch_compile)):
-        if value not in (True, False):
-            problems.append(f"--{name} must be true or false, got {value!r}")
-    if liger is True and importlib.util.find_spec("liger_kernel") is None:
+    problems = []  # both are bool flags: cli.coerce_bools has checked their words
+    if liger and importlib.util.find_spec("liger_kernel") is None:
         problems.append("--liger needs the liger-kernel package (pip install liger-kernel; CUDA GPUs); "
                         "or drop --liger")
     return problems

@@ -2,8 +2,10 @@
 # overrides, TINY=1 and DRY_RUN=1, the launch through fine-tuning.sh, and the export.
 #
 # A recipe calls `recipe NAME SOURCE`, then `setting FLAG VALUE` for each published value
-# (the environment variable FLAG, upper case, wins), `note TEXT` for each assumption, and
-# finally `run_recipe "$@"` (further arguments go to finetune.py and win over everything).
+# (the environment variable FLAG, upper case, wins; the first setting of a flag wins over
+# later ones), `platypus_defaults` for Platypus's table where the system published no
+# value of its own, `note TEXT` for each assumption, and finally `run_recipe "$@"`
+# (further arguments go to finetune.py and win over everything).
 # Environment: TINY=1 (tiny embedded model, sample data, MAX_STEPS 1, no DeepSpeed, no
 # export), DRY_RUN=1 (print the plan, load nothing), EXPORT=0/1 (merge after training;
 # default 1, 0 under TINY), EXPORT_METHODS (merge methods, default auto), every variable
@@ -15,6 +17,7 @@ repo="$(dirname "$recipes_dir")"
 PYTHON="${PYTHON:-python}"
 flags=()
 notes=()
+declare -A given=()
 
 tiny() { [ -n "${TINY:-}" ] && [ "$TINY" != "0" ]; }
 dry_run() { [ -n "${DRY_RUN:-}" ] && [ "$DRY_RUN" != "0" ]; }
@@ -44,6 +47,8 @@ recipe() {  # NAME SOURCE
 }
 
 setting() {  # FLAG VALUE: the published value of finetune.py's --FLAG, unless $FLAG (upper case) is set
+  [ -n "${given[$1]:-}" ] && return 0  # the recipe's own value came first
+  given[$1]=1
   local var="${1^^}"
   if tiny && [ "$var" = DEEPSPEED ]; then
     return 0  # DeepSpeed needs GPUs
@@ -55,6 +60,25 @@ setting() {  # FLAG VALUE: the published value of finetune.py's --FLAG, unless $
     BASE_MODEL|DATA_PATH|DEEPSPEED) export "$var" ;;  # read by fine-tuning.sh
     *) flags+=("--$1" "${!var}") ;;
   esac
+}
+
+platypus_defaults() {  # Platypus's hyperparameter table (shared/seeds/003), for every flag not set yet
+  setting learning_rate 4e-4
+  setting warmup_steps 100
+  setting batch_size 16
+  setting micro_batch_size 1
+  setting num_epochs 1
+  setting lr_scheduler cosine
+  setting weight_decay 0
+  setting lora_r 16
+  setting lora_alpha 16
+  setting lora_dropout 0.05
+  setting lora_target_modules '[gate_proj, up_proj, down_proj]'
+  setting cutoff_len 4096
+  setting train_on_inputs False
+  setting group_by_length False
+  setting add_eos_token False
+  setting prompt_template_name alpaca
 }
 
 note() { notes+=("$1"); }

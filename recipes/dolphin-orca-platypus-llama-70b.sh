@@ -19,29 +19,16 @@ recipe Dolphin_ORCA_PlatyPus_LLaMA_70b "model card"
 setting base_model meta-llama/Llama-2-70b-hf
 setting data_path "${PLATYPUS_DATA:-garage-bAInd/Open-Platypus}:1.0,${DOLPHIN_DATA:-cognitivecomputations/dolphin}:0.01,${OPENORCA_DATA:-Open-Orca/OpenOrca}:0.01"
 setting quantization 4bit
-setting lora_r 16
-setting lora_alpha 16
 # batch 14 per GPU (8 x A100 80G in the card): the global batch grows with the GPUs
 PER_GPU_BATCH="${PER_GPU_BATCH:-14}"
 setting batch_size $((PER_GPU_BATCH * NPROC * NNODES))
-setting micro_batch_size 1
 setting learning_rate 3e-4
-setting lr_scheduler cosine
-setting num_epochs 1
 setting deepspeed "$repo/configs/zero2.json"
 if ! tiny && "$PYTHON" -c "import flash_attn" 2>/dev/null; then
   setting attn_implementation flash_attention_2
 fi
-setting lora_dropout 0.05
-setting lora_target_modules '[gate_proj, up_proj, down_proj]'
-setting warmup_steps 100
-setting weight_decay 0
-setting cutoff_len 4096
-setting train_on_inputs False
-setting group_by_length False
-setting add_eos_token False
-setting prompt_template_name alpaca
 EXPORT_METHODS="${EXPORT_METHODS:-dequant peft}"
+platypus_defaults
 note "'Batch_Size 14' is per GPU (the card's framework counts per device; 14 does not split over 8 GPUs): global batch = 14 x GPUs, reached by gradient accumulation 14 at micro batch 1"
 note "unpublished values from the Platypus recipe its data is built on: dropout 0.05, targets gate/up/down, warmup 100, weight decay 0, cutoff 4096, Alpaca template"
 note "FlashAttention 2 when the flash-attn package is installed, else SDPA"

@@ -15,23 +15,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 recipe KO-Platypus2-13B "KO-Platypus README"
 setting base_model meta-llama/Llama-2-13b-hf
 setting data_path kyujinpy/KOpen-platypus
-setting learning_rate 4e-4
-setting warmup_steps 100
-setting batch_size 16
-setting micro_batch_size 1
-setting num_epochs 1
-setting lr_scheduler cosine
-setting weight_decay 0
-setting lora_r 16
-setting lora_alpha 16
-setting lora_dropout 0.05
-setting lora_target_modules '[gate_proj, up_proj, down_proj]'
-setting cutoff_len 4096
-setting train_on_inputs False
-setting group_by_length False
-setting add_eos_token False
-setting prompt_template_name alpaca
 setting quantization none
+platypus_defaults
 note "Platypus's hyperparameters and English Alpaca template (the README runs Platypus's scripts and publishes no table of its own)"
 note "LoRA on the 16-bit base, as Platypus; QUANTIZATION=4bit makes it QLoRA"
 run_recipe "$@"

@@ -16,23 +16,12 @@ recipe KoT-platypus2-7B "KoT-platypus README"
 setting base_model kyujinpy/KO-Platypus2-7B-ex
 setting data_path kyujinpy/KoCoT_2000
 setting batch_size 64
-setting micro_batch_size 1
 setting num_epochs 15
 setting learning_rate 1e-5
-setting cutoff_len 4096
 setting lr_scheduler linear
 setting finetuning lora
 setting quantization none
-setting lora_r 16
-setting lora_alpha 16
-setting lora_dropout 0.05
-setting lora_target_modules '[gate_proj, up_proj, down_proj]'
-setting warmup_steps 100
-setting weight_decay 0
-setting train_on_inputs False
-setting group_by_length False
-setting add_eos_token False
-setting prompt_template_name alpaca
+platypus_defaults
 note "LoRA, not full fine-tuning: the README's table uses the flag names of Platypus's LoRA-only finetune.py (batch_size, micro_batch_size, cutoff_len); FINETUNING=full trains every weight instead (fp32 master weights: ~16 bytes per parameter, so shard it with DEEPSPEED=configs/zero3.json or configs/fsdp_qlora.yaml)"
 note "unpublished values from Platypus: LoRA r 16 / alpha 16 / dropout 0.05 on gate/up/down, warmup 100, weight decay 0, Alpaca template, 16-bit base"
 run_recipe "$@"

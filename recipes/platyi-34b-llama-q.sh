@@ -17,20 +17,6 @@ setting base_model chargoddard/Yi-34B-Llama
 setting data_path garage-bAInd/Open-Platypus
 setting quantization 4bit
 setting learning_rate 3e-4
-setting warmup_steps 100
-setting batch_size 16
-setting micro_batch_size 1
-setting num_epochs 1
-setting lr_scheduler cosine
-setting weight_decay 0
-setting lora_r 16
-setting lora_alpha 16
-setting lora_dropout 0.05
-setting lora_target_modules '[gate_proj, up_proj, down_proj]'
-setting cutoff_len 4096
-setting train_on_inputs False
-setting group_by_length False
-setting add_eos_token False
-setting prompt_template_name alpaca
+platypus_defaults
 note "data: Open-Platypus (the README names the Platypus recipe and the Alpaca template, not the data set)"
 run_recipe "$@"

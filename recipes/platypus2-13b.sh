@@ -15,23 +15,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 recipe Platypus2-13B "Platypus README"
 setting base_model meta-llama/Llama-2-13b-hf
 setting data_path garage-bAInd/Open-Platypus
-setting learning_rate 4e-4
-setting warmup_steps 100
-setting batch_size 16
-setting micro_batch_size 1
-setting num_epochs 1
-setting lr_scheduler cosine
-setting weight_decay 0
-setting lora_r 16
-setting lora_alpha 16
-setting lora_dropout 0.05
-setting lora_target_modules '[gate_proj, up_proj, down_proj]'
-setting cutoff_len 4096
-setting train_on_inputs False
-setting group_by_length False
-setting add_eos_token False
-setting prompt_template_name alpaca
 setting quantization none
+platypus_defaults
 note "LoRA on the 16-bit base (the table lists no quantization); QUANTIZATION=4bit makes it QLoRA"
 note "1 epoch (the table lists '1,5'; 1 is the Platypus2 models' value)"
 run_recipe "$@"

@@ -19,22 +19,8 @@ recipe Platypus2-70B "Platypus README, learning rate of the 70B model"
 setting base_model meta-llama/Llama-2-70b-hf
 setting data_path garage-bAInd/Open-Platypus
 setting learning_rate 3e-4
-setting warmup_steps 100
-setting batch_size 16
-setting micro_batch_size 1
-setting num_epochs 1
-setting lr_scheduler cosine
-setting weight_decay 0
-setting lora_r 16
-setting lora_alpha 16
-setting lora_dropout 0.05
-setting lora_target_modules '[gate_proj, up_proj, down_proj]'
-setting cutoff_len 4096
-setting train_on_inputs False
-setting group_by_length False
-setting add_eos_token False
-setting prompt_template_name alpaca
 setting quantization none
+platypus_defaults
 note "LoRA on the 16-bit base (the table lists no quantization); QUANTIZATION=4bit makes it QLoRA"
 note "16-bit 70B weights (~129 GiB) fit no single GPU: by default one process per node spreads the layers over all its GPUs (NPROC=1), as the original scripts did; ACCELERATE_CONFIG=configs/fsdp_qlora.yaml with NPROC=<GPUs> shards them instead"
 run_recipe "$@"
