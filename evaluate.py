@@ -17,6 +17,7 @@ and shot count, and the tables (Markdown, as the published model cards lay them 
 --output_dir.
 """
 
+import functools
 import gc
 import logging
 import sys
@@ -31,9 +32,10 @@ from platy.evaluation import (
     model_labels,
     render_tables,
     scores_json,
+    shots_title,
     with_shots,
 )
-from platy.reporting import library_versions, say_configuration, write_json
+from platy.reporting import library_versions, say_configuration, write_json, write_text
 
 INSTALL_HINT = "lm-eval is not installed; install it with: pip install -r requirements-eval.txt"
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -168,9 +170,9 @@ def resolve_models(flags, problems):
         except UserError as err:
             problems.append(str(err))
             continue
-        as_trained = adapter is not None and flags["load_4bit"] is None
         # as trained: the scores are those of the trained adapter (and of merge.py's dequant merge)
-        quantization = adapter.trained_quantization() if as_trained else "4bit" if flags["load_4bit"] else "none"
+        quantization, as_trained = adapter.loading_quantization(flags["load_4bit"]) if adapter else (
+            "4bit" if flags["load_4bit"] else "none", False)
         models.append({"spec": spec, "label": label, "folder": folder, "base": base, "base_path": base_path,
                        "adapter": adapter, "quantization": quantization, "as_trained": as_trained})
     check_configs(models, flags["trust_remote_code"], problems)
@@ -231,18 +233,13 @@ def resolve_suite(name, shot_counts, include, problems):
     return custom_suite(tasks, shot_counts), notes
 
 
-_task_managers = {}
-
-
+@functools.lru_cache(maxsize=None)
 def task_manager(include, defaults):
     """lm-eval's task index. Indexing its ~15,000 built-in tasks takes seconds, so local tasks are indexed
     alone first and the built-in ones only when needed."""
-    key = (str(include) if include else None, defaults)
-    if key not in _task_managers:
-        from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager
 
-        _task_managers[key] = TaskManager(include_path=str(include) if include else None, include_defaults=defaults)
-    return _task_managers[key]
+    return TaskManager(include_path=str(include) if include else None, include_defaults=defaults)
 
 
 def manager_for(tasks, include):
@@ -353,9 +350,8 @@ def evaluate_model(model, setup):
     folder.mkdir(parents=True, exist_ok=True)
     try:
         for shots in suite.shot_counts():
-            tasks = [s.task for s in suite.scores if s.shots == shots]
-            tasks = list(dict.fromkeys(tasks))
-            say(f"{model['label']}: {', '.join(tasks)} ({'default shots' if shots is None else f'{shots}-shot'})")
+            tasks = list(dict.fromkeys(s.task for s in suite.scores if s.shots == shots))
+            say(f"{model['label']}: {', '.join(tasks)} ({shots_title(shots)})")
             results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=setup["limit"],
                                       task_manager=setup["task_manager"], log_samples=False)
             # the harness records model_args only when it builds the model itself
@@ -374,10 +370,12 @@ def load_lm(model, setup):
     import torch
     from lm_eval.models.huggingface import HFLM
 
+    from platy.modeling import torch_dtype
+
     adapter = model["adapter"]
     tokenizer = str(adapter.folder) if adapter and (adapter.folder / "tokenizer_config.json").is_file() \
         else model["base_path"]
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[setup["precision"]]
+    dtype = str(torch_dtype(setup["precision"])).removeprefix("torch.")
     several_gpus = setup["device"] == "cuda" and torch.cuda.device_count() > 1
     common = {"tokenizer": tokenizer, "batch_size": setup["batch_size"], "trust_remote_code": setup["trust_remote_code"]}
     model_args = {"pretrained": model["base_path"], "dtype": dtype, "device": setup["device"], **common}
@@ -389,22 +387,26 @@ def load_lm(model, setup):
             return HFLM(**model_args), model_args
         except (OSError, ValueError) as err:
             raise UserError(f"--models {model['spec']}: cannot load the model ({error_detail(err)})") from err
-    from platy.modeling import load_model
+    from platy.modeling import load_model, load_model_with_adapter
 
-    weights = load_model(model["base_path"], model["quantization"], setup["precision"],
-                         trust_remote_code=setup["trust_remote_code"],
-                         placement="auto" if several_gpus else {"": setup["device"]})
+    placement = "auto" if several_gpus else {"": setup["device"]}
     if adapter:
-        from peft import PeftModel
-
-        weights = PeftModel.from_pretrained(weights, str(adapter.folder))
+        weights = load_model_with_adapter(model["base_path"], model["quantization"], setup["precision"],
+                                          adapter.folder, f"--models {model['spec']}:",
+                                          trust_remote_code=setup["trust_remote_code"], placement=placement)
+    else:
+        weights = load_model(model["base_path"], model["quantization"], setup["precision"],
+                             trust_remote_code=setup["trust_remote_code"], placement=placement)
     return HFLM(pretrained=weights, **common), {**model_args, "quantization": model["quantization"]}
 
 
 def free_memory():
     import torch
 
+    from platy.merging import release_freed_memory
+
     gc.collect()
+    release_freed_memory()  # glibc keeps a freed model's pages otherwise: two models in memory on CPU
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -416,9 +418,7 @@ def report(setup, runs_by_model, eval_config):
         tables += (f"\nScores on the first {setup['limit']} examples of each task (--limit): not comparable with "
                    "published ones.\n")
     out = setup["output_dir"]
-    tmp = out / ".results.md.tmp"
-    tmp.write_text(tables, encoding="utf-8")
-    tmp.replace(out / "results.md")
+    write_text(out / "results.md", tables)
     write_json(out / "scores.json", scores_json(suite, runs_by_model))
     write_json(out / "eval_config.json", eval_config)
     say("")

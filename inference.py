@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from platy import cli
-from platy.cli import UserError, error_detail, say
+from platy.cli import UserError, say
 
 
 def main(
@@ -129,29 +129,31 @@ def validate(flags):
         folder = Path(base).expanduser()
         recorded = (read_run_config(folder) if folder.is_dir() else None) or {}
     template = flags["prompt_template"] or recorded.get("resolved", {}).get("template", {}).get("name") or "alpaca"
-    if flags["load_8bit"]:
-        quantization = "8bit"
-    elif flags["load_4bit"]:
-        quantization = "4bit"
-    elif flags["load_8bit"] is None and flags["load_4bit"] is None and adapter:
-        # the adapter's answers are those of the base it was trained on: quantized the same way
-        quantization = adapter.trained_quantization()
+    if adapter:
+        quantization, as_trained = adapter.loading_quantization(flags["load_4bit"], flags["load_8bit"])
     else:
-        quantization = "none"
+        quantization, as_trained = ("8bit" if flags["load_8bit"] else "4bit" if flags["load_4bit"] else "none"), False
     return {**flags, "base": base, "adapter": adapter, "prompter": Prompter(template, "--prompt_template"),
-            "rows": rows, "kind": kind, "out_path": out_path, "quantization": quantization}
+            "rows": rows, "kind": kind, "out_path": out_path, "quantization": quantization,
+            "as_trained": as_trained}
 
 
 def load_for_generation(setup):
     import torch
 
     from platy.data import prepare_tokenizer
-    from platy.modeling import generation_device, load_model, load_tokenizer, resolve_base_model
+    from platy.modeling import (
+        generation_device,
+        load_model,
+        load_model_with_adapter,
+        load_tokenizer,
+        resolve_base_model,
+    )
 
     device, precision = generation_device()
     quantization = setup["quantization"]
     path = resolve_base_model(setup["base"])
-    say(f"Loading {setup['base']}" + (f" ({quantization}, as trained)" if setup["adapter"] and quantization != "none"
+    say(f"Loading {setup['base']}" + (f" ({quantization}, as trained)" if setup["as_trained"] and quantization != "none"
                                       else f" ({quantization})" if quantization != "none" else "")
         + (f" + adapter {setup['adapter'].folder}" if setup["adapter"] else "") + f" on {device} ({precision})",
         err=True)
@@ -159,19 +161,13 @@ def load_for_generation(setup):
     tokenizer = prepare_tokenizer(load_tokenizer(str(tokenizer_source), setup["trust_remote_code"]))
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     # CUDA: "auto" spreads a model too big for one GPU over all of them
-    model = load_model(path, quantization, precision, trust_remote_code=setup["trust_remote_code"],
-                       placement="auto" if device == "cuda" else {"": device})
+    placement = "auto" if device == "cuda" else {"": device}
     if setup["adapter"]:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(setup["adapter"].folder))
-        except (RuntimeError, ValueError, KeyError) as err:
-            if isinstance(err, RuntimeError) and "size mismatch" not in str(err):
-                raise  # out of memory and the like are not a mismatch
-            detail = error_detail(err, last=True)
-            raise UserError(f"--lora_weights {setup['adapter'].folder} does not fit --base_model {setup['base']} "
-                            f"({detail}); use the base model the adapter was trained on") from err
+        model = load_model_with_adapter(path, quantization, precision, setup["adapter"].folder, "--lora_weights",
+                                        trust_remote_code=setup["trust_remote_code"], placement=placement)
+    else:
+        model = load_model(path, quantization, precision, trust_remote_code=setup["trust_remote_code"],
+                           placement=placement)
     model.eval()
     torch.manual_seed(setup["seed"])
     return model, tokenizer, setup["prompter"]

@@ -332,22 +332,20 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
 def verify_merge(setup, adapter, prompts=None):
     """Largest logit difference and greedy agreement: merged model vs base + adapter as trained."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from platy.modeling import load_model, resolve_precision
+    from platy.modeling import load_model_with_adapter, resolve_precision
     from platy.prompts import Prompter
 
     run = adapter.run_config or {}
-    quantization = (setup["layout"] or {}).get("quantization", "none")
+    quantization = adapter.trained_quantization()
     recorded = run.get("resolved", {}).get("precision")
     # the compute precision of training where this machine can run it (a GPU run's bf16 on a GPU)
     precision = recorded if recorded and torch.cuda.is_available() else resolve_precision("auto")
     placement = "auto" if torch.cuda.is_available() else {"": "cpu"}
-    reference = load_model(setup["base_path"], quantization, precision,
-                           bool((setup["layout"] or {}).get("double_quant")), setup["trust_remote_code"],
-                           placement=placement)
-    reference = PeftModel.from_pretrained(reference, str(adapter.folder))
+    reference = load_model_with_adapter(setup["base_path"], quantization, precision, adapter.folder,
+                                        "--peft_model_path", bool((setup["layout"] or {}).get("double_quant")),
+                                        setup["trust_remote_code"], placement)
     merged = AutoModelForCausalLM.from_pretrained(str(setup["output_dir"]), dtype=getattr(torch, setup["dtype"]),
                                                   device_map=placement, trust_remote_code=setup["trust_remote_code"])
     tokenizer = AutoTokenizer.from_pretrained(str(setup["output_dir"]))

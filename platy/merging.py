@@ -79,6 +79,18 @@ class Adapter:
             return resolved
         return typed
 
+    def loading_quantization(self, load_4bit, load_8bit=None):
+        """(quantization, as_trained) to load this adapter's base with: an explicit --load_4bit /
+        --load_8bit wins; unset, the base is quantized as in training, since the adapter's answers
+        are those of that base."""
+        if load_8bit:
+            return "8bit", False
+        if load_4bit:
+            return "4bit", False
+        if load_4bit is None and load_8bit is None:
+            return self.trained_quantization(), True
+        return "none", False
+
     def trained_quantization(self):
         """How the base was quantized in training ('4bit', '8bit' or 'none'), from run_config.json."""
         layout = (self.run_config or {}).get("resolved", {}).get("quantization_layout") or {}

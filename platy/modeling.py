@@ -208,6 +208,24 @@ def load_model(base_model, quantization, precision, double_quant=False, trust_re
     return model
 
 
+def load_model_with_adapter(base_model, quantization, precision, adapter_folder, flag, double_quant=False,
+                            trust_remote_code=False, placement=None):
+    """The base loaded as load_model does, with a LoRA adapter applied unmerged (peft).
+
+    An adapter whose shapes do not fit the base is a UserError naming `flag`.
+    """
+    from peft import PeftModel
+
+    model = load_model(base_model, quantization, precision, double_quant, trust_remote_code, placement)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_folder))
+    except (RuntimeError, ValueError, KeyError) as err:
+        if isinstance(err, RuntimeError) and "size mismatch" not in str(err):
+            raise  # out of memory and the like are not a mismatch
+        raise UserError(f"{flag} {adapter_folder} does not fit --base_model {base_model} "
+                        f"({error_detail(err, last=True)}); use the base model the adapter was trained on") from err
+
+
 def keep_cpu_4bit_layout(model):
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
 

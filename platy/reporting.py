@@ -59,12 +59,16 @@ def say_configuration(title, values):
     say(f"{title}:\n" + "\n".join(lines + [line]))
 
 
-def write_json(path, data):
-    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+def write_text(path, text):
+    """Write through a temporary file and a rename: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_json(path, data):
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def read_run_config(folder):
