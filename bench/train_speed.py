@@ -43,13 +43,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from synthetic import synthetic_rows  # noqa: E402
 
+from platy import sizing  # noqa: E402
 from platy.cli import UserError, run, say  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
+    "llama2-7b": sizing.LLAMA2_7B,
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }
@@ -203,13 +203,15 @@ def example_lengths(rows, seed, cutoff_len):
 def model_flops_per_token(arch, s):
     """F = 4 N_frozen + 6 N_lora + 6 L d s: frozen weights need forward and input gradients, LoRA
     weights also weight gradients, attention scores and values cost 6 L d s per token."""
+    from transformers import LlamaConfig
+
+    from platy.modeling import meta_model
+
     shape = SHAPES[arch]
-    d, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter  # q, o; k, v; gate, up, down
-    frozen = layers * per_layer + d * shape["vocab_size"]  # with lm_head, no embedding
-    lora = layers * LORA_R * ((d + inter) * 2 + (inter + d))  # gate, up: d -> inter; down: inter -> d
-    return 4 * frozen + 6 * lora + 6 * layers * d * s
+    d, layers = shape["hidden_size"], shape["num_hidden_layers"]
+    counts = sizing.parameter_counts(meta_model(LlamaConfig(**shape)), set(TARGETS), LORA_R)
+    frozen = counts["quantizable"] + d * shape["vocab_size"]  # the Linear layers with lm_head, no embedding
+    return 4 * frozen + 6 * counts["lora"] + 6 * layers * d * s
 
 
 def detect_peak_tflops():

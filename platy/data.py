@@ -544,14 +544,12 @@ def tokenize_rows(rows, example_tokenizer, num_proc=None):
     if num_proc is None:
         cores = os.cpu_count() or 1
         num_proc = min(8, cores // 2) if len(rows) >= PARALLEL_ROWS and cores >= 4 else 1
-    columns = {key: [row.get(key, "") for row in rows] for key in ("instruction", "input", "output")}
     if num_proc > 1:
-        ds = datasets.Dataset.from_dict(columns)
+        ds = datasets.Dataset.from_dict(text_columns(rows))
         parts = [ds.map(example_tokenizer, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=ds.column_names,
                         num_proc=num_proc, desc="Tokenizing", load_from_cache_file=False).to_dict()]
     else:  # in this process: no Arrow round trip per batch
-        parts = [example_tokenizer({key: values[i:i + TOKENIZE_BATCH] for key, values in columns.items()})
-                 for i in range(0, len(rows), TOKENIZE_BATCH)]
+        parts = list(tokenized_batches(rows, example_tokenizer))
     examples = {key: [v for part in parts for v in part[key]] for key in ("input_ids", "attention_mask", "labels")}
     n_response = [n for part in parts for n in part["n_response"]]
     truncated = sum(t for part in parts for t in part["truncated"])
@@ -564,6 +562,17 @@ def tokenize_rows(rows, example_tokenizer, num_proc=None):
     stats = {"rows": len(rows), "kept": len(keep), "dropped_cut_away": len(rows) - len(keep), "truncated": truncated,
              "tokens": sum(lengths), "label_tokens": label_tokens, "max_len": max(lengths, default=0)}
     return tokenized_dataset(examples), stats
+
+
+def text_columns(rows):
+    return {key: [row.get(key, "") for row in rows] for key in ("instruction", "input", "output")}
+
+
+def tokenized_batches(rows, example_tokenizer):
+    """example_tokenizer's output for each batch of TOKENIZE_BATCH rows, tokenized in this process."""
+    columns = text_columns(rows)
+    for i in range(0, len(rows), TOKENIZE_BATCH):
+        yield example_tokenizer({key: values[i:i + TOKENIZE_BATCH] for key, values in columns.items()})
 
 
 def tokenized_dataset(examples):

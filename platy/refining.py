@@ -274,19 +274,15 @@ def load_encoder(model, flag="--embedding_model"):
 LENGTH_LIMITS = (512, 1024, 2048, 4096)
 
 
-def token_lengths(rows, tokenizer, prompter, batch_rows=512):
+def token_lengths(rows, tokenizer, prompter):
     """Tokens per training example as finetune.py builds it ([BOS] prompt response EOS), uncut."""
     from tqdm.auto import tqdm
 
-    from platy.data import ExampleTokenizer
+    from platy.data import TOKENIZE_BATCH, ExampleTokenizer, tokenized_batches
 
-    example = ExampleTokenizer(tokenizer, prompter, cutoff_len=10**9)
-    lengths = []
-    for start in tqdm(range(0, len(rows), batch_rows), desc="Counting tokens", unit="batch", leave=False):
-        batch = rows[start:start + batch_rows]
-        columns = {key: [row[key] for row in batch] for key in ("instruction", "input", "output")}
-        lengths += [len(ids) for ids in example(columns)["input_ids"]]
-    return lengths
+    batches = tokenized_batches(rows, ExampleTokenizer(tokenizer, prompter, cutoff_len=10**9))
+    return [len(ids) for part in tqdm(batches, total=-(-len(rows) // TOKENIZE_BATCH), desc="Counting tokens",
+                                      unit="batch", leave=False) for ids in part["input_ids"]]
 
 
 def length_distribution(lengths):
