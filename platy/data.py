@@ -456,6 +456,63 @@ def with_bos(ids, bos):
     return ids if ids[:1] == bos else bos + ids
 
 
+def encode_texts(backend, texts):
+    """Token ids of texts from a tokenizers.Tokenizer, without special tokens: ids only where the
+    library can skip building offsets (encode_batch_fast), on all cores for the length of the call.
+
+    The scripts set TOKENIZERS_PARALLELISM=false at start-up (a process forked after the library's
+    threads ran warns and may hang); it is turned on only inside this call, which forks nothing,
+    and forked children still see it off.
+    """
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def splits_cleanly_after(tokenizer, boundary):
+    """Whether a fast tokenizer never joins `boundary` (one character) with what follows it, so that
+    tokenizer(prefix + text) == tokenizer(prefix) + the ids text gets after the boundary, for any
+    prefix ending with it. Proved, not sampled, for sentencepiece-style BPE (Llama, Mistral, Yi).
+
+    There the text is one word whose spaces are replaced character by character, and BPE joins
+    two neighbours only through a merge whose result is in the vocabulary. If no token holds the
+    boundary character (or its byte-fallback token) before another symbol, and no added token can
+    match across it or depends on its neighbours, the two sides are merged independently. Any other
+    tokenizer (byte-level BPE, Unigram, WordPiece, a pre-tokenizer that splits, a normalizer that
+    looks at more than one character) answers False, and its callers tokenize prefix + text jointly.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or len(boundary) != 1:
+        return False
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("dropout") or model.get("ignore_merges"):
+        return False
+    normalizer = spec.get("normalizer") or {"type": "Sequence", "normalizers": []}
+    for step in normalizer["normalizers"] if normalizer.get("type") == "Sequence" else [normalizer]:
+        pattern = (step.get("pattern") or {}).get("String")
+        one_character = step.get("type") == "Replace" and pattern is not None and len(pattern) == 1
+        if not (step.get("type") == "Prepend" or one_character and pattern != boundary):
+            return False
+    pre = spec.get("pre_tokenizer")
+    if pre is not None and (pre.get("type") != "Metaspace" or pre.get("split")
+                            or boundary in (" ", pre.get("replacement"))):
+        return False
+    added = spec.get("added_tokens") or []
+    if any(token.get(flag) for token in added for flag in ("lstrip", "rstrip", "single_word")):
+        return False  # these match depending on their neighbours, which may sit across the boundary
+    forms = [boundary] + [f"<0x{byte:02X}>" for byte in boundary.encode()]  # the character, its fallback bytes
+    tokens = list(model["vocab"]) + [token["content"] for token in added]
+    return not any(form in token[:-1] for token in tokens for form in forms)
+
+
 class ExampleTokenizer:
     """Tokenizes Alpaca rows into input_ids / labels with exact prompt masking.
 
@@ -481,19 +538,34 @@ class ExampleTokenizer:
         self.add_eos_token = add_eos_token
         self.bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         self.eos = tokenizer.eos_token_id
+        self._clean_ends = {}  # a prompt's last character -> whether splits_cleanly_after holds for it
 
     def __call__(self, batch):
+        """input_ids, attention_mask, labels, n_response and truncated for each row of a column batch."""
+        out = self.compact(batch)
+        n_masked = out.pop("n_masked")
+        out["attention_mask"] = [[1] * len(ids) for ids in out["input_ids"]]
+        out["labels"] = [[IGNORE_INDEX] * n + ids[n:] for ids, n in zip(out["input_ids"], n_masked)]
+        return out
+
+    def compact(self, batch):
+        """input_ids, n_masked (leading ids whose label is IGNORE_INDEX: the prompt, or none with
+        train_on_inputs), n_response and truncated for each row; the mask and labels follow from them."""
         prompts = [self.prompter.generate_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
         prompt_ids = self.encode(prompts)
-        joint_ids = self.encode([p + r for p, r in zip(prompts, batch["output"])])
-        out = {"input_ids": [], "attention_mask": [], "labels": [], "n_response": [], "truncated": []}
-        for prompt, joint, response_text in zip(prompt_ids, joint_ids, batch["output"]):
-            if joint[: len(prompt)] == prompt:
-                response = joint[len(prompt):]
-            else:
-                response = self.encode([response_text])[0]
-            example = self.build(with_bos(prompt, self.bos), response)
-            for key, value in example.items():
+        responses = batch["output"]
+        response_ids = self.encode_after(prompts, responses)
+        if response_ids is None:  # two passes: prompt + response, and the prompt again to find the response
+            response_ids = []
+            for prompt, joint, text in zip(prompt_ids, self.encode([p + r for p, r in zip(prompts, responses)]),
+                                           responses):
+                if joint[: len(prompt)] == prompt:
+                    response_ids.append(joint[len(prompt):])
+                else:
+                    response_ids.append(self.encode([text])[0])
+        out = {"input_ids": [], "n_masked": [], "n_response": [], "truncated": []}
+        for prompt, response in zip(prompt_ids, response_ids):
+            for key, value in zip(out, self.build(with_bos(prompt, self.bos), response)):
                 out[key].append(value)
         return out
 
@@ -506,9 +578,29 @@ class ExampleTokenizer:
         # an earlier tokenizer(..., truncation=True) call leaves its setting on the backend
         backend.no_truncation()
         backend.no_padding()
-        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        return encode_texts(backend, texts)
+
+    def encode_after(self, prompts, responses):
+        """Each response's ids as they follow its prompt, in one pass over the responses alone, where
+        every prompt ends with the same character and splits_cleanly_after proves that exact: each
+        response is encoded after that character and the character's own ids are dropped. None
+        otherwise, and where a row does not start with those ids (which the proof rules out)."""
+        ends = {prompt[-1:] for prompt in prompts}
+        if len(ends) != 1 or not self.tokenizer.is_fast:
+            return None
+        end = ends.pop()
+        if end not in self._clean_ends:
+            self._clean_ends[end] = splits_cleanly_after(self.tokenizer, end)
+        if not self._clean_ends[end]:
+            return None
+        lead = self.encode([end])[0]
+        encoded = self.encode([end + response for response in responses])
+        if any(ids[: len(lead)] != lead for ids in encoded):
+            return None
+        return [ids[len(lead):] for ids in encoded]
 
     def build(self, prompt, response):
+        """(ids, n_masked, n_response, truncated) of one example: [BOS] prompt response [EOS] within cutoff_len."""
         room = self.cutoff_len - len(prompt)
         truncated = len(response) + 1 > room
         if not truncated:
@@ -517,14 +609,11 @@ class ExampleTokenizer:
             kept = response[: max(room - 1 if self.add_eos_token else room, 0)]
             tail = [self.eos] if self.add_eos_token and kept else []
         ids = (prompt + kept + tail)[: self.cutoff_len]
-        if self.train_on_inputs:
-            labels = list(ids)
-        else:
-            labels = [IGNORE_INDEX] * len(prompt) + kept + tail
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels[: len(ids)],
-                "n_response": len(kept), "truncated": truncated}
+        n_masked = 0 if self.train_on_inputs else min(len(prompt), len(ids))
+        return ids, n_masked, len(kept), truncated
 
 
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 TOKENIZE_BATCH = 2000  # rows per call of the tokenizer: large enough to keep its threads busy
 PARALLEL_ROWS = 20000  # from this many rows on, tokenize in several processes (where there are cores to spare)
 
@@ -546,22 +635,52 @@ def tokenize_rows(rows, example_tokenizer, num_proc=None):
         num_proc = min(8, cores // 2) if len(rows) >= PARALLEL_ROWS and cores >= 4 else 1
     if num_proc > 1:
         ds = datasets.Dataset.from_dict(text_columns(rows))
-        parts = [ds.map(example_tokenizer, batched=True, batch_size=TOKENIZE_BATCH, remove_columns=ds.column_names,
-                        num_proc=num_proc, desc="Tokenizing", load_from_cache_file=False).to_dict()]
+        mapped = ds.map(example_tokenizer.compact, batched=True, batch_size=TOKENIZE_BATCH,
+                        remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing", load_from_cache_file=False)
+        parts = (mapped[i:i + TOKENIZE_BATCH] for i in range(0, len(mapped), TOKENIZE_BATCH))
     else:  # in this process: no Arrow round trip per batch
-        parts = list(tokenized_batches(rows, example_tokenizer))
-    examples = {key: [v for part in parts for v in part[key]] for key in ("input_ids", "attention_mask", "labels")}
-    n_response = [n for part in parts for n in part["n_response"]]
-    truncated = sum(t for part in parts for t in part["truncated"])
-    keep = [i for i, n in enumerate(n_response) if n > 0]
-    if len(keep) < len(n_response):
-        examples = {key: [values[i] for i in keep] for key, values in examples.items()}
-    lengths = [len(ids) for ids in examples["input_ids"]]
-    # labels are shifted inside the model: a label at position 0 is never a target
-    label_tokens = sum(len(labels) - 1 - labels[1:].count(IGNORE_INDEX) for labels in examples["labels"])
-    stats = {"rows": len(rows), "kept": len(keep), "dropped_cut_away": len(rows) - len(keep), "truncated": truncated,
-             "tokens": sum(lengths), "label_tokens": label_tokens, "max_len": max(lengths, default=0)}
-    return tokenized_dataset(examples), stats
+        parts = tokenized_batches(rows, example_tokenizer)
+    chunks, stats = [], {"rows": len(rows), "kept": 0, "dropped_cut_away": 0, "truncated": 0, "tokens": 0,
+                         "label_tokens": 0, "max_len": 0}
+    for part in parts:
+        chunk, counts = token_arrays(part)
+        chunks.append(chunk)
+        for key, value in counts.items():
+            stats[key] = max(stats[key], value) if key == "max_len" else stats[key] + value
+    return tokenized_dataset(chunks), stats
+
+
+def token_arrays(part):
+    """Arrow columns input_ids, attention_mask and labels (list<int32>) of a compact batch's kept
+    examples (those with a response token left), and its counts for tokenize_rows' stats.
+
+    Built in numpy: the ids are read from Python once, and the mask and labels are computed
+    from them and each example's masked prefix."""
+    import itertools
+
+    import numpy as np
+    import pyarrow as pa
+
+    keep = [i for i, n in enumerate(part["n_response"]) if n > 0]
+    ids, n_masked = part["input_ids"], part["n_masked"]
+    if len(keep) < len(ids):
+        ids, n_masked = [ids[i] for i in keep], [n_masked[i] for i in keep]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
+    position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+    masked = position < np.repeat(np.asarray(n_masked, dtype=np.int64), lengths)
+    offsets = pa.array(offsets.astype(np.int32))  # a batch of TOKENIZE_BATCH rows is far below 2**31 tokens
+    columns = {"input_ids": flat, "attention_mask": np.ones_like(flat),
+               "labels": np.where(masked, np.int32(IGNORE_INDEX), flat)}
+    chunk = {key: pa.ListArray.from_arrays(offsets, pa.array(values)) for key, values in columns.items()}
+    counts = {"kept": len(ids), "dropped_cut_away": len(part["input_ids"]) - len(ids),
+              "truncated": sum(part["truncated"]), "tokens": len(flat),
+              # labels are shifted inside the model: a label at position 0 is never a target
+              "label_tokens": int(np.count_nonzero(~masked & (position > 0))),
+              "max_len": int(lengths.max(initial=0))}
+    return chunk, counts
 
 
 def text_columns(rows):
@@ -569,16 +688,24 @@ def text_columns(rows):
 
 
 def tokenized_batches(rows, example_tokenizer):
-    """example_tokenizer's output for each batch of TOKENIZE_BATCH rows, tokenized in this process."""
+    """example_tokenizer's compact output for each batch of TOKENIZE_BATCH rows, tokenized in this process."""
     columns = text_columns(rows)
     for i in range(0, len(rows), TOKENIZE_BATCH):
-        yield example_tokenizer({key: values[i:i + TOKENIZE_BATCH] for key, values in columns.items()})
+        yield example_tokenizer.compact({key: values[i:i + TOKENIZE_BATCH] for key, values in columns.items()})
 
 
-def tokenized_dataset(examples):
-    """A datasets.Dataset of input_ids, attention_mask and labels; typed, so an empty one is valid too."""
+def tokenized_dataset(chunks=()):
+    """A datasets.Dataset of input_ids, attention_mask and labels (list<int32>) from token_arrays' chunks;
+    typed, so an empty one is valid too. Dataset.from_dict would instead convert every id through a
+    Python object and hash all the data for a fingerprint, which took as long as tokenizing."""
+    import uuid
+
     import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
 
-    ids = datasets.List(datasets.Value("int64"))
-    features = datasets.Features({"input_ids": ids, "attention_mask": ids, "labels": ids})
-    return datasets.Dataset.from_dict(examples, features=features)
+    columns = {key: pa.chunked_array([chunk[key] for chunk in chunks], type=pa.list_(pa.int32()))
+               for key in TOKEN_COLUMNS}
+    features = datasets.Features({key: datasets.List(datasets.Value("int32")) for key in TOKEN_COLUMNS})
+    return datasets.Dataset(InMemoryTable(pa.table(columns)), info=datasets.DatasetInfo(features=features),
+                            fingerprint=uuid.uuid4().hex)

@@ -19,7 +19,7 @@ from platy.cli import say
 from platy.data import adds_bos, tokenize_rows, tokenized_dataset
 from platy.tiny import cache_root
 
-TOKENIZATION_VERSION = 1  # bump when ExampleTokenizer or tokenize_rows change what they produce
+TOKENIZATION_VERSION = 2  # bump when ExampleTokenizer or tokenize_rows change what they produce
 SPLITS = ("train", "val")
 
 
@@ -78,7 +78,7 @@ def load_split(folder, stats):
 
     if folder.is_dir():
         return datasets.load_from_disk(str(folder))
-    return tokenized_dataset({"input_ids": [], "attention_mask": [], "labels": []}) if stats["rows"] else None
+    return tokenized_dataset() if stats["rows"] else None
 
 
 def build(folder, row_splits, example_tokenizer):

@@ -193,6 +193,100 @@ def test_response_merged_across_the_boundary_keeps_prompt_prefix(tok):
     assert tok.decode(labels[:-1]).strip() == word[cut:] and labels[-1] == tok.eos_token_id
 
 
+TRICKY_OUTPUTS = [" A leading space.", "\nA leading newline.", "\n\nTwo.", "Ends with </s> as text.",
+                  "한국어와 이모지 😀.", "x", "   ", "tab\there", "<s>starts with BOS text"]
+
+
+def columns_of(rows):
+    return {key: [row[key] for row in rows] for key in ("instruction", "input", "output")}
+
+
+def two_pass(example_tokenizer):
+    """The same ExampleTokenizer made to take the joint prompt + response pass for every row."""
+    example_tokenizer.encode_after = lambda prompts, responses: None
+    return example_tokenizer
+
+
+@pytest.mark.parametrize("template", ["alpaca", "alpaca_short", "alpaca_ko"])
+def test_one_pass_tokenization_equals_the_two_pass_one(tok, template):
+    from platy.data import splits_cleanly_after
+
+    assert splits_cleanly_after(tok, "\n"), "the tiny Llama tokenizer takes the one-pass path"
+    rows = load_rows(str(SAMPLE))[0] + [{"instruction": "Say it.", "input": context, "output": output}
+                                         for output in TRICKY_OUTPUTS for context in ("", "Some context.")]
+    batch = columns_of(rows)
+    for kwargs in (dict(cutoff_len=4096), dict(cutoff_len=60, add_eos_token=True), dict(cutoff_len=90,
+                                                                                           train_on_inputs=True)):
+        fast = ExampleTokenizer(tok, Prompter(template), **kwargs)
+        slow = two_pass(ExampleTokenizer(tok, Prompter(template), **kwargs))
+        assert fast(batch) == slow(batch), kwargs
+
+
+def backend_variant(tok, change):
+    """A fast tokenizer whose backend definition is the tiny one after change(spec)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    change(spec)
+    return prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                                     bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                                     pad_token="<pad>"))
+
+
+def add_tokens(*tokens, merges=()):
+    def change(spec):
+        vocab = spec["model"]["vocab"]
+        for token in tokens:
+            vocab[token] = len(vocab)
+        spec["model"]["merges"] = [list(merge) for merge in merges] + spec["model"]["merges"]
+    return change
+
+
+def test_one_pass_is_refused_where_a_token_could_cross_the_prompt_end(tok):
+    from platy.data import splits_cleanly_after
+
+    # a vocabulary that merges the prompt's last newline with the response's first letter
+    crossing = backend_variant(tok, add_tokens("\n", "\nB", merges=[("\n", "B")]))
+    prompt = Prompter("alpaca").generate_prompt("Why?")
+    prompt_ids = crossing(prompt, add_special_tokens=False)["input_ids"]
+    joint_ids = crossing(prompt + "Because.", add_special_tokens=False)["input_ids"]
+    assert joint_ids[: len(prompt_ids)] != prompt_ids, "this vocabulary does merge across the boundary"
+    assert not splits_cleanly_after(crossing, "\n")
+    rows = [{"instruction": "Why?", "input": "", "output": "Because."}, *load_rows(str(SAMPLE))[0][:20]]
+    batch = columns_of(rows)
+    got = ExampleTokenizer(crossing, Prompter("alpaca"), 4096)(batch)
+    assert got == two_pass(ExampleTokenizer(crossing, Prompter("alpaca"), 4096))(batch)
+    # each other way a token or a match could reach across the boundary is refused too
+    refused = {
+        "byte-fallback newline continued": backend_variant(tok, add_tokens("<0x0A>B")),
+        "an added token matching by its neighbours": backend_variant(
+            tok, lambda spec: spec["added_tokens"][2].update(lstrip=True)),
+        "a pre-tokenizer that splits": backend_variant(tok, lambda spec: spec["pre_tokenizer"].update(split=True)),
+        "byte-level BPE": backend_variant(tok, lambda spec: spec.update(pre_tokenizer={
+            "type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True})),
+    }
+    for name, variant in refused.items():
+        assert not splits_cleanly_after(variant, "\n"), name
+    assert not splits_cleanly_after(tok, " ") and not splits_cleanly_after(tok, "e")
+
+
+def test_one_pass_handles_the_older_llama_normalizer(tok):
+    """Llama tokenizers saved by older libraries add the leading marker in a Prepend normalizer."""
+    from platy.data import splits_cleanly_after
+
+    older = backend_variant(tok, lambda spec: spec.update(pre_tokenizer=None, normalizer={
+        "type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}))
+    assert older("Hi there", add_special_tokens=False)["input_ids"] == tok("Hi there", add_special_tokens=False)[
+        "input_ids"], "the same tokenizer in its older form"
+    assert splits_cleanly_after(older, "\n")
+    rows = load_rows(str(SAMPLE))[0] + [{"instruction": "Say it.", "input": "", "output": o} for o in TRICKY_OUTPUTS]
+    batch = columns_of(rows)
+    assert ExampleTokenizer(older, Prompter("alpaca"), 4096)(batch) == two_pass(
+        ExampleTokenizer(older, Prompter("alpaca"), 4096))(batch)
+
+
 def test_add_eos_token_decides_the_end_of_a_cut_response(tok):
     row = {"instruction": "Count.", "input": "", "output": " ".join(str(i) for i in range(60))}
     prompt_len = len(encode(tok, [{**row, "output": "x"}])["input_ids"][0]) - 2

@@ -115,6 +115,9 @@ def per_example_tokens(tok, rows, **kwargs):
         def encode(self, texts):
             return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
+        def encode_after(self, prompts, responses):
+            return None  # two passes over prompt + response, as the original scripts do
+
     example_tokenizer = PerExample(tok, Prompter("alpaca"), **kwargs)
     out = [example_tokenizer({k: [row.get(k, "")] for k in ("instruction", "input", "output")}) for row in rows]
     kept = [o for o in out if o["n_response"][0] > 0]
