@@ -63,7 +63,7 @@ from platy.reporting import (
     say_configuration,
     write_json,
 )
-from platy.speed import checkpoint_fraction, checkpoint_layers, kernel_problems
+from platy.speed import checkpoint_fraction, checkpoint_layers, liger_unavailable
 from platy.tokencache import tokenized_splits
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
@@ -130,6 +130,7 @@ def train(
     micro_batch_tokens: int = None,
     liger: bool = False,
     torch_compile: bool = False,
+    cache_tokens: bool = True,
 ):
     """Train a LoRA adapter; output_dir then holds everything merge.py and inference.py need.
 
@@ -207,6 +208,9 @@ def train(
         liger: Fused Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs the
             liger-kernel package and a CUDA GPU.
         torch_compile: Compile the model with torch.compile (the first steps are slow while it compiles).
+        cache_tokens: Keep the tokenized data under $PLATY_CACHE/tokenized, so the next run with the
+            same data, tokenizer and settings (and every other torchrun rank) loads it instead of
+            tokenizing; false tokenizes in memory and writes nothing.
     """
     setup = validate(dict(locals()))
     run_config = describe_run(setup)
@@ -275,13 +279,16 @@ def validate(flags):
         problems.append(f"--attn_implementation {f.attn_implementation}: choose one of {', '.join(ATTENTION)}")
     if f.gpu_memory_gb is not None and (not isinstance(f.gpu_memory_gb, (int, float)) or f.gpu_memory_gb <= 0):
         problems.append(f"--gpu_memory_gb must be a positive number, got {f.gpu_memory_gb!r}")
-    problems += speed_problems(f) + kernel_problems(f.liger, f.torch_compile)
+    problems += speed_problems(f)
     try:
         f["checkpoint_fraction"] = checkpoint_fraction(f.gradient_checkpointing)
     except UserError as err:
         problems.append(str(err))
     if problems:
         raise UserError("; ".join(problems))
+    if f.liger and (why := liger_unavailable()):
+        say(f"Note: --liger is off: {why}; training with the model's own layers")
+        f["liger"] = False
 
     # batch_size is global: it must split evenly over micro batches and processes
     world = cli.world_size()
@@ -541,10 +548,12 @@ def build_datasets(setup, tokenizer, prompter):
                                          setup.add_eos_token)
     split = {"seed": setup.seed, "val_set_size": setup.val_set_size}
     splits, (where, folder) = tokenized_splits({"train": setup.train_rows, "val": setup.val_rows}, example_tokenizer,
-                                               setup.data_fingerprint, split)
+                                               setup.data_fingerprint, split, use_cache=setup.cache_tokens)
     (train_set, train_stats), (val_set, val_stats) = splits["train"], splits["val"]
     if folder is not None:
         say(f"Tokenized data: {'loaded from the cache' if where == 'cache' else 'tokenized and cached'} in {folder}")
+    elif not setup.cache_tokens:
+        say("Tokenized data: tokenized in memory, not cached (--cache_tokens false)")
     if train_set is None or len(train_set) == 0:
         raise UserError(f"{setup.data_path}: no training example keeps any response token within --cutoff_len "
                         f"{setup.cutoff_len}; raise --cutoff_len or shorten the prompts")

@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
+import signal
 from pathlib import Path
 
 from platy.cli import UserError, error_detail
@@ -462,9 +464,11 @@ def encode_texts(backend, texts):
 
     The scripts set TOKENIZERS_PARALLELISM=false at start-up (a process forked after the library's
     threads ran warns and may hang); it is turned on only inside this call, which forks nothing,
-    and forked children still see it off.
+    and never in a forked worker (tokenize_in_processes), whose copy of the threads is gone.
     """
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    if multiprocessing.parent_process() is not None:
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     try:
@@ -513,6 +517,19 @@ def splits_cleanly_after(tokenizer, boundary):
     return not any(form in token[:-1] for token in tokens for form in forms)
 
 
+def template_heads(template):
+    """The opening of each prompt form up to its last newline, longest first: the text every prompt
+    of that form starts with, whatever the row."""
+    import string
+
+    heads = set()
+    for key in ("prompt_input", "prompt_no_input"):
+        opening = next(string.Formatter().parse(template[key]), ("",))[0] or ""
+        if "\n" in opening:
+            heads.add(opening[: opening.rfind("\n") + 1])
+    return sorted(heads, key=len, reverse=True)
+
+
 class ExampleTokenizer:
     """Tokenizes Alpaca rows into input_ids / labels with exact prompt masking.
 
@@ -538,7 +555,8 @@ class ExampleTokenizer:
         self.add_eos_token = add_eos_token
         self.bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         self.eos = tokenizer.eos_token_id
-        self._clean_ends = {}  # a prompt's last character -> whether splits_cleanly_after holds for it
+        self._clean_ends = {}  # a character -> whether splits_cleanly_after holds for it
+        self.heads = template_heads(prompter.template)
 
     def __call__(self, batch):
         """input_ids, attention_mask, labels, n_response and truncated for each row of a column batch."""
@@ -552,20 +570,19 @@ class ExampleTokenizer:
         """input_ids, n_masked (leading ids whose label is IGNORE_INDEX: the prompt, or none with
         train_on_inputs), n_response and truncated for each row; the mask and labels follow from them."""
         prompts = [self.prompter.generate_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
-        prompt_ids = self.encode(prompts)
-        responses = batch["output"]
-        response_ids = self.encode_after(prompts, responses)
-        if response_ids is None:  # two passes: prompt + response, and the prompt again to find the response
-            response_ids = []
-            for prompt, joint, text in zip(prompt_ids, self.encode([p + r for p, r in zip(prompts, responses)]),
-                                           responses):
+        prompt_ids = self.encode_prompts(prompts)
+        responses = self.encode_after(prompts, batch["output"])
+        if responses is None:  # two passes: prompt + response, and the prompt again to find the response
+            responses = []
+            for prompt, joint, text in zip(prompt_ids, self.encode([p + r for p, r in zip(prompts, batch["output"])]),
+                                           batch["output"]):
                 if joint[: len(prompt)] == prompt:
-                    response_ids.append(joint[len(prompt):])
+                    responses.append((joint, len(prompt)))
                 else:
-                    response_ids.append(self.encode([text])[0])
+                    responses.append((self.encode([text])[0], 0))
         out = {"input_ids": [], "n_masked": [], "n_response": [], "truncated": []}
-        for prompt, response in zip(prompt_ids, response_ids):
-            for key, value in zip(out, self.build(with_bos(prompt, self.bos), response)):
+        for prompt, (ids, start) in zip(prompt_ids, responses):
+            for key, value in zip(out, self.build(with_bos(prompt, self.bos), ids, start)):
                 out[key].append(value)
         return out
 
@@ -582,84 +599,153 @@ class ExampleTokenizer:
 
     def encode_after(self, prompts, responses):
         """Each response's ids as they follow its prompt, in one pass over the responses alone, where
-        every prompt ends with the same character and splits_cleanly_after proves that exact: each
-        response is encoded after that character and the character's own ids are dropped. None
-        otherwise, and where a row does not start with those ids (which the proof rules out)."""
+        every prompt ends with the same character and splits_cleanly_after proves that exact: a list
+        of (ids, start), the response being ids[start:]. None otherwise."""
         ends = {prompt[-1:] for prompt in prompts}
-        if len(ends) != 1 or not self.tokenizer.is_fast:
+        if len(ends) != 1:
             return None
-        end = ends.pop()
-        if end not in self._clean_ends:
-            self._clean_ends[end] = splits_cleanly_after(self.tokenizer, end)
-        if not self._clean_ends[end]:
-            return None
-        lead = self.encode([end])[0]
-        encoded = self.encode([end + response for response in responses])
+        (end,) = ends
+        return self.encode_following(end, responses) if self.clean(end) else None
+
+    def encode_prompts(self, prompts):
+        """The prompts' ids. Where the tokenizer splits cleanly after a newline, the template's opening
+        up to its last newline (the same text at the start of every prompt of a form) is tokenized
+        once, and only the rest of each prompt is."""
+        ids = [None] * len(prompts)
+        for head in self.heads if len(prompts) > 1 and self.clean("\n") else ():
+            rows = [i for i, prompt in enumerate(prompts) if ids[i] is None and prompt.startswith(head)]
+            rest = self.encode_following("\n", [prompts[i][len(head):] for i in rows]) if rows else None
+            head_ids = self.encode([head])[0] if rest else None
+            for i, (tail, start) in zip(rows, rest or ()):
+                tail[:start] = head_ids
+                ids[i] = tail
+        whole = [i for i, tail in enumerate(ids) if tail is None]
+        for i, tail in zip(whole, self.encode([prompts[i] for i in whole]) if whole else ()):
+            ids[i] = tail
+        return ids
+
+    def clean(self, char):
+        """Whether splits_cleanly_after holds for this character (asked once per character)."""
+        if char not in self._clean_ends:
+            self._clean_ends[char] = self.tokenizer.is_fast and splits_cleanly_after(self.tokenizer, char)
+        return self._clean_ends[char]
+
+    def encode_following(self, char, texts):
+        """(ids, start) for each text, tokenized behind `char` so that ids[start:] are the ids the
+        text gets after any prefix ending with it (for a clean char); None where a row does not
+        start with the char's own ids, which splits_cleanly_after rules out."""
+        lead = self.encode([char])[0]
+        encoded = self.encode([char + text for text in texts])
         if any(ids[: len(lead)] != lead for ids in encoded):
             return None
-        return [ids[len(lead):] for ids in encoded]
+        return [(ids, len(lead)) for ids in encoded]
 
-    def build(self, prompt, response):
-        """(ids, n_masked, n_response, truncated) of one example: [BOS] prompt response [EOS] within cutoff_len."""
+    def build(self, prompt, ids, start):
+        """(ids, n_masked, n_response, truncated) of one example, [BOS] prompt response [EOS] within
+        cutoff_len, where the response is ids[start:]; ids is reused (its first `start` ids give way
+        to the prompt), which spares copying every response."""
+        n_response = len(ids) - start
         room = self.cutoff_len - len(prompt)
-        truncated = len(response) + 1 > room
-        if not truncated:
-            kept, tail = response, [self.eos]
-        else:
-            kept = response[: max(room - 1 if self.add_eos_token else room, 0)]
-            tail = [self.eos] if self.add_eos_token and kept else []
-        ids = (prompt + kept + tail)[: self.cutoff_len]
+        truncated = n_response + 1 > room
+        if truncated:
+            n_response = max(room - 1 if self.add_eos_token else room, 0)
+            del ids[start + n_response:]
+        ids[:start] = prompt
+        if not truncated or self.add_eos_token and n_response:
+            ids.append(self.eos)
+        del ids[self.cutoff_len:]
         n_masked = 0 if self.train_on_inputs else min(len(prompt), len(ids))
-        return ids, n_masked, len(kept), truncated
+        return ids, n_masked, n_response, truncated
 
 
-TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 TOKENIZE_BATCH = 2000  # rows per call of the tokenizer: large enough to keep its threads busy
-PARALLEL_ROWS = 20000  # from this many rows on, tokenize in several processes (where there are cores to spare)
+PARALLEL_ROWS = 10000  # from this many rows on, tokenize in one process per core (Linux, 2 cores or more)
+_WORK = None  # (text columns, ExampleTokenizer) for the processes forked by tokenize_in_processes
 
 
 def tokenize_rows(rows, example_tokenizer, num_proc=None):
-    """Tokenize rows into a datasets.Dataset; drop examples with no response token left.
+    """Tokenize rows into a datasets.Dataset held in memory; drop examples with no response token left.
 
-    Returns (dataset, stats). Dropped examples are counted, never trained on: a batch with
-    no trainable token gives a NaN loss. The tokenizer sees batches of TOKENIZE_BATCH rows;
-    num_proc (default: half the cores, at most 8, for PARALLEL_ROWS rows or more on a
-    machine with at least 4 cores) splits them over processes.
+    Returns (dataset, stats); (None, stats) for no rows. Dropped examples are counted, never
+    trained on: a batch with no trainable token gives a NaN loss. See token_chunks for how the
+    work is spread.
     """
-    import datasets
+    batches, stats = [], None
+    for arrays, stats in counted(token_chunks(rows, example_tokenizer, num_proc)):
+        batches.append(record_batch(arrays))
+    return (tokenized_dataset(batches) if rows else None), stats or empty_stats()
 
-    if not rows:
-        return None, {"rows": 0, "dropped_cut_away": 0, "truncated": 0, "tokens": 0, "label_tokens": 0}
-    if num_proc is None:
-        cores = os.cpu_count() or 1
-        num_proc = min(8, cores // 2) if len(rows) >= PARALLEL_ROWS and cores >= 4 else 1
-    if num_proc > 1:
-        ds = datasets.Dataset.from_dict(text_columns(rows))
-        mapped = ds.map(example_tokenizer.compact, batched=True, batch_size=TOKENIZE_BATCH,
-                        remove_columns=ds.column_names, num_proc=num_proc, desc="Tokenizing", load_from_cache_file=False)
-        parts = (mapped[i:i + TOKENIZE_BATCH] for i in range(0, len(mapped), TOKENIZE_BATCH))
-    else:  # in this process: no Arrow round trip per batch
-        parts = tokenized_batches(rows, example_tokenizer)
-    chunks, stats = [], {"rows": len(rows), "kept": 0, "dropped_cut_away": 0, "truncated": 0, "tokens": 0,
-                         "label_tokens": 0, "max_len": 0}
-    for part in parts:
-        chunk, counts = token_arrays(part)
-        chunks.append(chunk)
+
+def empty_stats():
+    return {"rows": 0, "kept": 0, "dropped_cut_away": 0, "truncated": 0, "tokens": 0, "label_tokens": 0,
+            "max_len": 0}
+
+
+def counted(chunks):
+    """(arrays, stats so far) for each of token_chunks' chunks; the last stats are the whole split's."""
+    stats = None
+    for arrays, counts in chunks:
+        stats = stats or empty_stats()
         for key, value in counts.items():
             stats[key] = max(stats[key], value) if key == "max_len" else stats[key] + value
-    return tokenized_dataset(chunks), stats
+        yield arrays, stats
+
+
+def token_chunks(rows, example_tokenizer, num_proc=None):
+    """token_arrays of each batch of TOKENIZE_BATCH rows, in order, with counts["rows"] set.
+
+    num_proc (default: one per core, at most 8, for PARALLEL_ROWS rows or more on Linux)
+    spreads the batches over forked processes, so the Python work around the tokenizer
+    (reading its ids, building examples) runs on every core too, not only the tokenizer.
+    """
+    if num_proc is None:
+        num_proc = min(8, os.cpu_count() or 1) if len(rows) >= PARALLEL_ROWS else 1
+    if num_proc > 1 and len(rows) > TOKENIZE_BATCH and "fork" in multiprocessing.get_all_start_methods():
+        results = tokenize_in_processes(rows, example_tokenizer, num_proc)
+    else:
+        results = (token_arrays(part) for part in tokenized_batches(rows, example_tokenizer))
+    for arrays, counts in results:
+        yield arrays, {**counts, "rows": counts["kept"] + counts["dropped_cut_away"]}
+
+
+def tokenize_in_processes(rows, example_tokenizer, num_proc):
+    """token_arrays of each batch, in order, from num_proc forked processes (the rows and the
+    tokenizer are inherited, not pickled; the arrays come back as numpy)."""
+    global _WORK
+    _WORK = (text_columns(rows), example_tokenizer)
+    try:
+        with multiprocessing.get_context("fork").Pool(num_proc, initializer=_single_threaded) as pool:
+            yield from pool.imap(_tokenize_batch, range(0, len(rows), TOKENIZE_BATCH))
+            pool.close()
+            pool.join()
+    finally:
+        _WORK = None
+
+
+def _single_threaded():
+    # one process per core already: the tokenizer's own threads would only compete (and a thread
+    # pool the parent started does not survive the fork)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # the parent alone answers Ctrl-C and SIGTERM (the scripts' handlers would raise in here too)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _tokenize_batch(start):
+    columns, example_tokenizer = _WORK
+    return token_arrays(example_tokenizer.compact({key: values[start:start + TOKENIZE_BATCH]
+                                                   for key, values in columns.items()}))
 
 
 def token_arrays(part):
-    """Arrow columns input_ids, attention_mask and labels (list<int32>) of a compact batch's kept
-    examples (those with a response token left), and its counts for tokenize_rows' stats.
+    """numpy arrays offsets, input_ids and labels (int32, flat) of a compact batch's kept examples
+    (those with a response token left), and its counts for tokenize_rows' stats.
 
-    Built in numpy: the ids are read from Python once, and the mask and labels are computed
-    from them and each example's masked prefix."""
+    The ids are read from Python once; the labels are the ids with each example's masked prefix
+    set to IGNORE_INDEX."""
     import itertools
 
     import numpy as np
-    import pyarrow as pa
 
     keep = [i for i, n in enumerate(part["n_response"]) if n > 0]
     ids, n_masked = part["input_ids"], part["n_masked"]
@@ -669,18 +755,15 @@ def token_arrays(part):
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
-    position = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
-    masked = position < np.repeat(np.asarray(n_masked, dtype=np.int64), lengths)
-    offsets = pa.array(offsets.astype(np.int32))  # a batch of TOKENIZE_BATCH rows is far below 2**31 tokens
-    columns = {"input_ids": flat, "attention_mask": np.ones_like(flat),
-               "labels": np.where(masked, np.int32(IGNORE_INDEX), flat)}
-    chunk = {key: pa.ListArray.from_arrays(offsets, pa.array(values)) for key, values in columns.items()}
+    labels = flat.copy()
+    for begin, n in zip(offsets[:-1].tolist(), n_masked):
+        labels[begin:begin + n] = IGNORE_INDEX
     counts = {"kept": len(ids), "dropped_cut_away": len(part["input_ids"]) - len(ids),
               "truncated": sum(part["truncated"]), "tokens": len(flat),
               # labels are shifted inside the model: a label at position 0 is never a target
-              "label_tokens": int(np.count_nonzero(~masked & (position > 0))),
+              "label_tokens": len(flat) - sum(n_masked) - n_masked.count(0),
               "max_len": int(lengths.max(initial=0))}
-    return chunk, counts
+    return {"offsets": offsets.astype(np.int32), "input_ids": flat, "labels": labels}, counts
 
 
 def text_columns(rows):
@@ -694,18 +777,39 @@ def tokenized_batches(rows, example_tokenizer):
         yield example_tokenizer.compact({key: values[i:i + TOKENIZE_BATCH] for key, values in columns.items()})
 
 
-def tokenized_dataset(chunks=()):
-    """A datasets.Dataset of input_ids, attention_mask and labels (list<int32>) from token_arrays' chunks;
-    typed, so an empty one is valid too. Dataset.from_dict would instead convert every id through a
-    Python object and hash all the data for a fingerprint, which took as long as tokenizing."""
+def token_schema():
+    """The Arrow schema of tokenized data: lists of int32 ids and labels, int8 attention mask."""
+    import pyarrow as pa
+
+    return pa.schema({"input_ids": pa.list_(pa.int32()), "attention_mask": pa.list_(pa.int8()),
+                      "labels": pa.list_(pa.int32())})
+
+
+def record_batch(arrays):
+    """token_arrays' numpy arrays as one Arrow record batch (a TOKENIZE_BATCH-row chunk stays far
+    below 32-bit offsets)."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = pa.array(arrays["offsets"])
+    columns = {"input_ids": arrays["input_ids"], "attention_mask": np.ones(len(arrays["input_ids"]), dtype=np.int8),
+               "labels": arrays["labels"]}
+    return pa.RecordBatch.from_arrays([pa.ListArray.from_arrays(offsets, pa.array(values))
+                                       for values in columns.values()], schema=token_schema())
+
+
+def tokenized_dataset(batches=(), table=None):
+    """A datasets.Dataset of record_batch's batches (or of an Arrow table of that schema); typed, so
+    an empty one is valid too. Dataset.from_dict would instead convert every id through a Python
+    object and hash all the data for a fingerprint, which took as long as tokenizing."""
     import uuid
 
     import datasets
     import pyarrow as pa
     from datasets.table import InMemoryTable
 
-    columns = {key: pa.chunked_array([chunk[key] for chunk in chunks], type=pa.list_(pa.int32()))
-               for key in TOKEN_COLUMNS}
-    features = datasets.Features({key: datasets.List(datasets.Value("int32")) for key in TOKEN_COLUMNS})
-    return datasets.Dataset(InMemoryTable(pa.table(columns)), info=datasets.DatasetInfo(features=features),
-                            fingerprint=uuid.uuid4().hex)
+    if table is None:
+        table = InMemoryTable(pa.Table.from_batches(list(batches), schema=token_schema()))
+    features = datasets.Features({key: datasets.List(datasets.Value(str(column.type.value_type)))
+                                  for key, column in zip(table.column_names, table.schema)})
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=features), fingerprint=uuid.uuid4().hex)

@@ -47,10 +47,13 @@ def checkpoint_layers(model, fraction):
     return count, len(layers)
 
 
-def kernel_problems(liger, torch_compile):
-    """Problems with --liger and --torch_compile, reported with every other flag problem."""
-    problems = []  # both are bool flags: cli.coerce_bools has checked their words
-    if liger and importlib.util.find_spec("liger_kernel") is None:
-        problems.append("--liger needs the liger-kernel package (pip install liger-kernel; CUDA GPUs); "
-                        "or drop --liger")
-    return problems
+def liger_unavailable():
+    """Why Liger's fused kernels cannot run here ('' when they can): they need the liger-kernel
+    package and, being Triton kernels, a CUDA GPU."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "the liger-kernel package is not installed (pip install liger-kernel)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "its Triton kernels need a CUDA GPU"
+    return ""

@@ -16,10 +16,19 @@ import shutil
 from pathlib import Path
 
 from platy.cli import say
-from platy.data import adds_bos, tokenize_rows, tokenized_dataset
+from platy.data import (
+    adds_bos,
+    counted,
+    empty_stats,
+    record_batch,
+    token_chunks,
+    token_schema,
+    tokenize_rows,
+    tokenized_dataset,
+)
 from platy.tiny import cache_root
 
-TOKENIZATION_VERSION = 2  # bump when ExampleTokenizer or tokenize_rows change what they produce
+TOKENIZATION_VERSION = 3  # bump when ExampleTokenizer or tokenize_rows change what they produce
 SPLITS = ("train", "val")
 
 
@@ -47,11 +56,14 @@ def cache_key(data_fingerprint, split, example_tokenizer):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, root=None):
+def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, root=None, use_cache=True):
     """{name: (dataset or None, stats)} for the row splits, from the cache or tokenized and cached.
 
-    Returns (splits, (where, folder)): where is 'cache' or 'tokenized'; folder is the entry.
+    Returns (splits, (where, folder)): where is 'cache' or 'tokenized' and folder the entry, or
+    ('uncached', None) when use_cache is off or the cache folder cannot be written.
     """
+    if not use_cache:
+        return uncached(row_splits, example_tokenizer), ("uncached", None)
     folder = Path(root or cache_root() / "tokenized") / cache_key(data_fingerprint, split, example_tokenizer)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -65,31 +77,41 @@ def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, roo
     except OSError as err:  # a read-only or full cache folder costs the cache, not the run
         say(f"Note: the token cache in {folder.parent} cannot be written ({err.strerror or err}); tokenizing "
             "without it (set PLATY_CACHE to a writable folder to cache)")
-        return {name: tokenize_rows(rows, example_tokenizer) for name, rows in row_splits.items()}, ("uncached", None)
+        return uncached(row_splits, example_tokenizer), ("uncached", None)
     stats = json.loads((folder / "stats.json").read_text())
-    splits = {name: (load_split(folder / name, stats[name]), stats[name]) for name in row_splits}
+    splits = {name: (load_split(folder / f"{name}.arrow", stats[name]), stats[name]) for name in row_splits}
     return splits, (where, folder)
 
 
-def load_split(folder, stats):
-    """The saved split; None for a split without rows, an empty dataset when every example was dropped
-    (datasets cannot load an empty saved dataset, so none is saved)."""
-    import datasets
+def uncached(row_splits, example_tokenizer):
+    return {name: tokenize_rows(rows, example_tokenizer) for name, rows in row_splits.items()}
 
-    if folder.is_dir():
-        return datasets.load_from_disk(str(folder))
-    return tokenized_dataset() if stats["rows"] else None
+
+def load_split(path, stats):
+    """The saved split, memory-mapped; None for a split without rows."""
+    from datasets.table import MemoryMappedTable
+
+    if not stats["rows"]:
+        return None
+    return tokenized_dataset(table=MemoryMappedTable.from_file(str(path)))
 
 
 def build(folder, row_splits, example_tokenizer):
+    """Tokenize each split into an Arrow stream file of the entry, batch by batch as the batches are
+    tokenized (the writing overlaps the tokenizing processes), then publish the entry by renaming."""
+    import pyarrow as pa
+
     staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     stats = {}
     for name, rows in row_splits.items():
-        ds, stats[name] = tokenize_rows(rows, example_tokenizer)
-        if ds is not None and len(ds):
-            ds.save_to_disk(str(staging / name))
+        stats[name] = empty_stats()
+        if not rows:
+            continue
+        with pa.OSFile(str(staging / f"{name}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, token_schema()) as out:
+            for arrays, stats[name] in counted(token_chunks(rows, example_tokenizer)):
+                out.write_batch(record_batch(arrays))
     (staging / "stats.json").write_text(json.dumps(stats))  # written last: marks a complete entry
     shutil.rmtree(folder, ignore_errors=True)  # a leftover without stats.json
     os.replace(staging, folder)

@@ -202,8 +202,9 @@ def columns_of(rows):
 
 
 def two_pass(example_tokenizer):
-    """The same ExampleTokenizer made to take the joint prompt + response pass for every row."""
-    example_tokenizer.encode_after = lambda prompts, responses: None
+    """The same ExampleTokenizer made to tokenize each prompt whole and take the joint prompt + response
+    pass for every row, as if no character split cleanly."""
+    example_tokenizer.clean = lambda char: False
     return example_tokenizer
 
 
@@ -285,6 +286,21 @@ def test_one_pass_handles_the_older_llama_normalizer(tok):
     batch = columns_of(rows)
     assert ExampleTokenizer(older, Prompter("alpaca"), 4096)(batch) == two_pass(
         ExampleTokenizer(older, Prompter("alpaca"), 4096))(batch)
+
+
+def test_tokenizing_in_processes_gives_the_same_dataset(tok, monkeypatch):
+    import platy.data
+
+    monkeypatch.setattr(platy.data, "TOKENIZE_BATCH", 25)  # many batches from the sample (the workers fork this)
+    rows = load_rows(str(SAMPLE))[0] + [{"instruction": "Long " * 80, "input": "", "output": "Cut away."}]
+    example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), 100)
+    one, one_stats = tokenize_rows(rows, example_tokenizer, num_proc=1)
+    two, two_stats = tokenize_rows(rows, example_tokenizer, num_proc=2)
+    assert one_stats == two_stats and one_stats["rows"] == len(rows) and one_stats["dropped_cut_away"] == 1
+    assert one_stats["kept"] == len(one) == len(rows) - 1
+    for column in ("input_ids", "attention_mask", "labels"):
+        assert one[column] == two[column], column
+    assert one.features == two.features
 
 
 def test_add_eos_token_decides_the_end_of_a_cut_response(tok):

@@ -115,8 +115,8 @@ def per_example_tokens(tok, rows, **kwargs):
         def encode(self, texts):
             return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
-        def encode_after(self, prompts, responses):
-            return None  # two passes over prompt + response, as the original scripts do
+        def clean(self, char):
+            return False  # two passes over prompt + response, as the original scripts do
 
     example_tokenizer = PerExample(tok, Prompter("alpaca"), **kwargs)
     out = [example_tokenizer({k: [row.get(k, "")] for k in ("instruction", "input", "output")}) for row in rows]
@@ -159,6 +159,22 @@ def test_cached_equals_batched_equals_per_example(tmp_path, tokenizer, kwargs):
                                                fingerprint, {"seed": 42}, root=blocked / "tokenized")
     assert (where, folder) == ("uncached", None)
     assert {key: list(splits["train"][0][key]) + list(splits["val"][0][key]) for key in expected} == expected
+
+
+def test_cache_tokens_false_tokenizes_in_memory_and_writes_nothing(tmp_path, tiny_llama):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / tiny_llama.name).symlink_to(tiny_llama)  # the built model, without the session's token cache
+    first = finetune(tmp_path / "run1", "--max_steps", 1, "--cache_tokens", "false", env={"PLATY_CACHE": str(cache)})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Tokenized data: tokenized in memory, not cached (--cache_tokens false)" in first.stderr + first.stdout
+    assert sorted(p.name for p in cache.iterdir()) == [tiny_llama.name], "nothing written beside the model"
+    second = finetune(tmp_path / "run2", "--max_steps", 1, env={"PLATY_CACHE": str(cache)})
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Tokenized data: tokenized and cached in" in second.stderr + second.stdout
+    assert (cache / "tokenized").is_dir()
+    stats = [json.loads((tmp_path / run / "run_config.json").read_text())["data"]["train"] for run in ("run1", "run2")]
+    assert stats[0] == stats[1] and stats[0]["tokens"] > 0, "the same examples either way"
 
 
 def test_checkpoint_fraction_counts_layers():
@@ -221,6 +237,19 @@ def test_torch_compile_leaves_the_first_step_loss_unchanged(tmp_path, monkeypatc
         assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule) is compiled
         losses[compiled] = [r["loss"] for r in trainer.state.log_history if "loss" in r][0]
     assert abs(losses[True] - losses[False]) < 1e-5, losses
+
+
+def test_liger_is_off_with_a_note_where_it_cannot_run(tmp_path, capsys):
+    import importlib.util
+
+    assert importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available(), \
+        "this test is about a machine where Liger cannot run"
+    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), liger=True))
+    assert setup.liger is False, "the Trainer is not asked for kernels that cannot run"
+    assert "Note: --liger is off: " in capsys.readouterr().out
+    plain = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), liger=False))
+    differing = {key for key in setup if key != "prompter" and setup[key] != plain[key]}
+    assert differing == set(), f"with --liger off the run is the plain one; differs in {differing}"
 
 
 def test_micro_batch_tokens_bounds_every_micro_step(tmp_path):
