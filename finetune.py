@@ -206,7 +206,7 @@ def train(
         micro_batch_tokens: Token budget of a micro-step instead of a count of examples (needs
             --packing; micro_batch_size stays 1: each micro-step is one row of up to this many tokens).
         liger: Fused Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs the
-            liger-kernel package and a CUDA GPU.
+            liger-kernel package and a CUDA GPU, and is off (with a note) where either is missing.
         torch_compile: Compile the model with torch.compile (the first steps are slow while it compiles).
         cache_tokens: Keep the tokenized data under $PLATY_CACHE/tokenized, so the next run with the
             same data, tokenizer and settings (and every other torchrun rank) loads it instead of

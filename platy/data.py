@@ -659,6 +659,7 @@ class ExampleTokenizer:
 
 
 TOKENIZE_BATCH = 2000  # rows per call of the tokenizer: large enough to keep its threads busy
+PROCESS_BATCH = 500  # rows per task of a tokenizing process: small enough to keep every process busy to the end
 PARALLEL_ROWS = 10000  # from this many rows on, tokenize in one process per core (Linux, 2 cores or more)
 _WORK = None  # (text columns, ExampleTokenizer) for the processes forked by tokenize_in_processes
 
@@ -692,19 +693,23 @@ def counted(chunks):
 
 
 def token_chunks(rows, example_tokenizer, num_proc=None):
-    """token_arrays of each batch of TOKENIZE_BATCH rows, in order, with counts["rows"] set.
+    """token_arrays of each batch of rows (TOKENIZE_BATCH, or PROCESS_BATCH in processes), in order, with
+    counts["rows"] set.
 
     num_proc (default: one per core, at most 8, for PARALLEL_ROWS rows or more on Linux)
     spreads the batches over forked processes, so the Python work around the tokenizer
     (reading its ids, building examples) runs on every core too, not only the tokenizer.
     """
+    from tqdm.auto import tqdm
+
     if num_proc is None:
         num_proc = min(8, os.cpu_count() or 1) if len(rows) >= PARALLEL_ROWS else 1
-    if num_proc > 1 and len(rows) > TOKENIZE_BATCH and "fork" in multiprocessing.get_all_start_methods():
-        results = tokenize_in_processes(rows, example_tokenizer, num_proc)
+    if num_proc > 1 and len(rows) > PROCESS_BATCH and "fork" in multiprocessing.get_all_start_methods():
+        results, size = tokenize_in_processes(rows, example_tokenizer, num_proc), PROCESS_BATCH
     else:
-        results = (token_arrays(part) for part in tokenized_batches(rows, example_tokenizer))
-    for arrays, counts in results:
+        results, size = (token_arrays(part) for part in tokenized_batches(rows, example_tokenizer)), TOKENIZE_BATCH
+    for arrays, counts in tqdm(results, total=-(-len(rows) // size), desc="Tokenizing", unit="batch", leave=False,
+                               disable=len(rows) < PARALLEL_ROWS):
         yield arrays, {**counts, "rows": counts["kept"] + counts["dropped_cut_away"]}
 
 
@@ -715,7 +720,7 @@ def tokenize_in_processes(rows, example_tokenizer, num_proc):
     _WORK = (text_columns(rows), example_tokenizer)
     try:
         with multiprocessing.get_context("fork").Pool(num_proc, initializer=_single_threaded) as pool:
-            yield from pool.imap(_tokenize_batch, range(0, len(rows), TOKENIZE_BATCH))
+            yield from pool.imap(_tokenize_batch, range(0, len(rows), PROCESS_BATCH))
             pool.close()
             pool.join()
     finally:
@@ -733,7 +738,7 @@ def _single_threaded():
 
 def _tokenize_batch(start):
     columns, example_tokenizer = _WORK
-    return token_arrays(example_tokenizer.compact({key: values[start:start + TOKENIZE_BATCH]
+    return token_arrays(example_tokenizer.compact({key: values[start:start + PROCESS_BATCH]
                                                    for key, values in columns.items()}))
 
 
@@ -786,8 +791,8 @@ def token_schema():
 
 
 def record_batch(arrays):
-    """token_arrays' numpy arrays as one Arrow record batch (a TOKENIZE_BATCH-row chunk stays far
-    below 32-bit offsets)."""
+    """token_arrays' numpy arrays as one Arrow record batch (a batch of rows stays far below 32-bit
+    offsets)."""
     import numpy as np
     import pyarrow as pa
 

@@ -291,7 +291,8 @@ def test_one_pass_handles_the_older_llama_normalizer(tok):
 def test_tokenizing_in_processes_gives_the_same_dataset(tok, monkeypatch):
     import platy.data
 
-    monkeypatch.setattr(platy.data, "TOKENIZE_BATCH", 25)  # many batches from the sample (the workers fork this)
+    for name in ("TOKENIZE_BATCH", "PROCESS_BATCH"):  # many batches from the sample (the workers fork this)
+        monkeypatch.setattr(platy.data, name, 25)
     rows = load_rows(str(SAMPLE))[0] + [{"instruction": "Long " * 80, "input": "", "output": "Cut away."}]
     example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), 100)
     one, one_stats = tokenize_rows(rows, example_tokenizer, num_proc=1)
