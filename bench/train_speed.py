@@ -13,6 +13,9 @@ process of its own (so peak memory is its own):
   (a) toolkit:       --packing true, --micro_batch_tokens (default 2 x cutoff_len), no
                      activation checkpointing (--fast_checkpointing to change), SDPA
                      (FlashAttention 2 when flash-attn is installed);
+  (a+) toolkit-liger: (a) with --liger (Liger's fused kernels; CUDA and liger-kernel only,
+                     skipped with a note elsewhere); its mean loss is printed beside (a)'s, the
+                     check that the kernels leave the loss unchanged;
   (b) platypus:      micro batch 1, padding, activation checkpointing on every layer;
   (c) trl:           TRL SFTTrainer with QLoRA and its defaults (prompt-completion rows);
   (d) trl-pad-free:  the same with padding_free=True (with packing_strategy bfd, as TRL
@@ -45,6 +48,7 @@ from synthetic import synthetic_rows  # noqa: E402
 
 from platy import sizing  # noqa: E402
 from platy.cli import UserError, run, say  # noqa: E402
+from platy.speed import liger_unavailable  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -53,9 +57,9 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }
-CONFIGS = ("toolkit", "platypus", "trl", "trl-pad-free")
-LABELS = {"toolkit": "(a) toolkit fastest", "platypus": "(b) original Platypus", "trl": "(c) TRL QLoRA defaults",
-          "trl-pad-free": "(d) TRL padding-free"}
+CONFIGS = ("toolkit", "toolkit-liger", "platypus", "trl", "trl-pad-free")
+LABELS = {"toolkit": "(a) toolkit fastest", "toolkit-liger": "(a+) toolkit fastest with Liger",
+          "platypus": "(b) original Platypus", "trl": "(c) TRL QLoRA defaults", "trl-pad-free": "(d) TRL padding-free"}
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 LORA_R = 16
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -72,7 +76,8 @@ def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int =
         micro_batch_tokens: Token budget of a micro-step in (a) (default 2 x cutoff_len).
         fast_checkpointing: --gradient_checkpointing of (a): 0 (off), a fraction, or 1.
         peak_tflops: The device's peak FLOP/s in TFLOP/s for MFU (default: known GPUs only).
-        configs: Which configurations to run, comma-separated (toolkit, platypus, trl, trl-pad-free).
+        configs: Which configurations to run, comma-separated (toolkit, toolkit-liger, platypus, trl,
+            trl-pad-free).
         seed: Seed of the synthetic rows.
         only: (internal) run one configuration in this process.
         result_file: (internal) where that run writes its figures.
@@ -98,6 +103,9 @@ def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int =
     for name in wanted:
         if name.startswith("trl") and not has_trl():
             say(f"{LABELS[name]}: skipped, trl is not installed (pip install -r requirements-bench.txt)")
+            continue
+        if name == "toolkit-liger" and liger_unavailable():
+            say(f"{LABELS[name]}: skipped, {liger_unavailable()}")
             continue
         results[name] = run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed)
     report(results, flops_per_token, peak)
@@ -139,9 +147,12 @@ def report(results, flops_per_token, peak):
         vs = (f"{speed / (base['tokens'] / base['seconds']):.2f}x", f"{r['peak_gib'] / base['peak_gib']:.2f}x") \
             if base else ("n/a", "n/a")
         say(f"| {LABELS[name]} | {speed:,.0f} | {r['peak_gib']:.2f} | {mfu} | {vs[0]} | {vs[1]} |")
-    a, b = results.get("toolkit"), results.get("platypus")
+    a, b, liger = results.get("toolkit"), results.get("platypus"), results.get("toolkit-liger")
     if a and b:
         say(f"\n(a)/(b) tokens per second: {(a['tokens'] / a['seconds']) / (b['tokens'] / b['seconds']):.2f}x")
+    if a and liger:
+        say(f"Liger leaves the loss unchanged? mean loss over the run: (a) {a['loss']:.6f}, (a+) {liger['loss']:.6f}, "
+            f"difference {abs(a['loss'] - liger['loss']):.2e}")
 
 
 # ---- the model, the data and the FLOPs ---------------------------------------------------
@@ -241,8 +252,9 @@ def run_one(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, see
         peak = torch.cuda.max_memory_allocated() / 2 ** 30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds, "peak_gib": peak,
-              "steps": trainer.state.global_step}
+              "steps": trainer.state.global_step, "loss": sum(losses) / len(losses) if losses else float("nan")}
     Path(result_file).write_text(json.dumps(result))
 
 
@@ -256,9 +268,9 @@ def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast
     flags.update(base_model=str(model_dir), data_path=str(data_path), output_dir=out, max_steps=steps,
                  cutoff_len=cutoff_len, warmup_steps=0, logging_steps=max(1, steps), save_steps=10 ** 6,
                  report_to="none", lora_target_modules=TARGETS)
-    if name == "toolkit":
+    if name.startswith("toolkit"):
         flags.update(packing=True, micro_batch_tokens=budget, micro_batch_size=1, batch_size=4,
-                     gradient_checkpointing=fast_checkpointing,
+                     gradient_checkpointing=fast_checkpointing, liger=name == "toolkit-liger",
                      attn_implementation="flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa")
     else:  # Platypus's published settings: micro batch 1, global batch 16, padding, checkpointing
         flags.update(packing=False, micro_batch_size=1, batch_size=16, gradient_checkpointing=True)
