@@ -30,9 +30,14 @@ LOST_PEER = 1  # another process of a torchrun job died
 PREEMPTED = 75  # stopped by SIGTERM / Ctrl-C after saving a checkpoint: resume to go on (EX_TEMPFAIL)
 
 
+TOKENIZER_THREADS_OFF_BY_US = "PLATY_TOKENIZERS_PARALLELISM_DEFAULTED"
+
+
 def quiet_libraries():
     """Silence start-up chatter that says nothing about the user's run."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "TOKENIZERS_PARALLELISM" not in os.environ:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ[TOKENIZER_THREADS_OFF_BY_US] = "1"  # the user did not ask for it (children inherit both)
     # bitsandbytes asks for an optional hub kernel package on CPU; it works without it.
     import logging
 

@@ -1,14 +1,16 @@
 """Instruction data: read Alpaca-format rows, check them, tokenize with exact label masking."""
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
-from platy.cli import UserError, error_detail
+from platy.cli import TOKENIZER_THREADS_OFF_BY_US, UserError, error_detail
 
 IGNORE_INDEX = -100  # label value the loss skips
 FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -464,12 +466,15 @@ def encode_texts(backend, texts):
 
     The scripts set TOKENIZERS_PARALLELISM=false at start-up (a process forked after the library's
     threads ran warns and may hang); it is turned on only inside this call, which forks nothing,
-    and never in a forked worker (tokenize_in_processes), whose copy of the threads is gone.
+    and never in a forked worker (tokenize_in_processes), whose copy of the threads is gone, nor
+    where the user set it off.
     """
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    if multiprocessing.parent_process() is not None:
-        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
     before = os.environ.get("TOKENIZERS_PARALLELISM")
+    users_off = before is not None and before.lower() in ("", "off", "false", "f", "no", "n", "0") \
+        and not os.environ.get(TOKENIZER_THREADS_OFF_BY_US)  # the words the tokenizers library reads as off
+    if users_off or multiprocessing.parent_process() is not None:
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     try:
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
@@ -497,13 +502,16 @@ def splits_cleanly_after(tokenizer, boundary):
         return False
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("dropout") or model.get("ignore_merges"):
+    if model.get("type") != "BPE" or any(model.get(key) for key in ("dropout", "ignore_merges",
+                                                                      "continuing_subword_prefix", "end_of_word_suffix")):
         return False
     normalizer = spec.get("normalizer") or {"type": "Sequence", "normalizers": []}
     for step in normalizer["normalizers"] if normalizer.get("type") == "Sequence" else [normalizer]:
         pattern = (step.get("pattern") or {}).get("String")
         one_character = step.get("type") == "Replace" and pattern is not None and len(pattern) == 1
-        if not (step.get("type") == "Prepend" or one_character and pattern != boundary):
+        # a replacement may not read the boundary character, nor write one (which could then be joined)
+        if not (step.get("type") == "Prepend" or one_character and pattern != boundary
+                and boundary not in (step.get("content") or "")):
             return False
     pre = spec.get("pre_tokenizer")
     if pre is not None and (pre.get("type") != "Metaspace" or pre.get("split")
@@ -696,15 +704,15 @@ def token_chunks(rows, example_tokenizer, num_proc=None):
     """token_arrays of each batch of rows (TOKENIZE_BATCH, or PROCESS_BATCH in processes), in order, with
     counts["rows"] set.
 
-    num_proc (default: one per core, at most 8, for PARALLEL_ROWS rows or more on Linux)
-    spreads the batches over forked processes, so the Python work around the tokenizer
-    (reading its ids, building examples) runs on every core too, not only the tokenizer.
+    num_proc (default: default_processes) spreads the batches over processes forked from this
+    one (Linux only), so the Python work around the tokenizer (reading its ids, building
+    examples) runs on every core too, not only the tokenizer.
     """
     from tqdm.auto import tqdm
 
     if num_proc is None:
-        num_proc = min(8, os.cpu_count() or 1) if len(rows) >= PARALLEL_ROWS else 1
-    if num_proc > 1 and len(rows) > PROCESS_BATCH and "fork" in multiprocessing.get_all_start_methods():
+        num_proc = default_processes(len(rows))
+    if num_proc > 1 and len(rows) > PROCESS_BATCH and sys.platform.startswith("linux"):
         results, size = tokenize_in_processes(rows, example_tokenizer, num_proc), PROCESS_BATCH
     else:
         results, size = (token_arrays(part) for part in tokenized_batches(rows, example_tokenizer)), TOKENIZE_BATCH
@@ -713,16 +721,49 @@ def token_chunks(rows, example_tokenizer, num_proc=None):
         yield arrays, {**counts, "rows": counts["kept"] + counts["dropped_cut_away"]}
 
 
+def default_processes(rows, sharing=1):
+    """Tokenizing processes for this many rows: one per core this process may use (its CPU
+    affinity: Slurm's and taskset's limits), shared among `sharing` processes that tokenize at
+    the same time (the ranks of a node without a token cache), at most 8; one below
+    PARALLEL_ROWS rows."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, sharing))) if rows >= PARALLEL_ROWS else 1
+
+
 def tokenize_in_processes(rows, example_tokenizer, num_proc):
     """token_arrays of each batch, in order, from num_proc forked processes (the rows and the
-    tokenizer are inherited, not pickled; the arrays come back as numpy)."""
+    tokenizer are inherited, not pickled; the arrays come back as numpy). A few batches are in
+    flight at a time. Where the processes cannot start or one dies (the out-of-memory killer,
+    say), the rest is tokenized in this process, with a note."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from platy.cli import say
+
     global _WORK
+    example_tokenizer.clean("\n")  # decided here once, not in every process
     _WORK = (text_columns(rows), example_tokenizer)
+    starts = iter(range(0, len(rows), PROCESS_BATCH))
+    done = 0  # rows whose arrays were handed on
     try:
-        with multiprocessing.get_context("fork").Pool(num_proc, initializer=_single_threaded) as pool:
-            yield from pool.imap(_tokenize_batch, range(0, len(rows), PROCESS_BATCH))
-            pool.close()
-            pool.join()
+        with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_single_threaded) as pool:
+            pending = deque(pool.submit(_tokenize_batch, start) for start in itertools.islice(starts, 2 * num_proc))
+            while pending:
+                result = pending.popleft().result()
+                following = next(starts, None)
+                if following is not None:
+                    pending.append(pool.submit(_tokenize_batch, following))
+                yield result
+                done = min(done + PROCESS_BATCH, len(rows))
+    except (BrokenProcessPool, OSError, AssertionError) as err:  # AssertionError: a daemonic process may not fork
+        say(f"Note: tokenizing in {num_proc} processes failed ({error_detail(err) or 'a process died'}); "
+            f"tokenizing the remaining {len(rows) - done:,} rows in this process")
+        yield from (token_arrays(part) for part in tokenized_batches(rows[done:], example_tokenizer))
     finally:
         _WORK = None
 
@@ -748,7 +789,6 @@ def token_arrays(part):
 
     The ids are read from Python once; the labels are the ids with each example's masked prefix
     set to IGNORE_INDEX."""
-    import itertools
 
     import numpy as np
 

@@ -15,10 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
-from platy.cli import say
+from platy.cli import error_detail, say
 from platy.data import (
     adds_bos,
     counted,
+    default_processes,
     empty_stats,
     record_batch,
     token_chunks,
@@ -60,31 +61,57 @@ def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, roo
     """{name: (dataset or None, stats)} for the row splits, from the cache or tokenized and cached.
 
     Returns (splits, (where, folder)): where is 'cache' or 'tokenized' and folder the entry, or
-    ('uncached', None) when use_cache is off or the cache folder cannot be written.
+    ('uncached', None) when use_cache is off or the cache folder cannot be written. An entry
+    that cannot be read back (a crash while the disk held it only partly, say) is tokenized again.
     """
     if not use_cache:
-        return uncached(row_splits, example_tokenizer), ("uncached", None)
+        return uncached(row_splits, example_tokenizer, sharing=local_processes()), ("uncached", None)
     folder = Path(root or cache_root() / "tokenized") / cache_key(data_fingerprint, split, example_tokenizer)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.parent / f"{folder.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait here, then load its entry
-            if not (folder / "stats.json").is_file():
-                build(folder, row_splits, example_tokenizer)
-                where = "tokenized"
-            else:
-                where = "cache"
-    except OSError as err:  # a read-only or full cache folder costs the cache, not the run
-        say(f"Note: the token cache in {folder.parent} cannot be written ({err.strerror or err}); tokenizing "
-            "without it (set PLATY_CACHE to a writable folder to cache)")
-        return uncached(row_splits, example_tokenizer), ("uncached", None)
+        lock = open(folder.parent / f"{folder.name}.lock", "w")
+    except OSError as err:  # a read-only cache folder costs the cache, not the run
+        return without_cache(folder, err, row_splits, example_tokenizer)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait here, then load its entry
+        if (folder / "stats.json").is_file():
+            try:
+                return load_entry(folder, row_splits), ("cache", folder)
+            except (OSError, ValueError, KeyError) as err:  # pyarrow's read errors are OSError / ValueError
+                say(f"Note: the token cache entry {folder} cannot be read ({error_detail(err)}); tokenizing again")
+        try:
+            build(folder, row_splits, example_tokenizer)
+        except OSError as err:  # a full disk costs the cache, not the run
+            return without_cache(folder, err, row_splits, example_tokenizer)
+        return load_entry(folder, row_splits), ("tokenized", folder)
+
+
+def without_cache(folder, err, row_splits, example_tokenizer):
+    say(f"Note: the token cache in {folder.parent} cannot be written ({err.strerror or err}); tokenizing "
+        "without it (set PLATY_CACHE to a writable folder to cache)")
+    return uncached(row_splits, example_tokenizer, sharing=local_processes()), ("uncached", None)
+
+
+def local_processes():
+    """How many processes of this job run on this machine (torchrun's LOCAL_WORLD_SIZE): without a
+    cache they all tokenize at once."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def load_entry(folder, row_splits):
+    """{name: (dataset or None, stats)} of a complete entry; raises if any part is missing or does not
+    hold the rows its statistics count."""
     stats = json.loads((folder / "stats.json").read_text())
     splits = {name: (load_split(folder / f"{name}.arrow", stats[name]), stats[name]) for name in row_splits}
-    return splits, (where, folder)
+    for name, (dataset, counts) in splits.items():
+        if counts["rows"] and len(dataset) != counts["kept"]:
+            raise ValueError(f"{name}.arrow holds {len(dataset)} examples where {counts['kept']} were written")
+    return splits
 
 
-def uncached(row_splits, example_tokenizer):
-    return {name: tokenize_rows(rows, example_tokenizer) for name, rows in row_splits.items()}
+def uncached(row_splits, example_tokenizer, sharing=1):
+    return {name: tokenize_rows(rows, example_tokenizer, num_proc=default_processes(len(rows), sharing))
+            for name, rows in row_splits.items()}
 
 
 def load_split(path, stats):
@@ -103,15 +130,19 @@ def build(folder, row_splits, example_tokenizer):
 
     staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    stats = {}
-    for name, rows in row_splits.items():
-        stats[name] = empty_stats()
-        if not rows:
-            continue
-        with pa.OSFile(str(staging / f"{name}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, token_schema()) as out:
-            for arrays, stats[name] in counted(token_chunks(rows, example_tokenizer)):
-                out.write_batch(record_batch(arrays))
-    (staging / "stats.json").write_text(json.dumps(stats))  # written last: marks a complete entry
-    shutil.rmtree(folder, ignore_errors=True)  # a leftover without stats.json
-    os.replace(staging, folder)
+    try:
+        staging.mkdir()
+        stats = {}
+        for name, rows in row_splits.items():
+            stats[name] = empty_stats()
+            if not rows:
+                continue
+            with pa.OSFile(str(staging / f"{name}.arrow"), "wb") as sink, \
+                    pa.ipc.new_stream(sink, token_schema()) as out:
+                for arrays, stats[name] in counted(token_chunks(rows, example_tokenizer)):
+                    out.write_batch(record_batch(arrays))
+        (staging / "stats.json").write_text(json.dumps(stats))  # written last: marks a complete entry
+        shutil.rmtree(folder, ignore_errors=True)  # a leftover without stats.json, or an unreadable entry
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # what an interrupted or failed build wrote

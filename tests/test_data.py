@@ -304,6 +304,33 @@ def test_tokenizing_in_processes_gives_the_same_dataset(tok, monkeypatch):
     assert one.features == two.features
 
 
+def dies_at_the_third_batch(start):
+    """A tokenizing process's task that kills its process at rows 50..74, as the out-of-memory killer would
+    (module level: the process pool pickles it by name)."""
+    import signal
+
+    import platy.data
+
+    if start == 50:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return platy.data.token_arrays(platy.data._WORK[1].compact(
+        {key: values[start:start + 25] for key, values in platy.data._WORK[0].items()}))
+
+
+def test_a_tokenizing_process_that_dies_leaves_the_rest_to_this_one(tok, monkeypatch, capsys):
+    import platy.data
+
+    for name in ("TOKENIZE_BATCH", "PROCESS_BATCH"):
+        monkeypatch.setattr(platy.data, name, 25)
+    monkeypatch.setattr(platy.data, "_tokenize_batch", dies_at_the_third_batch)
+    rows = load_rows(str(SAMPLE))[0]
+    example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), 256)
+    expected, expected_stats = tokenize_rows(rows, example_tokenizer, num_proc=1)
+    got, stats = tokenize_rows(rows, example_tokenizer, num_proc=2)
+    assert "Note: tokenizing in 2 processes failed" in capsys.readouterr().out
+    assert stats == expected_stats and got["input_ids"] == expected["input_ids"] and got["labels"] == expected["labels"]
+
+
 def test_add_eos_token_decides_the_end_of_a_cut_response(tok):
     row = {"instruction": "Count.", "input": "", "output": " ".join(str(i) for i in range(60))}
     prompt_len = len(encode(tok, [{**row, "output": "x"}])["input_ids"][0]) - 2

@@ -147,6 +147,13 @@ def test_cached_equals_batched_equals_per_example(tmp_path, tokenizer, kwargs):
         assert got == expected  # bit for bit: ids, mask and labels of every kept example
     assert seen == ["tokenized", "cache"]
     assert splits["train"][1]["rows"] == 100 and splits["val"][1]["rows"] == 20
+    # an entry damaged on disk (a crash before the data reached it) is tokenized again, not failed on
+    train_file = folder / "train.arrow"
+    train_file.write_bytes(train_file.read_bytes()[: train_file.stat().st_size // 2])
+    splits, (where, folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, example_tokenizer,
+                                               fingerprint, {"seed": 42}, root=tmp_path)
+    assert where == "tokenized"
+    assert {key: list(splits["train"][0][key]) + list(splits["val"][0][key]) for key in expected} == expected
     # another cutoff_len is another entry
     other = ExampleTokenizer(tok, Prompter("alpaca"), cutoff_len=kwargs["cutoff_len"] + 1)
     _, (where, other_folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, other, fingerprint,
