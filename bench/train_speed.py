@@ -22,8 +22,10 @@ process of its own (so peak memory is its own):
                      requires for padding-free batches that respect max_length).
 (c) and (d) need trl (requirements-bench.txt); without it they are skipped with a note.
 
-Printed per configuration: trained (non-pad) tokens per second, peak memory (GPU:
-max allocated; CPU: the process's peak resident memory), MFU, and the ratio of each to (c).
+Printed per configuration, and appended to BENCHMARKS.md with the date, the device and the
+library versions (--record_run false to leave it alone): trained (non-pad) tokens per
+second, peak memory (GPU: max allocated; CPU: the process's peak resident memory), MFU, and
+the ratio of each to (c).
 MFU = F x tokens/s / peak FLOP/s, with F = 4 N_frozen + 6 N_lora + 6 L d s FLOPs per token
 (N_frozen: frozen linear weights incl. lm_head, no embedding; N_lora: LoRA weights; L
 layers, d hidden size, s = sum of squared example lengths / sum of lengths). The peak is
@@ -67,7 +69,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int = 1024, micro_batch_tokens: int = None,
          fast_checkpointing: float = 0.0, peak_tflops: float = None, configs: str = ",".join(CONFIGS),
-         seed: int = 0, only: str = None, result_file: str = None):
+         seed: int = 0, record_run: bool = True, only: str = None, result_file: str = None):
     """Args:
         arch: Model shapes: tiny, llama2-7b or llama3-8b (random weights).
         steps: Optimizer steps of every configuration.
@@ -79,6 +81,7 @@ def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int =
         configs: Which configurations to run, comma-separated (toolkit, toolkit-liger, platypus, trl,
             trl-pad-free).
         seed: Seed of the synthetic rows.
+        record_run: Append the figures to BENCHMARKS.md (with the date, device and versions).
         only: (internal) run one configuration in this process.
         result_file: (internal) where that run writes its figures.
     """
@@ -96,9 +99,10 @@ def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int =
     s = sum(n * n for n in lengths) / sum(lengths)
     flops_per_token = model_flops_per_token(arch, s)
     peak = peak_tflops or detect_peak_tflops()
-    say(f"{arch} (random weights, {model_dir}), 4-bit, LoRA r {LORA_R} on {', '.join(TARGETS)}; {rows} synthetic rows, "
-        f"cutoff_len {cutoff_len}, {steps} optimizer steps each; s = {s:.0f} tokens; "
-        f"F = {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak or 'unknown'} TFLOP/s")
+    summary = (f"{arch} shapes (random weights), 4-bit, LoRA r {LORA_R} on {', '.join(TARGETS)}; {rows} synthetic rows, "
+               f"cutoff_len {cutoff_len}, {steps} optimizer steps each; s = {s:.0f} tokens; "
+               f"F = {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak or 'unknown'} TFLOP/s.")
+    say(f"{summary} Model: {model_dir}")
     results = {}
     for name in wanted:
         if name.startswith("trl") and not has_trl():
@@ -108,7 +112,9 @@ def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int =
             say(f"{LABELS[name]}: skipped, {liger_unavailable()}")
             continue
         results[name] = run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed)
-    report(results, flops_per_token, peak)
+    lines = report(results, flops_per_token, peak)
+    if record_run and results:
+        record(lines, summary)
 
 
 def has_trl():
@@ -135,24 +141,66 @@ def run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, s
 
 
 def report(results, flops_per_token, peak):
+    """The results table and the (a)/(b) and Liger lines, printed; returned for the record."""
     base = results.get("trl")
-    say("\n| configuration | tokens/s | peak memory (GiB) | MFU | tokens/s vs (c) | memory vs (c) |")
-    say("| --- | --- | --- | --- | --- | --- |")
+    lines = ["| configuration | tokens/s | peak memory (GiB) | MFU | tokens/s vs (c) | memory vs (c) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         if r is None:
-            say(f"| {LABELS[name]} | failed | | | | |")
+            lines.append(f"| {LABELS[name]} | failed | | | | |")
             continue
         speed = r["tokens"] / r["seconds"]
         mfu = f"{100 * flops_per_token * speed / (peak * 1e12):.1f}%" if peak else "n/a"
         vs = (f"{speed / (base['tokens'] / base['seconds']):.2f}x", f"{r['peak_gib'] / base['peak_gib']:.2f}x") \
             if base else ("n/a", "n/a")
-        say(f"| {LABELS[name]} | {speed:,.0f} | {r['peak_gib']:.2f} | {mfu} | {vs[0]} | {vs[1]} |")
+        lines.append(f"| {LABELS[name]} | {speed:,.0f} | {r['peak_gib']:.2f} | {mfu} | {vs[0]} | {vs[1]} |")
     a, b, liger = results.get("toolkit"), results.get("platypus"), results.get("toolkit-liger")
     if a and b:
-        say(f"\n(a)/(b) tokens per second: {(a['tokens'] / a['seconds']) / (b['tokens'] / b['seconds']):.2f}x")
+        lines += ["", f"(a)/(b) tokens per second: {(a['tokens'] / a['seconds']) / (b['tokens'] / b['seconds']):.2f}x"]
     if a and liger:
-        say(f"Liger leaves the loss unchanged? mean loss over the run: (a) {a['loss']:.6f}, (a+) {liger['loss']:.6f}, "
-            f"difference {abs(a['loss'] - liger['loss']):.2e}")
+        lines += ["", f"Liger leaves the loss unchanged? mean loss over the run: (a) {a['loss']:.6f}, "
+                  f"(a+) {liger['loss']:.6f}, difference {abs(a['loss'] - liger['loss']):.2e}"]
+    say("\n" + "\n".join(lines))
+    return lines
+
+
+RUNS_HEADING = "## Training throughput runs, as bench/train_speed.py recorded them"
+
+
+def record(lines, summary):
+    """Append this run (date, device, library versions, command line, summary and table) to
+    BENCHMARKS.md, under a heading of its own that the first recorded run adds."""
+    import datetime
+    import importlib.metadata
+
+    from platy.reporting import write_text
+
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    if RUNS_HEADING not in text:
+        text += (f"\n{RUNS_HEADING}\n\nEach run of the benchmark appends its figures here (--record_run false "
+                 "to leave this file alone), newest last.\n")
+    versions = []
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "trl", "liger-kernel", "flash-attn"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    command = " ".join(["python bench/train_speed.py", *sys.argv[1:]])
+    text += (f"\n### {datetime.date.today().isoformat()}, {device_name()}\n\n`{command}` ({', '.join(versions)}). "
+             f"{summary}\n\n" + "\n".join(lines) + "\n")
+    write_text(path, text)
+    say(f"Recorded in {path}")
+
+
+def device_name():
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2 ** 30:.0f} GiB)"
+    return f"CPU: {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
 
 
 # ---- the model, the data and the FLOPs ---------------------------------------------------
