@@ -142,7 +142,7 @@ def check_numbers(flags, problems):
 
 def resolve_models(flags, problems):
     """Each --models entry as a base path (and adapter), with its row label and how it loads."""
-    from platy.merging import Adapter
+    from platy.merging import Adapter, loading_quantization
     from platy.modeling import resolve_base_model
 
     specs = [spec.strip() for spec in str(flags["models"] or "").split(",") if spec.strip()]
@@ -171,8 +171,7 @@ def resolve_models(flags, problems):
             problems.append(str(err))
             continue
         # as trained: the scores are those of the trained adapter (and of merge.py's dequant merge)
-        quantization, as_trained = adapter.loading_quantization(flags["load_4bit"]) if adapter else (
-            "4bit" if flags["load_4bit"] else "none", False)
+        quantization, as_trained = loading_quantization(adapter, flags["load_4bit"])
         models.append({"spec": spec, "label": label, "folder": folder, "base": base, "base_path": base_path,
                        "adapter": adapter, "quantization": quantization, "as_trained": as_trained})
     check_configs(models, flags["trust_remote_code"], problems)
@@ -262,11 +261,13 @@ def known_task_names(include):
 def check_device(device, problems):
     import torch
 
+    from platy.modeling import mps_available
+
     if device not in DEVICES and not str(device).startswith("cuda:"):
         problems.append(f"--device {device}: choose {', '.join(DEVICES)} or cuda:N")
     elif str(device).startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {device}: no CUDA GPU here; use --device cpu (or auto)")
-    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    elif device == "mps" and not mps_available():
         problems.append("--device mps: Apple's mps is not available here; use --device cpu (or auto)")
 
 
@@ -321,7 +322,7 @@ def describe(setup):
     return {"flags": setup["flags"], "resolved": {**resolved, "models": models,
                                                   "suite": [vars(s) for s in suite.scores]},
             "command": " ".join(["python", "evaluate.py", *sys.argv[1:]]),
-            "versions": library_versions() | {"lm_eval": lm_eval_version()}}
+            "versions": library_versions(extra=("lm_eval",))}
 
 
 # harness messages that restate what this script asked for
@@ -387,16 +388,12 @@ def load_lm(model, setup):
             return HFLM(**model_args), model_args
         except (OSError, ValueError) as err:
             raise UserError(f"--models {model['spec']}: cannot load the model ({error_detail(err)})") from err
-    from platy.modeling import load_model, load_model_with_adapter
+    from platy.modeling import load_model_with_adapter
 
     placement = "auto" if several_gpus else {"": setup["device"]}
-    if adapter:
-        weights = load_model_with_adapter(model["base_path"], model["quantization"], setup["precision"],
-                                          adapter.folder, f"--models {model['spec']}:",
-                                          trust_remote_code=setup["trust_remote_code"], placement=placement)
-    else:
-        weights = load_model(model["base_path"], model["quantization"], setup["precision"],
-                             trust_remote_code=setup["trust_remote_code"], placement=placement)
+    weights = load_model_with_adapter(model["base_path"], model["quantization"], setup["precision"],
+                                      adapter and adapter.folder, f"--models {model['spec']}:",
+                                      trust_remote_code=setup["trust_remote_code"], placement=placement)
     return HFLM(pretrained=weights, **common), {**model_args, "quantization": model["quantization"]}
 
 
@@ -424,12 +421,6 @@ def report(setup, runs_by_model, eval_config):
     say("")
     print(tables, end="", flush=True)
     say(f"\nTables: {out / 'results.md'}; harness results: {out}/<model>/<shots>-shot.json")
-
-
-def lm_eval_version():
-    import importlib.metadata as md
-
-    return md.version("lm_eval")
 
 
 if __name__ == "__main__":

@@ -399,7 +399,7 @@ def plan_run(f, model):
     import torch
 
     counts = sizing.parameter_counts(model, f.lora_target_modules, f.lora_r)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", f.world_size))
+    local = cli.local_world_size()
     gpus = torch.cuda.device_count()
     # on a machine without GPUs the plan is for GPUs computing in bf16
     compute = f.precision if f.device == "cuda" else "bf16"

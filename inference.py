@@ -84,7 +84,7 @@ def main(
 
 def validate(flags):
     from platy.data import FILE_FORMATS, read_prompts
-    from platy.merging import Adapter
+    from platy.merging import Adapter, loading_quantization
     from platy.prompts import Prompter
 
     flags = cli.coerce_bools(main, flags)
@@ -129,10 +129,7 @@ def validate(flags):
         folder = Path(base).expanduser()
         recorded = (read_run_config(folder) if folder.is_dir() else None) or {}
     template = flags["prompt_template"] or recorded.get("resolved", {}).get("template", {}).get("name") or "alpaca"
-    if adapter:
-        quantization, as_trained = adapter.loading_quantization(flags["load_4bit"], flags["load_8bit"])
-    else:
-        quantization, as_trained = ("8bit" if flags["load_8bit"] else "4bit" if flags["load_4bit"] else "none"), False
+    quantization, as_trained = loading_quantization(adapter, flags["load_4bit"], flags["load_8bit"])
     return {**flags, "base": base, "adapter": adapter, "prompter": Prompter(template, "--prompt_template"),
             "rows": rows, "kind": kind, "out_path": out_path, "quantization": quantization,
             "as_trained": as_trained}
@@ -142,13 +139,7 @@ def load_for_generation(setup):
     import torch
 
     from platy.data import prepare_tokenizer
-    from platy.modeling import (
-        generation_device,
-        load_model,
-        load_model_with_adapter,
-        load_tokenizer,
-        resolve_base_model,
-    )
+    from platy.modeling import generation_device, load_model_with_adapter, load_tokenizer, resolve_base_model
 
     device, precision = generation_device()
     quantization = setup["quantization"]
@@ -162,12 +153,8 @@ def load_for_generation(setup):
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     # CUDA: "auto" spreads a model too big for one GPU over all of them
     placement = "auto" if device == "cuda" else {"": device}
-    if setup["adapter"]:
-        model = load_model_with_adapter(path, quantization, precision, setup["adapter"].folder, "--lora_weights",
-                                        trust_remote_code=setup["trust_remote_code"], placement=placement)
-    else:
-        model = load_model(path, quantization, precision, trust_remote_code=setup["trust_remote_code"],
-                           placement=placement)
+    model = load_model_with_adapter(path, quantization, precision, setup["adapter"] and setup["adapter"].folder,
+                                    "--lora_weights", trust_remote_code=setup["trust_remote_code"], placement=placement)
     model.eval()
     torch.manual_seed(setup["seed"])
     return model, tokenizer, setup["prompter"]

@@ -150,7 +150,6 @@ def validate(flags):
     if out == adapter_dir or out in adapter_dir.parents or adapter_dir in out.parents:
         raise UserError(f"--output_dir {out} would replace or nest in the adapter folder {adapter_dir}; "
                         "choose a folder outside it")
-    recorded = adapter.run_config or {}
     recorded_base = adapter.base_model()
     base = pick(flags["base_model_name_or_path"], flags["base_model"], "base_model_name_or_path", "base_model")
     if not base:
@@ -159,7 +158,7 @@ def validate(flags):
         base = recorded_base
     elif recorded_base and not same_model(base, recorded_base):
         say(f"Note: the adapter was trained on {recorded_base}; merging into {base} as asked")
-    layout = recorded.get("resolved", {}).get("quantization_layout")
+    layout = adapter.quantization_layout
     method = flags["method"]
     if method == "auto":
         method = "dequant" if layout else "peft"

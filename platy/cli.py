@@ -64,6 +64,11 @@ def world_size():
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size():
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
 def is_main_process():
     return rank() == 0
 

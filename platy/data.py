@@ -564,6 +564,7 @@ class ExampleTokenizer:
         self.bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         self.eos = tokenizer.eos_token_id
         self._clean_ends = {}  # a character -> whether splits_cleanly_after holds for it
+        self._fixed_ids = {}  # see fixed_ids
         self.heads = template_heads(prompter.template)
 
     def __call__(self, batch):
@@ -623,7 +624,7 @@ class ExampleTokenizer:
         for head in self.heads if len(prompts) > 1 and self.clean("\n") else ():
             rows = [i for i, prompt in enumerate(prompts) if ids[i] is None and prompt.startswith(head)]
             rest = self.encode_following("\n", [prompts[i][len(head):] for i in rows]) if rows else None
-            head_ids = self.encode([head])[0] if rest else None
+            head_ids = self.fixed_ids(head) if rest else None
             for i, (tail, start) in zip(rows, rest or ()):
                 tail[:start] = head_ids
                 ids[i] = tail
@@ -631,6 +632,13 @@ class ExampleTokenizer:
         for i, tail in zip(whole, self.encode([prompts[i] for i in whole]) if whole else ()):
             ids[i] = tail
         return ids
+
+    def fixed_ids(self, text):
+        """The ids of a text every batch needs (a template's opening, the boundary character),
+        tokenized once; callers read them, never change them."""
+        if text not in self._fixed_ids:
+            self._fixed_ids[text] = self.encode([text])[0]
+        return self._fixed_ids[text]
 
     def clean(self, char):
         """Whether splits_cleanly_after holds for this character (asked once per character)."""
@@ -642,7 +650,7 @@ class ExampleTokenizer:
         """(ids, start) for each text, tokenized behind `char` so that ids[start:] are the ids the
         text gets after any prefix ending with it (for a clean char); None where a row does not
         start with the char's own ids, which splits_cleanly_after rules out."""
-        lead = self.encode([char])[0]
+        lead = self.fixed_ids(char)
         encoded = self.encode([char + text for text in texts])
         if any(ids[: len(lead)] != lead for ids in encoded):
             return None
@@ -679,10 +687,10 @@ def tokenize_rows(rows, example_tokenizer, num_proc=None):
     trained on: a batch with no trainable token gives a NaN loss. See token_chunks for how the
     work is spread.
     """
-    batches, stats = [], None
+    batches, stats = [], empty_stats()
     for arrays, stats in counted(token_chunks(rows, example_tokenizer, num_proc)):
         batches.append(record_batch(arrays))
-    return (tokenized_dataset(batches) if rows else None), stats or empty_stats()
+    return (tokenized_dataset(batches) if rows else None), stats
 
 
 def empty_stats():
@@ -692,17 +700,15 @@ def empty_stats():
 
 def counted(chunks):
     """(arrays, stats so far) for each of token_chunks' chunks; the last stats are the whole split's."""
-    stats = None
+    stats = empty_stats()
     for arrays, counts in chunks:
-        stats = stats or empty_stats()
         for key, value in counts.items():
             stats[key] = max(stats[key], value) if key == "max_len" else stats[key] + value
         yield arrays, stats
 
 
 def token_chunks(rows, example_tokenizer, num_proc=None):
-    """token_arrays of each batch of rows (TOKENIZE_BATCH, or PROCESS_BATCH in processes), in order, with
-    counts["rows"] set.
+    """token_arrays of each batch of rows (TOKENIZE_BATCH, or PROCESS_BATCH in processes), in order.
 
     num_proc (default: default_processes) spreads the batches over processes forked from this
     one (Linux only), so the Python work around the tokenizer (reading its ids, building
@@ -716,9 +722,8 @@ def token_chunks(rows, example_tokenizer, num_proc=None):
         results, size = tokenize_in_processes(rows, example_tokenizer, num_proc), PROCESS_BATCH
     else:
         results, size = (token_arrays(part) for part in tokenized_batches(rows, example_tokenizer)), TOKENIZE_BATCH
-    for arrays, counts in tqdm(results, total=-(-len(rows) // size), desc="Tokenizing", unit="batch", leave=False,
-                               disable=len(rows) < PARALLEL_ROWS):
-        yield arrays, {**counts, "rows": counts["kept"] + counts["dropped_cut_away"]}
+    yield from tqdm(results, total=-(-len(rows) // size), desc="Tokenizing", unit="batch", leave=False,
+                    disable=len(rows) < PARALLEL_ROWS)
 
 
 def default_processes(rows, sharing=1):
@@ -779,8 +784,7 @@ def _single_threaded():
 
 def _tokenize_batch(start):
     columns, example_tokenizer = _WORK
-    return token_arrays(example_tokenizer.compact({key: values[start:start + PROCESS_BATCH]
-                                                   for key, values in columns.items()}))
+    return token_arrays(example_tokenizer.compact(column_slice(columns, start, PROCESS_BATCH)))
 
 
 def token_arrays(part):
@@ -803,8 +807,8 @@ def token_arrays(part):
     labels = flat.copy()
     for begin, n in zip(offsets[:-1].tolist(), n_masked):
         labels[begin:begin + n] = IGNORE_INDEX
-    counts = {"kept": len(ids), "dropped_cut_away": len(part["input_ids"]) - len(ids),
-              "truncated": sum(part["truncated"]), "tokens": len(flat),
+    rows = len(part["input_ids"])
+    counts = {"rows": rows, "kept": len(ids), "dropped_cut_away": rows - len(ids), "truncated": sum(part["truncated"]), "tokens": len(flat),
               # labels are shifted inside the model: a label at position 0 is never a target
               "label_tokens": len(flat) - sum(n_masked) - n_masked.count(0),
               "max_len": int(lengths.max(initial=0))}
@@ -815,11 +819,16 @@ def text_columns(rows):
     return {key: [row.get(key, "") for row in rows] for key in ("instruction", "input", "output")}
 
 
+def column_slice(columns, start, size):
+    """Rows start .. start + size of text columns, as the column batch ExampleTokenizer takes."""
+    return {key: values[start:start + size] for key, values in columns.items()}
+
+
 def tokenized_batches(rows, example_tokenizer):
     """example_tokenizer's compact output for each batch of TOKENIZE_BATCH rows, tokenized in this process."""
     columns = text_columns(rows)
-    for i in range(0, len(rows), TOKENIZE_BATCH):
-        yield example_tokenizer.compact({key: values[i:i + TOKENIZE_BATCH] for key, values in columns.items()})
+    for start in range(0, len(rows), TOKENIZE_BATCH):
+        yield example_tokenizer.compact(column_slice(columns, start, TOKENIZE_BATCH))
 
 
 def token_schema():

@@ -8,7 +8,7 @@ KoT-Platypus).
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -96,12 +96,9 @@ def with_shots(suite, shot_counts):
     """The suite at other shot counts (--num_fewshot): one count for a one-table suite."""
     if not suite.per_task:
         (shots,) = shot_counts
-        scores = tuple(Score(s.title, s.task, shots, s.metric, s.filter, s.subject_mean) for s in suite.scores)
-    else:
-        cells = list(dict.fromkeys((s.title, s.task, s.metric, s.filter, s.subject_mean) for s in suite.scores))
-        scores = tuple(Score(title, task, shots, metric, filt, mean) for title, task, metric, filt, mean in cells
-                       for shots in shot_counts)
-    return Suite(suite.name, scores, suite.per_task, suite.percent, suite.average)
+        return replace(suite, scores=tuple(replace(s, shots=shots) for s in suite.scores))
+    cells = dict.fromkeys(replace(s, shots=None) for s in suite.scores)
+    return replace(suite, scores=tuple(replace(cell, shots=shots) for cell in cells for shots in shot_counts))
 
 
 def reported_metrics(task_results):
@@ -207,12 +204,10 @@ def scores_json(suite, runs_by_model):
     """The tables' numbers as data: per model, per cell, with the task, shots and metric they come from."""
     out = {}
     for label, runs in runs_by_model.items():
-        cells = []
-        for score in suite.scores:
-            run = runs.get(score.shots)
-            cells.append({"title": score.title, "task": score.task, "shots": score.shots,
-                          "metric": run and metric_key(score, run), "subject_mean": score.subject_mean,
-                          "value": score_value(score, run)})
+        values = row_scores(suite, runs)
+        cells = [{"title": score.title, "task": score.task, "shots": score.shots,
+                  "metric": runs.get(score.shots) and metric_key(score, runs.get(score.shots)),
+                  "subject_mean": score.subject_mean, "value": values[score]} for score in suite.scores]
         entry = {"scores": cells}
         if suite.average:
             entry["average"] = average(c["value"] for c in cells)

@@ -79,22 +79,14 @@ class Adapter:
             return resolved
         return typed
 
-    def loading_quantization(self, load_4bit, load_8bit=None):
-        """(quantization, as_trained) to load this adapter's base with: an explicit --load_4bit /
-        --load_8bit wins; unset, the base is quantized as in training, since the adapter's answers
-        are those of that base."""
-        if load_8bit:
-            return "8bit", False
-        if load_4bit:
-            return "4bit", False
-        if load_4bit is None and load_8bit is None:
-            return self.trained_quantization(), True
-        return "none", False
+    @property
+    def quantization_layout(self):
+        """How finetune.py quantized the base (run_config.json's resolved quantization_layout), or None."""
+        return (self.run_config or {}).get("resolved", {}).get("quantization_layout")
 
     def trained_quantization(self):
         """How the base was quantized in training ('4bit', '8bit' or 'none'), from run_config.json."""
-        layout = (self.run_config or {}).get("resolved", {}).get("quantization_layout") or {}
-        return layout.get("quantization") or "none"
+        return (self.quantization_layout or {}).get("quantization") or "none"
 
     def _lora_modules(self, tensors):
         """{module: {"A": tensor, "B": tensor}}: what the streaming merge adds to each base weight."""
@@ -400,3 +392,12 @@ def swap_into_place(tmp, output_dir):
     Path(tmp).rename(output_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def loading_quantization(adapter, load_4bit, load_8bit=None):
+    """(quantization, as_trained) to load a base with: an explicit --load_4bit / --load_8bit wins;
+    with an adapter and neither set, the base is quantized as in training, since the adapter's
+    answers are those of that base."""
+    if adapter is not None and load_4bit is None and load_8bit is None:
+        return adapter.trained_quantization(), True
+    return ("8bit" if load_8bit else "4bit" if load_4bit else "none"), False

@@ -149,13 +149,18 @@ def check_target_modules(targets, linear_names, base_model):
                         f"its Linear layers are: {', '.join(linear_names)}")
 
 
+def mps_available():
+    import torch
+
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def generation_device(device="auto"):
     """cuda, Apple's mps, or cpu (auto: the first available), and the precision used there."""
     import torch
 
     if device == "auto":
-        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if device.startswith("cuda"):
         return device, ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
     return device, ("fp16" if device.startswith("mps") else "fp32")
@@ -210,13 +215,16 @@ def load_model(base_model, quantization, precision, double_quant=False, trust_re
 
 def load_model_with_adapter(base_model, quantization, precision, adapter_folder, flag, double_quant=False,
                             trust_remote_code=False, placement=None):
-    """The base loaded as load_model does, with a LoRA adapter applied unmerged (peft).
+    """The base loaded as load_model does, with a LoRA adapter applied unmerged (peft); the base alone
+    where adapter_folder is None.
 
     An adapter whose shapes do not fit the base is a UserError naming `flag`.
     """
     from peft import PeftModel
 
     model = load_model(base_model, quantization, precision, double_quant, trust_remote_code, placement)
+    if adapter_folder is None:
+        return model
     try:
         return PeftModel.from_pretrained(model, str(adapter_folder))
     except (RuntimeError, ValueError, KeyError) as err:

@@ -34,11 +34,12 @@ def loss_progress_callback():
     return LossProgressCallback()
 
 
-def library_versions():
+def library_versions(extra=()):
+    """{package: version or None} of the libraries a run depends on, and of `extra` packages."""
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets"):
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", *extra):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from platy.cli import error_detail, say
+from platy.cli import error_detail, local_world_size, say
 from platy.data import (
     adds_bos,
     counted,
@@ -65,7 +65,7 @@ def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, roo
     that cannot be read back (a crash while the disk held it only partly, say) is tokenized again.
     """
     if not use_cache:
-        return uncached(row_splits, example_tokenizer, sharing=local_processes()), ("uncached", None)
+        return uncached(row_splits, example_tokenizer), ("uncached", None)
     folder = Path(root or cache_root() / "tokenized") / cache_key(data_fingerprint, split, example_tokenizer)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -89,13 +89,7 @@ def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, roo
 def without_cache(folder, err, row_splits, example_tokenizer):
     say(f"Note: the token cache in {folder.parent} cannot be written ({err.strerror or err}); tokenizing "
         "without it (set PLATY_CACHE to a writable folder to cache)")
-    return uncached(row_splits, example_tokenizer, sharing=local_processes()), ("uncached", None)
-
-
-def local_processes():
-    """How many processes of this job run on this machine (torchrun's LOCAL_WORLD_SIZE): without a
-    cache they all tokenize at once."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return uncached(row_splits, example_tokenizer), ("uncached", None)
 
 
 def load_entry(folder, row_splits):
@@ -109,8 +103,10 @@ def load_entry(folder, row_splits):
     return splits
 
 
-def uncached(row_splits, example_tokenizer, sharing=1):
-    return {name: tokenize_rows(rows, example_tokenizer, num_proc=default_processes(len(rows), sharing))
+def uncached(row_splits, example_tokenizer):
+    """Each split tokenized in memory; without a cache every process of the node tokenizes at once,
+    so they share its cores."""
+    return {name: tokenize_rows(rows, example_tokenizer, num_proc=default_processes(len(rows), local_world_size()))
             for name, rows in row_splits.items()}
 
 
