@@ -216,7 +216,8 @@ def random_model(arch):
     if (folder / "config.json").is_file():
         return folder
     tokenizer = AutoTokenizer.from_pretrained(tiny.ensure_model())
-    config = LlamaConfig(**SHAPES[arch], max_position_embeddings=8192, bos_token_id=tokenizer.bos_token_id,
+    # positions restart per example, but rows of up to 2 x cutoff_len tokens still need room
+    config = LlamaConfig(**{**SHAPES[arch], "max_position_embeddings": 8192}, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
