@@ -57,12 +57,11 @@ def vocabulary():
     return [w for w in words if w.isalpha() and w.isascii() and len(w) >= 4]
 
 
-def synthetic_rows(n, seed=0, words=None):
+def synthetic_rows(n, words, seed=0):
     """STEM-style questions, mostly distinct as in Open-Platypus (a frame filled with a subject,
     quantities and topic words drawn from a large vocabulary), with about 4% exact repeats and
     4% light rewordings that near dedup must catch."""
     rng = random.Random(seed)
-    words = words or vocabulary()
     rows = []
     while len(rows) < n:
         roll = rng.random()

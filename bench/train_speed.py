@@ -48,13 +48,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from synthetic import synthetic_rows  # noqa: E402
 
-from platy import sizing  # noqa: E402
+from platy import sizing, tiny  # noqa: E402
 from platy.cli import UserError, run, say  # noqa: E402
 from platy.speed import liger_unavailable  # noqa: E402
 
 SHAPES = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024),
+    "tiny": tiny.TINY_MODELS["tiny-llama"],
     "llama2-7b": sizing.LLAMA2_7B,
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
@@ -142,21 +141,20 @@ def run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, s
 
 def report(results, flops_per_token, peak):
     """The results table and the (a)/(b) and Liger lines, printed; returned for the record."""
-    base = results.get("trl")
+    speed = {name: r["tokens"] / r["seconds"] for name, r in results.items() if r}
     lines = ["| configuration | tokens/s | peak memory (GiB) | MFU | tokens/s vs (c) | memory vs (c) |",
              "| --- | --- | --- | --- | --- | --- |"]
+    base = results.get("trl")
     for name, r in results.items():
         if r is None:
             lines.append(f"| {LABELS[name]} | failed | | | | |")
             continue
-        speed = r["tokens"] / r["seconds"]
-        mfu = f"{100 * flops_per_token * speed / (peak * 1e12):.1f}%" if peak else "n/a"
-        vs = (f"{speed / (base['tokens'] / base['seconds']):.2f}x", f"{r['peak_gib'] / base['peak_gib']:.2f}x") \
-            if base else ("n/a", "n/a")
-        lines.append(f"| {LABELS[name]} | {speed:,.0f} | {r['peak_gib']:.2f} | {mfu} | {vs[0]} | {vs[1]} |")
-    a, b, liger = results.get("toolkit"), results.get("platypus"), results.get("toolkit-liger")
-    if a and b:
-        lines += ["", f"(a)/(b) tokens per second: {(a['tokens'] / a['seconds']) / (b['tokens'] / b['seconds']):.2f}x"]
+        mfu = f"{100 * flops_per_token * speed[name] / (peak * 1e12):.1f}%" if peak else "n/a"
+        vs = (f"{speed[name] / speed['trl']:.2f}x", f"{r['peak_gib'] / base['peak_gib']:.2f}x") if base else ("n/a", "n/a")
+        lines.append(f"| {LABELS[name]} | {speed[name]:,.0f} | {r['peak_gib']:.2f} | {mfu} | {vs[0]} | {vs[1]} |")
+    a, liger = results.get("toolkit"), results.get("toolkit-liger")
+    if a and results.get("platypus"):
+        lines += ["", f"(a)/(b) tokens per second: {speed['toolkit'] / speed['platypus']:.2f}x"]
     if a and liger:
         lines += ["", f"Liger leaves the loss unchanged? mean loss over the run: (a) {a['loss']:.6f}, "
                   f"(a+) {liger['loss']:.6f}, difference {abs(a['loss'] - liger['loss']):.2e}"]
@@ -171,21 +169,16 @@ def record(lines, summary):
     """Append this run (date, device, library versions, command line, summary and table) to
     BENCHMARKS.md, under a heading of its own that the first recorded run adds."""
     import datetime
-    import importlib.metadata
 
-    from platy.reporting import write_text
+    from platy.reporting import library_versions, write_text
 
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     if RUNS_HEADING not in text:
         text += (f"\n{RUNS_HEADING}\n\nEach run of the benchmark appends its figures here (--record_run false "
                  "to leave this file alone), newest last.\n")
-    versions = []
-    for package in ("torch", "transformers", "peft", "bitsandbytes", "trl", "liger-kernel", "flash-attn"):
-        try:
-            versions.append(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    versions = [f"{package} {version}" for package, version in
+                library_versions(extra=("trl", "liger-kernel", "flash-attn")).items() if version]
     command = " ".join(["python bench/train_speed.py", *sys.argv[1:]])
     text += (f"\n### {datetime.date.today().isoformat()}, {device_name()}\n\n`{command}` ({', '.join(versions)}). "
              f"{summary}\n\n" + "\n".join(lines) + "\n")
@@ -207,14 +200,13 @@ def device_name():
 
 def random_model(arch):
     """A folder holding a randomly initialised model of the architecture (bf16 on disk), built once."""
+    return tiny.build_once(tiny.cache_root() / "bench-models" / arch, lambda folder: build_random_model(arch, folder))
+
+
+def build_random_model(arch, folder):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from platy import tiny
-
-    folder = tiny.cache_root() / "bench-models" / arch
-    if (folder / "config.json").is_file():
-        return folder
     tokenizer = AutoTokenizer.from_pretrained(tiny.ensure_model())
     # positions restart per example, but rows of up to 2 x cutoff_len tokens still need room
     config = LlamaConfig(**{**SHAPES[arch], "max_position_embeddings": 8192}, bos_token_id=tokenizer.bos_token_id,
@@ -227,22 +219,17 @@ def random_model(arch):
         model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
-    staging = folder.with_name(f".{arch}.{os.getpid()}.tmp")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.replace(folder)
-    return folder
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def data_file(rows, seed):
-    from platy import tiny
+    from platy.reporting import write_text
 
     path = tiny.cache_root() / "bench-data" / f"rows-{rows}-{seed}.json"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(synthetic_rows(rows, seed)))
-        tmp.replace(path)
+        write_text(path, json.dumps(synthetic_rows(rows, seed)))
     return path
 
 
@@ -250,7 +237,6 @@ def example_lengths(rows, seed, cutoff_len):
     """Token counts of the training examples (the tokenized rows, as finetune.py builds them)."""
     from transformers import AutoTokenizer
 
-    from platy import tiny
     from platy.data import ExampleTokenizer, prepare_tokenizer, tokenize_rows
     from platy.prompts import Prompter
 
@@ -288,8 +274,6 @@ def detect_peak_tflops():
 def run_one(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed, result_file):
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     runner = run_trl if name.startswith("trl") else run_toolkit
     with tempfile.TemporaryDirectory() as out:
         trainer = runner(name, random_model(arch), data_file(rows, seed), out, steps, cutoff_len, budget,

@@ -40,13 +40,22 @@ def ensure_model(name="tiny-llama"):
     if name not in TINY_MODELS:
         raise UserError(f"--base_model builtin:{name}: unknown built-in model; available: "
                         + ", ".join(f"builtin:{n}" for n in TINY_MODELS))
-    target = cache_root() / f"{name}-v{BUILD_VERSION}"
+    return build_once(cache_root() / f"{name}-v{BUILD_VERSION}", lambda folder: build(folder, **TINY_MODELS[name]))
+
+
+def build_once(target, build_into):
+    """The model folder target, built first by build_into(folder) unless it holds a config.json.
+
+    The build goes to a private folder renamed into place, so concurrent builders (torchrun
+    ranks) never read a half-built model, and a failed build leaves nothing behind.
+    """
+    target = Path(target)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(work, **TINY_MODELS[name])
+        build_into(work)
         try:
             os.rename(work, target)
         except OSError:  # another process finished first; its build is identical
