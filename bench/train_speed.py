@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from synthetic import synthetic_rows  # noqa: E402
 
 from platy import sizing, tiny  # noqa: E402
-from platy.cli import UserError, run, say  # noqa: E402
+from platy.cli import UserError, coerce_bools, run, say  # noqa: E402
 from platy.speed import liger_unavailable  # noqa: E402
 
 SHAPES = {
@@ -91,6 +91,7 @@ def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int =
     if unknown:
         raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     budget = micro_batch_tokens or 2 * cutoff_len
+    record_run = coerce_bools(main, {"record_run": record_run})["record_run"]  # fire leaves "false" a string
     if only:
         return run_one(only, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed, result_file)
     model_dir = random_model(arch)
