@@ -27,6 +27,7 @@ from platy.checkpoints import (
     checkpoint_step,
     remove_leftovers,
     resolve_resume,
+    retire,
 )
 from platy.cli import UserError, say
 from platy.data import (
@@ -299,7 +300,8 @@ def validate(flags):
             f"{world} process(es) = {per_step}; choose a batch_size such as {per_step * max(1, round(f.batch_size / per_step))}")
     f["world_size"] = world
     # the token budget of one packed row: a micro-step's worth of tokens
-    f["pack_budget"] = (f.micro_batch_tokens or f.cutoff_len) if f.packing else None
+    # tokens of one row at most: a packed row's budget, or cutoff_len (--micro_batch_tokens needs --packing)
+    f["pack_budget"] = f.micro_batch_tokens or f.cutoff_len
     f["gradient_accumulation_steps"] = f.batch_size // per_step
     f["lora_target_modules"] = parse_target_modules(f.lora_target_modules)
     f["prompter"] = Prompter(f.prompt_template_name)
@@ -406,7 +408,7 @@ def plan_run(f, model):
     memory = sizing.estimate(
         f.model_config, counts, finetuning=f.finetuning, quantization=f.quantization,
         compute_bytes=2 if compute in ("bf16", "fp16") else 4, double_quant=f.double_quant,
-        micro_batch_size=f.micro_batch_size, cutoff_len=f.pack_budget or f.cutoff_len,
+        micro_batch_size=f.micro_batch_size, cutoff_len=f.pack_budget,
         gradient_checkpointing=f.checkpoint_fraction, strategy=f.strategy, world_size=f.world_size,
         gpus_per_process=max(gpus, 1))
     available = f.gpu_memory_gb
@@ -420,7 +422,7 @@ def plan_run(f, model):
         "global_batch": f.batch_size,
         "micro_batch_size": f.micro_batch_size,
         "gradient_accumulation_steps": f.gradient_accumulation_steps,
-        "max_tokens_per_optimizer_step": f.batch_size * (f.pack_budget or f.cutoff_len),
+        "max_tokens_per_optimizer_step": f.batch_size * f.pack_budget,
         "parameters": counts["total"],
         "trainable_parameters": counts["total"] if f.finetuning == "full" else counts["lora"],
         "shape_source": f.shape_source,
@@ -775,7 +777,7 @@ def describe_plan(setup):
     lines.append(
         f"  GPU memory per process ({plan['estimate_precision']} compute): weights {memory['weights']:.1f} GiB"
         f" + trainable weights, gradients and AdamW states {memory['trainable_and_optimizer']:.1f} GiB"
-        f" + activations {memory['activations']:.1f} GiB (micro batch {setup.micro_batch_size} x {setup.pack_budget or setup.cutoff_len}"
+        f" + activations {memory['activations']:.1f} GiB (micro batch {setup.micro_batch_size} x {setup.pack_budget}"
         f" tokens, checkpointing {describe_checkpointing(setup.checkpoint_fraction)}) + CUDA overhead"
         f" {memory['cuda_overhead']:.1f} GiB = {memory['total']:.1f} GiB")
     available = plan["gpu_memory_available_gib"]
@@ -801,7 +803,7 @@ def run_training(setup, trainer, run_config):
             (out / RUN_CONFIG).unlink(missing_ok=True)
             for old in out.glob("checkpoint-*"):
                 say(f"--overwrite: removing {old}")
-                shutil.rmtree(old)
+                retire(old)
         remove_leftovers(out)
         (out / PREEMPTED).unlink(missing_ok=True)
     resume = setup.resume[1] if setup.resume and setup.resume[0] == "checkpoint" else None

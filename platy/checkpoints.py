@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from platy.cli import UserError, say
-from platy.merging import ADAPTER_FILES
+from platy.merging import ADAPTER_FILES, swap_into_place
 
 STAGING = ".staging"  # partial checkpoints and the final adapter are written here first
 DELETING = ".deleting-"  # old checkpoints being removed
@@ -93,9 +93,7 @@ def remove_leftovers(output_dir):
 def publish(staged, final):
     """Rename a fully written checkpoint into place; a same-named older one is moved away first."""
     final = Path(final)
-    if final.exists():
-        retire(final)
-    os.replace(staged, final)
+    swap_into_place(staged, final, aside=final.with_name(f"{DELETING}{final.name}"))
 
 
 def retire(path):

@@ -380,14 +380,15 @@ def output_config(base_path, out_dtype):
     return config
 
 
-def swap_into_place(tmp, output_dir):
-    """Move the finished tmp folder to output_dir; an old output_dir goes only once the new one is there."""
+def swap_into_place(tmp, output_dir, aside=None):
+    """Move the finished tmp folder to output_dir; an old output_dir is renamed to `aside` (default
+    .NAME.old-PID beside it) and goes only once the new one is there."""
     import shutil
 
     output_dir = Path(output_dir)
     old = None
     if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        old = Path(aside) if aside else output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
         output_dir.rename(old)
     Path(tmp).rename(output_dir)
     if old is not None:

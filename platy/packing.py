@@ -40,37 +40,61 @@ def pack_lengths(lengths, budget):
     return [sorted(row) for row in rows]  # examples keep their data order within a row
 
 
-def pack_examples(examples, rows):
-    """One packed row (input_ids, labels, position_ids) per row of example indices."""
-    packed = {"input_ids": [], "labels": [], "position_ids": [], "n_examples": []}
-    for row in rows:
-        ids, labels, positions = [], [], []
-        for i in row:
-            example_ids = examples["input_ids"][i]
-            ids += example_ids
-            labels += [IGNORE_INDEX] + list(examples["labels"][i][1:])
-            positions += range(len(example_ids))
-        packed["input_ids"].append(ids)
-        packed["labels"].append(labels)
-        packed["position_ids"].append(positions)
-        packed["n_examples"].append(len(row))
-    return packed
+PACK_CHUNK_ROWS = 1000  # packed rows per Arrow chunk: far below 32-bit offsets
 
 
 def pack_dataset(ds, budget):
-    """A datasets.Dataset of packed rows built from a tokenized one; and packing statistics."""
-    import datasets
+    """A datasets.Dataset of packed rows (input_ids, labels, position_ids) built from a tokenized one;
+    and packing statistics.
+
+    The columns are read as numpy arrays and gathered in packed order, so a data set loaded
+    memory-mapped from the token cache never passes through Python lists."""
+    import itertools
+
+    import numpy as np
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    from platy.data import tokenized_dataset
 
     if ds is None:
         return None, {}
-    examples = ds.select_columns(["input_ids", "labels"]).to_dict()  # one read; the mask is rebuilt by packing
-    lengths = [len(ids) for ids in examples["input_ids"]]
-    rows = pack_lengths(lengths, budget)
-    packed = datasets.Dataset.from_dict(pack_examples(examples, rows))
-    tokens = sum(lengths)
+    table = ds.with_format("arrow")[:]  # the selected rows, in order
+    offsets, ids = flat_column(table, "input_ids")
+    _, labels = flat_column(table, "labels")
+    lengths = np.diff(offsets)
+    rows = pack_lengths(lengths.tolist(), budget)
+    order = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=len(lengths))
+    sizes = lengths[order]
+    starts = np.cumsum(sizes) - sizes  # each example's first position in the packed tokens
+    position = np.arange(int(sizes.sum())) - np.repeat(starts, sizes)
+    gather = position + np.repeat(offsets[:-1][order], sizes)
+    columns = {"input_ids": ids[gather].astype(np.int32, copy=False), "labels": labels[gather].astype(np.int32),
+               "position_ids": position.astype(np.int32)}
+    columns["labels"][starts] = IGNORE_INDEX  # no example is predicted from the one before it
+    row_ends = np.cumsum([len(row) for row in rows])
+    row_offsets = np.concatenate([[0], starts[row_ends[:-1]], [len(position)]]) if rows else np.zeros(1, np.int64)
+    chunks = {key: [] for key in columns}
+    for first in range(0, len(rows), PACK_CHUNK_ROWS):
+        bounds = row_offsets[first:first + PACK_CHUNK_ROWS + 1]
+        for key, values in columns.items():
+            chunk_offsets = pa.array((bounds - bounds[0]).astype(np.int32))
+            chunks[key].append(pa.ListArray.from_arrays(chunk_offsets, pa.array(values[bounds[0]:bounds[-1]])))
+    packed = tokenized_dataset(table=InMemoryTable(pa.table(
+        {key: pa.chunked_array(parts, type=pa.list_(pa.int32())) for key, parts in chunks.items()})))
     stats = {"packed_rows": len(rows), "examples": len(lengths), "token_budget": budget,
-             "fill": round(tokens / (len(rows) * budget), 4) if rows else 0.0}
-    return packed.remove_columns("n_examples"), stats
+             "fill": round(int(lengths.sum()) / (len(rows) * budget), 4) if rows else 0.0}
+    return packed, stats
+
+
+def flat_column(table, name):
+    """(offsets, values) of a list column of an Arrow table as numpy arrays, offsets from 0."""
+    import numpy as np
+
+    column = table.column(name).combine_chunks()
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    values = column.values.to_numpy()[offsets[0]:offsets[-1]]
+    return offsets - offsets[0], values
 
 
 class PackedCollator:

@@ -8,7 +8,6 @@
   (or, with skip_nonfinite_steps, the update is dropped and counted).
 """
 
-import math
 import os
 import re
 import shutil
@@ -31,12 +30,16 @@ SAME_REQUEST_SECONDS = 2.0
 
 
 def any_rank(flags):
-    """Element-wise OR of boolean flags over all processes (one tiny all-reduce under torchrun)."""
-    values = torch.tensor([float(f) for f in flags])
+    """Element-wise OR of flags over all processes (one tiny all-reduce under torchrun). A flag is a
+    bool or a 0-d tensor; tensors stay on their device, so the result is read back once."""
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if "nccl" in str(dist.get_backend()):
-            values = values.to(torch.device("cuda", torch.cuda.current_device()))
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if several:  # the backend's device: nccl reduces on the GPU, gloo on the CPU
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
+    else:
+        device = next((f.device for f in flags if isinstance(f, torch.Tensor)), "cpu")
+    values = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device) for f in flags])
+    if several:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
 
@@ -94,8 +97,8 @@ class NonFiniteGuard(TrainerCallback):
         # the Trainer's gradient norm of this step (computed anyway, and global under ZeRO and FSDP):
         # non-finite exactly when some gradient is
         norm, loss_flag = self.trainer.step_grad_norm, self.trainer.loss_went_nonfinite
-        bad_loss, bad_grad = any_rank([loss_flag is not None and bool(loss_flag),
-                                       norm is not None and not math.isfinite(float(norm))])
+        bad_loss, bad_grad = any_rank([False if loss_flag is None else loss_flag,
+                                       False if norm is None else ~torch.isfinite(torch.as_tensor(norm))])
         self.trainer.loss_went_nonfinite = None
         step = state.global_step + 1
         if not (bad_loss or bad_grad):
