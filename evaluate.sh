@@ -16,10 +16,7 @@ SUITE="${SUITE:-openllm}"
 OUTPUT_DIR="${OUTPUT_DIR:-./outputs/eval}"
 PYTHON="${PYTHON:-python}"
 
-args=(--models "$MODELS" --suite "$SUITE" --output_dir "$OUTPUT_DIR" --batch_size "${BATCH_SIZE:-auto}")
-for pair in "include_path:${INCLUDE_PATH:-}" "limit:${LIMIT:-}" "num_fewshot:${NUM_FEWSHOT:-}"; do
-  if [ -n "${pair#*:}" ]; then
-    args+=("--${pair%%:*}" "${pair#*:}")
-  fi
-done
+args=(--models "$MODELS" --suite "$SUITE" --output_dir "$OUTPUT_DIR" --batch_size "${BATCH_SIZE:-auto}"
+      ${INCLUDE_PATH:+--include_path "$INCLUDE_PATH"} ${LIMIT:+--limit "$LIMIT"}
+      ${NUM_FEWSHOT:+--num_fewshot "$NUM_FEWSHOT"})
 exec "$PYTHON" "$here/evaluate.py" "${args[@]}" "$@"
