@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark a base model and its fine-tune with lm-evaluation-harness, in the published table layout.
 #
-#   bash evaluate.sh                                # tiny model + adapter of fine-tuning.sh on local tasks (CPU, offline)
+#   bash evaluate.sh                                # tiny model + adapter of fine-tuning.sh on the openllm suite (its data from the hub)
+#   SUITE=my_task INCLUDE_PATH=./my_tasks bash evaluate.sh   # local tasks (CPU, offline)
 #   MODELS=meta-llama/Llama-2-13b-hf,./Platypus2-13B SUITE=openllm bash evaluate.sh
 #   MODELS=beomi/llama-2-ko-7b,./outputs/ko-qlora SUITE=kobest bash evaluate.sh --limit 100
 #
