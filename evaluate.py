@@ -35,7 +35,8 @@ from platy.evaluation import (
     shots_title,
     with_shots,
 )
-from platy.reporting import library_versions, say_configuration, write_json, write_text
+from platy.files import write_json, write_text
+from platy.reporting import library_versions, say_configuration
 
 INSTALL_HINT = "lm-eval is not installed; install it with: pip install -r requirements-eval.txt"
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -109,15 +110,26 @@ def validate(flags):
     if output_dir.exists() and not output_dir.is_dir():
         problems.append(f"--output_dir {output_dir} is a file; give a folder")
     models = resolve_models(flags, problems)
-    suite, notes = resolve_suite(flags["suite"], shot_counts, include if include and include.is_dir() else None,
-                                 problems)
+    suite, notes = resolve_suite(
+        flags["suite"], shot_counts, include if include and include.is_dir() else None, problems
+    )
     if problems:
         raise UserError("; ".join(problems))
     device, precision, batch_size = resolve_placement(flags["device"], flags["batch_size"])
     task_manager = load_tasks(suite, include)
-    return {"flags": flags, "models": models, "suite": suite, "notes": notes, "task_manager": task_manager,
-            "device": device, "precision": precision, "batch_size": batch_size, "output_dir": output_dir,
-            "limit": flags["limit"], "trust_remote_code": flags["trust_remote_code"]}
+    return {
+        "flags": flags,
+        "models": models,
+        "suite": suite,
+        "notes": notes,
+        "task_manager": task_manager,
+        "device": device,
+        "precision": precision,
+        "batch_size": batch_size,
+        "output_dir": output_dir,
+        "limit": flags["limit"],
+        "trust_remote_code": flags["trust_remote_code"],
+    }
 
 
 def parse_shots(value, problems):
@@ -132,8 +144,12 @@ def parse_shots(value, problems):
 
 def check_numbers(flags, problems):
     limit = flags["limit"]
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
-                              or (limit >= 1 and limit != int(limit))):
+    if limit is not None and (
+        isinstance(limit, bool)
+        or not isinstance(limit, (int, float))
+        or limit <= 0
+        or (limit >= 1 and limit != int(limit))
+    ):
         problems.append(f"--limit {limit}: give a number of examples (a positive integer) or a fraction below 1")
     batch = str(flags["batch_size"])
     if not (batch == "auto" or batch.isdigit() and int(batch) > 0):
@@ -162,8 +178,10 @@ def resolve_models(flags, problems):
             if adapter:
                 base = adapter.base_model()
                 if not base:
-                    raise UserError(f"--models {spec}: the adapter records no base model (no run_config.json or "
-                                    "base_model_name_or_path); evaluate a merged model instead")
+                    raise UserError(
+                        f"--models {spec}: the adapter records no base model (no run_config.json or "
+                        "base_model_name_or_path); evaluate a merged model instead"
+                    )
                 base_path = resolve_base_model(base, f"--models {spec}: its base model")
             else:
                 base, base_path = spec, resolve_base_model(spec, "--models")
@@ -172,8 +190,18 @@ def resolve_models(flags, problems):
             continue
         # as trained: the scores are those of the trained adapter (and of merge.py's dequant merge)
         quantization, as_trained = loading_quantization(adapter, flags["load_4bit"])
-        models.append({"spec": spec, "label": label, "folder": folder, "base": base, "base_path": base_path,
-                       "adapter": adapter, "quantization": quantization, "as_trained": as_trained})
+        models.append(
+            {
+                "spec": spec,
+                "label": label,
+                "folder": folder,
+                "base": base,
+                "base_path": base_path,
+                "adapter": adapter,
+                "quantization": quantization,
+                "as_trained": as_trained,
+            }
+        )
     check_configs(models, flags["trust_remote_code"], problems)
     return models
 
@@ -208,13 +236,20 @@ def resolve_suite(name, shot_counts, include, problems):
         suite = SUITES[name]
         if shot_counts:
             if not suite.per_task and len(shot_counts) > 1:
-                problems.append(f"--num_fewshot {','.join(map(str, shot_counts))}: the {name} table holds one shot "
-                                "count per column; give one number")
+                problems.append(
+                    f"--num_fewshot {','.join(map(str, shot_counts))}: the {name} table holds one shot "
+                    "count per column; give one number"
+                )
                 return suite, notes
-            published = (", ".join(map(str, suite.shot_counts())) if suite.per_task
-                         else ", ".join(f"{s.title} {s.shots}" for s in suite.scores))
-            notes.append(f"Note: --num_fewshot {','.join(map(str, shot_counts))} replaces the published shots of "
-                         f"{name} ({published}): the scores are not comparable with published tables")
+            published = (
+                ", ".join(map(str, suite.shot_counts()))
+                if suite.per_task
+                else ", ".join(f"{s.title} {s.shots}" for s in suite.scores)
+            )
+            notes.append(
+                f"Note: --num_fewshot {','.join(map(str, shot_counts))} replaces the published shots of "
+                f"{name} ({published}): the scores are not comparable with published tables"
+            )
             suite = with_shots(suite, shot_counts)
         return suite, notes
     tasks = [task.strip() for task in str(name).split(",") if task.strip()]
@@ -227,12 +262,15 @@ def resolve_suite(name, shot_counts, include, problems):
 
         close = difflib.get_close_matches(task, list(SUITES) + known_task_names(include), n=1)
         hint = f"did you mean {close[0]}?" if close else "list the harness's tasks with: lm-eval ls tasks"
-        problems.append(f"--suite: unknown suite or task {task}; {hint} (suites: {', '.join(SUITES)}"
-                        + (f"; local tasks from --include_path {include}" if include else "") + ")")
+        problems.append(
+            f"--suite: unknown suite or task {task}; {hint} (suites: {', '.join(SUITES)}"
+            + (f"; local tasks from --include_path {include}" if include else "")
+            + ")"
+        )
     return custom_suite(tasks, shot_counts), notes
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def task_manager(include, defaults):
     """lm-eval's task index. Indexing its ~15,000 built-in tasks takes seconds, so local tasks are indexed
     alone first and the built-in ones only when needed."""
@@ -294,11 +332,15 @@ def load_tasks(suite, include):
         except Exception as err:  # noqa: BLE001 - building a task fails in many ways, all about its data
             problems.append(f"{task} ({type(err).__name__}: {error_detail(err)[:160]})")
             if isinstance(err, FileNotFoundError):
-                hints["files"] = (f"The harness reads a task's data_files relative to the working directory "
-                                  f"({Path.cwd()}): run from the task's folder or give absolute paths")
+                hints["files"] = (
+                    f"The harness reads a task's data_files relative to the working directory "
+                    f"({Path.cwd()}): run from the task's folder or give absolute paths"
+                )
             if isinstance(err, ConnectionError):
-                hints["hub"] = ("Offline, a task's data set must be in the Hugging Face cache (downloaded once "
-                                "online), or use local tasks with --include_path")
+                hints["hub"] = (
+                    "Offline, a task's data set must be in the Hugging Face cache (downloaded once "
+                    "online), or use local tasks with --include_path"
+                )
                 break  # the hub is out of reach: every further task would wait through the same retries
     if problems:
         raise UserError(f"cannot load task {'; '.join(problems)}" + "".join(f". {h}" for h in hints.values()))
@@ -308,8 +350,13 @@ def load_tasks(suite, include):
 def describe(setup):
     """The evaluation configuration: printed once at start, saved as eval_config.json at the end."""
     suite = setup["suite"]
-    resolved = {"tasks": suite.tasks(), "shots": suite.shot_counts(), "device": setup["device"],
-                "precision": setup["precision"], "batch_size": setup["batch_size"]}
+    resolved = {
+        "tasks": suite.tasks(),
+        "shots": suite.shot_counts(),
+        "device": setup["device"],
+        "precision": setup["precision"],
+        "batch_size": setup["batch_size"],
+    }
     say_configuration("Evaluation configuration", {**setup["flags"], **resolved})
     for model in setup["models"]:
         source = f"adapter {model['spec']} on {model['base']}" if model["adapter"] else model["spec"]
@@ -317,12 +364,16 @@ def describe(setup):
         say(f"  {model['label']}: {source} ({load}{', as trained' if model['as_trained'] else ''})")
     for note in setup["notes"]:
         say(note)
-    models = [{k: v for k, v in m.items() if k != "adapter"} | {"adapter": str(m["adapter"].folder) if m["adapter"]
-                                                                 else None} for m in setup["models"]]
-    return {"flags": setup["flags"], "resolved": {**resolved, "models": models,
-                                                  "suite": [vars(s) for s in suite.scores]},
-            "command": " ".join(["python", "evaluate.py", *sys.argv[1:]]),
-            "versions": library_versions(extra=("lm_eval",))}
+    models = [
+        {k: v for k, v in m.items() if k != "adapter"} | {"adapter": str(m["adapter"].folder) if m["adapter"] else None}
+        for m in setup["models"]
+    ]
+    return {
+        "flags": setup["flags"],
+        "resolved": {**resolved, "models": models, "suite": [vars(s) for s in suite.scores]},
+        "command": " ".join(["python", "evaluate.py", *sys.argv[1:]]),
+        "versions": library_versions(extra=("lm_eval",)),
+    }
 
 
 # harness messages that restate what this script asked for
@@ -353,8 +404,14 @@ def evaluate_model(model, setup):
         for shots in suite.shot_counts():
             tasks = list(dict.fromkeys(s.task for s in suite.scores if s.shots == shots))
             say(f"{model['label']}: {', '.join(tasks)} ({shots_title(shots)})")
-            results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=setup["limit"],
-                                      task_manager=setup["task_manager"], log_samples=False)
+            results = simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=shots,
+                limit=setup["limit"],
+                task_manager=setup["task_manager"],
+                log_samples=False,
+            )
             # the harness records model_args only when it builds the model itself
             results["config"]["model_args"] = model_args
             write_json(folder / f"{'default' if shots is None else shots}-shot.json", results)
@@ -374,11 +431,16 @@ def load_lm(model, setup):
     from platy.modeling import torch_dtype
 
     adapter = model["adapter"]
-    tokenizer = str(adapter.folder) if adapter and (adapter.folder / "tokenizer_config.json").is_file() \
-        else model["base_path"]
+    tokenizer = (
+        str(adapter.folder) if adapter and (adapter.folder / "tokenizer_config.json").is_file() else model["base_path"]
+    )
     dtype = str(torch_dtype(setup["precision"])).removeprefix("torch.")
     several_gpus = setup["device"] == "cuda" and torch.cuda.device_count() > 1
-    common = {"tokenizer": tokenizer, "batch_size": setup["batch_size"], "trust_remote_code": setup["trust_remote_code"]}
+    common = {
+        "tokenizer": tokenizer,
+        "batch_size": setup["batch_size"],
+        "trust_remote_code": setup["trust_remote_code"],
+    }
     model_args = {"pretrained": model["base_path"], "dtype": dtype, "device": setup["device"], **common}
     if adapter:
         model_args["peft"] = str(adapter.folder)
@@ -391,9 +453,15 @@ def load_lm(model, setup):
     from platy.modeling import load_model_with_adapter
 
     placement = "auto" if several_gpus else {"": setup["device"]}
-    weights = load_model_with_adapter(model["base_path"], model["quantization"], setup["precision"],
-                                      adapter and adapter.folder, f"--models {model['spec']}:",
-                                      trust_remote_code=setup["trust_remote_code"], placement=placement)
+    weights = load_model_with_adapter(
+        model["base_path"],
+        model["quantization"],
+        setup["precision"],
+        adapter and adapter.folder,
+        f"--models {model['spec']}:",
+        trust_remote_code=setup["trust_remote_code"],
+        placement=placement,
+    )
     return HFLM(pretrained=weights, **common), {**model_args, "quantization": model["quantization"]}
 
 
@@ -412,8 +480,10 @@ def report(setup, runs_by_model, eval_config):
     suite = setup["suite"]
     tables = render_tables(suite, runs_by_model)
     if setup["limit"] is not None:
-        tables += (f"\nScores on the first {setup['limit']} examples of each task (--limit): not comparable with "
-                   "published ones.\n")
+        tables += (
+            f"\nScores on the first {setup['limit']} examples of each task (--limit): not comparable with "
+            "published ones.\n"
+        )
     out = setup["output_dir"]
     write_text(out / "results.md", tables)
     write_json(out / "scores.json", scores_json(suite, runs_by_model))

@@ -20,23 +20,13 @@ import shutil
 import time
 from pathlib import Path
 
-from platy import cli, sizing
-from platy.checkpoints import (
-    PREEMPTED,
-    STAGING,
-    checkpoint_step,
-    remove_leftovers,
-    resolve_resume,
-    retire,
-)
+from platy import cli
 from platy.cli import UserError, say
-from platy.data import (
-    ExampleTokenizer,
-    load_rows,
-    prepare_tokenizer,
-    split_rows,
-)
-from platy.merging import ADAPTER_FILES
+from platy.data.cache import tokenized_splits
+from platy.data.examples import ExampleTokenizer, prepare_tokenizer
+from platy.data.packing import PackedCollator, pack_dataset
+from platy.data.rows import load_rows, split_rows
+from platy.files import ADAPTER_FILES, CURVES, LOG_HISTORY, RUN_CONFIG, read_run_config, write_json
 from platy.modeling import (
     SHARDED,
     check_target_modules,
@@ -51,25 +41,25 @@ from platy.modeling import (
     resolve_base_model,
     resolve_precision,
 )
-from platy.packing import PackedCollator, pack_dataset
 from platy.prompts import Prompter
-from platy.reporting import (
-    CURVES,
-    LOG_HISTORY,
-    RUN_CONFIG,
-    library_versions,
-    loss_progress_callback,
-    plot_curves,
-    read_run_config,
-    say_configuration,
-    write_json,
-)
-from platy.speed import checkpoint_fraction, checkpoint_layers, liger_unavailable
-from platy.tokencache import tokenized_splits
+from platy.reporting import library_versions, loss_progress_callback, plot_curves, say_configuration
+from platy.train import sizing
+from platy.train.checkpoints import PREEMPTED, STAGING, checkpoint_step, remove_leftovers, resolve_resume, retire
+from platy.train.speed import checkpoint_fraction, checkpoint_layers, liger_unavailable
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
 OWN_OUTPUTS = (*ADAPTER_FILES, "adapter_config.json", RUN_CONFIG)
 FINETUNING = ("lora", "full")
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
@@ -274,8 +264,9 @@ def validate(flags):
     if f.finetuning not in FINETUNING:
         problems.append(f"--finetuning {f.finetuning}: choose one of {', '.join(FINETUNING)}")
     elif f.finetuning == "full" and f.quantization != "none":
-        problems.append(f"--finetuning full trains every weight, which a {f.quantization} base cannot hold; "
-                        "add --quantization none")
+        problems.append(
+            f"--finetuning full trains every weight, which a {f.quantization} base cannot hold; add --quantization none"
+        )
     if f.attn_implementation not in ATTENTION:
         problems.append(f"--attn_implementation {f.attn_implementation}: choose one of {', '.join(ATTENTION)}")
     if f.gpu_memory_gb is not None and (not isinstance(f.gpu_memory_gb, (int, float)) or f.gpu_memory_gb <= 0):
@@ -297,7 +288,9 @@ def validate(flags):
     if f.batch_size % per_step:
         raise UserError(
             f"--batch_size {f.batch_size} is not a multiple of --micro_batch_size {f.micro_batch_size} x "
-            f"{world} process(es) = {per_step}; choose a batch_size such as {per_step * max(1, round(f.batch_size / per_step))}")
+            f"{world} process(es) = {per_step}; choose a batch_size such as "
+            f"{per_step * max(1, round(f.batch_size / per_step))}"
+        )
     f["world_size"] = world
     # the token budget of one packed row: a micro-step's worth of tokens
     # tokens of one row at most: a packed row's budget, or cutoff_len (--micro_batch_tokens needs --packing)
@@ -308,8 +301,10 @@ def validate(flags):
     f["output_dir"] = str(Path(f.output_dir).expanduser().resolve())
     f["resume"] = resolve_resume(f.resume_from_checkpoint, f.output_dir)
     if f.finetuning == "full" and f.resume and f.resume[0] == "adapter":
-        raise UserError(f"--resume_from_checkpoint {f.resume[1]} is an adapter folder, which cannot start "
-                        "--finetuning full; give a checkpoint-N folder of a full run, or drop the flag")
+        raise UserError(
+            f"--resume_from_checkpoint {f.resume[1]} is an adapter folder, which cannot start "
+            "--finetuning full; give a checkpoint-N folder of a full run, or drop the flag"
+        )
     check_output_dir(f.output_dir, f.overwrite, f.resume)
     f["rows"] = f["data_fingerprint"] = f["train_rows"] = f["val_rows"] = None
     if not f.dry_run or Path(f.data_path).expanduser().is_file():  # a dry run fetches nothing
@@ -343,20 +338,28 @@ def speed_problems(f):
     """Problems with the speed flags (packing, token budgets), to be reported with all others."""
     problems = []  # --packing is a bool flag: cli.coerce_bools has checked its word
     if f.micro_batch_tokens is not None:
-        if not isinstance(f.micro_batch_tokens, int) or isinstance(f.micro_batch_tokens, bool) \
-                or f.micro_batch_tokens < 1:
+        if (
+            not isinstance(f.micro_batch_tokens, int)
+            or isinstance(f.micro_batch_tokens, bool)
+            or f.micro_batch_tokens < 1
+        ):
             problems.append(f"--micro_batch_tokens must be a positive integer, got {f.micro_batch_tokens!r}")
         elif not f.packing:
             problems.append("--micro_batch_tokens fills each micro-step with packed examples: add --packing true")
         elif isinstance(f.cutoff_len, int) and f.micro_batch_tokens < f.cutoff_len:
-            problems.append(f"--micro_batch_tokens {f.micro_batch_tokens} is below --cutoff_len {f.cutoff_len}, "
-                            "so the longest examples would not fit; raise it or lower --cutoff_len")
+            problems.append(
+                f"--micro_batch_tokens {f.micro_batch_tokens} is below --cutoff_len {f.cutoff_len}, "
+                "so the longest examples would not fit; raise it or lower --cutoff_len"
+            )
         if f.micro_batch_size != 1:
-            problems.append(f"--micro_batch_tokens replaces --micro_batch_size (got {f.micro_batch_size!r}); "
-                            "drop --micro_batch_size")
+            problems.append(
+                f"--micro_batch_tokens replaces --micro_batch_size (got {f.micro_batch_size!r}); "
+                "drop --micro_batch_size"
+            )
     if f.packing and f.group_by_length:
-        problems.append("--group_by_length has nothing to do with --packing (packed rows hold no padding); "
-                        "drop one of them")
+        problems.append(
+            "--group_by_length has nothing to do with --packing (packed rows hold no padding); drop one of them"
+        )
     return problems
 
 
@@ -379,8 +382,10 @@ def check_attention(f):
     import importlib.util
 
     if importlib.util.find_spec("flash_attn") is None:
-        raise UserError("--attn_implementation flash_attention_2 needs the flash-attn package "
-                        "(pip install flash-attn --no-build-isolation); or use sdpa")
+        raise UserError(
+            "--attn_implementation flash_attention_2 needs the flash-attn package "
+            "(pip install flash-attn --no-build-isolation); or use sdpa"
+        )
     if f.device != "cuda" and not f.dry_run:
         raise UserError("--attn_implementation flash_attention_2 runs on CUDA GPUs only; use sdpa here")
 
@@ -406,11 +411,19 @@ def plan_run(f, model):
     # on a machine without GPUs the plan is for GPUs computing in bf16
     compute = f.precision if f.device == "cuda" else "bf16"
     memory = sizing.estimate(
-        f.model_config, counts, finetuning=f.finetuning, quantization=f.quantization,
-        compute_bytes=2 if compute in ("bf16", "fp16") else 4, double_quant=f.double_quant,
-        micro_batch_size=f.micro_batch_size, cutoff_len=f.pack_budget,
-        gradient_checkpointing=f.checkpoint_fraction, strategy=f.strategy, world_size=f.world_size,
-        gpus_per_process=max(gpus, 1))
+        f.model_config,
+        counts,
+        finetuning=f.finetuning,
+        quantization=f.quantization,
+        compute_bytes=2 if compute in ("bf16", "fp16") else 4,
+        double_quant=f.double_quant,
+        micro_batch_size=f.micro_batch_size,
+        cutoff_len=f.pack_budget,
+        gradient_checkpointing=f.checkpoint_fraction,
+        strategy=f.strategy,
+        world_size=f.world_size,
+        gpus_per_process=max(gpus, 1),
+    )
     available = f.gpu_memory_gb
     if available is None and gpus:
         available = round(torch.cuda.get_device_properties(0).total_memory / sizing.GIB, 1)
@@ -446,8 +459,10 @@ def resolve_report_to(f):
         wanted = ["wandb"] if f.wandb_project else ["none"]
     wandb_flags = [n for n in ("wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model") if f[n]]
     if wandb_flags and "wandb" not in wanted:
-        raise UserError(f"--{wandb_flags[0]} is set but --report_to {f.report_to} does not include wandb; "
-                        "add wandb to --report_to or drop the wandb flags")
+        raise UserError(
+            f"--{wandb_flags[0]} is set but --report_to {f.report_to} does not include wandb; "
+            "add wandb to --report_to or drop the wandb flags"
+        )
     if "none" in wanted and len(wanted) > 1:
         raise UserError(f"--report_to {f.report_to}: 'none' cannot be combined with other reporters")
     for reporter, module in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
@@ -455,8 +470,10 @@ def resolve_report_to(f):
             try:
                 __import__(module)
             except ImportError:
-                raise UserError(f"--report_to {reporter}: the {module} package is not installed; "
-                                f"pip install {module}, or use --report_to none") from None
+                raise UserError(
+                    f"--report_to {reporter}: the {module} package is not installed; "
+                    f"pip install {module}, or use --report_to none"
+                ) from None
     return wanted
 
 
@@ -473,8 +490,10 @@ def check_deepspeed(path, quantization, dry_run=False):
     stage = (config.get("zero_optimization") or {}).get("stage")
     if stage == 3 and quantization != "none":
         # the model is loaded (and quantized) whole on every rank before the Trainer starts DeepSpeed
-        raise UserError(f"--deepspeed {path}: ZeRO-3 cannot shard a {quantization} base loaded by this script; "
-                        "use ZeRO-2 (the Dolphin-ORCA-Platypus setup) or --quantization none")
+        raise UserError(
+            f"--deepspeed {path}: ZeRO-3 cannot shard a {quantization} base loaded by this script; "
+            "use ZeRO-2 (the Dolphin-ORCA-Platypus setup) or --quantization none"
+        )
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -492,20 +511,43 @@ def check_output_dir(output_dir, overwrite, resume):
     if resuming_here or overwrite or not path.is_dir():
         return
     if (path / RUN_CONFIG).exists():
-        raise UserError(f"--output_dir {output_dir} already holds a finished run; choose another folder or pass "
-                        "--overwrite (to train that adapter further: --resume_from_checkpoint "
-                        f"{output_dir} with a new --output_dir)")
+        raise UserError(
+            f"--output_dir {output_dir} already holds a finished run; choose another folder or pass "
+            "--overwrite (to train that adapter further: --resume_from_checkpoint "
+            f"{output_dir} with a new --output_dir)"
+        )
     ours = [name for name in OWN_OUTPUTS if (path / name).exists()] + [p.name for p in path.glob("checkpoint-*")]
     if ours:
-        raise UserError(f"--output_dir {output_dir} holds an unfinished run ({', '.join(sorted(ours)[:3])}); "
-                        "continue it with --resume_from_checkpoint auto, choose another folder, or pass --overwrite")
+        raise UserError(
+            f"--output_dir {output_dir} holds an unfinished run ({', '.join(sorted(ours)[:3])}); "
+            "continue it with --resume_from_checkpoint auto, choose another folder, or pass --overwrite"
+        )
 
 
 # what decides which example lands in which step, and what each step computes
-RESUME_MUST_MATCH = ("base_model", "batch_size", "micro_batch_size", "cutoff_len", "val_set_size", "seed",
-                     "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "train_on_inputs",
-                     "add_eos_token", "group_by_length", "prompt_template_name", "quantization", "learning_rate",
-                     "lr_scheduler", "warmup_steps", "weight_decay", "packing", "micro_batch_tokens")
+RESUME_MUST_MATCH = (
+    "base_model",
+    "batch_size",
+    "micro_batch_size",
+    "cutoff_len",
+    "val_set_size",
+    "seed",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "train_on_inputs",
+    "add_eos_token",
+    "group_by_length",
+    "prompt_template_name",
+    "quantization",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "weight_decay",
+    "packing",
+    "micro_batch_tokens",
+)
 
 
 def note_changed_settings(f):
@@ -513,13 +555,18 @@ def note_changed_settings(f):
     saved = read_run_config(f.resume[1])
     if not saved:
         return
-    changed = [f"{name} {saved['flags'][name]!r} -> {f[name]!r}" for name in RESUME_MUST_MATCH
-               if name in saved.get("flags", {}) and saved["flags"][name] != f[name]]
+    changed = [
+        f"{name} {saved['flags'][name]!r} -> {f[name]!r}"
+        for name in RESUME_MUST_MATCH
+        if name in saved.get("flags", {}) and saved["flags"][name] != f[name]
+    ]
     if saved.get("data", {}).get("fingerprint", f.data_fingerprint) != f.data_fingerprint:
         changed.append("the data rows (another fingerprint)")
     if changed:
-        say(f"Note: resuming from {Path(f.resume[1]).name} with settings that differ from its run: "
-            f"{'; '.join(changed)}. The run continues, but not as the interrupted one would have")
+        say(
+            f"Note: resuming from {Path(f.resume[1]).name} with settings that differ from its run: "
+            f"{'; '.join(changed)}. The run continues, but not as the interrupted one would have"
+        )
 
 
 def check_writable(output_dir):
@@ -532,8 +579,9 @@ def check_writable(output_dir):
         probe.write_bytes(b"\0" * 65536)
         probe.unlink()
     except OSError as err:
-        raise UserError(f"--output_dir {output_dir} cannot be written ({err.strerror or err}); "
-                        "choose a folder you can write to") from None
+        raise UserError(
+            f"--output_dir {output_dir} cannot be written ({err.strerror or err}); choose a folder you can write to"
+        ) from None
     finally:
         for folder in created:
             if folder.is_dir():
@@ -546,47 +594,69 @@ def load_tokenizer_and_prompter(setup):
 
 
 def build_datasets(setup, tokenizer, prompter):
-    example_tokenizer = ExampleTokenizer(tokenizer, prompter, setup.cutoff_len, setup.train_on_inputs,
-                                         setup.add_eos_token)
+    example_tokenizer = ExampleTokenizer(
+        tokenizer, prompter, setup.cutoff_len, setup.train_on_inputs, setup.add_eos_token
+    )
     split = {"seed": setup.seed, "val_set_size": setup.val_set_size}
-    splits, (where, folder) = tokenized_splits({"train": setup.train_rows, "val": setup.val_rows}, example_tokenizer,
-                                               setup.data_fingerprint, split, use_cache=setup.cache_tokens)
+    splits, (where, folder) = tokenized_splits(
+        {"train": setup.train_rows, "val": setup.val_rows},
+        example_tokenizer,
+        setup.data_fingerprint,
+        split,
+        use_cache=setup.cache_tokens,
+    )
     (train_set, train_stats), (val_set, val_stats) = splits["train"], splits["val"]
     if folder is not None:
         say(f"Tokenized data: {'loaded from the cache' if where == 'cache' else 'tokenized and cached'} in {folder}")
     elif not setup.cache_tokens:
         say("Tokenized data: tokenized in memory, not cached (--cache_tokens false)")
     if train_set is None or len(train_set) == 0:
-        raise UserError(f"{setup.data_path}: no training example keeps any response token within --cutoff_len "
-                        f"{setup.cutoff_len}; raise --cutoff_len or shorten the prompts")
+        raise UserError(
+            f"{setup.data_path}: no training example keeps any response token within --cutoff_len "
+            f"{setup.cutoff_len}; raise --cutoff_len or shorten the prompts"
+        )
     if val_set is not None and len(val_set) == 0:
-        raise UserError(f"--val_set_size {setup.val_set_size}: every held-out example was cut away by "
-                        f"--cutoff_len {setup.cutoff_len}; raise --cutoff_len")
+        raise UserError(
+            f"--val_set_size {setup.val_set_size}: every held-out example was cut away by "
+            f"--cutoff_len {setup.cutoff_len}; raise --cutoff_len"
+        )
     stats = {"path": setup.data_path, "fingerprint": setup.data_fingerprint, "train": train_stats, "val": val_stats}
     dropped = train_stats["dropped_cut_away"] + val_stats["dropped_cut_away"]
-    say(f"Data: {len(setup.rows)} rows from {setup.data_path}; {len(train_set)} train, "
+    say(
+        f"Data: {len(setup.rows)} rows from {setup.data_path}; {len(train_set)} train, "
         f"{0 if val_set is None else len(val_set)} held out; {train_stats['truncated'] + val_stats['truncated']} "
         f"cut at cutoff_len {setup.cutoff_len}; {dropped} dropped (response cut away entirely); "
-        f"{train_stats['label_tokens']:,} response tokens (labels) per epoch")
+        f"{train_stats['label_tokens']:,} response tokens (labels) per epoch"
+    )
     if setup.packing:
         train_set, stats["train_packing"] = pack_dataset(train_set, setup.pack_budget)
         val_set, stats["val_packing"] = pack_dataset(val_set, setup.pack_budget)
         packing = stats["train_packing"]
-        say(f"Packing: {packing['examples']} training examples in {packing['packed_rows']} rows of up to "
+        say(
+            f"Packing: {packing['examples']} training examples in {packing['packed_rows']} rows of up to "
             f"{setup.pack_budget} tokens ({100 * packing['fill']:.1f}% filled); batch_size {setup.batch_size} "
-            "and micro_batch_size count these rows")
+            "and micro_batch_size count these rows"
+        )
     steps = optimizer_steps(setup, len(train_set))
     done = checkpoint_step(setup.resume[1]) if setup.resume and setup.resume[0] == "checkpoint" else 0
     # a run whose last checkpoint holds every step but whose final save was cut short: export that checkpoint
-    setup["finished_checkpoint"] = bool(done and done >= steps and Path(setup.resume[1]).parent == Path(
-        setup.output_dir) and not (Path(setup.output_dir) / RUN_CONFIG).exists())
+    setup["finished_checkpoint"] = bool(
+        done
+        and done >= steps
+        and Path(setup.resume[1]).parent == Path(setup.output_dir)
+        and not (Path(setup.output_dir) / RUN_CONFIG).exists()
+    )
     if done and done >= steps and not setup.finished_checkpoint:
-        raise UserError(f"--resume_from_checkpoint {setup.resume[1]}: that checkpoint already finished the run "
-                        f"({done} of {steps} steps); nothing to train. Raise --num_epochs "
-                        "or --max_steps to go further")
+        raise UserError(
+            f"--resume_from_checkpoint {setup.resume[1]}: that checkpoint already finished the run "
+            f"({done} of {steps} steps); nothing to train. Raise --num_epochs "
+            "or --max_steps to go further"
+        )
     if setup.warmup_steps >= steps:
-        say(f"Note: --warmup_steps {setup.warmup_steps} covers the whole run ({steps} optimizer steps): the learning "
-            f"rate never reaches --learning_rate {setup.learning_rate}")
+        say(
+            f"Note: --warmup_steps {setup.warmup_steps} covers the whole run ({steps} optimizer steps): the learning "
+            f"rate never reaches --learning_rate {setup.learning_rate}"
+        )
     return train_set, val_set, stats
 
 
@@ -605,16 +675,23 @@ def load_model_with_lora(setup):
 
     fsdp = setup.strategy == "fsdp"
     full = setup.finetuning == "full"
-    say(f"Loading {setup.base_model} ({setup.quantization}, {setup.precision}) on {setup.device}"
-        + (", fp32 master weights for full fine-tuning" if full else ""))
+    say(
+        f"Loading {setup.base_model} ({setup.quantization}, {setup.precision}) on {setup.device}"
+        + (", fp32 master weights for full fine-tuning" if full else "")
+    )
     model = load_model(
-        setup.base_model_path, setup.quantization, setup.precision, setup.double_quant, setup.trust_remote_code,
+        setup.base_model_path,
+        setup.quantization,
+        setup.precision,
+        setup.double_quant,
+        setup.trust_remote_code,
         # FSDP and ZeRO-3 place (and shard) the weights themselves
         placement=SHARDED if setup.strategy in ("fsdp", "zero3") else None,
         load_precision="fp32" if full else None,
         # FSDP shards float tensors only: pack the 4-bit codes in the compute dtype
         quant_storage=setup.precision if fsdp and setup.quantization == "4bit" else None,
-        attn_implementation=None if setup.attn_implementation == "auto" else setup.attn_implementation)
+        attn_implementation=None if setup.attn_implementation == "auto" else setup.attn_implementation,
+    )
     checkpointed, layers = checkpoint_layers(model, setup.checkpoint_fraction)
     if checkpointed and cli.is_main_process():
         say(f"Activation checkpointing on {checkpointed} of {layers} decoder layers")
@@ -628,15 +705,23 @@ def load_model_with_lora(setup):
         # Not under FSDP: a wrapped layer's tensors must share one dtype.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(setup.seed)
-    lora = LoraConfig(r=setup.lora_r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout,
-                      target_modules=setup.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=setup.lora_r,
+        lora_alpha=setup.lora_alpha,
+        lora_dropout=setup.lora_dropout,
+        target_modules=setup.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     if setup.resume and setup.resume[0] == "adapter":
         load_adapter_weights(model, setup.resume[1])
     if cli.is_main_process():
         trainable, total = model.get_nb_trainable_parameters()
-        say(f"LoRA r={setup.lora_r} alpha={setup.lora_alpha} on {', '.join(setup.lora_target_modules)}: "
-            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        say(
+            f"LoRA r={setup.lora_r} alpha={setup.lora_alpha} on {', '.join(setup.lora_target_modules)}: "
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        )
     return model, layout
 
 
@@ -648,18 +733,22 @@ def load_adapter_weights(model, folder):
     result = set_peft_model_state_dict(model, weights)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
-        raise UserError(f"--resume_from_checkpoint {folder}: the adapter does not fit this model and LoRA settings "
-                        f"({len(missing)} LoRA weights missing, e.g. {missing[0]}); check --base_model and "
-                        "--lora_target_modules")
-    say(f"Loaded adapter weights from {folder}. The optimizer state and learning-rate schedule restart from step 0 "
-        "(an adapter folder holds no optimizer state; resume from a checkpoint-N folder to continue them).")
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: the adapter does not fit this model and LoRA settings "
+            f"({len(missing)} LoRA weights missing, e.g. {missing[0]}); check --base_model and "
+            "--lora_target_modules"
+        )
+    say(
+        f"Loaded adapter weights from {folder}. The optimizer state and learning-rate schedule restart from step 0 "
+        "(an adapter folder holds no optimizer state; resume from a checkpoint-N folder to continue them)."
+    )
 
 
 def build_trainer(setup, model, tokenizer, train_set, val_set, run_config):
     import transformers
     from transformers.trainer_callback import ProgressCallback
 
-    from platy.training import Trainer
+    from platy.train.trainer import Trainer
 
     if setup.wandb_project:
         os.environ["WANDB_PROJECT"] = setup.wandb_project
@@ -711,11 +800,20 @@ def build_trainer(setup, model, tokenizer, train_set, val_set, run_config):
     if setup.packing:
         collator = PackedCollator()
     else:
-        collator = transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt",
-                                                       padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, data_collator=collator,
-                      processing_class=tokenizer, run_config=run_config, checkpoint_limit=setup.save_total_limit,
-                      skip_nonfinite_steps=setup.skip_nonfinite_steps)
+        collator = transformers.DataCollatorForSeq2Seq(
+            tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True, label_pad_token_id=-100
+        )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        run_config=run_config,
+        checkpoint_limit=setup.save_total_limit,
+        skip_nonfinite_steps=setup.skip_nonfinite_steps,
+    )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(loss_progress_callback())
     return trainer
@@ -741,8 +839,9 @@ def describe_run(setup):
         "data": {},
         "versions": library_versions(),
     }
-    say_configuration("Run configuration", {**flags, **{k: v for k, v in config["resolved"].items()
-                                                        if k not in ("template", "plan")}})
+    say_configuration(
+        "Run configuration", {**flags, **{k: v for k, v in config["resolved"].items() if k not in ("template", "plan")}}
+    )
     say(describe_plan(setup))
     return config
 
@@ -750,9 +849,12 @@ def describe_run(setup):
 def describe_plan(setup):
     plan, memory = setup.plan, setup.plan["gpu_memory_gib"]
     config = setup.model_config
-    what = (f"full fine-tuning, {plan['trainable_parameters']:,} trainable" if setup.finetuning == "full" else
-            f"LoRA r={setup.lora_r} on {', '.join(setup.lora_target_modules)}: "
-            f"{plan['trainable_parameters']:,} trainable ({100 * plan['trainable_parameters'] / plan['parameters']:.2f}%)")
+    what = (
+        f"full fine-tuning, {plan['trainable_parameters']:,} trainable"
+        if setup.finetuning == "full"
+        else f"LoRA r={setup.lora_r} on {', '.join(setup.lora_target_modules)}: "
+        f"{plan['trainable_parameters']:,} trainable ({100 * plan['trainable_parameters'] / plan['parameters']:.2f}%)"
+    )
     lines = [
         f"Plan ({'dry run, ' if setup.dry_run else ''}estimates; no weights loaded yet):",
         f"  model: {setup.base_model} ({config.model_type}, shape from {plan['shape_source']}): "
@@ -764,12 +866,17 @@ def describe_plan(setup):
         f"  batch: global {plan['global_batch']} = micro batch {plan['micro_batch_size']} x gradient accumulation "
         f"{plan['gradient_accumulation_steps']} x {plan['processes']} process(es)",
         f"  tokens per optimizer step: up to {plan['max_tokens_per_optimizer_step']:,} ({plan['global_batch']} "
-        + (f"packed rows x {setup.pack_budget} tokens)" if setup.packing else
-           f"sequences x cutoff_len {setup.cutoff_len}; shorter examples use fewer)"),
+        + (
+            f"packed rows x {setup.pack_budget} tokens)"
+            if setup.packing
+            else f"sequences x cutoff_len {setup.cutoff_len}; shorter examples use fewer)"
+        ),
     ]
     if "train_rows" in plan and setup.packing:
-        lines.append(f"  data: {plan['train_rows']:,} training rows, packed after tokenization: the optimizer steps "
-                     "are counted then")
+        lines.append(
+            f"  data: {plan['train_rows']:,} training rows, packed after tokenization: the optimizer steps "
+            "are counted then"
+        )
     elif "train_rows" in plan:
         lines.append(f"  data: {plan['train_rows']:,} training rows: {plan['optimizer_steps']:,} optimizer steps")
     else:
@@ -779,7 +886,8 @@ def describe_plan(setup):
         f" + trainable weights, gradients and AdamW states {memory['trainable_and_optimizer']:.1f} GiB"
         f" + activations {memory['activations']:.1f} GiB (micro batch {setup.micro_batch_size} x {setup.pack_budget}"
         f" tokens, checkpointing {describe_checkpointing(setup.checkpoint_fraction)}) + CUDA overhead"
-        f" {memory['cuda_overhead']:.1f} GiB = {memory['total']:.1f} GiB")
+        f" {memory['cuda_overhead']:.1f} GiB = {memory['total']:.1f} GiB"
+    )
     available = plan["gpu_memory_available_gib"]
     if available is None:
         lines.append("  fit: no GPU here; pass --gpu_memory_gb (e.g. 80) to check the estimate against a GPU")
@@ -794,7 +902,7 @@ def describe_checkpointing(fraction):
 
 
 def run_training(setup, trainer, run_config):
-    from platy.training import PreemptionCallback, StopRequest, lost_peer, peer_lost
+    from platy.train.trainer import PreemptionCallback, StopRequest, lost_peer, peer_lost
 
     out = Path(setup.output_dir)
     if cli.is_main_process():
@@ -843,19 +951,27 @@ def stop_preempted(setup, state):
     """Signalled: the checkpoint of this step is written; leave a marker and exit with PREEMPTED."""
     checkpoint = Path(setup.output_dir) / f"checkpoint-{state.global_step}"
     if cli.is_main_process():
-        record = {"global_step": state.global_step, "max_steps": state.max_steps, "checkpoint": str(checkpoint),
-                  "time": time.time()}
+        record = {
+            "global_step": state.global_step,
+            "max_steps": state.max_steps,
+            "checkpoint": str(checkpoint),
+            "time": time.time(),
+        }
         write_json(Path(setup.output_dir) / PREEMPTED, record)
         if os.environ.get("PLATY_PREEMPTED_FILE"):  # fine-tuning.sh turns torchrun's status back into PREEMPTED
             write_json(os.environ["PLATY_PREEMPTED_FILE"], record)
-    raise cli.Stopped(f"stopped at optimizer step {state.global_step} of {state.max_steps}; checkpoint saved in "
-                      f"{checkpoint}. Run the same command with --resume_from_checkpoint auto to finish",
-                      cli.PREEMPTED, label="preempted", every_rank=True)
+    raise cli.Stopped(
+        f"stopped at optimizer step {state.global_step} of {state.max_steps}; checkpoint saved in "
+        f"{checkpoint}. Run the same command with --resume_from_checkpoint auto to finish",
+        cli.PREEMPTED,
+        label="preempted",
+        every_rank=True,
+    )
 
 
 def save(setup, trainer, run_config, result):
     """Adapter (safetensors) and tokenizer via the Trainer; then config, history, curves (rank 0)."""
-    from platy.training import write_failed
+    from platy.train.trainer import write_failed
 
     out = Path(setup.output_dir)
     try:
@@ -893,8 +1009,10 @@ def export_finished_checkpoint(setup, tokenizer, run_config):
     checkpoint = Path(setup.resume[1])
     out = Path(setup.output_dir)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    say(f"{checkpoint.name} already holds all {state['global_step']} steps of this run; its final save was "
-        "interrupted, so its adapter becomes the final one")
+    say(
+        f"{checkpoint.name} already holds all {state['global_step']} steps of this run; its final save was "
+        "interrupted, so its adapter becomes the final one"
+    )
     remove_leftovers(out)
     staged = out / STAGING / "final"
     staged.mkdir(parents=True)
@@ -904,11 +1022,16 @@ def export_finished_checkpoint(setup, tokenizer, run_config):
     tokenizer.save_pretrained(staged)
     history = state.get("log_history", [])
     losses = [r["loss"] for r in history if "loss" in r]
-    result = {"global_step": state["global_step"], "trained_tokens": int(state.get("num_input_tokens_seen", 0)),
-              "train_seconds": None, "tokens_per_second": None,
-              "train_loss": sum(losses) / len(losses) if losses else None,
-              "last_logged_loss": losses[-1] if losses else None, "eval_loss": None,
-              "exported_from": str(checkpoint)}
+    result = {
+        "global_step": state["global_step"],
+        "trained_tokens": int(state.get("num_input_tokens_seen", 0)),
+        "train_seconds": None,
+        "tokens_per_second": None,
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "eval_loss": None,
+        "exported_from": str(checkpoint),
+    }
     publish_final(staged, out)
     write_results(out, history, run_config, result)
     report_done(setup, out, result)
@@ -923,9 +1046,11 @@ def report_done(setup, out, result):
     if result["train_seconds"] is None:
         say(f"\nDone: {result['global_step']} optimizer steps (exported from {result['exported_from']}); {losses}")
     else:
-        say(f"\nDone: {result['global_step']} optimizer steps, {result['trained_tokens']:,} tokens processed "
+        say(
+            f"\nDone: {result['global_step']} optimizer steps, {result['trained_tokens']:,} tokens processed "
             f"(non-padding) in {result['train_seconds']:.1f} s = {result['tokens_per_second']:,.0f} tokens/s; "
-            f"{losses}")
+            f"{losses}"
+        )
     weights = "model.safetensors" if setup.finetuning == "full" else "adapter_model.safetensors"
     say(f"{'Model' if setup.finetuning == 'full' else 'Adapter'}: {out / weights}")
     say(f"Run configuration: {out / RUN_CONFIG}; curves: {out / CURVES}; log: {out / LOG_HISTORY}")

@@ -83,18 +83,21 @@ def main(
 
 
 def validate(flags):
-    from platy.data import FILE_FORMATS, read_prompts
+    from platy.data.rows import FILE_FORMATS, read_prompts
     from platy.merging import Adapter, loading_quantization
     from platy.prompts import Prompter
 
     flags = cli.coerce_bools(main, flags)
     if flags["input"] and not flags["prompt"]:
         raise UserError("--input goes with --prompt; a prompts file carries inputs in its 'input' column")
-    sources = [name for name in ("prompt", "prompts_file", "csv_path", "interactive")
-               if flags[name] not in (None, False, "")]
+    sources = [
+        name for name in ("prompt", "prompts_file", "csv_path", "interactive") if flags[name] not in (None, False, "")
+    ]
     if len(sources) != 1:
-        raise UserError("give exactly one of --prompt, --prompts_file (or --csv_path) and --interactive"
-                        + (f"; got {', '.join('--' + s for s in sources)}" if sources else ""))
+        raise UserError(
+            "give exactly one of --prompt, --prompts_file (or --csv_path) and --interactive"
+            + (f"; got {', '.join('--' + s for s in sources)}" if sources else "")
+        )
     if flags["load_8bit"] and flags["load_4bit"]:
         raise UserError("--load_8bit and --load_4bit exclude each other; pick one")
     for name in ("max_new_tokens", "batch_size", "num_beams"):
@@ -121,40 +124,66 @@ def validate(flags):
     recorded = (adapter.run_config if adapter else None) or {}
     base = flags["base_model"] or (adapter.base_model() if adapter else None)
     if not base:
-        raise UserError("--base_model is required (a model folder or hub id; with --lora_weights, the adapter's "
-                        "run_config.json can name it)")
+        raise UserError(
+            "--base_model is required (a model folder or hub id; with --lora_weights, the adapter's "
+            "run_config.json can name it)"
+        )
     if not adapter:  # a merged model folder carries the run configuration of its adapter
-        from platy.reporting import read_run_config
+        from platy.files import read_run_config
 
         folder = Path(base).expanduser()
         recorded = (read_run_config(folder) if folder.is_dir() else None) or {}
     template = flags["prompt_template"] or recorded.get("resolved", {}).get("template", {}).get("name") or "alpaca"
     quantization, as_trained = loading_quantization(adapter, flags["load_4bit"], flags["load_8bit"])
-    return {**flags, "base": base, "adapter": adapter, "prompter": Prompter(template, "--prompt_template"),
-            "rows": rows, "kind": kind, "out_path": out_path, "quantization": quantization,
-            "as_trained": as_trained}
+    return {
+        **flags,
+        "base": base,
+        "adapter": adapter,
+        "prompter": Prompter(template, "--prompt_template"),
+        "rows": rows,
+        "kind": kind,
+        "out_path": out_path,
+        "quantization": quantization,
+        "as_trained": as_trained,
+    }
 
 
 def load_for_generation(setup):
     import torch
 
-    from platy.data import prepare_tokenizer
+    from platy.data.examples import prepare_tokenizer
     from platy.modeling import generation_device, load_model_with_adapter, load_tokenizer, resolve_base_model
 
     device, precision = generation_device()
     quantization = setup["quantization"]
     path = resolve_base_model(setup["base"])
-    say(f"Loading {setup['base']}" + (f" ({quantization}, as trained)" if setup["as_trained"] and quantization != "none"
-                                      else f" ({quantization})" if quantization != "none" else "")
-        + (f" + adapter {setup['adapter'].folder}" if setup["adapter"] else "") + f" on {device} ({precision})",
-        err=True)
+    say(
+        f"Loading {setup['base']}"
+        + (
+            f" ({quantization}, as trained)"
+            if setup["as_trained"] and quantization != "none"
+            else f" ({quantization})"
+            if quantization != "none"
+            else ""
+        )
+        + (f" + adapter {setup['adapter'].folder}" if setup["adapter"] else "")
+        + f" on {device} ({precision})",
+        err=True,
+    )
     tokenizer_source = setup["adapter"].folder if setup["adapter"] else path
     tokenizer = prepare_tokenizer(load_tokenizer(str(tokenizer_source), setup["trust_remote_code"]))
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     # CUDA: "auto" spreads a model too big for one GPU over all of them
     placement = "auto" if device == "cuda" else {"": device}
-    model = load_model_with_adapter(path, quantization, precision, setup["adapter"] and setup["adapter"].folder,
-                                    "--lora_weights", trust_remote_code=setup["trust_remote_code"], placement=placement)
+    model = load_model_with_adapter(
+        path,
+        quantization,
+        precision,
+        setup["adapter"] and setup["adapter"].folder,
+        "--lora_weights",
+        trust_remote_code=setup["trust_remote_code"],
+        placement=placement,
+    )
     model.eval()
     torch.manual_seed(setup["seed"])
     return model, tokenizer, setup["prompter"]
@@ -164,14 +193,19 @@ class Generator:
     """Batched generation with left padding; answers cut at the template's response marker."""
 
     def __init__(self, model, tokenizer, prompter, setup):
-        from platy.data import adds_bos
+        from platy.data.examples import adds_bos
 
         self.model, self.tokenizer, self.prompter = model, tokenizer, prompter
         self.bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         sampling = setup["temperature"] > 0
-        self.kwargs = dict(max_new_tokens=setup["max_new_tokens"], do_sample=sampling, num_beams=setup["num_beams"],
-                           repetition_penalty=setup["repetition_penalty"], eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
+        self.kwargs = dict(
+            max_new_tokens=setup["max_new_tokens"],
+            do_sample=sampling,
+            num_beams=setup["num_beams"],
+            repetition_penalty=setup["repetition_penalty"],
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         if sampling:
             self.kwargs.update(temperature=setup["temperature"], top_p=setup["top_p"])
         else:  # greedy: say so, so a model's generation_config cannot turn sampling on
@@ -181,7 +215,7 @@ class Generator:
         """The same ids training used for the prompt: [BOS] + prompt, left-padded."""
         import torch
 
-        from platy.data import with_bos
+        from platy.data.examples import with_bos
 
         texts = [self.prompter.generate_prompt(r["instruction"], r.get("input") or "") for r in rows]
         ids = [with_bos(x, self.bos) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -199,19 +233,19 @@ class Generator:
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **self.kwargs)
         # the answer is what follows the prompt (which ends with the template's response_split);
         # decoding only the new tokens keeps an instruction that quotes the marker out of the answer
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
 
 
 def answer_file(generator, setup):
     from tqdm import tqdm
 
-    from platy.data import FILE_FORMATS, write_rows
+    from platy.data.rows import FILE_FORMATS, write_rows
 
     rows, size = setup["rows"], setup["batch_size"]
     results = []
     with tqdm(total=len(rows), desc="Generating", unit=" prompts", dynamic_ncols=True) as bar:
         for start in range(0, len(rows), size):
-            batch = rows[start: start + size]
+            batch = rows[start : start + size]
             for row, response in zip(batch, generator.generate(batch)):
                 results.append({**row, "response": response})
             bar.update(len(batch))

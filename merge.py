@@ -24,17 +24,8 @@ from pathlib import Path
 
 from platy import cli
 from platy.cli import UserError, say
-from platy.merging import (
-    DTYPES,
-    METHODS,
-    Adapter,
-    merge_stream,
-    output_config,
-    parse_size,
-    resolve_local_base,
-    swap_into_place,
-)
-from platy.reporting import write_json
+from platy.files import swap_into_place, write_json
+from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base
 
 
 def merge(
@@ -73,8 +64,9 @@ def merge(
     setup = validate(dict(locals()))
     adapter = setup["adapter"]
     setup["output_dir"].parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{setup['output_dir'].name}.partial-{os.getpid()}-",
-                                dir=setup["output_dir"].parent))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{setup['output_dir'].name}.partial-{os.getpid()}-", dir=setup["output_dir"].parent)
+    )
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes a private folder; the model is for everyone who may read here
@@ -85,17 +77,25 @@ def merge(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"Merged model ({setup['method']} merge, {setup['dtype']}): {setup['output_dir']} "
-        f"({len(stats['shards'])} shard(s), {stats['bytes'] / 1e9:.3f} GB, {stats['merged_modules']} modules merged)")
+    say(
+        f"Merged model ({setup['method']} merge, {setup['dtype']}): {setup['output_dir']} "
+        f"({len(stats['shards'])} shard(s), {stats['bytes'] / 1e9:.3f} GB, {stats['merged_modules']} modules merged)"
+    )
     if verify:
         report = verify_merge(setup, adapter)
-        say(f"Verify: largest |logit difference| {report['max_abs_diff']:.2e} over {report['positions']} positions "
-            f"of {report['prompts']} prompts; greedy next-token agreement {100 * report['agreement']:.1f}%")
+        say(
+            f"Verify: largest |logit difference| {report['max_abs_diff']:.2e} over {report['positions']} positions "
+            f"of {report['prompts']} prompts; greedy next-token agreement {100 * report['agreement']:.1f}%"
+        )
         # rounding of the exported dtype alone stays well below these
         tolerance = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.5}[setup["dtype"]]
         if report["agreement"] < 0.99 or report["max_abs_diff"] > tolerance:
-            hint = (" (expected with --method peft for an adapter trained on a quantized base: --method dequant "
-                    "reproduces it)" if setup["method"] == "peft" and setup["layout"] else "")
+            hint = (
+                " (expected with --method peft for an adapter trained on a quantized base: --method dequant "
+                "reproduces it)"
+                if setup["method"] == "peft" and setup["layout"]
+                else ""
+            )
             say(f"Warning: the merged model does not reproduce base + adapter exactly{hint}")
 
 
@@ -148,8 +148,9 @@ def validate(flags):
     adapter = Adapter(Path(peft_path).expanduser())
     adapter_dir = adapter.folder.resolve()
     if out == adapter_dir or out in adapter_dir.parents or adapter_dir in out.parents:
-        raise UserError(f"--output_dir {out} would replace or nest in the adapter folder {adapter_dir}; "
-                        "choose a folder outside it")
+        raise UserError(
+            f"--output_dir {out} would replace or nest in the adapter folder {adapter_dir}; choose a folder outside it"
+        )
     recorded_base = adapter.base_model()
     base = pick(flags["base_model_name_or_path"], flags["base_model"], "base_model_name_or_path", "base_model")
     if not base:
@@ -163,8 +164,10 @@ def validate(flags):
     if method == "auto":
         method = "dequant" if layout else "peft"
     if method == "dequant" and not layout:
-        raise UserError("--method dequant: the adapter's run_config.json records no quantized base (trained without "
-                        "quantization, or not by finetune.py); use --method peft")
+        raise UserError(
+            "--method dequant: the adapter's run_config.json records no quantized base (trained without "
+            "quantization, or not by finetune.py); use --method peft"
+        )
     import torch
 
     device = flags["device"]
@@ -180,9 +183,19 @@ def validate(flags):
 
         max_bytes = max(p.stat().st_size for p in base_checkpoint(base_path))
 
-    return {**flags, "base": base, "base_path": base_path, "adapter": adapter, "layout": layout,
-            "method": method, "dtype": DTYPES[str(flags["dtype"])], "max_bytes": max_bytes, "output_dir": out,
-            "device": device, "peft_model_path": str(adapter.folder)}
+    return {
+        **flags,
+        "base": base,
+        "base_path": base_path,
+        "adapter": adapter,
+        "layout": layout,
+        "method": method,
+        "dtype": DTYPES[str(flags["dtype"])],
+        "max_bytes": max_bytes,
+        "output_dir": out,
+        "device": device,
+        "peft_model_path": str(adapter.folder),
+    }
 
 
 def same_model(a, b):
@@ -199,8 +212,16 @@ def same_model(a, b):
 
 
 def write_weights(setup, adapter, folder):
-    return merge_stream(setup["base_path"], adapter, setup["method"], setup["layout"], setup["dtype"], folder,
-                        setup["max_bytes"], setup["device"])
+    return merge_stream(
+        setup["base_path"],
+        adapter,
+        setup["method"],
+        setup["layout"],
+        setup["dtype"],
+        folder,
+        setup["max_bytes"],
+        setup["device"],
+    )
 
 
 def write_companions(setup, adapter, folder, stats):
@@ -216,8 +237,12 @@ def write_companions(setup, adapter, folder, stats):
         if path.name.startswith(("tokenizer", "special_tokens_map")) or path.name in ("chat_template.jinja",):
             shutil.copy(path, folder / path.name)
     merge_info = {
-        "method": setup["method"], "dtype": setup["dtype"], "base_model": setup["base"],
-        "adapter": setup["peft_model_path"], "shards": stats["shards"], "merged_modules": stats["merged_modules"],
+        "method": setup["method"],
+        "dtype": setup["dtype"],
+        "base_model": setup["base"],
+        "adapter": setup["peft_model_path"],
+        "shards": stats["shards"],
+        "merged_modules": stats["merged_modules"],
         "quantization_layout": {k: v for k, v in (setup["layout"] or {}).items() if k != "modules"} or None,
         "command": " ".join(["python", "merge.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
@@ -230,7 +255,7 @@ def write_companions(setup, adapter, folder, stats):
 
 METHOD_TEXT = {
     "dequant": "the base was rebuilt exactly as it was quantized in training ({quant}), dequantized, and the LoRA "
-               "update added to those weights, the weights the adapter was trained against",
+    "update added to those weights, the weights the adapter was trained against",
     "peft": "the LoRA update was added to the original base weights",
 }
 
@@ -240,25 +265,41 @@ def model_card(setup, adapter, info):
     flags = run.get("flags", {})
     data = run.get("data", {})
     layout = setup["layout"] or {}
-    quant = (f"{layout.get('quantization')} {layout.get('quant_type', '')}".strip()
-             + (", double quantization" if layout.get("double_quant") else "")) if layout else "none"
-    rows = [("learning rate", flags.get("learning_rate")), ("batch size", flags.get("batch_size")),
-            ("micro batch size", flags.get("micro_batch_size")), ("warmup steps", flags.get("warmup_steps")),
-            ("epochs", flags.get("num_epochs")), ("max steps", flags.get("max_steps")),
-            ("weight decay", flags.get("weight_decay")), ("lr scheduler", flags.get("lr_scheduler")),
-            ("lora alpha", adapter.config.get("lora_alpha")), ("lora rank", adapter.config.get("r")),
-            ("lora dropout", adapter.config.get("lora_dropout")),
-            ("lora target modules", ", ".join(sorted(adapter.config.get("target_modules") or []))),
-            ("cutoff length", flags.get("cutoff_len")), ("train on inputs", flags.get("train_on_inputs")),
-            ("group by length", flags.get("group_by_length")), ("add eos token", flags.get("add_eos_token")),
-            ("prompt template", run.get("resolved", {}).get("template", {}).get("name")),
-            ("base quantization in training", quant), ("precision", run.get("resolved", {}).get("precision"))]
+    quant = (
+        (
+            f"{layout.get('quantization')} {layout.get('quant_type', '')}".strip()
+            + (", double quantization" if layout.get("double_quant") else "")
+        )
+        if layout
+        else "none"
+    )
+    rows = [
+        ("learning rate", flags.get("learning_rate")),
+        ("batch size", flags.get("batch_size")),
+        ("micro batch size", flags.get("micro_batch_size")),
+        ("warmup steps", flags.get("warmup_steps")),
+        ("epochs", flags.get("num_epochs")),
+        ("max steps", flags.get("max_steps")),
+        ("weight decay", flags.get("weight_decay")),
+        ("lr scheduler", flags.get("lr_scheduler")),
+        ("lora alpha", adapter.config.get("lora_alpha")),
+        ("lora rank", adapter.config.get("r")),
+        ("lora dropout", adapter.config.get("lora_dropout")),
+        ("lora target modules", ", ".join(sorted(adapter.config.get("target_modules") or []))),
+        ("cutoff length", flags.get("cutoff_len")),
+        ("train on inputs", flags.get("train_on_inputs")),
+        ("group by length", flags.get("group_by_length")),
+        ("add eos token", flags.get("add_eos_token")),
+        ("prompt template", run.get("resolved", {}).get("template", {}).get("name")),
+        ("base quantization in training", quant),
+        ("precision", run.get("resolved", {}).get("precision")),
+    ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows if value not in (None, ""))
     template = run.get("resolved", {}).get("template", {})
     result = run.get("result", {})
     name = setup["output_dir"].name
     base = setup["base"]
-    from platy.data import HUB_ID
+    from platy.data.rows import HUB_ID
 
     is_hub_id = HUB_ID.match(base) and "/" in base and not Path(base).exists()
     base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id else f"`{base}`"
@@ -267,15 +308,18 @@ def model_card(setup, adapter, info):
     if result.get("global_step"):
         training.append(f"{result['global_step']} optimizer steps")
     if train.get("kept"):
-        training.append(f"{train['kept']:,} training examples, {train.get('label_tokens', 0):,} response tokens "
-                        "(labels) per epoch")
+        training.append(
+            f"{train['kept']:,} training examples, {train.get('label_tokens', 0):,} response tokens (labels) per epoch"
+        )
     if not result:
         training.append(f"merged from an intermediate checkpoint ({setup['peft_model_path']})")
     prompts = ""
     if template:
-        prompts = (f"With an input:\n\n```\n{template.get('prompt_input', '')}\n```\n\n"
-                   f"Without one:\n\n```\n{template.get('prompt_no_input', '')}\n```\n\n"
-                   f"The answer follows `{template.get('response_split', '')}`.")
+        prompts = (
+            f"With an input:\n\n```\n{template.get('prompt_input', '')}\n```\n\n"
+            f"Without one:\n\n```\n{template.get('prompt_no_input', '')}\n```\n\n"
+            f"The answer follows `{template.get('response_split', '')}`."
+        )
     else:
         prompts = "Not recorded (the adapter has no run_config.json)."
     return f"""---
@@ -289,15 +333,15 @@ tags:
 # {name}
 
 **{name}** is {base_text} fine-tuned with LoRA on instruction data and merged into
-standalone {info['dtype']} weights.
+standalone {info["dtype"]} weights.
 
 ## Model details
 
 * **Base model:** {base_text}
-* **Training data:** {data.get('path', 'not recorded')} (fingerprint `{data.get('fingerprint', 'n/a')}`)
-* **Fine-tuning:** {'; '.join(training)}
-* **Merge method:** `{info['method']}`: {METHOD_TEXT[info['method']].format(quant=quant)}
-* **Weights:** {info['dtype']}, {len(info['shards'])} safetensors shard(s)
+* **Training data:** {data.get("path", "not recorded")} (fingerprint `{data.get("fingerprint", "n/a")}`)
+* **Fine-tuning:** {"; ".join(training)}
+* **Merge method:** `{info["method"]}`: {METHOD_TEXT[info["method"]].format(quant=quant)}
+* **Weights:** {info["dtype"]}, {len(info["shards"])} safetensors shard(s)
 
 ## Hyperparameters
 
@@ -305,17 +349,17 @@ standalone {info['dtype']} weights.
 | --- | --- |
 {table}
 
-## Prompt template ({template.get('name', 'unknown')})
+## Prompt template ({template.get("name", "unknown")})
 
 {prompts}
 
 ## How it was made
 
 ```bash
-{info['command']}
+{info["command"]}
 ```
 
-Merged on {info['date']}; `merge_config.json` and `run_config.json` in this folder record the
+Merged on {info["date"]}; `merge_config.json` and `run_config.json` in this folder record the
 merge and the full training configuration.
 
 ## Use
@@ -342,17 +386,34 @@ def verify_merge(setup, adapter, prompts=None):
     # the compute precision of training where this machine can run it (a GPU run's bf16 on a GPU)
     precision = recorded if recorded and torch.cuda.is_available() else resolve_precision("auto")
     placement = "auto" if torch.cuda.is_available() else {"": "cpu"}
-    reference = load_model_with_adapter(setup["base_path"], quantization, precision, adapter.folder,
-                                        "--peft_model_path", bool((setup["layout"] or {}).get("double_quant")),
-                                        setup["trust_remote_code"], placement)
-    merged = AutoModelForCausalLM.from_pretrained(str(setup["output_dir"]), dtype=getattr(torch, setup["dtype"]),
-                                                  device_map=placement, trust_remote_code=setup["trust_remote_code"])
+    reference = load_model_with_adapter(
+        setup["base_path"],
+        quantization,
+        precision,
+        adapter.folder,
+        "--peft_model_path",
+        bool((setup["layout"] or {}).get("double_quant")),
+        setup["trust_remote_code"],
+        placement,
+    )
+    merged = AutoModelForCausalLM.from_pretrained(
+        str(setup["output_dir"]),
+        dtype=getattr(torch, setup["dtype"]),
+        device_map=placement,
+        trust_remote_code=setup["trust_remote_code"],
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(setup["output_dir"]))
     template = run.get("resolved", {}).get("template", {}).get("name", "alpaca")
     prompter = Prompter(template if template else "alpaca")
-    prompts = prompts or [prompter.generate_prompt(q) for q in (
-        "What is the boiling point of water at sea level?", "Is 91 a prime number?",
-        "Explain Newton's second law in one sentence.", "다음 두 수의 합을 구하시오: 12, 30")]
+    prompts = prompts or [
+        prompter.generate_prompt(q)
+        for q in (
+            "What is the boiling point of water at sea level?",
+            "Is 91 a prime number?",
+            "Explain Newton's second law in one sentence.",
+            "다음 두 수의 합을 구하시오: 12, 30",
+        )
+    ]
     reference.eval()
     merged.eval()
     worst, agree, positions = 0.0, 0, 0

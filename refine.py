@@ -32,17 +32,18 @@ import numpy as np
 
 from platy import cli
 from platy.cli import UserError, say
-from platy.data import (
+from platy.data.examples import prepare_tokenizer
+from platy.data.rows import (
     FILE_FORMATS,
     normalise_rows,
     origin_name,
     parse_mix,
-    prepare_tokenizer,
     read_source,
     row_layout,
     take_share,
     write_rows,
 )
+from platy.files import write_json
 from platy.refining import (
     BUILTIN_EMBEDDING_MODEL,
     BUNDLED_NAMES,
@@ -56,11 +57,18 @@ from platy.refining import (
     row_text,
     token_lengths,
 )
-from platy.reporting import library_versions, say_configuration, write_json
+from platy.reporting import library_versions, say_configuration
 
 # per data_source counts: rows read, dropped by each stage, kept
-SOURCE_COLUMNS = {"read": "read", "normalise": "rejected", "mix": "not sampled", "exact_dedup": "exact dups",
-                  "near_dedup": "near dups", "decontaminate": "contaminated", "kept": "kept"}
+SOURCE_COLUMNS = {
+    "read": "read",
+    "normalise": "rejected",
+    "mix": "not sampled",
+    "exact_dedup": "exact dups",
+    "near_dedup": "near dups",
+    "decontaminate": "contaminated",
+    "kept": "kept",
+}
 CONVERTED_NAMES = {"conversation": "a conversation row", "openorca": "an OpenOrca row"}
 SHOWN_MATCHES = 10  # contaminated rows printed on the terminal; the report lists them all
 # similarities of identical texts can come out a hair under 1.0 in float32
@@ -145,22 +153,30 @@ def validate(flags):
     f = SimpleNamespace(**cli.coerce_bools(refine, flags))
     problems = []
     if bool(f.data_path) == bool(f.mix):
-        problems.append("give the data in --data_path or in --mix (a spec like 'a.json:1.0,b.jsonl:0.01'), "
-                        "not both" if f.data_path else "--data_path or --mix is required")
+        problems.append(
+            "give the data in --data_path or in --mix (a spec like 'a.json:1.0,b.jsonl:0.01'), not both"
+            if f.data_path
+            else "--data_path or --mix is required"
+        )
     output = Path(str(f.output_path)).expanduser()
     if not f.output_path:
         problems.append("--output_path is required (a .json, .jsonl, .csv or .parquet file)")
     elif output.suffix.lower() not in FILE_FORMATS:
-        problems.append(f"--output_path {f.output_path}: unsupported file type '{output.suffix}'; "
-                        "use .json, .jsonl, .csv or .parquet")
+        problems.append(
+            f"--output_path {f.output_path}: unsupported file type '{output.suffix}'; "
+            "use .json, .jsonl, .csv or .parquet"
+        )
     elif output.is_dir():
         problems.append(f"--output_path {f.output_path} is a folder; give a file name")
     for name in ("near_dedup_threshold", "decontaminate_threshold"):
         value = getattr(f, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
             problems.append(f"--{name} must be a number in [0, 1], got {value!r}")
-    if not isinstance(f.embedding_batch_size, int) or isinstance(f.embedding_batch_size, bool) \
-            or f.embedding_batch_size < 1:
+    if (
+        not isinstance(f.embedding_batch_size, int)
+        or isinstance(f.embedding_batch_size, bool)
+        or f.embedding_batch_size < 1
+    ):
         problems.append(f"--embedding_batch_size must be a positive integer, got {f.embedding_batch_size!r}")
     if not isinstance(f.seed, int) or isinstance(f.seed, bool):
         problems.append(f"--seed must be an integer, got {f.seed!r}")
@@ -208,8 +224,10 @@ def read_test_questions(test_files):
             first = rows[missing[0] - 1] if missing else None
             fields = ", ".join(sorted(first)) if isinstance(first, dict) else type(first).__name__
             where = f"row {missing[0]} (and {len(missing) - 1} more) has" if missing else "no rows; it has"
-            raise UserError(f"--test_files {name}: {where} no question ({fields}); a test row needs an "
-                            "instruction, question, prompt, problem, query or text field")
+            raise UserError(
+                f"--test_files {name}: {where} no question ({fields}); a test row needs an "
+                "instruction, question, prompt, problem, query or text field"
+            )
     return items
 
 
@@ -218,9 +236,9 @@ def resolve_cache_dir(cache_dir):
         return None
     if cache_dir:
         return Path(str(cache_dir)).expanduser()
-    from platy import tiny
+    from platy.files import cache_root
 
-    return tiny.cache_root() / "embeddings"
+    return cache_root() / "embeddings"
 
 
 def load_length_tokenizer(name, template):
@@ -236,15 +254,26 @@ def load_length_tokenizer(name, template):
 def describe_run(setup):
     """The resolved configuration, printed once; the report starts from it."""
     flags = {name: getattr(setup, name) for name in cli.parameter_names(refine)}
-    resolved = {"sources": setup.sources, "embedding_model_folder": setup.embedding_model_path,
-                "embedding_cache": str(setup.cache_root) if setup.cache_root else None,
-                "report_file": str(setup.report_file), "rejects_file": str(setup.rejects_file)}
+    resolved = {
+        "sources": setup.sources,
+        "embedding_model_folder": setup.embedding_model_path,
+        "embedding_cache": str(setup.cache_root) if setup.cache_root else None,
+        "report_file": str(setup.report_file),
+        "rejects_file": str(setup.rejects_file),
+    }
     say_configuration("Refine configuration", {**flags, **resolved})
-    return {"config": {"flags": flags, "resolved": resolved}, "inputs": [], "stages": [],
-            "data_sources": defaultdict(Counter), "warnings": [], "versions": library_versions()}
+    return {
+        "config": {"flags": flags, "resolved": resolved},
+        "inputs": [],
+        "stages": [],
+        "data_sources": defaultdict(Counter),
+        "warnings": [],
+        "versions": library_versions(),
+    }
 
 
 # ---- stages --------------------------------------------------------------------------
+
 
 def read_and_normalise(setup, report):
     """[(source, fraction, rows)]: every source's rows in Alpaca form, each knowing its place
@@ -264,10 +293,18 @@ def read_and_normalise(setup, report):
             row.setdefault("data_source", name)
         for number, reason, row in bad:
             origin = row.get("data_source") if isinstance(row, dict) else None
-            rejects.append({"file": source, "row": number, "reason": reason, "data_source": origin or name,
-                            "data": row})
-        report["inputs"].append({"source": source, "fraction": fraction, "fingerprint": fingerprint,
-                                 "rows_read": len(raw), "rejected": len(bad)})
+            rejects.append(
+                {"file": source, "row": number, "reason": reason, "data_source": origin or name, "data": row}
+            )
+        report["inputs"].append(
+            {
+                "source": source,
+                "fraction": fraction,
+                "fingerprint": fingerprint,
+                "rows_read": len(raw),
+                "rejected": len(bad),
+            }
+        )
         groups.append((source, fraction, clean))
     report["rejects"] = rejects
     rows = [row for _, _, clean in groups for row in clean]
@@ -275,23 +312,39 @@ def read_and_normalise(setup, report):
         report["data_sources"][row["data_source"]]["read"] += 1
     read = sum(item["rows_read"] for item in report["inputs"])
     converted = "converted and checked" if setup.normalise else "checked (--normalise False)"
-    record(report, "normalise", read, rows, rejects, time.time() - started,
-           note=f"{converted}; {len(rejects)} set aside in {setup.rejects_file.name}")
-    require_rows(rows, "normalise", "every row was set aside; see the reasons in the rejects file "
-                 "(nothing is written on error: rerun with fixed data)")
+    record(
+        report,
+        "normalise",
+        read,
+        rows,
+        rejects,
+        time.time() - started,
+        note=f"{converted}; {len(rejects)} set aside in {setup.rejects_file.name}",
+    )
+    require_rows(
+        rows,
+        "normalise",
+        "every row was set aside; see the reasons in the rejects file "
+        "(nothing is written on error: rerun with fixed data)",
+    )
     return groups
 
 
 def refuse_non_alpaca(raw, bad, source):
     """--normalise False: rows are used as they are, so each must already be a valid Alpaca row."""
     problems = [(number, reason) for number, reason, _ in bad]
-    problems += [(n, CONVERTED_NAMES[row_layout(row)]) for n, row in enumerate(raw, start=1)
-                 if row_layout(row) in CONVERTED_NAMES]
+    problems += [
+        (n, CONVERTED_NAMES[row_layout(row)])
+        for n, row in enumerate(raw, start=1)
+        if row_layout(row) in CONVERTED_NAMES
+    ]
     if problems:
         shown = "; ".join(f"row {n}: {what}" for n, what in sorted(problems)[:3])
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UserError(f"{source}: {shown}{more}. --normalise False takes Alpaca rows as they are; drop it "
-                        "to convert such rows or set them aside")
+        raise UserError(
+            f"{source}: {shown}{more}. --normalise False takes Alpaca rows as they are; drop it "
+            "to convert such rows or set them aside"
+        )
 
 
 def mix_sources(setup, groups, report):
@@ -318,8 +371,15 @@ def drop_exact_duplicates(setup, rows, report):
     started = time.time()
     kept, pairs = exact_duplicates(rows)
     report["exact_duplicates"] = [{"dropped": rows[i]["_at"], "kept": rows[j]["_at"]} for i, j in pairs]
-    record(report, "exact_dedup", len(rows), kept, [rows[i] for i, _ in pairs], time.time() - started,
-           note="kept the longest output of each instruction + input")
+    record(
+        report,
+        "exact_dedup",
+        len(rows),
+        kept,
+        [rows[i] for i, _ in pairs],
+        time.time() - started,
+        note="kept the longest output of each instruction + input",
+    )
     return [rows[i] for i in kept]
 
 
@@ -329,8 +389,9 @@ def embed_rows(setup, rows, report):
         return None
     started = time.time()
     texts = [row_text(row) for row in rows]
-    embeddings, counts = embed_texts(texts, setup.embedding_model_path, setup.cache_root,
-                                     setup.embedding_batch_size, setup.embedding_model)
+    embeddings, counts = embed_texts(
+        texts, setup.embedding_model_path, setup.cache_root, setup.embedding_batch_size, setup.embedding_model
+    )
     report["embedding"] = {"model": setup.embedding_model, "seconds": round(time.time() - started, 2), **counts}
     warn_about_language(setup, texts, report)
     return embeddings
@@ -343,17 +404,21 @@ def warn_about_language(setup, texts, report):
         return
     non_latin = sum(1 for text in texts if mostly_non_latin(text))
     if non_latin >= max(1, 0.1 * len(texts)):
-        message = (f"{non_latin} of {len(texts)} rows are mostly in a non-Latin script, which all-MiniLM-L6-v2 "
-                   "(an English model) tells apart poorly: different questions often score above 0.7. Check the "
-                   "dropped rows in the report, raise the thresholds, or give --embedding_model a multilingual "
-                   "sentence-transformers model folder")
+        message = (
+            f"{non_latin} of {len(texts)} rows are mostly in a non-Latin script, which all-MiniLM-L6-v2 "
+            "(an English model) tells apart poorly: different questions often score above 0.7. Check the "
+            "dropped rows in the report, raise the thresholds, or give --embedding_model a multilingual "
+            "sentence-transformers model folder"
+        )
         report["warnings"].append(message)
 
 
 def mostly_non_latin(text):
     letters = [ch for ch in text if ch.isalpha()]
-    return bool(letters) and sum(1 for ch in letters if not unicodedata.name(ch, "").startswith("LATIN")) > \
-        len(letters) / 2
+    return (
+        bool(letters)
+        and sum(1 for ch in letters if not unicodedata.name(ch, "").startswith("LATIN")) > len(letters) / 2
+    )
 
 
 def drop_near_duplicates(setup, rows, embeddings, report):
@@ -363,13 +428,26 @@ def drop_near_duplicates(setup, rows, embeddings, report):
     started = time.time()
     keep, matched, score = near_duplicates(embeddings, setup.near_dedup_threshold, progress="Near dedup")
     dropped = np.flatnonzero(~keep)
-    report["near_duplicates"] = [{"dropped": rows[i]["_at"], "instruction": rows[i]["instruction"][:200],
-                                  "kept": rows[matched[i]]["_at"], "kept_instruction":
-                                  rows[matched[i]]["instruction"][:200], "score": round(float(score[i]), 4)}
-                                 for i in dropped]
+    report["near_duplicates"] = [
+        {
+            "dropped": rows[i]["_at"],
+            "instruction": rows[i]["instruction"][:200],
+            "kept": rows[matched[i]]["_at"],
+            "kept_instruction": rows[matched[i]]["instruction"][:200],
+            "score": round(float(score[i]), 4),
+        }
+        for i in dropped
+    ]
     kept = [row for row, k in zip(rows, keep) if k]
-    record(report, "near_dedup", len(rows), kept, [rows[i] for i in dropped], time.time() - started,
-           note=f"similarity to a kept row above {setup.near_dedup_threshold}")
+    record(
+        report,
+        "near_dedup",
+        len(rows),
+        kept,
+        [rows[i] for i in dropped],
+        time.time() - started,
+        note=f"similarity to a kept row above {setup.near_dedup_threshold}",
+    )
     return require_rows(kept, "near_dedup", "raise --near_dedup_threshold"), embeddings[keep]
 
 
@@ -379,20 +457,40 @@ def drop_contaminated(setup, rows, embeddings, report):
         record(report, "decontaminate", len(rows), rows, [], 0, skipped=reason)
         return rows
     started = time.time()
-    tests, counts = embed_texts([item["text"] for item in setup.test_items], setup.embedding_model_path,
-                                setup.cache_root, setup.embedding_batch_size, setup.embedding_model)
+    tests, counts = embed_texts(
+        [item["text"] for item in setup.test_items],
+        setup.embedding_model_path,
+        setup.cache_root,
+        setup.embedding_batch_size,
+        setup.embedding_model,
+    )
     report["test_embedding"] = counts
     best, at = most_similar(embeddings, tests, progress="Decontaminating")
     hits = best >= setup.decontaminate_threshold - SCORE_TOLERANCE
     dropped = np.flatnonzero(hits)
     report["contaminated"] = [
-        {"dropped": rows[i]["_at"], "instruction": rows[i]["instruction"], "input": rows[i]["input"],
-         "data_source": rows[i].get("data_source"), "test_file": setup.test_items[at[i]]["file"],
-         "test_row": setup.test_items[at[i]]["row"], "test_item": setup.test_items[at[i]]["text"],
-         "score": round(float(best[i]), 4)} for i in dropped]
+        {
+            "dropped": rows[i]["_at"],
+            "instruction": rows[i]["instruction"],
+            "input": rows[i]["input"],
+            "data_source": rows[i].get("data_source"),
+            "test_file": setup.test_items[at[i]]["file"],
+            "test_row": setup.test_items[at[i]]["row"],
+            "test_item": setup.test_items[at[i]]["text"],
+            "score": round(float(best[i]), 4),
+        }
+        for i in dropped
+    ]
     kept = [row for row, hit in zip(rows, hits) if not hit]
-    record(report, "decontaminate", len(rows), kept, [rows[i] for i in dropped], time.time() - started,
-           note=f"similarity to one of {len(tests)} test questions at least {setup.decontaminate_threshold}")
+    record(
+        report,
+        "decontaminate",
+        len(rows),
+        kept,
+        [rows[i] for i in dropped],
+        time.time() - started,
+        note=f"similarity to one of {len(tests)} test questions at least {setup.decontaminate_threshold}",
+    )
     return require_rows(kept, "decontaminate", "check --test_files, or raise --decontaminate_threshold")
 
 
@@ -400,14 +498,25 @@ def measure_lengths(setup, rows, report):
     if setup.length_tokenizer is None:
         return
     lengths = token_lengths(rows, setup.length_tokenizer, setup.prompter)
-    report["token_lengths"] = {"tokenizer": setup.tokenizer, "template": setup.prompt_template_name,
-                               **length_distribution(lengths)}
+    report["token_lengths"] = {
+        "tokenizer": setup.tokenizer,
+        "template": setup.prompt_template_name,
+        **length_distribution(lengths),
+    }
 
 
 def record(report, stage, rows_in, kept, dropped_rows, seconds, **extra):
     """One stage's line of the report; dropped rows are counted under their data_source."""
-    report["stages"].append({"stage": stage, "rows_in": rows_in, "dropped": len(dropped_rows),
-                             "rows_out": len(kept), "seconds": round(seconds, 3), **extra})
+    report["stages"].append(
+        {
+            "stage": stage,
+            "rows_in": rows_in,
+            "dropped": len(dropped_rows),
+            "rows_out": len(kept),
+            "seconds": round(seconds, 3),
+            **extra,
+        }
+    )
     for row in dropped_rows:
         report["data_sources"][row.get("data_source", "")][stage] += 1
 
@@ -420,12 +529,17 @@ def require_rows(rows, stage, fix):
 
 # ---- outputs -------------------------------------------------------------------------
 
+
 def save(setup, rows, report):
     """Rejects and report first, the refined data last; each goes through a temporary file."""
     for row in rows:
         report["data_sources"][row.get("data_source", "")]["kept"] += 1
-    report["outputs"] = {"data": str(setup.output), "rows": len(rows), "report": str(setup.report_file),
-                         "rejects": str(setup.rejects_file)}
+    report["outputs"] = {
+        "data": str(setup.output),
+        "rows": len(rows),
+        "report": str(setup.report_file),
+        "rejects": str(setup.rejects_file),
+    }
     report["data_sources"] = {name: dict(counts) for name, counts in sorted(report["data_sources"].items())}
     setup.output.parent.mkdir(parents=True, exist_ok=True)
     write_rows(setup.rejects_file, report.pop("rejects"), "jsonl")
@@ -441,12 +555,16 @@ def print_summary(report):
     say("\nstage           rows in  dropped  rows out  seconds")
     for stage in report["stages"]:
         detail = f"skipped: {stage['skipped']}" if "skipped" in stage else stage.get("note", "")
-        say(f"{stage['stage']:<14} {stage['rows_in']:>8,} {stage['dropped']:>8,} {stage['rows_out']:>9,} "
-            f"{stage['seconds']:>8.2f}  {detail}")
+        say(
+            f"{stage['stage']:<14} {stage['rows_in']:>8,} {stage['dropped']:>8,} {stage['rows_out']:>9,} "
+            f"{stage['seconds']:>8.2f}  {detail}"
+        )
     if "embedding" in report:
         e = report["embedding"]
-        say(f"Embeddings: {e['texts']:,} rows, {e['embedded']:,} embedded, {e['from_cache']:,} from the cache "
-            f"({e['seconds']:.1f} s)")
+        say(
+            f"Embeddings: {e['texts']:,} rows, {e['embedded']:,} embedded, {e['from_cache']:,} from the cache "
+            f"({e['seconds']:.1f} s)"
+        )
     width = max([len("data_source")] + [len(name) for name in report["data_sources"]])
     say(f"\n{'data_source':<{width}}" + "".join(f" {title:>12}" for title in SOURCE_COLUMNS.values()))
     for name, counts in report["data_sources"].items():
@@ -454,20 +572,26 @@ def print_summary(report):
     lengths = report.get("token_lengths")
     if lengths:
         longer = ", ".join(f"{n:,} over {limit}" for limit, n in lengths["longer_than"].items())
-        say(f"\nTokens per example ({lengths['tokenizer']}, template {lengths['template']}): min {lengths['min']}, "
+        say(
+            f"\nTokens per example ({lengths['tokenizer']}, template {lengths['template']}): min {lengths['min']}, "
             f"mean {lengths['mean']}, p50 {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, "
-            f"max {lengths['max']}; {longer}")
+            f"max {lengths['max']}; {longer}"
+        )
     contaminated = report.get("contaminated", [])
     if contaminated:
         say(f"\nContaminated rows ({len(contaminated)}; all of them in the report):")
         for hit in contaminated[:SHOWN_MATCHES]:
-            say(f"  {hit['score']:.3f}  {hit['dropped']}: {hit['instruction'][:60]!r}\n"
-                f"         ~ {hit['test_file']} row {hit['test_row']}: {hit['test_item'][:60]!r}")
+            say(
+                f"  {hit['score']:.3f}  {hit['dropped']}: {hit['instruction'][:60]!r}\n"
+                f"         ~ {hit['test_file']} row {hit['test_row']}: {hit['test_item'][:60]!r}"
+            )
     for warning in report["warnings"]:
         say(f"\nWarning: {warning}")
     out = report["outputs"]
-    say(f"\nWrote {out['data']} ({out['rows']:,} rows); report {out['report']}; "
-        f"rejects {out['rejects']} ({report['rejected_rows']:,} rows)")
+    say(
+        f"\nWrote {out['data']} ({out['rows']:,} rows); report {out['report']}; "
+        f"rejects {out['rejects']} ({report['rejected_rows']:,} rows)"
+    )
 
 
 if __name__ == "__main__":

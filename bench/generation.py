@@ -25,11 +25,28 @@ def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_s
 
     rows = json.loads((REPO / "data" / "sample_platypus.json").read_text(encoding="utf-8"))[:prompts]
     rows = [{"instruction": r["instruction"], "input": r["input"]} for r in rows]
-    flags = {"base_model": base_model, "lora_weights": lora_weights, "prompt_template": None, "prompt": "x",
-             "input": None, "prompts_file": None, "output_file": None, "csv_path": None, "output_csv_path": None,
-             "interactive": False, "max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0,
-             "num_beams": 1, "repetition_penalty": 1.0, "batch_size": batch_size, "load_8bit": None,
-             "load_4bit": None, "seed": 0, "trust_remote_code": False}
+    flags = {
+        "base_model": base_model,
+        "lora_weights": lora_weights,
+        "prompt_template": None,
+        "prompt": "x",
+        "input": None,
+        "prompts_file": None,
+        "output_file": None,
+        "csv_path": None,
+        "output_csv_path": None,
+        "interactive": False,
+        "max_new_tokens": max_new_tokens,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "num_beams": 1,
+        "repetition_penalty": 1.0,
+        "batch_size": batch_size,
+        "load_8bit": None,
+        "load_4bit": None,
+        "seed": 0,
+        "trust_remote_code": False,
+    }
     setup = inference.validate(flags)
     model, tokenizer, prompter = inference.load_for_generation(setup)
     generator = inference.Generator(model, tokenizer, prompter, setup)
@@ -44,8 +61,9 @@ def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_s
             torch.cuda.synchronize()
         return out, time.perf_counter() - start
 
-    batched, t_batched = timed(lambda: [a for i in range(0, len(rows), batch_size)
-                                        for a in generator.generate(rows[i:i + batch_size])])
+    batched, t_batched = timed(
+        lambda: [a for i in range(0, len(rows), batch_size) for a in generator.generate(rows[i : i + batch_size])]
+    )
     single, t_single = timed(lambda: [generator.generate([r])[0] for r in rows])
     same = sum(a == b for a, b in zip(batched, single))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

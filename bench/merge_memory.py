@@ -30,17 +30,27 @@ def build_checkpoint(folder, layers, hidden, intermediate, vocab, shard_bytes):
 
     from platy.merging import ShardFile, plan_shards, shard_names
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=vocab,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
     config.save_pretrained(folder)
     shapes = [("model.embed_tokens.weight", [vocab, hidden])]
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes += [(f"{p}self_attn.{n}.weight", [hidden, hidden]) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        shapes += [(f"{p}mlp.gate_proj.weight", [intermediate, hidden]), (f"{p}mlp.up_proj.weight", [intermediate, hidden]),
-                   (f"{p}mlp.down_proj.weight", [hidden, intermediate]),
-                   (f"{p}input_layernorm.weight", [hidden]), (f"{p}post_attention_layernorm.weight", [hidden])]
+        shapes += [
+            (f"{p}mlp.gate_proj.weight", [intermediate, hidden]),
+            (f"{p}mlp.up_proj.weight", [intermediate, hidden]),
+            (f"{p}mlp.down_proj.weight", [hidden, intermediate]),
+            (f"{p}input_layernorm.weight", [hidden]),
+            (f"{p}post_attention_layernorm.weight", [hidden]),
+        ]
     shapes += [("model.norm.weight", [hidden]), ("lm_head.weight", [vocab, hidden])]
     plan = plan_shards([(name, "float16", shape) for name, shape in shapes], shard_bytes)
     gen = torch.Generator().manual_seed(0)
@@ -53,7 +63,9 @@ def build_checkpoint(folder, layers, hidden, intermediate, vocab, shard_bytes):
             weight_map[name] = shard_name
         out.close()
     if len(plan) > 1:
-        (Path(folder) / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (Path(folder) / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     return config
 
 
@@ -63,9 +75,11 @@ def build_adapter(folder, config, rank=16):
 
     gen = torch.Generator().manual_seed(1)
     tensors = {}
-    shapes = {"gate_proj": (config.intermediate_size, config.hidden_size),
-              "up_proj": (config.intermediate_size, config.hidden_size),
-              "down_proj": (config.hidden_size, config.intermediate_size)}
+    shapes = {
+        "gate_proj": (config.intermediate_size, config.hidden_size),
+        "up_proj": (config.intermediate_size, config.hidden_size),
+        "down_proj": (config.hidden_size, config.intermediate_size),
+    }
     for i in range(config.num_hidden_layers):
         for name, (out_f, in_f) in shapes.items():
             key = f"base_model.model.model.layers.{i}.mlp.{name}"
@@ -73,10 +87,22 @@ def build_adapter(folder, config, rank=16):
             tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.01
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 16, "lora_dropout": 0.0,
-        "target_modules": list(shapes), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "base_model_name_or_path": None}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 16,
+                "lora_dropout": 0.0,
+                "target_modules": list(shapes),
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "base_model_name_or_path": None,
+            }
+        )
+    )
 
 
 def child(mode, base, adapter, out):
@@ -90,8 +116,14 @@ def child(mode, base, adapter, out):
     libraries = current_rss()  # interpreter + torch + transformers + peft, before any weight is read
     started = time.time()
     if mode == "stream":
-        merge.merge(base_model_name_or_path=str(base), peft_model_path=str(adapter), output_dir=str(out),
-                    method="peft", dtype="float16", device="cpu")
+        merge.merge(
+            base_model_name_or_path=str(base),
+            peft_model_path=str(adapter),
+            output_dir=str(out),
+            method="peft",
+            dtype="float16",
+            device="cpu",
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float16)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
@@ -106,8 +138,9 @@ def current_rss():
 
 
 def run_child(mode, base, adapter, out):
-    result = subprocess.run([sys.executable, __file__, "--child", mode, str(base), str(adapter), str(out)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", mode, str(base), str(adapter), str(out)], capture_output=True, text=True
+    )
     if result.returncode:
         sys.exit(f"{mode} merge failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -125,17 +158,23 @@ def main(layers=18, hidden=2048, intermediate=5504, vocab=32000, shard_mb=500, w
         stream = run_child("stream", base, adapter, work / "out-stream")
         peft = run_child("peft", base, adapter, work / "out-peft")
         gb = 1e9
-        print(f"\nSynthetic Llama-shaped checkpoint: {layers} layers, hidden {hidden}, {total / gb:.2f} GB fp16 in "
-              f"{len(shards)} shards (largest {largest / gb:.2f} GB); LoRA r 16 on gate/up/down")
+        print(
+            f"\nSynthetic Llama-shaped checkpoint: {layers} layers, hidden {hidden}, {total / gb:.2f} GB fp16 in "
+            f"{len(shards)} shards (largest {largest / gb:.2f} GB); LoRA r 16 on gate/up/down"
+        )
         print("peak RSS: the whole process; merge memory: peak RSS minus the RSS of the loaded libraries")
         print(f"{'merge':<34}{'peak RSS (GB)':>14}{'merge memory (GB)':>19}{'x largest shard':>17}{'seconds':>9}")
         for label, row in (("streaming (merge.py)", stream), ("PEFT load-everything (baseline)", peft)):
             row["merge"] = row["peak_rss"] - row["libraries"]
-            print(f"{label:<34}{row['peak_rss'] / gb:>14.2f}{row['merge'] / gb:>19.2f}"
-                  f"{row['merge'] / largest:>17.2f}{row['seconds']:>9.1f}")
+            print(
+                f"{label:<34}{row['peak_rss'] / gb:>14.2f}{row['merge'] / gb:>19.2f}"
+                f"{row['merge'] / largest:>17.2f}{row['seconds']:>9.1f}"
+            )
         verdict = "met" if stream["merge"] <= 2 * largest else "NOT met"
-        print(f"goal: streaming merge memory <= 2x largest shard: {verdict}; "
-              f"PEFT / streaming merge memory: {peft['merge'] / stream['merge']:.1f}x")
+        print(
+            f"goal: streaming merge memory <= 2x largest shard: {verdict}; "
+            f"PEFT / streaming merge memory: {peft['merge'] / stream['merge']:.1f}x"
+        )
     finally:
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -11,7 +11,7 @@ Llama's; offline), each the median of --repeats runs:
   two-pass:  this toolkit's batched path made to take the same two passes (for tokenizers
              whose vocabulary could join the prompt's end to the response);
   cold:      this toolkit, first run: each prompt and response tokenized once, batched on all
-             cores, Arrow columns built and the cache entry written (platy.tokencache);
+             cores, Arrow columns built and the cache entry written (platy/data/cache.py);
   cached:    this toolkit, second run or another DDP rank: the cache entry loaded.
 Every path's ids and labels are checked equal to the original's (less the examples whose prompt
 fills cutoff_len, which this toolkit drops) before the table is printed.
@@ -25,11 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic import synthetic_rows  # noqa: E402
-
 from platy.cli import run, say  # noqa: E402
-from platy.data import IGNORE_INDEX  # noqa: E402
+from platy.data.examples import IGNORE_INDEX  # noqa: E402
 
+from synthetic import synthetic_rows  # noqa: E402
 
 
 def original_path(rows, tokenizer, prompter, cutoff_len):
@@ -58,26 +57,29 @@ def original_path(rows, tokenizer, prompter, cutoff_len):
 def kept_examples(original):
     """The original path's ids and labels without the examples whose prompt fills cutoff_len (every label
     masked): the original scripts train on those with no target; this toolkit drops and counts them."""
-    kept = [(ids, labels) for ids, labels in zip(original["input_ids"], original["labels"])
-            if any(label != IGNORE_INDEX for label in labels)]
+    kept = [
+        (ids, labels)
+        for ids, labels in zip(original["input_ids"], original["labels"])
+        if any(label != IGNORE_INDEX for label in labels)
+    ]
     return [ids for ids, _ in kept], [labels for _, labels in kept]
 
 
 def main(rows: int = 25000, cutoff_len: int = 4096, seed: int = 0, repeats: int = 3):
     """Args:
-        rows: Synthetic rows to tokenize.
-        cutoff_len: Longest example in tokens.
-        seed: Seed of the synthetic rows.
-        repeats: Runs of each path; the table gives the median.
+    rows: Synthetic rows to tokenize.
+    cutoff_len: Longest example in tokens.
+    seed: Seed of the synthetic rows.
+    repeats: Runs of each path; the table gives the median.
     """
     import statistics
 
     from transformers import AutoTokenizer
 
     from platy import tiny
-    from platy.data import ExampleTokenizer, prepare_tokenizer
+    from platy.data.cache import tokenized_splits
+    from platy.data.examples import ExampleTokenizer, prepare_tokenizer
     from platy.prompts import Prompter
-    from platy.tokencache import tokenized_splits
 
     data = synthetic_rows(rows, seed)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny.ensure_model()))
@@ -97,12 +99,14 @@ def main(rows: int = 25000, cutoff_len: int = 4096, seed: int = 0, repeats: int 
                 runs = ("cold", "cached") if name == "cold" else (name,)
                 for run_name in runs:
                     started = time.perf_counter()
-                    splits, (where, _) = tokenized_splits({"train": data}, example_tokenizer, f"bench:{rows}:{seed}",
-                                                          {}, root=root)
+                    splits, (where, _) = tokenized_splits(
+                        {"train": data}, example_tokenizer, f"bench:{rows}:{seed}", {}, root=root
+                    )
                     times[run_name].append(time.perf_counter() - started)
                     train = splits["train"][0]
-                    assert (train["input_ids"], train["labels"]) == expected, \
+                    assert (train["input_ids"], train["labels"]) == expected, (
                         f"{run_name}: the ids or labels differ from the original path's"
+                    )
                 assert where == ("cache" if name == "cold" else "tokenized")
     tokens = sum(len(ids) for ids in original["input_ids"])
     say(f"{rows:,} rows, {tokens:,} tokens, cutoff_len {cutoff_len}; median of {repeats} run(s)")

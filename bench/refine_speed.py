@@ -32,22 +32,79 @@ from platy.refining import (
     row_text,
 )
 
-SUBJECTS = ["a copper wire", "a falling stone", "an ideal gas", "a spring", "a pendulum", "a capacitor", "a prism",
-            "a chemical reaction", "a sample of water", "a moving car", "a satellite", "a rolling ball", "a lens",
-            "a triangle", "a circle", "a sequence", "a polynomial", "a matrix", "a random variable", "a graph",
-            "a prime number", "a bank account", "a logic puzzle", "a protein", "a cell membrane", "a DNA strand"]
-QUANTITIES = ["mass", "speed", "energy", "pressure", "temperature", "area", "volume", "probability", "charge",
-              "resistance", "frequency", "wavelength", "angle", "determinant", "derivative", "integral", "sum",
-              "concentration", "half-life", "momentum", "torque", "entropy", "power", "density", "radius"]
-ASKS = ["Compute the {q} of {s} when its {q2} is {n} units.",
-        "Explain why the {q} of {s} changes if the {q2} doubles.",
-        "A student measures the {q} of {s} as {n}. What is its {q2}?",
-        "Prove that the {q} of {s} cannot exceed {n} given its {q2}.",
-        "Which is larger for {s}: the {q} or the {q2}, if both equal {n}?",
-        "Estimate the {q} of {s} from a {q2} of {n} and explain each step.",
-        "How does the {q2} of {s} affect its {q}? Give an example with {n}."]
-CONTEXT = ["Assume standard conditions.", "Ignore friction.", "Give the answer to two decimal places.",
-           "Show your reasoning step by step.", "Use SI units.", "Choose the best option: A, B, C or D.", ""]
+SUBJECTS = [
+    "a copper wire",
+    "a falling stone",
+    "an ideal gas",
+    "a spring",
+    "a pendulum",
+    "a capacitor",
+    "a prism",
+    "a chemical reaction",
+    "a sample of water",
+    "a moving car",
+    "a satellite",
+    "a rolling ball",
+    "a lens",
+    "a triangle",
+    "a circle",
+    "a sequence",
+    "a polynomial",
+    "a matrix",
+    "a random variable",
+    "a graph",
+    "a prime number",
+    "a bank account",
+    "a logic puzzle",
+    "a protein",
+    "a cell membrane",
+    "a DNA strand",
+]
+QUANTITIES = [
+    "mass",
+    "speed",
+    "energy",
+    "pressure",
+    "temperature",
+    "area",
+    "volume",
+    "probability",
+    "charge",
+    "resistance",
+    "frequency",
+    "wavelength",
+    "angle",
+    "determinant",
+    "derivative",
+    "integral",
+    "sum",
+    "concentration",
+    "half-life",
+    "momentum",
+    "torque",
+    "entropy",
+    "power",
+    "density",
+    "radius",
+]
+ASKS = [
+    "Compute the {q} of {s} when its {q2} is {n} units.",
+    "Explain why the {q} of {s} changes if the {q2} doubles.",
+    "A student measures the {q} of {s} as {n}. What is its {q2}?",
+    "Prove that the {q} of {s} cannot exceed {n} given its {q2}.",
+    "Which is larger for {s}: the {q} or the {q2}, if both equal {n}?",
+    "Estimate the {q} of {s} from a {q2} of {n} and explain each step.",
+    "How does the {q2} of {s} affect its {q}? Give an example with {n}.",
+]
+CONTEXT = [
+    "Assume standard conditions.",
+    "Ignore friction.",
+    "Give the answer to two decimal places.",
+    "Show your reasoning step by step.",
+    "Use SI units.",
+    "Choose the best option: A, B, C or D.",
+    "",
+]
 
 
 def vocabulary():
@@ -76,8 +133,14 @@ def synthetic_rows(n, words, seed=0):
         text = rng.choice(ASKS).format(q=q, q2=q2, s=rng.choice(SUBJECTS), n=rng.randint(2, 9999))
         topic = " ".join(rng.sample(words, rng.randint(4, 8)))
         text += f" Consider {topic}. " + " ".join(rng.sample(CONTEXT, 2))
-        rows.append({"instruction": text.strip(), "input": "", "output": f"The answer is {rng.randint(1, 99)}. "
-                     + "Reasoning follows. " * rng.randint(1, 30), "data_source": "synthetic"})
+        rows.append(
+            {
+                "instruction": text.strip(),
+                "input": "",
+                "output": f"The answer is {rng.randint(1, 99)}. " + "Reasoning follows. " * rng.randint(1, 30),
+                "data_source": "synthetic",
+            }
+        )
     return rows
 
 
@@ -97,15 +160,18 @@ def loop_comparisons(embeddings, keep, threshold):
     return total
 
 
-def main(rows: int = 25000, loop_rows: int = 4000, test_questions: int = 1000, threshold: float = 0.7,
-         batch_size: int = 64):
+def main(
+    rows: int = 25000, loop_rows: int = 4000, test_questions: int = 1000, threshold: float = 0.7, batch_size: int = 64
+):
     import torch
 
     words = vocabulary()
     data = synthetic_rows(rows, words=words)
     tests = [row_text(r) for r in synthetic_rows(test_questions, seed=1, words=words)]
-    print(f"{rows:,} synthetic rows, {test_questions:,} test questions, threshold {threshold}, "
-          f"{torch.get_num_threads()} torch threads")
+    print(
+        f"{rows:,} synthetic rows, {test_questions:,} test questions, threshold {threshold}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
 
     started = time.perf_counter()
     kept, _ = exact_duplicates(data)
@@ -139,12 +205,18 @@ def main(rows: int = 25000, loop_rows: int = 4000, test_questions: int = 1000, t
     print(f"embedding:             {embed_s:8.2f} s   ({len(data) + len(tests):,} texts, no cache)")
     print(f"near dedup (blocked):  {near_s:8.2f} s   ({int((~keep).sum()):,} dropped)")
     print(f"decontaminate search:  {decontaminate_s:8.2f} s")
-    print(f"similarity search:     {search_s:8.2f} s = {100 * search_s / total:.1f}% of the total "
-          f"{total:.1f} s (goal < 10%)")
-    print(f"per-row loop near dedup, first {loop_rows:,} rows: {loop_s:.2f} s for {loop_done:,} comparisons "
-          f"(same result as the blocked search: yes)")
-    print(f"per-row loop near dedup, all {len(data):,} rows: ~{loop_full_s:.0f} s (extrapolated from "
-          f"{full_comparisons:,} comparisons) = {loop_full_s / near_s:.0f}x the blocked search")
+    print(
+        f"similarity search:     {search_s:8.2f} s = {100 * search_s / total:.1f}% of the total "
+        f"{total:.1f} s (goal < 10%)"
+    )
+    print(
+        f"per-row loop near dedup, first {loop_rows:,} rows: {loop_s:.2f} s for {loop_done:,} comparisons "
+        f"(same result as the blocked search: yes)"
+    )
+    print(
+        f"per-row loop near dedup, all {len(data):,} rows: ~{loop_full_s:.0f} s (extrapolated from "
+        f"{full_comparisons:,} comparisons) = {loop_full_s / near_s:.0f}x the blocked search"
+    )
 
 
 if __name__ == "__main__":

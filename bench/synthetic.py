@@ -8,8 +8,38 @@ long tail of multi-thousand-token ones; the lognormal word counts below give tha
 import math
 import random
 
-SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "gra", "stu", "ion", "ent", "al", "or",
-             "the", "and", "com", "pro", "tion", "er", "in", "de", "ma", "ter", "co", "di", "ex", "pre", "qu"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ne",
+    "ru",
+    "sa",
+    "ti",
+    "vo",
+    "pe",
+    "gra",
+    "stu",
+    "ion",
+    "ent",
+    "al",
+    "or",
+    "the",
+    "and",
+    "com",
+    "pro",
+    "tion",
+    "er",
+    "in",
+    "de",
+    "ma",
+    "ter",
+    "co",
+    "di",
+    "ex",
+    "pre",
+    "qu",
+]
 
 
 def words(rng, n):
@@ -24,7 +54,11 @@ def synthetic_rows(n, seed=0):
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        rows.append({"instruction": words(rng, word_count(rng, 45, 0.8, 1500)) + "?",
-                     "input": words(rng, word_count(rng, 20, 1.0, 400)) if rng.random() < 0.2 else "",
-                     "output": words(rng, word_count(rng, 110, 1.0, 2500)) + "."})
+        rows.append(
+            {
+                "instruction": words(rng, word_count(rng, 45, 0.8, 1500)) + "?",
+                "input": words(rng, word_count(rng, 20, 1.0, 400)) if rng.random() < 0.2 else "",
+                "output": words(rng, word_count(rng, 110, 1.0, 2500)) + ".",
+            }
+        )
     return rows

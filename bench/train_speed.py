@@ -46,43 +46,68 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from synthetic import synthetic_rows  # noqa: E402
-
-from platy import sizing, tiny  # noqa: E402
+from platy import tiny  # noqa: E402
 from platy.cli import UserError, coerce_bools, run, say  # noqa: E402
-from platy.speed import liger_unavailable  # noqa: E402
+from platy.files import cache_root  # noqa: E402
+from platy.train import sizing  # noqa: E402
+from platy.train.speed import liger_unavailable  # noqa: E402
+
+from synthetic import synthetic_rows  # noqa: E402
 
 SHAPES = {
     "tiny": tiny.TINY_MODELS["tiny-llama"],
     "llama2-7b": sizing.LLAMA2_7B,
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
 }
 CONFIGS = ("toolkit", "toolkit-liger", "platypus", "trl", "trl-pad-free")
-LABELS = {"toolkit": "(a) toolkit fastest", "toolkit-liger": "(a+) toolkit fastest with Liger",
-          "platypus": "(b) original Platypus", "trl": "(c) TRL QLoRA defaults", "trl-pad-free": "(d) TRL padding-free"}
+LABELS = {
+    "toolkit": "(a) toolkit fastest",
+    "toolkit-liger": "(a+) toolkit fastest with Liger",
+    "platypus": "(b) original Platypus",
+    "trl": "(c) TRL QLoRA defaults",
+    "trl-pad-free": "(d) TRL padding-free",
+}
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 LORA_R = 16
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int = 1024, micro_batch_tokens: int = None,
-         fast_checkpointing: float = 0.0, peak_tflops: float = None, configs: str = ",".join(CONFIGS),
-         seed: int = 0, record_run: bool = True, only: str = None, result_file: str = None):
+def main(
+    arch: str = "tiny",
+    steps: int = 5,
+    rows: int = 2000,
+    cutoff_len: int = 1024,
+    micro_batch_tokens: int = None,
+    fast_checkpointing: float = 0.0,
+    peak_tflops: float = None,
+    configs: str = ",".join(CONFIGS),
+    seed: int = 0,
+    record_run: bool = True,
+    only: str = None,
+    result_file: str = None,
+):
     """Args:
-        arch: Model shapes: tiny, llama2-7b or llama3-8b (random weights).
-        steps: Optimizer steps of every configuration.
-        rows: Synthetic rows to draw the training examples from.
-        cutoff_len: Longest example in tokens.
-        micro_batch_tokens: Token budget of a micro-step in (a) (default 2 x cutoff_len).
-        fast_checkpointing: --gradient_checkpointing of (a): 0 (off), a fraction, or 1.
-        peak_tflops: The device's peak FLOP/s in TFLOP/s for MFU (default: known GPUs only).
-        configs: Which configurations to run, comma-separated (toolkit, toolkit-liger, platypus, trl,
-            trl-pad-free).
-        seed: Seed of the synthetic rows.
-        record_run: Append the figures to BENCHMARKS.md (with the date, device and versions).
-        only: (internal) run one configuration in this process.
-        result_file: (internal) where that run writes its figures.
+    arch: Model shapes: tiny, llama2-7b or llama3-8b (random weights).
+    steps: Optimizer steps of every configuration.
+    rows: Synthetic rows to draw the training examples from.
+    cutoff_len: Longest example in tokens.
+    micro_batch_tokens: Token budget of a micro-step in (a) (default 2 x cutoff_len).
+    fast_checkpointing: --gradient_checkpointing of (a): 0 (off), a fraction, or 1.
+    peak_tflops: The device's peak FLOP/s in TFLOP/s for MFU (default: known GPUs only).
+    configs: Which configurations to run, comma-separated (toolkit, toolkit-liger, platypus, trl,
+        trl-pad-free).
+    seed: Seed of the synthetic rows.
+    record_run: Append the figures to BENCHMARKS.md (with the date, device and versions).
+    only: (internal) run one configuration in this process.
+    result_file: (internal) where that run writes its figures.
     """
     if arch not in SHAPES:
         raise UserError(f"--arch {arch}: choose one of {', '.join(SHAPES)}")
@@ -99,9 +124,11 @@ def main(arch: str = "tiny", steps: int = 5, rows: int = 2000, cutoff_len: int =
     s = sum(n * n for n in lengths) / sum(lengths)
     flops_per_token = model_flops_per_token(arch, s)
     peak = peak_tflops or detect_peak_tflops()
-    summary = (f"{arch} shapes (random weights), 4-bit, LoRA r {LORA_R} on {', '.join(TARGETS)}; {rows} synthetic rows, "
-               f"cutoff_len {cutoff_len}, {steps} optimizer steps each; s = {s:.0f} tokens; "
-               f"F = {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak or 'unknown'} TFLOP/s.")
+    summary = (
+        f"{arch} shapes (random weights), 4-bit, LoRA r {LORA_R} on {', '.join(TARGETS)}; {rows} synthetic rows, "
+        f"cutoff_len {cutoff_len}, {steps} optimizer steps each; s = {s:.0f} tokens; "
+        f"F = {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak or 'unknown'} TFLOP/s."
+    )
     say(f"{summary} Model: {model_dir}")
     results = {}
     for name in wanted:
@@ -126,39 +153,69 @@ def has_trl():
 def run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, "--only", name, "--arch", arch, "--steps", str(steps), "--rows", str(rows),
-                   "--cutoff_len", str(cutoff_len), "--micro_batch_tokens", str(budget), "--fast_checkpointing",
-                   str(fast_checkpointing), "--seed", str(seed), "--result_file", str(out)]
+        command = [
+            sys.executable,
+            __file__,
+            "--only",
+            name,
+            "--arch",
+            arch,
+            "--steps",
+            str(steps),
+            "--rows",
+            str(rows),
+            "--cutoff_len",
+            str(cutoff_len),
+            "--micro_batch_tokens",
+            str(budget),
+            "--fast_checkpointing",
+            str(fast_checkpointing),
+            "--seed",
+            str(seed),
+            "--result_file",
+            str(out),
+        ]
         started = time.time()
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0 or not out.is_file():
             say(f"{LABELS[name]}: failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
             return None
         result = json.loads(out.read_text())
-        say(f"{LABELS[name]}: {result['tokens']:,} tokens in {result['seconds']:.1f} s "
-            f"(process {time.time() - started:.0f} s)")
+        say(
+            f"{LABELS[name]}: {result['tokens']:,} tokens in {result['seconds']:.1f} s "
+            f"(process {time.time() - started:.0f} s)"
+        )
         return result
 
 
 def report(results, flops_per_token, peak):
     """The results table and the (a)/(b) and Liger lines, printed; returned for the record."""
     speed = {name: r["tokens"] / r["seconds"] for name, r in results.items() if r}
-    lines = ["| configuration | tokens/s | peak memory (GiB) | MFU | tokens/s vs (c) | memory vs (c) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| configuration | tokens/s | peak memory (GiB) | MFU | tokens/s vs (c) | memory vs (c) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     base = results.get("trl")
     for name, r in results.items():
         if r is None:
             lines.append(f"| {LABELS[name]} | failed | | | | |")
             continue
         mfu = f"{100 * flops_per_token * speed[name] / (peak * 1e12):.1f}%" if peak else "n/a"
-        vs = (f"{speed[name] / speed['trl']:.2f}x", f"{r['peak_gib'] / base['peak_gib']:.2f}x") if base else ("n/a", "n/a")
+        vs = (
+            (f"{speed[name] / speed['trl']:.2f}x", f"{r['peak_gib'] / base['peak_gib']:.2f}x")
+            if base
+            else ("n/a", "n/a")
+        )
         lines.append(f"| {LABELS[name]} | {speed[name]:,.0f} | {r['peak_gib']:.2f} | {mfu} | {vs[0]} | {vs[1]} |")
     a, liger = results.get("toolkit"), results.get("toolkit-liger")
     if a and results.get("platypus"):
         lines += ["", f"(a)/(b) tokens per second: {speed['toolkit'] / speed['platypus']:.2f}x"]
     if a and liger:
-        lines += ["", f"Liger leaves the loss unchanged? mean loss over the run: (a) {a['loss']:.6f}, "
-                  f"(a+) {liger['loss']:.6f}, difference {abs(a['loss'] - liger['loss']):.2e}"]
+        lines += [
+            "",
+            f"Liger leaves the loss unchanged? mean loss over the run: (a) {a['loss']:.6f}, "
+            f"(a+) {liger['loss']:.6f}, difference {abs(a['loss'] - liger['loss']):.2e}",
+        ]
     say("\n" + "\n".join(lines))
     return lines
 
@@ -171,18 +228,26 @@ def record(lines, summary):
     BENCHMARKS.md, under a heading of its own that the first recorded run adds."""
     import datetime
 
-    from platy.reporting import library_versions, write_text
+    from platy.files import write_text
+    from platy.reporting import library_versions
 
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     if RUNS_HEADING not in text:
-        text += (f"\n{RUNS_HEADING}\n\nEach run of the benchmark appends its figures here (--record_run false "
-                 "to leave this file alone), newest last.\n")
-    versions = [f"{package} {version}" for package, version in
-                library_versions(extra=("trl", "liger-kernel", "flash-attn")).items() if version]
+        text += (
+            f"\n{RUNS_HEADING}\n\nEach run of the benchmark appends its figures here (--record_run false "
+            "to leave this file alone), newest last.\n"
+        )
+    versions = [
+        f"{package} {version}"
+        for package, version in library_versions(extra=("trl", "liger-kernel", "flash-attn")).items()
+        if version
+    ]
     command = " ".join(["python bench/train_speed.py", *sys.argv[1:]])
-    text += (f"\n### {datetime.date.today().isoformat()}, {device_name()}\n\n`{command}` ({', '.join(versions)}). "
-             f"{summary}\n\n" + "\n".join(lines) + "\n")
+    text += (
+        f"\n### {datetime.date.today().isoformat()}, {device_name()}\n\n`{command}` ({', '.join(versions)}). "
+        f"{summary}\n\n" + "\n".join(lines) + "\n"
+    )
     write_text(path, text)
     say(f"Recorded in {path}")
 
@@ -193,15 +258,16 @@ def device_name():
     import torch
 
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2 ** 30:.0f} GiB)"
+        return f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
     return f"CPU: {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
 
 
 # ---- the model, the data and the FLOPs ---------------------------------------------------
 
+
 def random_model(arch):
     """A folder holding a randomly initialised model of the architecture (bf16 on disk), built once."""
-    return tiny.build_once(tiny.cache_root() / "bench-models" / arch, lambda folder: build_random_model(arch, folder))
+    return tiny.build_once(cache_root() / "bench-models" / arch, lambda folder: build_random_model(arch, folder))
 
 
 def build_random_model(arch, folder):
@@ -210,9 +276,13 @@ def build_random_model(arch, folder):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.ensure_model())
     # positions restart per example, but rows of up to 2 x cutoff_len tokens still need room
-    config = LlamaConfig(**{**SHAPES[arch], "max_position_embeddings": 8192}, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        **{**SHAPES[arch], "max_position_embeddings": 8192},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # a 7B model in fp32 would need twice the memory to build
@@ -225,9 +295,9 @@ def build_random_model(arch, folder):
 
 
 def data_file(rows, seed):
-    from platy.reporting import write_text
+    from platy.files import write_text
 
-    path = tiny.cache_root() / "bench-data" / f"rows-{rows}-{seed}.json"
+    path = cache_root() / "bench-data" / f"rows-{rows}-{seed}.json"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps(synthetic_rows(rows, seed)))
@@ -238,12 +308,14 @@ def example_lengths(rows, seed, cutoff_len):
     """Token counts of the training examples (the tokenized rows, as finetune.py builds them)."""
     from transformers import AutoTokenizer
 
-    from platy.data import ExampleTokenizer, prepare_tokenizer, tokenize_rows
+    from platy.data.examples import ExampleTokenizer, prepare_tokenizer
+    from platy.data.tokenize import tokenize_rows
     from platy.prompts import Prompter
 
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny.ensure_model()))
-    ds, _ = tokenize_rows(json.loads(data_file(rows, seed).read_text()),
-                          ExampleTokenizer(tokenizer, Prompter("alpaca"), cutoff_len))
+    ds, _ = tokenize_rows(
+        json.loads(data_file(rows, seed).read_text()), ExampleTokenizer(tokenizer, Prompter("alpaca"), cutoff_len)
+    )
     return [len(ids) for ids in ds["input_ids"]]
 
 
@@ -272,23 +344,30 @@ def detect_peak_tflops():
 
 # ---- one configuration, in its own process ----------------------------------------------
 
+
 def run_one(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed, result_file):
     import torch
 
     runner = run_trl if name.startswith("trl") else run_toolkit
     with tempfile.TemporaryDirectory() as out:
-        trainer = runner(name, random_model(arch), data_file(rows, seed), out, steps, cutoff_len, budget,
-                         fast_checkpointing)
+        trainer = runner(
+            name, random_model(arch), data_file(rows, seed), out, steps, cutoff_len, budget, fast_checkpointing
+        )
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
     if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        peak = torch.cuda.max_memory_allocated() / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    result = {"tokens": int(trainer.state.num_input_tokens_seen), "seconds": seconds, "peak_gib": peak,
-              "steps": trainer.state.global_step, "loss": sum(losses) / len(losses) if losses else float("nan")}
+    result = {
+        "tokens": int(trainer.state.num_input_tokens_seen),
+        "seconds": seconds,
+        "peak_gib": peak,
+        "steps": trainer.state.global_step,
+        "loss": sum(losses) / len(losses) if losses else float("nan"),
+    }
     Path(result_file).write_text(json.dumps(result))
 
 
@@ -299,13 +378,28 @@ def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast
     import finetune
 
     flags = {k: p.default for k, p in inspect.signature(finetune.train).parameters.items()}
-    flags.update(base_model=str(model_dir), data_path=str(data_path), output_dir=out, max_steps=steps,
-                 cutoff_len=cutoff_len, warmup_steps=0, logging_steps=max(1, steps), save_steps=10 ** 6,
-                 report_to="none", lora_target_modules=TARGETS)
+    flags.update(
+        base_model=str(model_dir),
+        data_path=str(data_path),
+        output_dir=out,
+        max_steps=steps,
+        cutoff_len=cutoff_len,
+        warmup_steps=0,
+        logging_steps=max(1, steps),
+        save_steps=10**6,
+        report_to="none",
+        lora_target_modules=TARGETS,
+    )
     if name.startswith("toolkit"):
-        flags.update(packing=True, micro_batch_tokens=budget, micro_batch_size=1, batch_size=4,
-                     gradient_checkpointing=fast_checkpointing, liger=name == "toolkit-liger",
-                     attn_implementation="flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa")
+        flags.update(
+            packing=True,
+            micro_batch_tokens=budget,
+            micro_batch_size=1,
+            batch_size=4,
+            gradient_checkpointing=fast_checkpointing,
+            liger=name == "toolkit-liger",
+            attn_implementation="flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa",
+        )
     else:  # Platypus's published settings: micro batch 1, global batch 16, padding, checkpointing
         flags.update(packing=False, micro_batch_size=1, batch_size=16, gradient_checkpointing=True)
     setup = finetune.validate(flags)
@@ -323,25 +417,34 @@ def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_che
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from platy.data import prepare_tokenizer
+    from platy.data.examples import prepare_tokenizer
     from platy.modeling import load_model, load_tokenizer, resolve_precision
     from platy.prompts import Prompter
 
     precision = resolve_precision("auto")
     prompter = Prompter("alpaca")
     rows = json.loads(Path(data_path).read_text())
-    ds = datasets.Dataset.from_list([{"prompt": prompter.generate_prompt(r["instruction"], r["input"]),
-                                      "completion": r["output"]} for r in rows])
+    ds = datasets.Dataset.from_list(
+        [{"prompt": prompter.generate_prompt(r["instruction"], r["input"]), "completion": r["output"]} for r in rows]
+    )
     tokenizer = prepare_tokenizer(load_tokenizer(str(model_dir)))
     model = load_model(str(model_dir), "4bit", precision)
     cpu = not torch.cuda.is_available()
-    config = SFTConfig(output_dir=out, max_steps=steps, max_length=cutoff_len, report_to="none",
-                       save_strategy="no", logging_steps=max(1, steps), include_num_input_tokens_seen="non_padding",
-                       bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=cpu,
-                       # TRL refuses padding_free alone (it would not enforce max_length): its own advice is
-                       # padding-free with best-fit-decreasing packing, which cuts examples at max_length
-                       **({"padding_free": True, "packing": True, "packing_strategy": "bfd"}
-                          if name == "trl-pad-free" else {}))
+    config = SFTConfig(
+        output_dir=out,
+        max_steps=steps,
+        max_length=cutoff_len,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=max(1, steps),
+        include_num_input_tokens_seen="non_padding",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=cpu,
+        # TRL refuses padding_free alone (it would not enforce max_length): its own advice is
+        # padding-free with best-fit-decreasing packing, which cuts examples at max_length
+        **({"padding_free": True, "packing": True, "packing_strategy": "bfd"} if name == "trl-pad-free" else {}),
+    )
     lora = LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
     return SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tokenizer, peft_config=lora)
 

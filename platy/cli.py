@@ -140,6 +140,7 @@ def coerce_bools(fn, flags):
     """Flags declared bool accept True/False in any case, yes/no, on/off and 1/0; anything else is an error."""
     import inspect
 
+    problems = []
     for name, param in inspect.signature(fn).parameters.items():
         value = flags.get(name)
         if param.annotation is not bool or isinstance(value, bool) or value is None:
@@ -150,8 +151,38 @@ def coerce_bools(fn, flags):
         elif word in FALSE_WORDS:
             flags[name] = False
         else:
-            raise UserError(f"--{name} {value!r}: give True or False")
+            problems.append(f"--{name} {value!r}: give True or False")
+    fail_on(problems)
     return flags
+
+
+def fail_on(problems):
+    """Fail once with every problem found (a list of sentences); nothing when the list is empty."""
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def with_coerced_bools(fn):
+    """fn, called with its bool flags read from any of the words coerce_bools accepts."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        return fn(**coerce_bools(fn, dict(bound.arguments)))
+
+    return entry
+
+
+def call(fn, argv):
+    """Run the entry fn on a command line as `python script.py ARGV` would, without the exit handling."""
+    import fire
+
+    check_flags(fn, argv)
+    return fire.Fire(with_coerced_bools(fn), command=protect_strings(fn, argv))
 
 
 def print_help(fn):
@@ -193,12 +224,11 @@ def close_progress_bars():
 def run(fn):
     """Run a fire command; UserError becomes one line on stderr and exit status 2.
 
-    Unknown flags are refused before anything runs, and --help prints every flag to stdout.
+    Unknown flags are refused and bool flags read before the entry is called; --help prints every
+    flag to stdout.
     Set PLATY_TRACEBACK=1 to see the traceback of a user error too.
     """
     import signal
-
-    import fire
 
     def terminated(signum, frame):  # SIGTERM unwinds like Ctrl-C: cleanup handlers run
         raise KeyboardInterrupt
@@ -209,8 +239,7 @@ def run(fn):
         if any(a in ("-h", "--help") for a in argv):
             print_help(fn)
             return
-        check_flags(fn, argv)
-        fire.Fire(fn, command=protect_strings(fn, argv))
+        call(fn, argv)
     except KeyboardInterrupt:
         print(f"\n{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

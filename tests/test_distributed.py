@@ -5,18 +5,38 @@ import shutil
 import sys
 
 import torch
-from conftest import REPO, SAMPLE, run_cli
 from safetensors.torch import load_file
+
+from conftest import REPO, SAMPLE, run_cli
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
 
 
 def test_torchrun_two_processes_keep_identical_adapters(tmp_path):
     out = tmp_path / "out"
-    args = TORCHRUN + [str(REPO / "tests" / "ddp_driver.py"), "--base_model", "builtin:tiny-llama",
-                       "--data_path", str(SAMPLE), "--output_dir", str(out), "--batch_size", "8",
-                       "--micro_batch_size", "2", "--max_steps", "3", "--warmup_steps", "0",
-                       "--learning_rate", "1e-3", "--cutoff_len", "256", "--logging_steps", "1"]
+    args = TORCHRUN + [
+        str(REPO / "tests" / "ddp_driver.py"),
+        "--base_model",
+        "builtin:tiny-llama",
+        "--data_path",
+        str(SAMPLE),
+        "--output_dir",
+        str(out),
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "2",
+        "--max_steps",
+        "3",
+        "--warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--cutoff_len",
+        "256",
+        "--logging_steps",
+        "1",
+    ]
     result = run_cli(args, env={"DUMP_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
@@ -40,8 +60,12 @@ def test_default_launcher_runs_the_whole_recipe(tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
     config = json.loads((out / "run_config.json").read_text())
     flags = config["flags"]
-    assert (flags["learning_rate"], flags["batch_size"], flags["micro_batch_size"], flags["warmup_steps"]) == \
-        (4e-4, 16, 1, 100)
+    assert (flags["learning_rate"], flags["batch_size"], flags["micro_batch_size"], flags["warmup_steps"]) == (
+        4e-4,
+        16,
+        1,
+        100,
+    )
     assert (flags["lora_r"], flags["lora_alpha"], flags["lora_dropout"], flags["cutoff_len"]) == (16, 16, 0.05, 4096)
     assert flags["quantization"] == "4bit" and flags["lr_scheduler"] == "cosine"
     n_rows = len(json.loads(SAMPLE.read_text()))
@@ -50,8 +74,11 @@ def test_default_launcher_runs_the_whole_recipe(tmp_path):
 
 
 def test_launcher_uses_torchrun_for_several_processes(tmp_path):
-    result = run_cli(["bash", str(REPO / "fine-tuning.sh"), "--max_steps", "2"], cwd=tmp_path,
-                     env={"NPROC": "2", "OUTPUT_DIR": str(tmp_path / "o"), "MASTER_PORT": "29544"})
+    result = run_cli(
+        ["bash", str(REPO / "fine-tuning.sh"), "--max_steps", "2"],
+        cwd=tmp_path,
+        env={"NPROC": "2", "OUTPUT_DIR": str(tmp_path / "o"), "MASTER_PORT": "29544"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     config = json.loads((tmp_path / "o" / "run_config.json").read_text())
     assert config["resolved"]["world_size"] == 2 and config["resolved"]["gradient_accumulation_steps"] == 8
@@ -78,7 +105,18 @@ def test_readme_quick_start_train_merge_generate(tmp_path):
     merged = tmp_path / "outputs" / "platypus-merged"
     assert (merged / "model.safetensors").is_file() and (merged / "README.md").is_file()
     assert "Verify: largest |logit difference|" in merge.stdout
-    answer = run_cli([sys.executable, str(REPO / "inference.py"), "--base_model", str(merged), "--prompt",
-                      "What is 12 + 30?", "--max_new_tokens", "8"], cwd=tmp_path)
+    answer = run_cli(
+        [
+            sys.executable,
+            str(REPO / "inference.py"),
+            "--base_model",
+            str(merged),
+            "--prompt",
+            "What is 12 + 30?",
+            "--max_new_tokens",
+            "8",
+        ],
+        cwd=tmp_path,
+    )
     assert answer.returncode == 0, answer.stderr[-3000:]
     assert answer.stdout.strip()

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, assert_user_error, run_cli
 
 from platy.evaluation import KOBEST, OPENLLM, average, format_value, render_tables
+
+from conftest import REPO, assert_user_error, run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SEEDS = FIXTURES / "seeds"  # the published model cards' evaluation tables (headings and tables only)
@@ -27,8 +28,7 @@ def cells(line):
 
 def numbers(text):
     """Every score cell of the Markdown tables in a text (NaN and the model column left out)."""
-    return [cell for line in table_lines(text) for cell in cells(line)[1:]
-            if re.fullmatch(r"-?\d+(\.\d+)?", cell)]
+    return [cell for line in table_lines(text) for cell in cells(line)[1:] if re.fullmatch(r"-?\d+(\.\d+)?", cell)]
 
 
 def harness_yaml(relative):
@@ -124,16 +124,23 @@ def leaderboard_runs(arc_norm, mmlu_subjects, gsm8k_strict):
     return {
         25: run({"arc_challenge": {"acc,none": 0.11, "acc_norm,none": arc_norm, "acc_norm_stderr,none": 0.02}}),
         10: run({"hellaswag": {"acc,none": 0.12, "acc_norm,none": 0.85}}),
-        5: run({**mmlu, "winogrande": {"acc,none": 0.75},
-                "gsm8k": {"exact_match,strict-match": gsm8k_strict, "exact_match,flexible-extract": 0.13}},
-               {"mmlu": ["mmlu_stem", names[-1]], "mmlu_stem": names[:-1]}),
+        5: run(
+            {
+                **mmlu,
+                "winogrande": {"acc,none": 0.75},
+                "gsm8k": {"exact_match,strict-match": gsm8k_strict, "exact_match,flexible-extract": 0.13},
+            },
+            {"mmlu": ["mmlu_stem", names[-1]], "mmlu_stem": names[:-1]},
+        ),
         0: run({"truthfulqa_mc2": {"acc,none": 0.5}}),
     }
 
 
 def test_leaderboard_table_reads_the_right_metrics_and_averages_them():
-    runs = {"Llama-2-tiny": leaderboard_runs(0.65, {"mmlu_a": 0.5, "mmlu_b": 0.9, "mmlu_c": 0.8}, 0.40),
-            "Platypus-tiny": leaderboard_runs(0.70, {"mmlu_a": 0.6, "mmlu_b": 0.6, "mmlu_c": 0.9}, 0.0)}
+    runs = {
+        "Llama-2-tiny": leaderboard_runs(0.65, {"mmlu_a": 0.5, "mmlu_b": 0.9, "mmlu_c": 0.8}, 0.40),
+        "Platypus-tiny": leaderboard_runs(0.70, {"mmlu_a": 0.6, "mmlu_b": 0.6, "mmlu_c": 0.9}, 0.0),
+    }
     lines = render_tables(OPENLLM, runs).splitlines()
     assert lines[1] == "| --- | --- | --- | --- | --- | --- | --- | --- |"
     # MMLU: the mean of the three subjects (0.7333), not the group's weighted 0.99
@@ -149,15 +156,23 @@ def test_leaderboard_table_reads_the_right_metrics_and_averages_them():
 
 def test_kobest_tables_have_one_table_per_task_and_shots_as_columns():
     def runs(offset):
-        return {shots: run({task: {"acc,none": 0.1, "f1,none": offset + shots / 1000} for task in KOBEST.tasks()})
-                for shots in (0, 5, 10, 50)}
+        return {
+            shots: run({task: {"acc,none": 0.1, "f1,none": offset + shots / 1000} for task in KOBEST.tasks()})
+            for shots in (0, 5, 10, 50)
+        }
 
     text = render_tables(KOBEST, {"polyglot-ko": runs(0.5), "KO-Platypus": runs(0.6)})
     blocks = text.strip().split("\n\n")
-    assert [b.splitlines()[0] for b in blocks] == ["### COPA (F1)", "### HellaSwag (F1)", "### BoolQ (F1)",
-                                                   "### SentiNeg (F1)"]
-    assert blocks[0].splitlines()[3:] == ["| polyglot-ko | 0.5000 | 0.5050 | 0.5100 | 0.5500 |",
-                                          "| KO-Platypus | 0.6000 | 0.6050 | 0.6100 | 0.6500 |"]
+    assert [b.splitlines()[0] for b in blocks] == [
+        "### COPA (F1)",
+        "### HellaSwag (F1)",
+        "### BoolQ (F1)",
+        "### SentiNeg (F1)",
+    ]
+    assert blocks[0].splitlines()[3:] == [
+        "| polyglot-ko | 0.5000 | 0.5050 | 0.5100 | 0.5500 |",
+        "| KO-Platypus | 0.6000 | 0.6050 | 0.6100 | 0.6500 |",
+    ]
 
 
 def test_num_fewshot_with_a_published_suite_says_what_it_replaces():
@@ -181,7 +196,9 @@ OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS":
 
 
 def evaluate_cli(*args, env=None):
-    return run_cli([sys.executable, str(REPO / "evaluate.py"), *map(str, args)], cwd=TASKS, env={**OFFLINE, **(env or {})})
+    return run_cli(
+        [sys.executable, str(REPO / "evaluate.py"), *map(str, args)], cwd=TASKS, env={**OFFLINE, **(env or {})}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -199,9 +216,19 @@ def test_base_adapters_and_merged_models_in_one_run(tmp_path, lora_adapter, qlor
     out = tmp_path / "eval"
     models = ["builtin:tiny-llama", str(lora_adapter), str(merged[0]), str(qlora_adapter), str(merged[1])]
     # through the launcher: its environment sets the run, and an argument wins over it (--limit 4)
-    result = run_cli(["bash", str(REPO / "evaluate.sh"), "--limit", "4"], cwd=TASKS, env={
-        **OFFLINE, "MODELS": ",".join(models), "SUITE": "tiny_mc,tiny_gen", "INCLUDE_PATH": ".", "LIMIT": "2",
-        "NUM_FEWSHOT": "0,1", "OUTPUT_DIR": str(out)})
+    result = run_cli(
+        ["bash", str(REPO / "evaluate.sh"), "--limit", "4"],
+        cwd=TASKS,
+        env={
+            **OFFLINE,
+            "MODELS": ",".join(models),
+            "SUITE": "tiny_mc,tiny_gen",
+            "INCLUDE_PATH": ".",
+            "LIMIT": "2",
+            "NUM_FEWSHOT": "0,1",
+            "OUTPUT_DIR": str(out),
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"adapter {qlora_adapter} on builtin:tiny-llama (4bit, as trained)" in result.stdout
     assert f"{merged[1]} (unquantized)" in result.stdout
@@ -247,12 +274,27 @@ def test_base_adapters_and_merged_models_in_one_run(tmp_path, lora_adapter, qlor
 
 def test_unknown_suite_task_and_missing_model_stop_before_any_work(tmp_path):
     out = tmp_path / "eval"
-    result = evaluate_cli("--models", f"builtin:tiny-llama,{tmp_path / 'nope'}", "--suite", "openlm,tiny_gem",
-                          "--include_path", ".", "--num_fewshot", "five", "--output_dir", out)
-    assert_user_error(result, "evaluate.py", f"--models {tmp_path / 'nope'}: folder does not exist",
-                      "unknown suite or task openlm; did you mean openllm?",
-                      "unknown suite or task tiny_gem; did you mean tiny_gen?", "--include_path .",
-                      "--num_fewshot five")
+    result = evaluate_cli(
+        "--models",
+        f"builtin:tiny-llama,{tmp_path / 'nope'}",
+        "--suite",
+        "openlm,tiny_gem",
+        "--include_path",
+        ".",
+        "--num_fewshot",
+        "five",
+        "--output_dir",
+        out,
+    )
+    assert_user_error(
+        result,
+        "evaluate.py",
+        f"--models {tmp_path / 'nope'}: folder does not exist",
+        "unknown suite or task openlm; did you mean openllm?",
+        "unknown suite or task tiny_gem; did you mean tiny_gen?",
+        "--include_path .",
+        "--num_fewshot five",
+    )
     assert not out.exists()
 
 
@@ -266,8 +308,10 @@ def test_without_lm_eval_says_how_to_install_it(tmp_path):
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] == 'lm_eval':\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, HideLmEval())\n")
-    result = evaluate_cli("--models", "builtin:tiny-llama", "--output_dir", tmp_path / "eval",
-                          env={"PYTHONPATH": str(shim)})
+        "sys.meta_path.insert(0, HideLmEval())\n"
+    )
+    result = evaluate_cli(
+        "--models", "builtin:tiny-llama", "--output_dir", tmp_path / "eval", env={"PYTHONPATH": str(shim)}
+    )
     assert_user_error(result, "evaluate.py", "lm-eval is not installed", "pip install -r requirements-eval.txt")
     assert not (tmp_path / "eval").exists()

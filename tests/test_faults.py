@@ -6,15 +6,15 @@ Faults are injected by tests/faults/sitecustomize.py (PLATY_FAULT) into real com
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, build_model, finetune, run_cli, write_rows
 
-from platy import checkpoints
+from platy.train import checkpoints
+
+from conftest import REPO, build_model, finetune, run_cli, write_rows
 
 FAULTS = str(Path(__file__).parent / "faults")
 RUN = ("--max_steps", 4, "--save_steps", 1)
@@ -118,8 +118,10 @@ def poisoned(tmp_path_factory, tiny_llama):
         model.get_input_embeddings().weight[poison] = float("nan")
     model.save_pretrained(folder)
     assert poison in tokenizer("a snowman \u2603")["input_ids"]
-    rows = [{"instruction": f"Add {a} and {a + 3}.", "input": "", "output": f"{a} + {a + 3} = {2 * a + 3}"}
-            for a in range(15)]
+    rows = [
+        {"instruction": f"Add {a} and {a + 3}.", "input": "", "output": f"{a} + {a + 3} = {2 * a + 3}"}
+        for a in range(15)
+    ]
     rows.insert(9, {"instruction": "Draw a snowman \u2603.", "input": "", "output": "\u2603"})
     return folder, write_rows(tmp_path_factory.mktemp("poisoned-data") / "rows.json", rows)
 
@@ -171,20 +173,49 @@ def test_a_full_disk_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
 def test_an_unwritable_output_dir_is_refused_before_loading(tmp_path):
     result = finetune("/proc/platy-cannot-write-here", *RUN)
     assert result.returncode == 2
-    assert last_line(result).startswith("finetune.py: error: --output_dir /proc/platy-cannot-write-here cannot be "
-                                        "written")
+    assert last_line(result).startswith(
+        "finetune.py: error: --output_dir /proc/platy-cannot-write-here cannot be written"
+    )
     assert "Loading" not in result.stdout
 
 
-TORCHRUN_FLAGS = ("--batch_size", "4", "--micro_batch_size", "1", "--max_steps", "6", "--warmup_steps", "0",
-                  "--logging_steps", "1", "--cutoff_len", "256", "--save_steps", "1")
+TORCHRUN_FLAGS = (
+    "--batch_size",
+    "4",
+    "--micro_batch_size",
+    "1",
+    "--max_steps",
+    "6",
+    "--warmup_steps",
+    "0",
+    "--logging_steps",
+    "1",
+    "--cutoff_len",
+    "256",
+    "--save_steps",
+    "1",
+)
 
 
 def torchrun(output_dir, *extra, env=None, port):
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            str(REPO / "finetune.py"), "--base_model", "builtin:tiny-llama", "--data_path",
-            str(REPO / "data" / "sample_platypus.json"), "--output_dir", str(output_dir), *TORCHRUN_FLAGS,
-            *map(str, extra)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(REPO / "finetune.py"),
+        "--base_model",
+        "builtin:tiny-llama",
+        "--data_path",
+        str(REPO / "data" / "sample_platypus.json"),
+        "--output_dir",
+        str(output_dir),
+        *TORCHRUN_FLAGS,
+        *map(str, extra),
+    ]
     started = time.time()
     result = run_cli(args, env=env, timeout=300)
     return result, time.time() - started
@@ -194,15 +225,19 @@ def test_torchrun_preemption_and_a_killed_rank(tmp_path):
     out = tmp_path / "out"
     # both ranks get SIGTERM (as from a scheduler): they agree on the step, save it and stop;
     # fine-tuning.sh gives back the preemption status that torchrun turns into 1
-    stopped = run_cli(["bash", str(REPO / "fine-tuning.sh"), "--output_dir", str(out), *TORCHRUN_FLAGS],
-                      env={**faulty("sigterm_after_step=2"), "NPROC": "2", "MASTER_PORT": "29561"}, timeout=300)
+    stopped = run_cli(
+        ["bash", str(REPO / "fine-tuning.sh"), "--output_dir", str(out), *TORCHRUN_FLAGS],
+        env={**faulty("sigterm_after_step=2"), "NPROC": "2", "MASTER_PORT": "29561"},
+        timeout=300,
+    )
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert "finetune.py: preempted: stopped at optimizer step 2 of 6" in stopped.stderr
     assert checkpoints.latest_checkpoint(out) == str(out / "checkpoint-2")
 
     # kill -9 of rank 1 two steps after resuming: the whole job ends, with one clear line from rank 0
-    killed, seconds = torchrun(out, "--resume_from_checkpoint", "auto", env=faulty("sigkill_after_step=2", rank=1),
-                               port=29562)
+    killed, seconds = torchrun(
+        out, "--resume_from_checkpoint", "auto", env=faulty("sigkill_after_step=2", rank=1), port=29562
+    )
     assert killed.returncode != 0 and seconds < 120
     assert "finetune.py: error: another process of this job stopped" in killed.stderr
     assert "Traceback" not in killed.stderr.split("finetune.py: error:")[0]
@@ -253,8 +288,9 @@ def test_resuming_with_other_settings_is_pointed_out(tmp_path, capsys):
     folder.mkdir()
     saved = {"flags": {"batch_size": 16, "learning_rate": 4e-4, "seed": 42}, "data": {"fingerprint": "abc"}}
     (folder / "run_config.json").write_text(json.dumps(saved))
-    setup = finetune_script.Setup(resume=("checkpoint", str(folder)), batch_size=32, learning_rate=4e-4, seed=42,
-                                  data_fingerprint="def")
+    setup = finetune_script.Setup(
+        resume=("checkpoint", str(folder)), batch_size=32, learning_rate=4e-4, seed=42, data_fingerprint="def"
+    )
     finetune_script.note_changed_settings(setup)
     out = capsys.readouterr().out
     assert "Note: resuming from checkpoint-2 with settings that differ from its run" in out

@@ -5,13 +5,16 @@ import sys
 
 import pandas as pd
 import pytest
+
 from conftest import REPO, assert_user_error, finetune, merge_cli, run_cli, write_rows
 
-QUESTIONS = [{"instruction": "What is 2 + 3?"},
-             {"instruction": "Compute the value of the expression.", "input": "12 * 3"},
-             {"instruction": "Convert 5 kilometres to metres."},
-             {"instruction": "다음 두 수의 합을 구하시오.", "input": "12, 30"},
-             {"instruction": "Is 91 a prime number? Explain with a factorisation, please, in detail."}]
+QUESTIONS = [
+    {"instruction": "What is 2 + 3?"},
+    {"instruction": "Compute the value of the expression.", "input": "12 * 3"},
+    {"instruction": "Convert 5 kilometres to metres."},
+    {"instruction": "다음 두 수의 합을 구하시오.", "input": "12, 30"},
+    {"instruction": "Is 91 a prime number? Explain with a factorisation, please, in detail."},
+]
 
 
 def infer(*args, env=None):
@@ -21,11 +24,29 @@ def infer(*args, env=None):
 def make_generator(adapter, **overrides):
     import inference
 
-    flags = {"base_model": None, "lora_weights": str(adapter), "prompt_template": None, "prompt": "x", "input": None,
-             "prompts_file": None, "output_file": None, "csv_path": None, "output_csv_path": None,
-             "interactive": False, "max_new_tokens": 12, "temperature": 0.0, "top_p": 1.0, "num_beams": 1,
-             "repetition_penalty": 1.0, "batch_size": 8, "load_8bit": None, "load_4bit": None, "seed": 0,
-             "trust_remote_code": False, **overrides}
+    flags = {
+        "base_model": None,
+        "lora_weights": str(adapter),
+        "prompt_template": None,
+        "prompt": "x",
+        "input": None,
+        "prompts_file": None,
+        "output_file": None,
+        "csv_path": None,
+        "output_csv_path": None,
+        "interactive": False,
+        "max_new_tokens": 12,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "num_beams": 1,
+        "repetition_penalty": 1.0,
+        "batch_size": 8,
+        "load_8bit": None,
+        "load_4bit": None,
+        "seed": 0,
+        "trust_remote_code": False,
+        **overrides,
+    }
     setup = inference.validate(flags)
     model, tokenizer, prompter = inference.load_for_generation(setup)
     return inference.Generator(model, tokenizer, prompter, setup)
@@ -40,12 +61,13 @@ def test_batched_greedy_equals_one_at_a_time(qlora_adapter):
 
 
 def test_prompt_ids_match_training_and_input_is_used(qlora_adapter):
-    from platy.data import ExampleTokenizer
+    from platy.data.examples import ExampleTokenizer
 
     generator = make_generator(qlora_adapter)
     ids, mask = generator.encode([QUESTIONS[1]])
     training = ExampleTokenizer(generator.tokenizer, generator.prompter, 4096)(
-        {"instruction": [QUESTIONS[1]["instruction"]], "input": [QUESTIONS[1]["input"]], "output": ["36"]})
+        {"instruction": [QUESTIONS[1]["instruction"]], "input": [QUESTIONS[1]["input"]], "output": ["36"]}
+    )
     n_prompt = sum(1 for label in training["labels"][0] if label == -100)
     assert ids[0].tolist() == training["input_ids"][0][:n_prompt], "generation sees the prompt ids training saw"
     assert "12 * 3" in generator.tokenizer.decode(ids[0]) and "### Input:" in generator.tokenizer.decode(ids[0])
@@ -59,8 +81,22 @@ def stopper(tmp_path_factory):
     folder = tmp_path_factory.mktemp("stop")
     data = write_rows(folder / "d.json", [{"instruction": "Say yes.", "output": "Yes."}] * 16)
     out = folder / "adapter"
-    result = finetune(out, "--max_steps", 40, "--learning_rate", 1e-2, "--lora_dropout", 0.0, "--quantization",
-                      "none", "--batch_size", 4, "--micro_batch_size", 4, data_path=data)
+    result = finetune(
+        out,
+        "--max_steps",
+        40,
+        "--learning_rate",
+        1e-2,
+        "--lora_dropout",
+        0.0,
+        "--quantization",
+        "none",
+        "--batch_size",
+        4,
+        "--micro_batch_size",
+        4,
+        data_path=data,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -71,9 +107,10 @@ def test_generation_stops_at_eos(stopper):
     import torch
 
     with torch.no_grad():
-        out = generator.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                       **generator.kwargs)
-    new = out[0, input_ids.shape[1]:].tolist()
+        out = generator.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **generator.kwargs
+        )
+    new = out[0, input_ids.shape[1] :].tolist()
     assert generator.tokenizer.eos_token_id in new and len(new) < 40, "the model learned to stop"
     assert generator.generate([{"instruction": "Say yes."}]) == ["Yes."]
 
@@ -99,12 +136,23 @@ def test_prompts_file_round_trip(qlora_adapter, tmp_path, suffix):
     src = tmp_path / f"q{suffix}"
     if suffix == ".csv":
         pd.DataFrame([{"instruction": q["instruction"], "input": q.get("input", "")} for q in QUESTIONS]).to_csv(
-            src, index=False)
+            src, index=False
+        )
     else:
         write_rows(src, QUESTIONS)
     dst = tmp_path / f"a{suffix}"
-    result = infer("--lora_weights", qlora_adapter, "--prompts_file", src, "--output_file", dst,
-                   "--max_new_tokens", 8, "--batch_size", 2)
+    result = infer(
+        "--lora_weights",
+        qlora_adapter,
+        "--prompts_file",
+        src,
+        "--output_file",
+        dst,
+        "--max_new_tokens",
+        8,
+        "--batch_size",
+        2,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     if suffix == ".csv":
         rows = pd.read_csv(dst, keep_default_na=False).to_dict("records")
@@ -120,8 +168,16 @@ def test_prompts_file_round_trip(qlora_adapter, tmp_path, suffix):
 def test_platypus_csv_flags(qlora_adapter, tmp_path):
     src = tmp_path / "q.csv"
     pd.DataFrame({"instruction": ["What is 2 + 3?"], "input": [""]}).to_csv(src, index=False)
-    result = infer("--lora_weights", qlora_adapter, "--csv_path", src, "--output_csv_path", tmp_path / "a.csv",
-                   "--max_new_tokens", 4)
+    result = infer(
+        "--lora_weights",
+        qlora_adapter,
+        "--csv_path",
+        src,
+        "--output_csv_path",
+        tmp_path / "a.csv",
+        "--max_new_tokens",
+        4,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(pd.read_csv(tmp_path / "a.csv").columns) == ["instruction", "input", "response"]
 
@@ -131,8 +187,10 @@ def assert_refused(result, *fragments):
 
 
 def test_empty_prompts_file(qlora_adapter, tmp_path):
-    assert_refused(infer("--lora_weights", qlora_adapter, "--prompts_file", write_rows(tmp_path / "q.json", [])),
-                   "holds no prompts")
+    assert_refused(
+        infer("--lora_weights", qlora_adapter, "--prompts_file", write_rows(tmp_path / "q.json", [])),
+        "holds no prompts",
+    )
 
 
 def test_missing_instruction_column(qlora_adapter, tmp_path):
@@ -142,13 +200,17 @@ def test_missing_instruction_column(qlora_adapter, tmp_path):
 
 
 def test_unknown_template(qlora_adapter):
-    assert_refused(infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--prompt_template", "chatml"),
-                   "unknown template 'chatml'")
+    assert_refused(
+        infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--prompt_template", "chatml"),
+        "unknown template 'chatml'",
+    )
 
 
 def test_adapter_for_another_base(qlora_adapter, tiny_llama_wide):
-    assert_refused(infer("--lora_weights", qlora_adapter, "--base_model", tiny_llama_wide, "--prompt", "hi"),
-                   "does not fit --base_model")
+    assert_refused(
+        infer("--lora_weights", qlora_adapter, "--base_model", tiny_llama_wide, "--prompt", "hi"),
+        "does not fit --base_model",
+    )
 
 
 def test_no_prompt_source():
@@ -158,9 +220,21 @@ def test_no_prompt_source():
 def test_interactive_streams_answers(stopper):
     import subprocess
 
-    proc = subprocess.run([sys.executable, str(REPO / "inference.py"), "--lora_weights", str(stopper),
-                           "--interactive", "--max_new_tokens", "20"], input="Say yes.\n\n", capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "inference.py"),
+            "--lora_weights",
+            str(stopper),
+            "--interactive",
+            "--max_new_tokens",
+            "20",
+        ],
+        input="Say yes.\n\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Yes." in proc.stdout
 
@@ -177,9 +251,14 @@ def test_adapter_answers_come_from_the_base_as_trained(qlora_adapter):
 
 
 def test_template_error_names_this_scripts_flag(qlora_adapter, tmp_path):
-    assert_refused(infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--prompt_template",
-                         tmp_path / "nope.json"), "--prompt_template", "template file not found")
+    assert_refused(
+        infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--prompt_template", tmp_path / "nope.json"),
+        "--prompt_template",
+        "template file not found",
+    )
 
 
 def test_top_p_without_sampling_is_refused(qlora_adapter):
-    assert_refused(infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--top_p", 0.9), "--top_p applies to sampling")
+    assert_refused(
+        infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--top_p", 0.9), "--top_p applies to sampling"
+    )

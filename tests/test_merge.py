@@ -5,13 +5,16 @@ import math
 
 import pytest
 import torch
-from conftest import assert_user_error, merge_cli
 from safetensors.torch import load_file, save_file
 
-PROMPTS = ["Below is an instruction that describes a task. Write a response that appropriately completes the "
-           "request.\n\n### Instruction:\nWhat is 12 + 30?\n\n### Response:\n",
-           "### Instruction:\nIs 91 a prime number?\n\n### Response:\nNo. 91 = 7 x 13",
-           "다음 두 수의 합을 구하시오. 12, 30"]
+from conftest import assert_user_error, merge_cli
+
+PROMPTS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\nWhat is 12 + 30?\n\n### Response:\n",
+    "### Instruction:\nIs 91 a prime number?\n\n### Response:\nNo. 91 = 7 x 13",
+    "다음 두 수의 합을 구하시오. 12, 30",
+]
 
 
 def logits_of(model, tokenizer):
@@ -153,13 +156,16 @@ def test_eval_forward_does_not_corrupt_what_dequantize_returns(qlora_adapter):
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 5, 9, 12]]))
     layer = model.model.layers[0].mlp.down_proj
-    original = load_file(run["resolved"]["base_model_path"] + "/model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    original = load_file(run["resolved"]["base_model_path"] + "/model.safetensors")[
+        "model.layers.0.mlp.down_proj.weight"
+    ]
     expected = rebuild_quantized(original, run["resolved"]["quantization_layout"])
     got = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 # ---- nothing lost, bad input -------------------------------------------------------------
+
 
 def assert_refused(result, *fragments):
     assert_user_error(result, "merge.py", *fragments)
@@ -198,12 +204,15 @@ def test_adapter_for_another_base_is_refused(qlora_adapter, tiny_llama_wide, tmp
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["--method", "slerp"], "--method slerp"),
-    (["--dtype", "int4"], "--dtype int4"),
-    (["--max_shard_size", "big"], "--max_shard_size big"),
-    (["--base_model", "/no/such/base"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--method", "slerp"], "--method slerp"),
+        (["--dtype", "int4"], "--dtype int4"),
+        (["--max_shard_size", "big"], "--max_shard_size big"),
+        (["--base_model", "/no/such/base"], "does not exist"),
+    ],
+)
 def test_bad_flags(qlora_adapter, tmp_path, extra, fragment):
     assert_refused(merge_cli(qlora_adapter, tmp_path / "m", *extra), fragment)
     assert not (tmp_path / "m").exists()
@@ -250,8 +259,11 @@ def test_card_of_a_checkpoint_has_no_unknowns(qlora_adapter, tmp_path):
 
 
 def test_shard_size_below_the_largest_tensor_is_refused(qlora_adapter, tmp_path):
-    assert_refused(merge_cli(qlora_adapter, tmp_path / "m", "--max_shard_size", "300"), "--max_shard_size",
-                   "smaller than the tensor")
+    assert_refused(
+        merge_cli(qlora_adapter, tmp_path / "m", "--max_shard_size", "300"),
+        "--max_shard_size",
+        "smaller than the tensor",
+    )
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -261,17 +273,25 @@ def test_per_module_rank_and_alpha_match_peft(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["down_proj", "up_proj"], init_lora_weights=False,
-                        rank_pattern={"model.layers.0.mlp.down_proj": 2},
-                        alpha_pattern={"model.layers.0.mlp.down_proj": 32, "up_proj": 4})
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["down_proj", "up_proj"],
+        init_lora_weights=False,
+        rank_pattern={"model.layers.0.mlp.down_proj": 2},
+        alpha_pattern={"model.layers.0.mlp.down_proj": 32, "up_proj": 4},
+    )
     get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
     result = merge_cli(tmp_path / "adapter", tmp_path / "m", "--base_model", tiny_llama, "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-2000:]
     fresh = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     expected = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter")).merge_and_unload().state_dict()
     merged = load_file(tmp_path / "m" / "model.safetensors")
-    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight",
-                 "model.layers.0.mlp.up_proj.weight"):
+    for name in (
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    ):
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 

@@ -10,52 +10,104 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SAMPLE, assert_user_error, run_cli
 from safetensors.torch import load_file
+
+from conftest import REPO, SAMPLE, assert_user_error, run_cli
 
 RECIPES = REPO / "recipes"
 
 # What each system published (shared/seeds; Platypus2-70B's learning rate from the issue, which
 # quotes the Platypus2 paper), in finetune.py's flag names. test_the_table_matches_the_seeds
 # checks these against the seeds' tables (tests/fixtures/seeds/hyperparameters).
-PLATYPUS = dict(batch_size=16, micro_batch_size=1, num_epochs=1, warmup_steps=100, weight_decay=0.0,
-                lr_scheduler="cosine", lora_r=16, lora_alpha=16, lora_dropout=0.05, cutoff_len=4096,
-                lora_target_modules={"gate_proj", "up_proj", "down_proj"}, train_on_inputs=False,
-                group_by_length=False, add_eos_token=False, prompt_template_name="alpaca")
+PLATYPUS = dict(
+    batch_size=16,
+    micro_batch_size=1,
+    num_epochs=1,
+    warmup_steps=100,
+    weight_decay=0.0,
+    lr_scheduler="cosine",
+    lora_r=16,
+    lora_alpha=16,
+    lora_dropout=0.05,
+    cutoff_len=4096,
+    lora_target_modules={"gate_proj", "up_proj", "down_proj"},
+    train_on_inputs=False,
+    group_by_length=False,
+    add_eos_token=False,
+    prompt_template_name="alpaca",
+)
 PUBLISHED = {
-    "platypus2-13b": dict(PLATYPUS, learning_rate=4e-4, base_model="meta-llama/Llama-2-13b-hf",
-                          data_path="garage-bAInd/Open-Platypus"),
-    "platypus2-70b": dict(PLATYPUS, learning_rate=3e-4, base_model="meta-llama/Llama-2-70b-hf",
-                          data_path="garage-bAInd/Open-Platypus"),
-    "platyi-34b-llama-q": dict(PLATYPUS, learning_rate=3e-4, warmup_steps=100, quantization="4bit",
-                               base_model="chargoddard/Yi-34B-Llama", data_path="garage-bAInd/Open-Platypus"),
-    "platyi-34b-q": dict(PLATYPUS, learning_rate=4e-4, warmup_steps=0, quantization="4bit",
-                         base_model="01-ai/Yi-34B", data_path="garage-bAInd/Open-Platypus"),
-    "ko-platypus2-13b": dict(PLATYPUS, learning_rate=4e-4, base_model="meta-llama/Llama-2-13b-hf",
-                             data_path="kyujinpy/KOpen-platypus"),
-    "kot-platypus2-7b": dict(batch_size=64, micro_batch_size=1, num_epochs=15, learning_rate=1e-5, cutoff_len=4096,
-                             lr_scheduler="linear", base_model="kyujinpy/KO-Platypus2-7B-ex",
-                             data_path="kyujinpy/KoCoT_2000"),
+    "platypus2-13b": dict(
+        PLATYPUS, learning_rate=4e-4, base_model="meta-llama/Llama-2-13b-hf", data_path="garage-bAInd/Open-Platypus"
+    ),
+    "platypus2-70b": dict(
+        PLATYPUS, learning_rate=3e-4, base_model="meta-llama/Llama-2-70b-hf", data_path="garage-bAInd/Open-Platypus"
+    ),
+    "platyi-34b-llama-q": dict(
+        PLATYPUS,
+        learning_rate=3e-4,
+        warmup_steps=100,
+        quantization="4bit",
+        base_model="chargoddard/Yi-34B-Llama",
+        data_path="garage-bAInd/Open-Platypus",
+    ),
+    "platyi-34b-q": dict(
+        PLATYPUS,
+        learning_rate=4e-4,
+        warmup_steps=0,
+        quantization="4bit",
+        base_model="01-ai/Yi-34B",
+        data_path="garage-bAInd/Open-Platypus",
+    ),
+    "ko-platypus2-13b": dict(
+        PLATYPUS, learning_rate=4e-4, base_model="meta-llama/Llama-2-13b-hf", data_path="kyujinpy/KOpen-platypus"
+    ),
+    "kot-platypus2-7b": dict(
+        batch_size=64,
+        micro_batch_size=1,
+        num_epochs=15,
+        learning_rate=1e-5,
+        cutoff_len=4096,
+        lr_scheduler="linear",
+        base_model="kyujinpy/KO-Platypus2-7B-ex",
+        data_path="kyujinpy/KoCoT_2000",
+    ),
     # batch 14 per GPU on 8 GPUs: checked through the accumulation, see below
-    "dolphin-orca-platypus-llama-70b": dict(lora_r=16, lora_alpha=16, learning_rate=3e-4, lr_scheduler="cosine",
-                                            num_epochs=1, quantization="4bit",
-                                            base_model="meta-llama/Llama-2-70b-hf"),
+    "dolphin-orca-platypus-llama-70b": dict(
+        lora_r=16,
+        lora_alpha=16,
+        learning_rate=3e-4,
+        lr_scheduler="cosine",
+        num_epochs=1,
+        quantization="4bit",
+        base_model="meta-llama/Llama-2-70b-hf",
+    ),
 }
 SHAPE_PARAMETERS = {  # parameter counts of the published shapes (meta-device build)
-    "meta-llama/Llama-2-13b-hf": "13.02 B", "meta-llama/Llama-2-70b-hf": "68.98 B", "01-ai/Yi-34B": "34.39 B",
-    "chargoddard/Yi-34B-Llama": "34.39 B", "kyujinpy/KO-Platypus2-7B-ex": "6.74 B",
+    "meta-llama/Llama-2-13b-hf": "13.02 B",
+    "meta-llama/Llama-2-70b-hf": "68.98 B",
+    "01-ai/Yi-34B": "34.39 B",
+    "chargoddard/Yi-34B-Llama": "34.39 B",
+    "kyujinpy/KO-Platypus2-7B-ex": "6.74 B",
 }
 
 
 def launch(name, env):
     """Start a recipe the way a user does; returns the running process."""
     full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.Popen(["bash", str(RECIPES / f"{name}.sh")], cwd=env.get("CWD", REPO), env=full,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        ["bash", str(RECIPES / f"{name}.sh")],
+        cwd=env.get("CWD", REPO),
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def run_all(jobs, workers):
     """{name: (returncode, stdout, stderr)} for {name: env}, a few at a time."""
+
     def one(item):
         name, env = item
         proc = launch(name, env)
@@ -99,8 +151,9 @@ def recorded_launch(name, tmp_path, env):
     recorder.write_text(RECORDER)
     recorder.chmod(0o755)
     record = tmp_path / f"{name}.args"
-    result = run_cli(["bash", str(RECIPES / f"{name}.sh")], cwd=tmp_path,
-                     env={**env, "PYTHON": str(recorder), "RECORD": str(record)})
+    result = run_cli(
+        ["bash", str(RECIPES / f"{name}.sh")], cwd=tmp_path, env={**env, "PYTHON": str(recorder), "RECORD": str(record)}
+    )
     assert result.returncode == 0, (name, result.stderr[-2000:])
     argv = record.read_text().split("\0")[:-1]
     launched_env = dict(line.split("=", 1) for line in Path(f"{record}.env").read_text().split())
@@ -147,8 +200,9 @@ def test_dry_run_prints_the_published_numbers_and_the_plan(name, tmp_path, monke
     assert env == {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "RANK": "0"}
     out = dry_run_in_process(argv, env, monkeypatch, capsys)
     flags, weights = check_plan(name, out, world=8, nodes=2)
-    assert {p.name for p in tmp_path.iterdir()} == {"python", f"{name}.args", f"{name}.args.env"}, \
+    assert {p.name for p in tmp_path.iterdir()} == {"python", f"{name}.args", f"{name}.args.env"}, (
         "a dry run writes nothing"
+    )
     if name == "dolphin-orca-platypus-llama-70b":
         assert "micro batch 1 x gradient accumulation 14 x 8" in out  # 14 per GPU
         assert flags["deepspeed"].endswith("configs/zero2.json'") and "DeepSpeed ZeRO-2" in out
@@ -160,8 +214,11 @@ def test_dry_run_prints_the_published_numbers_and_the_plan(name, tmp_path, monke
 
 def test_dry_run_end_to_end_checks_the_fit(tmp_path):
     """The real command line: recipe, launcher, finetune.py --dry_run, against an 80 GB GPU."""
-    result = run_cli(["bash", str(RECIPES / "platyi-34b-q.sh"), "--gpu_memory_gb", "80"], cwd=tmp_path,
-                     env={"DRY_RUN": "1", "NPROC": "8", "NNODES": "1"})
+    result = run_cli(
+        ["bash", str(RECIPES / "platyi-34b-q.sh"), "--gpu_memory_gb", "80"],
+        cwd=tmp_path,
+        env={"DRY_RUN": "1", "NPROC": "8", "NNODES": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     check_plan("platyi-34b-q", result.stdout, world=8, nodes=1)
     assert re.search(r"fit: [\d.]+ GiB estimated fits in 80 GiB per GPU", result.stdout)
@@ -181,7 +238,7 @@ def test_tiny_runs_every_recipe(tmp_path):
     # two processes that meet at a c10d rendezvous endpoint (torchrun), as nodes of a multi-node job do
     jobs["platypus2-13b"].update(NPROC="2", RDZV_ID="platy-test", MASTER_PORT=str(free_port()))
     results = run_all(jobs, workers=2)
-    for name, (code, out, err) in results.items():
+    for name, (code, _out, err) in results.items():
         assert code == 0, (name, err[-3000:])
         config = json.loads((tmp_path / name / "run_config.json").read_text())
         published = {k: v for k, v in PUBLISHED[name].items() if k not in ("base_model", "data_path")}
@@ -214,8 +271,11 @@ def free_port():
 
 
 def test_bad_recipe_overrides_are_refused_before_loading(tmp_path):
-    result = run_cli(["bash", str(RECIPES / "kot-platypus2-7b.sh")], cwd=tmp_path,
-                     env={"TINY": "1", "FINETUNING": "full", "QUANTIZATION": "4bit", "LEARNING_RATE": "-1"})
+    result = run_cli(
+        ["bash", str(RECIPES / "kot-platypus2-7b.sh")],
+        cwd=tmp_path,
+        env={"TINY": "1", "FINETUNING": "full", "QUANTIZATION": "4bit", "LEARNING_RATE": "-1"},
+    )
     assert_user_error(result, "finetune.py", "--finetuning full", "--quantization none", "--learning_rate")
 
 
@@ -225,47 +285,73 @@ SEED_TABLES = Path(__file__).parent / "fixtures" / "seeds" / "hyperparameters"
 
 def seed_tables(text):
     """Two-column markdown tables as {lower-cased name: value}."""
-    return {k.strip().lower(): v.strip().strip("`") for k, v in re.findall(r"^\|([^|]+)\|([^|]+)\|\s*$", text, re.MULTILINE)}
+    return {
+        k.strip().lower(): v.strip().strip("`") for k, v in re.findall(r"^\|([^|]+)\|([^|]+)\|\s*$", text, re.MULTILINE)
+    }
 
 
 def test_the_table_matches_the_seeds():
     text = {path.stem: path.read_text(encoding="utf-8") for path in SEED_TABLES.glob("0*.md")}
     llama_q, plain_q = text["000"].split("- PlatYi-34B-Q")
-    names = {"learning rate": "learning_rate", "batch size": "batch_size", "microbatch  size": "micro_batch_size",
-             "warmup steps": "warmup_steps", "weight decay": "weight_decay", "lr scheduler": "lr_scheduler",
-             "lora alpha": "lora_alpha", "lora rank": "lora_r", "lora dropout": "lora_dropout",
-             "cutoff length": "cutoff_len"}
-    for recipe, table in (("platypus2-13b", text["003"]), ("platyi-34b-llama-q", llama_q),
-                          ("platyi-34b-q", plain_q)):
+    names = {
+        "learning rate": "learning_rate",
+        "batch size": "batch_size",
+        "microbatch  size": "micro_batch_size",
+        "warmup steps": "warmup_steps",
+        "weight decay": "weight_decay",
+        "lr scheduler": "lr_scheduler",
+        "lora alpha": "lora_alpha",
+        "lora rank": "lora_r",
+        "lora dropout": "lora_dropout",
+        "cutoff length": "cutoff_len",
+    }
+    for recipe, table in (("platypus2-13b", text["003"]), ("platyi-34b-llama-q", llama_q), ("platyi-34b-q", plain_q)):
         rows = seed_tables(table)
         for seed_name, flag in names.items():
             value = rows[seed_name]
             want = PUBLISHED[recipe][flag]
-            assert (value == want if isinstance(want, str) else float(value) == want), (recipe, seed_name)
+            assert value == want if isinstance(want, str) else float(value) == want, (recipe, seed_name)
         assert {m.strip() for m in rows["lora target modules"].split(",")} == PUBLISHED[recipe]["lora_target_modules"]
     kot = seed_tables(text["002"])
-    for seed_name, flag in (("batch_size", "batch_size"), ("micro_batch_size", "micro_batch_size"),
-                            ("epochs", "num_epochs"), ("learning_rate", "learning_rate"),
-                            ("cutoff_len", "cutoff_len")):
+    for seed_name, flag in (
+        ("batch_size", "batch_size"),
+        ("micro_batch_size", "micro_batch_size"),
+        ("epochs", "num_epochs"),
+        ("learning_rate", "learning_rate"),
+        ("cutoff_len", "cutoff_len"),
+    ):
         assert float(kot[seed_name]) == PUBLISHED["kot-platypus2-7b"][flag], seed_name
     assert kot["lr_scheduler"] == "linear" and kot["base_model"] == PUBLISHED["kot-platypus2-7b"]["base_model"]
     dolphin = seed_tables(text["001"])
-    assert (dolphin["lora_rank"], dolphin["lora_alpha"], dolphin["batch_size"], dolphin["lr"]) == ("16", "16", "14", "3e-4")
+    assert (dolphin["lora_rank"], dolphin["lora_alpha"], dolphin["batch_size"], dolphin["lr"]) == (
+        "16",
+        "16",
+        "14",
+        "3e-4",
+    )
     assert dolphin["gpus"].startswith("8x") and dolphin["deepspeed"] == "ZERO-2"
     assert "kyujinpy/KOpen-platypus" in text["004"]
 
 
 def test_sizing_counts_and_sharding():
     """Parameter counts from the published Llama-2-7B shape; what each strategy divides; FSDP's 4-bit storage."""
-    from platy import sizing
     from platy.modeling import meta_model, quantization_config
+    from platy.train import sizing
 
     config, _ = sizing.published_config("meta-llama/Llama-2-7b-hf")
     counts = sizing.parameter_counts(meta_model(config), {"gate_proj", "up_proj", "down_proj"}, 16)
     assert counts["total"] == 6_738_415_616  # Llama-2-7B's published parameter count
     assert counts["lora"] == 32 * 3 * 16 * (4096 + 11008)
-    common = dict(finetuning="lora", quantization="4bit", compute_bytes=2, double_quant=False, micro_batch_size=1,
-                  cutoff_len=4096, gradient_checkpointing=True, world_size=8)
+    common = dict(
+        finetuning="lora",
+        quantization="4bit",
+        compute_bytes=2,
+        double_quant=False,
+        micro_batch_size=1,
+        cutoff_len=4096,
+        gradient_checkpointing=True,
+        world_size=8,
+    )
     ddp, zero2, fsdp = (sizing.estimate(config, counts, strategy=s, **common) for s in ("ddp", "zero2", "fsdp"))
     assert zero2["weights"] == ddp["weights"] and zero2["trainable_and_optimizer"] < ddp["trainable_and_optimizer"]
     assert fsdp["weights"] < ddp["weights"] / 8 + 0.01  # sharded, and no fp32 upcast under FSDP

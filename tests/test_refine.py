@@ -5,12 +5,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, SAMPLE, assert_user_error, run_cli, write_rows
 
 import refine as refine_script
 from platy import refining
 from platy.cli import UserError
-from platy.data import load_rows, mix_rows, parse_mix, take_share, to_alpaca
+from platy.data.rows import load_rows, mix_rows, parse_mix, take_share, to_alpaca
 from platy.refining import (
     benchmark_question,
     embed_texts,
@@ -22,20 +21,29 @@ from platy.refining import (
     resolve_embedding_model,
 )
 
+from conftest import REPO, SAMPLE, assert_user_error, run_cli, write_rows
+
 BOILING = "What is the boiling point of water at sea level in Celsius?"
 BOILING_REWORDED = "At sea level, at what temperature in degrees Celsius does water boil?"
 CAPITAL = "What is the capital city of Australia?"
 CAPITAL_TEST = "Which city is Australia's capital?"  # the planted benchmark question (similarity 0.96)
 TRIANGLE_KO = "삼각형의 내각의 합은 몇 도입니까?"
-DIFFERENT = ["Name the largest planet in the solar system.", "Write a Python function that reverses a string.",
-             "If all cats are mammals and some mammals are black, must some cats be black?"]
+DIFFERENT = [
+    "Name the largest planet in the solar system.",
+    "Write a Python function that reverses a string.",
+    "If all cats are mammals and some mammals are black, must some cats be black?",
+]
 
 
 def alpaca_rows():
     return [
         {"instruction": BOILING, "input": "", "output": "100 C."},
-        {"instruction": BOILING, "input": "", "output": "Water boils at 100 degrees Celsius at sea level.",
-         "data_source": "physics"},
+        {
+            "instruction": BOILING,
+            "input": "",
+            "output": "Water boils at 100 degrees Celsius at sea level.",
+            "data_source": "physics",
+        },
         {"instruction": BOILING_REWORDED, "input": "", "output": "At 100 degrees."},
         *({"instruction": text, "output": "An answer."} for text in DIFFERENT),
         {"instruction": "Solve for x.", "input": "2x + 6 = 10", "output": "x = 2"},
@@ -48,39 +56,62 @@ def alpaca_rows():
 
 def conversation_rows():
     return [
-        {"conversations": [{"from": "system", "value": "Answer briefly."},
-                           {"from": "human", "value": "How many protons does a carbon atom have?"},
-                           {"from": "gpt", "value": "Six."}]},
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "Answer briefly."},
+                {"from": "human", "value": "How many protons does a carbon atom have?"},
+                {"from": "gpt", "value": "Six."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Bye"},
+            ]
+        },
     ]
 
 
 def orca_rows(n=20):
-    return [{"system_prompt": "", "question": f"What is {i} times {i + 7}?", "response": str(i * (i + 7))}
-            for i in range(n)]
+    return [
+        {"system_prompt": "", "question": f"What is {i} times {i + 7}?", "response": str(i * (i + 7))} for i in range(n)
+    ]
 
 
 # ---- normalise -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("row, expected", [
-    ({"instruction": "Q", "input": "I", "output": "A", "data_source": "s"},
-     {"instruction": "Q", "input": "I", "output": "A", "data_source": "s"}),
-    ({"system_prompt": "Be brief.", "question": "Q?", "response": "A."},
-     {"instruction": "Be brief.", "input": "Q?", "output": "A."}),
-    ({"system_prompt": "", "question": "Q?", "response": "A."}, {"instruction": "Q?", "input": "", "output": "A."}),
-    ({"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]},
-     {"instruction": "Q?", "input": "", "output": "A."}),
-    (conversation_rows()[0], {"instruction": "Answer briefly.", "input": "How many protons does a carbon atom have?",
-                              "output": "Six."}),
-    ({"question": "Q?", "response": " "}, "'response' is blank"),
-    ({"question": "Q?"}, "missing 'response'"),
-    (conversation_rows()[1], "a conversation of 2 exchanges"),
-    ({"conversations": [{"from": "human", "value": "Q?"}]}, "one user turn followed by one assistant turn"),
-    ({"conversations": [{"from": "robot", "value": "Q?"}]}, "unknown role 'robot'"),
-    ({"title": "x"}, "no known fields"),
-    ("text", "expected an object"),
-])
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        (
+            {"instruction": "Q", "input": "I", "output": "A", "data_source": "s"},
+            {"instruction": "Q", "input": "I", "output": "A", "data_source": "s"},
+        ),
+        (
+            {"system_prompt": "Be brief.", "question": "Q?", "response": "A."},
+            {"instruction": "Be brief.", "input": "Q?", "output": "A."},
+        ),
+        ({"system_prompt": "", "question": "Q?", "response": "A."}, {"instruction": "Q?", "input": "", "output": "A."}),
+        (
+            {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]},
+            {"instruction": "Q?", "input": "", "output": "A."},
+        ),
+        (
+            conversation_rows()[0],
+            {"instruction": "Answer briefly.", "input": "How many protons does a carbon atom have?", "output": "Six."},
+        ),
+        ({"question": "Q?", "response": " "}, "'response' is blank"),
+        ({"question": "Q?"}, "missing 'response'"),
+        (conversation_rows()[1], "a conversation of 2 exchanges"),
+        ({"conversations": [{"from": "human", "value": "Q?"}]}, "one user turn followed by one assistant turn"),
+        ({"conversations": [{"from": "robot", "value": "Q?"}]}, "unknown role 'robot'"),
+        ({"title": "x"}, "no known fields"),
+        ("text", "expected an object"),
+    ],
+)
 def test_rows_are_converted_or_refused_with_a_reason(row, expected):
     entry, reason = to_alpaca(row)
     if isinstance(expected, dict):
@@ -90,6 +121,7 @@ def test_rows_are_converted_or_refused_with_a_reason(row, expected):
 
 
 # ---- exact and near duplicates -------------------------------------------------------
+
 
 def test_exact_duplicates_keep_the_longest_output_in_its_place():
     rows = alpaca_rows()
@@ -162,14 +194,19 @@ def test_embeddings_find_paraphrases_and_keep_different_questions(minilm, tmp_pa
 
 # ---- mixing --------------------------------------------------------------------------
 
+
 def test_mix_spec_names_every_problem_at_once(tmp_path):
     good = write_rows(tmp_path / "a.json", [{"instruction": "q", "output": "a"}])
     assert parse_mix(f"{good}:1.0, {good}:0.01,{good}") == [(str(good), 1.0), (str(good), 0.01), (str(good), 1.0)]
     with pytest.raises(UserError) as err:
         parse_mix(f"{good}:0,{tmp_path}/missing.jsonl:0.5,{good}:1.5,{good}:abc", "--mix")
     message = str(err.value)
-    for fragment in (f"{good}:0: the fraction must be a number in (0, 1]", "missing.jsonl: file not found",
-                     f"{good}:1.5: the fraction", f"{good}:abc: the fraction"):
+    for fragment in (
+        f"{good}:0: the fraction must be a number in (0, 1]",
+        "missing.jsonl: file not found",
+        f"{good}:1.5: the fraction",
+        f"{good}:abc: the fraction",
+    ):
         assert fragment in message
 
 
@@ -210,17 +247,22 @@ def test_finetune_reads_a_mix_spec(tmp_path, capsys):
 
 # ---- the command line ----------------------------------------------------------------
 
+
 def refine_cli(*args):
     return run_cli([sys.executable, str(REPO / "refine.py"), *map(str, args)])
 
 
 @pytest.fixture
 def inputs(tmp_path):
-    return {"alpaca": write_rows(tmp_path / "alpaca.json", alpaca_rows()),
-            "share": write_rows(tmp_path / "share.jsonl", conversation_rows()),
-            "orca": write_rows(tmp_path / "orca.jsonl", orca_rows()),
-            "test": write_rows(tmp_path / "arc_test.json", [{"question": CAPITAL_TEST, "choices": ["a", "b"]},
-                                                            {"question": "Who painted the Mona Lisa?"}])}
+    return {
+        "alpaca": write_rows(tmp_path / "alpaca.json", alpaca_rows()),
+        "share": write_rows(tmp_path / "share.jsonl", conversation_rows()),
+        "orca": write_rows(tmp_path / "orca.jsonl", orca_rows()),
+        "test": write_rows(
+            tmp_path / "arc_test.json",
+            [{"question": CAPITAL_TEST, "choices": ["a", "b"]}, {"question": "Who painted the Mona Lisa?"}],
+        ),
+    }
 
 
 def test_refine_end_to_end(inputs, tmp_path, tiny_llama, capsys):
@@ -234,8 +276,12 @@ def test_refine_end_to_end(inputs, tmp_path, tiny_llama, capsys):
     assert texts[:6] == [BOILING, *DIFFERENT, "Solve for x.", TRIANGLE_KO][:6]
     assert rows[0]["output"].startswith("Water boils") and rows[0]["data_source"] == "physics"
     assert BOILING_REWORDED not in texts and CAPITAL not in texts and TRIANGLE_KO.replace("?", " ?") not in texts
-    assert {"instruction": "Answer briefly.", "input": "How many protons does a carbon atom have?",
-            "output": "Six.", "data_source": "share"} in rows
+    assert {
+        "instruction": "Answer briefly.",
+        "input": "How many protons does a carbon atom have?",
+        "output": "Six.",
+        "data_source": "share",
+    } in rows
     assert {r["data_source"] for r in rows} == {"physics", "alpaca", "share", "orca"}
 
     rejects = [json.loads(line) for line in (tmp_path / "out" / "mixed.rejects.jsonl").read_text().splitlines()]
@@ -254,8 +300,14 @@ def test_refine_end_to_end(inputs, tmp_path, tiny_llama, capsys):
     assert report["token_lengths"]["examples"] == len(rows) and report["token_lengths"]["max"] > 20
     assert any("non-Latin" in w for w in report["warnings"])
     summary = result.stdout
-    for line in ("normalise", "near_dedup", "contaminated", "Tokens per example", f"Wrote {out} ({len(rows)} rows)",
-                 f"~ {inputs['test']} row 1: \"{CAPITAL_TEST}\""):
+    for line in (
+        "normalise",
+        "near_dedup",
+        "contaminated",
+        "Tokens per example",
+        f"Wrote {out} ({len(rows)} rows)",
+        f'~ {inputs["test"]} row 1: "{CAPITAL_TEST}"',
+    ):
         assert line in summary, line
 
     # a rerun with another threshold embeds nothing, and keeps the reworded question
@@ -266,14 +318,19 @@ def test_refine_end_to_end(inputs, tmp_path, tiny_llama, capsys):
     assert BOILING_REWORDED in [r["instruction"] for r in json.loads(rerun.read_text())]
 
     # every stage switched off: the rows as normalised, in order
-    refine_script.refine(data_path=f"{inputs['alpaca']},{inputs['share']}", output_path=str(rerun),
-                         exact_dedup=False, near_dedup=False, decontaminate=False)
+    refine_script.refine(
+        data_path=f"{inputs['alpaca']},{inputs['share']}",
+        output_path=str(rerun),
+        exact_dedup=False,
+        near_dedup=False,
+        decontaminate=False,
+    )
     assert len(json.loads(rerun.read_text())) == 11
 
 
 def bad_input_cases(tmp_path, inputs):
     bad_json = tmp_path / "bad.json"
-    bad_json.write_text("[{\"instruction\": ")
+    bad_json.write_text('[{"instruction": ')
     (tmp_path / "rows.txt").write_text("instruction: q")
     all_bad = write_rows(tmp_path / "all_bad.json", [{"instruction": "q", "output": ""}])
     no_question = write_rows(tmp_path / "t.json", [{"answer": "B"}])
@@ -286,29 +343,35 @@ def bad_input_cases(tmp_path, inputs):
         "missing file in mix": (["--mix", f"{alpaca}:1,{tmp_path}/nope.jsonl:0.01"], ["nope.jsonl: file not found"]),
         "fraction zero": (["--mix", f"{alpaca}:0"], ["the fraction must be a number in (0, 1]"]),
         "fraction above one": (["--mix", f"{alpaca}:1.5,{orca}:2"], [f"{alpaca}:1.5", f"{orca}:2"]),
-        "thresholds": (["--data_path", alpaca, "--near_dedup_threshold", 1.5, "--decontaminate_threshold", -0.1],
-                       ["--near_dedup_threshold must be a number in [0, 1]", "--decontaminate_threshold"]),
+        "thresholds": (
+            ["--data_path", alpaca, "--near_dedup_threshold", 1.5, "--decontaminate_threshold", -0.1],
+            ["--near_dedup_threshold must be a number in [0, 1]", "--decontaminate_threshold"],
+        ),
         "empty result": (["--data_path", all_bad], ["no rows left after normalise"]),
         "output format": (["--data_path", alpaca, "--output_path", tmp_path / "out.txt"], ["--output_path"]),
-        "test file without questions": (["--data_path", alpaca, "--test_files", no_question], ["t.json: row 1",
-                                                                                               "answer"]),
+        "test file without questions": (
+            ["--data_path", alpaca, "--test_files", no_question],
+            ["t.json: row 1", "answer"],
+        ),
         "normalise off": (["--data_path", orca, "--normalise", "False"], ["row 1: an OpenOrca row"]),
         "both inputs": (["--data_path", alpaca, "--mix", f"{alpaca}:0.5"], ["not both"]),
-        "missing embedding model": (["--data_path", alpaca, "--embedding_model", tmp_path / "no-model"],
-                                    ["--embedding_model", "folder does not exist"]),
+        "missing embedding model": (
+            ["--data_path", alpaca, "--embedding_model", tmp_path / "no-model"],
+            ["--embedding_model", "folder does not exist"],
+        ),
     }
 
 
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, inputs):
     """Every case through the real command line; a good earlier output stays as it was."""
     out = tmp_path / "refined.json"
-    out.write_text("[\"the earlier good output\"]")
+    out.write_text('["the earlier good output"]')
     for name, (args, fragments) in bad_input_cases(tmp_path, inputs).items():
         if "--output_path" not in args:
             args = [*args, "--output_path", out]
         result = refine_cli(*args)
         assert_user_error(result, "refine.py", *fragments)
-        assert out.read_text() == "[\"the earlier good output\"]", name
+        assert out.read_text() == '["the earlier good output"]', name
         assert sorted(p.name for p in tmp_path.glob("refined*")) == ["refined.json"], name
         assert not list(tmp_path.glob(".*tmp*")), name
 
@@ -317,8 +380,9 @@ def test_finetune_refuses_a_bad_mix_spec(tmp_path, inputs):
     from conftest import finetune
 
     result = finetune(tmp_path / "never", data_path=f"{inputs['alpaca']}:0,{tmp_path}/nope.json:0.1")
-    assert_user_error(result, "finetune.py", "--data_path", "the fraction must be a number in (0, 1]",
-                      "nope.json: file not found")
+    assert_user_error(
+        result, "finetune.py", "--data_path", "the fraction must be a number in (0, 1]", "nope.json: file not found"
+    )
     assert not (tmp_path / "never").exists()
 
 
@@ -326,8 +390,10 @@ def test_test_questions_and_length_distribution():
     assert benchmark_question({"instruction": "Add.", "input": "2 and 3"}) == "Add.\n2 and 3"
     assert benchmark_question({"question": "Q?", "choices": []}) == "Q?"
     assert benchmark_question({"problem": "P", "solution": "S"}) == "P"
-    assert benchmark_question({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "."}]}) \
+    assert (
+        benchmark_question({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "."}]})
         == "Hi?"
+    )
     assert benchmark_question("plain") == "plain" and benchmark_question({"answer": "B"}) is None
     stats = length_distribution(list(range(1, 5001)))
     assert stats["min"] == 1 and stats["max"] == 5000 and stats["p50"] == 2500

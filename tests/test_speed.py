@@ -5,17 +5,19 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import assert_user_error, finetune
 from test_train import flags
 
 import finetune as finetune_script
-from platy.packing import PackedCollator, pack_dataset, pack_lengths
+from platy.data.packing import PackedCollator, pack_dataset, pack_lengths
+
+from conftest import assert_user_error, finetune
 
 
 def lora_setup(tmp_path, **overrides):
     """Unquantized tiny Llama with LoRA, dropout 0: forwards are deterministic, so exact comparisons hold."""
-    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), quantization="none", lora_dropout=0.0,
-                                           **overrides))
+    setup = finetune_script.validate(
+        flags(output_dir=str(tmp_path / "out"), quantization="none", lora_dropout=0.0, **overrides)
+    )
     tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
     train_set, _, _ = finetune_script.build_datasets(setup, tokenizer, prompter)
     model, _ = finetune_script.load_model_with_lora(setup)
@@ -78,8 +80,11 @@ def test_packed_loss_gradients_and_logits_equal_unpacked(tmp_path):
     for attention in ("sdpa", "eager"):
         model.base_model.model.set_attn_implementation(attention)
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([row["input_ids"]]),
-                           position_ids=torch.tensor([row["position_ids"]]), use_cache=False).logits[0]
+            logits = model(
+                input_ids=torch.tensor([row["input_ids"]]),
+                position_ids=torch.tensor([row["position_ids"]]),
+                use_cache=False,
+            ).logits[0]
             for begin, end in zip(starts, starts[1:]):
                 alone = model(input_ids=torch.tensor([row["input_ids"][begin:end]])).logits[0]
                 assert (logits[begin:end] - alone).abs().max().item() < 1e-5, (attention, begin)
@@ -87,8 +92,7 @@ def test_packed_loss_gradients_and_logits_equal_unpacked(tmp_path):
 
 def test_finetune_with_packing_and_token_budget_end_to_end(tmp_path):
     out = tmp_path / "packed"
-    result = finetune(out, "--packing", "true", "--micro_batch_tokens", 512, "--batch_size", 2,
-                      "--micro_batch_size", 1)
+    result = finetune(out, "--packing", "true", "--micro_batch_tokens", 512, "--batch_size", 2, "--micro_batch_size", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Packing: 244 training examples in" in result.stderr + result.stdout
     config = json.loads((out / "run_config.json").read_text())
@@ -102,13 +106,17 @@ def test_finetune_with_packing_and_token_budget_end_to_end(tmp_path):
 
 def test_speed_flags_refused_together(tmp_path):
     result = finetune(tmp_path / "bad", "--micro_batch_tokens", 100, "--micro_batch_size", 2)
-    assert_user_error(result, "finetune.py", "--micro_batch_tokens fills each micro-step with packed examples",
-                      "--micro_batch_tokens replaces --micro_batch_size")
+    assert_user_error(
+        result,
+        "finetune.py",
+        "--micro_batch_tokens fills each micro-step with packed examples",
+        "--micro_batch_tokens replaces --micro_batch_size",
+    )
 
 
 def per_example_tokens(tok, rows, **kwargs):
     """The original per-example path: one row at a time, the tokenizer called through transformers."""
-    from platy.data import ExampleTokenizer
+    from platy.data.examples import ExampleTokenizer
     from platy.prompts import Prompter
 
     class PerExample(ExampleTokenizer):
@@ -124,13 +132,16 @@ def per_example_tokens(tok, rows, **kwargs):
     return {key: [o[key][0] for o in kept] for key in ("input_ids", "attention_mask", "labels")}
 
 
-@pytest.mark.parametrize("kwargs", [dict(cutoff_len=256), dict(cutoff_len=40, train_on_inputs=True, add_eos_token=True)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(cutoff_len=256), dict(cutoff_len=40, train_on_inputs=True, add_eos_token=True)]
+)
 def test_cached_equals_batched_equals_per_example(tmp_path, tokenizer, kwargs):
-    from conftest import SAMPLE
-
-    from platy.data import ExampleTokenizer, load_rows, prepare_tokenizer
+    from platy.data.cache import tokenized_splits
+    from platy.data.examples import ExampleTokenizer, prepare_tokenizer
+    from platy.data.rows import load_rows
     from platy.prompts import Prompter
-    from platy.tokencache import tokenized_splits
+
+    from conftest import SAMPLE
 
     tok = prepare_tokenizer(tokenizer)
     rows, fingerprint = load_rows(str(SAMPLE))
@@ -140,8 +151,9 @@ def test_cached_equals_batched_equals_per_example(tmp_path, tokenizer, kwargs):
     example_tokenizer = ExampleTokenizer(tok, Prompter("alpaca"), **kwargs)
     seen = []
     for _ in range(2):
-        splits, (where, folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, example_tokenizer,
-                                                   fingerprint, {"seed": 42}, root=tmp_path)
+        splits, (where, folder) = tokenized_splits(
+            {"train": rows[:100], "val": rows[100:]}, example_tokenizer, fingerprint, {"seed": 42}, root=tmp_path
+        )
         seen.append(where)
         got = {key: list(splits["train"][0][key]) + list(splits["val"][0][key]) for key in expected}
         assert got == expected  # bit for bit: ids, mask and labels of every kept example
@@ -150,20 +162,27 @@ def test_cached_equals_batched_equals_per_example(tmp_path, tokenizer, kwargs):
     # an entry damaged on disk (a crash before the data reached it) is tokenized again, not failed on
     train_file = folder / "train.arrow"
     train_file.write_bytes(train_file.read_bytes()[: train_file.stat().st_size // 2])
-    splits, (where, folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, example_tokenizer,
-                                               fingerprint, {"seed": 42}, root=tmp_path)
+    splits, (where, folder) = tokenized_splits(
+        {"train": rows[:100], "val": rows[100:]}, example_tokenizer, fingerprint, {"seed": 42}, root=tmp_path
+    )
     assert where == "tokenized"
     assert {key: list(splits["train"][0][key]) + list(splits["val"][0][key]) for key in expected} == expected
     # another cutoff_len is another entry
     other = ExampleTokenizer(tok, Prompter("alpaca"), cutoff_len=kwargs["cutoff_len"] + 1)
-    _, (where, other_folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, other, fingerprint,
-                                                {"seed": 42}, root=tmp_path)
+    _, (where, other_folder) = tokenized_splits(
+        {"train": rows[:100], "val": rows[100:]}, other, fingerprint, {"seed": 42}, root=tmp_path
+    )
     assert where == "tokenized" and other_folder != folder
     # a cache folder that cannot be written costs the cache, not the run
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    splits, (where, folder) = tokenized_splits({"train": rows[:100], "val": rows[100:]}, example_tokenizer,
-                                               fingerprint, {"seed": 42}, root=blocked / "tokenized")
+    splits, (where, folder) = tokenized_splits(
+        {"train": rows[:100], "val": rows[100:]},
+        example_tokenizer,
+        fingerprint,
+        {"seed": 42},
+        root=blocked / "tokenized",
+    )
     assert (where, folder) == ("uncached", None)
     assert {key: list(splits["train"][0][key]) + list(splits["val"][0][key]) for key in expected} == expected
 
@@ -187,10 +206,16 @@ def test_cache_tokens_false_tokenizes_in_memory_and_writes_nothing(tmp_path, tin
 def test_checkpoint_fraction_counts_layers():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from platy.speed import checkpoint_layers
+    from platy.train.speed import checkpoint_layers
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     for fraction, expected in ((0.5, 2), (0.3, 2), (1.0, 4), (0.0, 0), (0.25, 1)):
         model = LlamaForCausalLM(config)
         assert checkpoint_layers(model, fraction) == (expected, 4)
@@ -237,8 +262,14 @@ def test_torch_compile_leaves_the_first_step_loss_unchanged(tmp_path, monkeypatc
     losses = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        _, trainer = build(tmp_path / str(compiled), quantization="none", lora_dropout=0.0, max_steps=1,
-                           torch_compile=compiled, gradient_checkpointing=False)
+        _, trainer = build(
+            tmp_path / str(compiled),
+            quantization="none",
+            lora_dropout=0.0,
+            max_steps=1,
+            torch_compile=compiled,
+            gradient_checkpointing=False,
+        )
         assert trainer.args.torch_compile is compiled
         trainer.train()
         assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule) is compiled
@@ -249,8 +280,9 @@ def test_torch_compile_leaves_the_first_step_loss_unchanged(tmp_path, monkeypatc
 def test_liger_is_off_with_a_note_where_it_cannot_run(tmp_path, capsys):
     import importlib.util
 
-    assert importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available(), \
+    assert importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available(), (
         "this test is about a machine where Liger cannot run"
+    )
     setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), liger=True))
     assert setup.liger is False, "the Trainer is not asked for kernels that cannot run"
     assert "Note: --liger is off: " in capsys.readouterr().out
@@ -260,8 +292,9 @@ def test_liger_is_off_with_a_note_where_it_cannot_run(tmp_path, capsys):
 
 
 def test_micro_batch_tokens_bounds_every_micro_step(tmp_path):
-    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=300,
-                                           batch_size=2, micro_batch_size=1))
+    setup = finetune_script.validate(
+        flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=300, batch_size=2, micro_batch_size=1)
+    )
     assert setup.pack_budget == 300 and setup.gradient_accumulation_steps == 2
     tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
     train_set, _, stats = finetune_script.build_datasets(setup, tokenizer, prompter)

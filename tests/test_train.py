@@ -6,16 +6,26 @@ import json
 
 import pytest
 import torch
-from conftest import SAMPLE, finetune, write_rows
 
 import finetune as finetune_script
+
+from conftest import SAMPLE, finetune, write_rows
 
 
 def flags(**overrides):
     """finetune.train's defaults, with small settings for the tests, then overrides."""
     values = {name: p.default for name, p in inspect.signature(finetune_script.train).parameters.items()}
-    values.update(base_model="builtin:tiny-llama", data_path=str(SAMPLE), batch_size=4, micro_batch_size=2,
-                  max_steps=3, warmup_steps=0, logging_steps=1, cutoff_len=256, report_to="none")
+    values.update(
+        base_model="builtin:tiny-llama",
+        data_path=str(SAMPLE),
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=3,
+        warmup_steps=0,
+        logging_steps=1,
+        cutoff_len=256,
+        report_to="none",
+    )
     values.update(overrides)
     return values
 
@@ -84,8 +94,15 @@ def test_end_to_end_run_writes_everything(tmp_path):
     out = tmp_path / "out"
     result = finetune(out, "--val_set_size", 8, "--save_steps", 2, "--max_steps", 4)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "run_config.json", "log_history.json", "training_curves.png"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "run_config.json",
+        "log_history.json",
+        "training_curves.png",
+    ):
         assert (out / name).is_file(), name
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((out / "run_config.json").read_text())
@@ -111,8 +128,23 @@ def test_end_to_end_run_writes_everything(tmp_path):
 
 def test_eval_loss_falls_on_learnable_data(tmp_path):
     out = tmp_path / "out"
-    result = finetune(out, "--val_set_size", 16, "--max_steps", 30, "--eval_steps", 10, "--batch_size", 8,
-                      "--micro_batch_size", 4, "--learning_rate", 3e-3, "--lora_dropout", 0.0)
+    result = finetune(
+        out,
+        "--val_set_size",
+        16,
+        "--max_steps",
+        30,
+        "--eval_steps",
+        10,
+        "--batch_size",
+        8,
+        "--micro_batch_size",
+        4,
+        "--learning_rate",
+        3e-3,
+        "--lora_dropout",
+        0.0,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [r["eval_loss"] for r in json.loads((out / "log_history.json").read_text()) if "eval_loss" in r]
     assert len(evals) >= 4  # at start, steps 10, 20, 30 (and the final evaluation)
@@ -133,9 +165,10 @@ def test_other_architectures_train(tmp_path, model_fixture, request):
     assert json.loads((out / "run_config.json").read_text())["resolved"]["model_type"] in ("qwen2", "mistral")
 
 
-@pytest.mark.parametrize("extra, quant", [(["--quantization", "8bit"], "8bit"),
-                                          (["--quantization", "none"], "none"),
-                                          (["--double_quant", "True"], "4bit")])
+@pytest.mark.parametrize(
+    "extra, quant",
+    [(["--quantization", "8bit"], "8bit"), (["--quantization", "none"], "none"), (["--double_quant", "True"], "4bit")],
+)
 def test_quantization_modes(tmp_path, extra, quant):
     out = tmp_path / "out"
     result = finetune(out, "--max_steps", 1, *extra)
@@ -183,8 +216,14 @@ def test_tensorboard_reporting_writes_events(tmp_path):
 
 
 def test_korean_data_with_korean_template(tmp_path):
-    rows = [{"instruction": "다음 두 수의 합을 구하시오.", "input": f"{a}, {a + 1}", "output": f"{a} + {a + 1} = {2 * a + 1} 입니다."}
-            for a in range(10, 30)]
+    rows = [
+        {
+            "instruction": "다음 두 수의 합을 구하시오.",
+            "input": f"{a}, {a + 1}",
+            "output": f"{a} + {a + 1} = {2 * a + 1} 입니다.",
+        }
+        for a in range(10, 30)
+    ]
     data = write_rows(tmp_path / "ko.jsonl", rows)
     out = tmp_path / "out"
     result = finetune(out, "--max_steps", 2, "--prompt_template_name", "alpaca_ko", data_path=data)
@@ -211,8 +250,19 @@ def test_warmup_longer_than_the_run_is_pointed_out(tmp_path):
 
 def test_planned_steps_match_the_trainer(tmp_path):
     """The step count behind the warmup note is the Trainer's own."""
-    result = finetune(tmp_path / "out", "--max_steps", -1, "--num_epochs", 0.5, "--batch_size", 8,
-                      "--micro_batch_size", 2, "--warmup_steps", 1000)
+    result = finetune(
+        tmp_path / "out",
+        "--max_steps",
+        -1,
+        "--num_epochs",
+        0.5,
+        "--batch_size",
+        8,
+        "--micro_batch_size",
+        2,
+        "--warmup_steps",
+        1000,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     steps = json.loads((tmp_path / "out" / "run_config.json").read_text())["result"]["global_step"]
     assert f"covers the whole run ({steps} optimizer steps)" in result.stdout
@@ -225,12 +275,15 @@ def test_short_run_curves_show_their_points(tmp_path):
     assert (tmp_path / "out" / "training_curves.png").stat().st_size > 5000
 
 
-@pytest.mark.parametrize("gpus, world, local_rank, expected", [
-    (0, 1, 0, {"": "cpu"}),
-    (1, 1, 0, {"": 0}),
-    (4, 1, 0, "auto"),           # no torchrun, several GPUs: one big model spread over them
-    (4, 4, 2, {"": 2}),          # torchrun: each rank a whole (quantized) copy on its own GPU
-])
+@pytest.mark.parametrize(
+    "gpus, world, local_rank, expected",
+    [
+        (0, 1, 0, {"": "cpu"}),
+        (1, 1, 0, {"": 0}),
+        (4, 1, 0, "auto"),  # no torchrun, several GPUs: one big model spread over them
+        (4, 4, 2, {"": 2}),  # torchrun: each rank a whole (quantized) copy on its own GPU
+    ],
+)
 def test_weights_placement(monkeypatch, gpus, world, local_rank, expected):
     from platy import modeling
 

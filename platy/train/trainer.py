@@ -19,9 +19,9 @@ import torch
 import transformers
 from transformers.trainer_callback import TrainerCallback
 
-from platy.checkpoints import STAGING, latest_checkpoint, publish, rotate
 from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, say
-from platy.reporting import RUN_CONFIG, write_json
+from platy.files import RUN_CONFIG, write_json
+from platy.train.checkpoints import STAGING, latest_checkpoint, publish, rotate
 
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 # torchrun passes a signal on to its workers, which got it from the terminal already:
@@ -63,8 +63,11 @@ class StopRequest:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self.first_at = signum, now
-            say(f"\n{SIGNAL_NAMES[signum]} received: finishing this optimizer step, then saving a checkpoint "
-                "(send it again to stop at once, without one)", err=True)
+            say(
+                f"\n{SIGNAL_NAMES[signum]} received: finishing this optimizer step, then saving a checkpoint "
+                "(send it again to stop at once, without one)",
+                err=True,
+            )
         elif now - self.first_at > SAME_REQUEST_SECONDS:
             raise KeyboardInterrupt
 
@@ -97,8 +100,12 @@ class NonFiniteGuard(TrainerCallback):
         # the Trainer's gradient norm of this step (computed anyway, and global under ZeRO and FSDP):
         # non-finite exactly when some gradient is
         norm, loss_flag = self.trainer.step_grad_norm, self.trainer.loss_went_nonfinite
-        bad_loss, bad_grad = any_rank([False if loss_flag is None else loss_flag,
-                                       False if norm is None else ~torch.isfinite(torch.as_tensor(norm))])
+        bad_loss, bad_grad = any_rank(
+            [
+                False if loss_flag is None else loss_flag,
+                False if norm is None else ~torch.isfinite(torch.as_tensor(norm)),
+            ]
+        )
         self.trainer.loss_went_nonfinite = None
         step = state.global_step + 1
         if not (bad_loss or bad_grad):
@@ -110,15 +117,21 @@ class NonFiniteGuard(TrainerCallback):
             for param in self.trainer.trained_parameters:
                 param.grad = None  # AdamW leaves weights without a gradient untouched
             self.skipped += 1
-            say(f"Skipped optimizer step {step}: non-finite {'loss' if bad_loss else 'gradient'} "
-                f"({self.skipped} skipped so far)")
+            say(
+                f"Skipped optimizer step {step}: non-finite {'loss' if bad_loss else 'gradient'} "
+                f"({self.skipped} skipped so far)"
+            )
             return
         what = "loss" if bad_loss else "gradient norm"
         last = latest_checkpoint(args.output_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
-        raise Stopped(f"non-finite {what} at optimizer step {step}; stopped before applying it, {kept}. "
-                      "Lower --learning_rate, check that step's data rows, or pass --skip_nonfinite_steps "
-                      "to skip such steps", DIVERGED, every_rank=True)
+        raise Stopped(
+            f"non-finite {what} at optimizer step {step}; stopped before applying it, {kept}. "
+            "Lower --learning_rate, check that step's data rows, or pass --skip_nonfinite_steps "
+            "to skip such steps",
+            DIVERGED,
+            every_rank=True,
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         record = state.log_history[-1] if state.log_history else {}  # the Trainer stored a copy of logs
@@ -180,25 +193,39 @@ def write_failed(err, doing, output_dir):
     last = latest_checkpoint(output_dir)
     kept = f"the last complete checkpoint, {last}, is intact" if last else "no complete checkpoint exists yet"
     where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-    return Stopped(f"{doing} failed: {err.strerror or err}{where}; {kept}. Free disk space and continue with "
-                   "--resume_from_checkpoint auto", WRITE_FAILED)
+    return Stopped(
+        f"{doing} failed: {err.strerror or err}{where}; {kept}. Free disk space and continue with "
+        "--resume_from_checkpoint auto",
+        WRITE_FAILED,
+    )
 
 
 # what the collective backends say when another process of the job is gone
-PEER_GONE = ("connection reset", "connection closed", "broken pipe", "timed out", "nccl communicator was aborted",
-             "socket closed", "peer")
+PEER_GONE = (
+    "connection reset",
+    "connection closed",
+    "broken pipe",
+    "timed out",
+    "nccl communicator was aborted",
+    "socket closed",
+    "peer",
+)
 
 
 def lost_peer(err):
     """Did a collective fail because another rank died (killed, crashed, out of memory)?"""
     text = str(err).lower()
     return isinstance(err, torch.distributed.DistError) or (
-        any(backend in text for backend in ("gloo", "nccl", "c10d")) and any(p in text for p in PEER_GONE))
+        any(backend in text for backend in ("gloo", "nccl", "c10d")) and any(p in text for p in PEER_GONE)
+    )
 
 
 def peer_lost(err, output_dir):
     last = latest_checkpoint(output_dir)
     kept = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was written yet"
     detail = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0])[:120]  # drop the source path
-    return Stopped(f"another process of this job stopped (killed, crashed or out of memory), so this one stops too "
-                   f"[{detail}]; {kept}: run the job again with --resume_from_checkpoint auto", LOST_PEER)
+    return Stopped(
+        f"another process of this job stopped (killed, crashed or out of memory), so this one stops too "
+        f"[{detail}]; {kept}: run the job again with --resume_from_checkpoint auto",
+        LOST_PEER,
+    )

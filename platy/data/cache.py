@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 
 from platy.cli import error_detail, local_world_size, say
-from platy.data import (
-    adds_bos,
+from platy.data.examples import adds_bos
+from platy.data.tokenize import (
     counted,
     default_processes,
     empty_stats,
@@ -27,7 +27,7 @@ from platy.data import (
     tokenize_rows,
     tokenized_dataset,
 )
-from platy.tiny import cache_root
+from platy.files import cache_root
 
 TOKENIZATION_VERSION = 3  # bump when ExampleTokenizer or tokenize_rows change what they produce
 SPLITS = ("train", "val")
@@ -43,17 +43,27 @@ def tokenizer_fingerprint(tokenizer):
     else:
         definition = tokenizer.get_vocab()
     definition = json.dumps(definition, sort_keys=True)
-    special = {"class": type(tokenizer).__name__, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-               "adds_bos": adds_bos(tokenizer)}
+    special = {
+        "class": type(tokenizer).__name__,
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "adds_bos": adds_bos(tokenizer),
+    }
     return hashlib.sha256((definition + json.dumps(special, sort_keys=True)).encode()).hexdigest()
 
 
 def cache_key(data_fingerprint, split, example_tokenizer):
     """The folder name of an entry; split says how the rows were divided (seed, val_set_size)."""
-    parts = {"data": data_fingerprint, "split": split, "tokenizer": tokenizer_fingerprint(example_tokenizer.tokenizer),
-             "template": example_tokenizer.prompter.template, "cutoff_len": example_tokenizer.cutoff_len,
-             "train_on_inputs": example_tokenizer.train_on_inputs, "add_eos_token": example_tokenizer.add_eos_token,
-             "version": TOKENIZATION_VERSION}
+    parts = {
+        "data": data_fingerprint,
+        "split": split,
+        "tokenizer": tokenizer_fingerprint(example_tokenizer.tokenizer),
+        "template": example_tokenizer.prompter.template,
+        "cutoff_len": example_tokenizer.cutoff_len,
+        "train_on_inputs": example_tokenizer.train_on_inputs,
+        "add_eos_token": example_tokenizer.add_eos_token,
+        "version": TOKENIZATION_VERSION,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -87,8 +97,10 @@ def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, roo
 
 
 def without_cache(folder, err, row_splits, example_tokenizer):
-    say(f"Note: the token cache in {folder.parent} cannot be written ({err.strerror or err}); tokenizing "
-        "without it (set PLATY_CACHE to a writable folder to cache)")
+    say(
+        f"Note: the token cache in {folder.parent} cannot be written ({err.strerror or err}); tokenizing "
+        "without it (set PLATY_CACHE to a writable folder to cache)"
+    )
     return uncached(row_splits, example_tokenizer), ("uncached", None)
 
 
@@ -106,8 +118,10 @@ def load_entry(folder, row_splits):
 def uncached(row_splits, example_tokenizer):
     """Each split tokenized in memory; without a cache every process of the node tokenizes at once,
     so they share its cores."""
-    return {name: tokenize_rows(rows, example_tokenizer, num_proc=default_processes(len(rows), local_world_size()))
-            for name, rows in row_splits.items()}
+    return {
+        name: tokenize_rows(rows, example_tokenizer, num_proc=default_processes(len(rows), local_world_size()))
+        for name, rows in row_splits.items()
+    }
 
 
 def load_split(path, stats):
@@ -133,8 +147,10 @@ def build(folder, row_splits, example_tokenizer):
             stats[name] = empty_stats()
             if not rows:
                 continue
-            with pa.OSFile(str(staging / f"{name}.arrow"), "wb") as sink, \
-                    pa.ipc.new_stream(sink, token_schema()) as out:
+            with (
+                pa.OSFile(str(staging / f"{name}.arrow"), "wb") as sink,
+                pa.ipc.new_stream(sink, token_schema()) as out,
+            ):
                 for arrays, stats[name] in counted(token_chunks(rows, example_tokenizer)):
                     out.write_batch(record_batch(arrays))
         (staging / "stats.json").write_text(json.dumps(stats))  # written last: marks a complete entry

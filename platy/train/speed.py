@@ -20,8 +20,10 @@ def checkpoint_fraction(value):
     except ValueError:
         fraction = None
     if fraction is None or not 0 <= fraction <= 1:
-        raise UserError(f"--gradient_checkpointing {value!r}: give true, false, or the fraction of layers to "
-                        "checkpoint, e.g. 0.5 (the first half)")
+        raise UserError(
+            f"--gradient_checkpointing {value!r}: give true, false, or the fraction of layers to "
+            "checkpoint, e.g. 0.5 (the first half)"
+        )
     return fraction
 
 

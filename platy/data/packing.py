@@ -12,7 +12,7 @@ crosses an example boundary and the loss is the unpacked loss, without pad token
 
 import bisect
 
-from platy.data import IGNORE_INDEX
+from platy.data.examples import IGNORE_INDEX
 
 
 def pack_lengths(lengths, budget):
@@ -55,7 +55,7 @@ def pack_dataset(ds, budget):
     import pyarrow as pa
     from datasets.table import InMemoryTable
 
-    from platy.data import tokenized_dataset
+    from platy.data.tokenize import tokenized_dataset
 
     if ds is None:
         return None, {}
@@ -69,21 +69,31 @@ def pack_dataset(ds, budget):
     starts = np.cumsum(sizes) - sizes  # each example's first position in the packed tokens
     position = np.arange(int(sizes.sum())) - np.repeat(starts, sizes)
     gather = position + np.repeat(offsets[:-1][order], sizes)
-    columns = {"input_ids": ids[gather].astype(np.int32, copy=False), "labels": labels[gather].astype(np.int32),
-               "position_ids": position.astype(np.int32)}
+    columns = {
+        "input_ids": ids[gather].astype(np.int32, copy=False),
+        "labels": labels[gather].astype(np.int32),
+        "position_ids": position.astype(np.int32),
+    }
     columns["labels"][starts] = IGNORE_INDEX  # no example is predicted from the one before it
     row_ends = np.cumsum([len(row) for row in rows])
     row_offsets = np.concatenate([[0], starts[row_ends[:-1]], [len(position)]]) if rows else np.zeros(1, np.int64)
     chunks = {key: [] for key in columns}
     for first in range(0, len(rows), PACK_CHUNK_ROWS):
-        bounds = row_offsets[first:first + PACK_CHUNK_ROWS + 1]
+        bounds = row_offsets[first : first + PACK_CHUNK_ROWS + 1]
         for key, values in columns.items():
             chunk_offsets = pa.array((bounds - bounds[0]).astype(np.int32))
-            chunks[key].append(pa.ListArray.from_arrays(chunk_offsets, pa.array(values[bounds[0]:bounds[-1]])))
-    packed = tokenized_dataset(table=InMemoryTable(pa.table(
-        {key: pa.chunked_array(parts, type=pa.list_(pa.int32())) for key, parts in chunks.items()})))
-    stats = {"packed_rows": len(rows), "examples": len(lengths), "token_budget": budget,
-             "fill": round(int(lengths.sum()) / (len(rows) * budget), 4) if rows else 0.0}
+            chunks[key].append(pa.ListArray.from_arrays(chunk_offsets, pa.array(values[bounds[0] : bounds[-1]])))
+    packed = tokenized_dataset(
+        table=InMemoryTable(
+            pa.table({key: pa.chunked_array(parts, type=pa.list_(pa.int32())) for key, parts in chunks.items()})
+        )
+    )
+    stats = {
+        "packed_rows": len(rows),
+        "examples": len(lengths),
+        "token_budget": budget,
+        "fill": round(int(lengths.sum()) / (len(rows) * budget), 4) if rows else 0.0,
+    }
     return packed, stats
 
 
@@ -93,7 +103,7 @@ def flat_column(table, name):
 
     column = table.column(name).combine_chunks()
     offsets = column.offsets.to_numpy().astype(np.int64)
-    values = column.values.to_numpy()[offsets[0]:offsets[-1]]
+    values = column.values.to_numpy()[offsets[0] : offsets[-1]]
     return offsets - offsets[0], values
 
 

@@ -17,26 +17,57 @@ allocator fragmentation and library versions. Rules used (bytes per parameter):
   FSDP split weights too; one process spreading the layers over its GPUs splits all of it.
 """
 
+from platy.train.speed import checkpointed_count
 
-from platy.speed import checkpointed_count
-
-GIB = 1024 ** 3
+GIB = 1024**3
 CUDA_OVERHEAD_GIB = 1.0  # CUDA context, kernels and allocator slack per process
 
 # Shapes from the published config.json of the seed systems' bases, for planning on a
 # machine that has neither the weights nor the hub. All are Llama-architecture models.
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-YI_34B = dict(hidden_size=7168, intermediate_size=20480, num_hidden_layers=60, num_attention_heads=56,
-              num_key_value_heads=8, vocab_size=64000, max_position_embeddings=4096)
+LLAMA2_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
+YI_34B = dict(
+    hidden_size=7168,
+    intermediate_size=20480,
+    num_hidden_layers=60,
+    num_attention_heads=56,
+    num_key_value_heads=8,
+    vocab_size=64000,
+    max_position_embeddings=4096,
+)
 PUBLISHED_SHAPES = {
     "meta-llama/Llama-2-7b-hf": (LLAMA2_7B, "published config"),
-    "meta-llama/Llama-2-13b-hf": (dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
-                                       max_position_embeddings=4096), "published config"),
-    "meta-llama/Llama-2-70b-hf": (dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                       num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
-                                       max_position_embeddings=4096), "published config"),
+    "meta-llama/Llama-2-13b-hf": (
+        dict(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        ),
+        "published config",
+    ),
+    "meta-llama/Llama-2-70b-hf": (
+        dict(
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        ),
+        "published config",
+    ),
     "01-ai/Yi-34B": (YI_34B, "published config"),
     "chargoddard/Yi-34B-Llama": (YI_34B, "Yi-34B's published config, Llama layer names"),
     # private at the time of the seed: Llama-2-7B's shape is assumed (an enlarged
@@ -97,15 +128,27 @@ def activation_bytes(config, micro_batch_size, cutoff_len, compute_bytes, gradie
     return kept + logits
 
 
-def estimate(config, counts, *, finetuning, quantization, compute_bytes, double_quant, micro_batch_size,
-             cutoff_len, gradient_checkpointing, strategy, world_size, gpus_per_process=1):
+def estimate(
+    config,
+    counts,
+    *,
+    finetuning,
+    quantization,
+    compute_bytes,
+    double_quant,
+    micro_batch_size,
+    cutoff_len,
+    gradient_checkpointing,
+    strategy,
+    world_size,
+    gpus_per_process=1,
+):
     """GiB per GPU, by component, for one training process under `strategy`."""
     if finetuning == "full":
         weights = counts["total"] * 4  # fp32 master weights, bf16/fp16 compute
         trainable = counts["total"]
     else:
-        weights = weight_bytes(counts, quantization, compute_bytes, double_quant,
-                               upcast_unquantized=strategy != "fsdp")
+        weights = weight_bytes(counts, quantization, compute_bytes, double_quant, upcast_unquantized=strategy != "fsdp")
         trainable = counts["lora"]
     trainable_weights = 0 if finetuning == "full" else trainable * 4
     states = trainable * (4 + 8)  # gradient + AdamW moments
@@ -116,7 +159,8 @@ def estimate(config, counts, *, finetuning, quantization, compute_bytes, double_
         weights, trainable_weights, states = (x / world_size for x in (weights, trainable_weights, states))
     elif strategy == "model_parallel":
         weights, trainable_weights, states, activations = (
-            x / gpus_per_process for x in (weights, trainable_weights, states, activations))
+            x / gpus_per_process for x in (weights, trainable_weights, states, activations)
+        )
     parts = {
         "weights": weights / GIB,
         "trainable_and_optimizer": (trainable_weights + states) / GIB,

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from platy.cli import UserError, say
-from platy.merging import ADAPTER_FILES, swap_into_place
+from platy.files import ADAPTER_FILES, swap_into_place
 
 STAGING = ".staging"  # partial checkpoints and the final adapter are written here first
 DELETING = ".deleting-"  # old checkpoints being removed
@@ -61,24 +61,32 @@ def resolve_resume(value, output_dir):
     if value == "auto":
         path = latest_checkpoint(output_dir)
         if path is None:
-            raise UserError(f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; "
-                            "drop the flag to start a new run")
+            raise UserError(
+                f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; "
+                "drop the flag to start a new run"
+            )
         return ("checkpoint", path)
     path = Path(str(value)).expanduser().resolve()
     if not path.is_dir():
-        raise UserError(f"--resume_from_checkpoint {value}: folder not found; give a checkpoint-N folder, "
-                        "an adapter folder, or 'auto'")
+        raise UserError(
+            f"--resume_from_checkpoint {value}: folder not found; give a checkpoint-N folder, "
+            "an adapter folder, or 'auto'"
+        )
     if (path / "trainer_state.json").is_file():
         missing = missing_parts(path)
         if missing:
-            raise UserError(f"--resume_from_checkpoint {value}: the checkpoint is incomplete ({', '.join(missing)} "
-                            "missing), so optimizer and schedule would restart silently; use an earlier checkpoint-N, "
-                            "or the folder as an adapter-only start by copying its adapter files elsewhere")
+            raise UserError(
+                f"--resume_from_checkpoint {value}: the checkpoint is incomplete ({', '.join(missing)} "
+                "missing), so optimizer and schedule would restart silently; use an earlier checkpoint-N, "
+                "or the folder as an adapter-only start by copying its adapter files elsewhere"
+            )
         return ("checkpoint", str(path))
     if any((path / name).is_file() for name in ADAPTER_FILES):
         return ("adapter", str(path))
-    raise UserError(f"--resume_from_checkpoint {value}: holds neither a Trainer checkpoint (trainer_state.json) "
-                    "nor an adapter (adapter_model.safetensors)")
+    raise UserError(
+        f"--resume_from_checkpoint {value}: holds neither a Trainer checkpoint (trainer_state.json) "
+        "nor an adapter (adapter_model.safetensors)"
+    )
 
 
 def remove_leftovers(output_dir):
@@ -108,8 +116,11 @@ def rotate(output_dir, keep, newest):
     """Keep the `keep` most recently written checkpoints (0: all); `newest` is always kept."""
     if not keep:
         return
-    others = [path for _, path in checkpoint_steps(output_dir)
-              if path.resolve() != Path(newest).resolve() and not missing_parts(path)]  # others are not ours
+    others = [
+        path
+        for _, path in checkpoint_steps(output_dir)
+        if path.resolve() != Path(newest).resolve() and not missing_parts(path)
+    ]  # others are not ours
     others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in others[keep - 1:]:
+    for path in others[keep - 1 :]:
         retire(path)

@@ -1,0 +1,268 @@
+"""Examples: a row's prompt and response as token ids and labels, with exact prompt masking.
+
+Also the proof (splits_cleanly_after) that lets a sentencepiece-style tokenizer tokenize each
+text once instead of twice.
+"""
+
+import json
+import multiprocessing
+import os
+
+from platy.cli import TOKENIZER_THREADS_OFF_BY_US, UserError
+
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+def prepare_tokenizer(tokenizer):
+    """Give the tokenizer a pad id and right padding for training.
+
+    Labels are built explicitly (padding positions get -100 in the collator, not by pad id),
+    so a pad id equal to EOS cannot mask the real EOS. A distinct id is still preferred.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UserError(
+            "the base model's tokenizer has no EOS token; the model could not learn to stop. "
+            "Set eos_token in its tokenizer_config.json"
+        )
+    if tokenizer.pad_token_id is None:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def adds_bos(tokenizer):
+    """Whether the model expects BOS first (its tokenizer adds one by default)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def with_bos(ids, bos):
+    """[BOS] + ids, unless the ids already start with it (a template that carries BOS text)."""
+    return ids if ids[:1] == bos else bos + ids
+
+
+def encode_texts(backend, texts):
+    """Token ids of texts from a tokenizers.Tokenizer, without special tokens: ids only where the
+    library can skip building offsets (encode_batch_fast), on all cores for the length of the call.
+
+    The scripts set TOKENIZERS_PARALLELISM=false at start-up (a process forked after the library's
+    threads ran warns and may hang); it is turned on only inside this call, which forks nothing,
+    and never in a forked worker (tokenize_in_processes), whose copy of the threads is gone, nor
+    where the user set it off.
+    """
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    users_off = (
+        before is not None
+        and before.lower() in ("", "off", "false", "f", "no", "n", "0")
+        and not os.environ.get(TOKENIZER_THREADS_OFF_BY_US)
+    )  # the words the tokenizers library reads as off
+    if users_off or multiprocessing.parent_process() is not None:
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def splits_cleanly_after(tokenizer, boundary):
+    """Whether a fast tokenizer never joins `boundary` (one character) with what follows it, so that
+    tokenizer(prefix + text) == tokenizer(prefix) + the ids text gets after the boundary, for any
+    prefix ending with it. Proved, not sampled, for sentencepiece-style BPE (Llama, Mistral, Yi).
+
+    There the text is one word whose spaces are replaced character by character, and BPE joins
+    two neighbours only through a merge whose result is in the vocabulary. If no token holds the
+    boundary character (or its byte-fallback token) before another symbol, and no added token can
+    match across it or depends on its neighbours, the two sides are merged independently. Any other
+    tokenizer (byte-level BPE, Unigram, WordPiece, a pre-tokenizer that splits, a normalizer that
+    looks at more than one character) answers False, and its callers tokenize prefix + text jointly.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or len(boundary) != 1:
+        return False
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or any(
+        model.get(key) for key in ("dropout", "ignore_merges", "continuing_subword_prefix", "end_of_word_suffix")
+    ):
+        return False
+    normalizer = spec.get("normalizer") or {"type": "Sequence", "normalizers": []}
+    for step in normalizer["normalizers"] if normalizer.get("type") == "Sequence" else [normalizer]:
+        pattern = (step.get("pattern") or {}).get("String")
+        one_character = step.get("type") == "Replace" and pattern is not None and len(pattern) == 1
+        # a replacement may not read the boundary character, nor write one (which could then be joined)
+        if not (
+            step.get("type") == "Prepend"
+            or one_character
+            and pattern != boundary
+            and boundary not in (step.get("content") or "")
+        ):
+            return False
+    pre = spec.get("pre_tokenizer")
+    if pre is not None and (
+        pre.get("type") != "Metaspace" or pre.get("split") or boundary in (" ", pre.get("replacement"))
+    ):
+        return False
+    added = spec.get("added_tokens") or []
+    if any(token.get(flag) for token in added for flag in ("lstrip", "rstrip", "single_word")):
+        return False  # these match depending on their neighbours, which may sit across the boundary
+    forms = [boundary] + [f"<0x{byte:02X}>" for byte in boundary.encode()]  # the character, its fallback bytes
+    tokens = list(model["vocab"]) + [token["content"] for token in added]
+    return not any(form in token[:-1] for token in tokens for form in forms)
+
+
+def template_heads(template):
+    """The opening of each prompt form up to its last newline, longest first: the text every prompt
+    of that form starts with, whatever the row."""
+    import string
+
+    heads = set()
+    for key in ("prompt_input", "prompt_no_input"):
+        opening = next(string.Formatter().parse(template[key]), ("",))[0] or ""
+        if "\n" in opening:
+            heads.add(opening[: opening.rfind("\n") + 1])
+    return sorted(heads, key=len, reverse=True)
+
+
+class ExampleTokenizer:
+    """Tokenizes Alpaca rows into input_ids / labels with exact prompt masking.
+
+    Layout: [BOS] prompt response [EOS]. The prompt is tokenized on its own and the
+    response ids are what follows those prompt ids in the tokenization of prompt+response,
+    so the prompt ids are always an exact prefix and the response keeps its natural
+    tokenization. Where a tokenizer merges across the boundary (prompt ids are then no
+    prefix of the joint ids), the response is tokenized on its own and appended.
+
+    add_eos_token:
+      False (Platypus default): EOS follows every response that fits in cutoff_len; a
+            response cut by cutoff_len ends without EOS, since it did not end there.
+      True: EOS is always the last token; a cut response loses one more token to make room.
+    Either way, EOS is a label, and an example whose response is cut away entirely is
+    dropped (see tokenize_rows).
+    """
+
+    def __init__(self, tokenizer, prompter, cutoff_len, train_on_inputs=False, add_eos_token=False):
+        self.tokenizer = tokenizer
+        self.prompter = prompter
+        self.cutoff_len = cutoff_len
+        self.train_on_inputs = train_on_inputs
+        self.add_eos_token = add_eos_token
+        self.bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+        self.eos = tokenizer.eos_token_id
+        self._clean_ends = {}  # a character -> whether splits_cleanly_after holds for it
+        self._fixed_ids = {}  # see fixed_ids
+        self.heads = template_heads(prompter.template)
+
+    def __call__(self, batch):
+        """input_ids, attention_mask, labels, n_response and truncated for each row of a column batch."""
+        out = self.compact(batch)
+        n_masked = out.pop("n_masked")
+        out["attention_mask"] = [[1] * len(ids) for ids in out["input_ids"]]
+        out["labels"] = [[IGNORE_INDEX] * n + ids[n:] for ids, n in zip(out["input_ids"], n_masked)]
+        return out
+
+    def compact(self, batch):
+        """input_ids, n_masked (leading ids whose label is IGNORE_INDEX: the prompt, or none with
+        train_on_inputs), n_response and truncated for each row; the mask and labels follow from them."""
+        prompts = [self.prompter.generate_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
+        prompt_ids = self.encode_prompts(prompts)
+        responses = self.encode_after(prompts, batch["output"])
+        if responses is None:  # two passes: prompt + response, and the prompt again to find the response
+            responses = []
+            for prompt, joint, text in zip(
+                prompt_ids, self.encode([p + r for p, r in zip(prompts, batch["output"])]), batch["output"]
+            ):
+                if joint[: len(prompt)] == prompt:
+                    responses.append((joint, len(prompt)))
+                else:
+                    responses.append((self.encode([text])[0], 0))
+        out = {"input_ids": [], "n_masked": [], "n_response": [], "truncated": []}
+        for prompt, (ids, start) in zip(prompt_ids, responses):
+            for key, value in zip(out, self.build(with_bos(prompt, self.bos), ids, start)):
+                out[key].append(value)
+        return out
+
+    def encode(self, texts):
+        """Token ids of texts without special tokens: the same ids as tokenizer(texts), and for a
+        fast tokenizer straight from its Rust backend (batched over threads, no Python per text)."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
+        if backend is None:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # an earlier tokenizer(..., truncation=True) call leaves its setting on the backend
+        backend.no_truncation()
+        backend.no_padding()
+        return encode_texts(backend, texts)
+
+    def encode_after(self, prompts, responses):
+        """Each response's ids as they follow its prompt, in one pass over the responses alone, where
+        every prompt ends with the same character and splits_cleanly_after proves that exact: a list
+        of (ids, start), the response being ids[start:]. None otherwise."""
+        ends = {prompt[-1:] for prompt in prompts}
+        if len(ends) != 1:
+            return None
+        (end,) = ends
+        return self.encode_following(end, responses) if self.clean(end) else None
+
+    def encode_prompts(self, prompts):
+        """The prompts' ids. Where the tokenizer splits cleanly after a newline, the template's opening
+        up to its last newline (the same text at the start of every prompt of a form) is tokenized
+        once, and only the rest of each prompt is."""
+        ids = [None] * len(prompts)
+        for head in self.heads if len(prompts) > 1 and self.clean("\n") else ():
+            rows = [i for i, prompt in enumerate(prompts) if ids[i] is None and prompt.startswith(head)]
+            rest = self.encode_following("\n", [prompts[i][len(head) :] for i in rows]) if rows else None
+            head_ids = self.fixed_ids(head) if rest else None
+            for i, (tail, start) in zip(rows, rest or ()):
+                tail[:start] = head_ids
+                ids[i] = tail
+        whole = [i for i, tail in enumerate(ids) if tail is None]
+        for i, tail in zip(whole, self.encode([prompts[i] for i in whole]) if whole else ()):
+            ids[i] = tail
+        return ids
+
+    def fixed_ids(self, text):
+        """The ids of a text every batch needs (a template's opening, the boundary character),
+        tokenized once; callers read them, never change them."""
+        if text not in self._fixed_ids:
+            self._fixed_ids[text] = self.encode([text])[0]
+        return self._fixed_ids[text]
+
+    def clean(self, char):
+        """Whether splits_cleanly_after holds for this character (asked once per character)."""
+        if char not in self._clean_ends:
+            self._clean_ends[char] = self.tokenizer.is_fast and splits_cleanly_after(self.tokenizer, char)
+        return self._clean_ends[char]
+
+    def encode_following(self, char, texts):
+        """(ids, start) for each text, tokenized behind `char` so that ids[start:] are the ids the
+        text gets after any prefix ending with it (for a clean char); None where a row does not
+        start with the char's own ids, which splits_cleanly_after rules out."""
+        lead = self.fixed_ids(char)
+        encoded = self.encode([char + text for text in texts])
+        if any(ids[: len(lead)] != lead for ids in encoded):
+            return None
+        return [(ids, len(lead)) for ids in encoded]
+
+    def build(self, prompt, ids, start):
+        """(ids, n_masked, n_response, truncated) of one example, [BOS] prompt response [EOS] within
+        cutoff_len, where the response is ids[start:]; ids is reused (its first `start` ids give way
+        to the prompt), which spares copying every response."""
+        n_response = len(ids) - start
+        room = self.cutoff_len - len(prompt)
+        truncated = n_response + 1 > room
+        if truncated:
+            n_response = max(room - 1 if self.add_eos_token else room, 0)
+            del ids[start + n_response :]
+        ids[:start] = prompt
+        if not truncated or self.add_eos_token and n_response:
+            ids.append(self.eos)
+        del ids[self.cutoff_len :]
+        n_masked = 0 if self.train_on_inputs else min(len(prompt), len(ids))
+        return ids, n_masked, n_response, truncated
