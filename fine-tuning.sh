@@ -36,7 +36,8 @@ NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
-# Platypus's published hyperparameters, spelled out so this file documents the recipe.
+# Platypus's published hyperparameters, spelled out so this file documents the recipe; each
+# equals finetune.py's default (tests/test_defaults.py checks it).
 args=(
   --base_model "$BASE_MODEL"
   --data_path "$DATA_PATH"

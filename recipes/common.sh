@@ -62,7 +62,8 @@ setting() {  # FLAG VALUE: the published value of finetune.py's --FLAG, unless $
   esac
 }
 
-platypus_defaults() {  # Platypus's hyperparameter table (shared/seeds/003), for every flag not set yet
+platypus_defaults() {  # Platypus's hyperparameter table (shared/seeds/003), for every flag not set yet;
+  # each value equals finetune.py's default (tests/test_defaults.py checks it)
   setting learning_rate 4e-4
   setting warmup_steps 100
   setting batch_size 16
@@ -73,7 +74,7 @@ platypus_defaults() {  # Platypus's hyperparameter table (shared/seeds/003), for
   setting lora_r 16
   setting lora_alpha 16
   setting lora_dropout 0.05
-  setting lora_target_modules '[gate_proj, up_proj, down_proj]'
+  setting lora_target_modules '[gate_proj, down_proj, up_proj]'
   setting cutoff_len 4096
   setting train_on_inputs False
   setting group_by_length False
