@@ -17,7 +17,8 @@ from platy.cli import UserError, say
 from platy.files import ADAPTER_FILES, RUN_CONFIG, read_run_config
 from platy.modeling import PRECISIONS, QUANTIZATIONS, parse_target_modules
 from platy.prompts import Prompter
-from platy.train import plan
+from platy.train import checkpoints, plan
+from platy.train.checkpoints import Resume
 from platy.train.speed import checkpoint_fraction, liger_unavailable
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
@@ -63,26 +64,6 @@ RESUME_MUST_MATCH = (
     "packing",
     "micro_batch_tokens",
 )
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Where --resume_from_checkpoint starts: a Trainer checkpoint (continues the run) or an adapter folder."""
-
-    kind: str  # "checkpoint" or "adapter"
-    path: str
-
-    @property
-    def checkpoint(self):
-        return self.kind == "checkpoint"
-
-    @property
-    def adapter(self):
-        return self.kind == "adapter"
-
-    def recorded(self):
-        """As run_config.json records it: [kind, path]."""
-        return (self.kind, self.path)
 
 
 @dataclass(frozen=True)
@@ -352,10 +333,7 @@ def derive(flags):
 
 def resolve_resume(run):
     """--resume_from_checkpoint as a Resume (None: a new run)."""
-    from platy.train.checkpoints import resolve_resume as find
-
-    found = find(run.resume_from_checkpoint, run.output_dir)
-    resume = None if found is None else Resume(*found)
+    resume = checkpoints.resolve_resume(run.resume_from_checkpoint, run.output_dir)
     if run.finetuning == "full" and resume and resume.adapter:
         raise UserError(
             f"--resume_from_checkpoint {resume.path} is an adapter folder, which cannot start "
