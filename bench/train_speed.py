@@ -376,6 +376,7 @@ def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast
     import inspect
 
     import finetune
+    from platy.train import stages
 
     flags = {k: p.default for k, p in inspect.signature(finetune.train).parameters.items()}
     flags.update(
@@ -402,11 +403,7 @@ def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast
         )
     else:  # Platypus's published settings: micro batch 1, global batch 16, padding, checkpointing
         flags.update(packing=False, micro_batch_size=1, batch_size=16, gradient_checkpointing=True)
-    setup = finetune.validate(flags)
-    tokenizer, prompter = finetune.load_tokenizer_and_prompter(setup)
-    train_set, _, _ = finetune.build_datasets(setup, tokenizer, prompter)
-    model, _ = finetune.load_model_with_lora(setup)
-    return finetune.build_trainer(setup, model, tokenizer, train_set, None, run_config={})
+    return stages.prepare(flags).trainer
 
 
 def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_checkpointing):

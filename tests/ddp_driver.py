@@ -1,8 +1,10 @@
-"""finetune.py under torchrun, also dumping each rank's LoRA weights for comparison.
+"""finetune.py's stages under torchrun, also dumping each rank's LoRA weights for comparison.
 
 torchrun --nproc_per_node=2 tests/ddp_driver.py <finetune flags>   (DUMP_DIR=... in the environment)
 """
 
+import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -11,17 +13,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import finetune  # noqa: E402
 from platy import cli  # noqa: E402
+from platy.train import stages  # noqa: E402
 
-save = finetune.save
 
-
-def save_and_dump(setup, trainer, run_config, result):
+def dump_lora(trainer):
     from safetensors.torch import save_file
 
     lora = {n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if "lora_" in n}
     save_file(lora, str(Path(os.environ["DUMP_DIR"]) / f"rank{os.environ['RANK']}.safetensors"))
-    save(setup, trainer, run_config, result)
 
 
-finetune.save = save_and_dump
-cli.run(finetune.train)
+@functools.wraps(finetune.train)  # finetune.py's flags, defaults and checks
+def train_and_dump(**given):
+    bound = inspect.signature(finetune.train).bind(**given)
+    bound.apply_defaults()
+    prepared = stages.prepare(dict(bound.arguments))
+    result = stages.run_training(prepared.run, prepared.trainer)
+    dump_lora(prepared.trainer)
+    stages.save(prepared.run, prepared.trainer, prepared.run_config, result)
+
+
+cli.run(train_and_dump)

@@ -250,7 +250,7 @@ def test_torchrun_preemption_and_a_killed_rank(tmp_path):
 
 
 def test_signals_close_together_are_one_request(monkeypatch):
-    from platy import training
+    from platy.train import trainer as training
 
     clock = [100.0]
     monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
@@ -282,16 +282,13 @@ def test_rotation_keeps_the_newest_and_never_leaves_a_partial_checkpoint(tmp_pat
 
 
 def test_resuming_with_other_settings_is_pointed_out(tmp_path, capsys):
-    import finetune as finetune_script
+    from platy.train import config
 
     folder = tmp_path / "checkpoint-2"
     folder.mkdir()
     saved = {"flags": {"batch_size": 16, "learning_rate": 4e-4, "seed": 42}, "data": {"fingerprint": "abc"}}
     (folder / "run_config.json").write_text(json.dumps(saved))
-    setup = finetune_script.Setup(
-        resume=("checkpoint", str(folder)), batch_size=32, learning_rate=4e-4, seed=42, data_fingerprint="def"
-    )
-    finetune_script.note_changed_settings(setup)
+    config.note_changed_settings(str(folder), {"batch_size": 32, "learning_rate": 4e-4, "seed": 42}, "def")
     out = capsys.readouterr().out
     assert "Note: resuming from checkpoint-2 with settings that differ from its run" in out
     assert "batch_size 16 -> 32" in out and "the data rows (another fingerprint)" in out

@@ -162,16 +162,13 @@ def recorded_launch(name, tmp_path, env):
 
 def dry_run_in_process(argv, env, monkeypatch, capsys):
     """finetune.py's dry run on the recorded command line, in this process (no interpreter start per recipe)."""
-    import fire
-
     import finetune
     from platy import cli
 
     assert Path(argv[0]) == REPO / "finetune.py"
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    cli.check_flags(finetune.train, argv[1:])
-    fire.Fire(finetune.train, command=cli.protect_strings(finetune.train, argv[1:]))
+    cli.call(finetune.train, argv[1:])
     return capsys.readouterr().out
 
 

@@ -1,26 +1,27 @@
 """Speed features: packing, tokenization cache, partial checkpointing, compile, token budgets."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 import transformers
-from test_train import flags
+from test_train import flags, resolved
 
-import finetune as finetune_script
+from platy import cli
+from platy.cli import UserError
 from platy.data.packing import PackedCollator, pack_dataset, pack_lengths
+from platy.train import config, stages
 
 from conftest import assert_user_error, finetune
 
 
 def lora_setup(tmp_path, **overrides):
     """Unquantized tiny Llama with LoRA, dropout 0: forwards are deterministic, so exact comparisons hold."""
-    setup = finetune_script.validate(
+    prepared = stages.prepare(
         flags(output_dir=str(tmp_path / "out"), quantization="none", lora_dropout=0.0, **overrides)
     )
-    tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
-    train_set, _, _ = finetune_script.build_datasets(setup, tokenizer, prompter)
-    model, _ = finetune_script.load_model_with_lora(setup)
+    setup, tokenizer, train_set, model = prepared.run, prepared.tokenizer, prepared.train_set, prepared.model
     with torch.no_grad():  # a non-zero adapter, so its gradients flow through every layer
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -283,23 +284,24 @@ def test_liger_is_off_with_a_note_where_it_cannot_run(tmp_path, capsys):
     assert importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available(), (
         "this test is about a machine where Liger cannot run"
     )
-    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), liger=True))
+    setup = resolved(output_dir=str(tmp_path / "out"), liger=True)
     assert setup.liger is False, "the Trainer is not asked for kernels that cannot run"
     assert "Note: --liger is off: " in capsys.readouterr().out
-    plain = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), liger=False))
-    differing = {key for key in setup if key != "prompter" and setup[key] != plain[key]}
+    plain = resolved(output_dir=str(tmp_path / "out"), liger=False)
+    keys = [field.name for field in dataclasses.fields(setup)]
+    differing = {key for key in keys if key != "prompter" and getattr(setup, key) != getattr(plain, key)}
     assert differing == set(), f"with --liger off the run is the plain one; differs in {differing}"
 
 
 def test_micro_batch_tokens_bounds_every_micro_step(tmp_path):
-    setup = finetune_script.validate(
-        flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=300, batch_size=2, micro_batch_size=1)
+    setup = resolved(
+        output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=300, batch_size=2, micro_batch_size=1
     )
     assert setup.pack_budget == 300 and setup.gradient_accumulation_steps == 2
-    tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
-    train_set, _, stats = finetune_script.build_datasets(setup, tokenizer, prompter)
+    tokenizer, prompter = stages.load_tokenizer_and_prompter(setup)
+    train_set, _, stats = stages.build_datasets(setup, tokenizer, prompter)
     sizes = [len(ids) for ids in train_set["input_ids"]]
     assert max(sizes) <= 300 and sum(sizes) == stats["train"]["tokens"], "every token once, no row over budget"
     assert len(sizes) == stats["train_packing"]["packed_rows"] < stats["train"]["kept"] / 3
-    with pytest.raises(finetune_script.UserError, match="--micro_batch_tokens 100 is below --cutoff_len 256"):
-        finetune_script.validate(flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=100))
+    with pytest.raises(UserError, match="--micro_batch_tokens 100 is below --cutoff_len 256"):
+        cli.fail_on(config.check_flags(flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=100)))

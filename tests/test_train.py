@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import finetune as finetune_script
+from platy import cli
+from platy.train import config, stages
 
 from conftest import SAMPLE, finetune, write_rows
 
@@ -30,12 +32,16 @@ def flags(**overrides):
     return values
 
 
+def resolved(**overrides):
+    """The Run of flags(**overrides), after the flag check, as finetune.py resolves it."""
+    values = flags(**overrides)
+    cli.fail_on(config.check_flags(values))
+    return config.resolve(values)
+
+
 def build(tmp_path, **overrides):
-    setup = finetune_script.validate(flags(output_dir=str(tmp_path / "out"), **overrides))
-    tokenizer, prompter = finetune_script.load_tokenizer_and_prompter(setup)
-    train_set, val_set, _ = finetune_script.build_datasets(setup, tokenizer, prompter)
-    model, _ = finetune_script.load_model_with_lora(setup)
-    return setup, finetune_script.build_trainer(setup, model, tokenizer, train_set, val_set, run_config={})
+    prepared = stages.prepare(flags(output_dir=str(tmp_path / "out"), **overrides))
+    return prepared.run, prepared.trainer
 
 
 def test_lora_weights_change_and_base_weights_do_not(tmp_path):

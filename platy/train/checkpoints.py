@@ -9,6 +9,7 @@ which the next run removes. Old checkpoints are renamed away before they are del
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from platy.cli import UserError, say
@@ -54,8 +55,28 @@ def checkpoint_step(folder):
     return json.loads((Path(folder) / "trainer_state.json").read_text()).get("global_step", 0)
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where --resume_from_checkpoint starts: a Trainer checkpoint (continues the run) or an adapter folder."""
+
+    kind: str  # "checkpoint" or "adapter"
+    path: str
+
+    @property
+    def checkpoint(self):
+        return self.kind == "checkpoint"
+
+    @property
+    def adapter(self):
+        return self.kind == "adapter"
+
+    def recorded(self):
+        """As run_config.json records it: [kind, path]."""
+        return (self.kind, self.path)
+
+
 def resolve_resume(value, output_dir):
-    """None, or ('checkpoint' | 'adapter', path) for --resume_from_checkpoint."""
+    """None (a new run), or the Resume that --resume_from_checkpoint names."""
     if value in (None, "", False):
         return None
     if value == "auto":
@@ -65,7 +86,7 @@ def resolve_resume(value, output_dir):
                 f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; "
                 "drop the flag to start a new run"
             )
-        return ("checkpoint", path)
+        return Resume("checkpoint", path)
     path = Path(str(value)).expanduser().resolve()
     if not path.is_dir():
         raise UserError(
@@ -80,9 +101,9 @@ def resolve_resume(value, output_dir):
                 "missing), so optimizer and schedule would restart silently; use an earlier checkpoint-N, "
                 "or the folder as an adapter-only start by copying its adapter files elsewhere"
             )
-        return ("checkpoint", str(path))
+        return Resume("checkpoint", str(path))
     if any((path / name).is_file() for name in ADAPTER_FILES):
-        return ("adapter", str(path))
+        return Resume("adapter", str(path))
     raise UserError(
         f"--resume_from_checkpoint {value}: holds neither a Trainer checkpoint (trainer_state.json) "
         "nor an adapter (adapter_model.safetensors)"

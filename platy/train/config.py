@@ -1,0 +1,491 @@
+"""finetune.py's configuration: every flag checked at once, then the run those flags describe.
+
+check_flags(flags) looks at the values only (no file, no network, no torch) and returns every
+problem, so the user fixes them in one go. resolve(flags) then does the I/O (the resume point,
+output_dir, the data rows, the model config, the memory plan, a write probe) and returns a
+frozen Run that every stage reads.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from platy import checks, cli
+from platy.cli import UserError, say
+from platy.files import ADAPTER_FILES, RUN_CONFIG, read_run_config
+from platy.modeling import PRECISIONS, QUANTIZATIONS, parse_target_modules
+from platy.prompts import Prompter
+from platy.train import checkpoints, plan
+from platy.train.checkpoints import Resume
+from platy.train.speed import checkpoint_fraction, liger_unavailable
+
+REPORT_TO = ("auto", "none", "wandb", "tensorboard")
+WANDB_FLAGS = ("wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+FINETUNING = ("lora", "full")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+OWN_OUTPUTS = (*ADAPTER_FILES, "adapter_config.json", RUN_CONFIG)
+POSITIVE_INTS = ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps", "logging_steps")
+
+# what decides which example lands in which step, and what each step computes
+RESUME_MUST_MATCH = (
+    "base_model",
+    "batch_size",
+    "micro_batch_size",
+    "cutoff_len",
+    "val_set_size",
+    "seed",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "train_on_inputs",
+    "add_eos_token",
+    "group_by_length",
+    "prompt_template_name",
+    "quantization",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "weight_decay",
+    "packing",
+    "micro_batch_tokens",
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: finetune.py's flags (resolved: output_dir absolute, precision decided,
+    lora_target_modules and report_to as lists) and what was derived or read from them."""
+
+    # model and data
+    base_model: str
+    data_path: str
+    output_dir: str
+    # training hyperparameters
+    batch_size: int
+    micro_batch_size: int
+    num_epochs: float
+    learning_rate: float
+    cutoff_len: int
+    val_set_size: float
+    lr_scheduler: str
+    warmup_steps: int
+    weight_decay: float
+    # LoRA
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: list
+    # data formatting
+    train_on_inputs: bool
+    add_eos_token: bool
+    group_by_length: bool
+    prompt_template_name: str
+    # resume and logging
+    resume_from_checkpoint: Any
+    wandb_project: str
+    wandb_run_name: str
+    wandb_watch: str
+    wandb_log_model: str
+    # toolkit
+    finetuning: str
+    quantization: str
+    double_quant: bool
+    precision: str
+    max_steps: int
+    seed: int
+    logging_steps: int
+    eval_steps: Any
+    save_steps: int
+    save_total_limit: int
+    gradient_checkpointing: Any
+    report_to: list
+    trust_remote_code: bool
+    deepspeed: Any
+    attn_implementation: str
+    overwrite: bool
+    skip_nonfinite_steps: bool
+    dry_run: bool
+    gpu_memory_gb: Any
+    # speed
+    packing: bool
+    micro_batch_tokens: Any
+    liger: bool
+    torch_compile: bool
+    cache_tokens: bool
+    # derived without I/O
+    flag_names: tuple = ()  # the entry's flags, in its order: what describe_run prints and records
+    world_size: int = 1
+    gradient_accumulation_steps: int = 1
+    pack_budget: int = 0  # tokens of one row at most: a packed row's budget, or cutoff_len
+    checkpoint_fraction: float = 1.0
+    # read or probed
+    prompter: Any = None
+    resume: Resume = None
+    rows: list = None
+    data_fingerprint: str = None
+    train_rows: list = None
+    val_rows: list = None
+    device: str = None
+    deepspeed_stage: int = None
+    strategy: str = None
+    base_model_path: str = None
+    model_config: Any = None
+    shape_source: str = None
+    plan: dict = None
+
+    def flags(self):
+        """The flags by name, with their resolved values."""
+        return {name: getattr(self, name) for name in self.flag_names}
+
+
+def check_flags(flags):
+    """Every problem with the flags' values, as sentences naming the flag ([] when all are good); no I/O."""
+    return [
+        *value_problems(flags),
+        *combination_problems(flags),
+        *speed_problems(flags),
+        *word_problems(flags),
+        *batch_problems(flags),
+    ]
+
+
+def value_problems(f):
+    """Each flag on its own: required, a number in range, one of its words."""
+    problems = []
+    if not f["base_model"]:
+        problems.append("--base_model is required (a hub id, a local folder, or builtin:tiny-llama)")
+    if not f["data_path"]:
+        problems.append("--data_path is required (a JSON, JSONL, CSV or Parquet file, or a data set id)")
+    problems += checks.problems_of(
+        *(checks.positive_int(name, f[name]) for name in POSITIVE_INTS),
+        checks.non_negative_int("warmup_steps", f["warmup_steps"]),
+        checks.non_negative_int("save_total_limit", f["save_total_limit"]),
+        checks.positive_int("eval_steps", f["eval_steps"], optional=True),
+        checks.non_negative_number("weight_decay", f["weight_decay"]),
+        checks.non_negative_number("lora_alpha", f["lora_alpha"]),
+        checks.positive_number("gpu_memory_gb", f["gpu_memory_gb"], optional=True),
+        checks.choice("lr_scheduler", f["lr_scheduler"], LR_SCHEDULERS),
+        checks.choice("finetuning", f["finetuning"], FINETUNING),
+        checks.choice("attn_implementation", f["attn_implementation"], ATTENTION),
+        checks.choice("quantization", f["quantization"], QUANTIZATIONS),
+        checks.choice("precision", f["precision"], PRECISIONS),
+    )
+    if not checks.is_int(f["max_steps"]) or f["max_steps"] == 0 or f["max_steps"] < -1:
+        problems.append(f"--max_steps must be a positive integer or -1 (run num_epochs), got {f['max_steps']!r}")
+    for name in ("num_epochs", "learning_rate"):
+        if not checks.is_number(f[name]) or f[name] <= 0:
+            problems.append(f"--{name} must be positive, got {f[name]!r}")
+    if not checks.is_number(f["lora_dropout"]) or not 0 <= f["lora_dropout"] < 1:
+        problems.append(f"--lora_dropout must be in [0, 1), got {f['lora_dropout']!r}")
+    if not checks.is_number(f["val_set_size"]) or f["val_set_size"] < 0:
+        problems.append(f"--val_set_size must be a row count or a fraction, got {f['val_set_size']!r}")
+    return problems
+
+
+def combination_problems(f):
+    """Flags that do not go together."""
+    problems = []
+    if f["eval_steps"] is not None and not f["val_set_size"]:
+        problems.append("--eval_steps needs held-out rows: set --val_set_size too")
+    if f["finetuning"] == "full" and f["quantization"] != "none":
+        problems.append(
+            f"--finetuning full trains every weight, which a {f['quantization']} base cannot hold; "
+            "add --quantization none"
+        )
+    if f["double_quant"] and f["quantization"] == "none":
+        problems.append("--double_quant needs --quantization 4bit")
+    elif f["double_quant"] and f["quantization"] == "8bit":
+        problems.append("--double_quant applies to 4-bit only; drop it or use --quantization 4bit")
+    return problems
+
+
+def speed_problems(f):
+    """Problems with the speed flags (packing, token budgets)."""
+    problems = []  # --packing is a bool flag: cli.run has checked its word
+    tokens = f["micro_batch_tokens"]
+    if tokens is not None:
+        if problem := checks.positive_int("micro_batch_tokens", tokens):
+            problems.append(problem)
+        elif not f["packing"]:
+            problems.append("--micro_batch_tokens fills each micro-step with packed examples: add --packing true")
+        elif checks.is_int(f["cutoff_len"]) and tokens < f["cutoff_len"]:
+            problems.append(
+                f"--micro_batch_tokens {tokens} is below --cutoff_len {f['cutoff_len']}, "
+                "so the longest examples would not fit; raise it or lower --cutoff_len"
+            )
+        if f["micro_batch_size"] != 1:
+            problems.append(
+                f"--micro_batch_tokens replaces --micro_batch_size (got {f['micro_batch_size']!r}); "
+                "drop --micro_batch_size"
+            )
+    if f["packing"] and f["group_by_length"]:
+        problems.append(
+            "--group_by_length has nothing to do with --packing (packed rows hold no padding); drop one of them"
+        )
+    return problems
+
+
+def word_problems(f):
+    """Flags read from words or lists: gradient_checkpointing, lora_target_modules, report_to."""
+    return checks.problems_of(
+        problem_of(checkpoint_fraction, f["gradient_checkpointing"]),
+        problem_of(parse_target_modules, f["lora_target_modules"]),
+        problem_of(report_to, f),
+    )
+
+
+def problem_of(read, value):
+    """The UserError that reading value raises, as a problem sentence (None when it reads)."""
+    try:
+        read(value)
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def report_to(f):
+    """--report_to as a list of reporters (auto: wandb when a wandb flag asks for it)."""
+    wanted = [r.strip() for r in str(f["report_to"]).split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in REPORT_TO]
+    if unknown or not wanted:
+        raise UserError(f"--report_to {f['report_to']}: choose from {', '.join(REPORT_TO)}")
+    if wanted == ["auto"]:
+        wanted = ["wandb"] if f["wandb_project"] else ["none"]
+    wandb_flags = [n for n in WANDB_FLAGS if f[n]]
+    if wandb_flags and "wandb" not in wanted:
+        raise UserError(
+            f"--{wandb_flags[0]} is set but --report_to {f['report_to']} does not include wandb; "
+            "add wandb to --report_to or drop the wandb flags"
+        )
+    if "none" in wanted and len(wanted) > 1:
+        raise UserError(f"--report_to {f['report_to']}: 'none' cannot be combined with other reporters")
+    return wanted
+
+
+def batch_problems(f):
+    """batch_size is global: it must split evenly over micro batches and processes."""
+    batch, micro = f["batch_size"], f["micro_batch_size"]
+    if checks.positive_int("batch_size", batch) or checks.positive_int("micro_batch_size", micro):
+        return []  # reported on their own
+    world = cli.world_size()
+    per_step = micro * world
+    if batch % per_step == 0:
+        return []
+    return [
+        f"--batch_size {batch} is not a multiple of --micro_batch_size {micro} x {world} process(es) = "
+        f"{per_step}; choose a batch_size such as {per_step * max(1, round(batch / per_step))}"
+    ]
+
+
+def resolve(flags):
+    """The Run the flags describe (flags that passed check_flags): reads the resume point, output_dir,
+    the data rows and the model config, plans the memory and probes that output_dir can be written."""
+    run = derive(flags)
+    resume = resolve_resume(run)
+    check_output_dir(run.output_dir, run.overwrite, resume)
+    run = dataclasses.replace(run, resume=resume, **read_data(run))
+    if resume and resume.checkpoint and run.rows is not None:
+        note_changed_settings(resume.path, run.flags(), run.data_fingerprint)
+    run = dataclasses.replace(run, **environment(run))
+    run = plan.with_model_plan(run)
+    if not run.dry_run:
+        check_writable(run.output_dir)
+    return run
+
+
+def derive(flags):
+    """The Run of the flags alone: values derived from them, the template read; nothing else looked up."""
+    values = dict(flags)
+    if values["liger"] and (why := liger_unavailable()):
+        say(f"Note: --liger is off: {why}; training with the model's own layers")
+        values["liger"] = False
+    world = cli.world_size()
+    return Run(
+        **{
+            **values,
+            "lora_target_modules": parse_target_modules(values["lora_target_modules"]),
+            "prompter": Prompter(values["prompt_template_name"]),
+            "output_dir": str(Path(values["output_dir"]).expanduser().resolve()),
+            "report_to": report_to(values),
+        },
+        flag_names=tuple(flags),
+        world_size=world,
+        pack_budget=values["micro_batch_tokens"] or values["cutoff_len"],
+        gradient_accumulation_steps=values["batch_size"] // (values["micro_batch_size"] * world),
+        checkpoint_fraction=checkpoint_fraction(values["gradient_checkpointing"]),
+    )
+
+
+def resolve_resume(run):
+    """--resume_from_checkpoint as a Resume (None: a new run)."""
+    resume = checkpoints.resolve_resume(run.resume_from_checkpoint, run.output_dir)
+    if run.finetuning == "full" and resume and resume.adapter:
+        raise UserError(
+            f"--resume_from_checkpoint {resume.path} is an adapter folder, which cannot start "
+            "--finetuning full; give a checkpoint-N folder of a full run, or drop the flag"
+        )
+    return resume
+
+
+def read_data(run):
+    """The rows, their fingerprint and the train/val split; a dry run fetches nothing that is not a local file."""
+    from platy.data.rows import load_rows, split_rows
+
+    if run.dry_run and not Path(run.data_path).expanduser().is_file():
+        return {}
+    rows, fingerprint = load_rows(run.data_path, run.seed)
+    train_rows, val_rows = split_rows(rows, run.val_set_size, run.seed)
+    return {"rows": rows, "data_fingerprint": fingerprint, "train_rows": train_rows, "val_rows": val_rows}
+
+
+def environment(run):
+    """What this machine and launcher decide: precision, device, installed packages, the parallel strategy."""
+    import torch
+
+    from platy.modeling import resolve_precision
+
+    precision = resolve_precision(run.precision)
+    check_packages(run)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    stage = check_deepspeed(run.deepspeed, run.quantization, run.dry_run) if run.deepspeed else None
+    check_attention(run.attn_implementation, device, run.dry_run)
+    return {
+        "precision": precision,
+        "device": device,
+        "deepspeed_stage": stage,
+        "strategy": plan.parallel_strategy(stage, run.world_size),
+    }
+
+
+def check_packages(run):
+    """The packages that --quantization and --report_to need are installed."""
+    import importlib.util
+
+    if run.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"--quantization {run.quantization} needs bitsandbytes: pip install bitsandbytes, "
+            "or use --quantization none"
+        )
+    for reporter in ("wandb", "tensorboard"):
+        if reporter in run.report_to:
+            try:
+                __import__(reporter)
+            except ImportError:
+                raise UserError(
+                    f"--report_to {reporter}: the {reporter} package is not installed; "
+                    f"pip install {reporter}, or use --report_to none"
+                ) from None
+
+
+def check_deepspeed(path, quantization, dry_run=False):
+    """The config's ZeRO stage; a dry run only notes a missing deepspeed package."""
+    import json
+
+    if not Path(path).is_file():
+        raise UserError(f"--deepspeed {path}: file not found; give a DeepSpeed JSON config")
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"--deepspeed {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    stage = (config.get("zero_optimization") or {}).get("stage")
+    if stage == 3 and quantization != "none":
+        # the model is loaded (and quantized) whole on every rank before the Trainer starts DeepSpeed
+        raise UserError(
+            f"--deepspeed {path}: ZeRO-3 cannot shard a {quantization} base loaded by this script; "
+            "use ZeRO-2 (the Dolphin-ORCA-Platypus setup) or --quantization none"
+        )
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        if not dry_run:
+            raise UserError("--deepspeed needs the deepspeed package: pip install deepspeed") from None
+        say("Note: the deepspeed package is not installed here; the training machines need it")
+    return stage
+
+
+def check_attention(attn_implementation, device, dry_run):
+    if attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError(
+            "--attn_implementation flash_attention_2 needs the flash-attn package "
+            "(pip install flash-attn --no-build-isolation); or use sdpa"
+        )
+    if device != "cuda" and not dry_run:
+        raise UserError("--attn_implementation flash_attention_2 runs on CUDA GPUs only; use sdpa here")
+
+
+def check_output_dir(output_dir, overwrite, resume):
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file; give a folder")
+    resuming_here = resume and resume.checkpoint and Path(resume.path).resolve().parent == path.resolve()
+    if resuming_here or overwrite or not path.is_dir():
+        return
+    if (path / RUN_CONFIG).exists():
+        raise UserError(
+            f"--output_dir {output_dir} already holds a finished run; choose another folder or pass "
+            "--overwrite (to train that adapter further: --resume_from_checkpoint "
+            f"{output_dir} with a new --output_dir)"
+        )
+    ours = [name for name in OWN_OUTPUTS if (path / name).exists()] + [p.name for p in path.glob("checkpoint-*")]
+    if ours:
+        raise UserError(
+            f"--output_dir {output_dir} holds an unfinished run ({', '.join(sorted(ours)[:3])}); "
+            "continue it with --resume_from_checkpoint auto, choose another folder, or pass --overwrite"
+        )
+
+
+def note_changed_settings(checkpoint, flags, data_fingerprint):
+    """Resuming with other data or hyperparameters continues, but not as the interrupted run would have."""
+    saved = read_run_config(checkpoint)
+    if not saved:
+        return
+    changed = [
+        f"{name} {saved['flags'][name]!r} -> {flags[name]!r}"
+        for name in RESUME_MUST_MATCH
+        if name in saved.get("flags", {}) and saved["flags"][name] != flags[name]
+    ]
+    if saved.get("data", {}).get("fingerprint", data_fingerprint) != data_fingerprint:
+        changed.append("the data rows (another fingerprint)")
+    if changed:
+        say(
+            f"Note: resuming from {Path(checkpoint).name} with settings that differ from its run: "
+            f"{'; '.join(changed)}. The run continues, but not as the interrupted one would have"
+        )
+
+
+def check_writable(output_dir):
+    """A folder that cannot take a checkpoint must fail now, not after hours of training."""
+    path = Path(output_dir)
+    created = [p for p in [path, *path.parents] if not p.exists()]  # removed again: a failed check writes nothing
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 65536)
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"--output_dir {output_dir} cannot be written ({err.strerror or err}); choose a folder you can write to"
+        ) from None
+    finally:
+        for folder in created:
+            if folder.is_dir():
+                folder.rmdir()

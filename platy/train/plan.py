@@ -1,0 +1,170 @@
+"""The plan of a run before any weight is loaded: the model's shape, processes, batch arithmetic,
+optimizer steps and the GPU memory estimate (platy/train/sizing.py), and its printed summary."""
+
+import dataclasses
+import math
+import os
+
+from platy import cli
+from platy.cli import UserError
+from platy.modeling import check_target_modules, linear_module_names, load_config, meta_model, resolve_base_model
+from platy.train import sizing
+
+
+def parallel_strategy(deepspeed_stage, world_size):
+    """How the processes share the model, from the launcher's environment and --deepspeed."""
+    if deepspeed_stage in (2, 3):
+        return f"zero{deepspeed_stage}"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):  # set by accelerate launch
+        return "fsdp"
+    if world_size > 1:
+        return "ddp"
+    import torch
+
+    return "model_parallel" if torch.cuda.device_count() > 1 else "single"
+
+
+def with_model_plan(run):
+    """run with the base model's path and config, checked LoRA targets and the plan (from a meta model)."""
+    base_model_path = resolve_base_model(run.base_model)
+    model_config, shape_source = load_model_config(run.base_model, base_model_path, run.trust_remote_code, run.dry_run)
+    run = dataclasses.replace(
+        run, base_model_path=base_model_path, model_config=model_config, shape_source=shape_source
+    )
+    model = meta_model(model_config, run.trust_remote_code)
+    if run.finetuning == "lora":
+        check_target_modules(run.lora_target_modules, linear_module_names(model), run.base_model)
+    return dataclasses.replace(run, plan=plan_run(run, model))
+
+
+def load_model_config(base_model, base_model_path, trust_remote_code, dry_run):
+    """The base's config and where it came from; a dry run may plan from a published shape."""
+    known = sizing.published_config(base_model) if dry_run else None
+    try:  # a dry run of a model with a published shape asks no server (offline machines would wait on retries)
+        return load_config(base_model_path, trust_remote_code, local_only=known is not None), "config.json"
+    except UserError:
+        if known is None:
+            raise
+        return known
+
+
+def plan_run(run, model):
+    """Processes, batch arithmetic, tokens per step and the GPU memory estimate (see platy/train/sizing.py)."""
+    import torch
+
+    counts = sizing.parameter_counts(model, run.lora_target_modules, run.lora_r)
+    local = cli.local_world_size()
+    gpus = torch.cuda.device_count()
+    # on a machine without GPUs the plan is for GPUs computing in bf16
+    compute = run.precision if run.device == "cuda" else "bf16"
+    memory = sizing.estimate(
+        run.model_config,
+        counts,
+        finetuning=run.finetuning,
+        quantization=run.quantization,
+        compute_bytes=2 if compute in ("bf16", "fp16") else 4,
+        double_quant=run.double_quant,
+        micro_batch_size=run.micro_batch_size,
+        cutoff_len=run.pack_budget,
+        gradient_checkpointing=run.checkpoint_fraction,
+        strategy=run.strategy,
+        world_size=run.world_size,
+        gpus_per_process=max(gpus, 1),
+    )
+    available = run.gpu_memory_gb
+    if available is None and gpus:
+        available = round(torch.cuda.get_device_properties(0).total_memory / sizing.GIB, 1)
+    plan = {
+        "processes": run.world_size,
+        "nodes": max(1, run.world_size // max(local, 1)),
+        "processes_per_node": local,
+        "strategy": run.strategy,
+        "global_batch": run.batch_size,
+        "micro_batch_size": run.micro_batch_size,
+        "gradient_accumulation_steps": run.gradient_accumulation_steps,
+        "max_tokens_per_optimizer_step": run.batch_size * run.pack_budget,
+        "parameters": counts["total"],
+        "trainable_parameters": counts["total"] if run.finetuning == "full" else counts["lora"],
+        "shape_source": run.shape_source,
+        "estimate_precision": compute,
+        "gpu_memory_gib": memory,
+        "gpu_memory_available_gib": available,
+    }
+    if run.train_rows is not None:
+        plan["train_rows"] = len(run.train_rows)
+    if run.train_rows is not None and not run.packing:  # packed rows are counted after tokenization
+        plan["optimizer_steps"] = optimizer_steps(run, len(run.train_rows))
+    return plan
+
+
+def optimizer_steps(run, n_train):
+    """Optimizer steps the run will take (as the Trainer counts them)."""
+    if run.max_steps > 0:
+        return run.max_steps
+    micro_batches = math.ceil(n_train / (run.micro_batch_size * run.world_size))
+    return math.ceil(run.num_epochs * math.ceil(micro_batches / run.gradient_accumulation_steps))
+
+
+def describe_plan(run):
+    """The plan as printed at start: model, training, processes, batch, tokens, data, memory and fit."""
+    plan, config = run.plan, run.model_config
+    what = (
+        f"full fine-tuning, {plan['trainable_parameters']:,} trainable"
+        if run.finetuning == "full"
+        else f"LoRA r={run.lora_r} on {', '.join(run.lora_target_modules)}: "
+        f"{plan['trainable_parameters']:,} trainable ({100 * plan['trainable_parameters'] / plan['parameters']:.2f}%)"
+    )
+    lines = [
+        f"Plan ({'dry run, ' if run.dry_run else ''}estimates; no weights loaded yet):",
+        f"  model: {run.base_model} ({config.model_type}, shape from {plan['shape_source']}): "
+        f"{sizing.human(plan['parameters'])} parameters, hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, vocab {config.vocab_size}",
+        f"  training: {what}; base weights {run.quantization if run.finetuning == 'lora' else 'fp32'}",
+        f"  processes: {plan['processes']} = {plan['nodes']} node(s) x {plan['processes_per_node']} per node; "
+        f"{sizing.STRATEGY_WORDS[plan['strategy']]}",
+        f"  batch: global {plan['global_batch']} = micro batch {plan['micro_batch_size']} x gradient accumulation "
+        f"{plan['gradient_accumulation_steps']} x {plan['processes']} process(es)",
+        f"  tokens per optimizer step: up to {plan['max_tokens_per_optimizer_step']:,} ({plan['global_batch']} "
+        + (
+            f"packed rows x {run.pack_budget} tokens)"
+            if run.packing
+            else f"sequences x cutoff_len {run.cutoff_len}; shorter examples use fewer)"
+        ),
+        describe_data(run),
+        describe_memory(run),
+    ]
+    available = plan["gpu_memory_available_gib"]
+    total = plan["gpu_memory_gib"]["total"]
+    if available is None:
+        lines.append("  fit: no GPU here; pass --gpu_memory_gb (e.g. 80) to check the estimate against a GPU")
+    else:
+        verdict = "fits" if total <= available else "does NOT fit"
+        lines.append(f"  fit: {total:.1f} GiB estimated {verdict} in {available:g} GiB per GPU")
+    return "\n".join(lines)
+
+
+def describe_data(run):
+    plan = run.plan
+    if "train_rows" in plan and run.packing:
+        return (
+            f"  data: {plan['train_rows']:,} training rows, packed after tokenization: the optimizer steps "
+            "are counted then"
+        )
+    if "train_rows" in plan:
+        return f"  data: {plan['train_rows']:,} training rows: {plan['optimizer_steps']:,} optimizer steps"
+    return f"  data: {run.data_path} is not a local file: rows are counted when the run starts"
+
+
+def describe_memory(run):
+    plan, memory = run.plan, run.plan["gpu_memory_gib"]
+    return (
+        f"  GPU memory per process ({plan['estimate_precision']} compute): weights {memory['weights']:.1f} GiB"
+        f" + trainable weights, gradients and AdamW states {memory['trainable_and_optimizer']:.1f} GiB"
+        f" + activations {memory['activations']:.1f} GiB (micro batch {run.micro_batch_size} x {run.pack_budget}"
+        f" tokens, checkpointing {describe_checkpointing(run.checkpoint_fraction)}) + CUDA overhead"
+        f" {memory['cuda_overhead']:.1f} GiB = {memory['total']:.1f} GiB"
+    )
+
+
+def describe_checkpointing(fraction):
+    return {0: "off", 1: "on"}.get(fraction, f"on the first {100 * fraction:g}% of layers")
