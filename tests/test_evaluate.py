@@ -11,7 +11,7 @@ import yaml
 
 from platy.evaluation import KOBEST, OPENLLM, average, format_value, render_tables
 
-from conftest import REPO, assert_user_error, run_cli
+from conftest import REPO, assert_user_error, merge_cli, run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SEEDS = FIXTURES / "seeds"  # the published model cards' evaluation tables (headings and tables only)
@@ -204,11 +204,10 @@ def evaluate_cli(*args, env=None):
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, lora_adapter, qlora_adapter):
     """float32 merges of both adapters: what the unmerged evaluations must reproduce."""
-    import merge
-
     out = tmp_path_factory.mktemp("merged")
-    merge.merge(peft_model_path=str(lora_adapter), output_dir=str(out / "lora-merged"), dtype="float32")
-    merge.merge(peft_model_path=str(qlora_adapter), output_dir=str(out / "qlora-merged"), dtype="float32")
+    for adapter, name in ((lora_adapter, "lora-merged"), (qlora_adapter, "qlora-merged")):
+        result = merge_cli(adapter, out / name, "--dtype", "float32")
+        assert result.returncode == 0, result.stderr[-3000:]
     return out / "lora-merged", out / "qlora-merged"
 
 
