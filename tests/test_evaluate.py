@@ -176,15 +176,15 @@ def test_kobest_tables_have_one_table_per_task_and_shots_as_columns():
 
 
 def test_num_fewshot_with_a_published_suite_says_what_it_replaces():
-    import evaluate
+    from platy.eval_stages import resolve_suite
 
     problems = []
-    suite, notes = evaluate.resolve_suite("openllm", [0], None, problems)
+    suite, notes = resolve_suite("openllm", [0], None, problems)
     assert {s.shots for s in suite.scores} == {0} and not problems
     assert "replaces the published shots of openllm (ARC 25, HellaSwag 10, MMLU 5" in notes[0]
-    suite, notes = evaluate.resolve_suite("kobest", [0, 5], None, problems)
+    suite, notes = resolve_suite("kobest", [0, 5], None, problems)
     assert suite.shot_counts() == [0, 5] and len(suite.tasks()) == 4 and "(0, 5, 10, 50)" in notes[0]
-    evaluate.resolve_suite("openllm", [0, 5], None, problems)
+    resolve_suite("openllm", [0, 5], None, problems)
     assert problems == ["--num_fewshot 0,5: the openllm table holds one shot count per column; give one number"]
 
 
