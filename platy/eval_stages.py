@@ -191,11 +191,15 @@ def check_configs(models, trust_remote_code, problems):
     from platy.modeling import load_config
 
     for model in models:
-        flag = f"--models {model['spec']}: its base model" if model["adapter"] else "--models"
         try:
-            load_config(model["base_path"], trust_remote_code, flag=flag)
+            load_config(model["base_path"], trust_remote_code, flag=base_flag(model))
         except UserError as err:
             problems.append(str(err))
+
+
+def base_flag(model):
+    """How messages about a model's base name it: an adapter's base is not on the command line."""
+    return f"--models {model['spec']}: its base model" if model["adapter"] else "--models"
 
 
 def resolve_suite(name, shot_counts, include, problems):
@@ -427,9 +431,10 @@ def load_lm(model, run):
         model["quantization"],
         run.precision,
         adapter and adapter.folder,
-        f"--models {model['spec']}:",
+        "--models",
         trust_remote_code=run.trust_remote_code,
         placement=placement,
+        base_flag=base_flag(model),
     )
     return HFLM(pretrained=weights, **common), {**model_args, "quantization": model["quantization"]}
 
