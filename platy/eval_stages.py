@@ -128,7 +128,7 @@ def check_numbers(flags, problems):
 def resolve_models(flags, problems):
     """Each --models entry as a base path (and adapter), with its row label and how it loads."""
     from platy.merging import Adapter, loading_quantization
-    from platy.modeling import resolve_base_model
+    from platy.modeling import bitsandbytes_missing, resolve_base_model
 
     specs = [spec.strip() for spec in str(flags["models"] or "").split(",") if spec.strip()]
     if not specs:
@@ -159,6 +159,12 @@ def resolve_models(flags, problems):
             continue
         # as trained: the scores are those of the trained adapter (and of merge.py's dequant merge)
         quantization, as_trained = loading_quantization(adapter, flags["load_4bit"])
+        if bitsandbytes_missing(quantization):
+            problems.append(
+                f"--models {spec}: loading it in {quantization}{' as trained' if as_trained else ''} needs "
+                "bitsandbytes: pip install bitsandbytes, or load it unquantized with --load_4bit False"
+            )
+            continue
         models.append(
             {
                 "spec": spec,

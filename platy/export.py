@@ -107,6 +107,15 @@ def resolve(flags):
             "--method dequant: the adapter's run_config.json records no quantized base (trained without "
             "quantization, or not by finetune.py); use --method peft"
         )
+    from platy.modeling import bitsandbytes_missing
+
+    quantization = adapter.trained_quantization()
+    if bitsandbytes_missing(quantization) and (method == "dequant" or flags["verify"]):
+        asked = "--method dequant" if method == "dequant" else "--verify"
+        raise UserError(
+            f"{asked}: the adapter was trained on a {quantization} base, and rebuilding it needs bitsandbytes: "
+            "pip install bitsandbytes" + (", or use --method peft" if method == "dequant" else "")
+        )
     device = flags["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -80,6 +80,7 @@ def resolve(flags):
     from platy.data.rows import read_prompts
     from platy.files import read_run_config
     from platy.merging import Adapter, loading_quantization
+    from platy.modeling import bitsandbytes_missing
     from platy.prompts import Prompter
 
     rows = None
@@ -99,6 +100,12 @@ def resolve(flags):
         recorded = (read_run_config(folder) if folder.is_dir() else None) or {}
     template = flags["prompt_template"] or recorded.get("resolved", {}).get("template", {}).get("name") or "alpaca"
     quantization, as_trained = loading_quantization(adapter, flags["load_4bit"], flags["load_8bit"])
+    if bitsandbytes_missing(quantization):
+        asked = f"--lora_weights {adapter.folder}: its base as trained" if as_trained else f"--load_{quantization}"
+        raise UserError(
+            f"{asked} ({quantization}) needs bitsandbytes: pip install bitsandbytes, or load the base "
+            f"unquantized with --load_{quantization} False"
+        )
     return GenerationRun(
         base=base,
         adapter=adapter,

@@ -47,9 +47,7 @@ def quantization_config(quantization, precision, double_quant=False, quant_stora
         if double_quant:
             raise UserError("--double_quant needs --quantization 4bit")
         return None
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:  # found, not imported: its import alone takes seconds
+    if bitsandbytes_missing(quantization):
         raise UserError(
             f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes, or use --quantization none"
         )
@@ -67,6 +65,14 @@ def quantization_config(quantization, precision, double_quant=False, quant_stora
         bnb_4bit_compute_dtype=torch_dtype(precision),
         **storage,
     )
+
+
+def bitsandbytes_missing(quantization):
+    """True when loading with `quantization` needs bitsandbytes and it is not installed."""
+    import importlib.util
+
+    # found, not imported: its import alone takes seconds
+    return quantization != "none" and importlib.util.find_spec("bitsandbytes") is None
 
 
 def resolve_base_model(base_model, flag="--base_model"):
