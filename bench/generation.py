@@ -21,7 +21,7 @@ def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_s
 
     import torch
 
-    import inference
+    from platy import generation
 
     rows = json.loads((REPO / "data" / "sample_platypus.json").read_text(encoding="utf-8"))[:prompts]
     rows = [{"instruction": r["instruction"], "input": r["input"]} for r in rows]
@@ -47,9 +47,7 @@ def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_s
         "seed": 0,
         "trust_remote_code": False,
     }
-    setup = inference.validate(flags)
-    model, tokenizer, prompter = inference.load_for_generation(setup)
-    generator = inference.Generator(model, tokenizer, prompter, setup)
+    generator = generation.prepare(flags)
     generator.generate(rows[:2])  # warm-up
 
     def timed(fn):

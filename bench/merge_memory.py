@@ -112,18 +112,13 @@ def child(mode, base, adapter, out):
     from transformers import AutoModelForCausalLM
 
     import merge
+    from platy import cli
 
     libraries = current_rss()  # interpreter + torch + transformers + peft, before any weight is read
     started = time.time()
     if mode == "stream":
-        merge.merge(
-            base_model_name_or_path=str(base),
-            peft_model_path=str(adapter),
-            output_dir=str(out),
-            method="peft",
-            dtype="float16",
-            device="cpu",
-        )
+        argv = ["--base_model_name_or_path", str(base), "--peft_model_path", str(adapter), "--output_dir", str(out)]
+        cli.call(merge.merge, [*argv, "--method", "peft", "--dtype", "float16", "--device", "cpu"])
     else:
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float16)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

@@ -32,6 +32,10 @@ def integer(name, value):
     return None if is_int(value) else f"--{name} must be an integer, got {value!r}"
 
 
+def number(name, value):
+    return None if is_number(value) else f"--{name} must be a number, got {value!r}"
+
+
 def positive_number(name, value, optional=False):
     if optional and value is None:
         return None

@@ -159,8 +159,9 @@ class Adapter:
         return weight.addmm_(b, a, alpha=self.scale(module))
 
 
-def base_checkpoint(base_path):
-    """(weight files, weight_map) of a local Hugging Face model folder; safetensors preferred."""
+def base_checkpoint(base_path, flag="--base_model"):
+    """The weight files of a local Hugging Face model folder; safetensors preferred. `flag` names the flag
+    that gave the folder, for the error messages."""
     folder = Path(base_path)
     for index_name, single in (
         ("model.safetensors.index.json", "model.safetensors"),
@@ -172,15 +173,13 @@ def base_checkpoint(base_path):
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise UserError(
-                    f"--base_model {base_path}: {index_name} lists {len(missing)} missing weight file(s), "
+                    f"{flag} {base_path}: {index_name} lists {len(missing)} missing weight file(s), "
                     f"e.g. {missing[0]}; download the whole model"
                 )
             return files
         if (folder / single).is_file():
             return [folder / single]
-    raise UserError(
-        f"--base_model {base_path}: no model.safetensors or pytorch_model.bin (or their index) in the folder"
-    )
+    raise UserError(f"{flag} {base_path}: no model.safetensors or pytorch_model.bin (or their index) in the folder")
 
 
 SAFETENSORS_DTYPES = {
@@ -405,11 +404,12 @@ def check_fit(adapter, shapes):
             )
 
 
-def resolve_local_base(base_model):
-    """A local folder for the base weights: as given, the embedded tiny model, or a hub snapshot."""
+def resolve_local_base(base_model, flag):
+    """A local folder for the base weights: as given, the embedded tiny model, or a hub snapshot; `flag`
+    names the flag that gave it, for the error messages."""
     from platy.modeling import resolve_base_model
 
-    path = resolve_base_model(base_model)
+    path = resolve_base_model(base_model, flag)
     if Path(path).is_dir():
         return path
     try:
@@ -419,7 +419,7 @@ def resolve_local_base(base_model):
     except Exception as err:
         detail = error_detail(err)
         raise UserError(
-            f"--base_model {base_model}: not a local folder and not downloadable ({detail}); "
+            f"{flag} {base_model}: not a local folder and not downloadable ({detail}); "
             "download it first or check the name"
         ) from err
 

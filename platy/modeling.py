@@ -47,9 +47,7 @@ def quantization_config(quantization, precision, double_quant=False, quant_stora
         if double_quant:
             raise UserError("--double_quant needs --quantization 4bit")
         return None
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:  # found, not imported: its import alone takes seconds
+    if bitsandbytes_missing(quantization):
         raise UserError(
             f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes, or use --quantization none"
         )
@@ -69,6 +67,14 @@ def quantization_config(quantization, precision, double_quant=False, quant_stora
     )
 
 
+def bitsandbytes_missing(quantization):
+    """True when loading with `quantization` needs bitsandbytes and it is not installed."""
+    import importlib.util
+
+    # found, not imported: its import alone takes seconds
+    return quantization != "none" and importlib.util.find_spec("bitsandbytes") is None
+
+
 def resolve_base_model(base_model, flag="--base_model"):
     """A local folder, the embedded tiny model (builtin:tiny-llama), or a hub id.
 
@@ -77,7 +83,7 @@ def resolve_base_model(base_model, flag="--base_model"):
     if base_model.startswith(BUILTIN_PREFIX):
         from platy import tiny
 
-        return str(tiny.ensure_model(base_model[len(BUILTIN_PREFIX) :]))
+        return str(tiny.ensure_model(base_model[len(BUILTIN_PREFIX) :], flag))
     path = Path(os.path.expanduser(base_model))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -203,12 +209,14 @@ def load_model(
     load_precision=None,
     quant_storage=None,
     attn_implementation=None,
+    flag="--base_model",
 ):
     """A causal LM as training and inference load it.
 
     placement overrides device_map(); SHARDED passes no device map, so FSDP or DeepSpeed
     ZeRO-3 place the weights. load_precision (default: precision) is the dtype the weights
     are held in: full fine-tuning keeps fp32 master weights and computes in precision.
+    `flag` names the flag that gave base_model, for the error messages.
     """
     from transformers import AutoModelForCausalLM
 
@@ -225,7 +233,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
     except (OSError, ValueError) as err:
         detail = error_detail(err)
-        raise UserError(f"--base_model {base_model}: cannot load the model ({detail})") from err
+        raise UserError(f"{flag} {base_model}: cannot load the model ({detail})") from err
     keep_cpu_4bit_layout(model)
     return model
 
@@ -239,15 +247,17 @@ def load_model_with_adapter(
     double_quant=False,
     trust_remote_code=False,
     placement=None,
+    base_flag="--base_model",
 ):
     """The base loaded as load_model does, with a LoRA adapter applied unmerged (peft); the base alone
     where adapter_folder is None.
 
-    An adapter whose shapes do not fit the base is a UserError naming `flag`.
+    An adapter whose shapes do not fit the base is a UserError naming `flag` (the adapter's) and
+    `base_flag` (the base's).
     """
     from peft import PeftModel
 
-    model = load_model(base_model, quantization, precision, double_quant, trust_remote_code, placement)
+    model = load_model(base_model, quantization, precision, double_quant, trust_remote_code, placement, flag=base_flag)
     if adapter_folder is None:
         return model
     try:
@@ -256,7 +266,7 @@ def load_model_with_adapter(
         if isinstance(err, RuntimeError) and "size mismatch" not in str(err):
             raise  # out of memory and the like are not a mismatch
         raise UserError(
-            f"{flag} {adapter_folder} does not fit --base_model {base_model} "
+            f"{flag} {adapter_folder} does not fit {base_flag} {base_model} "
             f"({error_detail(err, last=True)}); use the base model the adapter was trained on"
         ) from err
 

@@ -32,11 +32,11 @@ TINY_MODELS = {
 }
 
 
-def ensure_model(name="tiny-llama"):
-    """Path of the cached tiny model, building it first if needed."""
+def ensure_model(name="tiny-llama", flag="--base_model"):
+    """Path of the cached tiny model, building it first if needed; `flag` names the flag that asked for it."""
     if name not in TINY_MODELS:
         raise UserError(
-            f"--base_model builtin:{name}: unknown built-in model; available: "
+            f"{flag} builtin:{name}: unknown built-in model; available: "
             + ", ".join(f"builtin:{n}" for n in TINY_MODELS)
         )
     return build_once(cache_root() / f"{name}-v{BUILD_VERSION}", lambda folder: build(folder, **TINY_MODELS[name]))

@@ -11,7 +11,7 @@ import yaml
 
 from platy.evaluation import KOBEST, OPENLLM, average, format_value, render_tables
 
-from conftest import REPO, assert_user_error, run_cli
+from conftest import REPO, assert_user_error, merge_cli, run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SEEDS = FIXTURES / "seeds"  # the published model cards' evaluation tables (headings and tables only)
@@ -176,15 +176,15 @@ def test_kobest_tables_have_one_table_per_task_and_shots_as_columns():
 
 
 def test_num_fewshot_with_a_published_suite_says_what_it_replaces():
-    import evaluate
+    from platy.eval_stages import resolve_suite
 
     problems = []
-    suite, notes = evaluate.resolve_suite("openllm", [0], None, problems)
+    suite, notes = resolve_suite("openllm", [0], None, problems)
     assert {s.shots for s in suite.scores} == {0} and not problems
     assert "replaces the published shots of openllm (ARC 25, HellaSwag 10, MMLU 5" in notes[0]
-    suite, notes = evaluate.resolve_suite("kobest", [0, 5], None, problems)
+    suite, notes = resolve_suite("kobest", [0, 5], None, problems)
     assert suite.shot_counts() == [0, 5] and len(suite.tasks()) == 4 and "(0, 5, 10, 50)" in notes[0]
-    evaluate.resolve_suite("openllm", [0, 5], None, problems)
+    resolve_suite("openllm", [0, 5], None, problems)
     assert problems == ["--num_fewshot 0,5: the openllm table holds one shot count per column; give one number"]
 
 
@@ -204,11 +204,10 @@ def evaluate_cli(*args, env=None):
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory, lora_adapter, qlora_adapter):
     """float32 merges of both adapters: what the unmerged evaluations must reproduce."""
-    import merge
-
     out = tmp_path_factory.mktemp("merged")
-    merge.merge(peft_model_path=str(lora_adapter), output_dir=str(out / "lora-merged"), dtype="float32")
-    merge.merge(peft_model_path=str(qlora_adapter), output_dir=str(out / "qlora-merged"), dtype="float32")
+    for adapter, name in ((lora_adapter, "lora-merged"), (qlora_adapter, "qlora-merged")):
+        result = merge_cli(adapter, out / name, "--dtype", "float32")
+        assert result.returncode == 0, result.stderr[-3000:]
     return out / "lora-merged", out / "qlora-merged"
 
 

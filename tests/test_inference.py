@@ -22,7 +22,7 @@ def infer(*args, env=None):
 
 
 def make_generator(adapter, **overrides):
-    import inference
+    from platy import generation
 
     flags = {
         "base_model": None,
@@ -47,9 +47,7 @@ def make_generator(adapter, **overrides):
         "trust_remote_code": False,
         **overrides,
     }
-    setup = inference.validate(flags)
-    model, tokenizer, prompter = inference.load_for_generation(setup)
-    return inference.Generator(model, tokenizer, prompter, setup)
+    return generation.prepare(flags)
 
 
 def test_batched_greedy_equals_one_at_a_time(qlora_adapter):

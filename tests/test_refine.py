@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import refine as refine_script
-from platy import refining
+from platy import cli, refining
 from platy.cli import UserError
 from platy.data.rows import load_rows, mix_rows, parse_mix, take_share, to_alpaca
 from platy.refining import (
@@ -240,7 +240,7 @@ def test_finetune_reads_a_mix_spec(tmp_path, capsys):
     assert f"Data: 127 rows from {spec}" in capsys.readouterr().out
 
     out = tmp_path / "refined.json"
-    refine_script.refine(mix=spec, output_path=str(out), exact_dedup=False, near_dedup=False)
+    refine_in_process("--mix", spec, "--output_path", out, "--exact_dedup", "False", "--near_dedup", "False")
     refined = json.loads(out.read_text())
     assert [(r["instruction"], r["input"]) for r in refined] == [(r["instruction"], r["input"]) for r in setup.rows]
 
@@ -250,6 +250,11 @@ def test_finetune_reads_a_mix_spec(tmp_path, capsys):
 
 def refine_cli(*args):
     return run_cli([sys.executable, str(REPO / "refine.py"), *map(str, args)])
+
+
+def refine_in_process(*args):
+    """refine.py's entry on a command line, in this process (its prints reach capsys)."""
+    return cli.call(refine_script.refine, [str(arg) for arg in args])
 
 
 @pytest.fixture
@@ -312,19 +317,16 @@ def test_refine_end_to_end(inputs, tmp_path, tiny_llama, capsys):
 
     # a rerun with another threshold embeds nothing, and keeps the reworded question
     rerun = tmp_path / "rerun.json"
-    refine_script.refine(mix=spec, output_path=str(rerun), test_files=str(inputs["test"]), near_dedup_threshold=0.95)
+    refine_in_process(
+        "--mix", spec, "--output_path", rerun, "--test_files", inputs["test"], "--near_dedup_threshold", 0.95
+    )
     report = json.loads((tmp_path / "rerun.report.json").read_text())
     assert report["embedding"]["embedded"] == 0 and report["test_embedding"]["embedded"] == 0
     assert BOILING_REWORDED in [r["instruction"] for r in json.loads(rerun.read_text())]
 
     # every stage switched off: the rows as normalised, in order
-    refine_script.refine(
-        data_path=f"{inputs['alpaca']},{inputs['share']}",
-        output_path=str(rerun),
-        exact_dedup=False,
-        near_dedup=False,
-        decontaminate=False,
-    )
+    off = ["--exact_dedup", "False", "--near_dedup", "False", "--decontaminate", "False"]
+    refine_in_process("--data_path", f"{inputs['alpaca']},{inputs['share']}", "--output_path", rerun, *off)
     assert len(json.loads(rerun.read_text())) == 11
 
 

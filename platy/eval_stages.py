@@ -1,0 +1,472 @@
+"""One evaluate.py run: the flag check, the models and suite resolved, each model run through
+lm-evaluation-harness, the tables written.
+
+Which harness number goes in which cell, and how tables are laid out, is platy.evaluation's.
+"""
+
+import functools
+import gc
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from platy import cli
+from platy.cli import UserError, error_detail, say
+from platy.evaluation import (
+    SUITES,
+    custom_suite,
+    folder_name,
+    model_labels,
+    render_tables,
+    scores_json,
+    shots_title,
+    with_shots,
+)
+from platy.files import write_json, write_text
+from platy.reporting import library_versions, say_configuration
+
+INSTALL_HINT = "lm-eval is not installed; install it with: pip install -r requirements-eval.txt"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+CPU_BATCH_SIZE = 8
+
+
+def require_harness():
+    """lm-eval is an optional dependency: without it, say how to install it."""
+    try:
+        import lm_eval  # noqa: F401
+    except ModuleNotFoundError as err:
+        if err.name != "lm_eval":
+            raise  # installed, but one of its own dependencies is missing: the traceback says which
+        raise UserError(INSTALL_HINT) from err
+
+
+def check_flags(flags):
+    """Every problem of evaluate.py's flags, as sentences; reads no file (the models and tasks are resolve's)."""
+    problems = []
+    parse_shots(flags["num_fewshot"], problems)
+    check_numbers(flags, problems)
+    check_device(flags["device"], problems)
+    if flags["include_path"] and not Path(flags["include_path"]).expanduser().is_dir():
+        problems.append(f"--include_path {flags['include_path']}: folder not found")
+    output_dir = Path(flags["output_dir"]).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        problems.append(f"--output_dir {output_dir} is a file; give a folder")
+    return problems
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One evaluate.py run: the models in row order, the suite, and where and how they run."""
+
+    flags: dict
+    models: list  # one dict per --models entry (spec, label, folder, base, base_path, adapter, quantization...)
+    suite: object  # platy.evaluation.Suite
+    notes: list  # what --num_fewshot changed, printed with the configuration
+    task_manager: object
+    device: str
+    precision: str
+    batch_size: object  # an int, or "auto" on CUDA
+    output_dir: Path
+    limit: float | None
+    trust_remote_code: bool
+
+
+def resolve(flags, problems):
+    """The EvalRun: every model's adapter, base and config read, the suite's tasks found and built.
+
+    Fails once with the flag problems given and every model and task problem found, before any
+    weights load: a typo in the fifth model must not wait for the first four to be evaluated.
+    """
+    shot_counts = parse_shots(flags["num_fewshot"], [])
+    include = Path(flags["include_path"]).expanduser() if flags["include_path"] else None
+    models = resolve_models(flags, problems)
+    suite, notes = resolve_suite(
+        flags["suite"], shot_counts, include if include and include.is_dir() else None, problems
+    )
+    cli.fail_on(problems)
+    device, precision, batch_size = resolve_placement(flags["device"], flags["batch_size"])
+    return EvalRun(
+        flags=flags,
+        models=models,
+        suite=suite,
+        notes=notes,
+        task_manager=load_tasks(suite, include),
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        output_dir=Path(flags["output_dir"]).expanduser(),
+        limit=flags["limit"],
+        trust_remote_code=flags["trust_remote_code"],
+    )
+
+
+def parse_shots(value, problems):
+    if value is None:
+        return []
+    items = [item.strip() for item in str(value).strip("[]() ").split(",") if item.strip()]
+    if not items or not all(item.isdigit() for item in items):
+        problems.append(f"--num_fewshot {value}: give a shot count such as 5, or several such as 0,5,10")
+        return []
+    return list(dict.fromkeys(int(item) for item in items))
+
+
+def check_numbers(flags, problems):
+    limit = flags["limit"]
+    if limit is not None and (
+        isinstance(limit, bool)
+        or not isinstance(limit, (int, float))
+        or limit <= 0
+        or (limit >= 1 and limit != int(limit))
+    ):
+        problems.append(f"--limit {limit}: give a number of examples (a positive integer) or a fraction below 1")
+    batch = str(flags["batch_size"])
+    if not (batch == "auto" or batch.isdigit() and int(batch) > 0):
+        problems.append(f"--batch_size {batch}: give auto or a positive integer")
+
+
+def resolve_models(flags, problems):
+    """Each --models entry as a base path (and adapter), with its row label and how it loads."""
+    from platy.merging import Adapter, loading_quantization
+    from platy.modeling import bitsandbytes_missing, resolve_base_model
+
+    specs = [spec.strip() for spec in str(flags["models"] or "").split(",") if spec.strip()]
+    if not specs:
+        problems.append("--models is required: model folders, hub ids or adapter folders, separated by commas")
+        return []
+    repeated = sorted({s for s in specs if specs.count(s) > 1})
+    if repeated:
+        problems.append(f"--models names {', '.join(repeated)} more than once")
+    labels = model_labels(specs)
+    folders = unique_folders(labels)
+    models = []
+    for spec, label, folder in zip(specs, labels, folders):
+        try:
+            path = Path(spec).expanduser()
+            adapter = Adapter(path, "--models", merge=False) if (path / "adapter_config.json").is_file() else None
+            if adapter:
+                base = adapter.base_model()
+                if not base:
+                    raise UserError(
+                        f"--models {spec}: the adapter records no base model (no run_config.json or "
+                        "base_model_name_or_path); evaluate a merged model instead"
+                    )
+                base_path = resolve_base_model(base, f"--models {spec}: its base model")
+            else:
+                base, base_path = spec, resolve_base_model(spec, "--models")
+        except UserError as err:
+            problems.append(str(err))
+            continue
+        # as trained: the scores are those of the trained adapter (and of merge.py's dequant merge)
+        quantization, as_trained = loading_quantization(adapter, flags["load_4bit"])
+        if bitsandbytes_missing(quantization):
+            problems.append(
+                f"--models {spec}: loading it in {quantization}{' as trained' if as_trained else ''} needs "
+                "bitsandbytes: pip install bitsandbytes, or load it unquantized with --load_4bit False"
+            )
+            continue
+        models.append(
+            {
+                "spec": spec,
+                "label": label,
+                "folder": folder,
+                "base": base,
+                "base_path": base_path,
+                "adapter": adapter,
+                "quantization": quantization,
+                "as_trained": as_trained,
+            }
+        )
+    check_configs(models, flags["trust_remote_code"], problems)
+    return models
+
+
+def unique_folders(labels):
+    folders = []
+    for label in labels:
+        name, n = folder_name(label), 2
+        while name in folders:
+            name, n = f"{folder_name(label)}-{n}", n + 1
+        folders.append(name)
+    return folders
+
+
+def check_configs(models, trust_remote_code, problems):
+    """Every model's config loads (a hub id that does not exist or cannot be reached fails here, before any
+    model is evaluated)."""
+    from platy.modeling import load_config
+
+    for model in models:
+        try:
+            load_config(model["base_path"], trust_remote_code, flag=base_flag(model))
+        except UserError as err:
+            problems.append(str(err))
+
+
+def base_flag(model):
+    """How messages about a model's base name it: an adapter's base is not on the command line."""
+    return f"--models {model['spec']}: its base model" if model["adapter"] else "--models"
+
+
+def resolve_suite(name, shot_counts, include, problems):
+    """The suite definition (published or from a task list), and notes on what --num_fewshot changed."""
+    notes = []
+    if name in SUITES:
+        suite = SUITES[name]
+        if shot_counts:
+            if not suite.per_task and len(shot_counts) > 1:
+                problems.append(
+                    f"--num_fewshot {','.join(map(str, shot_counts))}: the {name} table holds one shot "
+                    "count per column; give one number"
+                )
+                return suite, notes
+            published = (
+                ", ".join(map(str, suite.shot_counts()))
+                if suite.per_task
+                else ", ".join(f"{s.title} {s.shots}" for s in suite.scores)
+            )
+            notes.append(
+                f"Note: --num_fewshot {','.join(map(str, shot_counts))} replaces the published shots of "
+                f"{name} ({published}): the scores are not comparable with published tables"
+            )
+            suite = with_shots(suite, shot_counts)
+        return suite, notes
+    tasks = [task.strip() for task in str(name).split(",") if task.strip()]
+    if not tasks:
+        problems.append("--suite is empty: give openllm, kobest or harness task names")
+        return None, notes
+    unknown = unknown_tasks(tasks, include)
+    for task in unknown:
+        import difflib
+
+        close = difflib.get_close_matches(task, list(SUITES) + known_task_names(include), n=1)
+        hint = f"did you mean {close[0]}?" if close else "list the harness's tasks with: lm-eval ls tasks"
+        problems.append(
+            f"--suite: unknown suite or task {task}; {hint} (suites: {', '.join(SUITES)}"
+            + (f"; local tasks from --include_path {include}" if include else "")
+            + ")"
+        )
+    return custom_suite(tasks, shot_counts), notes
+
+
+@functools.cache
+def task_manager(include, defaults):
+    """lm-eval's task index. Indexing its ~15,000 built-in tasks takes seconds, so local tasks are indexed
+    alone first and the built-in ones only when needed."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include) if include else None, include_defaults=defaults)
+
+
+def manager_for(tasks, include):
+    if include is not None:
+        local = task_manager(include, defaults=False)
+        if all(task in local.all_tasks for task in tasks):
+            return local
+    return task_manager(include, defaults=True)
+
+
+def unknown_tasks(tasks, include):
+    known = set(manager_for(tasks, include).all_tasks)
+    return [task for task in tasks if task not in known]
+
+
+def known_task_names(include):
+    return list(task_manager(include, defaults=True).all_tasks)
+
+
+def check_device(device, problems):
+    import torch
+
+    from platy.modeling import mps_available
+
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        problems.append(f"--device {device}: choose {', '.join(DEVICES)} or cuda:N")
+    elif str(device).startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device {device}: no CUDA GPU here; use --device cpu (or auto)")
+    elif device == "mps" and not mps_available():
+        problems.append("--device mps: Apple's mps is not available here; use --device cpu (or auto)")
+
+
+def resolve_placement(device, batch_size):
+    """Device, precision and batch size; 'auto' batch sizes are searched only on CUDA GPUs."""
+    from platy.modeling import generation_device
+
+    device, precision = generation_device(device)
+    if batch_size == "auto":
+        # the harness's search runs batches of full-length sequences (64 x the context length):
+        # minutes on a CPU for a generation task, where memory never runs out to stop it
+        batch_size = "auto" if device.startswith("cuda") else CPU_BATCH_SIZE
+    return device, precision, int(batch_size) if batch_size != "auto" else "auto"
+
+
+def load_tasks(suite, include):
+    """Build every task once (its data downloaded or read from the cache) before any model loads, so a
+    missing data set stops the run before hours of evaluation."""
+    manager = manager_for(suite.tasks(), include)
+    problems, hints = [], {}
+    for task in suite.tasks():
+        try:
+            manager.load([task])
+        except Exception as err:  # noqa: BLE001 - building a task fails in many ways, all about its data
+            problems.append(f"{task} ({type(err).__name__}: {error_detail(err)[:160]})")
+            if isinstance(err, FileNotFoundError):
+                hints["files"] = (
+                    f"The harness reads a task's data_files relative to the working directory "
+                    f"({Path.cwd()}): run from the task's folder or give absolute paths"
+                )
+            if isinstance(err, ConnectionError):
+                hints["hub"] = (
+                    "Offline, a task's data set must be in the Hugging Face cache (downloaded once "
+                    "online), or use local tasks with --include_path"
+                )
+                break  # the hub is out of reach: every further task would wait through the same retries
+    if problems:
+        raise UserError(f"cannot load task {'; '.join(problems)}" + "".join(f". {h}" for h in hints.values()))
+    return manager
+
+
+def describe(run):
+    """The evaluation configuration: printed once at start, saved as eval_config.json at the end."""
+    suite = run.suite
+    resolved = {
+        "tasks": suite.tasks(),
+        "shots": suite.shot_counts(),
+        "device": run.device,
+        "precision": run.precision,
+        "batch_size": run.batch_size,
+    }
+    say_configuration("Evaluation configuration", {**run.flags, **resolved})
+    for model in run.models:
+        source = f"adapter {model['spec']} on {model['base']}" if model["adapter"] else model["spec"]
+        load = "unquantized" if model["quantization"] == "none" else model["quantization"]
+        say(f"  {model['label']}: {source} ({load}{', as trained' if model['as_trained'] else ''})")
+    for note in run.notes:
+        say(note)
+    models = [
+        {k: v for k, v in m.items() if k != "adapter"} | {"adapter": str(m["adapter"].folder) if m["adapter"] else None}
+        for m in run.models
+    ]
+    return {
+        "flags": run.flags,
+        "resolved": {**resolved, "models": models, "suite": [vars(s) for s in suite.scores]},
+        "command": " ".join(["python", "evaluate.py", *sys.argv[1:]]),
+        "versions": library_versions(extra=("lm_eval",)),
+    }
+
+
+# harness messages that restate what this script asked for
+HARNESS_CHATTER = ("Overwriting default num_fewshot", "is not of type `str`", "Passed an already-initialized model")
+
+
+class DropChatter(logging.Filter):
+    def filter(self, record):
+        return not any(text in record.getMessage() for text in HARNESS_CHATTER)
+
+
+def quiet_harness():
+    for name in ("lm_eval.evaluator", "lm_eval.models.huggingface"):
+        logging.getLogger(name).addFilter(DropChatter())
+
+
+def evaluate_model(model, run):
+    """Load one model, run the suite's tasks at each shot count, save each harness result."""
+    from lm_eval import simple_evaluate
+
+    suite = run.suite
+    say(f"\n== {model['label']}")
+    lm, model_args = load_lm(model, run)
+    runs = {}
+    folder = run.output_dir / model["folder"]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        for shots in suite.shot_counts():
+            tasks = list(dict.fromkeys(s.task for s in suite.scores if s.shots == shots))
+            say(f"{model['label']}: {', '.join(tasks)} ({shots_title(shots)})")
+            results = simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=shots,
+                limit=run.limit,
+                task_manager=run.task_manager,
+                log_samples=False,
+            )
+            # the harness records model_args only when it builds the model itself
+            results["config"]["model_args"] = model_args
+            write_json(folder / f"{'default' if shots is None else shots}-shot.json", results)
+            runs[shots] = results
+    finally:
+        del lm  # the next model loads where this one was
+        free_memory()
+    return runs
+
+
+def load_lm(model, run):
+    """The harness's Hugging Face model: built by the harness from a path (adapters through its peft
+    argument); a quantized model is loaded here, since transformers 5 takes no load_in_4bit flag."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from platy.modeling import torch_dtype
+
+    adapter = model["adapter"]
+    tokenizer = (
+        str(adapter.folder) if adapter and (adapter.folder / "tokenizer_config.json").is_file() else model["base_path"]
+    )
+    dtype = str(torch_dtype(run.precision)).removeprefix("torch.")
+    several_gpus = run.device == "cuda" and torch.cuda.device_count() > 1
+    common = {
+        "tokenizer": tokenizer,
+        "batch_size": run.batch_size,
+        "trust_remote_code": run.trust_remote_code,
+    }
+    model_args = {"pretrained": model["base_path"], "dtype": dtype, "device": run.device, **common}
+    if adapter:
+        model_args["peft"] = str(adapter.folder)
+    if model["quantization"] == "none":
+        model_args["parallelize"] = several_gpus  # a model too big for one GPU is spread over all of them
+        try:
+            return HFLM(**model_args), model_args
+        except (OSError, ValueError) as err:
+            raise UserError(f"--models {model['spec']}: cannot load the model ({error_detail(err)})") from err
+    from platy.modeling import load_model_with_adapter
+
+    placement = "auto" if several_gpus else {"": run.device}
+    weights = load_model_with_adapter(
+        model["base_path"],
+        model["quantization"],
+        run.precision,
+        adapter and adapter.folder,
+        "--models",
+        trust_remote_code=run.trust_remote_code,
+        placement=placement,
+        base_flag=base_flag(model),
+    )
+    return HFLM(pretrained=weights, **common), {**model_args, "quantization": model["quantization"]}
+
+
+def free_memory():
+    import torch
+
+    from platy.merging import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()  # glibc keeps a freed model's pages otherwise: two models in memory on CPU
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def report(run, runs_by_model, eval_config):
+    suite = run.suite
+    tables = render_tables(suite, runs_by_model)
+    if run.limit is not None:
+        tables += (
+            f"\nScores on the first {run.limit} examples of each task (--limit): not comparable with published ones.\n"
+        )
+    out = run.output_dir
+    write_text(out / "results.md", tables)
+    write_json(out / "scores.json", scores_json(suite, runs_by_model))
+    write_json(out / "eval_config.json", eval_config)
+    say("")
+    print(tables, end="", flush=True)
+    say(f"\nTables: {out / 'results.md'}; harness results: {out}/<model>/<shots>-shot.json")

@@ -1,0 +1,308 @@
+"""Export a merged model: the stages merge.py runs around the streaming merge of platy.merging.
+
+check_flags(flags) finds every problem of the command line without reading a file; resolve(flags)
+reads the adapter and the base into a MergeRun; write_merged builds the model folder next to its
+destination and swaps it into place; check_merged compares it with base + adapter (--verify).
+"""
+
+import datetime
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from platy import checks
+from platy.cli import UserError, say
+from platy.files import swap_into_place, write_json
+from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base
+
+DEVICES = ("auto", "cpu", "cuda")
+# largest logit difference that the rounding of the exported dtype alone stays well below
+VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.5}
+VERIFY_PROMPTS = (
+    "What is the boiling point of water at sea level?",
+    "Is 91 a prime number?",
+    "Explain Newton's second law in one sentence.",
+    "다음 두 수의 합을 구하시오: 12, 30",
+)
+
+
+@dataclass(frozen=True)
+class MergeRun:
+    """One merge: what goes into it and where the merged model goes."""
+
+    base: str  # the base as given or recorded
+    base_path: str  # its local folder
+    adapter: Adapter
+    peft_model_path: str
+    layout: dict | None  # how the base was quantized in training (None: not quantized)
+    method: str  # dequant or peft
+    dtype: str  # float16, bfloat16 or float32
+    max_bytes: int  # largest shard
+    output_dir: Path
+    device: str
+    verify: bool
+    trust_remote_code: bool
+
+
+def disagreement(flags, name, alias):
+    value, other = flags[name], flags[alias]
+    if value and other and value != other:
+        return f"--{name} {value} and --{alias} {other} disagree; give one of them"
+    return None
+
+
+def check_flags(flags):
+    """Every problem of merge.py's flags, as sentences; reads no file."""
+    problems = checks.problems_of(
+        disagreement(flags, "peft_model_path", "lora_weights"),
+        disagreement(flags, "base_model_name_or_path", "base_model"),
+    )
+    if not (flags["peft_model_path"] or flags["lora_weights"]):
+        problems.append("--peft_model_path is required (the adapter folder written by finetune.py)")
+    if not flags["output_dir"]:
+        problems.append("--output_dir is required (where the merged model goes)")
+    problems += checks.problems_of(checks.choice("method", flags["method"], METHODS))
+    if str(flags["dtype"]) not in DTYPES:
+        problems.append(f"--dtype {flags['dtype']}: choose float16, bfloat16 or float32")
+    if flags["device"] not in DEVICES and not str(flags["device"]).startswith("cuda:"):
+        problems.append(f"--device {flags['device']}: choose auto, cpu or cuda")
+    if flags["trust_remote_code"] and not flags["verify"]:
+        problems.append("--trust_remote_code only matters for --verify (the merge itself runs no model code)")
+    if flags["max_shard_size"] != "auto":
+        try:
+            parse_size(flags["max_shard_size"])
+        except UserError as err:
+            problems.append(str(err))
+    return problems
+
+
+def resolve(flags):
+    """The MergeRun of checked flags: the output folder made safe to write, the adapter read, the base
+    found (as given or recorded by the adapter) and the method decided."""
+    import torch
+
+    out = Path(flags["output_dir"]).expanduser().resolve()
+    remove_stale_partials(out)  # first: a restored previous model must count as what is there
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()) and not flags["overwrite"]:
+        raise UserError(f"--output_dir {out} is not empty; choose a new folder or pass --overwrite")
+    adapter = Adapter(Path(flags["peft_model_path"] or flags["lora_weights"]).expanduser())
+    adapter_dir = adapter.folder.resolve()
+    if out == adapter_dir or out in adapter_dir.parents or adapter_dir in out.parents:
+        raise UserError(
+            f"--output_dir {out} would replace or nest in the adapter folder {adapter_dir}; choose a folder outside it"
+        )
+    base = resolve_base(flags["base_model_name_or_path"] or flags["base_model"], adapter.base_model())
+    layout = adapter.quantization_layout
+    method = flags["method"]
+    if method == "auto":
+        method = "dequant" if layout else "peft"
+    if method == "dequant" and not layout:
+        raise UserError(
+            "--method dequant: the adapter's run_config.json records no quantized base (trained without "
+            "quantization, or not by finetune.py); use --method peft"
+        )
+    from platy.modeling import bitsandbytes_missing
+
+    quantization = adapter.trained_quantization()
+    if bitsandbytes_missing(quantization) and (method == "dequant" or flags["verify"]):
+        asked = "--method dequant" if method == "dequant" else "--verify"
+        raise UserError(
+            f"{asked}: the adapter was trained on a {quantization} base, and rebuilding it needs bitsandbytes: "
+            "pip install bitsandbytes" + (", or use --method peft" if method == "dequant" else "")
+        )
+    device = flags["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU here; use --device cpu")
+    base_path = resolve_local_base(base, "--base_model")
+    if Path(base_path).resolve() in (out, *out.parents):
+        raise UserError(f"--output_dir {out} would replace the base model folder; choose another folder")
+    if flags["max_shard_size"] == "auto":
+        from platy.merging import base_checkpoint
+
+        max_bytes = max(p.stat().st_size for p in base_checkpoint(base_path, "--base_model"))
+    else:
+        max_bytes = parse_size(flags["max_shard_size"])
+    return MergeRun(
+        base=base,
+        base_path=base_path,
+        adapter=adapter,
+        peft_model_path=str(adapter.folder),
+        layout=layout,
+        method=method,
+        dtype=DTYPES[str(flags["dtype"])],
+        max_bytes=max_bytes,
+        output_dir=out,
+        device=device,
+        verify=flags["verify"],
+        trust_remote_code=flags["trust_remote_code"],
+    )
+
+
+def resolve_base(given, recorded):
+    """The base to merge into: as given (a note when the adapter was trained on another), else recorded."""
+    if not given:
+        if not recorded:
+            raise UserError("--base_model_name_or_path is required: the adapter records no base model")
+        return recorded
+    if recorded and not same_model(given, recorded):
+        say(f"Note: the adapter was trained on {recorded}; merging into {given} as asked")
+    return given
+
+
+def remove_stale_partials(output_dir):
+    """Clean up after a merge that was killed (kill -9, power loss): its process is gone.
+
+    A partial folder is removed. A previous model moved aside (.NAME.old-PID) goes back into
+    place if the kill came before the new model arrived, else it is removed.
+    """
+    for path in sorted(output_dir.parent.glob(f".{output_dir.name}.*")):
+        match = re.fullmatch(rf"\.{re.escape(output_dir.name)}\.(partial|old)-(\d+)(-.*)?", path.name)
+        if not match or Path(f"/proc/{match[2]}").exists():
+            continue
+        if match[1] == "old" and not output_dir.exists():
+            path.rename(output_dir)
+            say(f"Restored {output_dir} from {path}, left by an interrupted merge")
+        else:
+            say(f"Removing {path}, left by an interrupted merge")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def same_model(a, b):
+    from platy.modeling import resolve_base_model
+
+    def where(name):
+        try:
+            path = Path(resolve_base_model(name)).expanduser()
+        except UserError:  # a folder that moved: compare names only
+            return name
+        return path.resolve() if path.exists() else name
+
+    return a == b or where(a) == where(b)
+
+
+def write_merged(run):
+    """The merged model folder, built beside output_dir and swapped into place only when complete."""
+    run.output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run.output_dir.name}.partial-{os.getpid()}-", dir=run.output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes a private folder; the model is for everyone who may read here
+    try:
+        stats = merge_stream(
+            run.base_path, run.adapter, run.method, run.layout, run.dtype, tmp, run.max_bytes, run.device
+        )
+        write_companions(run, tmp, stats)
+        swap_into_place(tmp, run.output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(
+        f"Merged model ({run.method} merge, {run.dtype}): {run.output_dir} "
+        f"({len(stats['shards'])} shard(s), {stats['bytes'] / 1e9:.3f} GB, {stats['merged_modules']} modules merged)"
+    )
+    return stats
+
+
+def write_companions(run, folder, stats):
+    """config.json, generation config, tokenizer, a model card, and how the merge was made."""
+    import json
+
+    from platy.model_card import model_card
+
+    adapter = run.adapter
+    (folder / "config.json").write_text(json.dumps(output_config(run.base_path, run.dtype), indent=2) + "\n")
+    base = Path(run.base_path)
+    if (base / "generation_config.json").is_file():
+        shutil.copy(base / "generation_config.json", folder / "generation_config.json")
+    tokenizer_source = adapter.folder if (adapter.folder / "tokenizer_config.json").is_file() else base
+    for path in tokenizer_source.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens_map")) or path.name in ("chat_template.jinja",):
+            shutil.copy(path, folder / path.name)
+    merge_info = {
+        "method": run.method,
+        "dtype": run.dtype,
+        "base_model": run.base,
+        "adapter": run.peft_model_path,
+        "shards": stats["shards"],
+        "merged_modules": stats["merged_modules"],
+        "quantization_layout": {k: v for k, v in (run.layout or {}).items() if k != "modules"} or None,
+        "command": " ".join(["python", "merge.py", *sys.argv[1:]]),
+        "date": datetime.date.today().isoformat(),
+    }
+    write_json(folder / "merge_config.json", merge_info)
+    if adapter.run_config:
+        write_json(folder / "run_config.json", adapter.run_config)
+    (folder / "README.md").write_text(model_card(run, adapter, merge_info), encoding="utf-8")
+
+
+def check_merged(run):
+    """--verify: print how closely the merged model reproduces base + adapter, and warn when it does not."""
+    report = verify_merge(run)
+    say(
+        f"Verify: largest |logit difference| {report['max_abs_diff']:.2e} over {report['positions']} positions "
+        f"of {report['prompts']} prompts; greedy next-token agreement {100 * report['agreement']:.1f}%"
+    )
+    if report["agreement"] < 0.99 or report["max_abs_diff"] > VERIFY_TOLERANCE[run.dtype]:
+        hint = (
+            " (expected with --method peft for an adapter trained on a quantized base: --method dequant reproduces it)"
+            if run.method == "peft" and run.layout
+            else ""
+        )
+        say(f"Warning: the merged model does not reproduce base + adapter exactly{hint}")
+    return report
+
+
+def verify_merge(run, prompts=None):
+    """Largest logit difference and greedy agreement: merged model vs base + adapter as trained."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from platy.modeling import load_model_with_adapter, resolve_precision
+    from platy.prompts import Prompter
+
+    adapter = run.adapter
+    recorded = (adapter.run_config or {}).get("resolved", {})
+    # the compute precision of training where this machine can run it (a GPU run's bf16 on a GPU)
+    precision = recorded.get("precision") if recorded.get("precision") and torch.cuda.is_available() else None
+    precision = precision or resolve_precision("auto")
+    placement = "auto" if torch.cuda.is_available() else {"": "cpu"}
+    reference = load_model_with_adapter(
+        run.base_path,
+        adapter.trained_quantization(),
+        precision,
+        adapter.folder,
+        "--peft_model_path",
+        bool((run.layout or {}).get("double_quant")),
+        run.trust_remote_code,
+        placement,
+    )
+    merged = AutoModelForCausalLM.from_pretrained(
+        str(run.output_dir),
+        dtype=getattr(torch, run.dtype),
+        device_map=placement,
+        trust_remote_code=run.trust_remote_code,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(run.output_dir))
+    template = recorded.get("template", {}).get("name") or "alpaca"
+    prompter = Prompter(template, f"--peft_model_path {adapter.folder}: its recorded template")
+    prompts = prompts or [prompter.generate_prompt(q) for q in VERIFY_PROMPTS]
+    reference.eval()
+    merged.eval()
+    worst, agree, positions = 0.0, 0, 0
+    with torch.no_grad():
+        for text in prompts:
+            ids = tokenizer(text, return_tensors="pt")
+            a = reference(**ids.to(reference.device)).logits.float()
+            b = merged(**ids.to(merged.device)).logits.float().to(a.device)
+            worst = max(worst, (a - b).abs().max().item())
+            agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+            positions += a.shape[1]
+    return {"max_abs_diff": worst, "agreement": agree / positions, "positions": positions, "prompts": len(prompts)}

@@ -1,0 +1,267 @@
+"""Answer prompts with a base, base + adapter or merged model: the stages inference.py runs.
+
+check_flags(flags) finds every problem of the command line without reading a file; resolve(flags)
+then reads the adapter, the prompts file and the recorded template into a GenerationRun;
+load_for_generation and Generator do the work.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from platy import checks, cli
+from platy.cli import UserError, say
+
+PROMPT_SOURCES = ("prompt", "prompts_file", "csv_path", "interactive")
+
+
+@dataclass(frozen=True)
+class GenerationRun:
+    """What one inference.py run generates from, and how."""
+
+    base: str  # the base or merged model as given (or as the adapter records it)
+    adapter: object  # merging.Adapter, or None
+    prompter: object
+    prompt: str | None
+    input: str | None
+    rows: list | None  # the prompts file's rows
+    out_path: str | None
+    interactive: bool
+    quantization: str
+    as_trained: bool  # quantized as the adapter was trained, not by a flag
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    num_beams: int
+    repetition_penalty: float
+    batch_size: int
+    seed: int
+    trust_remote_code: bool
+
+
+def check_flags(flags):
+    """Every problem of inference.py's flags, as sentences; reads no file."""
+    from platy.data.rows import FILE_FORMATS
+
+    problems = []
+    if flags["input"] and not flags["prompt"]:
+        problems.append("--input goes with --prompt; a prompts file carries inputs in its 'input' column")
+    sources = [name for name in PROMPT_SOURCES if flags[name] not in (None, False, "")]
+    if len(sources) != 1:
+        problems.append(
+            "give exactly one of --prompt, --prompts_file (or --csv_path) and --interactive"
+            + (f"; got {', '.join('--' + s for s in sources)}" if sources else "")
+        )
+    if flags["load_8bit"] and flags["load_4bit"]:
+        problems.append("--load_8bit and --load_4bit exclude each other; pick one")
+    problems += checks.problems_of(
+        *(checks.positive_int(name, flags[name]) for name in ("max_new_tokens", "batch_size", "num_beams"))
+    )
+    numbers = checks.problems_of(
+        *(checks.number(name, flags[name]) for name in ("temperature", "top_p", "repetition_penalty"))
+    )
+    problems += numbers
+    if not numbers:
+        if flags["temperature"] < 0 or not 0 < flags["top_p"] <= 1 or flags["repetition_penalty"] <= 0:
+            problems.append("--temperature must be >= 0, --top_p in (0, 1] and --repetition_penalty > 0")
+        elif flags["top_p"] < 1 and flags["temperature"] == 0:
+            problems.append("--top_p applies to sampling: set --temperature above 0 too (0 is greedy)")
+    out_path = flags["output_file"] or flags["output_csv_path"]
+    if out_path and flags["prompt"]:
+        problems.append("--output_file goes with a prompts file; --prompt prints its answer")
+    if out_path and Path(out_path).suffix.lower() not in FILE_FORMATS:
+        problems.append(f"--output_file {out_path}: use a .json, .jsonl, .csv or .parquet name")
+    return problems
+
+
+def resolve(flags):
+    """The GenerationRun of checked flags: the prompts file read, the adapter and its recorded base and
+    template found, the quantization to load with decided."""
+    from platy.data.rows import read_prompts
+    from platy.files import read_run_config
+    from platy.merging import Adapter, loading_quantization
+    from platy.modeling import bitsandbytes_missing
+    from platy.prompts import Prompter
+
+    rows = None
+    prompts_path = flags["prompts_file"] or flags["csv_path"]
+    if prompts_path:
+        rows, _ = read_prompts(prompts_path, "--prompts_file" if flags["prompts_file"] else "--csv_path")
+    adapter = Adapter(Path(flags["lora_weights"]).expanduser(), "--lora_weights") if flags["lora_weights"] else None
+    recorded = (adapter.run_config if adapter else None) or {}
+    base = flags["base_model"] or (adapter.base_model() if adapter else None)
+    if not base:
+        raise UserError(
+            "--base_model is required (a model folder or hub id; with --lora_weights, the adapter's "
+            "run_config.json can name it)"
+        )
+    if not adapter:  # a merged model folder carries the run configuration of its adapter
+        folder = Path(base).expanduser()
+        recorded = (read_run_config(folder) if folder.is_dir() else None) or {}
+    template = flags["prompt_template"] or recorded.get("resolved", {}).get("template", {}).get("name") or "alpaca"
+    quantization, as_trained = loading_quantization(adapter, flags["load_4bit"], flags["load_8bit"])
+    if bitsandbytes_missing(quantization):
+        asked = f"--lora_weights {adapter.folder}: its base as trained" if as_trained else f"--load_{quantization}"
+        raise UserError(
+            f"{asked} ({quantization}) needs bitsandbytes: pip install bitsandbytes, or load the base "
+            f"unquantized with --load_{quantization} False"
+        )
+    return GenerationRun(
+        base=base,
+        adapter=adapter,
+        prompter=Prompter(template, "--prompt_template"),
+        prompt=flags["prompt"],
+        input=flags["input"],
+        rows=rows,
+        out_path=flags["output_file"] or flags["output_csv_path"],
+        interactive=flags["interactive"],
+        quantization=quantization,
+        as_trained=as_trained,
+        **{
+            name: flags[name]
+            for name in (
+                "max_new_tokens",
+                "temperature",
+                "top_p",
+                "num_beams",
+                "repetition_penalty",
+                "batch_size",
+                "seed",
+                "trust_remote_code",
+            )
+        },
+    )
+
+
+def load_for_generation(run):
+    """(model, tokenizer, prompter): the model in eval mode on the best device, a left-padding tokenizer."""
+    import torch
+
+    from platy.data.examples import prepare_tokenizer
+    from platy.modeling import generation_device, load_model_with_adapter, load_tokenizer, resolve_base_model
+
+    device, precision = generation_device()
+    quantization = run.quantization
+    path = resolve_base_model(run.base)
+    how = f" ({quantization}, as trained)" if run.as_trained else f" ({quantization})"
+    say(
+        f"Loading {run.base}"
+        + (how if quantization != "none" else "")
+        + (f" + adapter {run.adapter.folder}" if run.adapter else "")
+        + f" on {device} ({precision})",
+        err=True,
+    )
+    tokenizer_source = run.adapter.folder if run.adapter else path
+    tokenizer = prepare_tokenizer(load_tokenizer(str(tokenizer_source), run.trust_remote_code))
+    tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+    # CUDA: "auto" spreads a model too big for one GPU over all of them
+    placement = "auto" if device == "cuda" else {"": device}
+    model = load_model_with_adapter(
+        path,
+        quantization,
+        precision,
+        run.adapter and run.adapter.folder,
+        "--lora_weights",
+        trust_remote_code=run.trust_remote_code,
+        placement=placement,
+    )
+    model.eval()
+    torch.manual_seed(run.seed)
+    return model, tokenizer, run.prompter
+
+
+class Generator:
+    """Batched generation with left padding; answers cut at the template's response marker."""
+
+    def __init__(self, model, tokenizer, prompter, run):
+        from platy.data.examples import adds_bos
+
+        self.model, self.tokenizer, self.prompter = model, tokenizer, prompter
+        self.bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+        sampling = run.temperature > 0
+        self.kwargs = dict(
+            max_new_tokens=run.max_new_tokens,
+            do_sample=sampling,
+            num_beams=run.num_beams,
+            repetition_penalty=run.repetition_penalty,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        if sampling:
+            self.kwargs.update(temperature=run.temperature, top_p=run.top_p)
+        else:  # greedy: say so, so a model's generation_config cannot turn sampling on
+            self.kwargs.update(temperature=None, top_p=None, top_k=None)
+
+    def encode(self, rows):
+        """The same ids training used for the prompt: [BOS] + prompt, left-padded."""
+        import torch
+
+        from platy.data.examples import with_bos
+
+        texts = [self.prompter.generate_prompt(r["instruction"], r.get("input") or "") for r in rows]
+        ids = [with_bos(x, self.bos) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        return input_ids.to(self.model.device), mask.to(self.model.device)
+
+    def generate(self, rows, streamer=None):
+        import torch
+
+        input_ids, mask = self.encode(rows)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, streamer=streamer, **self.kwargs)
+        # the answer is what follows the prompt (which ends with the template's response_split);
+        # decoding only the new tokens keeps an instruction that quotes the marker out of the answer
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
+
+
+def prepare(flags):
+    """The Generator of a command line's flags (checked, resolved, model loaded), for tests and benchmarks."""
+    cli.fail_on(check_flags(flags))
+    run = resolve(flags)
+    return Generator(*load_for_generation(run), run)
+
+
+def answer_prompt(generator, run):
+    print(generator.generate([{"instruction": run.prompt, "input": run.input or ""}])[0])
+
+
+def answer_file(generator, run):
+    from tqdm import tqdm
+
+    from platy.data.rows import FILE_FORMATS, write_rows
+
+    rows, size = run.rows, run.batch_size
+    results = []
+    with tqdm(total=len(rows), desc="Generating", unit=" prompts", dynamic_ncols=True) as bar:
+        for start in range(0, len(rows), size):
+            batch = rows[start : start + size]
+            for row, response in zip(batch, generator.generate(batch)):
+                results.append({**row, "response": response})
+            bar.update(len(batch))
+    if run.out_path:
+        write_rows(run.out_path, results, FILE_FORMATS[Path(run.out_path).suffix.lower()])
+        say(f"Wrote {len(results)} responses to {run.out_path}", err=True)
+    else:
+        for row in results:
+            print(json.dumps(row, ensure_ascii=False))
+
+
+def interactive_loop(generator):
+    from transformers import TextStreamer
+
+    streamer = TextStreamer(generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print("Type an instruction (an empty line or Ctrl-D ends). Add an input after ' || ' if the task has one.")
+    while True:
+        try:
+            line = input("\n>>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line.strip():
+            print()
+            return
+        instruction, _, extra = line.partition(" || ")
+        generator.generate([{"instruction": instruction.strip(), "input": extra.strip()}], streamer=streamer)
