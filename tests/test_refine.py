@@ -228,15 +228,17 @@ def test_finetune_reads_a_mix_spec(tmp_path, capsys):
     """The spec finetune.py takes as --data_path gives the rows refine.py's mix stage gives."""
     import test_train
 
+    from platy.train import stages
+
     orca = write_rows(tmp_path / "orca.jsonl", orca_rows())
     spec = f"{SAMPLE}:0.5,{orca}:0.25"
-    setup = test_train.finetune_script.validate(test_train.flags(data_path=spec, output_dir=str(tmp_path / "o")))
+    setup = test_train.resolved(data_path=spec, output_dir=str(tmp_path / "o"))
     assert len(setup.rows) == 122 + 5
     assert setup.data_fingerprint.startswith("mix:sha256:")
     assert setup.rows == mix_rows(spec, 42)[0] and load_rows(spec, 7)[0] != setup.rows
     assert [r["data_source"] for r in setup.rows[-5:]] == ["orca"] * 5
-    tokenizer, prompter = test_train.finetune_script.load_tokenizer_and_prompter(setup)
-    test_train.finetune_script.build_datasets(setup, tokenizer, prompter)
+    tokenizer, prompter = stages.load_tokenizer_and_prompter(setup)
+    stages.build_datasets(setup, tokenizer, prompter)
     assert f"Data: 127 rows from {spec}" in capsys.readouterr().out
 
     out = tmp_path / "refined.json"
