@@ -14,64 +14,15 @@ METHOD_TEXT = {
 def model_card(merge_run, adapter, info):
     """The README.md of a merged model folder: what it is, how it was trained and merged, how to load it."""
     run = adapter.run_config or {}
-    flags = run.get("flags", {})
     data = run.get("data", {})
-    layout = merge_run.layout or {}
-    quant = (
-        (
-            f"{layout.get('quantization')} {layout.get('quant_type', '')}".strip()
-            + (", double quantization" if layout.get("double_quant") else "")
-        )
-        if layout
-        else "none"
-    )
-    rows = [
-        ("learning rate", flags.get("learning_rate")),
-        ("batch size", flags.get("batch_size")),
-        ("micro batch size", flags.get("micro_batch_size")),
-        ("warmup steps", flags.get("warmup_steps")),
-        ("epochs", flags.get("num_epochs")),
-        ("max steps", flags.get("max_steps")),
-        ("weight decay", flags.get("weight_decay")),
-        ("lr scheduler", flags.get("lr_scheduler")),
-        ("lora alpha", adapter.config.get("lora_alpha")),
-        ("lora rank", adapter.config.get("r")),
-        ("lora dropout", adapter.config.get("lora_dropout")),
-        ("lora target modules", ", ".join(sorted(adapter.config.get("target_modules") or []))),
-        ("cutoff length", flags.get("cutoff_len")),
-        ("train on inputs", flags.get("train_on_inputs")),
-        ("group by length", flags.get("group_by_length")),
-        ("add eos token", flags.get("add_eos_token")),
-        ("prompt template", run.get("resolved", {}).get("template", {}).get("name")),
-        ("base quantization in training", quant),
-        ("precision", run.get("resolved", {}).get("precision")),
-    ]
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows if value not in (None, ""))
     template = run.get("resolved", {}).get("template", {})
-    result = run.get("result", {})
+    quant = quantization_words(merge_run.layout)
+    table = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters(run, adapter, quant))
+    training = training_summary(run, merge_run.peft_model_path)
+    prompts = prompt_text(template)
     name = merge_run.output_dir.name
     base = merge_run.base
-    is_hub_id = HUB_ID.match(base) and "/" in base and not Path(base).exists()
-    base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id else f"`{base}`"
-    train = data.get("train", {})
-    training = ["LoRA adapter trained with `finetune.py`"]
-    if result.get("global_step"):
-        training.append(f"{result['global_step']} optimizer steps")
-    if train.get("kept"):
-        training.append(
-            f"{train['kept']:,} training examples, {train.get('label_tokens', 0):,} response tokens (labels) per epoch"
-        )
-    if not result:
-        training.append(f"merged from an intermediate checkpoint ({merge_run.peft_model_path})")
-    prompts = ""
-    if template:
-        prompts = (
-            f"With an input:\n\n```\n{template.get('prompt_input', '')}\n```\n\n"
-            f"Without one:\n\n```\n{template.get('prompt_no_input', '')}\n```\n\n"
-            f"The answer follows `{template.get('response_split', '')}`."
-        )
-    else:
-        prompts = "Not recorded (the adapter has no run_config.json)."
+    base_text = base_link(base)
     return f"""---
 base_model: {base}
 library_name: transformers
@@ -120,3 +71,71 @@ model = AutoModelForCausalLM.from_pretrained("path/to/{name}")
 tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
 ```
 """
+
+
+def quantization_words(layout):
+    """How the base was quantized in training, in words ("4bit nf4, double quantization"), or "none"."""
+    if not layout:
+        return "none"
+    words = f"{layout.get('quantization')} {layout.get('quant_type', '')}".strip()
+    return words + (", double quantization" if layout.get("double_quant") else "")
+
+
+def hyperparameters(run, adapter, quant):
+    """(name, value) rows of the card's table: the recorded training flags and the adapter's LoRA settings."""
+    flags = run.get("flags", {})
+    resolved = run.get("resolved", {})
+    rows = [
+        ("learning rate", flags.get("learning_rate")),
+        ("batch size", flags.get("batch_size")),
+        ("micro batch size", flags.get("micro_batch_size")),
+        ("warmup steps", flags.get("warmup_steps")),
+        ("epochs", flags.get("num_epochs")),
+        ("max steps", flags.get("max_steps")),
+        ("weight decay", flags.get("weight_decay")),
+        ("lr scheduler", flags.get("lr_scheduler")),
+        ("lora alpha", adapter.config.get("lora_alpha")),
+        ("lora rank", adapter.config.get("r")),
+        ("lora dropout", adapter.config.get("lora_dropout")),
+        ("lora target modules", ", ".join(sorted(adapter.config.get("target_modules") or []))),
+        ("cutoff length", flags.get("cutoff_len")),
+        ("train on inputs", flags.get("train_on_inputs")),
+        ("group by length", flags.get("group_by_length")),
+        ("add eos token", flags.get("add_eos_token")),
+        ("prompt template", resolved.get("template", {}).get("name")),
+        ("base quantization in training", quant),
+        ("precision", resolved.get("precision")),
+    ]
+    return [(name, value) for name, value in rows if value not in (None, "")]
+
+
+def training_summary(run, adapter_path):
+    """The card's "Fine-tuning" line, in parts: steps and examples when the run finished."""
+    result = run.get("result", {})
+    train = run.get("data", {}).get("train", {})
+    parts = ["LoRA adapter trained with `finetune.py`"]
+    if result.get("global_step"):
+        parts.append(f"{result['global_step']} optimizer steps")
+    if train.get("kept"):
+        parts.append(
+            f"{train['kept']:,} training examples, {train.get('label_tokens', 0):,} response tokens (labels) per epoch"
+        )
+    if not result:
+        parts.append(f"merged from an intermediate checkpoint ({adapter_path})")
+    return parts
+
+
+def prompt_text(template):
+    if not template:
+        return "Not recorded (the adapter has no run_config.json)."
+    return (
+        f"With an input:\n\n```\n{template.get('prompt_input', '')}\n```\n\n"
+        f"Without one:\n\n```\n{template.get('prompt_no_input', '')}\n```\n\n"
+        f"The answer follows `{template.get('response_split', '')}`."
+    )
+
+
+def base_link(base):
+    """A hub id links to its page; a local base is shown as its path."""
+    is_hub_id = HUB_ID.match(base) and "/" in base and not Path(base).exists()
+    return f"[{base}](https://huggingface.co/{base})" if is_hub_id else f"`{base}`"
