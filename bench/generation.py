@@ -21,31 +21,19 @@ def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_s
 
     import torch
 
-    from platy import generation
+    import inference
+    from platy import cli, generation
 
     rows = json.loads((REPO / "data" / "sample_platypus.json").read_text(encoding="utf-8"))[:prompts]
     rows = [{"instruction": r["instruction"], "input": r["input"]} for r in rows]
     flags = {
+        **cli.entry_defaults(inference.main),
         "base_model": base_model,
         "lora_weights": lora_weights,
-        "prompt_template": None,
         "prompt": "x",
-        "input": None,
-        "prompts_file": None,
-        "output_file": None,
-        "csv_path": None,
-        "output_csv_path": None,
-        "interactive": False,
         "max_new_tokens": max_new_tokens,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "num_beams": 1,
-        "repetition_penalty": 1.0,
         "batch_size": batch_size,
-        "load_8bit": None,
-        "load_4bit": None,
         "seed": 0,
-        "trust_remote_code": False,
     }
     generator = generation.prepare(flags)
     generator.generate(rows[:2])  # warm-up

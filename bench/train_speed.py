@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from platy import tiny  # noqa: E402
-from platy.cli import UserError, coerce_bools, run, say  # noqa: E402
+from platy.cli import UserError, coerce_bools, entry_defaults, run, say  # noqa: E402
 from platy.files import cache_root  # noqa: E402
 from platy.train import sizing  # noqa: E402
 from platy.train.speed import liger_unavailable  # noqa: E402
@@ -373,12 +373,11 @@ def run_one(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, see
 
 def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_checkpointing):
     import importlib.util
-    import inspect
 
     import finetune
     from platy.train import stages
 
-    flags = {k: p.default for k, p in inspect.signature(finetune.train).parameters.items()}
+    flags = entry_defaults(finetune.train)
     flags.update(
         base_model=str(model_dir),
         data_path=str(data_path),

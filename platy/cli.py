@@ -92,6 +92,13 @@ def parameter_names(fn):
     return list(inspect.signature(fn).parameters)
 
 
+def entry_defaults(fn):
+    """{flag: default} of an entry: what a run given no flags gets, for tests and benchmarks to override."""
+    import inspect
+
+    return {name: param.default for name, param in inspect.signature(fn).parameters.items()}
+
+
 def check_flags(fn, argv):
     """Every --flag must be a parameter of fn: a typo must not train with a default for hours."""
     import difflib

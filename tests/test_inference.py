@@ -22,29 +22,15 @@ def infer(*args, env=None):
 
 
 def make_generator(adapter, **overrides):
-    from platy import generation
+    import inference
+    from platy import cli, generation
 
     flags = {
-        "base_model": None,
+        **cli.entry_defaults(inference.main),
         "lora_weights": str(adapter),
-        "prompt_template": None,
         "prompt": "x",
-        "input": None,
-        "prompts_file": None,
-        "output_file": None,
-        "csv_path": None,
-        "output_csv_path": None,
-        "interactive": False,
         "max_new_tokens": 12,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "num_beams": 1,
-        "repetition_penalty": 1.0,
-        "batch_size": 8,
-        "load_8bit": None,
-        "load_4bit": None,
         "seed": 0,
-        "trust_remote_code": False,
         **overrides,
     }
     return generation.prepare(flags)

@@ -1,7 +1,6 @@
 """Training end to end: outputs, what changes, what is learned, models, quantization modes."""
 
 import hashlib
-import inspect
 import json
 
 import pytest
@@ -16,7 +15,7 @@ from conftest import SAMPLE, finetune, write_rows
 
 def flags(**overrides):
     """finetune.train's defaults, with small settings for the tests, then overrides."""
-    values = {name: p.default for name, p in inspect.signature(finetune_script.train).parameters.items()}
+    values = cli.entry_defaults(finetune_script.train)
     values.update(
         base_model="builtin:tiny-llama",
         data_path=str(SAMPLE),
