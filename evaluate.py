@@ -18,7 +18,7 @@ and shot count, and the tables (Markdown, as the published model cards lay them 
 """
 
 from platy import cli
-from platy import eval_stages as stages
+from platy import evaluate_stages as stages
 
 
 def main(
@@ -62,7 +62,7 @@ def main(
     flags = dict(locals())
     stages.require_harness()
     run = stages.resolve(flags, stages.check_flags(flags))
-    eval_config = stages.describe(run)
+    eval_config = stages.describe_run(run)
     stages.quiet_harness()
     runs_by_model = {}
     for model in run.models:

@@ -13,7 +13,8 @@ r"""Generate answers with a base model, base + adapter, or a merged model.
 temperature 0 (the default) is greedy decoding; batched greedy output equals one-at-a-time output.
 """
 
-from platy import cli, generation
+from platy import cli
+from platy import inference_stages as stages
 
 
 def main(
@@ -68,16 +69,16 @@ def main(
         trust_remote_code: Allow model code from the hub.
     """
     flags = dict(locals())
-    cli.fail_on(generation.check_flags(flags))
-    run = generation.resolve(flags)
-    model, tokenizer, prompter = generation.load_for_generation(run)
-    generator = generation.Generator(model, tokenizer, prompter, run)
+    cli.fail_on(stages.check_flags(flags))
+    run = stages.resolve(flags)
+    model, tokenizer, prompter = stages.load_for_generation(run)
+    generator = stages.Generator(model, tokenizer, prompter, run)
     if run.interactive:
-        generation.interactive_loop(generator)
+        stages.interactive_loop(generator)
     elif run.rows is not None:
-        generation.answer_file(generator, run)
+        stages.answer_file(generator, run)
     else:
-        generation.answer_prompt(generator, run)
+        stages.answer_prompt(generator, run)
 
 
 if __name__ == "__main__":

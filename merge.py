@@ -14,7 +14,8 @@ adapter trained on a 4-bit or 8-bit base, peft otherwise. The merge streams tens
 tensor: memory holds about one tensor plus the adapter, whatever the model size.
 """
 
-from platy import cli, export
+from platy import cli
+from platy import merge_stages as stages
 
 
 def merge(
@@ -51,11 +52,11 @@ def merge(
         lora_weights: Alias of --peft_model_path.
     """
     flags = dict(locals())
-    cli.fail_on(export.check_flags(flags))
-    run = export.resolve(flags)
-    export.write_merged(run)
+    cli.fail_on(stages.check_flags(flags))
+    run = stages.resolve(flags)
+    stages.write_merged(run)
     if run.verify:
-        export.check_merged(run)
+        stages.check_merged(run)
 
 
 if __name__ == "__main__":

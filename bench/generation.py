@@ -22,7 +22,7 @@ def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_s
     import torch
 
     import inference
-    from platy import cli, generation
+    from platy import cli, inference_stages
 
     rows = json.loads((REPO / "data" / "sample_platypus.json").read_text(encoding="utf-8"))[:prompts]
     rows = [{"instruction": r["instruction"], "input": r["input"]} for r in rows]
@@ -35,7 +35,7 @@ def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_s
         "batch_size": batch_size,
         "seed": 0,
     }
-    generator = generation.prepare(flags)
+    generator = inference_stages.prepare(flags)
     generator.generate(rows[:2])  # warm-up
 
     def timed(fn):

@@ -99,7 +99,7 @@ def entry_defaults(fn):
     return {name: param.default for name, param in inspect.signature(fn).parameters.items()}
 
 
-def check_flags(fn, argv):
+def refuse_unknown_flags(fn, argv):
     """Every --flag must be a parameter of fn: a typo must not train with a default for hours."""
     import difflib
 
@@ -188,7 +188,7 @@ def call(fn, argv):
     """Run the entry fn on a command line as `python script.py ARGV` would, without the exit handling."""
     import fire
 
-    check_flags(fn, argv)
+    refuse_unknown_flags(fn, argv)
     return fire.Fire(with_coerced_bools(fn), command=protect_strings(fn, argv))
 
 

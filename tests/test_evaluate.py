@@ -176,7 +176,7 @@ def test_kobest_tables_have_one_table_per_task_and_shots_as_columns():
 
 
 def test_num_fewshot_with_a_published_suite_says_what_it_replaces():
-    from platy.eval_stages import resolve_suite
+    from platy.evaluate_stages import resolve_suite
 
     problems = []
     suite, notes = resolve_suite("openllm", [0], None, problems)

@@ -23,7 +23,7 @@ def infer(*args, env=None):
 
 def make_generator(adapter, **overrides):
     import inference
-    from platy import cli, generation
+    from platy import cli, inference_stages
 
     flags = {
         **cli.entry_defaults(inference.main),
@@ -33,7 +33,7 @@ def make_generator(adapter, **overrides):
         "seed": 0,
         **overrides,
     }
-    return generation.prepare(flags)
+    return inference_stages.prepare(flags)
 
 
 def test_batched_greedy_equals_one_at_a_time(qlora_adapter):

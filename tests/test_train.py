@@ -32,7 +32,7 @@ def flags(**overrides):
 
 
 def resolved(**overrides):
-    """The Run of flags(**overrides), after the flag check, as finetune.py resolves it."""
+    """The TrainRun of flags(**overrides), after the flag check, as finetune.py resolves it."""
     values = flags(**overrides)
     cli.fail_on(config.check_flags(values))
     return config.resolve(values)

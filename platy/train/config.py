@@ -3,7 +3,7 @@
 check_flags(flags) looks at the values only (no file, no network, no torch) and returns every
 problem, so the user fixes them in one go. resolve(flags) then does the I/O (the resume point,
 output_dir, the data rows, the model config, the memory plan, a write probe) and returns a
-frozen Run that every stage reads.
+frozen TrainRun that every stage reads.
 """
 
 import dataclasses
@@ -67,7 +67,7 @@ RESUME_MUST_MATCH = (
 
 
 @dataclass(frozen=True)
-class Run:
+class TrainRun:
     """One training run: finetune.py's flags (resolved: output_dir absolute, precision decided,
     lora_target_modules and report_to as lists) and what was derived or read from them."""
 
@@ -293,7 +293,7 @@ def batch_problems(f):
 
 
 def resolve(flags):
-    """The Run the flags describe (flags that passed check_flags): reads the resume point, output_dir,
+    """The TrainRun the flags describe (flags that passed check_flags): reads the resume point, output_dir,
     the data rows and the model config, plans the memory and probes that output_dir can be written."""
     run = derive(flags)
     resume = resolve_resume(run)
@@ -309,13 +309,13 @@ def resolve(flags):
 
 
 def derive(flags):
-    """The Run of the flags alone: values derived from them, the template read; nothing else looked up."""
+    """The TrainRun of the flags alone: values derived from them, the template read; nothing else looked up."""
     values = dict(flags)
     if values["liger"] and (why := liger_unavailable()):
         say(f"Note: --liger is off: {why}; training with the model's own layers")
         values["liger"] = False
     world = cli.world_size()
-    return Run(
+    return TrainRun(
         **{
             **values,
             "lora_target_modules": parse_target_modules(values["lora_target_modules"]),

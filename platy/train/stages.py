@@ -1,4 +1,4 @@
-"""finetune.py's stages, in the order they run; each reads the frozen Run (platy/train/config.py).
+"""finetune.py's stages, in the order they run; each reads the frozen TrainRun (platy/train/config.py).
 
 describe_run -> load_tokenizer_and_prompter -> build_datasets -> finished_checkpoint ->
 load_model_with_lora -> build_trainer (training_arguments) -> run_training -> save.

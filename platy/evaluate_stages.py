@@ -326,7 +326,7 @@ def load_tasks(suite, include):
     return manager
 
 
-def describe(run):
+def describe_run(run):
     """The evaluation configuration: printed once at start, saved as eval_config.json at the end."""
     suite = run.suite
     resolved = {
