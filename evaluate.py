@@ -61,7 +61,9 @@ def main(
     """
     flags = dict(locals())
     stages.require_harness()
-    run = stages.resolve(flags, stages.check_flags(flags))
+    problems = stages.check_flags(flags)  # no I/O
+    # one failure for every flag, model and task problem, before any weight loads
+    run = stages.resolve(flags, problems)
     eval_config = stages.describe_run(run)
     stages.quiet_harness()
     runs_by_model = {}

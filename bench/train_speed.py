@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from platy import tiny  # noqa: E402
-from platy.cli import UserError, coerce_bools, entry_defaults, run, say  # noqa: E402
+from platy.cli import UserError, entry_defaults, run, say  # noqa: E402
 from platy.files import cache_root  # noqa: E402
 from platy.train import sizing  # noqa: E402
 from platy.train.speed import liger_unavailable  # noqa: E402
@@ -116,7 +116,6 @@ def main(
     if unknown:
         raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     budget = micro_batch_tokens or 2 * cutoff_len
-    record_run = coerce_bools(main, {"record_run": record_run})["record_run"]  # fire leaves "false" a string
     if only:
         return run_one(only, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed, result_file)
     model_dir = random_model(arch)

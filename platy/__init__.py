@@ -1,4 +1,5 @@
-"""Shared code of the toolkit's scripts (finetune.py, merge.py, inference.py)."""
+"""The library below the toolkit's scripts (finetune.py, merge.py, inference.py, refine.py, evaluate.py):
+the layout is in docs/architecture.md."""
 
 from platy.cli import quiet_libraries
 

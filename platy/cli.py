@@ -23,7 +23,7 @@ class Stopped(Exception):
         self.status, self.label, self.every_rank = status, label, every_rank
 
 
-# exit statuses of a stopped run, documented in the README's fault table
+# exit statuses of a stopped run, documented in docs/faults.md
 DIVERGED = 3  # non-finite loss or gradient
 WRITE_FAILED = 74  # a checkpoint or the adapter could not be written (sysexits EX_IOERR)
 LOST_PEER = 1  # another process of a torchrun job died
@@ -167,6 +167,15 @@ def fail_on(problems):
     """Fail once with every problem found (a list of sentences); nothing when the list is empty."""
     if problems:
         raise UserError("; ".join(problems))
+
+
+def problem_of(read, value):
+    """The UserError that read(value) raises, as a problem sentence to collect (None when it reads)."""
+    try:
+        read(value)
+    except UserError as err:
+        return str(err)
+    return None
 
 
 def with_coerced_bools(fn):

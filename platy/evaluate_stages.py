@@ -42,17 +42,22 @@ def require_harness():
 
 
 def check_flags(flags):
-    """Every problem of evaluate.py's flags, as sentences; reads no file (the models and tasks are resolve's)."""
+    """Every problem of evaluate.py's flag values, as sentences; no I/O (folders, devices, models and
+    tasks are resolve's, which adds its problems to these)."""
     problems = []
     parse_shots(flags["num_fewshot"], problems)
     check_numbers(flags, problems)
-    check_device(flags["device"], problems)
+    if flags["device"] not in DEVICES and not str(flags["device"]).startswith("cuda:"):
+        problems.append(f"--device {flags['device']}: choose {', '.join(DEVICES)} or cuda:N")
+    return problems
+
+
+def check_folders(flags, problems):
     if flags["include_path"] and not Path(flags["include_path"]).expanduser().is_dir():
         problems.append(f"--include_path {flags['include_path']}: folder not found")
     output_dir = Path(flags["output_dir"]).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         problems.append(f"--output_dir {output_dir} is a file; give a folder")
-    return problems
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ def resolve(flags, problems):
     """
     shot_counts = parse_shots(flags["num_fewshot"], [])
     include = Path(flags["include_path"]).expanduser() if flags["include_path"] else None
+    check_device(flags["device"], problems)
+    check_folders(flags, problems)
     models = resolve_models(flags, problems)
     suite, notes = resolve_suite(
         flags["suite"], shot_counts, include if include and include.is_dir() else None, problems
@@ -276,13 +283,14 @@ def known_task_names(include):
 
 
 def check_device(device, problems):
+    """A device named on the command line must be on this machine (its name is check_flags's)."""
     import torch
 
     from platy.modeling import mps_available
 
     if device not in DEVICES and not str(device).startswith("cuda:"):
-        problems.append(f"--device {device}: choose {', '.join(DEVICES)} or cuda:N")
-    elif str(device).startswith("cuda") and not torch.cuda.is_available():
+        return
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {device}: no CUDA GPU here; use --device cpu (or auto)")
     elif device == "mps" and not mps_available():
         problems.append("--device mps: Apple's mps is not available here; use --device cpu (or auto)")

@@ -152,7 +152,8 @@ def load_for_generation(run):
         err=True,
     )
     tokenizer_source = run.adapter.folder if run.adapter else path
-    tokenizer = prepare_tokenizer(load_tokenizer(str(tokenizer_source), run.trust_remote_code))
+    tokenizer_flag = "--lora_weights" if run.adapter else "--base_model"
+    tokenizer = prepare_tokenizer(load_tokenizer(str(tokenizer_source), run.trust_remote_code, flag=tokenizer_flag))
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     # CUDA: "auto" spreads a model too big for one GPU over all of them
     placement = "auto" if device == "cuda" else {"": device}

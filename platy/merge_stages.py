@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from platy import checks
+from platy import checks, cli
 from platy.cli import UserError, say
 from platy.files import swap_into_place, write_json
 from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base
@@ -73,10 +73,7 @@ def check_flags(flags):
     if flags["trust_remote_code"] and not flags["verify"]:
         problems.append("--trust_remote_code only matters for --verify (the merge itself runs no model code)")
     if flags["max_shard_size"] != "auto":
-        try:
-            parse_size(flags["max_shard_size"])
-        except UserError as err:
-            problems.append(str(err))
+        problems += checks.problems_of(cli.problem_of(parse_size, flags["max_shard_size"]))
     return problems
 
 

@@ -41,21 +41,11 @@ def quantization_config(quantization, precision, double_quant=False, quant_stora
     instead of uint8: FSDP shards float tensors only, so FSDP + QLoRA needs it equal to the
     compute dtype.
     """
-    if quantization not in QUANTIZATIONS:
-        raise UserError(f"--quantization {quantization}: choose one of {', '.join(QUANTIZATIONS)}")
     if quantization == "none":
-        if double_quant:
-            raise UserError("--double_quant needs --quantization 4bit")
         return None
-    if bitsandbytes_missing(quantization):
-        raise UserError(
-            f"--quantization {quantization} needs bitsandbytes: pip install bitsandbytes, or use --quantization none"
-        )
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
-        if double_quant:
-            raise UserError("--double_quant applies to 4-bit only; drop it or use --quantization 4bit")
         return BitsAndBytesConfig(load_in_8bit=True)
     storage = {} if quant_storage is None else {"bnb_4bit_quant_storage": torch_dtype(quant_storage)}
     return BitsAndBytesConfig(

@@ -366,8 +366,8 @@ def embed_rows(run, rows, report):
 
 
 def warn_about_language(run, texts, report):
-    """all-MiniLM-L6-v2 is an English model: different Korean questions scored 0.50 to 0.82 with
-    it in our check, so Platypus's thresholds would drop rows that should stay."""
+    """all-MiniLM-L6-v2 is an English model: different Korean questions score 0.50 to 0.82 with
+    it, so Platypus's thresholds would drop rows that should stay."""
     if run.embedding_model not in BUNDLED_NAMES:
         return
     non_latin = sum(1 for text in texts if mostly_non_latin(text))

@@ -30,7 +30,6 @@ from platy.data.tokenize import (
 from platy.files import cache_root
 
 TOKENIZATION_VERSION = 3  # bump when ExampleTokenizer or tokenize_rows change what they produce
-SPLITS = ("train", "val")
 
 
 def tokenizer_fingerprint(tokenizer):

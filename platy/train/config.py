@@ -15,7 +15,7 @@ from typing import Any
 from platy import checks, cli
 from platy.cli import UserError, say
 from platy.files import ADAPTER_FILES, RUN_CONFIG, read_run_config
-from platy.modeling import PRECISIONS, QUANTIZATIONS, parse_target_modules
+from platy.modeling import PRECISIONS, QUANTIZATIONS, bitsandbytes_missing, parse_target_modules
 from platy.prompts import Prompter
 from platy.train import checkpoints, plan
 from platy.train.checkpoints import Resume
@@ -243,19 +243,10 @@ def speed_problems(f):
 def word_problems(f):
     """Flags read from words or lists: gradient_checkpointing, lora_target_modules, report_to."""
     return checks.problems_of(
-        problem_of(checkpoint_fraction, f["gradient_checkpointing"]),
-        problem_of(parse_target_modules, f["lora_target_modules"]),
-        problem_of(report_to, f),
+        cli.problem_of(checkpoint_fraction, f["gradient_checkpointing"]),
+        cli.problem_of(parse_target_modules, f["lora_target_modules"]),
+        cli.problem_of(report_to, f),
     )
-
-
-def problem_of(read, value):
-    """The UserError that reading value raises, as a problem sentence (None when it reads)."""
-    try:
-        read(value)
-    except UserError as err:
-        return str(err)
-    return None
 
 
 def report_to(f):
@@ -374,9 +365,7 @@ def environment(run):
 
 def check_packages(run):
     """The packages that --quantization and --report_to need are installed."""
-    import importlib.util
-
-    if run.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+    if bitsandbytes_missing(run.quantization):
         raise UserError(
             f"--quantization {run.quantization} needs bitsandbytes: pip install bitsandbytes, "
             "or use --quantization none"
