@@ -58,7 +58,8 @@ SCORE_TOLERANCE = 1e-6
 
 
 def check_flags(flags):
-    """Every problem of refine.py's flags, as sentences; reads no file."""
+    """Every problem of refine.py's flags, as sentences; reads no file; it only asks the file system whether
+    --output_path is a folder and where the three output paths lead, so those problems come with the others."""
     f = SimpleNamespace(**flags)
     problems = []
     if bool(f.data_path) == bool(f.mix):
