@@ -242,3 +242,23 @@ def test_incomplete_checkpoint_is_refused(out, tmp_path):
     folder.mkdir()
     (folder / "trainer_state.json").write_text("{}")
     check(finetune(out, "--resume_from_checkpoint", folder), out, "incomplete", "optimizer.pt")
+
+
+def test_flag_check_reports_every_value_problem_at_once_without_reading_anything():
+    """check_flags looks at the values only: a missing file is resolve's to find, after every value is good."""
+    import finetune
+    from platy.cli import entry_defaults
+    from platy.train.config import check_flags
+
+    flags = {**entry_defaults(finetune.train), "base_model": "/no/such/model", "data_path": "/no/such/rows.json"}
+    assert check_flags(flags) == []
+    flags.update(
+        warmup_steps=True, micro_batch_size=0, lr_scheduler="cosine_annealing", packing=False, micro_batch_tokens=8192
+    )
+    problems = check_flags(flags)
+    assert "--warmup_steps must be a non-negative integer, got True" in problems  # a bool is not a step count
+    assert "--micro_batch_size must be a positive integer, got 0" in problems
+    assert any(p.startswith("--lr_scheduler cosine_annealing: choose one of") for p in problems)
+    assert "--micro_batch_tokens fills each micro-step with packed examples: add --packing true" in problems
+    assert "--micro_batch_tokens replaces --micro_batch_size (got 0); drop --micro_batch_size" in problems
+    assert len(problems) == 5
