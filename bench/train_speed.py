@@ -422,8 +422,8 @@ def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_che
     ds = datasets.Dataset.from_list(
         [{"prompt": prompter.generate_prompt(r["instruction"], r["input"]), "completion": r["output"]} for r in rows]
     )
-    tokenizer = prepare_tokenizer(load_tokenizer(str(model_dir)))
-    model = load_model(str(model_dir), "4bit", precision)
+    tokenizer = prepare_tokenizer(load_tokenizer(str(model_dir), flag="--arch"))
+    model = load_model(str(model_dir), "4bit", precision, flag="--arch")
     cpu = not torch.cuda.is_available()
     config = SFTConfig(
         output_dir=out,

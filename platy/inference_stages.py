@@ -142,7 +142,7 @@ def load_for_generation(run):
 
     device, precision = generation_device()
     quantization = run.quantization
-    path = resolve_base_model(run.base)
+    path = resolve_base_model(run.base, "--base_model")
     how = f" ({quantization}, as trained)" if run.as_trained else f" ({quantization})"
     say(
         f"Loading {run.base}"
@@ -165,6 +165,7 @@ def load_for_generation(run):
         "--lora_weights",
         trust_remote_code=run.trust_remote_code,
         placement=placement,
+        base_flag="--base_model",
     )
     model.eval()
     torch.manual_seed(run.seed)

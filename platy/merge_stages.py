@@ -177,7 +177,7 @@ def same_model(a, b):
 
     def where(name):
         try:
-            path = Path(resolve_base_model(name)).expanduser()
+            path = Path(resolve_base_model(name, "--base_model")).expanduser()
         except UserError:  # a folder that moved: compare names only
             return name
         return path.resolve() if path.exists() else name
@@ -280,6 +280,7 @@ def verify_merge(run, prompts=None):
         bool((run.layout or {}).get("double_quant")),
         run.trust_remote_code,
         placement,
+        base_flag="--base_model",
     )
     merged = AutoModelForCausalLM.from_pretrained(
         str(run.output_dir),

@@ -159,7 +159,7 @@ class Adapter:
         return weight.addmm_(b, a, alpha=self.scale(module))
 
 
-def base_checkpoint(base_path, flag="--base_model"):
+def base_checkpoint(base_path, flag):
     """The weight files of a local Hugging Face model folder; safetensors preferred. `flag` names the flag
     that gave the folder, for the error messages."""
     folder = Path(base_path)
@@ -342,7 +342,7 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
     import torch
     from tqdm import tqdm
 
-    sources = [TensorSource(p) for p in base_checkpoint(base_path)]
+    sources = [TensorSource(p) for p in base_checkpoint(base_path, "--base_model")]
     order = []
     for source in sources:
         for name, (dtype, shape, _, _) in source.entries.items():

@@ -65,7 +65,7 @@ def bitsandbytes_missing(quantization):
     return quantization != "none" and importlib.util.find_spec("bitsandbytes") is None
 
 
-def resolve_base_model(base_model, flag="--base_model"):
+def resolve_base_model(base_model, flag):
     """A local folder, the embedded tiny model (builtin:tiny-llama), or a hub id.
 
     `flag` names the flag that gave it, for the error messages.
@@ -90,7 +90,7 @@ def resolve_base_model(base_model, flag="--base_model"):
     return base_model
 
 
-def load_config(base_model, trust_remote_code=False, flag="--base_model", local_only=False):
+def load_config(base_model, trust_remote_code=False, *, flag, local_only=False):
     from transformers import AutoConfig
 
     try:
@@ -103,7 +103,7 @@ def load_config(base_model, trust_remote_code=False, flag="--base_model", local_
         ) from err
 
 
-def load_tokenizer(base_model, trust_remote_code=False, flag="--base_model"):
+def load_tokenizer(base_model, trust_remote_code=False, *, flag):
     from transformers import AutoTokenizer
 
     try:
@@ -199,7 +199,8 @@ def load_model(
     load_precision=None,
     quant_storage=None,
     attn_implementation=None,
-    flag="--base_model",
+    *,
+    flag,
 ):
     """A causal LM as training and inference load it.
 
@@ -237,7 +238,8 @@ def load_model_with_adapter(
     double_quant=False,
     trust_remote_code=False,
     placement=None,
-    base_flag="--base_model",
+    *,
+    base_flag,
 ):
     """The base loaded as load_model does, with a LoRA adapter applied unmerged (peft); the base alone
     where adapter_folder is None.

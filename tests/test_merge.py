@@ -33,7 +33,7 @@ def reference_logits(adapter, base_path, quantization="4bit"):
 
     from platy.modeling import load_model
 
-    model = load_model(str(base_path), quantization, "fp32", placement={"": "cpu"})
+    model = load_model(str(base_path), quantization, "fp32", placement={"": "cpu"}, flag="--base_model")
     base_logits = logits_of(model, AutoTokenizer.from_pretrained(adapter))
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     return logits_of(model, AutoTokenizer.from_pretrained(adapter)), base_logits
@@ -152,7 +152,9 @@ def test_eval_forward_does_not_corrupt_what_dequantize_returns(qlora_adapter):
     run = json.loads((qlora_adapter / "run_config.json").read_text())
     from platy.modeling import load_model
 
-    model = load_model(run["resolved"]["base_model_path"], "4bit", "fp32", placement={"": "cpu"}).eval()
+    model = load_model(
+        run["resolved"]["base_model_path"], "4bit", "fp32", placement={"": "cpu"}, flag="--base_model"
+    ).eval()
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 5, 9, 12]]))
     layer = model.model.layers[0].mlp.down_proj

@@ -26,7 +26,7 @@ def parallel_strategy(deepspeed_stage, world_size):
 
 def with_model_plan(run):
     """run with the base model's path and config, checked LoRA targets and the plan (from a meta model)."""
-    base_model_path = resolve_base_model(run.base_model)
+    base_model_path = resolve_base_model(run.base_model, "--base_model")
     model_config, shape_source = load_model_config(run.base_model, base_model_path, run.trust_remote_code, run.dry_run)
     run = dataclasses.replace(
         run, base_model_path=base_model_path, model_config=model_config, shape_source=shape_source
@@ -41,7 +41,8 @@ def load_model_config(base_model, base_model_path, trust_remote_code, dry_run):
     """The base's config and where it came from; a dry run may plan from a published shape."""
     known = sizing.published_config(base_model) if dry_run else None
     try:  # a dry run of a model with a published shape asks no server (offline machines would wait on retries)
-        return load_config(base_model_path, trust_remote_code, local_only=known is not None), "config.json"
+        config = load_config(base_model_path, trust_remote_code, flag="--base_model", local_only=known is not None)
+        return config, "config.json"
     except UserError:
         if known is None:
             raise

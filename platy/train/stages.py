@@ -83,7 +83,8 @@ def load_tokenizer_and_prompter(run):
     from platy.data.examples import prepare_tokenizer
     from platy.modeling import load_tokenizer
 
-    return prepare_tokenizer(load_tokenizer(run.base_model_path, run.trust_remote_code)), run.prompter
+    tokenizer = load_tokenizer(run.base_model_path, run.trust_remote_code, flag="--base_model")
+    return prepare_tokenizer(tokenizer), run.prompter
 
 
 def build_datasets(run, tokenizer, prompter):
@@ -210,6 +211,7 @@ def load_base(run):
         # FSDP shards float tensors only: pack the 4-bit codes in the compute dtype
         quant_storage=run.precision if fsdp and run.quantization == "4bit" else None,
         attn_implementation=None if run.attn_implementation == "auto" else run.attn_implementation,
+        flag="--base_model",
     )
 
 
