@@ -300,7 +300,8 @@ def resolve(flags):
 
 
 def derive(flags):
-    """The TrainRun of the flags alone: values derived from them, the template read; nothing else looked up."""
+    """The TrainRun of the flags alone: values derived from them and the template read; --liger is turned off
+    (with a note) where it cannot run."""
     values = dict(flags)
     if values["liger"] and (why := liger_unavailable()):
         say(f"Note: --liger is off: {why}; training with the model's own layers")

@@ -148,8 +148,9 @@ def pack(run, train_set, val_set, stats):
 
 
 def finished_checkpoint(run, train_set):
-    """True when the resumed checkpoint already holds every optimizer step of this run and only its
-    final save was cut short (export it instead of training); notes a warmup that covers the run."""
+    """Whether the resumed checkpoint already holds every optimizer step of this run with only its final
+    save cut short (it is then exported instead of trained). A checkpoint that finished the run in another
+    way is refused, and a warmup that covers the whole run is noted."""
     steps = optimizer_steps(run, len(train_set))
     done = checkpoint_step(run.resume.path) if run.resume and run.resume.checkpoint else 0
     finished = bool(
