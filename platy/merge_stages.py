@@ -108,10 +108,15 @@ def resolve(flags):
 
     quantization = adapter.trained_quantization()
     if bitsandbytes_missing(quantization) and (method == "dequant" or flags["verify"]):
-        asked = "--method dequant" if method == "dequant" else "--verify"
+        # dequant rebuilds the quantized base to merge into it; --verify loads it to compare against
+        asked, doing, other = (
+            ("--method dequant", "rebuilding", "use --method peft")
+            if method == "dequant"
+            else ("--verify", "loading", "drop --verify")
+        )
         raise UserError(
-            f"{asked}: the adapter was trained on a {quantization} base, and rebuilding it needs bitsandbytes: "
-            "pip install bitsandbytes" + (", or use --method peft" if method == "dequant" else "")
+            f"{asked}: the adapter was trained on a {quantization} base, and {doing} it needs bitsandbytes: "
+            f"pip install bitsandbytes, or {other}"
         )
     device = flags["device"]
     if device == "auto":

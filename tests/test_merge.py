@@ -304,3 +304,24 @@ def test_previous_model_moved_aside_by_a_killed_merge_is_restored(qlora_adapter,
     result = merge_cli(qlora_adapter, tmp_path / "m")
     assert result.returncode == 2 and "not empty" in result.stderr  # restored first, then protected
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == b"previous" and not aside.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--method", "dequant"], "--method dequant: the adapter was trained on a 4bit base, and rebuilding it"),
+        (["--method", "peft", "--verify"], "--verify: the adapter was trained on a 4bit base, and loading it"),
+    ],
+)
+def test_missing_bitsandbytes_is_named_in_merges_own_flags(qlora_adapter, tmp_path, monkeypatch, extra, fragment):
+    """Without bitsandbytes a QLoRA adapter's base cannot be rebuilt or loaded: said before anything is written."""
+    import merge
+    from platy import cli, modeling
+    from platy.cli import UserError
+
+    monkeypatch.setattr(modeling, "bitsandbytes_missing", lambda quantization: quantization != "none")
+    out = tmp_path / "merged"
+    argv = ["--peft_model_path", str(qlora_adapter), "--output_dir", str(out), *extra]
+    with pytest.raises(UserError, match=f"^{fragment} needs bitsandbytes: pip install bitsandbytes, or "):
+        cli.call(merge.merge, argv)
+    assert not out.exists()
