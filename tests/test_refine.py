@@ -232,19 +232,19 @@ def test_finetune_reads_a_mix_spec(tmp_path, capsys):
 
     orca = write_rows(tmp_path / "orca.jsonl", orca_rows())
     spec = f"{SAMPLE}:0.5,{orca}:0.25"
-    setup = test_train.resolved(data_path=spec, output_dir=str(tmp_path / "o"))
-    assert len(setup.rows) == 122 + 5
-    assert setup.data_fingerprint.startswith("mix:sha256:")
-    assert setup.rows == mix_rows(spec, 42)[0] and load_rows(spec, 7)[0] != setup.rows
-    assert [r["data_source"] for r in setup.rows[-5:]] == ["orca"] * 5
-    tokenizer, prompter = stages.load_tokenizer_and_prompter(setup)
-    stages.build_datasets(setup, tokenizer, prompter)
+    run = test_train.resolved(data_path=spec, output_dir=str(tmp_path / "o"))
+    assert len(run.rows) == 122 + 5
+    assert run.data_fingerprint.startswith("mix:sha256:")
+    assert run.rows == mix_rows(spec, 42)[0] and load_rows(spec, 7)[0] != run.rows
+    assert [r["data_source"] for r in run.rows[-5:]] == ["orca"] * 5
+    tokenizer, prompter = stages.load_tokenizer_and_prompter(run)
+    stages.build_datasets(run, tokenizer, prompter)
     assert f"Data: 127 rows from {spec}" in capsys.readouterr().out
 
     out = tmp_path / "refined.json"
     refine_in_process("--mix", spec, "--output_path", out, "--exact_dedup", "False", "--near_dedup", "False")
     refined = json.loads(out.read_text())
-    assert [(r["instruction"], r["input"]) for r in refined] == [(r["instruction"], r["input"]) for r in setup.rows]
+    assert [(r["instruction"], r["input"]) for r in refined] == [(r["instruction"], r["input"]) for r in run.rows]
 
 
 # ---- the command line ----------------------------------------------------------------

@@ -21,12 +21,12 @@ def lora_setup(tmp_path, **overrides):
     prepared = stages.prepare(
         flags(output_dir=str(tmp_path / "out"), quantization="none", lora_dropout=0.0, **overrides)
     )
-    setup, tokenizer, train_set, model = prepared.run, prepared.tokenizer, prepared.train_set, prepared.model
+    run, tokenizer, train_set, model = prepared.run, prepared.tokenizer, prepared.train_set, prepared.model
     with torch.no_grad():  # a non-zero adapter, so its gradients flow through every layer
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    return setup, tokenizer, train_set, model
+    return run, tokenizer, train_set, model
 
 
 def padded_batch(tokenizer, examples):
@@ -55,7 +55,7 @@ def test_pack_lengths_fills_rows_within_the_budget():
 
 def test_packed_loss_gradients_and_logits_equal_unpacked(tmp_path):
     """One step on packed rows computes what padded batches of the same examples compute."""
-    setup, tokenizer, train_set, model = lora_setup(tmp_path)
+    run, tokenizer, train_set, model = lora_setup(tmp_path)
     examples = train_set.select(range(12))
     packed, stats = pack_dataset(examples, 256)
     assert stats["packed_rows"] < 12 and stats["examples"] == 12, stats
@@ -226,7 +226,7 @@ def test_checkpoint_fraction_counts_layers():
 
 def test_partial_checkpointing_recomputes_those_layers_and_keeps_gradients(tmp_path):
     torch.manual_seed(0)
-    setup, tokenizer, train_set, model = lora_setup(tmp_path, gradient_checkpointing=0.5)
+    run, tokenizer, train_set, model = lora_setup(tmp_path, gradient_checkpointing=0.5)
     layers = model.base_model.model.model.layers
     assert [layer.gradient_checkpointing for layer in layers] == [True, False]
     calls = [0, 0]
@@ -284,22 +284,22 @@ def test_liger_is_off_with_a_note_where_it_cannot_run(tmp_path, capsys):
     assert importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available(), (
         "this test is about a machine where Liger cannot run"
     )
-    setup = resolved(output_dir=str(tmp_path / "out"), liger=True)
-    assert setup.liger is False, "the Trainer is not asked for kernels that cannot run"
+    run = resolved(output_dir=str(tmp_path / "out"), liger=True)
+    assert run.liger is False, "the Trainer is not asked for kernels that cannot run"
     assert "Note: --liger is off: " in capsys.readouterr().out
     plain = resolved(output_dir=str(tmp_path / "out"), liger=False)
-    keys = [field.name for field in dataclasses.fields(setup)]
-    differing = {key for key in keys if key != "prompter" and getattr(setup, key) != getattr(plain, key)}
+    keys = [field.name for field in dataclasses.fields(run)]
+    differing = {key for key in keys if key != "prompter" and getattr(run, key) != getattr(plain, key)}
     assert differing == set(), f"with --liger off the run is the plain one; differs in {differing}"
 
 
 def test_micro_batch_tokens_bounds_every_micro_step(tmp_path):
-    setup = resolved(
+    run = resolved(
         output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=300, batch_size=2, micro_batch_size=1
     )
-    assert setup.pack_budget == 300 and setup.gradient_accumulation_steps == 2
-    tokenizer, prompter = stages.load_tokenizer_and_prompter(setup)
-    train_set, _, stats = stages.build_datasets(setup, tokenizer, prompter)
+    assert run.pack_budget == 300 and run.gradient_accumulation_steps == 2
+    tokenizer, prompter = stages.load_tokenizer_and_prompter(run)
+    train_set, _, stats = stages.build_datasets(run, tokenizer, prompter)
     sizes = [len(ids) for ids in train_set["input_ids"]]
     assert max(sizes) <= 300 and sum(sizes) == stats["train"]["tokens"], "every token once, no row over budget"
     assert len(sizes) == stats["train_packing"]["packed_rows"] < stats["train"]["kept"] / 3

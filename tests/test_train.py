@@ -44,7 +44,7 @@ def build(tmp_path, **overrides):
 
 
 def test_lora_weights_change_and_base_weights_do_not(tmp_path):
-    setup, trainer = build(tmp_path, learning_rate=1e-3)
+    run, trainer = build(tmp_path, learning_rate=1e-3)
     model = trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     frozen_4bit = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
@@ -70,7 +70,7 @@ def test_group_by_length_changes_the_sampler(tmp_path):
 def test_gradients_are_unchanged_by_an_evaluation_pass(tmp_path):
     """bitsandbytes repacks 4-bit weights on CPU in eval mode for a kernel without backward;
     the toolkit keeps the trainable layout, so gradients after an eval pass are the same."""
-    setup, trainer = build(tmp_path, lora_dropout=0.0)
+    run, trainer = build(tmp_path, lora_dropout=0.0)
     model = trainer.model
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
 
