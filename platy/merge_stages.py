@@ -215,12 +215,10 @@ def write_merged(run):
 
 def write_companions(run, folder, stats):
     """config.json, generation config, tokenizer, a model card, and how the merge was made."""
-    import json
-
     from platy.model_card import model_card
 
     adapter = run.adapter
-    (folder / "config.json").write_text(json.dumps(output_config(run.base_path, run.dtype), indent=2) + "\n")
+    write_json(folder / "config.json", output_config(run.base_path, run.dtype))
     base = Path(run.base_path)
     if (base / "generation_config.json").is_file():
         shutil.copy(base / "generation_config.json", folder / "generation_config.json")

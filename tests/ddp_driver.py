@@ -4,7 +4,6 @@ torchrun --nproc_per_node=2 tests/ddp_driver.py <finetune flags>   (DUMP_DIR=...
 """
 
 import functools
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -25,9 +24,7 @@ def dump_lora(trainer):
 
 @functools.wraps(finetune.train)  # finetune.py's flags, defaults and checks
 def train_and_dump(**given):
-    bound = inspect.signature(finetune.train).bind(**given)
-    bound.apply_defaults()
-    prepared = stages.prepare(dict(bound.arguments))
+    prepared = stages.prepare({**cli.entry_defaults(finetune.train), **given})
     result = stages.run_training(prepared.run, prepared.trainer)
     dump_lora(prepared.trainer)
     stages.save(prepared.run, prepared.trainer, prepared.run_config, result)

@@ -315,6 +315,7 @@ def build_trainer(run, model, tokenizer, train_set, val_set, run_config):
     import transformers
     from transformers.trainer_callback import ProgressCallback
 
+    from platy.data.examples import IGNORE_INDEX
     from platy.data.packing import PackedCollator
     from platy.reporting import loss_progress_callback
     from platy.train.trainer import Trainer
@@ -330,7 +331,7 @@ def build_trainer(run, model, tokenizer, train_set, val_set, run_config):
         collator = PackedCollator()
     else:
         collator = transformers.DataCollatorForSeq2Seq(
-            tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True, label_pad_token_id=-100
+            tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True, label_pad_token_id=IGNORE_INDEX
         )
     trainer = Trainer(
         model=model,
