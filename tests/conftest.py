@@ -97,31 +97,22 @@ def run_cli(args, cwd=None, env=None, timeout=600):
     return subprocess.run(args, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+# small, fast training settings: a few steps of short examples (the tests' own runs override them)
+SMALL_RUN = {
+    "batch_size": 4,
+    "micro_batch_size": 2,
+    "max_steps": 3,
+    "warmup_steps": 0,
+    "logging_steps": 1,
+    "cutoff_len": 256,
+}
+
+
 def finetune(output_dir, *extra, base_model="builtin:tiny-llama", data_path=SAMPLE, cwd=None, env=None):
-    """python finetune.py with small, fast settings unless `extra` overrides them."""
-    args = [
-        sys.executable,
-        str(REPO / "finetune.py"),
-        "--base_model",
-        str(base_model),
-        "--data_path",
-        str(data_path),
-        "--output_dir",
-        str(output_dir),
-        "--batch_size",
-        "4",
-        "--micro_batch_size",
-        "2",
-        "--max_steps",
-        "3",
-        "--warmup_steps",
-        "0",
-        "--logging_steps",
-        "1",
-        "--cutoff_len",
-        "256",
-        *map(str, extra),
-    ]
+    """python finetune.py with SMALL_RUN's settings unless `extra` overrides them."""
+    small = [word for name, value in SMALL_RUN.items() for word in (f"--{name}", str(value))]
+    args = [sys.executable, str(REPO / "finetune.py"), "--base_model", str(base_model), "--data_path", str(data_path)]
+    args += ["--output_dir", str(output_dir), *small, *map(str, extra)]
     return run_cli(args, cwd=cwd, env=env)
 
 

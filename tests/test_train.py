@@ -10,23 +10,13 @@ import finetune as finetune_script
 from platy import cli
 from platy.train import config, stages
 
-from conftest import SAMPLE, finetune, write_rows
+from conftest import SAMPLE, SMALL_RUN, finetune, write_rows
 
 
 def flags(**overrides):
     """finetune.train's defaults, with small settings for the tests, then overrides."""
     values = cli.entry_defaults(finetune_script.train)
-    values.update(
-        base_model="builtin:tiny-llama",
-        data_path=str(SAMPLE),
-        batch_size=4,
-        micro_batch_size=2,
-        max_steps=3,
-        warmup_steps=0,
-        logging_steps=1,
-        cutoff_len=256,
-        report_to="none",
-    )
+    values.update(base_model="builtin:tiny-llama", data_path=str(SAMPLE), report_to="none", **SMALL_RUN)
     values.update(overrides)
     return values
 
