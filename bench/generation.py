@@ -5,7 +5,7 @@
 
 One-at-a-time is what the original Platypus inference script does. Both runs use greedy
 decoding on the same prompts, and the script checks that their answers are identical,
-so the work compared is the same.
+so the work compared is the same. --result_file writes the figures as JSON too.
 """
 
 import sys
@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_size=16, max_new_tokens=32):
+def main(
+    base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_size=16, max_new_tokens=32, result_file=None
+):
     import json
 
     import torch
@@ -58,6 +60,13 @@ def main(base_model="builtin:tiny-llama", lora_weights=None, prompts=64, batch_s
     print(f"{'one at a time (baseline)':<28}{t_single:>10.2f}{len(rows) / t_single:>12.2f}")
     print(f"{f'batched, batch_size {batch_size}':<28}{t_batched:>10.2f}{len(rows) / t_batched:>12.2f}")
     print(f"speed-up: {t_single / t_batched:.2f}x; identical answers: {same}/{len(rows)}")
+    if result_file:
+        from platy.files import write_json
+
+        figures = {"prompts": len(rows), "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+        figures.update(model=base_model, device=device, seconds_single=t_single, seconds_batched=t_batched)
+        figures.update(speedup=t_single / t_batched, identical=same)
+        write_json(Path(result_file), figures)
 
 
 if __name__ == "__main__":

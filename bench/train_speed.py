@@ -9,7 +9,8 @@ The model is randomly initialised with the named architecture's shapes (built on
 cached under $PLATY_CACHE/bench-models), 4-bit NF4, LoRA r 16 on gate/up/down; the rows
 are synthetic with an Open-Platypus-like length spread (bench/synthetic.py), tokenized with
 the embedded tiny model's tokenizer. Each configuration runs --steps optimizer steps in a
-process of its own (so peak memory is its own):
+process of its own (so peak memory is its own); the first --untimed_steps of them (kernel
+compilation, the allocator's growth, lazy set-up) are left out of the tokens and the time:
   (a) toolkit:       --packing true, --micro_batch_tokens (default 2 x cutoff_len), no
                      activation checkpointing (--fast_checkpointing to change), SDPA
                      (FlashAttention 2 when flash-attn is installed);
@@ -25,7 +26,10 @@ process of its own (so peak memory is its own):
 Printed per configuration, and appended to BENCHMARKS.md with the date, the device and the
 library versions (--record_run false to leave it alone): trained (non-pad) tokens per
 second, peak memory (GPU: max allocated; CPU: the process's peak resident memory), MFU, and
-the ratio of each to (c).
+the ratio of each to (c); then, for the toolkit's configurations, the plan's memory estimate
+(what --dry_run prints for the same flags) beside the measured peak. --results_file writes
+the same figures as JSON, each configuration as soon as it has run (bench/gpu_check.py
+renders BENCHMARKS.md's section from that file).
 MFU = F x tokens/s / peak FLOP/s, with F = 4 N_frozen + 6 N_lora + 6 L d s FLOPs per token
 (N_frozen: frozen linear weights incl. lm_head, no embedding; N_lora: LoRA weights; L
 layers, d hidden size, s = sum of squared example lengths / sum of lengths). The peak is
@@ -48,7 +52,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from platy import tiny  # noqa: E402
 from platy.cli import UserError, entry_defaults, run, say  # noqa: E402
-from platy.files import cache_root  # noqa: E402
+from platy.files import cache_root, write_json  # noqa: E402
 from platy.train import sizing  # noqa: E402
 from platy.train.speed import liger_unavailable  # noqa: E402
 
@@ -83,6 +87,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 def main(
     arch: str = "tiny",
     steps: int = 5,
+    untimed_steps: int = 0,
     rows: int = 2000,
     cutoff_len: int = 1024,
     micro_batch_tokens: int = None,
@@ -91,12 +96,14 @@ def main(
     configs: str = ",".join(CONFIGS),
     seed: int = 0,
     record_run: bool = True,
+    results_file: str = None,
     only: str = None,
     result_file: str = None,
 ):
     """Args:
     arch: Model shapes: tiny, llama2-7b or llama3-8b (random weights).
     steps: Optimizer steps of every configuration.
+    untimed_steps: The first optimizer steps of each configuration left out of the tokens and time.
     rows: Synthetic rows to draw the training examples from.
     cutoff_len: Longest example in tokens.
     micro_batch_tokens: Token budget of a micro-step in (a) (default 2 x cutoff_len).
@@ -106,6 +113,7 @@ def main(
         trl-pad-free).
     seed: Seed of the synthetic rows.
     record_run: Append the figures to BENCHMARKS.md (with the date, device and versions).
+    results_file: Also write the figures as JSON here (rewritten after every configuration).
     only: (internal) run one configuration in this process.
     result_file: (internal) where that run writes its figures.
     """
@@ -116,8 +124,11 @@ def main(
     if unknown:
         raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     budget = micro_batch_tokens or 2 * cutoff_len
+    if not 0 <= untimed_steps < steps:
+        raise UserError(f"--untimed_steps {untimed_steps}: give 0 up to --steps - 1 ({steps - 1})")
+    timing = (steps, untimed_steps)
     if only:
-        return run_one(only, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed, result_file)
+        return run_one(only, arch, timing, rows, cutoff_len, budget, fast_checkpointing, seed, result_file)
     model_dir = random_model(arch)
     lengths = example_lengths(rows, seed, cutoff_len)
     s = sum(n * n for n in lengths) / sum(lengths)
@@ -125,22 +136,32 @@ def main(
     peak = peak_tflops or detect_peak_tflops()
     summary = (
         f"{arch} shapes (random weights), 4-bit, LoRA r {LORA_R} on {', '.join(TARGETS)}; {rows} synthetic rows, "
-        f"cutoff_len {cutoff_len}, {steps} optimizer steps each; s = {s:.0f} tokens; "
+        f"cutoff_len {cutoff_len}, {steps} optimizer steps each{timed_words(steps, untimed_steps)}; "
+        f"s = {s:.0f} tokens; "
         f"F = {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak or 'unknown'} TFLOP/s."
     )
     say(f"{summary} Model: {model_dir}")
-    results = {}
+    figures = {"summary": summary, "flops_per_token": flops_per_token, "peak_tflops": peak, "results": {}}
+    figures["skipped"] = skipped = {}
+    results = figures["results"]
     for name in wanted:
         if name.startswith("trl") and not has_trl():
-            say(f"{LABELS[name]}: skipped, trl is not installed (pip install -r requirements-bench.txt)")
-            continue
-        if name == "toolkit-liger" and liger_unavailable():
-            say(f"{LABELS[name]}: skipped, {liger_unavailable()}")
-            continue
-        results[name] = run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed)
+            skipped[name] = "trl is not installed (pip install -r requirements-bench.txt)"
+        elif name == "toolkit-liger" and liger_unavailable():
+            skipped[name] = liger_unavailable()
+        else:
+            results[name] = run_child(name, arch, timing, rows, cutoff_len, budget, fast_checkpointing, seed)
+        if name in skipped:
+            say(f"{LABELS[name]}: skipped, {skipped[name]}")
+        if results_file:
+            write_json(Path(results_file), figures)
     lines = report(results, flops_per_token, peak)
     if record_run and results:
         record(lines, summary)
+
+
+def timed_words(steps, untimed_steps):
+    return f", the last {steps - untimed_steps} timed" if untimed_steps else ""
 
 
 def has_trl():
@@ -149,7 +170,8 @@ def has_trl():
     return importlib.util.find_spec("trl") is not None
 
 
-def run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed):
+def run_child(name, arch, timing, rows, cutoff_len, budget, fast_checkpointing, seed):
+    steps, untimed_steps = timing
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [
@@ -161,6 +183,8 @@ def run_child(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, s
             arch,
             "--steps",
             str(steps),
+            "--untimed_steps",
+            str(untimed_steps),
             "--rows",
             str(rows),
             "--cutoff_len",
@@ -215,40 +239,72 @@ def report(results, flops_per_token, peak):
             f"Liger leaves the loss unchanged? mean loss over the run: (a) {a['loss']:.6f}, "
             f"(a+) {liger['loss']:.6f}, difference {abs(a['loss'] - liger['loss']):.2e}",
         ]
+    lines += estimate_lines(results)
     say("\n" + "\n".join(lines))
+    return lines
+
+
+def estimate_lines(results):
+    """The plan's memory estimate (as --dry_run prints it for the same flags) beside the measured peak,
+    a line per configuration. The estimate counts 1 GiB of CUDA context and allocator slack, which the
+    measured peak (memory allocated by tensors) leaves out."""
+    lines = []
+    for name, r in results.items():
+        if not r:
+            continue
+        estimate = r.get("estimate_gib")
+        if estimate is None:
+            lines.append(f"- {LABELS[name]}: no plan (TRL's own run); measured peak {r['peak_gib']:.2f} GiB")
+            continue
+        tensors = estimate["total"] - estimate["cuda_overhead"]
+        lines.append(
+            f"- {LABELS[name]}: plan {estimate['total']:.2f} GiB ({tensors:.2f} GiB without the CUDA overhead: "
+            f"weights {estimate['weights']:.2f}, trainable and optimizer {estimate['trainable_and_optimizer']:.2f}, "
+            f"activations {estimate['activations']:.2f}); measured peak {r['peak_gib']:.2f} GiB "
+            f"({r['peak_gib'] / tensors:.2f}x the plan's tensors)"
+        )
+    if lines:
+        lines = ["", "Memory: the dry-run plan's estimate against the measured peak", *lines]
     return lines
 
 
 RUNS_HEADING = "## Training throughput runs, as bench/train_speed.py recorded them"
 
 
-def record(lines, summary):
+def record(lines, summary, run=None, path=ROOT / "BENCHMARKS.md"):
     """Append this run (date, device, library versions, command line, summary and table) to
-    BENCHMARKS.md, under a heading of its own that the first recorded run adds."""
-    import datetime
-
+    BENCHMARKS.md, under a heading of its own that the first recorded run adds. `run` gives the
+    date, device, versions and command of a run made elsewhere (default: this process's)."""
     from platy.files import write_text
-    from platy.reporting import library_versions
 
-    path = ROOT / "BENCHMARKS.md"
+    run = run or this_run()
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     if RUNS_HEADING not in text:
         text += (
             f"\n{RUNS_HEADING}\n\nEach run of the benchmark appends its figures here (--record_run false "
             "to leave this file alone), newest last.\n"
         )
-    versions = [
-        f"{package} {version}"
-        for package, version in library_versions(extra=("trl", "liger-kernel", "flash-attn")).items()
-        if version
-    ]
-    command = " ".join(["python bench/train_speed.py", *sys.argv[1:]])
     text += (
-        f"\n### {datetime.date.today().isoformat()}, {device_name()}\n\n`{command}` ({', '.join(versions)}). "
+        f"\n### {run['date']}, {run['device']}\n\n`{run['command']}` ({', '.join(run['versions'])}). "
         f"{summary}\n\n" + "\n".join(lines) + "\n"
     )
     write_text(path, text)
     say(f"Recorded in {path}")
+
+
+def this_run():
+    """The date, device, library versions and command line of this process, as record() writes them."""
+    import datetime
+
+    from platy.reporting import library_versions
+
+    versions = library_versions(extra=("trl", "liger-kernel", "flash-attn", "deepspeed"))
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": device_name(),
+        "versions": [f"{package} {version}" for package, version in versions.items() if version],
+        "command": " ".join(["python bench/train_speed.py", *sys.argv[1:]]),
+    }
 
 
 def device_name():
@@ -286,11 +342,16 @@ def build_random_model(arch, folder):
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # a 7B model in fp32 would need twice the memory to build
     try:
-        model = LlamaForCausalLM(config)
+        # the random initialisation of 7B weights takes minutes on a CPU and about a second on a GPU
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def data_file(rows, seed):
@@ -344,30 +405,64 @@ def detect_peak_tflops():
 # ---- one configuration, in its own process ----------------------------------------------
 
 
-def run_one(name, arch, steps, rows, cutoff_len, budget, fast_checkpointing, seed, result_file):
+def run_one(name, arch, timing, rows, cutoff_len, budget, fast_checkpointing, seed, result_file):
     import torch
 
+    steps, untimed_steps = timing
     runner = run_trl if name.startswith("trl") else run_toolkit
     with tempfile.TemporaryDirectory() as out:
-        trainer = runner(
+        trainer, estimate = runner(
             name, random_model(arch), data_file(rows, seed), out, steps, cutoff_len, budget, fast_checkpointing
         )
-        started = time.perf_counter()
+        clock = step_clock(untimed_steps)
+        trainer.add_callback(clock)
+        clock.start(trainer.state)
         trainer.train()
-        seconds = time.perf_counter() - started
+        clock.stop(trainer.state)
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = {
-        "tokens": int(trainer.state.num_input_tokens_seen),
-        "seconds": seconds,
+        "tokens": clock.tokens,
+        "seconds": clock.seconds,
+        "untimed_steps": untimed_steps,
         "peak_gib": peak,
         "steps": trainer.state.global_step,
         "loss": sum(losses) / len(losses) if losses else float("nan"),
+        "estimate_gib": estimate,
     }
     Path(result_file).write_text(json.dumps(result))
+
+
+def step_clock(untimed):
+    """A Trainer callback timing the run after its first `untimed` optimizer steps (from the start
+    of train() when 0): seconds and trained tokens, the device synchronised at both ends."""
+    import torch
+    import transformers
+
+    class StepClock(transformers.TrainerCallback):
+        mark = None
+
+        def now(self, state):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter(), int(state.num_input_tokens_seen)
+
+        def start(self, state):
+            if untimed == 0:
+                self.mark = self.now(state)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == untimed and self.mark is None:
+                self.mark = self.now(state)
+
+        def stop(self, state):
+            end = self.now(state)
+            self.seconds, self.tokens = end[0] - self.mark[0], end[1] - self.mark[1]
+
+    return StepClock()
 
 
 def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_checkpointing):
@@ -401,7 +496,8 @@ def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast
         )
     else:  # Platypus's published settings: micro batch 1, global batch 16, padding, checkpointing
         flags.update(packing=False, micro_batch_size=1, batch_size=16, gradient_checkpointing=True)
-    return stages.prepare(flags).trainer
+    prepared = stages.prepare(flags)
+    return prepared.trainer, prepared.run.plan["gpu_memory_gib"]
 
 
 def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_checkpointing):
@@ -441,7 +537,8 @@ def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_che
         **({"padding_free": True, "packing": True, "packing_strategy": "bfd"} if name == "trl-pad-free" else {}),
     )
     lora = LoraConfig(r=LORA_R, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
-    return SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tokenizer, peft_config=lora)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=ds, processing_class=tokenizer, peft_config=lora)
+    return trainer, None
 
 
 if __name__ == "__main__":
