@@ -18,7 +18,8 @@
 #   DEEPSPEED    a DeepSpeed JSON config (configs/zero2.json, configs/zero3.json)
 #   ACCELERATE_CONFIG  an accelerate config file (configs/fsdp_qlora.yaml): launch with accelerate
 #   DRY_RUN=1    validate and print the plan for this many processes and nodes, without launching
-# With more than one process in total, the job runs under torchrun (data parallel).
+# With more than one process in total, the job runs under torchrun (data parallel); with
+# DEEPSPEED too, even on one process: DeepSpeed needs the launcher's environment (rank, address).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -81,7 +82,7 @@ if [ -n "${ACCELERATE_CONFIG:-}" ]; then
     "$here/finetune.py" "${args[@]}" "$@"
 fi
 
-if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ] || [ -n "${DEEPSPEED:-}" ]; then
   if [ -n "${RDZV_ID:-}" ]; then
     rendezvous=(--rdzv_id "$RDZV_ID" --rdzv_backend c10d
                 --rdzv_endpoint "${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}")
