@@ -239,6 +239,9 @@ class Check:
         return {"speedup": round(figures["speedup"], 2), "identical": f"{figures['identical']}/{figures['prompts']}"}
 
     def finish(self):
+        import shutil
+
+        shutil.rmtree(self.work, ignore_errors=True)
         lines = section(self.results)
         write_text(self.out / "summary.md", "\n".join(lines) + "\n")
         say("\n" + "\n".join(summary_table(self.results)))

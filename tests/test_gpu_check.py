@@ -1,0 +1,93 @@
+"""bench/gpu_check.sh --dry: every step of the GPU check runs on the CPU, so the script cannot rot
+between the sessions that have a GPU; the wheel folder's checks; recording into BENCHMARKS.md."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, tiny_llama):
+    out = tmp_path_factory.mktemp("gpu-check-out")
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    command = ["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    return out, done
+
+
+def test_dry_run_runs_every_step_and_brings_back_its_files(dry_run):
+    out, done = dry_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    # what a device call brings back: at most 8 files, 2 folders down, plain names
+    assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files), files
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", p.name) for p in files)
+    assert {p.name for p in files} >= {"gpu_check.log", "steps.log", "train_speed.json", "results.json", "summary.md"}
+    results = json.loads((out / "results.json").read_text())
+    steps = results["steps"]
+    assert list(steps) == ["environment", "training table", "deepspeed", "fsdp", "generation", "generation 7B"]
+    assert all(steps[name]["status"] == "ok" for name in list(steps)[:-1]), steps
+    assert steps["generation 7B"]["status"].startswith("skipped: needs CUDA")
+    assert steps["deepspeed"]["note"] == steps["fsdp"]["note"] == "needs CUDA: only the plan ran"
+    toolkit = results["training"]["results"]["toolkit"]
+    assert toolkit["tokens"] > 0 and toolkit["seconds"] > 0 and toolkit["steps"] == 2 and toolkit["untimed_steps"] == 1
+    assert toolkit["estimate_gib"]["total"] > toolkit["estimate_gib"]["cuda_overhead"]
+    assert results["generation"]["identical"] == results["generation"]["prompts"] == 4
+    # the summary table comes last, and summary.md holds the section BENCHMARKS.md gets
+    tail = done.stdout.strip().splitlines()
+    assert tail[-1] == "Goals: judged on a GPU run only." and any(line.startswith("| generation 7B |") for line in tail)
+    summary = (out / "summary.md").read_text()
+    assert "| (a) toolkit fastest |" in summary and "measured peak" in summary
+    assert "Generation, builtin:tiny-llama" in summary
+
+
+def test_record_appends_the_section_and_refuses_a_torn_file(dry_run, tmp_path):
+    out, _ = dry_run
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    benchmarks.write_text("# Benchmarks\n")
+    script = [sys.executable, str(REPO / "bench" / "gpu_check.py")]
+    done = subprocess.run([*script, "--record", str(out / "results.json"), "--benchmarks", str(benchmarks)], text=True)
+    assert done.returncode == 0
+    text = benchmarks.read_text()
+    assert "`bash bench/gpu_check.sh --dry` (python " in text and "| (a) toolkit fastest |" in text
+    torn = tmp_path / "results.json"
+    torn.write_text((out / "results.json").read_text()[:100])
+    bad = subprocess.run(
+        [*script, "--record", str(torn), "--benchmarks", str(benchmarks)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(torn) in bad.stderr, bad.stderr
+    assert benchmarks.read_text() == text, "nothing written from a torn file"
+
+
+def test_wheel_list_and_requirement_check(tmp_path):
+    import gpu_wheels
+    from packaging.requirements import Requirement
+
+    from platy.cli import UserError
+
+    carried, device = gpu_wheels.read_list(gpu_wheels.LIST)
+    assert {"bitsandbytes", "trl", "liger-kernel", "deepspeed"} <= set(carried)
+    assert carried["deepspeed"]["sdist"] and carried["bitsandbytes"]["keep"]
+    assert device["torch"] == "2.11.0"
+    wheels = {"a": ("1.0", [Requirement("b>=2"), Requirement("torch<2.5")]), "b": ("1.5", [Requirement("c")])}
+    problems = gpu_wheels.unmet(wheels, {"torch": "2.11.0"})
+    assert problems == [
+        "a needs b>=2, carried: b 1.5",
+        "a needs torch<2.5, in the image: torch 2.11.0",
+        "b needs c: add it to gpu_wheels.txt",
+    ]
+    big = tmp_path / "big-1.0-py3-none-any.whl"
+    with open(big, "wb") as f:
+        f.truncate(gpu_wheels.CARRY_LIMIT)  # sparse: 64 MiB on paper, nothing on disk
+    with pytest.raises(UserError, match=r"1 wheels, 64.0 MiB, plus the working tree .* of the 64.0 MiB"):
+        gpu_wheels.check_size(tmp_path)
+    with pytest.raises(UserError, match="no wheel for bitsandbytes==0.50.2, trl==1.16.0"):
+        gpu_wheels.main(dest=str(tmp_path / "empty"), check_only=True)
