@@ -3,6 +3,9 @@ r"""Fuse a LoRA / QLoRA adapter into the base weights and export a standalone Hu
     # base model and template come from the adapter's run_config.json
     python merge.py --peft_model_path ./outputs/platypus-qlora --output_dir ./outputs/merged --verify
 
+    # and GGUF files for llama.cpp, Ollama and LM Studio, checked against the merged model
+    python merge.py --peft_model_path ./outputs/platypus-qlora --output_dir ./outputs/merged --gguf f16,q8_0 --verify
+
     # Platypus's spelling, explicit base, bfloat16 output in 2 GB shards
     python merge.py --base_model_name_or_path meta-llama/Llama-2-13b-hf \
         --peft_model_path ./Platypus2-13B-lora --output_dir ./Platypus2-13B --dtype bfloat16 --max_shard_size 2GB
@@ -27,6 +30,7 @@ def merge(
     dtype: str = "float16",
     max_shard_size: str = "auto",
     verify: bool = False,
+    gguf: str = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
     base_model: str = None,
@@ -45,7 +49,11 @@ def merge(
         dtype: float16 (default), bfloat16 or float32 for the exported weights.
         max_shard_size: Largest safetensors shard, e.g. 5GB or 500MB; auto: the size of the
             base model's largest shard.
-        verify: Compare the merged model's logits with base + adapter on a few prompts.
+        verify: Compare the merged model's logits with base + adapter on a few prompts; with --gguf, also
+            each GGUF file, loaded back by transformers' GGUF loader, with the merged model.
+        gguf: Also write <output_dir>/<name>-<TYPE>.gguf for each comma-separated type: f16, bf16, q8_0,
+            q5_1, q5_0, q4_1 or q4_0 (k-quants such as q4_k_m: the gguf package cannot write them; run
+            llama.cpp's llama-quantize on the f16 file), and an Ollama Modelfile. Llama, Mistral and Qwen2.
         overwrite: Replace a non-empty output_dir (only once the new model is complete).
         trust_remote_code: Allow model code from the hub for --verify.
         base_model: Alias of --base_model_name_or_path.
@@ -55,8 +63,12 @@ def merge(
     cli.fail_on(stages.check_flags(flags))
     run = stages.resolve(flags)
     stages.write_merged(run)
+    if run.gguf_types:
+        stages.write_gguf_files(run)
     if run.verify:
         stages.check_merged(run)
+        if run.gguf_types:
+            stages.check_gguf(run)
 
 
 if __name__ == "__main__":

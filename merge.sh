@@ -3,10 +3,11 @@
 #
 #   bash merge.sh                                   # ./outputs/platypus-qlora -> ./outputs/platypus-merged
 #   PEFT_MODEL_PATH=./Platypus2-13B-lora OUTPUT_DIR=./Platypus2-13B bash merge.sh --verify
+#   GGUF=f16,q8_0 bash merge.sh --verify                # also platypus-merged-f16.gguf and -q8_0.gguf
 #
 # Environment: PEFT_MODEL_PATH (the adapter), OUTPUT_DIR, BASE_MODEL (default: the base the
 # adapter's run_config.json records), METHOD (auto, dequant, peft), DTYPE (float16, bfloat16,
-# float32). Further arguments go to merge.py.
+# float32), GGUF (GGUF files to write as well, e.g. q8_0 or f16,q8_0). Further arguments go to merge.py.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,6 +17,9 @@ PYTHON="${PYTHON:-python}"
 
 args=(--peft_model_path "$PEFT_MODEL_PATH" --output_dir "$OUTPUT_DIR" --method "${METHOD:-auto}"
       --dtype "${DTYPE:-float16}")
+if [ -n "${GGUF:-}" ]; then
+  args+=(--gguf "$GGUF")
+fi
 if [ -n "${BASE_MODEL:-}" ]; then
   args+=(--base_model_name_or_path "$BASE_MODEL")
 fi

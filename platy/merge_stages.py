@@ -15,13 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from platy import checks, cli
-from platy.cli import UserError, say
-from platy.files import swap_into_place, write_json
+from platy.cli import WRITE_FAILED, Stopped, UserError, say
+from platy.files import swap_into_place, write_json, write_text
+from platy import gguf_export
 from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base
 
 DEVICES = ("auto", "cpu", "cuda")
 # largest logit difference that the rounding of the exported dtype alone stays well below
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.5}
+# GGUF against the merged model: (largest logit difference, greedy agreement) a type's rounding stays within;
+# f16 of a float16 merge holds the same numbers (bf16 and the quantized types round again)
+GGUF_TOLERANCE = {
+    "f16": (0.05, 0.99),
+    "bf16": (0.5, 0.98),
+    "q8_0": (0.5, 0.95),
+    "q5_1": (1.5, 0.9),
+    "q5_0": (1.5, 0.9),
+    "q4_1": (3.0, 0.85),
+    "q4_0": (3.0, 0.85),
+}
 VERIFY_PROMPTS = (
     "What is the boiling point of water at sea level?",
     "Is 91 a prime number?",
@@ -46,6 +58,7 @@ class MergeRun:
     device: str
     verify: bool
     trust_remote_code: bool
+    gguf_types: tuple = ()  # GGUF files to write after the merge (f16, q8_0, ...)
 
 
 def disagreement(flags, name, alias):
@@ -74,6 +87,8 @@ def check_flags(flags):
         problems.append("--trust_remote_code only matters for --verify (the merge itself runs no model code)")
     if flags["max_shard_size"] != "auto":
         problems += checks.problems_of(cli.problem_of(parse_size, flags["max_shard_size"]))
+    if flags.get("gguf") is not None:
+        problems += checks.problems_of(cli.problem_of(gguf_export.parse_types, flags["gguf"]), gguf_export.gguf_missing())
     return problems
 
 
@@ -126,6 +141,14 @@ def resolve(flags):
     base_path = resolve_local_base(base, "--base_model")
     if Path(base_path).resolve() in (out, *out.parents):
         raise UserError(f"--output_dir {out} would replace the base model folder; choose another folder")
+    gguf_types = tuple(gguf_export.parse_types(flags.get("gguf")))
+    if gguf_types:  # before anything is written: an architecture or tokenizer the export cannot write
+        gguf_export.check_exportable(
+            output_config(base_path, DTYPES[str(flags["dtype"])]),
+            tokenizer_source(adapter, base_path),
+            base_path,
+            "--gguf",
+        )
     if flags["max_shard_size"] == "auto":
         from platy.merging import base_checkpoint
 
@@ -145,6 +168,7 @@ def resolve(flags):
         device=device,
         verify=flags["verify"],
         trust_remote_code=flags["trust_remote_code"],
+        gguf_types=gguf_types,
     )
 
 
@@ -222,10 +246,12 @@ def write_companions(run, folder, stats):
     base = Path(run.base_path)
     if (base / "generation_config.json").is_file():
         shutil.copy(base / "generation_config.json", folder / "generation_config.json")
-    tokenizer_source = adapter.folder if (adapter.folder / "tokenizer_config.json").is_file() else base
-    for path in tokenizer_source.iterdir():
+    for path in tokenizer_source(adapter, base).iterdir():
         if path.name.startswith(("tokenizer", "special_tokens_map")) or path.name in ("chat_template.jinja",):
             shutil.copy(path, folder / path.name)
+    if not (folder / "tokenizer.model").exists() and (base / "tokenizer.model").is_file():
+        # transformers 5 saves tokenizer.json only; llama.cpp's tools and --gguf read the sentencepiece model
+        shutil.copy(base / "tokenizer.model", folder / "tokenizer.model")
     merge_info = {
         "method": run.method,
         "dtype": run.dtype,
@@ -241,6 +267,133 @@ def write_companions(run, folder, stats):
     if adapter.run_config:
         write_json(folder / "run_config.json", adapter.run_config)
     (folder / "README.md").write_text(model_card(run, adapter, merge_info), encoding="utf-8")
+
+
+def write_gguf_files(run):
+    """--gguf: one file per type beside the merged model (each renamed into place when complete), the
+    Ollama Modelfile, and their record in merge_config.json and the card."""
+    import time
+
+    metadata = gguf_metadata(run)
+    written = {}
+    for gguf_type in run.gguf_types:
+        destination = gguf_export.file_name(run.output_dir, gguf_type)
+        started = time.time()
+        try:
+            info = gguf_export.write_gguf(run.output_dir, gguf_type, destination, metadata)
+        except OSError as err:
+            done = f" and so are {', '.join(w['file'] for w in written.values())}" if written else ""
+            raise Stopped(
+                f"writing {destination.name} failed: {err.strerror or err}; the merged model in {run.output_dir} "
+                f"is complete{done}. Free disk space and run merge.py again with --overwrite",
+                WRITE_FAILED,
+            ) from err
+        info["seconds"] = round(time.time() - started, 2)
+        written[gguf_type] = info
+        say(f"GGUF {gguf_type}: {destination} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s)")
+    first = written[run.gguf_types[0]]["file"]
+    template = ((run.adapter.run_config or {}).get("resolved") or {}).get("template")
+    has_chat_template = bool(gguf_export.chat_template_of(run.output_dir))
+    stops = gguf_export.stop_tokens(run.output_dir)
+    write_text(run.output_dir / "Modelfile", gguf_export.modelfile(first, template, has_chat_template, stops))
+    update_record(run, gguf=written)
+    return written
+
+
+def gguf_metadata(run):
+    """general.* of the GGUF files: name, base model, license, training data, the toolkit."""
+    run_config = run.adapter.run_config or {}
+    return {
+        "name": run.output_dir.name,
+        "description": f"{run.base} fine-tuned with LoRA by the Platypus toolkit ({toolkit_version()}), "
+        f"{run.method} merge, exported by merge.py",
+        "base_model": run.base,
+        "license": base_license(run.base_path),
+        "data": (run_config.get("data") or {}).get("path"),
+    }
+
+
+def base_license(base_path):
+    """The license the base model's card declares in its front matter (license: ...), or None."""
+    card = Path(base_path) / "README.md"
+    if not card.is_file():
+        return None
+    front = card.read_text(encoding="utf-8", errors="replace").split("---")
+    for line in (front[1] if len(front) > 2 else "").splitlines():
+        if line.startswith("license:"):
+            return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def toolkit_version():
+    """The toolkit's git commit (it has no release number), or 'unknown version' outside a checkout."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "-C", cli.REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"commit {commit}" if commit else "unknown version"
+
+
+def update_record(run, **fields):
+    """Add fields to merge_config.json and write the model card again from it."""
+    import json
+
+    from platy.model_card import model_card
+
+    path = run.output_dir / "merge_config.json"
+    info = json.loads(path.read_text(encoding="utf-8"))
+    info.update(fields)
+    write_json(path, info)
+    write_text(run.output_dir / "README.md", model_card(run, run.adapter, info))
+    return info
+
+
+def check_gguf(run):
+    """--verify with --gguf: each file loaded back by transformers' GGUF loader against the merged model."""
+    import json
+
+    info = json.loads((run.output_dir / "merge_config.json").read_text(encoding="utf-8"))
+    written = info["gguf"]
+    prompts = [verify_prompter(run).generate_prompt(q) for q in VERIFY_PROMPTS]
+    reports = gguf_export.compare_with_merged(
+        run.output_dir, {t: w["file"] for t, w in written.items()}, prompts, run.dtype
+    )
+    for gguf_type, report in reports.items():
+        worst, agreement = GGUF_TOLERANCE[gguf_type]
+        tokenizer_ok = report["tokenizer_same_ids"] == report["tokenizer_texts"]
+        report["verdict"] = (
+            "pass" if tokenizer_ok and report["max_abs_diff"] <= worst and report["agreement"] >= agreement else "warn"
+        )
+        say(
+            f"Verify GGUF {gguf_type}: largest |logit difference| {report['max_abs_diff']:.2e} against the merged "
+            f"model, greedy agreement {100 * report['agreement']:.1f}%, tokenizer ids equal on "
+            f"{report['tokenizer_same_ids']}/{report['tokenizer_texts']} texts: {report['verdict'].upper()}"
+        )
+        if report["verdict"] == "warn":
+            say(
+                f"Warning: {written[gguf_type]['file']} does not reproduce the merged model within what {gguf_type} "
+                f"rounding explains (|difference| <= {worst}, agreement >= {100 * agreement:.0f}%, same token ids)"
+            )
+        written[gguf_type]["verify"] = report
+    update_record(run, gguf=written)
+    return reports
+
+
+def verify_prompter(run):
+    from platy.prompts import Prompter
+
+    recorded = (run.adapter.run_config or {}).get("resolved", {})
+    template = recorded.get("template", {}).get("name") or "alpaca"
+    return Prompter(template, f"--peft_model_path {run.adapter.folder}: its recorded template")
+
+
+def tokenizer_source(adapter, base_path):
+    """The tokenizer the merged model gets: the adapter's (saved by finetune.py) or else the base's."""
+    return adapter.folder if (adapter.folder / "tokenizer_config.json").is_file() else Path(base_path)
 
 
 def check_merged(run):
@@ -266,7 +419,6 @@ def verify_merge(run, prompts=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from platy.modeling import load_model_with_adapter, resolve_precision
-    from platy.prompts import Prompter
 
     adapter = run.adapter
     recorded = (adapter.run_config or {}).get("resolved", {})
@@ -292,9 +444,7 @@ def verify_merge(run, prompts=None):
         trust_remote_code=run.trust_remote_code,
     )
     tokenizer = AutoTokenizer.from_pretrained(str(run.output_dir))
-    template = recorded.get("template", {}).get("name") or "alpaca"
-    prompter = Prompter(template, f"--peft_model_path {adapter.folder}: its recorded template")
-    prompts = prompts or [prompter.generate_prompt(q) for q in VERIFY_PROMPTS]
+    prompts = prompts or [verify_prompter(run).generate_prompt(q) for q in VERIFY_PROMPTS]
     reference.eval()
     merged.eval()
     worst, agree, positions = 0.0, 0, 0

@@ -70,7 +70,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("path/to/{name}")
 tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
 ```
-"""
+{gguf_section(info.get("gguf"), template)}"""
 
 
 def quantization_words(layout):
@@ -139,3 +139,42 @@ def base_link(base):
     """A hub id links to its page; a local base is shown as its path."""
     is_hub_id = HUB_ID.match(base) and "/" in base and not Path(base).exists()
     return f"[{base}](https://huggingface.co/{base})" if is_hub_id else f"`{base}`"
+
+
+def gguf_section(files, template):
+    """How to run the GGUF files (llama.cpp, Ollama, LM Studio) and, after --verify, how close each is."""
+    if not files:
+        return ""
+    rows = []
+    for gguf_type, entry in files.items():
+        check = entry.get("verify")
+        figures = (
+            f"{check['max_abs_diff']:.2e} | {100 * check['agreement']:.1f}% | {check['verdict'].upper()}"
+            if check
+            else "not checked (merge with --verify) | | "
+        )
+        rows.append(f"| `{entry['file']}` | {gguf_type} | {entry['bytes'] / 1e6:,.1f} MB | {figures} |")
+    first = next(iter(files.values()))["file"]
+    question = "Is 91 a prime number?"
+    prompt = (template or {}).get("prompt_no_input", "{instruction}").replace("{instruction}", question)
+    prompt = prompt.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f"""
+## Run the GGUF files (llama.cpp, Ollama, LM Studio)
+
+| file | type | size | largest logit difference to the merged model | greedy agreement | verdict |
+| --- | --- | --- | --- | --- | --- |
+{chr(10).join(rows)}
+
+The differences were measured by loading each file back with transformers' GGUF loader
+(`--verify`).
+
+```bash
+# llama.cpp, with the prompt template the model was trained on
+llama-cli -m {first} -no-cnv -e -p "{prompt}" -n 256
+# Ollama: the Modelfile in this folder holds the template and the stop tokens
+ollama create {Path(first).stem} -f Modelfile
+ollama run {Path(first).stem} "{question}"
+```
+
+LM Studio: copy a `.gguf` file into its models folder (or load it with `lms import`).
+"""

@@ -131,6 +131,46 @@ def train_tokenizer(folder, vocab_size):
     return tokenizer
 
 
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_SPLIT = (  # Qwen2's pre-tokenizer split: digits one by one
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def train_byte_level_tokenizer(folder, vocab_size=1024, split=QWEN2_SPLIT):
+    """A Qwen2-style byte-level BPE tokenizer (no BOS, ChatML special tokens added after the merges and a
+    ChatML chat template), trained on the sample data with the tokenizers library; `split` is the
+    pre-tokenizer's regex."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 4, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(corpus_lines(), trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=4096,
+    )
+    wrapped.chat_template = CHATML
+    wrapped.save_pretrained(str(folder))
+    return wrapped
+
+
 def build(folder, vocab_size, **dims):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -5,6 +5,7 @@ PLATY_FAULT (with PLATY_FAULT_RANK to hit one rank only) picks one fault:
   sigkill_after_step=K   SIGKILL (kill -9) right after optimizer step K
   sigkill_in_write=TEXT  SIGKILL halfway through writing the first file whose path contains TEXT
   enospc_in_write=TEXT   "No space left on device" when writing a file whose path contains TEXT
+                         (torch.save, safetensors' save_file, a GGUF file's tensors)
 """
 
 import errno
@@ -50,6 +51,18 @@ def in_writes(text, action):
 
     torch.save = wrap(torch.save, 1)
     safetensors.torch.save_file = wrap(safetensors.torch.save_file, 1)
+    try:
+        import gguf
+    except ImportError:
+        return
+    tensor_write = gguf.GGUFWriter.write_tensor_data
+
+    def write_tensor_data(self, *args, **kwargs):  # a GGUF file's tensors, after its header is on disk
+        if text in str(self.path):
+            action(str(self.path))
+        return tensor_write(self, *args, **kwargs)
+
+    gguf.GGUFWriter.write_tensor_data = write_tensor_data
 
 
 def half_write_then_die(path):

@@ -1,0 +1,510 @@
+"""GGUF files of a merged model, for llama.cpp, Ollama and LM Studio (merge.py --gguf).
+
+The gguf package (maintained with llama.cpp) does most of it and is used as it is: GGUFWriter, each
+architecture's tensor name map (TensorNameMap), the vocabulary readers (SentencePieceVocab, BpeVocab),
+SpecialVocab (special token ids, whether BOS/EOS are added, BPE merges, the chat template) and the
+quantization functions of gguf.quants. What it leaves to llama.cpp's convert_hf_to_gguf.py script
+(not part of the package) is written here: the architecture's hyperparameter keys, the Llama q/k
+row order, the pre-tokenizer's name, tokens the Hugging Face tokenizer added, padding the vocabulary
+to the embedding's rows, and writing tensor by tensor, each quantized in row blocks, so memory holds
+about one tensor whatever the size of the model.
+"""
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from platy.cli import UserError
+
+# --gguf type -> (GGMLQuantizationType, LlamaFileType) member names of the gguf package
+GGUF_TYPES = {
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+# gguf.quants dequantizes these but cannot quantize them (gguf 0.19): llama.cpp's llama-quantize can
+K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+# Hugging Face model_type -> gguf MODEL_ARCH member. Mistral is the Llama graph in llama.cpp (its
+# converter writes Mistral as llama); sliding-window attention is not applied there.
+ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
+SUPPORTED = "Llama (Llama-2/3, Yi), Mistral and Qwen2"
+# The byte-level pre-tokenizer splits llama.cpp knows by name (its tokenizer.ggml.pre values).
+PRE_TOKENIZERS = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+ROW_BLOCK_ELEMENTS = 1 << 24  # quantize 16M weights at a time: 64 MB of float32 beside the tensor
+MISSING_GGUF = "the gguf package is missing: pip install gguf (or pip install -r requirements.txt)"
+
+
+def parse_types(value):
+    """--gguf 'f16,q8_0' (fire may hand over a tuple) -> ['f16', 'q8_0']; a UserError names a bad type."""
+    if value is None or value is False:
+        return []
+    words = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    types = [str(w).strip().lower() for w in words if str(w).strip()]
+    if not types:
+        raise UserError(f"--gguf {value!r}: give one or more of {', '.join(GGUF_TYPES)}, e.g. --gguf q8_0")
+    for name in types:
+        if name in K_QUANTS:
+            raise UserError(
+                f"--gguf {name}: the gguf package cannot write k-quants; export f16 and run llama.cpp's "
+                f"llama-quantize NAME-f16.gguf NAME-{name.upper()}.gguf {name.upper()}"
+            )
+        if name not in GGUF_TYPES:
+            raise UserError(f"--gguf {name}: unknown type; choose from {', '.join(GGUF_TYPES)}")
+    return list(dict.fromkeys(types))
+
+
+def gguf_missing():
+    """The problem sentence when the gguf package cannot be imported, else None."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        return f"--gguf: {MISSING_GGUF}"
+    return None
+
+
+def file_name(output_dir, gguf_type):
+    """<output_dir>/<name>-<TYPE>.gguf"""
+    return Path(output_dir) / f"{Path(output_dir).name}-{gguf_type}.gguf"
+
+
+# ---- what a model must be to export -------------------------------------------------------------
+
+
+def check_exportable(config, tokenizer_dir, base_dir, flag):
+    """Refuse, before anything is written, a model or tokenizer the export cannot write faithfully."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"--gguf: the model is {model_type or 'of no recorded type'} ({', '.join(config.get('architectures') or [])}); "
+            f"GGUF export supports {SUPPORTED}"
+        )
+    rope = rope_parameters(config)
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        raise UserError(
+            f"--gguf: rope scaling {rope['rope_type']!r} is not written by this export (default and linear are); "
+            "convert the merged folder with llama.cpp's convert_hf_to_gguf.py"
+        )
+    tokenizer_kind(tokenizer_dir, flag, base_dir)
+
+
+def rope_parameters(config):
+    """rope_theta and the scaling, from transformers 5's rope_parameters or the older keys."""
+    rope = dict(config.get("rope_scaling") or {})
+    rope.update(config.get("rope_parameters") or {})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope["type"]
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    return rope
+
+
+def tokenizer_kind(folder, flag, base_folder=None):
+    """("llama", None) for sentencepiece, ("gpt2", pre-tokenizer name) for byte-level BPE; else a UserError.
+
+    A sentencepiece tokenizer.model may come from base_folder: transformers 5 saves tokenizer.json only.
+    """
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    model = spec.get("model", {})
+    byte_level = "ByteLevel" in json.dumps(spec.get("decoder")) and not model.get("byte_fallback")
+    if model.get("type") == "BPE" and byte_level:
+        split = split_pattern(spec.get("pre_tokenizer"))
+        name = next((n for n, pattern in PRE_TOKENIZERS.items() if pattern == split), None)
+        if name is None:
+            raise UserError(
+                f"{flag}: the byte-level tokenizer in {folder} splits text with a pattern llama.cpp does not "
+                f"know by name (it knows {' and '.join(PRE_TOKENIZERS)}'s); the GGUF would tokenize differently"
+            )
+        return "gpt2", name
+    if any((Path(f) / "tokenizer.model").is_file() for f in (folder, base_folder) if f):
+        return "llama", None
+    raise UserError(
+        f"{flag}: no sentencepiece tokenizer.model and no byte-level BPE tokenizer.json in {folder}; "
+        "GGUF export needs one of them"
+    )
+
+
+def split_pattern(pre_tokenizer):
+    """The regex of the first Split in a tokenizer.json pre_tokenizer (nested in a Sequence or not)."""
+    if not isinstance(pre_tokenizer, dict):
+        return None
+    if pre_tokenizer.get("type") == "Split":
+        return (pre_tokenizer.get("pattern") or {}).get("Regex")
+    for inner in pre_tokenizer.get("pretokenizers") or []:
+        found = split_pattern(inner)
+        if found:
+            return found
+    return None
+
+
+# ---- writing one file ---------------------------------------------------------------------------
+
+
+def write_gguf(folder, gguf_type, destination, metadata):
+    """Write the merged model in `folder` as one GGUF file of `gguf_type` at `destination`.
+
+    Written to a hidden temporary name beside it and renamed when complete; on any failure the
+    temporary file is removed and the error goes up. Returns {"file", "bytes", "tensors"}.
+    """
+    import gguf
+
+    from platy.merging import TensorSource, base_checkpoint, release_freed_memory
+
+    logging.getLogger("gguf").setLevel(logging.ERROR)  # its notes on tokenizer.json layouts are not the user's
+    folder, destination = Path(folder), Path(destination)
+    config = json.loads((folder / "config.json").read_text())
+    arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[config["model_type"]])
+    qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[gguf_type][0])
+    sources = [TensorSource(p) for p in base_checkpoint(folder, "--output_dir")]
+    plan = tensor_plan(sources, arch, config, qtype)
+    rows = next(shape[0] for _, name, _, _, shape in plan if name == "model.embed_tokens.weight")
+    tmp = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
+    try:
+        add_general(writer, metadata, getattr(gguf.LlamaFileType, GGUF_TYPES[gguf_type][1]))
+        add_hyperparameters(writer, config, rows)
+        add_vocabulary(writer, folder, rows)
+        for _, _, gguf_name, out_type, shape in plan:
+            nbytes, byte_shape, dtype = stored_layout(shape, out_type)
+            writer.add_tensor_info(gguf_name, byte_shape, dtype, nbytes, raw_dtype=raw_type(out_type))
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for source, name, _, out_type, _ in plan:
+            writer.write_tensor_data(stored_tensor(source.read(name), name, out_type, config))
+            release_freed_memory()
+        writer.fout[0].flush()
+        os.fsync(writer.fout[0].fileno())
+        writer.close()
+        tmp.replace(destination)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"file": destination.name, "bytes": destination.stat().st_size, "tensors": len(plan)}
+
+
+def tensor_plan(sources, arch, config, qtype):
+    """(source, hf name, gguf name, stored type, shape) of every tensor, in file order."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    tied = config.get("tie_word_embeddings", False)
+    plan = []
+    for source in sources:
+        for name, (_, shape, _, _) in source.entries.items():
+            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                continue  # recomputed by llama.cpp / the tied embedding is the output
+            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise UserError(f"--gguf: the merged model holds {name}, which has no GGUF name for this architecture")
+            plan.append((source, name, gguf_name, stored_type(shape, qtype), list(shape)))
+    return plan
+
+
+def stored_type(shape, qtype):
+    """Vectors (norms, biases) stay float32, as llama.cpp's converter keeps them; matrices take the type,
+    or float16 where a row is not a whole number of the type's blocks."""
+    import gguf
+
+    if len(shape) < 2:
+        return gguf.GGMLQuantizationType.F32
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
+
+
+def raw_type(out_type):
+    import gguf
+
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    return None if out_type in plain else out_type
+
+
+def stored_layout(shape, out_type):
+    """(bytes, shape to declare, numpy dtype to declare) of a tensor stored as out_type."""
+    import gguf
+    import numpy as np
+
+    if out_type == gguf.GGMLQuantizationType.F32:
+        return 4 * math.prod(shape), shape, np.float32
+    if out_type == gguf.GGMLQuantizationType.F16:
+        return 2 * math.prod(shape), shape, np.float16
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, out_type)
+    return math.prod(byte_shape), byte_shape, np.uint8
+
+
+def stored_tensor(tensor, name, out_type, config):
+    """The tensor as the file stores it: in llama.cpp's row order, converted or quantized in row blocks."""
+    import gguf
+    import numpy as np
+    import torch
+
+    tensor = llama_row_order(tensor, name, config)
+    if out_type == gguf.GGMLQuantizationType.F32:
+        return tensor.to(torch.float32).numpy()
+    if out_type == gguf.GGMLQuantizationType.F16:
+        return tensor.to(torch.float16).numpy()
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    out = np.empty(gguf.quant_shape_to_byte_shape(rows.shape, out_type), dtype=np.uint8)
+    step = max(1, ROW_BLOCK_ELEMENTS // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step].to(torch.float32).numpy()
+        out[start : start + step] = gguf.quants.quantize(block, out_type)
+    return out.reshape(gguf.quant_shape_to_byte_shape(list(tensor.shape), out_type))
+
+
+def llama_row_order(tensor, name, config):
+    """Llama's q and k rows regrouped for llama.cpp's rotary embedding.
+
+    Hugging Face's Llama checkpoints order each head's rows as the two halves its rotate_half rotary
+    pairs up; llama.cpp's Llama graph pairs adjacent rows, so its converter interleaves the halves
+    (Qwen2 uses the half-split rotary in llama.cpp too and keeps its order).
+    """
+    if config["model_type"] not in ("llama", "mistral"):
+        return tensor
+    heads = config["num_attention_heads"]
+    if ".self_attn.q_proj." in name:
+        groups = heads
+    elif ".self_attn.k_proj." in name:
+        groups = config.get("num_key_value_heads") or heads
+    else:
+        return tensor
+    rest = tensor.shape[1:]
+    half = tensor.shape[0] // groups // 2
+    return tensor.reshape(groups, 2, half, *rest).transpose(1, 2).reshape(tensor.shape).contiguous()
+
+
+# ---- metadata -----------------------------------------------------------------------------------
+
+
+def add_general(writer, metadata, file_type):
+    """general.*: name, base model, license, data set, the toolkit, file type."""
+    import gguf
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(metadata["name"])
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_description(metadata["description"])
+    if metadata.get("base_model"):
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, metadata["base_model"])
+    if metadata.get("license"):
+        writer.add_license(metadata["license"])
+    if metadata.get("data"):
+        writer.add_dataset_count(1)
+        writer.add_dataset_name(0, metadata["data"])
+    writer.add_tags(["lora", "platypus"])
+
+
+def add_hyperparameters(writer, config, rows):
+    """The {arch}.* keys llama.cpp reads for the Llama and Qwen2 graphs."""
+    import gguf
+
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    rope = rope_parameters(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config["hidden_size"] // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_vocab_size(rows)
+
+
+def add_vocabulary(writer, folder, rows):
+    """tokenizer.ggml.*: tokens, scores and types, merges, special ids, add BOS/EOS, chat template, EOT."""
+    import gguf
+
+    kind, pre = tokenizer_kind(folder, "--output_dir")
+    tokens, scores, types = read_tokens(folder, kind)
+    if len(tokens) > rows:
+        raise UserError(
+            f"--gguf: the tokenizer has {len(tokens)} tokens but the embedding only {rows} rows; "
+            "resize the embedding before merging"
+        )
+    for index in range(len(tokens), rows):  # rows the tokenizer never produces, as llama.cpp's converter names them
+        tokens.append(f"[PAD{index}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(kind)
+    writer.add_tokenizer_pre(pre or "default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    if kind == "llama":
+        writer.add_add_space_prefix(sentencepiece_adds_prefix(folder / "tokenizer.model"))
+    special = gguf.SpecialVocab(folder, load_merges=kind == "gpt2", n_vocab=len(tokens))
+    special.add_to_gguf(writer, quiet=True)
+    for token_id in end_of_turn_ids(folder, special.special_token_ids.get("eos"))[:1]:
+        writer.add_eot_token_id(token_id)
+
+
+def read_tokens(folder, kind):
+    """(tokens as bytes, scores, token types): gguf's vocabulary reader, then the tokens the Hugging Face
+    tokenizer added beyond it (gguf's readers only know added_tokens.json, which transformers 5 no longer
+    writes), typed as transformers marks them."""
+    import gguf
+
+    vocab = gguf.SentencePieceVocab(folder) if kind == "llama" else gguf.BpeVocab(folder)
+    base = vocab.sentencepiece_tokens() if kind == "llama" else vocab.bpe_tokens()
+    tokens, scores, types = [], [], []
+    for text, score, token_type in base:
+        tokens.append(text.encode() if isinstance(text, str) else text)
+        scores.append(score)
+        types.append(token_type)
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    pieces = spec.get("model", {}).get("vocab") or {}
+    if kind == "llama" and any(pieces.get(t.decode(errors="replace"), i) != i for i, t in enumerate(tokens)):
+        raise UserError(
+            f"--gguf: tokenizer.model in {folder} does not hold the pieces of its tokenizer.json; "
+            "give the model folder its own tokenizer.model"
+        )
+    for added in sorted(spec.get("added_tokens", []), key=lambda a: a["id"]):
+        kind_of = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        if added["id"] < len(tokens):
+            if tokens[added["id"]] == added["content"].encode() and kind == "gpt2":
+                types[added["id"]] = kind_of
+            continue
+        if added["id"] != len(tokens):
+            raise UserError(
+                f"--gguf: the tokenizer's added token {added['content']!r} has id {added['id']}, leaving a gap "
+                f"after {len(tokens)} tokens"
+            )
+        tokens.append(added["content"].encode())
+        scores.append(-1000.0)
+        types.append(kind_of)
+    return tokens, scores, types
+
+
+def sentencepiece_adds_prefix(model_path):
+    """Whether the sentencepiece model prepends a space (its normalizer's add_dummy_prefix)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    return proto.normalizer_spec.add_dummy_prefix
+
+
+def chat_template_of(folder):
+    """The chat template the merged tokenizer carries (as gguf's SpecialVocab finds it), or None."""
+    import gguf
+
+    return gguf.SpecialVocab(Path(folder), load_merges=False).chat_template
+
+
+def end_of_turn_ids(folder, eos_id):
+    """The ids generation stops at besides EOS (generation_config.json's eos_token_id list), e.g. <|im_end|>."""
+    path = Path(folder) / "generation_config.json"
+    recorded = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    ids = recorded if isinstance(recorded, list) else [recorded] if recorded is not None else []
+    return [i for i in ids if i != eos_id]
+
+
+def stop_tokens(folder):
+    """The texts of the tokens generation stops at (EOS, then end-of-turn tokens), for a Modelfile."""
+    folder = Path(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    by_id = {index: token for token, index in (spec.get("model", {}).get("vocab") or {}).items()}
+    by_id.update({added["id"]: added["content"] for added in spec.get("added_tokens", [])})
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eos_id = next((i for i, t in by_id.items() if t == eos), None)
+    texts = [eos] if eos else []
+    texts += [by_id[i] for i in end_of_turn_ids(folder, eos_id) if i in by_id]
+    return list(dict.fromkeys(texts))
+
+
+def modelfile(gguf_file, prompt_template, has_chat_template, stops):
+    """An Ollama Modelfile for the GGUF: the trained prompt template as Ollama's TEMPLATE, and the stop tokens.
+
+    A model trained on one of the toolkit's prompt templates gets that template; one that was not
+    (its tokenizer's chat template is in the GGUF) gets none, since Ollama takes a known chat template
+    from the file's tokenizer.chat_template.
+    """
+    lines = [
+        f"# Ollama: ollama create {Path(gguf_file).stem} -f Modelfile && ollama run {Path(gguf_file).stem}",
+        f"FROM ./{gguf_file}",
+    ]
+    prompt = (prompt_template or {}).get("prompt_no_input")
+    if prompt and "{instruction}" in prompt:
+        template = prompt.replace("{instruction}", "{{ .Prompt }}")
+        lines.append(f'TEMPLATE """{template}{{{{ .Response }}}}"""')
+    elif has_chat_template:
+        lines.append("# no TEMPLATE: Ollama reads the chat template stored in the GGUF (tokenizer.chat_template)")
+    lines += [f'PARAMETER stop "{json.dumps(stop)[1:-1]}"' for stop in stops]
+    return "\n".join(lines) + "\n"
+
+
+# ---- checking a written file with an independent loader -----------------------------------------
+
+# text whose ids the tokenizer rebuilt from the GGUF must reproduce
+TOKENIZER_TEXTS = (
+    "다음 두 수의 합을 구하시오: 12, 30",
+    "Emoji 😀🎉👍🏽 and symbols © ± ∑",
+    "def add(a, b):\n    return a + b  # sum\n\n\tprint(add(1, 2))",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\nIs 91 a prime number?\n\n### Response:\n",
+)
+
+
+def compare_with_merged(folder, files, prompts, dtype="float32"):
+    """{type: report} for GGUF files in folder, each loaded back by transformers' GGUF loader (gguf's
+    reader and dequantization, transformers' own tensor mapping and tokenizer rebuild): largest logit
+    difference to the merged safetensors model, greedy agreement, and whether its tokenizer gives the
+    same ids on the prompts and on Korean, emoji and code."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    batches = [tokenizer(text, return_tensors="pt") for text in prompts]
+    merged = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).eval()
+    with torch.no_grad():
+        reference = [merged(**ids).logits.float() for ids in batches]
+    del merged
+    reports = {}
+    for gguf_type, name in files.items():
+        loaded = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+        texts = [*prompts, *TOKENIZER_TEXTS]
+        same_ids = sum(loaded(t)["input_ids"] == tokenizer(t)["input_ids"] for t in texts)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch_dtype).eval()
+        worst, agree, positions = 0.0, 0, 0
+        with torch.no_grad():
+            for ids, expected in zip(batches, reference):
+                logits = model(**ids).logits.float()
+                worst = max(worst, (logits - expected).abs().max().item())
+                agree += (logits.argmax(-1) == expected.argmax(-1)).sum().item()
+                positions += logits.shape[1]
+        del model
+        reports[gguf_type] = {
+            "max_abs_diff": worst,
+            "agreement": agree / positions,
+            "positions": positions,
+            "tokenizer_texts": len(texts),
+            "tokenizer_same_ids": same_ids,
+        }
+    return reports

@@ -1,0 +1,201 @@
+"""merge.py --gguf: GGUF files that transformers' independent GGUF loader reads back as the merged model.
+
+Three tiny models, each merged from a trained QLoRA adapter: Llama with a sentencepiece tokenizer,
+Mistral with a Llama-3-style byte-level BPE tokenizer and Qwen2 (attention biases) with a Qwen2-style
+one and a ChatML chat template.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_user_error, build_model, merge_cli, run_cli, train_adapter
+
+TYPES = "f16,q8_0"
+# largest logit difference to the merged (float16) model: f16 stores the same numbers; q8_0 rounds
+# every weight to 8 bits per block of 32
+TOLERANCE = {"f16": 1e-5, "q8_0": 0.05}
+TEXTS = (
+    "다음 두 수의 합을 구하시오: 12, 30. 한국어 문장도 바이트 단위로 나뉩니다.",
+    "Emoji 😀🎉👍🏽 and symbols © ± ∑ ≠",
+    "def add(a, b):\n    return a + b  # sum\n\n\tprint(add(1, 2))",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\nIs 91 a prime number?\n\n### Response:\n",
+)
+
+
+def bpe_model(tmp_path_factory, arch, split):
+    from platy.tiny import train_byte_level_tokenizer
+
+    tokenizer_dir = tmp_path_factory.mktemp(f"{arch}-bpe-tokenizer")
+    tokenizer = train_byte_level_tokenizer(tokenizer_dir, split=split)
+    folder = build_model(tmp_path_factory.mktemp(f"{arch}-bpe"), arch, tokenizer_dir)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    # a chat model stops at the end of its turn as well as at EOS
+    generation["eos_token_id"] = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, qlora_adapter):
+    """{family: merged folder with -f16.gguf and -q8_0.gguf}, each merge run once with --verify."""
+    from platy.gguf_export import PRE_TOKENIZERS
+
+    adapters = {"llama": qlora_adapter}
+    for arch, split in (("mistral", PRE_TOKENIZERS["llama-bpe"]), ("qwen2", PRE_TOKENIZERS["qwen2"])):
+        base = bpe_model(tmp_path_factory, arch, split)
+        adapters[arch] = train_adapter(tmp_path_factory.mktemp(f"{arch}-qlora") / "adapter", base_model=base)
+    folders = {}
+    for family, adapter in adapters.items():
+        out = tmp_path_factory.mktemp(f"{family}-merged") / f"tiny-{family}"
+        result = merge_cli(adapter, out, "--gguf", TYPES, "--verify")
+        assert result.returncode == 0, result.stderr[-3000:]
+        folders[family] = (out, adapter, result.stdout)
+    return folders
+
+
+def logits(model, tokenizer):
+    with torch.no_grad():
+        return torch.cat([model(**tokenizer(text, return_tensors="pt")).logits.float() for text in TEXTS], dim=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_transformers_reads_the_gguf_back_as_the_merged_model(exports, family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, adapter, _ = exports[family]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    merged = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), tokenizer)
+    base_path = json.loads((adapter / "run_config.json").read_text())["resolved"]["base_model_path"]
+    base = logits(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), tokenizer)
+    assert (merged - base).abs().max() > 0.1, "the fine-tune changes the model, so a GGUF of the base would fail"
+    for gguf_type, tolerance in TOLERANCE.items():
+        name = f"{out.name}-{gguf_type}.gguf"
+        rebuilt = AutoTokenizer.from_pretrained(out, gguf_file=name)
+        for text in TEXTS:
+            assert rebuilt(text)["input_ids"] == tokenizer(text)["input_ids"], (gguf_type, text)
+        model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
+        difference = (logits(model, tokenizer) - merged).abs().max().item()
+        assert difference < tolerance, (gguf_type, difference)
+
+
+def read_metadata(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return {key: field.contents() for key, field in reader.fields.items() if not key.startswith("tokenizer.ggml.t")}
+
+
+def test_metadata_special_tokens_template_and_modelfile(exports):
+    from transformers import AutoTokenizer
+
+    expected_pre = {"llama": "default", "mistral": "llama-bpe", "qwen2": "qwen2"}
+    for family, (out, adapter, _) in exports.items():
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        meta = read_metadata(out / f"{out.name}-q8_0.gguf")
+        assert meta["general.architecture"] == ("qwen2" if family == "qwen2" else "llama")
+        assert meta["general.name"] == out.name and meta["general.base_model.0.name"]
+        assert meta["general.dataset.0.name"].endswith("sample_platypus.json")
+        assert meta["tokenizer.ggml.model"] == ("llama" if family == "llama" else "gpt2")
+        assert meta["tokenizer.ggml.pre"] == expected_pre[family]
+        assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+        assert meta["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
+        assert meta.get("tokenizer.ggml.add_bos_token", False) == (family == "llama")
+        modelfile = (out / "Modelfile").read_text()
+        assert f"FROM ./{out.name}-f16.gguf" in modelfile
+        assert 'TEMPLATE """Below is an instruction' in modelfile and "{{ .Prompt }}" in modelfile
+        assert f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile
+        if family == "llama":
+            assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+            assert "tokenizer.chat_template" not in meta
+        else:  # trained from a base with a ChatML template: the template and its end of turn travel
+            assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+            assert meta["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+            assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_verify_figures_go_to_merge_config_and_the_card(exports):
+    out, _, stdout = exports["qwen2"]
+    info = json.loads((out / "merge_config.json").read_text())
+    assert list(info["gguf"]) == ["f16", "q8_0"]
+    for gguf_type, entry in info["gguf"].items():
+        assert entry["file"] == f"{out.name}-{gguf_type}.gguf"
+        assert entry["bytes"] == (out / entry["file"]).stat().st_size
+        assert entry["verify"]["verdict"] == "pass" and entry["verify"]["max_abs_diff"] < TOLERANCE[gguf_type]
+        assert entry["verify"]["tokenizer_same_ids"] == entry["verify"]["tokenizer_texts"]
+        assert f"Verify GGUF {gguf_type}:" in stdout
+    assert info["gguf"]["q8_0"]["bytes"] < 0.7 * info["gguf"]["f16"]["bytes"]
+    card = (out / "README.md").read_text()
+    assert f"| `{out.name}-q8_0.gguf` | q8_0 |" in card and "PASS" in card
+    assert f"llama-cli -m {out.name}-f16.gguf" in card and "ollama create" in card
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary file left"
+
+
+# ---- bad input: one line, exit 2 (74 for a full disk), nothing half-written ----------------------------
+
+
+def assert_nothing_written(tmp_path, *keep):
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+@pytest.mark.parametrize(
+    "types, fragment",
+    [
+        ("q9_0", "--gguf q9_0: unknown type; choose from f16, bf16, q8_0"),
+        ("f16,q4_k_m", "--gguf q4_k_m: the gguf package cannot write k-quants; export f16 and run llama.cpp's"),
+    ],
+)
+def test_unknown_types_are_refused_before_anything(qlora_adapter, tmp_path, types, fragment):
+    assert_user_error(merge_cli(qlora_adapter, tmp_path / "m", "--gguf", types), "merge.py", fragment)
+    assert_nothing_written(tmp_path)
+
+
+def test_an_unsupported_architecture_is_refused_before_anything(qlora_adapter, tiny_llama, tmp_path):
+    other = tmp_path / "phi3-shaped"
+    shutil.copytree(tiny_llama, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
+    (other / "config.json").write_text(json.dumps(config))
+    result = merge_cli(qlora_adapter, tmp_path / "m", "--gguf", "q8_0", "--base_model", other)
+    assert_user_error(result, "merge.py", "--gguf: the model is phi3", "supports Llama (Llama-2/3, Yi), Mistral and Qwen2")
+    assert_nothing_written(tmp_path, "phi3-shaped")
+
+
+def test_a_missing_gguf_package_is_named_with_its_install_command(qlora_adapter, tmp_path):
+    shadow = tmp_path / "no-gguf" / "gguf"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'gguf'\")\n")
+    path = os.pathsep.join([str(shadow.parent), os.environ.get("PYTHONPATH", "")])
+    result = merge_cli(qlora_adapter, tmp_path / "m", "--gguf", "q8_0", env={"PYTHONPATH": path})
+    assert_user_error(result, "merge.py", "--gguf: the gguf package is missing: pip install gguf")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_full_disk_while_writing_a_gguf_leaves_no_partial_file(qlora_adapter, tmp_path):
+    from conftest import REPO
+
+    out = tmp_path / "m"
+    env = {"PYTHONPATH": str(REPO / "tests" / "faults"), "PLATY_FAULT": "enospc_in_write=-q8_0.gguf"}
+    result = merge_cli(qlora_adapter, out, "--gguf", "f16,q8_0", env=env)
+    assert result.returncode == 74, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("merge.py: error: writing m-q8_0.gguf failed: No space left on device"), line
+    assert f"the merged model in {out} is complete and so are m-f16.gguf" in line
+    assert "Traceback" not in result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert "m-f16.gguf" in names and "model.safetensors" in names
+    assert not [n for n in names if "q8_0" in n or n.startswith(".")], names
+
+
+def test_merge_sh_passes_gguf(tmp_path):
+    """GGUF= in merge.sh becomes --gguf (a bad type shows it reached merge.py)."""
+    result = run_cli(
+        ["bash", "merge.sh"],
+        env={"GGUF": "q9_0", "PEFT_MODEL_PATH": str(tmp_path / "a"), "OUTPUT_DIR": str(tmp_path / "m"), "PYTHON": sys.executable},
+    )
+    assert_user_error(result, "merge.py", "--gguf q9_0: unknown type")
