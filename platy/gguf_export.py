@@ -85,9 +85,9 @@ def check_exportable(config, tokenizer_dir, base_dir, flag):
     """Refuse, before anything is written, a model or tokenizer the export cannot write faithfully."""
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
+        classes = ", ".join(config.get("architectures") or [])
         raise UserError(
-            f"--gguf: the model is {model_type or 'of no recorded type'} ({', '.join(config.get('architectures') or [])}); "
-            f"GGUF export supports {SUPPORTED}"
+            f"--gguf: the model is {model_type or 'of no recorded type'} ({classes}); GGUF export supports {SUPPORTED}"
         )
     rope = rope_parameters(config)
     if rope.get("rope_type", "default") not in ("default", "linear"):
@@ -193,6 +193,17 @@ def write_gguf(folder, gguf_type, destination, metadata):
         tmp.unlink(missing_ok=True)
         raise
     return {"file": destination.name, "bytes": destination.stat().st_size, "tensors": len(plan)}
+
+
+def file_sha256(path):
+    """The file's sha256, read back in 16 MB pieces (for merge_config.json)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(1 << 24):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def tensor_plan(sources, arch, config, qtype):

@@ -14,10 +14,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from platy import checks, cli
+from platy import checks, cli, gguf_export
 from platy.cli import WRITE_FAILED, Stopped, UserError, say
 from platy.files import swap_into_place, write_json, write_text
-from platy import gguf_export
 from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -88,7 +87,9 @@ def check_flags(flags):
     if flags["max_shard_size"] != "auto":
         problems += checks.problems_of(cli.problem_of(parse_size, flags["max_shard_size"]))
     if flags.get("gguf") is not None:
-        problems += checks.problems_of(cli.problem_of(gguf_export.parse_types, flags["gguf"]), gguf_export.gguf_missing())
+        problems += checks.problems_of(
+            cli.problem_of(gguf_export.parse_types, flags["gguf"]), gguf_export.gguf_missing()
+        )
     return problems
 
 
@@ -289,6 +290,7 @@ def write_gguf_files(run):
                 WRITE_FAILED,
             ) from err
         info["seconds"] = round(time.time() - started, 2)
+        info["sha256"] = gguf_export.file_sha256(destination)
         written[gguf_type] = info
         say(f"GGUF {gguf_type}: {destination} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s)")
     first = written[run.gguf_types[0]]["file"]

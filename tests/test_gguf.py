@@ -5,15 +5,19 @@ Mistral with a Llama-3-style byte-level BPE tokenizer and Qwen2 (attention biase
 one and a ChatML chat template.
 """
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import assert_user_error, build_model, merge_cli, run_cli, train_adapter
+from conftest import assert_user_error, build_model, finetune, merge_cli, run_cli
 
 TYPES = "f16,q8_0"
 # largest logit difference to the merged (float16) model: f16 stores the same numbers; q8_0 rounds
@@ -42,20 +46,36 @@ def bpe_model(tmp_path_factory, arch, split):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, qlora_adapter):
-    """{family: merged folder with -f16.gguf and -q8_0.gguf}, each merge run once with --verify."""
+def adapters(tmp_path_factory, tiny_llama):
+    """{family: QLoRA adapter}: three short trainings (4-bit base, large learning rate), run side by side."""
     from platy.gguf_export import PRE_TOKENIZERS
 
-    adapters = {"llama": qlora_adapter}
+    bases = {"llama": tiny_llama}
     for arch, split in (("mistral", PRE_TOKENIZERS["llama-bpe"]), ("qwen2", PRE_TOKENIZERS["qwen2"])):
-        base = bpe_model(tmp_path_factory, arch, split)
-        adapters[arch] = train_adapter(tmp_path_factory.mktemp(f"{arch}-qlora") / "adapter", base_model=base)
+        bases[arch] = bpe_model(tmp_path_factory, arch, split)
+    folders = {family: tmp_path_factory.mktemp(f"{family}-qlora") / "adapter" for family in bases}
+    with ThreadPoolExecutor(len(bases)) as pool:
+        runs = {f: pool.submit(finetune, folders[f], "--learning_rate", 1e-2, base_model=b) for f, b in bases.items()}
+    for run in runs.values():
+        assert run.result().returncode == 0, run.result().stderr[-3000:]
+    return folders
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, adapters):
+    """{family: (merged folder with -f16.gguf and -q8_0.gguf, adapter, printed output)}: merge.py's entry
+    run once per model with --verify."""
+    import merge
+    from platy import cli
+
     folders = {}
     for family, adapter in adapters.items():
         out = tmp_path_factory.mktemp(f"{family}-merged") / f"tiny-{family}"
-        result = merge_cli(adapter, out, "--gguf", TYPES, "--verify")
-        assert result.returncode == 0, result.stderr[-3000:]
-        folders[family] = (out, adapter, result.stdout)
+        printed = io.StringIO()
+        argv = ["--peft_model_path", str(adapter), "--output_dir", str(out), "--gguf", TYPES, "--verify"]
+        with contextlib.redirect_stdout(printed):
+            cli.call(merge.merge, argv)
+        folders[family] = (out, adapter, printed.getvalue())
     return folders
 
 
@@ -95,7 +115,7 @@ def test_metadata_special_tokens_template_and_modelfile(exports):
     from transformers import AutoTokenizer
 
     expected_pre = {"llama": "default", "mistral": "llama-bpe", "qwen2": "qwen2"}
-    for family, (out, adapter, _) in exports.items():
+    for family, (out, _, _) in exports.items():
         tokenizer = AutoTokenizer.from_pretrained(out)
         meta = read_metadata(out / f"{out.name}-q8_0.gguf")
         assert meta["general.architecture"] == ("qwen2" if family == "qwen2" else "llama")
@@ -126,6 +146,7 @@ def test_verify_figures_go_to_merge_config_and_the_card(exports):
     for gguf_type, entry in info["gguf"].items():
         assert entry["file"] == f"{out.name}-{gguf_type}.gguf"
         assert entry["bytes"] == (out / entry["file"]).stat().st_size
+        assert entry["sha256"] == hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest()
         assert entry["verify"]["verdict"] == "pass" and entry["verify"]["max_abs_diff"] < TOLERANCE[gguf_type]
         assert entry["verify"]["tokenizer_same_ids"] == entry["verify"]["tokenizer_texts"]
         assert f"Verify GGUF {gguf_type}:" in stdout
@@ -150,38 +171,39 @@ def assert_nothing_written(tmp_path, *keep):
         ("f16,q4_k_m", "--gguf q4_k_m: the gguf package cannot write k-quants; export f16 and run llama.cpp's"),
     ],
 )
-def test_unknown_types_are_refused_before_anything(qlora_adapter, tmp_path, types, fragment):
-    assert_user_error(merge_cli(qlora_adapter, tmp_path / "m", "--gguf", types), "merge.py", fragment)
+def test_unknown_types_are_refused_before_anything(adapters, tmp_path, types, fragment):
+    assert_user_error(merge_cli(adapters["llama"], tmp_path / "m", "--gguf", types), "merge.py", fragment)
     assert_nothing_written(tmp_path)
 
 
-def test_an_unsupported_architecture_is_refused_before_anything(qlora_adapter, tiny_llama, tmp_path):
+def test_an_unsupported_architecture_is_refused_before_anything(adapters, tiny_llama, tmp_path):
     other = tmp_path / "phi3-shaped"
     shutil.copytree(tiny_llama, other)
     config = json.loads((other / "config.json").read_text())
     config.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
     (other / "config.json").write_text(json.dumps(config))
-    result = merge_cli(qlora_adapter, tmp_path / "m", "--gguf", "q8_0", "--base_model", other)
-    assert_user_error(result, "merge.py", "--gguf: the model is phi3", "supports Llama (Llama-2/3, Yi), Mistral and Qwen2")
+    result = merge_cli(adapters["llama"], tmp_path / "m", "--gguf", "q8_0", "--base_model", other)
+    supported = "GGUF export supports Llama (Llama-2/3, Yi), Mistral and Qwen2"
+    assert_user_error(result, "merge.py", "--gguf: the model is phi3 (Phi3ForCausalLM)", supported)
     assert_nothing_written(tmp_path, "phi3-shaped")
 
 
-def test_a_missing_gguf_package_is_named_with_its_install_command(qlora_adapter, tmp_path):
+def test_a_missing_gguf_package_is_named_with_its_install_command(adapters, tmp_path):
     shadow = tmp_path / "no-gguf" / "gguf"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'gguf'\")\n")
     path = os.pathsep.join([str(shadow.parent), os.environ.get("PYTHONPATH", "")])
-    result = merge_cli(qlora_adapter, tmp_path / "m", "--gguf", "q8_0", env={"PYTHONPATH": path})
+    result = merge_cli(adapters["llama"], tmp_path / "m", "--gguf", "q8_0", env={"PYTHONPATH": path})
     assert_user_error(result, "merge.py", "--gguf: the gguf package is missing: pip install gguf")
     assert not (tmp_path / "m").exists()
 
 
-def test_a_full_disk_while_writing_a_gguf_leaves_no_partial_file(qlora_adapter, tmp_path):
+def test_a_full_disk_while_writing_a_gguf_leaves_no_partial_file(adapters, tmp_path):
     from conftest import REPO
 
     out = tmp_path / "m"
     env = {"PYTHONPATH": str(REPO / "tests" / "faults"), "PLATY_FAULT": "enospc_in_write=-q8_0.gguf"}
-    result = merge_cli(qlora_adapter, out, "--gguf", "f16,q8_0", env=env)
+    result = merge_cli(adapters["llama"], out, "--gguf", "f16,q8_0", env=env)
     assert result.returncode == 74, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("merge.py: error: writing m-q8_0.gguf failed: No space left on device"), line
@@ -196,6 +218,11 @@ def test_merge_sh_passes_gguf(tmp_path):
     """GGUF= in merge.sh becomes --gguf (a bad type shows it reached merge.py)."""
     result = run_cli(
         ["bash", "merge.sh"],
-        env={"GGUF": "q9_0", "PEFT_MODEL_PATH": str(tmp_path / "a"), "OUTPUT_DIR": str(tmp_path / "m"), "PYTHON": sys.executable},
+        env={
+            "GGUF": "q9_0",
+            "PEFT_MODEL_PATH": str(tmp_path / "a"),
+            "OUTPUT_DIR": str(tmp_path / "m"),
+            "PYTHON": sys.executable,
+        },
     )
     assert_user_error(result, "merge.py", "--gguf q9_0: unknown type")
