@@ -226,3 +226,27 @@ def test_merge_sh_passes_gguf(tmp_path):
         },
     )
     assert_user_error(result, "merge.py", "--gguf q9_0: unknown type")
+
+
+# the types the merge tests above do not write: their largest logit difference to the merged model
+# (bf16: 8 bits of mantissa; q5 / q4: 5 / 4 bits per weight in blocks of 32)
+OTHER_TOLERANCE = {"bf16": 0.02, "q5_1": 0.15, "q5_0": 0.15, "q4_1": 0.4, "q4_0": 0.4}
+
+
+def test_the_other_types_load_back_within_their_rounding(exports, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from platy.gguf_export import write_gguf
+
+    out = tmp_path / "llama"
+    shutil.copytree(exports["llama"][0], out, ignore=shutil.ignore_patterns("*.gguf"))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    merged = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), tokenizer)
+    sizes = {}
+    for gguf_type, tolerance in OTHER_TOLERANCE.items():
+        info = write_gguf(out, gguf_type, out / f"m-{gguf_type}.gguf", {"name": "m", "description": "test"})
+        sizes[gguf_type] = info["bytes"]
+        model = AutoModelForCausalLM.from_pretrained(out, gguf_file=info["file"], dtype=torch.float32)
+        difference = (logits(model, tokenizer) - merged).abs().max().item()
+        assert difference < tolerance, (gguf_type, difference)
+    assert sizes["q4_0"] < sizes["q4_1"] < sizes["q5_1"] < sizes["bf16"]
