@@ -75,6 +75,13 @@ def train(
     liger: bool = False,
     torch_compile: bool = False,
     cache_tokens: bool = True,
+    # LoRA variants and training knobs (docs/lora.md)
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    init_lora_weights: str = "default",
+    loraplus_lr_ratio: float = None,
+    neftune_noise_alpha: float = None,
+    optim: str = "adamw_torch_fused",
 ):
     """Train a LoRA adapter; output_dir then holds everything merge.py and inference.py need.
 
@@ -100,7 +107,9 @@ def train(
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (scale = alpha / r).
         lora_dropout: Dropout on the LoRA input.
-        lora_target_modules: Linear layers to adapt, e.g. '[gate_proj, down_proj, up_proj]'.
+        lora_target_modules: Linear layers to adapt, e.g. '[gate_proj, down_proj, up_proj]', or all-linear
+            (every Linear layer of the decoder, attention and MLP, but not the output head; the names are
+            printed and recorded).
         train_on_inputs: Also train on the prompt tokens (False: only the response and EOS
             are labels).
         add_eos_token: False: EOS ends every response that fits in cutoff_len, and a
@@ -155,6 +164,19 @@ def train(
         cache_tokens: Keep the tokenized data under $PLATY_CACHE/tokenized, so the next run with the
             same data, tokenizer and settings (and every other torchrun rank) loads it instead of
             tokenizing; false tokenizes in memory and writes nothing.
+        use_rslora: Rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r (merge.py uses the recorded scale).
+        use_dora: DoRA: each adapted weight is split into a magnitude vector and a direction that LoRA updates
+            (16-bit, 8-bit and 4-bit bases; merge.py fuses it with both methods). Slower steps, a little more memory.
+        init_lora_weights: How the adapter starts: default (B = 0), gaussian, pissa or pissa_niter_N (the top r
+            singular vectors of each weight, exact or with N fast-SVD iterations), olora (QR), both on a
+            --quantization none base and saved converted so they apply to the unchanged base; loftq (4-bit
+            bases: the adapter starts as the SVD of each layer's quantization error, reported in the log).
+        loraplus_lr_ratio: LoRA+: the B matrices (and DoRA magnitudes) learn at this many times --learning_rate
+            (peft's LoRA+ optimizer, e.g. 16); default: one learning rate.
+        neftune_noise_alpha: NEFTune: uniform noise of this scale (e.g. 5) on the input embeddings while
+            training; evaluation, --verify and generation see none.
+        optim: Optimizer (the Trainer's names): adamw_torch_fused, adamw_torch, paged_adamw_8bit, adamw_bnb_8bit,
+            paged_adamw_32bit (the last three need bitsandbytes; 8-bit states save memory).
     """
     flags = dict(locals())  # first: every flag by name, nothing else
     cli.fail_on(config.check_flags(flags))  # every flag problem at once, before any I/O

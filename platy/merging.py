@@ -23,6 +23,10 @@ DTYPES = {
 }
 METHODS = ("auto", "dequant", "peft")
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+# DoRA's magnitude vector (one per output row of the adapted weight)
+MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+# an adapter still relative to a base that PiSSA or OLoRA changed: a checkpoint-N of such a run
+MUTATED_INITS = ("pissa", "olora")
 
 
 def parse_size(text):
@@ -106,15 +110,20 @@ class Adapter:
     def _lora_modules(self, tensors):
         """{module: {"A": tensor, "B": tensor}}: what the streaming merge adds to each base weight."""
         modules = {}
+        dora = bool(self.config.get("use_dora"))
         for key, tensor in tensors.items():
             match = LORA_KEY.match(key)
+            if dora and not match and (magnitude := MAGNITUDE_KEY.match(key)):
+                modules.setdefault(magnitude["module"], {})["magnitude"] = tensor
+                continue
             if not match:
                 raise UserError(
                     f"{self.flag} {self.folder}: unexpected tensor {key} in the adapter; only LoRA "
                     "A/B weights can be merged"
                 )
             modules.setdefault(match["module"], {})[match["part"]] = tensor
-        incomplete = [m for m, parts in modules.items() if set(parts) != {"A", "B"}]
+        expected = {"A", "B", "magnitude"} if dora else {"A", "B"}
+        incomplete = [m for m, parts in modules.items() if set(parts) != expected]
         if incomplete or not modules:
             raise UserError(
                 f"{self.flag} {self.folder}: adapter weights are incomplete "
@@ -128,7 +137,14 @@ class Adapter:
             raise UserError(
                 f"{self.flag} {self.folder}: a {config.get('peft_type')} adapter; merge.py fuses LoRA adapters"
             )
-        for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
+        init = str(config.get("init_lora_weights", True)).lower()
+        if init.startswith(MUTATED_INITS):
+            raise UserError(
+                f"{self.flag} {self.folder}: this adapter was initialised with {config['init_lora_weights']}, which "
+                "changed the base weights, and is saved relative to that changed base (a checkpoint-N of the run); "
+                "merge the run's final adapter in its output_dir, which finetune.py converts for the unchanged base"
+            )
+        for key, ok in (("fan_in_fan_out", False),):
             if config.get(key, ok) != ok:
                 raise UserError(
                     f"{self.flag} {self.folder}: adapters with {key}={config[key]} are not "
@@ -150,13 +166,20 @@ class Adapter:
         return alpha / (r**0.5 if config.get("use_rslora") else r)
 
     def add_to(self, module, weight):
-        """weight += B @ A x scale, in place (weight is float32): no second weight-sized buffer."""
+        """weight += B @ A x scale, in place (weight is float32): no second weight-sized buffer.
+
+        DoRA: then each output row times magnitude / ||row||, the norm of base + update as peft's DoRA layer
+        computes it in forward (a constant there: detached from the gradient, so its value is this one)."""
         import torch
 
         parts = self.modules[module]
         a = parts["A"].to(weight.device, torch.float32)
         b = parts["B"].to(weight.device, torch.float32)
-        return weight.addmm_(b, a, alpha=self.scale(module))
+        weight.addmm_(b, a, alpha=self.scale(module))
+        if "magnitude" in parts:
+            magnitude = parts["magnitude"].to(weight.device, torch.float32)
+            weight.mul_((magnitude / torch.linalg.norm(weight, dim=1)).unsqueeze(1))
+        return weight
 
 
 def base_checkpoint(base_path, flag):

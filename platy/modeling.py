@@ -129,8 +129,38 @@ def linear_module_names(model):
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
 
 
+ALL_LINEAR = "all-linear"
+
+
+def all_linear_targets(model):
+    """The names (last path component) of every Linear layer of the decoder: attention and MLP, not the
+    output head (lm_head), which LoRA leaves to the base."""
+    import torch
+
+    head = model.get_output_embeddings()
+    heads = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if mod is head}
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and mod is not head
+        }
+        - heads
+    )
+
+
+def resolve_target_modules(targets, model, base_model):
+    """--lora_target_modules for this model: all-linear resolved to its decoder's Linear layers, names checked."""
+    if targets == [ALL_LINEAR]:
+        return all_linear_targets(model)
+    if ALL_LINEAR in targets:
+        raise UserError(f"--lora_target_modules: {ALL_LINEAR} stands alone; drop the other names or drop it")
+    check_target_modules(targets, linear_module_names(model), base_model)
+    return targets
+
+
 def parse_target_modules(value):
-    """Accepts a list, '[gate_proj, down_proj, up_proj]' or 'gate_proj,down_proj,up_proj'."""
+    """Accepts a list, '[gate_proj, down_proj, up_proj]', 'gate_proj,down_proj,up_proj' or all-linear."""
     if isinstance(value, (list, tuple)):
         items = [str(v) for v in value]
     else:

@@ -8,6 +8,7 @@ frozen TrainRun that every stage reads.
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,19 @@ LR_SCHEDULERS = (
 FINETUNING = ("lora", "full")
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
 OWN_OUTPUTS = (*ADAPTER_FILES, "adapter_config.json", RUN_CONFIG)
+# --optim: the Trainer's names; the bitsandbytes ones need that package
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit")
+BNB_OPTIMIZERS = ("paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit")
+# --init_lora_weights: peft's initialisations; pissa_niter_N is pissa with N subspace iterations (fast SVD)
+INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "olora", "loftq")
+PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
+# the LoRA knobs that are not Platypus's (flag: its default): only for --finetuning lora
+LORA_KNOBS = {
+    "use_rslora": False,
+    "use_dora": False,
+    "init_lora_weights": "default",
+    "loraplus_lr_ratio": None,
+}
 POSITIVE_INTS = ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps", "logging_steps")
 
 # what decides which example lands in which step, and what each step computes
@@ -63,6 +77,12 @@ RESUME_MUST_MATCH = (
     "weight_decay",
     "packing",
     "micro_batch_tokens",
+    "use_rslora",
+    "use_dora",
+    "init_lora_weights",
+    "loraplus_lr_ratio",
+    "neftune_noise_alpha",
+    "optim",
 )
 
 
@@ -127,6 +147,13 @@ class TrainRun:
     liger: bool
     torch_compile: bool
     cache_tokens: bool
+    # LoRA variants and training knobs
+    use_rslora: bool
+    use_dora: bool
+    init_lora_weights: str
+    loraplus_lr_ratio: Any
+    neftune_noise_alpha: Any
+    optim: str
     # derived without I/O
     flag_names: tuple = ()  # the entry's flags, in its order: what describe_run prints and records
     world_size: int = 1
@@ -146,6 +173,7 @@ class TrainRun:
     base_model_path: str = None
     model_config: Any = None
     shape_source: str = None
+    lora_targets: list = None  # the Linear layers adapted: lora_target_modules with all-linear resolved
     plan: dict = None
 
     def flags(self):
@@ -159,6 +187,7 @@ def check_flags(flags):
         *value_problems(flags),
         *combination_problems(flags),
         *speed_problems(flags),
+        *lora_problems(flags),
         *word_problems(flags),
         *batch_problems(flags),
     ]
@@ -236,6 +265,65 @@ def speed_problems(f):
     if f["packing"] and f["group_by_length"]:
         problems.append(
             "--group_by_length has nothing to do with --packing (packed rows hold no padding); drop one of them"
+        )
+    return problems
+
+
+def init_problem(value):
+    if value in INIT_LORA_WEIGHTS or (isinstance(value, str) and PISSA_NITER.fullmatch(value)):
+        return None
+    return f"--init_lora_weights {value}: choose one of {', '.join(INIT_LORA_WEIGHTS)} or pissa_niter_N (N >= 1)"
+
+
+def changes_base(init):
+    """PiSSA and OLoRA move part of each adapted base weight into the adapter at initialisation."""
+    return isinstance(init, str) and (init == "olora" or init.startswith("pissa"))
+
+
+def lora_problems(f):
+    """The LoRA variants and training knobs: their values, and the combinations that cannot work."""
+    problems = checks.problems_of(
+        checks.choice("optim", f["optim"], OPTIMIZERS),
+        init_problem(f["init_lora_weights"]),
+        checks.positive_number("loraplus_lr_ratio", f["loraplus_lr_ratio"], optional=True),
+        checks.positive_number("neftune_noise_alpha", f["neftune_noise_alpha"], optional=True),
+    )
+    init, quantization = f["init_lora_weights"], f["quantization"]
+    if f["finetuning"] == "full":
+        changed = [name for name, default in LORA_KNOBS.items() if f[name] != default]
+        if changed:
+            problems.append(f"--{changed[0]} is a LoRA setting, and --finetuning full trains no adapter; drop it")
+        return problems
+    if init == "loftq" and quantization != "4bit":
+        problems.append(
+            f"--init_lora_weights loftq offsets the 4-bit quantization error, and --quantization {quantization} "
+            "has none to offset; add --quantization 4bit or choose another --init_lora_weights"
+        )
+    if changes_base(init) and quantization != "none":
+        problems.append(
+            f"--init_lora_weights {init} rewrites the base weights, which a {quantization} base cannot give back "
+            "for the merge (they would be quantized again); add --quantization none or choose default, gaussian or "
+            "loftq"
+        )
+    if f["use_dora"] and (init == "loftq" or changes_base(init)):
+        problems.append(
+            f"--use_dora computes its magnitudes from the base weights, which --init_lora_weights {init} changes "
+            "after they were taken; drop one of them"
+        )
+    if f["neftune_noise_alpha"] is not None and f["packing"]:
+        problems.append(
+            "--neftune_noise_alpha scales its noise by the length of each row, and a packed row holds several "
+            "examples (each would get weaker noise than NEFTune's); drop --packing or --neftune_noise_alpha"
+        )
+    if f["optim"] in BNB_OPTIMIZERS and f["deepspeed"]:
+        problems.append(
+            f"--optim {f['optim']} is a bitsandbytes optimizer, and --deepspeed builds its own from the config; "
+            "drop --optim or set the optimizer in the DeepSpeed config"
+        )
+    if f["loraplus_lr_ratio"] is not None and f["deepspeed"]:
+        problems.append(
+            "--loraplus_lr_ratio builds its own optimizer groups, which --deepspeed replaces with the config's; "
+            "drop one of them"
         )
     return problems
 
@@ -331,6 +419,12 @@ def resolve_resume(run):
             f"--resume_from_checkpoint {resume.path} is an adapter folder, which cannot start "
             "--finetuning full; give a checkpoint-N folder of a full run, or drop the flag"
         )
+    if changes_base(run.init_lora_weights) and resume and resume.adapter:
+        raise UserError(
+            f"--resume_from_checkpoint {resume.path} is an adapter folder, and --init_lora_weights "
+            f"{run.init_lora_weights} would start from its own decomposition instead; give a checkpoint-N folder "
+            "of this run, or use --init_lora_weights default"
+        )
     return resume
 
 
@@ -371,6 +465,8 @@ def check_packages(run):
             f"--quantization {run.quantization} needs bitsandbytes: pip install bitsandbytes, "
             "or use --quantization none"
         )
+    if run.optim in BNB_OPTIMIZERS and bitsandbytes_missing("8bit"):
+        raise UserError(f"--optim {run.optim} needs bitsandbytes: pip install bitsandbytes, or use --optim adamw_torch")
     for reporter in ("wandb", "tensorboard"):
         if reporter in run.report_to:
             try:

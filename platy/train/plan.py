@@ -6,8 +6,8 @@ import math
 import os
 
 from platy import cli
-from platy.cli import UserError
-from platy.modeling import check_target_modules, linear_module_names, load_config, meta_model, resolve_base_model
+from platy.cli import UserError, say
+from platy.modeling import ALL_LINEAR, load_config, meta_model, resolve_base_model, resolve_target_modules
 from platy.train import sizing
 
 
@@ -33,7 +33,10 @@ def with_model_plan(run):
     )
     model = meta_model(model_config, run.trust_remote_code)
     if run.finetuning == "lora":
-        check_target_modules(run.lora_target_modules, linear_module_names(model), run.base_model)
+        targets = resolve_target_modules(run.lora_target_modules, model, run.base_model)
+        if run.lora_target_modules == [ALL_LINEAR]:
+            say(f"--lora_target_modules {ALL_LINEAR}: {', '.join(targets)} (every Linear layer but the output head)")
+        run = dataclasses.replace(run, lora_targets=targets)
     return dataclasses.replace(run, plan=plan_run(run, model))
 
 
@@ -53,7 +56,7 @@ def plan_run(run, model):
     """Processes, batch arithmetic, tokens per step and the GPU memory estimate (see platy/train/sizing.py)."""
     import torch
 
-    counts = sizing.parameter_counts(model, run.lora_target_modules, run.lora_r)
+    counts = sizing.parameter_counts(model, run.lora_targets or [], run.lora_r)
     local = cli.local_world_size()
     gpus = torch.cuda.device_count()
     # on a machine without GPUs the plan is for GPUs computing in bf16
@@ -112,7 +115,7 @@ def describe_plan(run):
     what = (
         f"full fine-tuning, {plan['trainable_parameters']:,} trainable"
         if run.finetuning == "full"
-        else f"LoRA r={run.lora_r} on {', '.join(run.lora_target_modules)}: "
+        else f"{lora_words(run)} on {', '.join(run.lora_targets)}: "
         f"{plan['trainable_parameters']:,} trainable ({100 * plan['trainable_parameters'] / plan['parameters']:.2f}%)"
     )
     lines = [
@@ -142,6 +145,18 @@ def describe_plan(run):
         verdict = "fits" if total <= available else "does NOT fit"
         lines.append(f"  fit: {total:.1f} GiB estimated {verdict} in {available:g} GiB per GPU")
     return "\n".join(lines)
+
+
+def lora_words(run):
+    """'LoRA r=16' with the variant and initialisation where they are not the plain ones."""
+    words = ["DoRA" if run.use_dora else "LoRA", f"r={run.lora_r}"]
+    if run.use_rslora:
+        words.append(f"rsLoRA (scale alpha/sqrt(r) = {run.lora_alpha / run.lora_r**0.5:g})")
+    if run.init_lora_weights != "default":
+        words.append(f"init {run.init_lora_weights}")
+    if run.loraplus_lr_ratio is not None:
+        words.append(f"LoRA+ (B at {run.loraplus_lr_ratio:g} x the learning rate)")
+    return " ".join(words)
 
 
 def describe_data(run):

@@ -18,7 +18,7 @@ from platy.cli import UserError, say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json
 from platy.train.checkpoints import PREEMPTED, STAGING, checkpoint_step, remove_leftovers, retire
 from platy.train.config import check_flags, resolve
-from platy.train.plan import describe_plan, optimizer_steps
+from platy.train.plan import describe_plan, lora_words, optimizer_steps
 
 # what a checkpoint holds besides the weights: not part of an exported adapter
 TRAINER_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", RUN_CONFIG)
@@ -66,6 +66,7 @@ def describe_run(run):
             "device": run.device,
             "world_size": run.world_size,
             "gradient_accumulation_steps": run.gradient_accumulation_steps,
+            **lora_resolved(run),
             "resume": run.resume and run.resume.recorded(),
             "plan": run.plan,
         },
@@ -77,6 +78,14 @@ def describe_run(run):
     )
     say(describe_plan(run))
     return config
+
+
+def lora_resolved(run):
+    """The adapter the run trains, as the merge reads it: the layers adapted (all-linear resolved) and the scale."""
+    if run.finetuning != "lora":
+        return {}
+    root = run.lora_r**0.5 if run.use_rslora else run.lora_r
+    return {"lora_target_modules": run.lora_targets, "lora_scale": run.lora_alpha / root}
 
 
 def load_tokenizer_and_prompter(run):
@@ -217,9 +226,12 @@ def load_base(run):
 
 
 def add_lora(run, model):
-    """model wrapped with LoRA adapters (seeded), loaded from --resume_from_checkpoint's adapter folder if given."""
+    """model wrapped with LoRA adapters (seeded, as --init_lora_weights says), loaded from
+    --resume_from_checkpoint's adapter folder if given."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from platy.train.config import changes_base
 
     if run.quantization != "none" and run.strategy != "fsdp":
         # upcasts norms/embeddings to fp32 for stable training; checkpointing is the Trainer's job.
@@ -230,20 +242,87 @@ def add_lora(run, model):
         r=run.lora_r,
         lora_alpha=run.lora_alpha,
         lora_dropout=run.lora_dropout,
-        target_modules=run.lora_target_modules,
+        target_modules=run.lora_targets,
         bias="none",
         task_type="CAUSAL_LM",
+        use_rslora=run.use_rslora,
+        use_dora=run.use_dora,
+        init_lora_weights=PEFT_INIT.get(run.init_lora_weights, run.init_lora_weights),
     )
     model = get_peft_model(model, lora)
+    if run.init_lora_weights == "loftq":
+        loftq_initialise(model, run.base_model_path)
+    if changes_base(run.init_lora_weights) and cli.is_main_process():
+        model.initial_adapter = save_initial_adapter(model)
     if run.resume and run.resume.adapter:
         load_adapter_weights(model, run.resume.path)
     if cli.is_main_process():
         trainable, total = model.get_nb_trainable_parameters()
         say(
-            f"LoRA r={run.lora_r} alpha={run.lora_alpha} on {', '.join(run.lora_target_modules)}: "
+            f"{lora_words(run)} alpha={run.lora_alpha} on {', '.join(run.lora_targets)}: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
         )
     return model
+
+
+# --init_lora_weights words peft spells otherwise
+PEFT_INIT = {"default": True, "loftq": True}  # loftq: the adapter starts as LoRA does, then loftq_initialise
+
+
+def save_initial_adapter(model):
+    """The adapter as PiSSA or OLoRA initialised it (the part of each base weight it took), saved where
+    peft's conversion on save reads it; returns that folder."""
+    import tempfile
+
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # peft loads it back without decomposing again
+    folder = Path(tempfile.mkdtemp(prefix="platy-initial-adapter-")) / "initial"
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        config.init_lora_weights = init
+    return folder
+
+
+def loftq_initialise(model, base_path):
+    """LoftQ on the 4-bit base: each adapter starts as the rank-r SVD of its layer's quantization error
+    (W - dequantize(quantize(W)), W read from the base checkpoint), so base + adapter starts nearer the
+    unquantized weights; the 4-bit base itself is left as loaded. Says and returns the error before and after."""
+    import bitsandbytes.functional as bnbf
+    import torch
+    from peft.tuners.lora import Linear4bit
+    from peft.utils.loftq_utils import _low_rank_decomposition, _SafetensorLoader
+
+    loader = _SafetensorLoader(model, base_path)
+    before = after = reference = 0.0
+    layers = 0
+    prefix = "base_model.model."
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, Linear4bit):
+                continue
+            weight = loader.get_tensor(name[len(prefix) :] + ".weight").to(module.weight.device, torch.float32)
+            residual = weight - bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            low_rank = _low_rank_decomposition(residual, reduced_rank=module.r["default"])
+            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            lora_a.copy_(low_rank["R"])
+            lora_b.copy_(low_rank["L"] / module.scaling["default"])  # the layer adds scaling x B @ A
+            before += residual.square().sum().item()
+            after += (residual - low_rank["L"] @ low_rank["R"]).square().sum().item()
+            reference += weight.square().sum().item()
+            layers += 1
+    report = {
+        "layers": layers,
+        "relative_error_before": (before / reference) ** 0.5,
+        "relative_error_after": (after / reference) ** 0.5,
+    }
+    if cli.is_main_process():
+        say(
+            f"LoftQ: quantization error of the {layers} adapted layers, ||W - base - adapter|| / ||W||: "
+            f"{report['relative_error_before']:.4f} (plain QLoRA start) -> {report['relative_error_after']:.4f}"
+        )
+    model.loftq_report = report
+    return report
 
 
 def load_adapter_weights(model, folder):
@@ -280,6 +359,8 @@ def training_arguments(run, has_val):
         lr_scheduler_type=run.lr_scheduler,
         warmup_steps=run.warmup_steps,
         weight_decay=run.weight_decay,
+        optim=run.optim,
+        neftune_noise_alpha=run.neftune_noise_alpha,  # the Trainer adds it in training only, never in evaluation
         bf16=run.precision == "bf16",
         fp16=run.precision == "fp16",
         activation_checkpointing=False,  # set on the model (load_model_with_lora): it may cover some layers only
@@ -343,7 +424,10 @@ def build_trainer(run, model, tokenizer, train_set, val_set, run_config):
         run_config=run_config,
         checkpoint_limit=run.save_total_limit,
         skip_nonfinite_steps=run.skip_nonfinite_steps,
+        loraplus_lr_ratio=run.loraplus_lr_ratio,
     )
+    if getattr(model, "loftq_report", None):  # measured when the adapter was initialised
+        run_config["resolved"]["loftq"] = model.loftq_report
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(loss_progress_callback())
     return trainer
@@ -430,6 +514,8 @@ def save(run, trainer, run_config, result):
     out = Path(run.output_dir)
     try:
         trainer.save_model(str(out / STAGING / "final"))  # every rank: ZeRO-3 gathers the weights
+        if trainer.is_world_process_zero() and getattr(trainer.model, "initial_adapter", None):
+            convert_to_plain_lora(trainer.model, out / STAGING / "final")
         if trainer.is_world_process_zero():
             publish_final(out / STAGING / "final", out)
             write_results(out, trainer.state.log_history, run_config, result)
@@ -437,6 +523,20 @@ def save(run, trainer, run_config, result):
         raise write_failed(err, "writing the final adapter", out) from None
     if trainer.is_world_process_zero():
         report_done(run, out, result)
+
+
+def convert_to_plain_lora(model, staged):
+    """PiSSA / OLoRA: the adapter saved as the difference to its initial value (peft's conversion, rank 2r),
+    so that it applies to the unchanged base, as every LoRA adapter does."""
+    initial = model.initial_adapter
+    try:
+        model.save_pretrained(str(staged), path_initial_model_for_weight_conversion=str(initial))
+    finally:
+        shutil.rmtree(initial.parent, ignore_errors=True)
+    say(
+        f"Adapter converted for the unchanged base ({model.peft_config['default'].init_lora_weights} moved part of "
+        "each adapted weight into the adapter at the start): rank doubled, merge.py and peft apply it to the base"
+    )
 
 
 def publish_final(staged, out):

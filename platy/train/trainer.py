@@ -144,7 +144,10 @@ class NonFiniteGuard(TrainerCallback):
 class Trainer(transformers.Trainer):
     """transformers.Trainer with atomic checkpoints, run configuration inside each, and loss checks."""
 
-    def __init__(self, *args, run_config, checkpoint_limit, skip_nonfinite_steps=False, **kwargs):
+    def __init__(
+        self, *args, run_config, checkpoint_limit, skip_nonfinite_steps=False, loraplus_lr_ratio=None, **kwargs
+    ):
+        self.loraplus_lr_ratio = loraplus_lr_ratio  # before super(): it may build the optimizer
         super().__init__(*args, **kwargs)
         self.run_config, self.checkpoint_limit = run_config, checkpoint_limit
         self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -153,6 +156,26 @@ class Trainer(transformers.Trainer):
         self._staging = False
         self.nonfinite_guard = NonFiniteGuard(self, skip_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
+
+    def create_optimizer(self, model=None):
+        """--loraplus_lr_ratio: peft's LoRA+ groups (B matrices at ratio x the learning rate) for the optimizer
+        --optim names; otherwise the Trainer's own."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        kwargs.pop("lr", None)
+        self.optimizer = create_loraplus_optimizer(
+            model,
+            optimizer_cls,
+            lr=self.args.learning_rate,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_weight_decay=self.args.weight_decay,
+            **kwargs,
+        )
+        return self.optimizer
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
