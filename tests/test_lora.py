@@ -1,0 +1,266 @@
+"""LoRA variants and training knobs: each adapter, merged, equals the model as it was trained.
+
+One tiny run per variant (module fixture, trained in process); the merge and --verify of each are
+then checked against the logits the trained model gave in memory, before anything was saved.
+"""
+
+import pytest
+import torch
+
+import finetune as finetune_script
+import merge as merge_script
+from platy import cli, merge_stages
+from platy.train import config, stages
+
+from conftest import SAMPLE, SMALL_RUN
+
+PROMPTS = ["### Instruction:\nWhat is 12 + 30?\n\n### Response:\n", "다음 두 수의 합을 구하시오. 12, 30"]
+# (name, flags): every variant on a 4-bit and an unquantized base (LoftQ is 4-bit only, PiSSA / OLoRA unquantized only)
+VARIANTS = {
+    "plain-4bit": {},
+    "rslora-4bit": {"use_rslora": True, "lora_r": 8},
+    "dora-4bit": {"use_dora": True},
+    "loftq-4bit": {"init_lora_weights": "loftq"},
+    "plain-none": {"quantization": "none"},
+    "rslora-none": {"quantization": "none", "use_rslora": True, "lora_r": 8},
+    "dora-none": {"quantization": "none", "use_dora": True},
+    "pissa-none": {"quantization": "none", "init_lora_weights": "pissa"},
+    "olora-none": {"quantization": "none", "init_lora_weights": "olora"},
+}
+
+
+def flags(**overrides):
+    values = cli.entry_defaults(finetune_script.train)
+    values.update(base_model="builtin:tiny-llama", data_path=str(SAMPLE), report_to="none", **SMALL_RUN)
+    values.update(batch_size=2, max_steps=2, cutoff_len=64, learning_rate=5e-3, lora_dropout=0.0, save_steps=100)
+    values.update(overrides)
+    return values
+
+
+def logits_of(model, tokenizer):
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(**tokenizer(t, return_tensors="pt")).logits.float() for t in PROMPTS], dim=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """trained(name) -> (adapter folder, logits of the trained model in memory, the Prepared run); cached."""
+    done = {}
+
+    def train(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name) / "adapter"
+            prepared = stages.prepare(flags(output_dir=str(out), **VARIANTS[name]))
+            result = stages.run_training(prepared.run, prepared.trainer)
+            reference = logits_of(prepared.trainer.model, prepared.tokenizer)
+            stages.save(prepared.run, prepared.trainer, prepared.run_config, result)
+            done[name] = out, reference, prepared
+        return done[name]
+
+    return train
+
+
+def merged(adapter, out, method="auto"):
+    """merge.py's stages in process: the merged folder written, then --verify's report."""
+    values = {**cli.entry_defaults(merge_script.merge), "peft_model_path": str(adapter), "output_dir": str(out)}
+    values.update(dtype="float32", method=method, verify=True)
+    cli.fail_on(merge_stages.check_flags(values))
+    run = merge_stages.resolve(values)
+    merge_stages.write_merged(run)
+    return merge_stages.verify_merge(run)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_merged_variant_equals_the_trained_model(trained, name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    adapter, reference, prepared = trained(name)
+    report = merged(adapter, tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    diff = (logits_of(model, prepared.tokenizer) - reference).abs().max().item()
+    assert diff < 1e-4, (name, diff)  # the tolerance of plain LoRA's dequant merge (test_merge.py)
+    assert report["max_abs_diff"] < 1e-4 and report["agreement"] == 1.0, report
+
+
+def test_the_adapters_really_moved(trained):
+    """Each variant's trained model differs from its base: the fidelity above is not that of a no-op."""
+    from transformers import AutoModelForCausalLM
+
+    _, reference, prepared = trained("dora-none")
+    base = AutoModelForCausalLM.from_pretrained(prepared.run.base_model_path, dtype=torch.float32)
+    assert (logits_of(base, prepared.tokenizer) - reference).abs().max() > 0.05
+
+
+def test_pissa_adapter_is_saved_for_the_unchanged_base(trained):
+    import json
+
+    adapter, _, prepared = trained("pissa-none")
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["r"] == 2 * prepared.run.lora_r and saved["init_lora_weights"] is True
+
+
+def test_rslora_scale_is_alpha_over_sqrt_r_in_training_and_merge(trained):
+    from platy.merging import Adapter
+
+    adapter, _, prepared = trained("rslora-4bit")
+    run = prepared.run
+    layers = [m for m in prepared.trainer.model.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    assert layers and {m.scaling["default"] for m in layers} == {run.lora_alpha / run.lora_r**0.5}
+    read = Adapter(adapter)
+    assert {read.scale(module) for module in read.modules} == {run.lora_alpha / run.lora_r**0.5}
+    assert prepared.run_config["resolved"]["lora_scale"] == run.lora_alpha / run.lora_r**0.5 != 2.0
+
+
+def test_loftq_start_is_nearer_the_unquantized_weights(tmp_path):
+    """||W - dequantize(base) - scale B A|| of each adapted layer, at the start: LoftQ against plain QLoRA."""
+    import bitsandbytes.functional as bnbf
+    from safetensors.torch import load_file
+
+    def start_error(init):
+        prepared = stages.prepare(flags(output_dir=str(tmp_path / init), init_lora_weights=init))
+        weights = load_file(f"{prepared.run.base_model_path}/model.safetensors")
+        errors = {}
+        for name, module in prepared.trainer.model.named_modules():
+            if type(module).__name__ == "Linear4bit" and hasattr(module, "lora_A"):
+                base = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+                update = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+                key = name.removeprefix("base_model.model.") + ".weight"
+                errors[name] = (weights[key].float() - base - update).norm().item()
+        return errors, prepared.run_config["resolved"].get("loftq")
+
+    plain, _ = start_error("default")
+    loftq, report = start_error("loftq")
+    assert plain.keys() == loftq.keys() and len(plain) == 6
+    assert all(loftq[name] < 0.95 * plain[name] for name in plain), (plain, loftq)
+    assert report["layers"] == 6 and report["relative_error_after"] < report["relative_error_before"]
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("llama", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+        ("mistral", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+        ("qwen2", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    ],
+)
+def test_all_linear_is_every_decoder_linear_but_the_head(arch, expected, request):
+    from platy.modeling import load_config, meta_model, resolve_target_modules
+
+    folder = {"llama": "tiny_llama", "mistral": "tiny_mistral", "qwen2": "tiny_qwen2"}[arch]
+    model = meta_model(load_config(str(request.getfixturevalue(folder)), flag="--base_model"))
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "lm_head" in linear
+    assert resolve_target_modules(["all-linear"], model, folder) == expected == sorted(linear - {"lm_head"})
+
+
+def test_all_linear_is_resolved_recorded_and_trained(tmp_path):
+    run = config.resolve(flags(output_dir=str(tmp_path / "o"), lora_target_modules="all-linear", dry_run=True))
+    assert run.flags()["lora_target_modules"] == ["all-linear"]
+    assert run.lora_targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert stages.lora_resolved(run)["lora_target_modules"] == run.lora_targets
+
+
+def train_steps(out, steps, resume=None, **overrides):
+    prepared = stages.prepare(
+        flags(output_dir=str(out), max_steps=steps, save_steps=2, resume_from_checkpoint=resume, **overrides)
+    )
+    stages.run_training(prepared.run, prepared.trainer)
+    return prepared.trainer
+
+
+def lora_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"loraplus_lr_ratio": 16, "optim": "paged_adamw_8bit"},
+        {"optim": "adamw_bnb_8bit"},
+        {"optim": "paged_adamw_32bit"},
+    ],
+    ids=["loraplus-paged8bit", "bnb8bit", "paged32bit"],
+)
+def test_optimizers_and_loraplus_resume_bit_identically(tmp_path, knobs):
+    whole = train_steps(tmp_path / "whole", 3, **knobs)  # writes checkpoint-2 on its way
+    resumed = train_steps(tmp_path / "resumed", 3, resume=str(tmp_path / "whole" / "checkpoint-2"), **knobs)
+    optimizer = whole.optimizer.optimizer
+    assert type(optimizer).__module__.startswith("bitsandbytes")
+    assert (optimizer.args.optim_bits, optimizer.is_paged) == {
+        "paged_adamw_8bit": (8, True),
+        "adamw_bnb_8bit": (8, False),
+        "paged_adamw_32bit": (32, True),
+    }[knobs["optim"]]
+    a, b = lora_state(whole), lora_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    if "loraplus_lr_ratio" in knobs:
+        groups = [g for g in whole.optimizer.param_groups if g["params"]]
+        lr = {id(p): g["initial_lr"] for g in groups for p in g["params"]}
+        named = dict(whole.model.named_parameters())
+        a_lr = {lr[id(p)] for n, p in named.items() if "lora_A" in n}
+        b_lr = {lr[id(p)] for n, p in named.items() if "lora_B" in n}
+        assert a_lr == {flags()["learning_rate"]} and b_lr == {16 * flags()["learning_rate"]}
+
+
+def test_neftune_changes_training_only(tmp_path):
+    """Same seed: the training loss differs with NEFTune; the eval loss before training (with the noise hook
+    on) and the saved adapter's eval-mode answers are noise-free."""
+    from peft import PeftModel
+
+    from platy.modeling import load_model
+
+    runs = {}
+    for alpha in (None, 5.0):
+        out = tmp_path / f"neftune-{alpha}"
+        prepared = stages.prepare(flags(output_dir=str(out), neftune_noise_alpha=alpha, val_set_size=4, max_steps=1))
+        result = stages.run_training(prepared.run, prepared.trainer)
+        history = prepared.trainer.state.log_history
+        runs[alpha] = ([r["loss"] for r in history if "loss" in r], history[0]["eval_loss"], prepared, result)
+        stages.save(prepared.run, prepared.trainer, prepared.run_config, result)
+    (plain_losses, plain_eval, *_), (noisy_losses, noisy_eval, prepared, _) = runs[None], runs[5.0]
+    assert plain_losses[0] != noisy_losses[0]
+    assert plain_eval == noisy_eval
+    embeddings = prepared.trainer.model.get_input_embeddings()
+    hooks = [getattr(hook, "__name__", "") for hook in embeddings._forward_hooks.values()]
+    assert not [h for h in hooks if "neftune" in h], hooks  # the Trainer took the noise off after training
+    trained = logits_of(prepared.trainer.model, prepared.tokenizer)
+    base = load_model(prepared.run.base_model_path, "4bit", "fp32", placement={"": "cpu"}, flag="--base_model")
+    loaded = PeftModel.from_pretrained(base, prepared.run.output_dir)
+    assert torch.equal(logits_of(loaded, prepared.tokenizer), trained)
+    assert torch.equal(logits_of(loaded, prepared.tokenizer), trained)  # and again: no noise in eval mode
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        ({"init_lora_weights": "loftq", "quantization": "none"}, ["--init_lora_weights loftq", "--quantization 4bit"]),
+        ({"init_lora_weights": "pissa"}, ["--init_lora_weights pissa", "--quantization none"]),
+        ({"init_lora_weights": "olora", "quantization": "8bit"}, ["--init_lora_weights olora", "8bit"]),
+        ({"use_dora": True, "init_lora_weights": "loftq"}, ["--use_dora", "--init_lora_weights loftq"]),
+        ({"neftune_noise_alpha": 5, "packing": True}, ["--neftune_noise_alpha", "--packing"]),
+        ({"use_dora": True, "finetuning": "full", "quantization": "none"}, ["--use_dora", "--finetuning full"]),
+        ({"optim": "sgd"}, ["--optim sgd", "adamw_torch_fused"]),
+        ({"init_lora_weights": "pissa_niter_0"}, ["--init_lora_weights pissa_niter_0", "pissa_niter_N"]),
+        ({"loraplus_lr_ratio": 0}, ["--loraplus_lr_ratio"]),
+    ],
+)
+def test_refused_combinations_name_both_flags(overrides, fragments):
+    problems = config.check_flags(flags(**overrides))
+    assert len(problems) == 1 and all(f in problems[0] for f in fragments), problems
+
+
+def test_merge_refuses_a_checkpoint_of_a_pissa_run(trained, tmp_path):
+    import json
+    import shutil
+
+    from platy.cli import UserError
+    from platy.merging import Adapter
+
+    adapter, *_ = trained("pissa-none")
+    unconverted = tmp_path / "checkpoint-3"
+    shutil.copytree(adapter, unconverted)
+    saved = json.loads((unconverted / "adapter_config.json").read_text())
+    (unconverted / "adapter_config.json").write_text(json.dumps({**saved, "init_lora_weights": "pissa"}))
+    with pytest.raises(UserError, match="merge the run's final adapter in its output_dir"):
+        Adapter(unconverted)
