@@ -98,6 +98,14 @@ def hyperparameters(run, adapter, quant):
         ("lora rank", adapter.config.get("r")),
         ("lora dropout", adapter.config.get("lora_dropout")),
         ("lora target modules", ", ".join(sorted(adapter.config.get("target_modules") or []))),
+        ("lora target modules as given", target_words(flags.get("lora_target_modules"))),
+        ("lora scale", resolved.get("lora_scale")),
+        ("rsLoRA (scale alpha / sqrt(r))", flags.get("use_rslora") or None),
+        ("DoRA", flags.get("use_dora") or None),
+        ("lora initialisation", None if flags.get("init_lora_weights") in (None, "default") else init_words(run)),
+        ("LoRA+ learning-rate ratio (B / A)", flags.get("loraplus_lr_ratio")),
+        ("NEFTune noise alpha", flags.get("neftune_noise_alpha")),
+        ("optimizer", flags.get("optim")),
         ("cutoff length", flags.get("cutoff_len")),
         ("train on inputs", flags.get("train_on_inputs")),
         ("group by length", flags.get("group_by_length")),
@@ -107,6 +115,25 @@ def hyperparameters(run, adapter, quant):
         ("precision", resolved.get("precision")),
     ]
     return [(name, value) for name, value in rows if value not in (None, "")]
+
+
+def target_words(targets):
+    """all-linear as typed (the resolved names are the row above); nothing when names were given."""
+    return "all-linear" if targets == ["all-linear"] else None
+
+
+def init_words(run):
+    """--init_lora_weights, with what the merge had to know about it."""
+    init = run["flags"]["init_lora_weights"]
+    loftq = run.get("resolved", {}).get("loftq")
+    if loftq:
+        return (
+            f"{init} (quantization error of the adapted layers {loftq['relative_error_before']:.4f} -> "
+            f"{loftq['relative_error_after']:.4f} at the start)"
+        )
+    if init == "gaussian":
+        return init
+    return f"{init} (saved converted for the unchanged base: rank 2r)"
 
 
 def training_summary(run, adapter_path):
