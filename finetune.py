@@ -166,7 +166,7 @@ def train(
             tokenizing; false tokenizes in memory and writes nothing.
         use_rslora: Rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r (merge.py uses the recorded scale).
         use_dora: DoRA: each adapted weight is split into a magnitude vector and a direction that LoRA updates
-            (16-bit, 8-bit and 4-bit bases; merge.py fuses it with both methods). Slower steps, a little more memory.
+            (4-bit and unquantized bases; merge.py fuses it with both methods). Slower steps, a little more memory.
         init_lora_weights: How the adapter starts: default (B = 0), gaussian, pissa or pissa_niter_N (the top r
             singular vectors of each weight, exact or with N fast-SVD iterations), olora (QR), both on a
             --quantization none base and saved converted so they apply to the unchanged base; loftq (4-bit

@@ -34,7 +34,6 @@ VARIANTS = [
     ("rsLoRA (r 8)", "4bit", {"use_rslora": True, "lora_r": 8}),
     ("DoRA", "4bit", {"use_dora": True}),
     ("LoftQ", "4bit", {"init_lora_weights": "loftq"}),
-    ("DoRA", "8bit", {"use_dora": True}),
     ("LoRA", "none", {}),
     ("rsLoRA (r 8)", "none", {"use_rslora": True, "lora_r": 8}),
     ("DoRA", "none", {"use_dora": True}),

@@ -238,6 +238,7 @@ def test_neftune_changes_training_only(tmp_path):
         ({"init_lora_weights": "pissa"}, ["--init_lora_weights pissa", "--quantization none"]),
         ({"init_lora_weights": "olora", "quantization": "8bit"}, ["--init_lora_weights olora", "8bit"]),
         ({"use_dora": True, "init_lora_weights": "loftq"}, ["--use_dora", "--init_lora_weights loftq"]),
+        ({"use_dora": True, "quantization": "8bit"}, ["--use_dora", "--quantization 8bit"]),
         ({"neftune_noise_alpha": 5, "packing": True}, ["--neftune_noise_alpha", "--packing"]),
         ({"use_dora": True, "finetuning": "full", "quantization": "none"}, ["--use_dora", "--finetuning full"]),
         ({"optim": "sgd"}, ["--optim sgd", "adamw_torch_fused"]),
@@ -264,3 +265,25 @@ def test_merge_refuses_a_checkpoint_of_a_pissa_run(trained, tmp_path):
     (unconverted / "adapter_config.json").write_text(json.dumps({**saved, "init_lora_weights": "pissa"}))
     with pytest.raises(UserError, match="merge the run's final adapter in its output_dir"):
         Adapter(unconverted)
+
+
+def test_an_interrupted_final_save_of_a_pissa_run_is_exported_converted(tmp_path):
+    """The last checkpoint holds the whole run but the final save was cut: the exported adapter is the
+    converted one, as the uninterrupted save wrote it."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    knobs = {"quantization": "none", "init_lora_weights": "pissa_niter_2"}
+    values = flags(output_dir=str(out), max_steps=2, save_steps=2, **knobs)
+    prepared = stages.prepare(values)
+    stages.save(
+        prepared.run, prepared.trainer, prepared.run_config, stages.run_training(prepared.run, prepared.trainer)
+    )
+    converted = load_file(out / "adapter_model.safetensors")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "run_config.json"):
+        (out / name).unlink()  # as if the final save had been killed after checkpoint-2
+    argv = [f"--{k}={v}" for k, v in values.items() if v is not None and k != "report_to"]
+    cli.call(finetune_script.train, [*argv, "--report_to", "none", "--resume_from_checkpoint", "auto"])
+    exported = load_file(out / "adapter_model.safetensors")
+    assert exported.keys() == converted.keys()
+    assert all(torch.allclose(exported[k], converted[k], atol=1e-6) for k in converted)

@@ -310,6 +310,11 @@ def lora_problems(f):
             f"--use_dora computes its magnitudes from the base weights, which --init_lora_weights {init} changes "
             "after they were taken; drop one of them"
         )
+    if f["use_dora"] and quantization == "8bit":
+        problems.append(
+            "--use_dora on --quantization 8bit: peft's DoRA layer loses the 8-bit weights' scale state in the first "
+            "training step (bitsandbytes 0.50); use --quantization 4bit or none with --use_dora"
+        )
     if f["neftune_noise_alpha"] is not None and f["packing"]:
         problems.append(
             "--neftune_noise_alpha scales its noise by the length of each row, and a packed row holds several "

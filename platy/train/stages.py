@@ -17,7 +17,7 @@ from platy import cli
 from platy.cli import UserError, say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json
 from platy.train.checkpoints import PREEMPTED, STAGING, checkpoint_step, remove_leftovers, retire
-from platy.train.config import check_flags, resolve
+from platy.train.config import changes_base, check_flags, resolve
 from platy.train.plan import describe_plan, lora_words, optimizer_steps
 
 # what a checkpoint holds besides the weights: not part of an exported adapter
@@ -230,8 +230,6 @@ def add_lora(run, model):
     --resume_from_checkpoint's adapter folder if given."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    from platy.train.config import changes_base
 
     if run.quantization != "none" and run.strategy != "fsdp":
         # upcasts norms/embeddings to fp32 for stable training; checkpointing is the Trainer's job.
@@ -571,6 +569,13 @@ def export_finished_checkpoint(run, tokenizer, run_config):
         if path.is_file() and path.name not in TRAINER_STATE and not path.name.startswith("rng_state"):
             shutil.copy2(path, staged / path.name)
     tokenizer.save_pretrained(staged)
+    if changes_base(run.init_lora_weights):  # the checkpoint's adapter is relative to the changed base
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        model, _ = load_model_with_lora(run)  # the same start, recomputed from the base
+        set_peft_model_state_dict(model, load_peft_weights(str(checkpoint), device="cpu"))
+        convert_to_plain_lora(model, staged)
     history = state.get("log_history", [])
     losses = [r["loss"] for r in history if "loss" in r]
     result = {
