@@ -242,7 +242,10 @@ def test_neftune_changes_training_only(tmp_path):
         ({"neftune_noise_alpha": 5, "packing": True}, ["--neftune_noise_alpha", "--packing"]),
         ({"use_dora": True, "finetuning": "full", "quantization": "none"}, ["--use_dora", "--finetuning full"]),
         ({"optim": "sgd"}, ["--optim sgd", "adamw_torch_fused"]),
-        ({"init_lora_weights": "pissa_niter_0"}, ["--init_lora_weights pissa_niter_0", "pissa_niter_N"]),
+        (
+            {"init_lora_weights": "pissa_niter_0", "quantization": "none"},
+            ["--init_lora_weights pissa_niter_0", "pissa_niter_N"],
+        ),
         ({"loraplus_lr_ratio": 0}, ["--loraplus_lr_ratio"]),
     ],
 )
