@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Launch finetune.py with the Platypus recipe, on one process, one node or many nodes.
 #
-#   bash fine-tuning.sh                         # tiny embedded model + bundled sample data (CPU, offline)
+#   bash fine-tuning.sh                         # quick start: tiny embedded model + bundled sample data (CPU, offline)
 #   BASE_MODEL=meta-llama/Llama-2-13b-hf DATA_PATH=garage-bAInd/Open-Platypus \
 #     OUTPUT_DIR=./Platypus2-13B-lora bash fine-tuning.sh
 #   bash fine-tuning.sh --learning_rate 3e-4 --num_epochs 2      # extra flags go to finetune.py
 #   DRY_RUN=1 NPROC=8 NNODES=2 bash fine-tuning.sh               # print the plan for 2 x 8 GPUs, load nothing
 #
 # Environment:
-#   BASE_MODEL, DATA_PATH, OUTPUT_DIR
+#   BASE_MODEL, DATA_PATH, OUTPUT_DIR  (without BASE_MODEL: the quick start, with the settings of
+#                recipes/demo-settings.sh; a rerun replaces its previous output)
 #   NPROC        processes per node (default: the number of GPUs, else 1)
 #   NNODES       nodes (default: $SLURM_NNODES, else 1)
 #   NODE_RANK    this node's rank (default: $SLURM_NODEID, else 0)
@@ -23,6 +24,10 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+demo=""
+if [ -z "${BASE_MODEL:-}" ]; then
+  demo=1  # the quick start: the tiny model with settings fitted to it (recipes/demo-settings.sh)
+fi
 BASE_MODEL="${BASE_MODEL:-builtin:tiny-llama}"
 DATA_PATH="${DATA_PATH:-$here/data/sample_platypus.json}"
 OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-qlora}"
@@ -63,6 +68,18 @@ args=(
 )
 if [ -n "${DEEPSPEED:-}" ]; then
   args+=(--deepspeed "$DEEPSPEED")
+fi
+if [ -n "$demo" ]; then
+  source "$here/recipes/demo-settings.sh"
+  args+=("${demo_batch[@]}" "${demo_schedule[@]}")  # after Platypus's values: these win
+  # a rerun replaces the previous quick-start run (never a run of another base model)
+  for record in "$OUTPUT_DIR"/run_config.json "$OUTPUT_DIR"/checkpoint-*/run_config.json; do
+    if [ -f "$record" ] && grep -q '"base_model": "builtin:tiny-llama"' "$record"; then
+      echo "Replacing the previous quick-start run in $OUTPUT_DIR"
+      args+=(--overwrite True)
+      break
+    fi
+  done
 fi
 
 if [ -n "${DRY_RUN:-}" ] && [ "$DRY_RUN" != "0" ]; then

@@ -56,7 +56,7 @@ def train(
     precision: str = "auto",
     max_steps: int = -1,
     seed: int = 42,
-    logging_steps: int = 10,
+    logging_steps: int = None,
     eval_steps: int = None,
     save_steps: int = 200,
     save_total_limit: int = 3,
@@ -132,7 +132,8 @@ def train(
         precision: auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16, fp32.
         max_steps: Stop after this many optimizer steps (-1: run num_epochs).
         seed: Seed for weights of LoRA, data order and the validation split.
-        logging_steps: Log loss every this many optimizer steps.
+        logging_steps: Log loss every this many optimizer steps; default: every 10, or often enough for
+            about 10 points in a shorter run. The last step is always logged.
         eval_steps: Evaluate every this many steps (default: save_steps); needs val_set_size.
         save_steps: Write a checkpoint every this many optimizer steps.
         save_total_limit: Checkpoints kept in output_dir (oldest deleted first); 0 keeps all.

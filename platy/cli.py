@@ -27,6 +27,7 @@ class Stopped(Exception):
 DIVERGED = 3  # non-finite loss or gradient
 WRITE_FAILED = 74  # a checkpoint or the adapter could not be written (sysexits EX_IOERR)
 LOST_PEER = 1  # another process of a torchrun job died
+CLOSED_PIPE = 141  # stdout's reader went away (128 + SIGPIPE, as a shell tool ends)
 PREEMPTED = 75  # stopped by SIGTERM / Ctrl-C after saving a checkpoint: resume to go on (EX_TEMPFAIL)
 
 
@@ -250,12 +251,18 @@ def run(fn):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminated)
+    argv = sys.argv[1:]
+    asks_help = any(a in ("-h", "--help") for a in argv)
     try:
-        argv = sys.argv[1:]
-        if any(a in ("-h", "--help") for a in argv):
+        if asks_help:
             print_help(fn)
+            sys.stdout.flush()  # a reader that has gone shows here, inside the handler below
             return
         call(fn, argv)
+    except BrokenPipeError:
+        # the reader of stdout went away (`--help | head`): stop quietly, as cat and seq do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0 if asks_help else CLOSED_PIPE)
     except KeyboardInterrupt:
         print(f"\n{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -54,41 +54,40 @@ def say_configuration(title, values):
     say(f"{title}:\n" + "\n".join(lines + [line]))
 
 
+MIN_CURVE_POINTS = 3  # fewer logged losses draw no curve
+
+
 def plot_curves(log_history, path):
-    """Loss (train and eval) and learning rate against the optimizer step, as a PNG."""
+    """Loss (train and eval) and learning rate against the optimizer step, as a PNG; False (nothing
+    drawn) when fewer than MIN_CURVE_POINTS training losses were logged."""
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
+    if len(train) < MIN_CURVE_POINTS:
+        return False
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
+    lrs = [(r["step"], r["learning_rate"]) for r in log_history if "learning_rate" in r]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
-    lrs = [(r["step"], r["learning_rate"]) for r in log_history if "learning_rate" in r]
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 4))
-    # markers, so that a short run with one or two logged points still shows them
-    if train:
-        ax_loss.plot(*zip(*train), ".-", label="train loss")
+    ax_loss.plot(*zip(*train), ".-", label="train loss")
     if evals:
-        ax_loss.plot(*zip(*evals), "o-", label="eval loss")
-    ax_loss.set_xlabel("optimizer step")
+        ax_loss.plot(*zip(*evals), "o-", label="eval loss (held-out rows)")
     ax_loss.set_ylabel("loss")
-    if train or evals:
-        ax_loss.legend()
-    else:
-        ax_loss.text(
-            0.5,
-            0.5,
-            "no loss logged yet\n(fewer steps than logging_steps)",
-            ha="center",
-            va="center",
-            transform=ax_loss.transAxes,
-        )
     ax_loss.set_title("Loss")
+    ax_loss.legend()
     if lrs:
-        ax_lr.plot(*zip(*lrs), ".-")
-    ax_lr.set_xlabel("optimizer step")
+        ax_lr.plot(*zip(*lrs), ".-", color="tab:green")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_title("Learning rate")
+    for ax in (ax_loss, ax_lr):
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True

@@ -6,8 +6,8 @@
 # later ones), `platypus_defaults` for Platypus's table where the system published no
 # value of its own, `note TEXT` for each assumption, and finally `run_recipe "$@"`
 # (further arguments go to finetune.py and win over everything).
-# Environment: TINY=1 (tiny embedded model, sample data, MAX_STEPS 1, no DeepSpeed, no
-# export), DRY_RUN=1 (print the plan, load nothing), EXPORT=0/1 (merge after training;
+# Environment: TINY=1 (tiny embedded model, sample data, the quick start's schedule of
+# recipes/demo-settings.sh with the recipe's batch, LoRA and quantization, no DeepSpeed, no export), DRY_RUN=1 (print the plan, load nothing), EXPORT=0/1 (merge after training;
 # default 1, 0 under TINY), EXPORT_METHODS (merge methods, default auto), every variable
 # of fine-tuning.sh (NPROC, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_ID,
 # DEEPSPEED, ACCELERATE_CONFIG, BASE_MODEL, DATA_PATH, OUTPUT_DIR).
@@ -37,10 +37,15 @@ recipe() {  # NAME SOURCE
     BASE_MODEL="${BASE_MODEL:-builtin:tiny-llama}"
     DATA_PATH="${DATA_PATH:-$repo/data/sample_platypus.json}"
     OUTPUT_DIR="${OUTPUT_DIR:-./outputs/tiny/$RECIPE}"
-    MAX_STEPS="${MAX_STEPS:-1}"
     EXPORT="${EXPORT:-0}"
     DEEPSPEED="" ACCELERATE_CONFIG=""  # neither runs on a CPU
     export DEEPSPEED ACCELERATE_CONFIG
+    # the quick start's schedule comes first, so it wins over the recipe's (the environment still wins)
+    source "$recipes_dir/demo-settings.sh"
+    local i
+    for ((i = 0; i < ${#demo_schedule[@]}; i += 2)); do
+      setting "${demo_schedule[i]#--}" "${demo_schedule[i + 1]}"
+    done
   fi
   OUTPUT_DIR="${OUTPUT_DIR:-./outputs/$RECIPE}"
   EXPORT="${EXPORT:-1}"
@@ -95,7 +100,7 @@ run_recipe() {
     echo "  assumes: $line"
   done
   if tiny; then
-    echo "  TINY=1: the embedded tiny model on the sample data, at most $MAX_STEPS optimizer steps; the recipe's hyperparameters otherwise"
+    echo "  TINY=1: the embedded tiny model on the sample data with the quick start's schedule (learning rate, warmup, epochs, held-out rows; recipes/demo-settings.sh)${MAX_STEPS:+, at most $MAX_STEPS optimizer steps}; the recipe's hyperparameters otherwise"
   fi
   bash "$repo/fine-tuning.sh" "${flags[@]}" "$@"
   if dry_run || [ "$EXPORT" = "0" ] || [ "${NODE_RANK:-${SLURM_NODEID:-0}}" != "0" ]; then

@@ -52,7 +52,7 @@ LORA_KNOBS = {
     "init_lora_weights": "default",
     "loraplus_lr_ratio": None,
 }
-POSITIVE_INTS = ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps", "logging_steps")
+POSITIVE_INTS = ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps")
 
 # what decides which example lands in which step, and what each step computes
 RESUME_MUST_MATCH = (
@@ -128,7 +128,7 @@ class TrainRun:
     precision: str
     max_steps: int
     seed: int
-    logging_steps: int
+    logging_steps: Any
     eval_steps: Any
     save_steps: int
     save_total_limit: int
@@ -205,6 +205,7 @@ def value_problems(f):
         checks.non_negative_int("warmup_steps", f["warmup_steps"]),
         checks.non_negative_int("save_total_limit", f["save_total_limit"]),
         checks.positive_int("eval_steps", f["eval_steps"], optional=True),
+        checks.positive_int("logging_steps", f["logging_steps"], optional=True),
         checks.non_negative_number("weight_decay", f["weight_decay"]),
         checks.non_negative_number("lora_alpha", f["lora_alpha"]),
         checks.positive_number("gpu_memory_gb", f["gpu_memory_gb"], optional=True),
@@ -216,9 +217,10 @@ def value_problems(f):
     )
     if not checks.is_int(f["max_steps"]) or f["max_steps"] == 0 or f["max_steps"] < -1:
         problems.append(f"--max_steps must be a positive integer or -1 (run num_epochs), got {f['max_steps']!r}")
-    for name in ("num_epochs", "learning_rate"):
-        if not checks.is_number(f[name]) or f[name] <= 0:
-            problems.append(f"--{name} must be positive, got {f[name]!r}")
+    problems += checks.problems_of(
+        checks.positive_number("num_epochs", f["num_epochs"]),
+        checks.positive_number("learning_rate", f["learning_rate"]),
+    )
     if not checks.is_number(f["lora_dropout"]) or not 0 <= f["lora_dropout"] < 1:
         problems.append(f"--lora_dropout must be in [0, 1), got {f['lora_dropout']!r}")
     if not checks.is_number(f["val_set_size"]) or f["val_set_size"] < 0:

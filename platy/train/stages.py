@@ -342,8 +342,13 @@ def load_adapter_weights(model, folder):
     )
 
 
-def training_arguments(run, has_val):
-    """The one place the flags map onto transformers.TrainingArguments."""
+def logging_interval(run, steps):
+    """--logging_steps, or by default every 10 steps, often enough for about 10 points in a shorter run."""
+    return run.logging_steps or max(1, min(10, steps // 10))
+
+
+def training_arguments(run, has_val, steps):
+    """The one place the flags map onto transformers.TrainingArguments (steps: the run's optimizer steps)."""
     import transformers
 
     return transformers.TrainingArguments(
@@ -364,7 +369,7 @@ def training_arguments(run, has_val):
         activation_checkpointing=False,  # set on the model (load_model_with_lora): it may cover some layers only
         use_liger_kernel=run.liger,
         torch_compile=run.torch_compile,
-        logging_steps=run.logging_steps,
+        logging_steps=logging_interval(run, steps),
         logging_first_step=True,  # the starting loss, and a point on the curves of short runs
         eval_strategy="steps" if has_val else "no",
         eval_steps=(run.eval_steps or run.save_steps) if has_val else None,
@@ -414,7 +419,7 @@ def build_trainer(run, model, tokenizer, train_set, val_set, run_config):
         )
     trainer = Trainer(
         model=model,
-        args=training_arguments(run, has_val=val_set is not None),
+        args=training_arguments(run, has_val=val_set is not None, steps=optimizer_steps(run, len(train_set))),
         train_dataset=train_set,
         eval_dataset=val_set,
         data_collator=collator,
@@ -428,7 +433,22 @@ def build_trainer(run, model, tokenizer, train_set, val_set, run_config):
         run_config["resolved"]["loftq"] = model.loftq_report
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(loss_progress_callback())
+    trainer.add_callback(last_step_logged())
     return trainer
+
+
+def last_step_logged():
+    """A callback that logs (and evaluates, with held-out rows) the last step, whatever --logging_steps is."""
+    from transformers import TrainerCallback
+
+    class LastStepLogged(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+                control.should_evaluate = args.eval_strategy != "no"
+            return control
+
+    return LastStepLogged()
 
 
 def run_training(run, trainer):
@@ -453,8 +473,8 @@ def run_training(run, trainer):
     seconds = time.time() - started
     if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
         stop_preempted(run, trainer.state)
-    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     state = trainer.state
+    evals = [r["eval_loss"] for r in state.log_history if "eval_loss" in r]
     tokens = int(state.num_input_tokens_seen)
     losses = [r["loss"] for r in state.log_history if "loss" in r]
     return {
@@ -464,7 +484,8 @@ def run_training(run, trainer):
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         "train_loss": output.training_loss,
         "last_logged_loss": losses[-1] if losses else None,
-        "eval_loss": metrics.get("eval_loss"),
+        "eval_loss": evals[-1] if evals else None,  # the last step is always evaluated (last_step_logged)
+        "first_eval_loss": evals[0] if evals else None,
     }
 
 
@@ -545,10 +566,16 @@ def publish_final(staged, out):
 
 
 def write_results(out, log_history, run_config, result):
-    from platy.reporting import plot_curves
+    from platy.reporting import MIN_CURVE_POINTS, plot_curves
 
     write_json(out / LOG_HISTORY, log_history)
-    plot_curves(log_history, out / CURVES)
+    (out / CURVES).unlink(missing_ok=True)  # a plot of an earlier run must not pass for this one's
+    if not plot_curves(log_history, out / CURVES):
+        logged = sum("loss" in r for r in log_history)
+        say(
+            f"No {CURVES}: {logged} training loss point(s) logged, and a curve needs {MIN_CURVE_POINTS}; "
+            "lower --logging_steps or train longer"
+        )
     run_config["result"] = result
     write_json(out / RUN_CONFIG, run_config)  # written last: its presence marks a finished run
 
@@ -598,7 +625,7 @@ def report_done(run, out, result):
     if result["last_logged_loss"] is not None:
         losses += f", last logged {result['last_logged_loss']:.4f}"
     if result["eval_loss"] is not None:
-        losses += f", eval loss {result['eval_loss']:.4f}"
+        losses += f", eval loss {eval_change(result)}"
     if result["train_seconds"] is None:
         say(f"\nDone: {result['global_step']} optimizer steps (exported from {result['exported_from']}); {losses}")
     else:
@@ -609,4 +636,17 @@ def report_done(run, out, result):
         )
     weights = "model.safetensors" if run.finetuning == "full" else "adapter_model.safetensors"
     say(f"{'Model' if run.finetuning == 'full' else 'Adapter'}: {out / weights}")
-    say(f"Run configuration: {out / RUN_CONFIG}; curves: {out / CURVES}; log: {out / LOG_HISTORY}")
+    curves = f"curves: {out / CURVES}; " if (out / CURVES).exists() else ""
+    say(f"Run configuration: {out / RUN_CONFIG}; {curves}log: {out / LOG_HISTORY}")
+    if run.base_model.startswith("builtin:"):
+        learned = f"; its eval loss went {eval_change(result)}" if result.get("first_eval_loss") else ""
+        say(
+            f"Note: {run.base_model} is a random tiny model that shows the pipeline works: whatever it generates "
+            f"is meaningless{learned}"
+        )
+
+
+def eval_change(result):
+    """The held-out loss of the run, from its first evaluation when there was one: '7.02 -> 5.79'."""
+    first, last = result.get("first_eval_loss"), result["eval_loss"]
+    return f"{first:.2f} -> {last:.2f}" if first is not None and first != last else f"{last:.4f}"
