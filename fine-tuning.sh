@@ -72,14 +72,19 @@ fi
 if [ -n "$demo" ]; then
   source "$here/recipes/demo-settings.sh"
   args+=("${demo_batch[@]}" "${demo_schedule[@]}")  # after Platypus's values: these win
-  # a rerun replaces the previous quick-start run (never a run of another base model)
-  for record in "$OUTPUT_DIR"/run_config.json "$OUTPUT_DIR"/checkpoint-*/run_config.json; do
-    if [ -f "$record" ] && grep -q '"base_model": "builtin:tiny-llama"' "$record"; then
-      echo "Replacing the previous quick-start run in $OUTPUT_DIR"
-      args+=(--overwrite True)
-      break
-    fi
-  done
+  # a rerun replaces the previous quick-start run (never a run of another base model, nor one resumed)
+  case " $* ${DRY_RUN:-0}" in
+    *" --resume_from_checkpoint"* | *" 1") ;;
+    *)
+      for record in "$OUTPUT_DIR"/run_config.json "$OUTPUT_DIR"/checkpoint-*/run_config.json; do
+        if [ -f "$record" ] && grep -q '"base_model": "builtin:tiny-llama"' "$record"; then
+          echo "Replacing the previous quick-start run in $OUTPUT_DIR"
+          args+=(--overwrite True)
+          break
+        fi
+      done
+      ;;
+  esac
 fi
 
 if [ -n "${DRY_RUN:-}" ] && [ "$DRY_RUN" != "0" ]; then

@@ -182,6 +182,9 @@ def train(
     flags = dict(locals())  # first: every flag by name, nothing else
     cli.fail_on(config.check_flags(flags))  # every flag problem at once, before any I/O
     run = config.resolve(flags)
+    if run.already_finished:  # a requeued job of a run that ended: success, nothing changes
+        say(run.already_finished)
+        return
     run_config = stages.describe_run(run)
     if run.dry_run:
         say("Dry run: nothing was loaded or written; drop --dry_run to train.")

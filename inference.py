@@ -53,7 +53,8 @@ def main(
         output_file: Where the rows go with a 'response' column added (same format as its
             suffix); default: print them.
         csv_path: Platypus's spelling of --prompts_file for CSV.
-        output_csv_path: Platypus's spelling of --output_file for CSV.
+        output_csv_path: Platypus's spelling of --output_file for CSV; the answers go to a
+            'model_output' column, as Platypus's inference.py writes them.
         interactive: A prompt loop that streams the answer as it is generated.
         max_new_tokens: Most tokens generated per answer.
         temperature: 0 = greedy (default); above 0 samples with this temperature.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuse the adapter written by fine-tuning.sh into standalone fp16 weights.
 #
-#   bash merge.sh                                   # ./outputs/platypus-qlora -> ./outputs/platypus-merged
+#   bash merge.sh                                   # ./outputs/platypus-qlora -> ./outputs/platypus-merged (a rerun replaces it)
 #   PEFT_MODEL_PATH=./Platypus2-13B-lora OUTPUT_DIR=./Platypus2-13B bash merge.sh --verify
 #   GGUF=f16,q8_0 bash merge.sh --verify                # also platypus-merged-f16.gguf and -q8_0.gguf
 #
@@ -11,6 +11,10 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+demo=""
+if [ -z "${PEFT_MODEL_PATH:-}" ] && [ -z "${OUTPUT_DIR:-}" ]; then
+  demo=1  # the quick start's adapter
+fi
 PEFT_MODEL_PATH="${PEFT_MODEL_PATH:-./outputs/platypus-qlora}"
 OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-merged}"
 PYTHON="${PYTHON:-python}"
@@ -19,6 +23,12 @@ args=(--peft_model_path "$PEFT_MODEL_PATH" --output_dir "$OUTPUT_DIR" --method "
       --dtype "${DTYPE:-float16}")
 if [ -n "${GGUF:-}" ]; then
   args+=(--gguf "$GGUF")
+fi
+# a rerun of the quick start replaces its previous merged model (never a merge of another base model)
+if [ -n "$demo" ] && [ -f "$OUTPUT_DIR/merge_config.json" ] \
+    && grep -q '"base_model": "builtin:tiny-llama"' "$OUTPUT_DIR/merge_config.json"; then
+  echo "Replacing the previous quick-start merge in $OUTPUT_DIR"
+  args+=(--overwrite True)
 fi
 if [ -n "${BASE_MODEL:-}" ]; then
   args+=(--base_model_name_or_path "$BASE_MODEL")

@@ -26,6 +26,7 @@ class GenerationRun:
     input: str | None
     rows: list | None  # the prompts file's rows
     out_path: str | None
+    answer_column: str  # model_output for Platypus's --output_csv_path, response for --output_file
     interactive: bool
     quantization: str
     as_trained: bool  # quantized as the adapter was trained, not by a flag
@@ -97,6 +98,11 @@ def resolve(flags):
         )
     if not adapter:  # a merged model folder carries the run configuration of its adapter
         folder = Path(base).expanduser()
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            raise UserError(
+                f"--base_model {base}: an adapter folder, not a model; pass it as --lora_weights {base} "
+                "(its base model comes from its run_config.json), or merge it first with merge.py"
+            )
         recorded = (read_run_config(folder) if folder.is_dir() else None) or {}
     template = flags["prompt_template"] or recorded.get("resolved", {}).get("template", {}).get("name") or "alpaca"
     quantization, as_trained = loading_quantization(adapter, flags["load_4bit"], flags["load_8bit"])
@@ -114,6 +120,7 @@ def resolve(flags):
         input=flags["input"],
         rows=rows,
         out_path=flags["output_file"] or flags["output_csv_path"],
+        answer_column="model_output" if flags["output_csv_path"] else "response",
         interactive=flags["interactive"],
         quantization=quantization,
         as_trained=as_trained,
@@ -241,7 +248,7 @@ def answer_file(generator, run):
         for start in range(0, len(rows), size):
             batch = rows[start : start + size]
             for row, response in zip(batch, generator.generate(batch)):
-                results.append({**row, "response": response})
+                results.append({**row, run.answer_column: response})
             bar.update(len(batch))
     if run.out_path:
         write_rows(run.out_path, results, FILE_FORMATS[Path(run.out_path).suffix.lower()])

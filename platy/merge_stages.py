@@ -33,6 +33,7 @@ GGUF_TOLERANCE = {
     "q4_1": (3.0, 0.85),
     "q4_0": (3.0, 0.85),
 }
+VERIFY_AGREEMENT = 0.99  # least share of positions where both pick the same greedy next token
 VERIFY_PROMPTS = (
     "What is the boiling point of water at sea level?",
     "Is 91 a prime number?",
@@ -182,6 +183,12 @@ def resolve_base(given, recorded):
     if recorded and not same_model(given, recorded):
         say(f"Note: the adapter was trained on {recorded}; merging into {given} as asked")
     return given
+
+
+def read_json(path):
+    import json
+
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def remove_stale_partials(output_dir):
@@ -399,20 +406,36 @@ def tokenizer_source(adapter, base_path):
 
 
 def check_merged(run):
-    """--verify: print how closely the merged model reproduces base + adapter, and warn when it does not."""
-    report = verify_merge(run)
+    """--verify: how closely the merged model reproduces base + adapter, with its verdict, printed and kept in
+    the folder's merge_config.json and model card."""
+    from platy.model_card import model_card
+
+    report = verdict(verify_merge(run), run.dtype)
+    limit = report["tolerance"]
     say(
-        f"Verify: largest |logit difference| {report['max_abs_diff']:.2e} over {report['positions']} positions "
-        f"of {report['prompts']} prompts; greedy next-token agreement {100 * report['agreement']:.1f}%"
+        f"Verify: {report['verdict']}: largest |logit difference| {report['max_abs_diff']:.2e} (tolerance "
+        f"{limit['max_abs_diff']:g} for {run.dtype}), greedy next-token agreement {100 * report['agreement']:.1f}% "
+        f"(at least {100 * limit['agreement']:g}%) over {report['positions']} positions of {report['prompts']} prompts"
     )
-    if report["agreement"] < 0.99 or report["max_abs_diff"] > VERIFY_TOLERANCE[run.dtype]:
+    if report["verdict"] != "PASS":
         hint = (
             " (expected with --method peft for an adapter trained on a quantized base: --method dequant reproduces it)"
             if run.method == "peft" and run.layout
             else ""
         )
-        say(f"Warning: the merged model does not reproduce base + adapter exactly{hint}")
+        say(f"Warning: the merged model does not reproduce base + adapter within the tolerances{hint}")
+    info = read_json(run.output_dir / "merge_config.json")
+    info["verify"] = report
+    write_json(run.output_dir / "merge_config.json", info)
+    write_text(run.output_dir / "README.md", model_card(run, run.adapter, info))
     return report
+
+
+def verdict(report, dtype):
+    """The verify report with its verdict: PASS within the tolerances of the exported dtype, else WARN."""
+    tolerance = {"max_abs_diff": VERIFY_TOLERANCE[dtype], "agreement": VERIFY_AGREEMENT}
+    within = report["max_abs_diff"] <= tolerance["max_abs_diff"] and report["agreement"] >= tolerance["agreement"]
+    return {**report, "verdict": "PASS" if within else "WARN", "dtype": dtype, "tolerance": tolerance}
 
 
 def verify_merge(run, prompts=None):

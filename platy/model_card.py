@@ -1,5 +1,8 @@
-"""The model card (README.md) of a merged model: base, data, hyperparameters, template, merge method."""
+"""The model cards (README.md): of an adapter folder (finetune.py) and of a merged model (merge.py): base,
+data, method, hyperparameters, template, how it was made and how to use it."""
 
+import json
+import os
 from pathlib import Path
 
 from platy.data.rows import HUB_ID
@@ -17,32 +20,30 @@ def model_card(merge_run, adapter, info):
     data = run.get("data", {})
     template = run.get("resolved", {}).get("template", {})
     quant = quantization_words(merge_run.layout)
-    table = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters(run, adapter, quant))
-    training = training_summary(run, merge_run.peft_model_path)
+    table = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters(run, adapter.config, quant))
+    method = method_name(merge_run.layout)
+    training = training_summary(run, merge_run.peft_model_path, method)
     prompts = prompt_text(template)
     name = merge_run.output_dir.name
     base = merge_run.base
     base_text = base_link(base)
     return f"""---
-base_model: {base}
-library_name: transformers
-tags:
-- lora
-- platypus
+{front_matter(base, "transformers", method)}
 ---
 
 # {name}
 
-**{name}** is {base_text} fine-tuned with LoRA on instruction data and merged into
+**{name}** is {base_text} fine-tuned with {method} on instruction data and merged into
 standalone {info["dtype"]} weights.
 
 ## Model details
 
 * **Base model:** {base_text}
-* **Training data:** {data.get("path", "not recorded")} (fingerprint `{data.get("fingerprint", "n/a")}`)
+* **Training data:** {data_text(data)}
 * **Fine-tuning:** {"; ".join(training)}
 * **Merge method:** `{info["method"]}`: {METHOD_TEXT[info["method"]].format(quant=quant)}
 * **Weights:** {info["dtype"]}, {len(info["shards"])} safetensors shard(s)
+* **Fidelity (`--verify`):** {verify_text(info.get("verify"))}
 
 ## Hyperparameters
 
@@ -73,6 +74,104 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
 {gguf_section(info.get("gguf"), template)}"""
 
 
+def adapter_card(run_config, folder):
+    """The README.md of finetune.py's output folder: what the adapter is, how it was trained, how to use it."""
+    flags = run_config.get("flags", {})
+    resolved = run_config.get("resolved", {})
+    lora = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    layout = resolved.get("quantization_layout")
+    quant = quantization_words(layout)
+    method = method_name(layout)
+    base = flags.get("base_model", "")
+    table = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters(run_config, lora, quant))
+    result = run_config.get("result", {})
+    losses = [f"{result['global_step']} optimizer steps"] if result.get("global_step") else []
+    if result.get("eval_loss") is not None:
+        first = result.get("first_eval_loss")
+        losses.append(
+            f"eval loss {first:.4f} -> {result['eval_loss']:.4f}" if first else f"eval loss {result['eval_loss']:.4f}"
+        )
+    command = run_config.get("command") or "not recorded (trained through the library, not finetune.py)"
+    name = Path(folder).name
+    return f"""---
+{front_matter(base, "peft", method)}
+---
+
+# {name}
+
+A {method} adapter for {base_link(base)}, trained with `finetune.py` on instruction data.
+
+* **Base model:** {base_link(base)} ({quant_sentence(layout)})
+* **Training data:** {data_text(run_config.get("data", {}))}
+* **Result:** {"; ".join(losses) or "not recorded"}
+* **Prompt template:** {resolved.get("template", {}).get("name", "unknown")}
+
+## Hyperparameters
+
+| Hyperparameter | Value |
+| --- | --- |
+{table}
+
+## How it was made
+
+```bash
+{command}
+```
+
+`run_config.json` records every flag, the resolved settings, the data and library versions;
+`log_history.json` the logged losses.
+
+## Use
+
+```bash
+# fuse it into standalone fp16 weights, checking them against base + adapter
+python merge.py --peft_model_path {name} --output_dir {name}-merged --verify
+# or generate with base + adapter directly (the base loads as it was trained)
+python inference.py --lora_weights {name} --prompt "What is 12 + 30?"
+```
+"""
+
+
+def front_matter(base, library, method):
+    """The card's YAML header; base_model only for a hub id (a local or builtin base names no hub page)."""
+    lines = [f"base_model: {base}"] if is_hub_id(base) else []
+    tags = ["lora", "qlora"] if method == "QLoRA" else ["lora"]
+    return "\n".join([*lines, f"library_name: {library}", "tags:", *(f"- {t}" for t in [*tags, "platypus"])])
+
+
+def method_name(layout):
+    """QLoRA for an adapter trained on a 4-bit base, else LoRA."""
+    return "QLoRA" if layout and layout.get("quantization") == "4bit" else "LoRA"
+
+
+def quant_sentence(layout):
+    return f"loaded in {quantization_words(layout)} for training" if layout else "not quantized in training"
+
+
+def data_text(data):
+    """The training data as the card shows it: a file's name (not where it lay on the training machine), a
+    data set id as it is, and the fingerprint."""
+    path = data.get("path")
+    if not path:
+        return "not recorded"
+    if is_hub_id(path):
+        shown = f"[{path}](https://huggingface.co/datasets/{path})"
+    else:  # a file, or a mix spec of files and ids
+        shown = "`" + ",".join(p if is_hub_id(p.split(":")[0]) else os.path.basename(p) for p in path.split(",")) + "`"
+    return f"{shown} (fingerprint `{data.get('fingerprint', 'n/a')}`)"
+
+
+def verify_text(verify):
+    if not verify:
+        return "not checked (merge with `--verify` to compare it with base + adapter)"
+    return (
+        f"**{verify['verdict']}**: largest logit difference {verify['max_abs_diff']:.2e} "
+        f"(tolerance {verify['tolerance']['max_abs_diff']:g} for {verify['dtype']}), greedy next-token agreement "
+        f"{100 * verify['agreement']:.1f}% (at least {100 * verify['tolerance']['agreement']:g}%) over "
+        f"{verify['positions']} positions of {verify['prompts']} prompts"
+    )
+
+
 def quantization_words(layout):
     """How the base was quantized in training, in words ("4bit nf4, double quantization"), or "none"."""
     if not layout:
@@ -81,8 +180,9 @@ def quantization_words(layout):
     return words + (", double quantization" if layout.get("double_quant") else "")
 
 
-def hyperparameters(run, adapter, quant):
-    """(name, value) rows of the card's table: the recorded training flags and the adapter's LoRA settings."""
+def hyperparameters(run, lora, quant):
+    """(name, value) rows of the card's table: the recorded training flags and the adapter's LoRA settings
+    (its adapter_config.json, as a dict)."""
     flags = run.get("flags", {})
     resolved = run.get("resolved", {})
     rows = [
@@ -94,10 +194,10 @@ def hyperparameters(run, adapter, quant):
         ("max steps", flags.get("max_steps")),
         ("weight decay", flags.get("weight_decay")),
         ("lr scheduler", flags.get("lr_scheduler")),
-        ("lora alpha", adapter.config.get("lora_alpha")),
-        ("lora rank", adapter.config.get("r")),
-        ("lora dropout", adapter.config.get("lora_dropout")),
-        ("lora target modules", ", ".join(sorted(adapter.config.get("target_modules") or []))),
+        ("lora alpha", lora.get("lora_alpha")),
+        ("lora rank", lora.get("r")),
+        ("lora dropout", lora.get("lora_dropout")),
+        ("lora target modules", ", ".join(sorted(lora.get("target_modules") or []))),
         ("lora target modules as given", target_words(flags.get("lora_target_modules"))),
         ("lora scale", resolved.get("lora_scale")),
         ("rsLoRA (scale alpha / sqrt(r))", flags.get("use_rslora") or None),
@@ -136,11 +236,11 @@ def init_words(run):
     return f"{init} (saved converted for the unchanged base: rank 2r)"
 
 
-def training_summary(run, adapter_path):
+def training_summary(run, adapter_path, method):
     """The card's "Fine-tuning" line, in parts: steps and examples when the run finished."""
     result = run.get("result", {})
     train = run.get("data", {}).get("train", {})
-    parts = ["LoRA adapter trained with `finetune.py`"]
+    parts = [f"{method} adapter trained with `finetune.py`"]
     if result.get("global_step"):
         parts.append(f"{result['global_step']} optimizer steps")
     if train.get("kept"):
@@ -162,10 +262,14 @@ def prompt_text(template):
     )
 
 
+def is_hub_id(name):
+    """owner/name that is not a local path: a model or data set on the hub."""
+    return bool(name and HUB_ID.match(name) and "/" in name and not Path(name).exists())
+
+
 def base_link(base):
-    """A hub id links to its page; a local base is shown as its path."""
-    is_hub_id = HUB_ID.match(base) and "/" in base and not Path(base).exists()
-    return f"[{base}](https://huggingface.co/{base})" if is_hub_id else f"`{base}`"
+    """A hub id links to its page; a local or builtin base is shown as written."""
+    return f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`"
 
 
 def gguf_section(files, template):

@@ -295,6 +295,14 @@ def normalise_rows(rows, source):
     (system_prompt, question, response) are converted: see to_alpaca. A file none of whose
     rows has a known layout is refused as a whole, naming its columns.
     """
+    if rows and all(isinstance(r, dict) for r in rows) and all(row_layout(r) == "openorca" for r in rows):
+        if all("response" not in r for r in rows):  # question + another column: no OpenOrca file either
+            columns = sorted({k for r in rows for k in r})
+            raise UserError(
+                f"{source}: the rows have {', '.join(columns)}: neither Alpaca (instruction, input, output) "
+                "nor OpenOrca (question and response). Rename the columns, e.g. question -> instruction and "
+                "the answer column -> output"
+            )
     if rows and all(isinstance(r, dict) for r in rows) and not any(row_layout(r) in CONVERTED for r in rows):
         for field in ("instruction", "output"):
             if all(field not in r for r in rows):

@@ -175,6 +175,7 @@ class TrainRun:
     shape_source: str = None
     lora_targets: list = None  # the Linear layers adapted: lora_target_modules with all-linear resolved
     plan: dict = None
+    already_finished: str = None  # --resume_from_checkpoint auto on the finished run of these flags: why
 
     def flags(self):
         """The flags by name, with their resolved values."""
@@ -383,6 +384,8 @@ def resolve(flags):
     the data rows and the model config, plans the memory and probes that output_dir can be written."""
     run = derive(flags)
     resume = resolve_resume(run)
+    if finished := finished_here(run, resume):
+        return dataclasses.replace(run, resume=resume, already_finished=finished)
     check_output_dir(run.output_dir, run.overwrite, resume)
     run = dataclasses.replace(run, resume=resume, **read_data(run))
     if resume and resume.checkpoint and run.rows is not None:
@@ -433,6 +436,24 @@ def resolve_resume(run):
             "of this run, or use --init_lora_weights default"
         )
     return resume
+
+
+def finished_here(run, resume):
+    """--resume_from_checkpoint auto (a scheduler's requeue) on an output_dir whose finished run had these
+    same settings and ended at its latest checkpoint: the one line to print instead of training, else None."""
+    if run.resume_from_checkpoint != "auto" or not resume:
+        return None
+    saved = read_run_config(run.output_dir)
+    if not saved or "result" not in saved:
+        return None
+    same = ("num_epochs", "max_steps", "data_path", *RESUME_MUST_MATCH)
+    flags = run.flags()
+    if any(saved["flags"].get(name) != flags[name] for name in same):
+        return None  # other settings (more epochs, say): train on from the checkpoint
+    step = saved["result"].get("global_step")
+    if step != checkpoints.checkpoint_step(resume.path):
+        return None
+    return f"{run.output_dir} already finished: {step} optimizer steps; nothing to do"
 
 
 def read_data(run):

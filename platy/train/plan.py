@@ -116,14 +116,14 @@ def describe_plan(run):
         f"full fine-tuning, {plan['trainable_parameters']:,} trainable"
         if run.finetuning == "full"
         else f"{lora_words(run)} on {', '.join(run.lora_targets)}: "
-        f"{plan['trainable_parameters']:,} trainable ({100 * plan['trainable_parameters'] / plan['parameters']:.2f}%)"
+        f"{plan['trainable_parameters']:,} trainable ({lora_share(plan['trainable_parameters'], plan['parameters'])})"
     )
     lines = [
         f"Plan ({'dry run, ' if run.dry_run else ''}estimates; no weights loaded yet):",
         f"  model: {run.base_model} ({config.model_type}, shape from {plan['shape_source']}): "
         f"{sizing.human(plan['parameters'])} parameters, hidden {config.hidden_size}, "
         f"{config.num_hidden_layers} layers, vocab {config.vocab_size}",
-        f"  training: {what}; base weights {run.quantization if run.finetuning == 'lora' else 'fp32'}",
+        f"  training: {what}; base weights {base_weights(run)}",
         f"  processes: {plan['processes']} = {plan['nodes']} node(s) x {plan['processes_per_node']} per node; "
         f"{sizing.STRATEGY_WORDS[plan['strategy']]}",
         f"  batch: global {plan['global_batch']} = micro batch {plan['micro_batch_size']} x gradient accumulation "
@@ -159,6 +159,20 @@ def lora_words(run):
     return " ".join(words)
 
 
+def lora_share(trainable, base):
+    """The adapter's share of all parameters, base and adapter together (as peft counts it)."""
+    return f"{100 * trainable / (base + trainable):.2f}%"
+
+
+def base_weights(run, precision=None):
+    """How the base weights are held: '4-bit NF4', '8-bit', or 'not quantized (bf16)'."""
+    if run.finetuning == "full":
+        return "fp32 (full fine-tuning)"
+    if run.quantization == "none":
+        return f"not quantized ({precision or run.precision})"
+    return {"4bit": "4-bit NF4", "8bit": "8-bit"}[run.quantization]
+
+
 def describe_data(run):
     plan = run.plan
     if "train_rows" in plan and run.packing:
@@ -173,8 +187,14 @@ def describe_data(run):
 
 def describe_memory(run):
     plan, memory = run.plan, run.plan["gpu_memory_gib"]
+    where = (
+        f"{plan['estimate_precision']} compute"
+        if run.device == "cuda"
+        else f"on GPUs computing in {plan['estimate_precision']}; this machine has no GPU, so precision is "
+        f"{run.precision} here"
+    )
     return (
-        f"  GPU memory per process ({plan['estimate_precision']} compute): weights {memory['weights']:.1f} GiB"
+        f"  GPU memory per process ({where}): weights {memory['weights']:.1f} GiB"
         f" + trainable weights, gradients and AdamW states {memory['trainable_and_optimizer']:.1f} GiB"
         f" + activations {memory['activations']:.1f} GiB (micro batch {run.micro_batch_size} x {run.pack_budget}"
         f" tokens, checkpointing {describe_checkpointing(run.checkpoint_fraction)}) + CUDA overhead"

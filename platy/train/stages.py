@@ -15,10 +15,10 @@ from typing import Any
 
 from platy import cli
 from platy.cli import UserError, say
-from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json
+from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
 from platy.train.checkpoints import PREEMPTED, STAGING, checkpoint_step, remove_leftovers, retire
 from platy.train.config import changes_base, check_flags, resolve
-from platy.train.plan import describe_plan, lora_words, optimizer_steps
+from platy.train.plan import base_weights, describe_plan, lora_share, lora_words, optimizer_steps
 
 # what a checkpoint holds besides the weights: not part of an exported adapter
 TRAINER_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", RUN_CONFIG)
@@ -72,9 +72,12 @@ def describe_run(run):
         },
         "data": {},
         "versions": library_versions(),
+        "command": launch_command(),
     }
+    shown = {**flags, **{k: v for k, v in config["resolved"].items() if k not in ("template", "plan")}}
     say_configuration(
-        "Run configuration", {**flags, **{k: v for k, v in config["resolved"].items() if k not in ("template", "plan")}}
+        "Run configuration (unset flags left out; all of it goes to run_config.json)",
+        {k: v for k, v in shown.items() if v not in (None, "")},
     )
     say(describe_plan(run))
     return config
@@ -86,6 +89,17 @@ def lora_resolved(run):
         return {}
     root = run.lora_r**0.5 if run.use_rslora else run.lora_r
     return {"lora_target_modules": run.lora_targets, "lora_scale": run.lora_alpha / root}
+
+
+def launch_command():
+    """The command line of this run as typed (finetune.py and its flags), for the adapter card; None when
+    finetune.py is not the program (a test or benchmark calling the stages)."""
+    import shlex
+    import sys
+
+    if os.path.basename(sys.argv[0]) != "finetune.py":
+        return None
+    return shlex.join(["python", "finetune.py", *sys.argv[1:]])
 
 
 def load_tokenizer_and_prompter(run):
@@ -190,7 +204,7 @@ def load_model_with_lora(run):
 
     full = run.finetuning == "full"
     say(
-        f"Loading {run.base_model} ({run.quantization}, {run.precision}) on {run.device}"
+        f"Loading {run.base_model} ({base_weights(run)}, {run.precision} compute) on {run.device}"
         + (", fp32 master weights for full fine-tuning" if full else "")
     )
     model = load_base(run)
@@ -258,7 +272,7 @@ def add_lora(run, model):
         trainable, total = model.get_nb_trainable_parameters()
         say(
             f"{lora_words(run)} alpha={run.lora_alpha} on {', '.join(run.lora_targets)}: "
-            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+            f"{trainable:,} trainable of {total:,} parameters ({lora_share(trainable, total - trainable)})"
         )
     return model
 
@@ -566,6 +580,7 @@ def publish_final(staged, out):
 
 
 def write_results(out, log_history, run_config, result):
+    from platy.model_card import adapter_card
     from platy.reporting import MIN_CURVE_POINTS, plot_curves
 
     write_json(out / LOG_HISTORY, log_history)
@@ -577,6 +592,8 @@ def write_results(out, log_history, run_config, result):
             "lower --logging_steps or train longer"
         )
     run_config["result"] = result
+    if (out / "adapter_config.json").is_file():  # the toolkit's card, not PEFT's empty template
+        write_text(out / "README.md", adapter_card(run_config, out))
     write_json(out / RUN_CONFIG, run_config)  # written last: its presence marks a finished run
 
 
