@@ -74,7 +74,7 @@ if [ -n "$demo" ]; then
   args+=("${demo_batch[@]}" "${demo_schedule[@]}")  # after Platypus's values: these win
   # a rerun replaces the previous quick-start run (never a run of another base model, nor one resumed)
   case " $* ${DRY_RUN:-0}" in
-    *" --resume_from_checkpoint"* | *" 1") ;;
+    *" --resume_from_checkpoint"* | *" --dry_run"* | *" 1") ;;
     *)
       for record in "$OUTPUT_DIR"/run_config.json "$OUTPUT_DIR"/checkpoint-*/run_config.json; do
         if [ -f "$record" ] && grep -q '"base_model": "builtin:tiny-llama"' "$record"; then

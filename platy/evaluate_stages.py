@@ -7,6 +7,7 @@ Which harness number goes in which cell, and how tables are laid out, is platy.e
 import functools
 import gc
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ class EvalRun:
     precision: str
     batch_size: object  # an int, or "auto" on CUDA
     output_dir: Path
+    include: Path | None  # --include_path: where local tasks and their relative data_files are
     limit: float | None
     trust_remote_code: bool
 
@@ -84,7 +86,8 @@ def resolve(flags, problems):
     weights load: a typo in the fifth model must not wait for the first four to be evaluated.
     """
     shot_counts = parse_shots(flags["num_fewshot"], [])
-    include = Path(flags["include_path"]).expanduser() if flags["include_path"] else None
+    include = Path(flags["include_path"]).expanduser().resolve() if flags["include_path"] else None
+    offline_when_unreachable()
     check_device(flags["device"], problems)
     check_folders(flags, problems)
     models = resolve_models(flags, problems)
@@ -102,10 +105,32 @@ def resolve(flags, problems):
         device=device,
         precision=precision,
         batch_size=batch_size,
-        output_dir=Path(flags["output_dir"]).expanduser(),
+        output_dir=Path(flags["output_dir"]).expanduser().resolve(),
+        include=include,
         limit=flags["limit"],
         trust_remote_code=flags["trust_remote_code"],
     )
+
+
+def offline_when_unreachable(timeout=3):
+    """One connection attempt to the hub; when it fails, the libraries go offline (read their caches), so each
+    request does not wait through its own retries. Nothing to do when offline mode is set or a proxy is used."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy")):
+        return
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+    say(f"Note: {url.hostname} cannot be reached ({why}): offline, hub models and data sets come from the local cache")
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        if module in sys.modules:  # imported already: the environment was read
+            setattr(sys.modules[module], name, True)
 
 
 def parse_shots(value, problems):
@@ -308,6 +333,14 @@ def resolve_placement(device, batch_size):
     return device, precision, int(batch_size) if batch_size != "auto" else "auto"
 
 
+def task_data_folder(include):
+    """Where the harness reads a task's relative data_files: the --include_path folder (its tasks' own folder),
+    so the command runs from any working directory; the working directory without one."""
+    import contextlib
+
+    return contextlib.chdir(include) if include else contextlib.nullcontext()
+
+
 def load_tasks(suite, include):
     """Build every task once (its data downloaded or read from the cache) before any model loads, so a
     missing data set stops the run before hours of evaluation."""
@@ -315,13 +348,15 @@ def load_tasks(suite, include):
     problems, hints = [], {}
     for task in suite.tasks():
         try:
-            manager.load([task])
+            with task_data_folder(include):
+                manager.load([task])
         except Exception as err:  # noqa: BLE001 - building a task fails in many ways, all about its data
             problems.append(f"{task} ({type(err).__name__}: {error_detail(err)[:160]})")
             if isinstance(err, FileNotFoundError):
                 hints["files"] = (
-                    f"The harness reads a task's data_files relative to the working directory "
-                    f"({Path.cwd()}): run from the task's folder or give absolute paths"
+                    f"A task's relative data_files are read from {include or Path.cwd()} "
+                    f"({'the --include_path folder' if include else 'the working directory'}): put them there "
+                    "or give absolute paths"
                 )
             if isinstance(err, ConnectionError):
                 hints["hub"] = (
@@ -391,14 +426,15 @@ def evaluate_model(model, run):
         for shots in suite.shot_counts():
             tasks = list(dict.fromkeys(s.task for s in suite.scores if s.shots == shots))
             say(f"{model['label']}: {', '.join(tasks)} ({shots_title(shots)})")
-            results = simple_evaluate(
-                model=lm,
-                tasks=tasks,
-                num_fewshot=shots,
-                limit=run.limit,
-                task_manager=run.task_manager,
-                log_samples=False,
-            )
+            with task_data_folder(run.include):
+                results = simple_evaluate(
+                    model=lm,
+                    tasks=tasks,
+                    num_fewshot=shots,
+                    limit=run.limit,
+                    task_manager=run.task_manager,
+                    log_samples=False,
+                )
             # the harness records model_args only when it builds the model itself
             results["config"]["model_args"] = model_args
             write_json(folder / f"{'default' if shots is None else shots}-shot.json", results)
