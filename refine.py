@@ -1,11 +1,11 @@
 r"""Refine instruction data the Open-Platypus way: normalise, drop duplicates and test-set look-alikes, mix.
 
     # the bundled sample set: exact and near duplicates removed (about 13 s on 2 CPU cores)
-    python refine.py --data_path data/sample_platypus.json --output_path refined.json
+    python refine.py --data_path data/sample_platypus.json --output_path outputs/refined.json
 
     # Open-Platypus's recipe: also drop rows too similar to benchmark test questions,
     # and show the token lengths a model's tokenizer gives
-    python refine.py --data_path open_platypus.json --output_path refined.json \
+    python refine.py --data_path open_platypus.json --output_path outputs/refined.json \
         --test_files arc_test.jsonl,mmlu_test.parquet --tokenizer meta-llama/Llama-2-13b-hf
 
     # the Dolphin-ORCA-Platypus mix: all of one set, 1% each of two others (fixed seed);

@@ -105,6 +105,9 @@ def resolve(flags):
             )
         recorded = (read_run_config(folder) if folder.is_dir() else None) or {}
     template = flags["prompt_template"] or recorded.get("resolved", {}).get("template", {}).get("name") or "alpaca"
+    trained_on = recorded.get("flags", {}).get("base_model") or base
+    if trained_on.startswith("builtin:"):
+        say(f"Note: {trained_on} is a random tiny model for trying the tools: its answers are meaningless", err=True)
     quantization, as_trained = loading_quantization(adapter, flags["load_4bit"], flags["load_8bit"])
     if bitsandbytes_missing(quantization):
         asked = f"--lora_weights {adapter.folder}: its base as trained" if as_trained else f"--load_{quantization}"

@@ -19,8 +19,8 @@ recipe Platypus2-70B "Platypus README, learning rate of the 70B model"
 setting base_model meta-llama/Llama-2-70b-hf
 setting data_path garage-bAInd/Open-Platypus
 setting learning_rate 3e-4
-setting quantization none
+setting quantization 8bit
 platypus_defaults
-note "LoRA on the 16-bit base (the table lists no quantization); QUANTIZATION=4bit makes it QLoRA"
-note "16-bit 70B weights (~129 GiB) fit no single GPU: by default one process per node spreads the layers over all its GPUs (NPROC=1), as the original scripts did; ACCELERATE_CONFIG=configs/fsdp_qlora.yaml with NPROC=<GPUs> shards them instead"
+note "LoRA on the base loaded in 8-bit, as the published finetune.py loads it (load_in_8bit, fp16 compute); QUANTIZATION=none trains on the 16-bit base, QUANTIZATION=4bit makes it QLoRA"
+note "8-bit 70B weights (~66 GiB) leave an 80 GB GPU little room for activations: by default one process per node spreads the layers over all its GPUs (NPROC=1), as the original scripts did; QUANTIZATION=4bit ACCELERATE_CONFIG=configs/fsdp_qlora.yaml with NPROC=<GPUs> shards them instead"
 run_recipe "$@"

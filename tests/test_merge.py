@@ -129,8 +129,10 @@ def test_model_card_describes_the_model(qlora_adapter, tmp_path):
     assert merge_cli(qlora_adapter, tmp_path / "m").returncode == 0
     card = (tmp_path / "m" / "README.md").read_text()
     run = json.loads((qlora_adapter / "run_config.json").read_text())
-    assert "base_model: builtin:tiny-llama" in card
-    assert run["data"]["path"] in card
+    assert "base_model:" not in card.split("---")[1], "a builtin base names no hub page"
+    assert "fine-tuned with QLoRA" in card and "- qlora" in card
+    assert "`sample_platypus.json`" in card and run["data"]["path"] not in card, "the file's name, not a machine path"
+    assert "not checked (merge with `--verify`" in card
     assert "| learning rate | 0.005 |" in card and "| lora rank | 16 |" in card
     assert "| lora target modules | down_proj, gate_proj, up_proj |" in card
     assert "`dequant`" in card and "4bit nf4" in card

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -119,6 +120,20 @@ def test_end_to_end_run_writes_everything(tmp_path):
     assert "loss=" in result.stderr
     assert "Done: 4 optimizer steps" in result.stdout and "tokens/s" in result.stdout
     assert str(out / "adapter_model.safetensors") in result.stdout
+    # the plan and the LoRA line give one trainable share; the base's loading says what it is
+    shares = re.findall(r"trainable(?: of [\d,]+ parameters)? \((\d+\.\d+%)\)", result.stdout)
+    assert len(shares) == 2 and shares[0] == shares[1], shares
+    assert (
+        "base weights 4-bit NF4" in result.stdout
+        and "Loading builtin:tiny-llama (4-bit NF4, fp32 compute)" in result.stdout
+    )
+    assert "wandb_project=" not in result.stdout, "unset flags are left out of the printed configuration"
+    # the adapter's own card, not PEFT's template
+    card = (out / "README.md").read_text()
+    assert "More Information Needed" not in card and "A QLoRA adapter for `builtin:tiny-llama`" in card
+    assert "base_model:" not in card and "`sample_platypus.json`" in card and "loaded in 4bit nf4" in card
+    assert "| learning rate | 0.0004 |" in card and "python finetune.py --base_model builtin:tiny-llama" in card
+    assert "python merge.py --peft_model_path out --output_dir out-merged --verify" in card
 
 
 def test_eval_loss_falls_on_learnable_data(tmp_path):
@@ -263,11 +278,14 @@ def test_planned_steps_match_the_trainer(tmp_path):
     assert f"covers the whole run ({steps} optimizer steps)" in result.stdout
 
 
-def test_short_run_curves_show_their_points(tmp_path):
-    result = finetune(tmp_path / "out", "--max_steps", 1, "--logging_steps", 10)
-    assert result.returncode == 0
-    assert "No artists with labels" not in result.stderr
-    assert (tmp_path / "out" / "training_curves.png").stat().st_size > 5000
+def test_a_run_too_short_for_a_curve_draws_none_and_says_why(tmp_path):
+    result = finetune(tmp_path / "out", "--max_steps", 2, "--logging_steps", 10)
+    assert result.returncode == 0, result.stderr[-2000:]
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert [r["step"] for r in history if "loss" in r] == [1, 2], "the first and the last step are always logged"
+    assert not (tmp_path / "out" / "training_curves.png").exists()
+    assert "No training_curves.png: 2 training loss point(s) logged, and a curve needs 3" in result.stdout
+    assert "curves:" not in result.stdout
 
 
 @pytest.mark.parametrize(
