@@ -1,8 +1,10 @@
 """evaluate.py: suites against the published tables, table layout, the harness end to end, bad input."""
 
 import json
+import os
 import re
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -214,15 +216,16 @@ def merged(tmp_path_factory, lora_adapter, qlora_adapter):
 def test_base_adapters_and_merged_models_in_one_run(tmp_path, lora_adapter, qlora_adapter, merged):
     out = tmp_path / "eval"
     models = ["builtin:tiny-llama", str(lora_adapter), str(merged[0]), str(qlora_adapter), str(merged[1])]
-    # through the launcher: its environment sets the run, and an argument wins over it (--limit 4)
+    # through the launcher, from the repository root as docs/evaluation.md shows (the tasks' relative
+    # data_files are read from INCLUDE_PATH); its environment sets the run, and an argument wins (--limit 4)
     result = run_cli(
         ["bash", str(REPO / "evaluate.sh"), "--limit", "4"],
-        cwd=TASKS,
+        cwd=REPO,
         env={
             **OFFLINE,
             "MODELS": ",".join(models),
             "SUITE": "tiny_mc,tiny_gen",
-            "INCLUDE_PATH": ".",
+            "INCLUDE_PATH": str(TASKS.relative_to(REPO)),
             "LIMIT": "2",
             "NUM_FEWSHOT": "0,1",
             "OUTPUT_DIR": str(out),
@@ -314,3 +317,27 @@ def test_without_lm_eval_says_how_to_install_it(tmp_path):
     )
     assert_user_error(result, "evaluate.py", "lm-eval is not installed", "pip install -r requirements-eval.txt")
     assert not (tmp_path / "eval").exists()
+
+
+def test_an_unreachable_hub_is_tried_once_then_the_run_is_offline(tmp_path):
+    """No offline flags set and the hub out of reach: one connection attempt, a note, and the missing data set
+    fails at once (offline mode), not after every request's retries."""
+    # a local task whose data set is on the hub (indexing the harness's own tasks would take longer)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    task = (TASKS / "tiny_mc.yaml").read_text().replace("task: tiny_mc", "task: hub_mc")
+    (tasks / "hub_mc.yaml").write_text(task.replace("dataset_path: json", "dataset_path: someone/missing-set"))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_DATASETS_CACHE=str(tmp_path / "empty-cache"))
+    args = ["--models", "builtin:tiny-llama", "--suite", "hub_mc", "--include_path", tasks]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "evaluate.py"), *map(str, args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "Note: 127.0.0.1 cannot be reached" in result.stdout, result.stdout[-2000:]
+    assert_user_error(result, "evaluate.py", "cannot load task hub_mc", "OfflineModeIsEnabled")
+    assert "Retrying" not in result.stderr

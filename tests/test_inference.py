@@ -163,7 +163,9 @@ def test_platypus_csv_flags(qlora_adapter, tmp_path):
         4,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert list(pd.read_csv(tmp_path / "a.csv").columns) == ["instruction", "input", "response"]
+    # Platypus's inference.py writes its answers to model_output, which its downstream scripts read
+    assert list(pd.read_csv(tmp_path / "a.csv").columns) == ["instruction", "input", "model_output"]
+    assert "random tiny model" in result.stderr and "meaningless" in result.stderr
 
 
 def assert_refused(result, *fragments):
