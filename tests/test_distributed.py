@@ -104,7 +104,7 @@ def test_readme_quick_start_train_merge_generate(tmp_path):
     assert merge.returncode == 0, merge.stderr[-3000:]
     merged = tmp_path / "outputs" / "platypus-merged"
     assert (merged / "model.safetensors").is_file() and (merged / "README.md").is_file()
-    assert "Verify: largest |logit difference|" in merge.stdout
+    assert "Verify: PASS: largest |logit difference|" in merge.stdout
     answer = run_cli(
         [
             sys.executable,

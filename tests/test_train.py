@@ -247,7 +247,12 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_record(tmp_path):
     out = tmp_path / "out"
     assert finetune(out, "--max_steps", 2, "--save_steps", 2).returncode == 0
     record = (out / "run_config.json").read_text()
+    # a scheduler's requeue of the same command: success, one line, nothing changed
     again = finetune(out, "--max_steps", 2, "--resume_from_checkpoint", "auto")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.strip() == f"{out} already finished: 2 optimizer steps; nothing to do"
+    # naming that finished checkpoint to train further with the same step count is refused
+    again = finetune(out, "--max_steps", 2, "--resume_from_checkpoint", out / "checkpoint-2")
     assert again.returncode == 2 and "already finished the run (2 of 2 steps)" in again.stderr
     assert (out / "run_config.json").read_text() == record
 
