@@ -185,12 +185,6 @@ def resolve_base(given, recorded):
     return given
 
 
-def read_json(path):
-    import json
-
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
 def remove_stale_partials(output_dir):
     """Clean up after a merge that was killed (kill -9, power loss): its process is gone.
 
@@ -408,8 +402,6 @@ def tokenizer_source(adapter, base_path):
 def check_merged(run):
     """--verify: how closely the merged model reproduces base + adapter, with its verdict, printed and kept in
     the folder's merge_config.json and model card."""
-    from platy.model_card import model_card
-
     report = verdict(verify_merge(run), run.dtype)
     limit = report["tolerance"]
     say(
@@ -424,10 +416,7 @@ def check_merged(run):
             else ""
         )
         say(f"Warning: the merged model does not reproduce base + adapter within the tolerances{hint}")
-    info = read_json(run.output_dir / "merge_config.json")
-    info["verify"] = report
-    write_json(run.output_dir / "merge_config.json", info)
-    write_text(run.output_dir / "README.md", model_card(run, run.adapter, info))
+    update_record(run, verify=report)
     return report
 
 
