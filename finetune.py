@@ -43,6 +43,7 @@ def train(
     add_eos_token: bool = False,
     group_by_length: bool = False,
     prompt_template_name: str = "alpaca",
+    chat_template: str = "none",
     # resume and logging
     resume_from_checkpoint: str = None,
     wandb_project: str = "",
@@ -118,6 +119,10 @@ def train(
         group_by_length: Batch examples of similar length together (less padding).
         prompt_template_name: Template in templates/ (alpaca, alpaca_short, alpaca_ko) or a
             path to a template .json.
+        chat_template: How conversations (and, with a template, every row) are rendered: none
+            (the Alpaca template above, turn by turn), auto (the base tokenizer's own), chatml,
+            llama3, or a path to a .jinja file. Labels are the assistant turns and their
+            end-of-turn tokens; see docs/conversations.md.
         resume_from_checkpoint: A checkpoint folder (continues step, schedule, optimizer, RNG
             and data order), 'auto' (the latest complete checkpoint in output_dir), or an
             adapter folder (loads its weights; optimizer and schedule restart).
@@ -193,7 +198,7 @@ def train(
     train_set, val_set, run_config["data"] = stages.build_datasets(run, tokenizer, prompter)
     if stages.finished_checkpoint(run, train_set):  # the run ended but its final save was cut short
         return stages.export_finished_checkpoint(run, tokenizer, run_config)
-    model, run_config["resolved"]["quantization_layout"] = stages.load_model_with_lora(run)
+    model, run_config["resolved"]["quantization_layout"] = stages.load_model_with_lora(run, tokenizer)
     trainer = stages.build_trainer(run, model, tokenizer, train_set, val_set, run_config)
     result = stages.run_training(run, trainer)
     stages.save(run, trainer, run_config, result)

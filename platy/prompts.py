@@ -1,6 +1,7 @@
 """Alpaca-LoRA style prompt templates from templates/*.json, found next to the code."""
 
 import json
+import re
 from pathlib import Path
 
 from platy.cli import REPO_ROOT, UserError
@@ -54,3 +55,117 @@ class Prompter:
     def get_response(self, output):
         """The part of a generated text after the template's response marker."""
         return output.split(self.template["response_split"], 1)[-1].strip()
+
+
+# ---- chat templates: templates/*.jinja, the base tokenizer's own, or a Jinja file ------------
+
+CHAT_TEMPLATE_NONE = "none"  # the Alpaca templates above, the Platypus behaviour
+CHAT_TEMPLATE_AUTO = "auto"  # the base tokenizer's own chat_template
+CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+
+
+def available_chat_templates():
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
+def chat_template_problem(spec, flag="--chat_template"):
+    """A problem with a --chat_template value that needs no tokenizer, or None."""
+    if not isinstance(spec, str) or not spec.strip():
+        return f"{flag}: give none, auto, one of {', '.join(available_chat_templates())} or a path to a .jinja file"
+    if spec in (CHAT_TEMPLATE_NONE, CHAT_TEMPLATE_AUTO) or (TEMPLATES_DIR / f"{spec}.jinja").is_file():
+        return None
+    if Path(spec).suffix in (".jinja", ".j2") or "/" in spec:
+        return None  # a file: ChatTemplate.resolve reads it
+    return (
+        f"{flag}: unknown chat template '{spec}'; choose none, auto, "
+        f"{', '.join(available_chat_templates())} or give a path to a .jinja file"
+    )
+
+
+class ChatTemplate:
+    """A Jinja chat template, rendered by the tokenizer's apply_chat_template.
+
+    name: the --chat_template value's name (a shipped template's stem, 'auto', or the file's stem);
+    text: the Jinja source; end_of_turn: the control tokens that close an assistant turn, read
+    from the template's own rendering (see end_of_turn_tokens), set by bind.
+    """
+
+    def __init__(self, name, text, path=None):
+        self.name, self.text, self.path = name, text, path
+        self.end_of_turn = ()
+        self.added = []  # control tokens bind added to the tokenizer
+
+    @classmethod
+    def resolve(cls, spec, tokenizer, flag="--chat_template"):
+        """The ChatTemplate a --chat_template value names, or None for 'none'."""
+        if spec == CHAT_TEMPLATE_NONE:
+            return None
+        if spec == CHAT_TEMPLATE_AUTO:
+            text = getattr(tokenizer, "chat_template", None)
+            if isinstance(text, dict):  # several named templates: the default one
+                text = text.get("default")
+            if not text:
+                raise UserError(
+                    f"{flag} auto: the base model's tokenizer has no chat_template; choose one of "
+                    f"{', '.join(available_chat_templates())}, a path to a .jinja file, or none"
+                )
+            return cls("auto", text)
+        problem = chat_template_problem(spec, flag)
+        if problem:
+            raise UserError(problem)
+        path = TEMPLATES_DIR / f"{spec}.jinja"
+        path = path if path.is_file() else Path(spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"{flag}: template file not found: {spec}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{flag}: cannot read {path} ({err}); fix the file") from err
+        return cls(path.stem, text, str(path))
+
+    def control_tokens(self):
+        """The <|name|> tokens the template writes, in order of first appearance."""
+        return list(dict.fromkeys(CONTROL_TOKEN.findall(self.text)))
+
+    def render(self, tokenizer, conversations, add_generation_prompt=False):
+        """The texts of a batch of conversations (lists of role/content dicts)."""
+        try:
+            return tokenizer.apply_chat_template(
+                conversations, chat_template=self.text, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as err:  # a Jinja error (or the template's raise_exception) is the template's fault
+            raise UserError(f"chat template {self.path or self.name}: cannot render a conversation ({err})") from err
+
+    def bind(self, tokenizer):
+        """Add the template's control tokens the tokenizer lacks (as special tokens), make the template the
+        tokenizer's, and read the end-of-turn tokens. Returns the tokens added."""
+        vocab = tokenizer.get_vocab()
+        missing = [token for token in self.control_tokens() if token not in vocab]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        tokenizer.chat_template = self.text
+        self.end_of_turn = end_of_turn_tokens(self, tokenizer)
+        return missing
+
+    def end_of_turn_ids(self, tokenizer):
+        return [tokenizer.convert_tokens_to_ids(token) for token in self.end_of_turn]
+
+
+PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+
+
+def end_of_turn_tokens(template, tokenizer):
+    """The special tokens that close an assistant turn: the tokens of what the template writes after an
+    assistant's content (the rendering of a conversation ending with that turn, less the rendering up to
+    its content) that are special or added tokens. Empty where the template closes a turn with plain text."""
+    whole = template.render(tokenizer, [PROBE])[0]
+    prefix = template.render(tokenizer, [PROBE[:1]], add_generation_prompt=True)[0]
+    if not whole.startswith(prefix) or PROBE[1]["content"] not in whole[len(prefix) :]:
+        raise UserError(
+            f"chat template {template.path or template.name}: the assistant turn's rendering does not follow its "
+            "generation prompt; the template cannot mark which tokens are the assistant's"
+        )
+    closing = whole[len(prefix) + whole[len(prefix) :].index(PROBE[1]["content"]) + 1 :]
+    special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    ids = tokenizer(closing, add_special_tokens=False)["input_ids"]
+    return tuple(dict.fromkeys(t for t in tokenizer.convert_ids_to_tokens(ids) if t in special))

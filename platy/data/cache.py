@@ -29,7 +29,7 @@ from platy.data.tokenize import (
 )
 from platy.files import cache_root
 
-TOKENIZATION_VERSION = 3  # bump when ExampleTokenizer or tokenize_rows change what they produce
+TOKENIZATION_VERSION = 4  # bump when ExampleTokenizer or tokenize_rows change what they produce
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -58,6 +58,7 @@ def cache_key(data_fingerprint, split, example_tokenizer):
         "split": split,
         "tokenizer": tokenizer_fingerprint(example_tokenizer.tokenizer),
         "template": example_tokenizer.prompter.template,
+        "chat_template": example_tokenizer.chat_template and example_tokenizer.chat_template.text,
         "cutoff_len": example_tokenizer.cutoff_len,
         "train_on_inputs": example_tokenizer.train_on_inputs,
         "add_eos_token": example_tokenizer.add_eos_token,

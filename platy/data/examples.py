@@ -9,6 +9,7 @@ import multiprocessing
 import os
 
 from platy.cli import TOKENIZER_THREADS_OFF_BY_US, UserError
+from platy.data.rows import row_messages
 
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -118,6 +119,39 @@ def splits_cleanly_after(tokenizer, boundary):
     return not any(form in token[:-1] for token in tokens for form in forms)
 
 
+ALPACA_COLUMNS = ("instruction", "input", "output")
+
+
+def alpaca_row(batch, i):
+    return {key: batch[key][i] for key in ALPACA_COLUMNS}
+
+
+def columns_of(examples):
+    """compact's columns from (ids, masked, n_response, truncated) tuples."""
+    keys = ("input_ids", "masked", "n_response", "truncated")
+    return {key: [example[k] for example in examples] for k, key in enumerate(keys)}
+
+
+def false_runs(flags):
+    """(begin, end) of each run of False in flags."""
+    runs, begin = [], None
+    for j, flag in enumerate([*flags, True]):
+        if not flag and begin is None:
+            begin = j
+        elif flag and begin is not None:
+            runs.append((begin, j))
+            begin = None
+    return runs
+
+
+def masked_labels(ids, spans):
+    """The labels of ids: IGNORE_INDEX inside each (begin, end) span."""
+    labels = list(ids)
+    for begin, end in spans:
+        labels[begin:end] = [IGNORE_INDEX] * (end - begin)
+    return labels
+
+
 def template_heads(template):
     """The opening of each prompt form up to its last newline, longest first: the text every prompt
     of that form starts with, whatever the row."""
@@ -148,9 +182,10 @@ class ExampleTokenizer:
     dropped (see tokenize_rows).
     """
 
-    def __init__(self, tokenizer, prompter, cutoff_len, train_on_inputs=False, add_eos_token=False):
+    def __init__(self, tokenizer, prompter, cutoff_len, train_on_inputs=False, add_eos_token=False, chat_template=None):
         self.tokenizer = tokenizer
         self.prompter = prompter
+        self.chat_template = chat_template  # a bound platy.prompts.ChatTemplate, or None: the Alpaca templates
         self.cutoff_len = cutoff_len
         self.train_on_inputs = train_on_inputs
         self.add_eos_token = add_eos_token
@@ -163,14 +198,42 @@ class ExampleTokenizer:
     def __call__(self, batch):
         """input_ids, attention_mask, labels, n_response and truncated for each row of a column batch."""
         out = self.compact(batch)
-        n_masked = out.pop("n_masked")
         out["attention_mask"] = [[1] * len(ids) for ids in out["input_ids"]]
-        out["labels"] = [[IGNORE_INDEX] * n + ids[n:] for ids, n in zip(out["input_ids"], n_masked)]
+        out["labels"] = [masked_labels(ids, spans) for ids, spans in zip(out["input_ids"], out.pop("masked"))]
         return out
 
     def compact(self, batch):
-        """input_ids, n_masked (leading ids whose label is IGNORE_INDEX: the prompt, or none with
-        train_on_inputs), n_response and truncated for each row; the mask and labels follow from them."""
+        """input_ids, masked ((begin, end) spans of ids whose label is IGNORE_INDEX: the prompt, or none with
+        train_on_inputs), n_response and truncated for each row; the mask and labels follow from them.
+
+        A row with 'messages' is a conversation: rendered with the chat template, or with the Alpaca
+        template turn by turn where it has no Alpaca fields (more than one exchange)."""
+        messages = batch.get("messages") or [None] * len(batch["instruction"])
+        if self.chat_template is None:
+            conversations = [i for i, (m, text) in enumerate(zip(messages, batch["instruction"])) if m and not text]
+        else:
+            conversations = list(range(len(messages)))
+        if not conversations:
+            return self.compact_alpaca(batch)
+        alpaca = sorted(set(range(len(messages))) - set(conversations))
+        if self.chat_template is None:
+            parts = [(conversations, self.compact_turns([messages[i] for i in conversations]))]
+        else:
+            chats = [messages[i] or row_messages(alpaca_row(batch, i)) for i in conversations]
+            parts = [(conversations, self.compact_chat(chats))]
+        if alpaca:
+            parts.append(
+                (alpaca, self.compact_alpaca({key: [batch[key][i] for i in alpaca] for key in ALPACA_COLUMNS}))
+            )
+        out = {key: [None] * len(messages) for key in parts[0][1]}
+        for rows, part in parts:
+            for key, values in part.items():
+                for i, value in zip(rows, values):
+                    out[key][i] = value
+        return out
+
+    def compact_alpaca(self, batch):
+        """compact's columns for Alpaca rows: [BOS] prompt response [EOS] (see build)."""
         prompts = [self.prompter.generate_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
         prompt_ids = self.encode_prompts(prompts)
         responses = self.encode_after(prompts, batch["output"])
@@ -183,11 +246,88 @@ class ExampleTokenizer:
                     responses.append((joint, len(prompt)))
                 else:
                     responses.append((self.encode([text])[0], 0))
-        out = {"input_ids": [], "n_masked": [], "n_response": [], "truncated": []}
+        out = {"input_ids": [], "masked": [], "n_response": [], "truncated": []}
         for prompt, (ids, start) in zip(prompt_ids, responses):
-            for key, value in zip(out, self.build(with_bos(prompt, self.bos), ids, start)):
+            ids, n_masked, n_response, truncated = self.build(with_bos(prompt, self.bos), ids, start)
+            for key, value in zip(out, (ids, [(0, n_masked)] if n_masked else [], n_response, truncated)):
                 out[key].append(value)
         return out
+
+    def compact_turns(self, conversations):
+        """compact's columns for conversations of several exchanges under an Alpaca template: each exchange
+        is the template's prompt and the response followed by EOS, one after the other after one BOS. The
+        system message, if any, is the first exchange's instruction and that exchange's question its input
+        (as for a single exchange); the later questions are instructions without input."""
+        examples = []
+        for messages in conversations:
+            system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+            turns = messages[1:] if messages[0]["role"] == "system" else messages
+            ids, assistant = list(self.bos), [False] * len(self.bos)
+            for k in range(0, len(turns), 2):
+                question, answer = turns[k]["content"], turns[k + 1]["content"]
+                first = k == 0 and system.strip()
+                prompt = self.prompter.generate_prompt(system if first else question, question if first else "")
+                prompt_ids, joint = self.encode([prompt, prompt + answer])
+                response = (
+                    joint[len(prompt_ids) :] if joint[: len(prompt_ids)] == prompt_ids else self.encode([answer])[0]
+                )
+                if k == 0:
+                    prompt_ids = with_bos(prompt_ids, self.bos)[len(self.bos) :]
+                ids += prompt_ids + response + [self.eos]
+                assistant += [False] * len(prompt_ids) + [True] * (len(response) + 1)
+            examples.append(self.finish(ids, assistant))
+        return columns_of(examples)
+
+    def compact_chat(self, conversations):
+        """compact's columns for conversations rendered with the chat template: the ids are the tokenizer's
+        ids of the whole rendered text (what apply_chat_template(..., tokenize=True) gives). An assistant
+        turn's labels are the tokens between the rendering of the conversation up to that turn with the
+        generation prompt and the rendering that ends with the turn, less what follows the turn's last
+        end-of-turn token (the newline ChatML writes after <|im_end|>, say)."""
+        template, tokenizer = self.chat_template, self.tokenizer
+        texts = template.render(tokenizer, conversations)
+        turns = [
+            (row, i)
+            for row, messages in enumerate(conversations)
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant"
+        ]
+        opened = template.render(tokenizer, [conversations[row][:i] for row, i in turns], add_generation_prompt=True)
+        closed = template.render(tokenizer, [conversations[row][: i + 1] for row, i in turns])
+        spans = [[] for _ in conversations]
+        for (row, _), head, whole in zip(turns, opened, closed):
+            if not (texts[row].startswith(whole) and whole.startswith(head)):
+                raise UserError(
+                    f"chat template {template.path or template.name}: the rendering of a conversation does not "
+                    "start with the rendering of its first turns; its assistant tokens cannot be told apart"
+                )
+            spans[row].append((len(head), len(whole)))
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        end_ids = set(template.end_of_turn_ids(tokenizer))
+        examples = []
+        for ids, offsets, row_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
+            assistant = [False] * len(ids)
+            for begin, end in row_spans:
+                inside = [j for j, (s, e) in enumerate(offsets) if s < end and e > begin]
+                closing = [j for j in inside if ids[j] in end_ids]
+                for j in inside:
+                    if not closing or j <= closing[-1]:
+                        assistant[j] = True
+            examples.append(self.finish(list(ids), assistant))
+        return columns_of(examples)
+
+    def finish(self, ids, assistant):
+        """(ids, masked, n_response, truncated) of a conversation whose ids[j] is an assistant label where
+        assistant[j]. Beyond cutoff_len the ids are cut, and then after the last assistant token left: the
+        turns that fit stay whole, an assistant turn cut in the middle keeps its tokens without its
+        end-of-turn token (it did not end there), and a cut user turn goes."""
+        truncated = len(ids) > self.cutoff_len
+        if truncated:
+            last = max((j for j, a in enumerate(assistant[: self.cutoff_len]) if a), default=-1)
+            del ids[last + 1 :], assistant[last + 1 :]
+        n_response = sum(assistant[1:])  # labels are shifted inside the model: position 0 is never a target
+        masked = [] if self.train_on_inputs else false_runs(assistant)
+        return ids, masked, n_response, truncated
 
     def encode(self, texts):
         """Token ids of texts without special tokens: the same ids as tokenizer(texts), and for a

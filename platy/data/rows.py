@@ -280,7 +280,8 @@ def check_rows(rows, source):
         shown = "; ".join(problems[:MAX_ROW_PROBLEMS_SHOWN]) + (f"; and {more} more rows" if more > 0 else "")
         raise UserError(
             f"{source}: {shown}. Every row needs non-empty text fields 'instruction' and 'output' "
-            "('input' is optional); fix or remove those rows"
+            "('input' is optional), or a 'messages' / 'conversations' list whose user and assistant turns "
+            "alternate after an optional system message and end with an assistant turn; fix or remove those rows"
         )
     if not clean:
         raise UserError(f"{source}: no rows; the data set is empty")
@@ -313,7 +314,7 @@ def normalise_rows(rows, source):
                 )
     clean, rejects = [], []
     for number, row in enumerate(rows, start=1):
-        entry, reason = to_alpaca(row)
+        entry, reason = to_row(row)
         if reason:
             rejects.append((number, reason, row))
         else:
@@ -389,12 +390,13 @@ def _from_openorca(row):
     return fields, None
 
 
-def _from_conversation(row):
+def conversation_turns(row):
+    """([(role, text)] with roles system/user/assistant, None), or (None, the reason the turns are unusable)."""
     key = next(k for k in CONVERSATION_KEYS if k in row)
     turns = row[key]
     if not isinstance(turns, list):
         return None, f"'{key}' is {type(turns).__name__}, not a list of turns"
-    system, said = "", []
+    said = []
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict):
             return None, f"turn {number} is {type(turn).__name__}, not an object"
@@ -403,11 +405,43 @@ def _from_conversation(row):
         if not isinstance(text, str):
             return None, f"turn {number} has no text ('value' or 'content')"
         if role == "system" and not said:
-            system = text
+            said.append(("system", text))
         elif role in USER_ROLES or role in ASSISTANT_ROLES:
             said.append(("user" if role in USER_ROLES else "assistant", text))
         else:
             return None, f"turn {number} has an unknown role {role!r}"
+    return said, None
+
+
+def conversation_messages(row):
+    """(messages, None): the turns as [{'role', 'content'}], an optional system message first, then user
+    and assistant turns alternating, ending with an assistant turn; or (None, the reason it is not one)."""
+    said, problem = conversation_turns(row)
+    if problem:
+        return None, problem
+    first = 1 if said[:1] and said[0][0] == "system" else 0
+    for number, (role, text) in enumerate(said, start=1):
+        if not text.strip():
+            return None, f"turn {number} ({role}) is blank"
+        expected = "user" if (number - 1 - first) % 2 == 0 else "assistant"
+        if number > first and role != expected:
+            return None, (
+                f"turn {number} is a {role} turn where a{'n' if expected == 'assistant' else ''} {expected} "
+                "turn must come (after an optional system message, user and assistant turns alternate)"
+            )
+    if len(said) == first:
+        return None, "no user or assistant turns"
+    if said[-1][0] != "assistant":
+        return None, "the conversation ends with a user turn; it must end with an assistant turn to learn from"
+    return [{"role": role, "content": text} for role, text in said], None
+
+
+def _from_conversation(row):
+    said, problem = conversation_turns(row)
+    if problem:
+        return None, problem
+    system = said[0][1] if said[:1] and said[0][0] == "system" else ""
+    said = [turn for turn in said if turn[0] != "system"]
     if [r for r, _ in said] != ["user", "assistant"]:
         exchanges = sum(1 for r, _ in said if r == "user")
         if exchanges > 1:
@@ -417,6 +451,36 @@ def _from_conversation(row):
             )
         return None, "a conversation needs one user turn followed by one assistant turn"
     return {"instruction": said[0][1], "output": said[1][1], "system": system}, None
+
+
+def to_row(row):
+    """(training row, None), or (None, the reason the row is unusable).
+
+    A conversation keeps its turns as 'messages' (see conversation_messages); one of a single
+    exchange also carries its Alpaca fields (to_alpaca), which the Alpaca templates use, so that
+    it trains as it always did. Alpaca and OpenOrca rows are their Alpaca form.
+    """
+    if row_layout(row) != "conversation":
+        return to_alpaca(row)
+    messages, problem = conversation_messages(row)
+    if problem:
+        return None, problem
+    entry = {}
+    if sum(m["role"] == "user" for m in messages) == 1:
+        entry, _ = to_alpaca(row)
+    entry["messages"] = messages
+    if isinstance(row.get("data_source"), str):
+        entry["data_source"] = row["data_source"]
+    return entry, None
+
+
+def row_messages(row):
+    """A training row as a conversation: its messages, or an Alpaca row's instruction (and input,
+    after a blank line) as the user turn and its output as the assistant turn."""
+    if "messages" in row:
+        return row["messages"]
+    question = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": row["output"]}]
 
 
 def _row_problem(row):

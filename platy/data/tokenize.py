@@ -142,16 +142,20 @@ def token_arrays(part):
     import numpy as np
 
     keep = [i for i, n in enumerate(part["n_response"]) if n > 0]
-    ids, n_masked = part["input_ids"], part["n_masked"]
+    ids, masked = part["input_ids"], part["masked"]
     if len(keep) < len(ids):
-        ids, n_masked = [ids[i] for i in keep], [n_masked[i] for i in keep]
+        ids, masked = [ids[i] for i in keep], [masked[i] for i in keep]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
     labels = flat.copy()
-    for begin, n in zip(offsets[:-1].tolist(), n_masked):
-        labels[begin : begin + n] = IGNORE_INDEX
+    n_masked = n_first = 0  # masked ids; examples whose first id is a label (never a target)
+    for start, spans in zip(offsets[:-1].tolist(), masked):
+        for begin, end in spans:
+            labels[start + begin : start + end] = IGNORE_INDEX
+            n_masked += end - begin
+        n_first += not spans or spans[0][0] > 0
     rows = len(part["input_ids"])
     counts = {
         "rows": rows,
@@ -160,14 +164,17 @@ def token_arrays(part):
         "truncated": sum(part["truncated"]),
         "tokens": len(flat),
         # labels are shifted inside the model: a label at position 0 is never a target
-        "label_tokens": len(flat) - sum(n_masked) - n_masked.count(0),
+        "label_tokens": len(flat) - n_masked - n_first,
         "max_len": int(lengths.max(initial=0)),
     }
     return {"offsets": offsets.astype(np.int32), "input_ids": flat, "labels": labels}, counts
 
 
 def text_columns(rows):
-    return {key: [row.get(key, "") for row in rows] for key in ("instruction", "input", "output")}
+    columns = {key: [row.get(key, "") for row in rows] for key in ("instruction", "input", "output")}
+    if any("messages" in row for row in rows):
+        columns["messages"] = [row.get("messages") for row in rows]
+    return columns
 
 
 def column_slice(columns, start, size):

@@ -17,7 +17,7 @@ from platy import checks, cli
 from platy.cli import UserError, say
 from platy.files import ADAPTER_FILES, RUN_CONFIG, read_run_config
 from platy.modeling import PRECISIONS, QUANTIZATIONS, bitsandbytes_missing, parse_target_modules
-from platy.prompts import Prompter
+from platy.prompts import Prompter, chat_template_problem
 from platy.train import checkpoints, plan
 from platy.train.checkpoints import Resume
 from platy.train.speed import checkpoint_fraction, liger_unavailable
@@ -70,6 +70,7 @@ RESUME_MUST_MATCH = (
     "add_eos_token",
     "group_by_length",
     "prompt_template_name",
+    "chat_template",
     "quantization",
     "learning_rate",
     "lr_scheduler",
@@ -115,6 +116,7 @@ class TrainRun:
     add_eos_token: bool
     group_by_length: bool
     prompt_template_name: str
+    chat_template: str
     # resume and logging
     resume_from_checkpoint: Any
     wandb_project: str
@@ -215,6 +217,7 @@ def value_problems(f):
         checks.choice("attn_implementation", f["attn_implementation"], ATTENTION),
         checks.choice("quantization", f["quantization"], QUANTIZATIONS),
         checks.choice("precision", f["precision"], PRECISIONS),
+        chat_template_problem(f["chat_template"]),
     )
     if not checks.is_int(f["max_steps"]) or f["max_steps"] == 0 or f["max_steps"] < -1:
         problems.append(f"--max_steps must be a positive integer or -1 (run num_epochs), got {f['max_steps']!r}")

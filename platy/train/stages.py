@@ -45,7 +45,7 @@ def prepare(flags):
     tokenizer, prompter = load_tokenizer_and_prompter(run)
     train_set, val_set, run_config["data"] = build_datasets(run, tokenizer, prompter)
     finished_checkpoint(run, train_set)
-    model, run_config["resolved"]["quantization_layout"] = load_model_with_lora(run)
+    model, run_config["resolved"]["quantization_layout"] = load_model_with_lora(run, tokenizer)
     trainer = build_trainer(run, model, tokenizer, train_set, val_set, run_config)
     return Prepared(run, run_config, tokenizer, train_set, val_set, model, trainer)
 
@@ -106,8 +106,24 @@ def load_tokenizer_and_prompter(run):
     from platy.data.examples import prepare_tokenizer
     from platy.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(run.base_model_path, run.trust_remote_code, flag="--base_model")
-    return prepare_tokenizer(tokenizer), run.prompter
+    tokenizer = prepare_tokenizer(load_tokenizer(run.base_model_path, run.trust_remote_code, flag="--base_model"))
+    chat = bind_chat_template(run, tokenizer)
+    if chat is not None:
+        say(
+            f"Chat template {chat.name}: assistant turns end with {', '.join(chat.end_of_turn) or 'no special token'}"
+            + (f"; added to the vocabulary: {', '.join(chat.added)}" if chat.added else "")
+        )
+    return tokenizer, run.prompter
+
+
+def bind_chat_template(run, tokenizer):
+    """The run's ChatTemplate bound to the tokenizer (its missing control tokens added), or None."""
+    from platy.prompts import ChatTemplate
+
+    chat = ChatTemplate.resolve(run.chat_template, tokenizer)
+    if chat is not None:
+        chat.added = chat.bind(tokenizer)
+    return chat
 
 
 def build_datasets(run, tokenizer, prompter):
@@ -115,7 +131,14 @@ def build_datasets(run, tokenizer, prompter):
     from platy.data.cache import tokenized_splits
     from platy.data.examples import ExampleTokenizer
 
-    example_tokenizer = ExampleTokenizer(tokenizer, prompter, run.cutoff_len, run.train_on_inputs, run.add_eos_token)
+    example_tokenizer = ExampleTokenizer(
+        tokenizer,
+        prompter,
+        run.cutoff_len,
+        run.train_on_inputs,
+        run.add_eos_token,
+        chat_template=bind_chat_template(run, tokenizer),
+    )
     splits, (where, folder) = tokenized_splits(
         {"train": run.train_rows, "val": run.val_rows},
         example_tokenizer,
@@ -196,9 +219,10 @@ def finished_checkpoint(run, train_set):
     return finished
 
 
-def load_model_with_lora(run):
+def load_model_with_lora(run, tokenizer=None):
     """The base with LoRA adapters (or, for --finetuning full, every weight trainable), and the
-    quantization layout to record (None for full fine-tuning)."""
+    quantization layout to record (None for full fine-tuning). Where the tokenizer has grown (a chat
+    template's control tokens added), the embeddings grow to fit and their new rows are trained."""
     from platy.modeling import quantization_layout
     from platy.train.speed import checkpoint_layers
 
@@ -208,6 +232,7 @@ def load_model_with_lora(run):
         + (", fp32 master weights for full fine-tuning" if full else "")
     )
     model = load_base(run)
+    new_tokens = grow_vocabulary(model, tokenizer)
     checkpointed, layers = checkpoint_layers(model, run.checkpoint_fraction)
     if checkpointed and cli.is_main_process():
         say(f"Activation checkpointing on {checkpointed} of {layers} decoder layers")
@@ -216,7 +241,30 @@ def load_model_with_lora(run):
             say(f"Full fine-tuning: all {sum(p.numel() for p in model.parameters()):,} parameters trainable")
         return model, None
     layout = quantization_layout(model, run.quantization, run.precision)
-    return add_lora(run, model), layout
+    return add_lora(run, model, new_tokens), layout
+
+
+def grow_vocabulary(model, tokenizer):
+    """The ids the tokenizer has beyond the model's embedding rows, after growing the embeddings (and an
+    untied lm_head) to fit; their new rows start at the mean of the old ones (transformers' default)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is None or len(tokenizer) <= rows:
+        return []
+    model.resize_token_embeddings(len(tokenizer))
+    return list(range(rows, len(tokenizer)))
+
+
+def trainable_tokens(model, new_tokens):
+    """peft's trainable_token_indices for the new ids: the input embeddings' rows, and the lm_head's
+    where it is not tied to them (only the new rows train; the old ones stay as they were)."""
+    if not new_tokens:
+        return None
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    indices = {names[model.get_input_embeddings()]: new_tokens}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
+        indices[names[output]] = new_tokens
+    return indices
 
 
 def load_base(run):
@@ -239,7 +287,7 @@ def load_base(run):
     )
 
 
-def add_lora(run, model):
+def add_lora(run, model, new_tokens=()):
     """model wrapped with LoRA adapters (seeded, as --init_lora_weights says), loaded from
     --resume_from_checkpoint's adapter folder if given."""
     import torch
@@ -260,8 +308,14 @@ def add_lora(run, model):
         use_rslora=run.use_rslora,
         use_dora=run.use_dora,
         init_lora_weights=PEFT_INIT.get(run.init_lora_weights, run.init_lora_weights),
+        trainable_token_indices=trainable_tokens(model, new_tokens),
     )
     model = get_peft_model(model, lora)
+    if new_tokens and cli.is_main_process():
+        say(
+            f"New tokens {new_tokens[0]}-{new_tokens[-1]}: their embedding and lm_head rows are trained"
+            " (peft trainable_token_indices)"
+        )
     if run.init_lora_weights == "loftq":
         loftq_initialise(model, run.base_model_path)
     if changes_base(run.init_lora_weights) and cli.is_main_process():
@@ -550,6 +604,7 @@ def save(run, trainer, run_config, result):
         if trainer.is_world_process_zero() and getattr(trainer.model, "initial_adapter", None):
             convert_to_plain_lora(trainer.model, out / STAGING / "final")
         if trainer.is_world_process_zero():
+            record_chat_template(run, trainer.processing_class, out / STAGING / "final", run_config)
             publish_final(out / STAGING / "final", out)
             write_results(out, trainer.state.log_history, run_config, result)
     except OSError as err:
@@ -570,6 +625,36 @@ def convert_to_plain_lora(model, staged):
         f"Adapter converted for the unchanged base ({model.peft_config['default'].init_lora_weights} moved part of "
         "each adapted weight into the adapter at the start): rank doubled, merge.py and peft apply it to the base"
     )
+
+
+def record_chat_template(run, tokenizer, folder, run_config):
+    """With a chat template: a generation_config.json whose eos_token_id holds the end-of-turn tokens as well
+    as EOS (so generate, lm-eval and vLLM stop at the end of a turn), and the template in run_config. The
+    tokenizer files the Trainer saved carry the template itself."""
+    from transformers import GenerationConfig
+
+    chat = bind_chat_template(run, tokenizer)
+    if chat is None:
+        return
+    try:
+        generation = GenerationConfig.from_pretrained(run.base_model_path)
+    except OSError:  # the base has no generation_config.json
+        generation = GenerationConfig()
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    stops = [
+        i for i in dict.fromkeys([*eos, tokenizer.eos_token_id, *chat.end_of_turn_ids(tokenizer)]) if i is not None
+    ]
+    generation.eos_token_id = stops
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(folder)
+    run_config["resolved"]["chat_template"] = {
+        "name": chat.name,
+        "path": chat.path,
+        "end_of_turn": list(chat.end_of_turn),
+        "vocabulary": len(tokenizer),
+        "eos_token_id": stops,
+        "text": chat.text,
+    }
 
 
 def publish_final(staged, out):
