@@ -268,6 +268,9 @@ class ExampleTokenizer:
                 first = k == 0 and system.strip()
                 prompt = self.prompter.generate_prompt(system if first else question, question if first else "")
                 prompt_ids, joint = self.encode([prompt, prompt + answer])
+                following = self.encode_following("\n", [prompt, prompt + answer]) if k else None
+                if following:  # a later prompt continues the text: no word-start marker of its own
+                    prompt_ids, joint = (ids[start:] for ids, start in following)
                 response = (
                     joint[len(prompt_ids) :] if joint[: len(prompt_ids)] == prompt_ids else self.encode([answer])[0]
                 )
