@@ -21,6 +21,7 @@ def main(
     base_model: str = None,
     lora_weights: str = None,
     prompt_template: str = None,
+    chat_template: bool = True,
     prompt: str = None,
     input: str = None,
     prompts_file: str = None,
@@ -47,6 +48,9 @@ def main(
         lora_weights: Adapter folder written by finetune.py (optional).
         prompt_template: Template name or path; default: the adapter's or merged model's
             recorded template, else alpaca.
+        chat_template: Format prompts with the model's chat template when its tokenizer has one (what
+            finetune.py --chat_template saved), stopping at its end-of-turn token; false uses
+            --prompt_template.
         prompt: One instruction to answer (printed to stdout).
         input: The optional input that goes with --prompt.
         prompts_file: JSON, JSONL, CSV or Parquet rows with instruction and optional input.

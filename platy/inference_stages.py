@@ -22,6 +22,7 @@ class GenerationRun:
     base: str  # the base or merged model as given (or as the adapter records it)
     adapter: object  # merging.Adapter, or None
     prompter: object
+    chat_template: bool  # use the tokenizer's chat template where it has one
     prompt: str | None
     input: str | None
     rows: list | None  # the prompts file's rows
@@ -119,6 +120,7 @@ def resolve(flags):
         base=base,
         adapter=adapter,
         prompter=Prompter(template, "--prompt_template"),
+        chat_template=flags["chat_template"],
         prompt=flags["prompt"],
         input=flags["input"],
         rows=rows,
@@ -176,6 +178,7 @@ def load_for_generation(run):
         trust_remote_code=run.trust_remote_code,
         placement=placement,
         base_flag="--base_model",
+        vocabulary=len(tokenizer),
     )
     model.eval()
     torch.manual_seed(run.seed)
@@ -190,13 +193,15 @@ class Generator:
 
         self.model, self.tokenizer, self.prompter = model, tokenizer, prompter
         self.bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+        self.chat = chat_template_of(tokenizer) if run.chat_template else None
+        stops = [tokenizer.eos_token_id, *(self.chat.end_of_turn_ids(tokenizer) if self.chat else ())]
         sampling = run.temperature > 0
         self.kwargs = dict(
             max_new_tokens=run.max_new_tokens,
             do_sample=sampling,
             num_beams=run.num_beams,
             repetition_penalty=run.repetition_penalty,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops if self.chat else tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
         if sampling:
@@ -210,8 +215,12 @@ class Generator:
 
         from platy.data.examples import with_bos
 
-        texts = [self.prompter.generate_prompt(r["instruction"], r.get("input") or "") for r in rows]
-        ids = [with_bos(x, self.bos) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        if self.chat:  # the template writes any BOS itself, as in training
+            texts = self.chat.render(self.tokenizer, [prompt_messages(r) for r in rows], add_generation_prompt=True)
+            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        else:
+            texts = [self.prompter.generate_prompt(r["instruction"], r.get("input") or "") for r in rows]
+            ids = [with_bos(x, self.bos) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
@@ -227,6 +236,28 @@ class Generator:
         # the answer is what follows the prompt (which ends with the template's response_split);
         # decoding only the new tokens keeps an instruction that quotes the marker out of the answer
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
+
+
+def chat_template_of(tokenizer):
+    """The tokenizer's own chat template (what finetune.py saved with the adapter) with its end-of-turn
+    tokens read, or None where it has none."""
+    from platy.prompts import ChatTemplate, end_of_turn_tokens
+
+    text = getattr(tokenizer, "chat_template", None)
+    if not isinstance(text, str) or not text:
+        return None
+    chat = ChatTemplate("model", text)
+    chat.end_of_turn = end_of_turn_tokens(chat, tokenizer)
+    return chat
+
+
+def prompt_messages(row):
+    """A prompt row as a conversation to answer: its messages (ending with a user turn), or its
+    instruction and input as one user turn (the layout training used for Alpaca rows)."""
+    if row.get("messages"):
+        return row["messages"]
+    question = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": question}]
 
 
 def prepare(flags):

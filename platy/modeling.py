@@ -270,9 +270,11 @@ def load_model_with_adapter(
     placement=None,
     *,
     base_flag,
+    vocabulary=None,
 ):
     """The base loaded as load_model does, with a LoRA adapter applied unmerged (peft); the base alone
-    where adapter_folder is None.
+    where adapter_folder is None. vocabulary: the adapter's tokenizer's length; a base with fewer
+    embedding rows (a chat template's tokens were added in training) grows to it first.
 
     An adapter whose shapes do not fit the base is a UserError naming `flag` (the adapter's) and
     `base_flag` (the base's).
@@ -282,6 +284,8 @@ def load_model_with_adapter(
     model = load_model(base_model, quantization, precision, double_quant, trust_remote_code, placement, flag=base_flag)
     if adapter_folder is None:
         return model
+    if vocabulary and vocabulary > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocabulary, mean_resizing=False)  # the adapter holds the new rows
     try:
         return PeftModel.from_pretrained(model, str(adapter_folder))
     except (RuntimeError, ValueError, KeyError) as err:
