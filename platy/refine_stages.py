@@ -400,9 +400,9 @@ def drop_near_duplicates(run, rows, embeddings, report):
     report["near_duplicates"] = [
         {
             "dropped": rows[i]["_at"],
-            "instruction": rows[i]["instruction"][:200],
+            "instruction": row_text(rows[i])[:200],
             "kept": rows[matched[i]]["_at"],
-            "kept_instruction": rows[matched[i]]["instruction"][:200],
+            "kept_instruction": row_text(rows[matched[i]])[:200],
             "score": round(float(score[i]), 4),
         }
         for i in dropped
@@ -440,8 +440,8 @@ def drop_contaminated(run, rows, embeddings, report):
     report["contaminated"] = [
         {
             "dropped": rows[i]["_at"],
-            "instruction": rows[i]["instruction"],
-            "input": rows[i]["input"],
+            "instruction": rows[i].get("instruction", row_text(rows[i])),
+            "input": rows[i].get("input", ""),
             "data_source": rows[i].get("data_source"),
             "test_file": run.test_items[at[i]]["file"],
             "test_row": run.test_items[at[i]]["row"],
@@ -514,9 +514,14 @@ def save(run, rows, report):
     write_rows(run.rejects_file, report.pop("rejects"), "jsonl")
     report["rejected_rows"] = report["stages"][0]["dropped"]
     write_json(run.report_file, report)
-    fields = ("instruction", "input", "output", "data_source")
-    clean = [{key: row[key] for key in fields if key in row} for row in rows]
+    clean = [{key: row[key] for key in saved_fields(row) if key in row} for row in rows]
     write_rows(run.output, clean, FILE_FORMATS[run.output.suffix.lower()])
+
+
+def saved_fields(row):
+    """What the refined file holds of a row: its Alpaca fields, or a conversation of several exchanges
+    as messages."""
+    return ("instruction", "input", "output", "data_source") if "instruction" in row else ("messages", "data_source")
 
 
 def print_summary(report):

@@ -25,8 +25,22 @@ QUESTION_FIELDS = ("instruction", "question", "prompt", "problem", "query", "tex
 
 
 def row_text(row):
-    """What near dedup and decontamination compare: the instruction, and the input when there is one."""
+    """What near dedup and decontamination compare: the instruction, and the input when there is one;
+    for a conversation of several exchanges, its user turns, one per line."""
+    if "instruction" not in row:
+        return "\n".join(user_turns(row))
     return row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
+
+
+def user_turns(row):
+    return [m["content"] for m in row["messages"] if m["role"] == "user"]
+
+
+def answer_length(row):
+    """Characters of the answer: the output, or every assistant turn of a conversation."""
+    if "output" in row:
+        return len(row["output"])
+    return sum(len(m["content"]) for m in row["messages"] if m["role"] == "assistant")
 
 
 # ---- exact duplicates ----------------------------------------------------------------
@@ -42,10 +56,13 @@ def exact_duplicates(rows):
     best = {}
     keys = []
     for i, row in enumerate(rows):
-        key = (row["instruction"].strip(), row.get("input", "").strip())
+        if "instruction" in row:
+            key = (row["instruction"].strip(), row.get("input", "").strip())
+        else:  # a conversation: all of its user turns
+            key = tuple(turn.strip() for turn in user_turns(row))
         keys.append(key)
         j = best.get(key)
-        if j is None or len(row["output"]) > len(rows[j]["output"]):
+        if j is None or answer_length(row) > answer_length(rows[j]):
             best[key] = i
     kept = sorted(best.values())
     dropped = [(i, best[key]) for i, key in enumerate(keys) if best[key] != i]

@@ -313,8 +313,8 @@ def add_lora(run, model, new_tokens=()):
     model = get_peft_model(model, lora)
     if new_tokens and cli.is_main_process():
         say(
-            f"New tokens {new_tokens[0]}-{new_tokens[-1]}: their embedding and lm_head rows are trained"
-            " (peft trainable_token_indices)"
+            f"New tokens {new_tokens[0]}-{new_tokens[-1]}: their embedding and lm_head rows are trained "
+            "(peft trainable_token_indices)"
         )
     if run.init_lora_weights == "loftq":
         loftq_initialise(model, run.base_model_path)
