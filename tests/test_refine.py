@@ -330,7 +330,7 @@ def test_refine_end_to_end(inputs, tmp_path, tiny_llama, capsys):
     # every stage switched off: the rows as normalised, in order
     off = ["--exact_dedup", "False", "--near_dedup", "False", "--decontaminate", "False"]
     refine_in_process("--data_path", f"{inputs['alpaca']},{inputs['share']}", "--output_path", rerun, *off)
-    assert len(json.loads(rerun.read_text())) == 11
+    assert len(json.loads(rerun.read_text())) == 12  # the kept 2-exchange conversation too
 
 
 def bad_input_cases(tmp_path, inputs):
