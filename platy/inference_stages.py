@@ -254,10 +254,9 @@ def chat_template_of(tokenizer):
 def prompt_messages(row):
     """A prompt row as a conversation to answer: its messages (ending with a user turn), or its
     instruction and input as one user turn (the layout training used for Alpaca rows)."""
-    if row.get("messages"):
-        return row["messages"]
-    question = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    return [{"role": "user", "content": question}]
+    from platy.data.rows import row_messages
+
+    return row["messages"] if row.get("messages") else row_messages({**row, "output": ""})[:1]
 
 
 def prepare(flags):
