@@ -6,6 +6,9 @@ r"""Fuse a LoRA / QLoRA adapter into the base weights and export a standalone Hu
     # and GGUF files for llama.cpp, Ollama and LM Studio, checked against the merged model
     python merge.py --peft_model_path ./outputs/platypus-qlora --output_dir ./outputs/merged --gguf f16,q8_0 --verify
 
+    # later, after copying it: every shard against the sha256 merge_config.json records
+    python merge.py --check ./outputs/merged
+
     # Platypus's spelling, explicit base, bfloat16 output in 2 GB shards
     python merge.py --base_model_name_or_path meta-llama/Llama-2-13b-hf \
         --peft_model_path ./Platypus2-13B-lora --output_dir ./Platypus2-13B --dtype bfloat16 --max_shard_size 2GB
@@ -33,6 +36,7 @@ def merge(
     gguf: str = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    check: str = None,
     base_model: str = None,
     lora_weights: str = None,
 ):
@@ -56,11 +60,17 @@ def merge(
             llama.cpp's llama-quantize on the f16 file), and an Ollama Modelfile. Llama, Mistral and Qwen2.
         overwrite: Replace a non-empty output_dir (only once the new model is complete).
         trust_remote_code: Allow model code from the hub for --verify.
+        check: Verify a folder written earlier (a merged model against the sha256 its
+            merge_config.json records, a checkpoint or adapter against its manifest.json)
+            and exit; merges nothing.
         base_model: Alias of --base_model_name_or_path.
         lora_weights: Alias of --peft_model_path.
     """
     flags = dict(locals())
     cli.fail_on(stages.check_flags(flags))
+    if check:
+        stages.check_folder(check)
+        return
     run = stages.resolve(flags)
     stages.write_merged(run)
     if run.gguf_types:

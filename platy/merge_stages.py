@@ -2,7 +2,8 @@
 
 check_flags(flags) finds every problem of the command line without reading a file; resolve(flags)
 reads the adapter and the base into a MergeRun; write_merged builds the model folder next to its
-destination and swaps it into place; check_merged compares it with base + adapter (--verify).
+destination and swaps it into place; check_merged reads the written files back and compares the model
+with base + adapter (--verify); check_folder re-verifies a folder later (--check).
 """
 
 import datetime
@@ -17,9 +18,11 @@ from pathlib import Path
 from platy import checks, cli, gguf_export
 from platy.cli import WRITE_FAILED, Stopped, UserError, say
 from platy.files import swap_into_place, write_json, write_text
+from platy.integrity import MANIFEST, check_weights, folder_problem, human_size, records_problem
 from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base
 
 DEVICES = ("auto", "cpu", "cuda")
+MERGE_CONFIG = "merge_config.json"  # how the model was made, with the size and sha256 of each written file
 # largest logit difference that the rounding of the exported dtype alone stays well below
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.5}
 # GGUF against the merged model: (largest logit difference, greedy agreement) a type's rounding stays within;
@@ -70,6 +73,9 @@ def disagreement(flags, name, alias):
 
 def check_flags(flags):
     """Every problem of merge.py's flags, as sentences; reads no file."""
+    if flags["check"]:
+        given = [f"--{name}" for name in ("peft_model_path", "lora_weights", "output_dir") if flags[name]]
+        return [f"--check verifies a folder on its own; drop {', '.join(given)}"] if given else []
     problems = checks.problems_of(
         disagreement(flags, "peft_model_path", "lora_weights"),
         disagreement(flags, "base_model_name_or_path", "base_model"),
@@ -260,12 +266,13 @@ def write_companions(run, folder, stats):
         "base_model": run.base,
         "adapter": run.peft_model_path,
         "shards": stats["shards"],
+        "checksums": stats["checksums"],
         "merged_modules": stats["merged_modules"],
         "quantization_layout": {k: v for k, v in (run.layout or {}).items() if k != "modules"} or None,
         "command": " ".join(["python", "merge.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
     }
-    write_json(folder / "merge_config.json", merge_info)
+    write_json(folder / MERGE_CONFIG, merge_info)
     if adapter.run_config:
         write_json(folder / "run_config.json", adapter.run_config)
     (folder / "README.md").write_text(model_card(run, adapter, merge_info), encoding="utf-8")
@@ -400,8 +407,11 @@ def tokenizer_source(adapter, base_path):
 
 
 def check_merged(run):
-    """--verify: how closely the merged model reproduces base + adapter, with its verdict, printed and kept in
-    the folder's merge_config.json and model card."""
+    """--verify: read the written files back against their recorded sha256, then how closely the merged
+    model reproduces base + adapter, with its verdict, printed and kept in the folder's merge_config.json and
+    model card."""
+    files = check_written(run.output_dir)
+    say(f"Verify: {files} read back from {run.output_dir}: sizes and sha256 as written")
     report = verdict(verify_merge(run), run.dtype)
     limit = report["tolerance"]
     say(
@@ -425,6 +435,48 @@ def verdict(report, dtype):
     tolerance = {"max_abs_diff": VERIFY_TOLERANCE[dtype], "agreement": VERIFY_AGREEMENT}
     within = report["max_abs_diff"] <= tolerance["max_abs_diff"] and report["agreement"] >= tolerance["agreement"]
     return {**report, "verdict": "PASS" if within else "WARN", "dtype": dtype, "tolerance": tolerance}
+
+
+def check_written(folder, recorded=MERGE_CONFIG):
+    """A merged folder's files against the checksums of its merge_config.json (and every safetensors
+    header): '<n> file(s), <size>', or a UserError naming the first file that differs."""
+    import json
+
+    folder = Path(folder)
+    try:
+        checksums = json.loads((folder / recorded).read_text(encoding="utf-8"))["checksums"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{folder}: {recorded} is missing, damaged or records no checksums; merge again to record them"
+        ) from None
+    who, fix = f"{folder}", "copy the merged model again, or merge again"
+    if problem := records_problem(folder, checksums, listed_in=recorded):
+        raise UserError(f"{who}: {problem}; {fix}")
+    check_weights(folder, who, fix)
+    size = sum(record["size"] for record in checksums.values())
+    return f"{len(checksums)} file(s), {human_size(size)}"
+
+
+def check_folder(value):
+    """--check FOLDER: a merged model against its merge_config.json, a checkpoint or adapter against its
+    manifest, any other model folder by the structure of its safetensors files; one line either way."""
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--check {value}: folder not found; give a merged model, adapter or checkpoint folder")
+    if (folder / MERGE_CONFIG).is_file():
+        say(f"Checked {folder}: {check_written(folder)}; sizes and sha256 match {MERGE_CONFIG}")
+    elif (folder / MANIFEST).is_file():
+        if problem := folder_problem(folder):
+            raise UserError(f"--check {value}: {problem}; copy the folder again, or use another checkpoint-N")
+        say(f"Checked {folder}: every file's size and sha256 match {MANIFEST}")
+    else:
+        files = check_weights(folder, f"--check {value}", "download or copy the model again")
+        if not files:
+            raise UserError(f"--check {value}: no safetensors files, {MERGE_CONFIG} or {MANIFEST} to check")
+        say(
+            f"Checked {folder}: {len(files)} safetensors file(s) whole (headers, byte ranges, sizes); no checksums "
+            "are recorded there, so damage inside a tensor cannot be told"
+        )
 
 
 def verify_merge(run, prompts=None):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from platy.cli import UserError, error_detail
 from platy.files import ADAPTER_FILES
+from platy.integrity import SAFETENSORS_INDEX, Digest, check_folder, check_index, check_safetensors, file_problem
 
 DTYPES = {
     "float16": "float16",
@@ -62,6 +63,7 @@ class Adapter:
                 f"{flag} {folder}: no adapter_config.json and adapter_model.safetensors "
                 "there; give the output_dir of finetune.py or a checkpoint-N folder"
             )
+        check_folder(self.folder, f"{flag} {folder}", "copy the adapter again, or use one of its checkpoint-N folders")
         self.config = json.loads(config_path.read_text())
         if merge:
             self._check_supported()
@@ -183,24 +185,21 @@ class Adapter:
 
 
 def base_checkpoint(base_path, flag):
-    """The weight files of a local Hugging Face model folder; safetensors preferred. `flag` names the flag
-    that gave the folder, for the error messages."""
+    """The weight files of a local Hugging Face model folder, each checked (platy/integrity.py: headers,
+    byte ranges, sizes, the index); safetensors preferred. `flag` names the flag that gave the folder."""
     folder = Path(base_path)
+    who, fix = f"{flag} {base_path}", "download or copy the whole model again"
     for index_name, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
+        (SAFETENSORS_INDEX, "model.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         if (folder / index_name).is_file():
-            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-            files = [folder / f for f in sorted(set(weight_map.values()))]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise UserError(
-                    f"{flag} {base_path}: {index_name} lists {len(missing)} missing weight file(s), "
-                    f"e.g. {missing[0]}; download the whole model"
-                )
-            return files
+            return check_index(folder, index_name, who, fix)
         if (folder / single).is_file():
+            if single.endswith(".safetensors"):
+                check_safetensors(folder / single, who, fix)
+            elif problem := file_problem(folder / single):
+                raise UserError(f"{who}: {single} is {problem}; {fix}")
             return [folder / single]
     raise UserError(f"{flag} {base_path}: no model.safetensors or pytorch_model.bin (or their index) in the folder")
 
@@ -342,18 +341,25 @@ class ShardFile:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
         self.expected = [(name, dtype, list(shape)) for name, dtype, shape, _ in plan]
+        self.digest = Digest()  # the sha256 merge_config.json records, taken as the bytes go out
         self.handle = open(self.path, "wb")
-        self.handle.write(len(raw).to_bytes(8, "little") + raw)
+        self._write(len(raw).to_bytes(8, "little") + raw)
+
+    def _write(self, data):
+        self.handle.write(data)
+        self.digest.update(data)
 
     def write(self, name, tensor):
         expected_name, dtype, shape = self.expected.pop(0)
         assert (name, dtype, shape) == (expected_name, str(tensor.dtype).replace("torch.", ""), list(tensor.shape))
         tensor = tensor.contiguous()
         if tensor.numel():
-            self.handle.write(memoryview(tensor.view(-1).view(__import__("torch").uint8).numpy()))
+            self._write(memoryview(tensor.view(-1).view(__import__("torch").uint8).numpy()))
 
     def close(self):
+        """Close the file; its size and sha256 as written."""
         self.handle.close()
+        return self.digest.record()
 
 
 def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_bytes, device="cpu"):
@@ -377,7 +383,7 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
     quantized = set(layout["modules"]) if method == "dequant" and layout else set()
     load_dtype = getattr(torch, layout["load_dtype"]) if method == "dequant" and layout else None
     dtype = getattr(torch, out_dtype)
-    position = 0
+    position, checksums = 0, {}
     for number, (shard_name, shard_plan) in enumerate(zip(names, plan), start=1):
         shard_bytes = sum(nbytes for *_, nbytes in shard_plan)
         with tqdm(
@@ -401,13 +407,17 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
                 del tensor
                 release_freed_memory()
                 bar.update(nbytes)
-            out.close()
+            checksums[shard_name] = out.close()
     total = sum(nbytes for shard in plan for *_, nbytes in shard)
     if len(plan) > 1:
         weight_map = {name: shard for shard, shard_plan in zip(names, plan) for name, *_ in shard_plan}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (Path(out_folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return {"shards": names, "bytes": total, "merged_modules": len(adapter.modules)}
+        raw = (json.dumps(index, indent=2) + "\n").encode()
+        (Path(out_folder) / SAFETENSORS_INDEX).write_bytes(raw)
+        digest = Digest()
+        digest.update(raw)
+        checksums[SAFETENSORS_INDEX] = digest.record()
+    return {"shards": names, "bytes": total, "merged_modules": len(adapter.modules), "checksums": checksums}
 
 
 def check_fit(adapter, shapes):

@@ -65,8 +65,9 @@ def bitsandbytes_missing(quantization):
     return quantization != "none" and importlib.util.find_spec("bitsandbytes") is None
 
 
-def resolve_base_model(base_model, flag):
-    """A local folder, the embedded tiny model (builtin:tiny-llama), or a hub id.
+def resolve_base_model(base_model, flag, weights=True):
+    """A local folder (its weight files checked unless weights=False, for a tokenizer alone:
+    platy/integrity.py), the embedded tiny model (builtin:tiny-llama), or a hub id.
 
     `flag` names the flag that gave it, for the error messages.
     """
@@ -78,6 +79,8 @@ def resolve_base_model(base_model, flag):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{flag} {base_model}: folder has no config.json; point to a Hugging Face model folder")
+        if weights:
+            check_local_weights(path, flag)
         return str(path.resolve())
     first = base_model.split("/", 1)[0]
     if (
@@ -284,6 +287,7 @@ def load_model_with_adapter(
     model = load_model(base_model, quantization, precision, double_quant, trust_remote_code, placement, flag=base_flag)
     if adapter_folder is None:
         return model
+    check_adapter(adapter_folder, flag)
     if vocabulary and vocabulary > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocabulary, mean_resizing=False)  # the adapter holds the new rows
     try:
@@ -295,6 +299,24 @@ def load_model_with_adapter(
             f"{flag} {adapter_folder} does not fit {base_flag} {base_model} "
             f"({error_detail(err, last=True)}); use the base model the adapter was trained on"
         ) from err
+
+
+DOWNLOAD_AGAIN = "download or copy the model again"
+
+
+def check_local_weights(folder, flag):
+    """A local model folder's safetensors files and index, checked before a tensor is read: headers
+    only, milliseconds whatever the model's size."""
+    from platy.integrity import check_weights
+
+    check_weights(folder, f"{flag} {folder}", DOWNLOAD_AGAIN)
+
+
+def check_adapter(folder, flag):
+    """An adapter folder against its manifest (sizes and sha256) and its files' structure."""
+    from platy.integrity import check_folder
+
+    check_folder(folder, f"{flag} {folder}", "copy the adapter again, or use one of its checkpoint-N folders")
 
 
 def keep_cpu_4bit_layout(model):

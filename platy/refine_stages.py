@@ -217,7 +217,8 @@ def load_length_tokenizer(name, template):
     from platy.prompts import Prompter
 
     prompter = Prompter(template, "--prompt_template_name")
-    return prepare_tokenizer(load_tokenizer(resolve_base_model(name, "--tokenizer"), flag="--tokenizer")), prompter
+    folder = resolve_base_model(name, "--tokenizer", weights=False)  # its tokenizer only: weights unread
+    return prepare_tokenizer(load_tokenizer(folder, flag="--tokenizer")), prompter
 
 
 def describe_run(run):

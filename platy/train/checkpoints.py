@@ -4,6 +4,9 @@ A checkpoint is written into output_dir/.staging/checkpoint-N and renamed to
 output_dir/checkpoint-N only when every rank has finished writing it, so a folder named
 checkpoint-N is always complete; a kill during the write leaves only the staging folder,
 which the next run removes. Old checkpoints are renamed away before they are deleted.
+Each checkpoint's manifest.json (platy/integrity.py), written last, lists every file's
+size and sha256: a checkpoint damaged or cut short later (a copy, a failing disk) is
+found before a resume reads it.
 """
 
 import json
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from platy.cli import UserError, say
 from platy.files import ADAPTER_FILES, swap_into_place
+from platy.integrity import folder_problem
 
 STAGING = ".staging"  # partial checkpoints and the final adapter are written here first
 DELETING = ".deleting-"  # old checkpoints being removed
@@ -41,14 +45,30 @@ def missing_parts(folder):
     return missing
 
 
-def latest_checkpoint(output_dir):
-    """The highest-numbered complete checkpoint-N in output_dir, or None."""
+def checkpoint_problem(folder, hashes=True):
+    """What keeps a checkpoint from continuing a run exactly (None: nothing): a missing part, a file not as
+    its manifest records it (sizes always, sha256 unless hashes=False), a torn weight or state file."""
+    missing = missing_parts(folder)
+    if missing:
+        return f"incomplete ({', '.join(missing)} missing)"
+    return folder_problem(folder, hashes)
+
+
+def latest_checkpoint(output_dir, hashes=False):
+    """The highest-numbered sound checkpoint-N in output_dir, or None; one line names what was skipped.
+
+    hashes=False (the messages of a stopped run) compares sizes only; a resume hashes the files too.
+    """
+    skipped, found = [], None
     for _, path in checkpoint_steps(output_dir):
-        missing = missing_parts(path)
-        if not missing:
-            return str(path)
-        say(f"Note: skipping {path}: incomplete ({', '.join(missing)} missing)")
-    return None
+        problem = checkpoint_problem(path, hashes)
+        if problem is None:
+            found = str(path)
+            break
+        skipped.append(f"skipping {path.name}: {problem}")
+    if skipped:
+        say(f"Note: {'; '.join(skipped)}; {f'using {found} instead' if found else 'no sound checkpoint left'}")
+    return found
 
 
 def checkpoint_step(folder):
@@ -80,10 +100,10 @@ def resolve_resume(value, output_dir):
     if value in (None, "", False):
         return None
     if value == "auto":
-        path = latest_checkpoint(output_dir)
+        path = latest_checkpoint(output_dir, hashes=True)
         if path is None:
             raise UserError(
-                f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; "
+                f"--resume_from_checkpoint auto: no complete, undamaged checkpoint in {output_dir}; "
                 "drop the flag to start a new run"
             )
         return Resume("checkpoint", path)
@@ -101,8 +121,15 @@ def resolve_resume(value, output_dir):
                 "missing), so optimizer and schedule would restart silently; use an earlier checkpoint-N, "
                 "or the folder as an adapter-only start by copying its adapter files elsewhere"
             )
+        if problem := folder_problem(path):
+            raise UserError(
+                f"--resume_from_checkpoint {value}: {problem}; resume from an earlier checkpoint-N, or pass "
+                "auto to take the newest undamaged one"
+            )
         return Resume("checkpoint", str(path))
     if any((path / name).is_file() for name in ADAPTER_FILES):
+        if problem := folder_problem(path):
+            raise UserError(f"--resume_from_checkpoint {value}: {problem}; copy the adapter again or retrain it")
         return Resume("adapter", str(path))
     raise UserError(
         f"--resume_from_checkpoint {value}: holds neither a Trainer checkpoint (trainer_state.json) "

@@ -16,12 +16,21 @@ from typing import Any
 from platy import cli
 from platy.cli import UserError, say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
+from platy.integrity import MANIFEST, config_hash, write_manifest
 from platy.train.checkpoints import PREEMPTED, STAGING, checkpoint_step, remove_leftovers, retire
 from platy.train.config import changes_base, check_flags, resolve
 from platy.train.plan import base_weights, describe_plan, lora_share, lora_words, optimizer_steps
 
 # what a checkpoint holds besides the weights: not part of an exported adapter
-TRAINER_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", RUN_CONFIG)
+TRAINER_STATE = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    RUN_CONFIG,
+    MANIFEST,
+)
 
 
 @dataclass(frozen=True)
@@ -605,6 +614,7 @@ def save(run, trainer, run_config, result):
             convert_to_plain_lora(trainer.model, out / STAGING / "final")
         if trainer.is_world_process_zero():
             record_chat_template(run, trainer.processing_class, out / STAGING / "final", run_config)
+            trainer.write_manifest(out / STAGING / "final")
             publish_final(out / STAGING / "final", out)
             write_results(out, trainer.state.log_history, run_config, result)
     except OSError as err:
@@ -658,8 +668,9 @@ def record_chat_template(run, tokenizer, folder, run_config):
 
 
 def publish_final(staged, out):
-    """Move each fully written file into output_dir: a reader never sees half an adapter."""
-    for path in staged.iterdir():
+    """Move each fully written file into output_dir, the manifest last: a reader never sees half an adapter,
+    nor a manifest of files not yet in place."""
+    for path in sorted(staged.iterdir(), key=lambda p: p.name == MANIFEST):
         os.replace(path, out / path.name)
     shutil.rmtree(staged.parent, ignore_errors=True)
 
@@ -705,6 +716,7 @@ def export_finished_checkpoint(run, tokenizer, run_config):
         model, _ = load_model_with_lora(run)  # the same start, recomputed from the base
         set_peft_model_state_dict(model, load_peft_weights(str(checkpoint), device="cpu"))
         convert_to_plain_lora(model, staged)
+    write_manifest(staged, step=state["global_step"], config_hash=config_hash(run_config))
     history = state.get("log_history", [])
     losses = [r["loss"] for r in history if "loss" in r]
     result = {

@@ -6,21 +6,27 @@
   all ranks agree on the step, so none waits for another in a collective.
 - A non-finite loss or gradient is caught before the optimizer applies it: the run stops
   (or, with skip_nonfinite_steps, the update is dropped and counted).
+- Each checkpoint gets its manifest (sizes and sha256, platy/integrity.py) last; on resume, a
+  state file that cannot be read anyway is named in one line, not a traceback.
 """
 
+import contextlib
 import os
+import pickle
 import re
 import shutil
 import signal
 import time
+import zipfile
 from pathlib import Path
 
 import torch
 import transformers
 from transformers.trainer_callback import TrainerCallback
 
-from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, say
+from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, UserError, error_detail, say
 from platy.files import RUN_CONFIG, write_json
+from platy.integrity import PICKLE_SUFFIXES, config_hash, file_problem, write_manifest
 from platy.train.checkpoints import STAGING, latest_checkpoint, publish, rotate
 
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
@@ -200,6 +206,7 @@ class Trainer(transformers.Trainer):
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 write_json(run_dir / STAGING / name / RUN_CONFIG, self.run_config)
+                self.write_manifest(run_dir / STAGING / name)
                 publish(run_dir / STAGING / name, run_dir / name)
                 (run_dir / STAGING).rmdir()  # only ever holds the checkpoint being written
                 rotate(run_dir, self.checkpoint_limit, newest=run_dir / name)
@@ -209,6 +216,40 @@ class Trainer(transformers.Trainer):
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()
+
+    def write_manifest(self, folder):
+        """The manifest of a fully written checkpoint or adapter folder: its last file."""
+        write_manifest(folder, step=self.state.global_step, config_hash=config_hash(self.run_config))
+
+    # a resume reads these pickled states; a checkpoint without a manifest may still hold a torn one
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with states_readable(checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_scaler(self, checkpoint):
+        with states_readable(checkpoint):
+            super()._load_scaler(checkpoint)
+
+    def _load_rng_state(self, checkpoint):
+        with states_readable(checkpoint):
+            super()._load_rng_state(checkpoint)
+
+
+@contextlib.contextmanager
+def states_readable(checkpoint):
+    """A pickled state of `checkpoint` that torch cannot read becomes one line naming the file."""
+    try:
+        yield
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        if checkpoint is None or "out of memory" in str(err).lower():
+            raise
+        folder = Path(checkpoint)
+        torn = [p.name for p in sorted(folder.iterdir()) if p.suffix in PICKLE_SUFFIXES and file_problem(p) is not None]
+        which = torn[0] if torn else "one of its optimizer, scheduler or RNG state files"
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint}: {which} cannot be read ({error_detail(err)}); resume from "
+            "an earlier checkpoint-N, or pass auto to take the newest undamaged one"
+        ) from None
 
 
 def write_failed(err, doing, output_dir):
