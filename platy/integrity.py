@@ -127,31 +127,30 @@ def safetensors_header(path):
     return header
 
 
-def archive_problem(path):
-    """What is wrong with a torch.save archive (None when its zip directory is whole); reads its end only.
-
-    A cut file loses the zip directory at its end; damage inside is found by the manifest's sha256.
-    """
+def archive_problem(path, crc=False):
+    """What is wrong with a torch.save archive (None: nothing found). Reads the zip directory at its end
+    (a cut file has lost it); crc=True also reads every member against its CRC-32, for archives that no
+    manifest covers (torch.load itself reads a damaged member without noticing)."""
     with open(path, "rb") as handle:
         if handle.read(2) != b"PK":
             return None  # the legacy pickle format: nothing to check without loading it
     try:
         with zipfile.ZipFile(path) as archive:
-            archive.infolist()
+            bad = archive.testzip() if crc else None
     except (zipfile.BadZipFile, OSError, EOFError):
         return "cut short or damaged: not a complete torch archive"
-    return None
+    return f"damaged: its member {bad} fails its CRC-32 check" if bad else None
 
 
-def file_problem(path):
+def file_problem(path, crc=False):
     """What is wrong with one weight, state or JSON file by its structure alone (None: sound, or nothing
-    to check without loading it)."""
+    to check without loading it); crc: archives are read against their CRC-32 too."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
             safetensors_header(path)
         elif path.suffix in PICKLE_SUFFIXES:
-            return archive_problem(path)
+            return archive_problem(path, crc)
         elif path.suffix == ".json" and path.stat().st_size < JSON_CHECKED_BYTES:
             json.loads(path.read_bytes())
     except Damaged as err:
@@ -277,7 +276,8 @@ def records_problem(folder, records, hashes=True, listed_in=MANIFEST):
 def folder_problem(folder, hashes=True):
     """What is wrong with a checkpoint, adapter or model folder (None: sound): its manifest (sizes, then
     sha256 unless hashes=False) where it has one, and the structure of every weight, state and JSON file
-    it lists or that lies at the top of the folder."""
+    it lists or that lies at the top of the folder (without a manifest and with hashes, the CRC-32 of
+    every archive member stands in for the sha256)."""
     folder = Path(folder)
     try:
         manifest = read_manifest(folder)
@@ -286,8 +286,9 @@ def folder_problem(folder, hashes=True):
     if manifest is not None and (problem := records_problem(folder, manifest["files"], hashes)):
         return problem
     names = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
+    crc = hashes and manifest is None
     for name in sorted(names | set(manifest["files"] if manifest else ())):
-        if problem := file_problem(folder / name):
+        if problem := file_problem(folder / name, crc):
             return f"{name} is {problem}"
     return None
 

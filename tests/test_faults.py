@@ -1,23 +1,31 @@
-"""Faults during training: preemption, kill -9, non-finite steps, full disks, a dead rank.
+"""Faults during training: preemption, kill -9, non-finite steps, full disks, a dead rank; and files
+damaged or cut short after they were written (checkpoints, adapters, base and merged models).
 
-Faults are injected by tests/faults/sitecustomize.py (PLATY_FAULT) into real command lines.
+Faults during a run are injected by tests/faults/sitecustomize.py (PLATY_FAULT) into real command lines;
+damaged files are copies of one finished run's, changed with `cut` and `flip`.
 """
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
+from platy import integrity
+from platy.files import RUN_CONFIG
+from platy.integrity import MANIFEST
 from platy.train import checkpoints
 
-from conftest import REPO, build_model, finetune, run_cli, write_rows
+from conftest import REPO, assert_user_error, build_model, finetune, merge_cli, run_cli, write_rows
 
 FAULTS = str(Path(__file__).parent / "faults")
 RUN = ("--max_steps", 4, "--save_steps", 1)
+EMPTY_SAFETENSORS = (8).to_bytes(8, "little") + b"{}      "  # a header holding no tensor, as the format pads it
 
 
 def faulty(fault, rank=None):
@@ -43,12 +51,18 @@ def last_line(result):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The adapter of a 4-step run that nothing interrupts: every resumed run must end with it."""
+def finished_run(tmp_path_factory):
+    """A 4-step run that nothing interrupts (checkpoints 2 to 4 kept): copies of it are damaged below."""
     out = tmp_path_factory.mktemp("uninterrupted") / "out"
     result = finetune(out, *RUN)
     assert result.returncode == 0, result.stderr[-3000:]
-    return adapter(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finished_run):
+    """The adapter of the uninterrupted run: every resumed run must end with it."""
+    return adapter(finished_run)
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_ends_with_the_same_adapter(tmp_path, uninterrupted):
@@ -268,8 +282,9 @@ def test_rotation_keeps_the_newest_and_never_leaves_a_partial_checkpoint(tmp_pat
     for step in (1, 2, 3):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt"):
+        for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
             (folder / name).write_text("{}")
+        (folder / "adapter_model.safetensors").write_bytes(EMPTY_SAFETENSORS)
         os.utime(folder, (step, step))
     (tmp_path / "checkpoint-9").mkdir()  # incomplete (say, copied by hand): never latest, never deleted
     (tmp_path / "checkpoint-9" / "trainer_state.json").write_text("{}")
@@ -293,3 +308,212 @@ def test_resuming_with_other_settings_is_pointed_out(tmp_path, capsys):
     assert "Note: resuming from checkpoint-2 with settings that differ from its run" in out
     assert "batch_size 16 -> 32" in out and "the data rows (another fingerprint)" in out
     assert "learning_rate" not in out and "seed" not in out
+
+
+# ---- files damaged or cut short after they were written (platy/integrity.py) ----
+
+
+def cut(path, keep=0.5):
+    """Keep the first half of a file, as an interrupted download or copy leaves it."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])
+
+
+def flip(path, at=None):
+    """Change one byte (by default the middle one, inside the data), as a failing disk or copy does."""
+    data = bytearray(Path(path).read_bytes())
+    at = len(data) // 2 if at is None else at
+    data[at] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+def flip_in_member(path):
+    """Change one byte inside the largest member of a torch.save archive (its zip directory stays whole)."""
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = Path(path).read_bytes()
+    offset = member.header_offset
+    start = offset + 30 + int.from_bytes(data[offset + 26 : offset + 28], "little")
+    start += int.from_bytes(data[offset + 28 : offset + 30], "little")
+    flip(path, start + member.file_size // 2)
+
+
+def unfinished_copy(run, tmp_path):
+    """The finished run as if it had stopped after its last checkpoint: no run_config.json marker."""
+    out = tmp_path / "out"
+    shutil.copytree(run, out)
+    (out / RUN_CONFIG).unlink()
+    return out
+
+
+def test_auto_resume_skips_damaged_checkpoints_and_ends_with_the_same_adapter(tmp_path, finished_run, uninterrupted):
+    out = unfinished_copy(finished_run, tmp_path)
+    flip(out / "checkpoint-4" / "optimizer.pt")  # inside a tensor: only its sha256 tells
+    cut(out / "checkpoint-3" / MANIFEST)
+    resumed = finetune(out, *RUN, "--resume_from_checkpoint", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    notes = [line for line in resumed.stdout.splitlines() if line.startswith("Note: skipping")]
+    assert notes == [
+        "Note: skipping checkpoint-4: optimizer.pt is damaged: its sha256 differs from the one in manifest.json; "
+        "skipping checkpoint-3: manifest.json is damaged (its content does not match its checksum); "
+        f"using {out / 'checkpoint-2'} instead"
+    ]
+    assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout
+    assert largest_difference(adapter(out), uninterrupted) <= 1e-5
+    # the checkpoints written again and the final adapter carry sound manifests
+    assert [p.name for _, p in checkpoints.checkpoint_steps(out)] == ["checkpoint-4", "checkpoint-3", "checkpoint-2"]
+    assert all(checkpoints.checkpoint_problem(p) is None for _, p in checkpoints.checkpoint_steps(out))
+    assert (out / MANIFEST).is_file() and integrity.folder_problem(out) is None
+
+
+def without_manifest_flipped_optimizer(checkpoint):
+    (checkpoint / MANIFEST).unlink()
+    flip_in_member(checkpoint / "optimizer.pt")
+
+
+@pytest.mark.parametrize(
+    "damage, told",
+    [
+        (lambda c: cut(c / "optimizer.pt"), "optimizer.pt is cut short: 153 KB of 306 KB"),
+        (lambda c: flip(c / "adapter_model.safetensors"), "adapter_model.safetensors is damaged: its sha256 differs"),
+        (lambda c: flip(c / MANIFEST), "manifest.json is damaged"),
+        (lambda c: (c / "rng_state.pth").unlink(), "rng_state.pth is missing"),
+        (lambda c: (c / "scheduler.pt").unlink(), "the checkpoint is incomplete (scheduler.pt missing)"),
+        # a checkpoint without its manifest: the CRC-32 of each archive member stands in for the sha256
+        (
+            lambda c: ((c / MANIFEST).unlink(), flip_in_member(c / "optimizer.pt")),
+            "optimizer.pt is damaged: its member",
+        ),
+    ],
+    ids=["cut-optimizer", "flipped-adapter", "flipped-manifest", "missing-rng", "missing-scheduler", "no-manifest"],
+)
+def test_a_damaged_checkpoint_named_for_resume_is_refused(tmp_path, finished_run, damage, told):
+    out = unfinished_copy(finished_run, tmp_path)
+    checkpoint = out / "checkpoint-4"
+    damage(checkpoint)
+    before = sorted(p.name for p in out.iterdir())
+    result = finetune(out, *RUN, "--resume_from_checkpoint", checkpoint)
+    assert_user_error(result, "finetune.py", f"--resume_from_checkpoint {checkpoint}: ", told)
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written, nothing removed
+
+
+def test_an_unreadable_state_file_is_named_when_the_trainer_reads_it(tmp_path):
+    import torch
+
+    from platy.cli import UserError
+    from platy.train.trainer import states_readable
+
+    torch.save({"lr": 1.0}, tmp_path / "scheduler.pt")
+    # a whole zip with sound CRCs that is no torch archive: it passes every check but loading
+    with zipfile.ZipFile(tmp_path / "rng_state.pth", "w") as archive:
+        archive.writestr("notes.txt", "not a torch archive")
+    with pytest.raises(UserError, match=rf"^--resume_from_checkpoint {tmp_path}: rng_state.pth cannot be read \("):
+        with states_readable(str(tmp_path)):
+            torch.load(tmp_path / "rng_state.pth", weights_only=True)
+
+
+def test_a_cut_base_model_is_refused_before_anything_is_written(tmp_path, finished_run, tiny_llama):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    cut(base / "model.safetensors")
+    told = f"--base_model {base}: model.safetensors is cut short: 1.12 MB of 2.23 MB; download or copy"
+    merged = merge_cli(finished_run, tmp_path / "merged", "--base_model", base)
+    assert_user_error(merged, "merge.py", told)
+    inference = run_cli([sys.executable, str(REPO / "inference.py"), "--base_model", base, "--prompt", "Hi"])
+    assert_user_error(inference, "inference.py", told)
+    trained = finetune(tmp_path / "trained", base_model=base)
+    assert_user_error(trained, "finetune.py", told)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no merged model, no partial folder, no run
+
+
+def sharded_copy(model, folder):
+    """The model split into two safetensors shards with their index, as the hub holds large models."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    tensors = load_file(str(Path(model) / "model.safetensors"))
+    names = sorted(tensors)
+    weight_map = {}
+    for number, part in enumerate((names[::2], names[1::2]), start=1):
+        shard = f"model-{number:05d}-of-00002.safetensors"
+        save_file({name: tensors[name] for name in part}, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (folder / integrity.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def moved_tensor(index):
+    """Change one byte of the index: its first tensor now points at the other shard."""
+    data = index.read_bytes()
+    flip(index, data.index(b"00001-of") + 4)
+    assert b"00002-of-00002" in index.read_bytes()[data.index(b"00001-of") - 2 : data.index(b"00001-of") + 16]
+
+
+SHARD_2 = "model-00002-of-00002.safetensors"
+
+
+def index_path(base):
+    return base / integrity.SAFETENSORS_INDEX
+
+
+@pytest.mark.parametrize(
+    "damage, told",
+    [
+        (
+            lambda b: (b / "model-00002-of-00002.safetensors").unlink(),
+            "lists 1 missing weight file(s), e.g. model-0000",
+        ),
+        (lambda b: cut(index_path(b)), "model.safetensors.index.json is damaged (not a readable weight map)"),
+        (lambda b: moved_tensor(index_path(b)), "model.safetensors.index.json places "),
+        (lambda b: flip(b / "model-00001-of-00002.safetensors", at=20), "model-00001-of-00002.safetensors is damaged"),
+    ],
+    ids=["absent-shard", "cut-index", "flipped-index", "flipped-shard-header"],
+)
+def test_a_damaged_sharded_base_is_refused_by_merge(tmp_path, finished_run, tiny_llama, damage, told):
+    base = sharded_copy(tiny_llama, tmp_path / "base")
+    damage(base)
+    result = merge_cli(finished_run, tmp_path / "merged", "--base_model", base)
+    assert_user_error(result, "merge.py", f"--base_model {base}: ", told)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+@pytest.mark.parametrize(
+    "damage, told",
+    [
+        (cut, "adapter_model.safetensors is cut short: 74.5 KB of 149 KB"),
+        (flip, "adapter_model.safetensors is damaged: its sha256 differs from the one in manifest.json"),
+    ],
+    ids=["cut", "flipped"],
+)
+def test_a_damaged_adapter_is_refused_by_merge(tmp_path, finished_run, damage, told):
+    folder = tmp_path / "adapter"
+    shutil.copytree(finished_run, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    damage(folder / "adapter_model.safetensors")
+    result = merge_cli(folder, tmp_path / "merged")
+    assert_user_error(result, "merge.py", f"--peft_model_path {folder}: {told}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def check(folder):
+    return run_cli([sys.executable, str(REPO / "merge.py"), "--check", str(folder)])
+
+
+def test_merge_records_each_shard_sha256_and_check_finds_a_damaged_copy(tmp_path, finished_run):
+    out = tmp_path / "merged"
+    assert merge_cli(finished_run, out, "--max_shard_size", "1MB").returncode == 0
+    recorded = json.loads((out / "merge_config.json").read_text())["checksums"]
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) == 3 and sorted(recorded) == [*shards, integrity.SAFETENSORS_INDEX]
+    assert all(integrity.file_digest(out / name) == record for name, record in recorded.items())
+    good = check(out)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert f"Checked {out}: 4 file(s)" in good.stdout and "sha256 match merge_config.json" in good.stdout
+    assert check(finished_run / "checkpoint-4").returncode == 0  # a checkpoint against its manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    flip(copy / shards[1])
+    told = f"{copy}: {shards[1]} is damaged: its sha256 differs from the one in merge_config.json"
+    assert_user_error(check(copy), "merge.py", told)
+    cut(copy / shards[0])
+    assert_user_error(check(copy), "merge.py", f"{copy}: {shards[0]} is cut short: ")

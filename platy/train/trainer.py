@@ -243,13 +243,29 @@ def states_readable(checkpoint):
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         if checkpoint is None or "out of memory" in str(err).lower():
             raise
-        folder = Path(checkpoint)
-        torn = [p.name for p in sorted(folder.iterdir()) if p.suffix in PICKLE_SUFFIXES and file_problem(p) is not None]
-        which = torn[0] if torn else "one of its optimizer, scheduler or RNG state files"
+        which = unreadable_state(Path(checkpoint)) or "one of its optimizer, scheduler or RNG state files"
         raise UserError(
             f"--resume_from_checkpoint {checkpoint}: {which} cannot be read ({error_detail(err)}); resume from "
             "an earlier checkpoint-N, or pass auto to take the newest undamaged one"
         ) from None
+
+
+def unreadable_state(folder):
+    """The first pickled state file of folder that is torn (CRC-32) or that torch cannot load, or None.
+    Loads each file once: only ever called after a load failed."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in PICKLE_SUFFIXES:
+            continue
+        if file_problem(path, crc=True):
+            return path.name
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # whatever torch raises for it, this is the file
+            return path.name
+    return None
 
 
 def write_failed(err, doing, output_dir):
