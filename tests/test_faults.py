@@ -444,9 +444,9 @@ def sharded_copy(model, folder):
 
 def moved_tensor(index):
     """Change one byte of the index: its first tensor now points at the other shard."""
-    data = index.read_bytes()
-    flip(index, data.index(b"00001-of") + 4)
-    assert b"00002-of-00002" in index.read_bytes()[data.index(b"00001-of") - 2 : data.index(b"00001-of") + 16]
+    data = bytearray(index.read_bytes())
+    data[data.index(b"00001-of") + 4] = ord("2")
+    index.write_bytes(bytes(data))
 
 
 SHARD_2 = "model-00002-of-00002.safetensors"
@@ -500,14 +500,15 @@ def check(folder):
 
 def test_merge_records_each_shard_sha256_and_check_finds_a_damaged_copy(tmp_path, finished_run):
     out = tmp_path / "merged"
-    assert merge_cli(finished_run, out, "--max_shard_size", "1MB").returncode == 0
+    merged = merge_cli(finished_run, out, "--max_shard_size", "600KB", "--method", "peft")
+    assert merged.returncode == 0, merged.stderr[-3000:]
     recorded = json.loads((out / "merge_config.json").read_text())["checksums"]
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    assert len(shards) == 3 and sorted(recorded) == [*shards, integrity.SAFETENSORS_INDEX]
+    assert len(shards) == 2 and sorted(recorded) == [*shards, integrity.SAFETENSORS_INDEX]
     assert all(integrity.file_digest(out / name) == record for name, record in recorded.items())
     good = check(out)
     assert good.returncode == 0, good.stderr[-2000:]
-    assert f"Checked {out}: 4 file(s)" in good.stdout and "sha256 match merge_config.json" in good.stdout
+    assert f"Checked {out}: 3 file(s)" in good.stdout and "sha256 match merge_config.json" in good.stdout
     assert check(finished_run / "checkpoint-4").returncode == 0  # a checkpoint against its manifest
 
     copy = tmp_path / "copy"
