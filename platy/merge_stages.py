@@ -411,7 +411,7 @@ def check_merged(run):
     model reproduces base + adapter, with its verdict, printed and kept in the folder's merge_config.json and
     model card."""
     files = check_written(run.output_dir)
-    say(f"Verify: {files} read back from {run.output_dir}: sizes and sha256 as written")
+    say(f"Read back {files} from {run.output_dir}: sizes and sha256 as written")
     report = verdict(verify_merge(run), run.dtype)
     limit = report["tolerance"]
     say(

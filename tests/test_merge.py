@@ -58,6 +58,8 @@ def test_dequant_merge_matches_4bit_base_plus_adapter(qlora_adapter, tmp_path):
     assert (reference - base).abs().max() > 0.1, "the adapter really changes the model"
     assert (merged - reference).abs().max() < 1e-4
     assert "dequant merge" in result.stdout
+    read_back = next(x for x in result.stdout.splitlines() if x.startswith("Read back "))
+    assert read_back.startswith("Read back 1 file(s), ") and read_back.endswith(": sizes and sha256 as written")
     line = next(x for x in result.stdout.splitlines() if x.startswith("Verify:"))
     assert float(line.split("difference| ")[1].split()[0]) < 1e-4 and "agreement 100.0%" in line
 
