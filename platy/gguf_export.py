@@ -195,17 +195,6 @@ def write_gguf(folder, gguf_type, destination, metadata):
     return {"file": destination.name, "bytes": destination.stat().st_size, "tensors": len(plan)}
 
 
-def file_sha256(path):
-    """The file's sha256, read back in 16 MB pieces (for merge_config.json)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while piece := handle.read(1 << 24):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def tensor_plan(sources, arch, config, qtype):
     """(source, hf name, gguf name, stored type, shape) of every tensor, in file order."""
     import gguf

@@ -18,7 +18,7 @@ from pathlib import Path
 from platy import checks, cli, gguf_export
 from platy.cli import WRITE_FAILED, Stopped, UserError, say
 from platy.files import swap_into_place, write_json, write_text
-from platy.integrity import MANIFEST, check_weights, folder_problem, human_size, records_problem
+from platy.integrity import MANIFEST, check_weights, file_digest, folder_problem, human_size, records_problem
 from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -298,7 +298,7 @@ def write_gguf_files(run):
                 WRITE_FAILED,
             ) from err
         info["seconds"] = round(time.time() - started, 2)
-        info["sha256"] = gguf_export.file_sha256(destination)
+        info["sha256"] = file_digest(destination)["sha256"]
         written[gguf_type] = info
         say(f"GGUF {gguf_type}: {destination} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s)")
     first = written[run.gguf_types[0]]["file"]
@@ -376,14 +376,14 @@ def check_gguf(run):
         worst, agreement = GGUF_TOLERANCE[gguf_type]
         tokenizer_ok = report["tokenizer_same_ids"] == report["tokenizer_texts"]
         report["verdict"] = (
-            "pass" if tokenizer_ok and report["max_abs_diff"] <= worst and report["agreement"] >= agreement else "warn"
+            "PASS" if tokenizer_ok and report["max_abs_diff"] <= worst and report["agreement"] >= agreement else "WARN"
         )
         say(
             f"Verify GGUF {gguf_type}: largest |logit difference| {report['max_abs_diff']:.2e} against the merged "
             f"model, greedy agreement {100 * report['agreement']:.1f}%, tokenizer ids equal on "
-            f"{report['tokenizer_same_ids']}/{report['tokenizer_texts']} texts: {report['verdict'].upper()}"
+            f"{report['tokenizer_same_ids']}/{report['tokenizer_texts']} texts: {report['verdict']}"
         )
-        if report["verdict"] == "warn":
+        if report["verdict"] == "WARN":
             say(
                 f"Warning: {written[gguf_type]['file']} does not reproduce the merged model within what {gguf_type} "
                 f"rounding explains (|difference| <= {worst}, agreement >= {100 * agreement:.0f}%, same token ids)"

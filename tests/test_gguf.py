@@ -147,7 +147,7 @@ def test_verify_figures_go_to_merge_config_and_the_card(exports):
         assert entry["file"] == f"{out.name}-{gguf_type}.gguf"
         assert entry["bytes"] == (out / entry["file"]).stat().st_size
         assert entry["sha256"] == hashlib.sha256((out / entry["file"]).read_bytes()).hexdigest()
-        assert entry["verify"]["verdict"] == "pass" and entry["verify"]["max_abs_diff"] < TOLERANCE[gguf_type]
+        assert entry["verify"]["verdict"] == "PASS" and entry["verify"]["max_abs_diff"] < TOLERANCE[gguf_type]
         assert entry["verify"]["tokenizer_same_ids"] == entry["verify"]["tokenizer_texts"]
         assert f"Verify GGUF {gguf_type}:" in stdout
     assert info["gguf"]["q8_0"]["bytes"] < 0.7 * info["gguf"]["f16"]["bytes"]
