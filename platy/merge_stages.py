@@ -152,7 +152,7 @@ def resolve(flags):
     gguf_types = tuple(gguf_export.parse_types(flags.get("gguf")))
     if gguf_types:  # before anything is written: an architecture or tokenizer the export cannot write
         gguf_export.check_exportable(
-            output_config(base_path, DTYPES[str(flags["dtype"])]),
+            output_config(base_path, DTYPES[str(flags["dtype"])], adapter.vocabulary),
             tokenizer_source(adapter, base_path),
             base_path,
             "--gguf",
@@ -245,15 +245,20 @@ def write_merged(run):
     return stats
 
 
+GENERATION = "generation_config.json"
+
+
 def write_companions(run, folder, stats):
     """config.json, generation config, tokenizer, a model card, and how the merge was made."""
     from platy.model_card import model_card
 
     adapter = run.adapter
-    write_json(folder / "config.json", output_config(run.base_path, run.dtype))
+    write_json(folder / "config.json", output_config(run.base_path, run.dtype, adapter.vocabulary))
     base = Path(run.base_path)
-    if (base / "generation_config.json").is_file():
-        shutil.copy(base / "generation_config.json", folder / "generation_config.json")
+    # the adapter's (finetune.py writes one with a chat template's end-of-turn stops) or else the base's
+    generation = next((f / GENERATION for f in (adapter.folder, base) if (f / GENERATION).is_file()), None)
+    if generation:
+        shutil.copy(generation, folder / GENERATION)
     for path in tokenizer_source(adapter, base).iterdir():
         if path.name.startswith(("tokenizer", "special_tokens_map")) or path.name in ("chat_template.jinja",):
             shutil.copy(path, folder / path.name)
@@ -502,6 +507,7 @@ def verify_merge(run, prompts=None):
         run.trust_remote_code,
         placement,
         base_flag="--base_model",
+        vocabulary=adapter.vocabulary,
     )
     merged = AutoModelForCausalLM.from_pretrained(
         str(run.output_dir),

@@ -26,6 +26,9 @@ METHODS = ("auto", "dequant", "peft")
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 # DoRA's magnitude vector (one per output row of the adapted weight)
 MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+# peft's trainable_token_indices: the trained rows of an embedding (or lm_head), and the grown matrix they sit in
+TOKEN_DELTA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
+TOKEN_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.base_layer\.weight$")
 # an adapter still relative to a base that PiSSA or OLoRA changed: a checkpoint-N of such a run
 MUTATED_INITS = ("pissa", "olora")
 
@@ -80,9 +83,60 @@ class Adapter:
                 f"e.g. {bad[0]}); the run diverged: use an earlier checkpoint-N or retrain with a lower "
                 "learning rate"
             )
-        self.modules = self._lora_modules(tensors) if merge else {}
         run_config_path = self.folder / "run_config.json"
         self.run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else None
+        self.tokens = self._token_rows(tensors)
+        self.modules = self._lora_modules(tensors) if merge else {}
+
+    @property
+    def vocabulary(self):
+        """The vocabulary the adapter was trained with where it grew the base's (a chat template's tokens
+        added): the rows of its saved embedding, the run's recorded tokenizer length, or the last new id
+        + 1; None for an adapter that did not grow it."""
+        if not self.tokens:
+            return None
+        recorded = (self.run_config or {}).get("resolved", {}).get("chat_template") or {}
+        sizes = [recorded.get("vocabulary") or 0]
+        for parts in self.tokens.values():
+            sizes.append(max(parts["indices"]) + 1)
+            if parts.get("base") is not None:
+                sizes.append(parts["base"].shape[0])
+        return max(sizes)
+
+    def _token_rows(self, tensors):
+        """{module: {"indices", "delta", "base"}}: the rows peft's trainable_token_indices trained, which
+        replace those rows of the (grown) embedding or lm_head; tensors loses their keys."""
+        given = self.config.get("trainable_token_indices") or {}
+        if isinstance(given, list):  # a bare list means the input embeddings
+            given = {"embed_tokens": given}
+        rows = {}
+        for key in list(tensors):
+            for part, pattern in (("delta", TOKEN_DELTA_KEY), ("base", TOKEN_BASE_KEY)):
+                if match := pattern.match(key):
+                    rows.setdefault(match["module"], {})[part] = tensors.pop(key)
+        for module, parts in rows.items():
+            indices = next((v for k, v in given.items() if module == k or module.endswith(f".{k}")), None)
+            if indices is None or "delta" not in parts or len(indices) != parts["delta"].shape[0]:
+                raise UserError(
+                    f"{self.flag} {self.folder}: the trained token rows of {module} do not match "
+                    "adapter_config.json's trainable_token_indices; copy the adapter again"
+                )
+            parts["indices"] = list(indices)
+            parts.setdefault("base", None)
+        return rows
+
+    def grow_rows(self, module, weight):
+        """The base's embedding (or lm_head) weight grown to the adapter's vocabulary, the trained rows set
+        from the adapter; the base's own rows stay as they are."""
+        import torch
+
+        parts = self.tokens[module]
+        grown = torch.zeros((self.vocabulary, *weight.shape[1:]), dtype=weight.dtype)
+        if parts["base"] is not None:  # the rows training started from, where no trained row replaces them
+            grown[: parts["base"].shape[0]] = parts["base"].to(weight.dtype)
+        grown[: weight.shape[0]] = weight
+        index = torch.tensor(parts["indices"], dtype=torch.long)
+        return grown.index_copy(0, index, parts["delta"].to(weight.dtype))
 
     def base_model(self):
         """The base the adapter was trained on: its flag as typed, or the resolved folder where the typed
@@ -121,7 +175,7 @@ class Adapter:
             if not match:
                 raise UserError(
                     f"{self.flag} {self.folder}: unexpected tensor {key} in the adapter; only LoRA "
-                    "A/B weights can be merged"
+                    "A/B weights and trained token rows can be merged"
                 )
             modules.setdefault(match["module"], {})[match["part"]] = tensor
         expected = {"A", "B", "magnitude"} if dora else {"A", "B"}
@@ -372,12 +426,14 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
     from tqdm import tqdm
 
     sources = [TensorSource(p) for p in base_checkpoint(base_path, "--base_model")]
+    check_fit(adapter, {name: info[1] for source in sources for name, info in source.entries.items()})
     order = []
     for source in sources:
         for name, (dtype, shape, _, _) in source.entries.items():
             is_float = dtype.startswith(("float", "bfloat"))
+            if name.removesuffix(".weight") in adapter.tokens:
+                shape = [adapter.vocabulary, *shape[1:]]
             order.append((source, name, out_dtype if is_float else dtype, shape))
-    check_fit(adapter, {name: shape for _, name, _, shape in order})
     plan = plan_shards([(name, dtype, shape) for _, name, dtype, shape in order], max_bytes)
     names = shard_names(len(plan))
     quantized = set(layout["modules"]) if method == "dequant" and layout else set()
@@ -400,6 +456,8 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
                         tensor = rebuild_quantized(tensor.to(device), layout)
                     elif load_dtype is not None:
                         tensor = tensor.to(load_dtype)  # as training loaded it
+                    if module in adapter.tokens:
+                        tensor = adapter.grow_rows(module, tensor)
                     if module in adapter.modules:
                         tensor = adapter.add_to(module, tensor.to(device, torch.float32, copy=True))
                     tensor = tensor.to("cpu", dtype)
@@ -417,11 +475,21 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
         digest = Digest()
         digest.update(raw)
         checksums[SAFETENSORS_INDEX] = digest.record()
-    return {"shards": names, "bytes": total, "merged_modules": len(adapter.modules), "checksums": checksums}
+    merged = len(adapter.modules) + len(adapter.tokens)
+    return {"shards": names, "bytes": total, "merged_modules": merged, "checksums": checksums}
 
 
 def check_fit(adapter, shapes):
-    """Every adapted module exists in the base with the shape its LoRA update has."""
+    """Every adapted module exists in the base with the shape its LoRA update has; trained token rows fit
+    the base's embedding width, in a vocabulary no smaller than the base's."""
+    for module, parts in sorted(adapter.tokens.items()):
+        shape = shapes.get(f"{module}.weight")
+        if shape is None or list(shape[1:]) != list(parts["delta"].shape[1:]) or shape[0] > adapter.vocabulary:
+            raise UserError(
+                f"adapter does not fit the base model: its trained token rows of {module} "
+                f"{tuple(parts['delta'].shape)} do not fit {tuple(shape) if shape else 'nothing'} in the base; "
+                "merge with the base model the adapter was trained on"
+            )
     for module, parts in sorted(adapter.modules.items()):
         shape = shapes.get(f"{module}.weight")
         update = [parts["B"].shape[0], parts["A"].shape[1]]
@@ -457,9 +525,12 @@ def resolve_local_base(base_model, flag):
         ) from err
 
 
-def output_config(base_path, out_dtype):
-    """The base config.json as a plain model: no quantization_config, the output dtype."""
+def output_config(base_path, out_dtype, vocabulary=None):
+    """The base config.json as a plain model: no quantization_config, the output dtype, and the vocabulary
+    grown to `vocabulary` where the adapter grew it."""
     config = json.loads((Path(base_path) / "config.json").read_text())
+    if vocabulary:
+        config["vocab_size"] = vocabulary
     config.pop("quantization_config", None)
     config.pop("torch_dtype", None)
     config["dtype"] = out_dtype

@@ -614,6 +614,8 @@ def save(run, trainer, run_config, result):
             convert_to_plain_lora(trainer.model, out / STAGING / "final")
         if trainer.is_world_process_zero():
             record_chat_template(run, trainer.processing_class, out / STAGING / "final", run_config)
+            # PEFT's empty card: write_results writes the toolkit's after the manifest, as run_config.json
+            (out / STAGING / "final" / "README.md").unlink(missing_ok=True)
             trainer.write_manifest(out / STAGING / "final")
             publish_final(out / STAGING / "final", out)
             write_results(out, trainer.state.log_history, run_config, result)
