@@ -27,7 +27,9 @@ LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[
 # DoRA's magnitude vector (one per output row of the adapted weight)
 MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 # peft's trainable_token_indices: the trained rows of an embedding (or lm_head), and the grown matrix they sit in
-TOKEN_DELTA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
+TOKEN_DELTA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$"
+)
 TOKEN_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.base_layer\.weight$")
 # an adapter still relative to a base that PiSSA or OLoRA changed: a checkpoint-N of such a run
 MUTATED_INITS = ("pissa", "olora")

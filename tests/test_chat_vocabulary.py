@@ -1,0 +1,66 @@
+"""ChatML on a base without its tokens: the grown vocabulary trains, merges and generates."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, finetune, merge_cli
+
+CONVERSATIONS = REPO / "tests" / "fixtures" / "conversations.jsonl"
+TABLES = {"model.embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+
+
+@pytest.fixture(scope="module")
+def chatml_adapter(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chatml") / "adapter"
+    result = finetune(
+        out, "--chat_template", "chatml", "--max_steps", 2, "--learning_rate", 5e-3, data_path=CONVERSATIONS
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "New tokens 1024-1025" in result.stdout
+    return out
+
+
+def test_new_rows_train_and_merge_while_old_rows_stay(chatml_adapter, tiny_llama, tmp_path):
+    base = load_file(tiny_llama / "model.safetensors")
+    saved = load_file(chatml_adapter / "adapter_model.safetensors")
+    result = merge_cli(chatml_adapter, tmp_path / "m", "--method", "peft", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    for module, name in TABLES.items():
+        old = base[name]
+        trained = saved[f"base_model.model.{module}.token_adapter.trainable_tokens_delta"]
+        assert merged[name].shape == (old.shape[0] + 2, old.shape[1])
+        assert torch.equal(merged[name][: old.shape[0]], old), name  # the base's rows as they were
+        assert torch.equal(merged[name][old.shape[0] :], trained), name  # the new rows as trained
+        # they moved away from where resizing started them (the mean of the old rows)
+        assert (trained - old.mean(0)).abs().max() > 1e-3, name
+
+
+def test_merged_model_has_the_grown_vocabulary_and_answers(chatml_adapter, tmp_path):
+    from transformers import AutoTokenizer
+
+    result = merge_cli(chatml_adapter, tmp_path / "m", "--method", "dequant", "--verify")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Verify: PASS" in result.stdout
+    merged = tmp_path / "m"
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == len(tokenizer) == 1026
+    assert "<|im_start|>" in tokenizer.chat_template
+    stops = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
+    for source in ({"base_model": str(merged)}, {"lora_weights": str(chatml_adapter)}):
+        answer = answer_of(prompt="Name a prime.", max_new_tokens=6, **source)
+        assert answer.strip(), source
+
+
+def answer_of(**given):
+    """inference.py's answer to --prompt (in this process: the model loads as the command line loads it)."""
+    import inference
+    from platy import cli, inference_stages
+
+    flags = {**cli.entry_defaults(inference.main), **given}
+    generator = inference_stages.prepare(flags)
+    return generator.generate([{"instruction": flags["prompt"], "input": ""}])[0]
