@@ -15,7 +15,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from merge_memory import build_adapter, build_checkpoint, current_rss  # noqa: E402
+from merge_memory import run_child as merge_child  # noqa: E402
 
 TYPES = ("f16", "q8_0")
 
@@ -93,11 +93,7 @@ def write_all_in_memory(folder, gguf_type, destination):
 
 
 def run_child(mode, *paths):
-    command = [sys.executable, __file__, "--child", mode, *map(str, paths)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"{mode} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return merge_child(mode, *paths, script=__file__)
 
 
 def main(layers=18, hidden=2048, intermediate=5504, vocab=32000, shard_mb=500, workdir=None):

@@ -132,12 +132,12 @@ def current_rss():
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_child(mode, base, adapter, out):
-    result = subprocess.run(
-        [sys.executable, __file__, "--child", mode, str(base), str(adapter), str(out)], capture_output=True, text=True
-    )
+def run_child(mode, *paths, script=__file__):
+    """Run `script --child mode paths...` in a fresh process (its own peak memory) and return the JSON it
+    prints last."""
+    result = subprocess.run([sys.executable, script, "--child", mode, *map(str, paths)], capture_output=True, text=True)
     if result.returncode:
-        sys.exit(f"{mode} merge failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"{mode} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
