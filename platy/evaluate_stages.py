@@ -91,9 +91,8 @@ def resolve(flags, problems):
     check_device(flags["device"], problems)
     check_folders(flags, problems)
     models = resolve_models(flags, problems)
-    suite, notes = resolve_suite(
-        flags["suite"], shot_counts, include if include and include.is_dir() else None, problems
-    )
+    usable = include if include and include.is_dir() else None
+    suite, notes = resolve_suite(flags["suite"], shot_counts, usable, problems, flags["include_path"])
     cli.fail_on(problems)
     device, precision, batch_size = resolve_placement(flags["device"], flags["batch_size"])
     return EvalRun(
@@ -240,8 +239,9 @@ def base_flag(model):
     return f"--models {model['spec']}: its base model" if model["adapter"] else "--models"
 
 
-def resolve_suite(name, shot_counts, include, problems):
-    """The suite definition (published or from a task list), and notes on what --num_fewshot changed."""
+def resolve_suite(name, shot_counts, include, problems, include_flag=None):
+    """The suite definition (published or from a task list), and notes on what --num_fewshot changed.
+    include_flag: --include_path as given, for messages."""
     notes = []
     if name in SUITES:
         suite = SUITES[name]
@@ -275,7 +275,7 @@ def resolve_suite(name, shot_counts, include, problems):
         hint = f"did you mean {close[0]}?" if close else "list the harness's tasks with: lm-eval ls tasks"
         problems.append(
             f"--suite: unknown suite or task {task}; {hint} (suites: {', '.join(SUITES)}"
-            + (f"; local tasks from --include_path {include}" if include else "")
+            + (f"; local tasks from --include_path {include_flag}" if include else "")
             + ")"
         )
     return custom_suite(tasks, shot_counts), notes

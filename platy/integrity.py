@@ -58,10 +58,13 @@ def human_size(count):
 
 
 def short_of(size, expected):
-    """How a file of `size` bytes differs from the `expected` size."""
+    """How a file of `size` bytes differs from the `expected` size (in bytes where the rounded sizes agree)."""
+    shown, written = human_size(size), human_size(expected)
+    if shown == written:
+        shown, written = f"{size:,} bytes", f"{expected:,}"
     if size < expected:
-        return f"cut short: {human_size(size)} of {human_size(expected)}"
-    return f"longer than written: {human_size(size)} instead of {human_size(expected)}"
+        return f"cut short: {shown} of {written}"
+    return f"longer than written: {shown} instead of {written}"
 
 
 def file_digest(path):

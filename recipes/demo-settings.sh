@@ -12,8 +12,11 @@ demo_schedule=(
   --val_set_size 24       # held-out rows: the eval loss shows what was learned
   --eval_steps 7
 )
+# 8 rows per optimizer step, split over the processes fine-tuning.sh starts (NPROC x NNODES)
+demo_world=$(( ${NPROC:-1} * ${NNODES:-1} ))
+demo_micro=$(( demo_world < 8 ? 8 / demo_world : 1 ))
 demo_batch=(
-  --batch_size 8
-  --micro_batch_size 8
+  --batch_size $(( demo_micro * demo_world ))
+  --micro_batch_size "$demo_micro"
   --cutoff_len 512        # the sample rows are short
 )

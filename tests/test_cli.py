@@ -98,7 +98,7 @@ def test_resume_checkpoint_does_not_exist(out, tmp_path):
 
 
 def test_resume_auto_without_checkpoint(out):
-    check(finetune(out, "--resume_from_checkpoint", "auto"), out, "no complete checkpoint")
+    check(finetune(out, "--resume_from_checkpoint", "auto"), out, "no complete, undamaged checkpoint")
 
 
 def test_batch_sizes_that_do_not_divide(out):

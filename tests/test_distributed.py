@@ -7,7 +7,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE, run_cli
+from conftest import REPO, SAMPLE, run_cli, write_rows
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
 
@@ -52,9 +52,12 @@ def test_torchrun_two_processes_keep_identical_adapters(tmp_path):
     assert len(saved) == len(rank0)
 
 
-def test_default_launcher_runs_the_whole_recipe(tmp_path):
-    """`bash fine-tuning.sh` with no arguments: tiny model, sample data, Platypus hyperparameters."""
-    result = run_cli(["bash", str(REPO / "fine-tuning.sh")], cwd=tmp_path)
+def test_launcher_with_a_base_model_runs_platypus_recipe(tmp_path):
+    """`BASE_MODEL=... bash fine-tuning.sh`: Platypus's hyperparameters, a whole epoch (the quick start's own
+    settings apply only without BASE_MODEL: test_first_run.py)."""
+    rows = write_rows(tmp_path / "rows.json", json.loads(SAMPLE.read_text())[:40])
+    env = {"BASE_MODEL": "builtin:tiny-llama", "DATA_PATH": str(rows)}
+    result = run_cli(["bash", str(REPO / "fine-tuning.sh")], cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "outputs" / "platypus-qlora"
     assert (out / "adapter_model.safetensors").is_file()
@@ -67,13 +70,13 @@ def test_default_launcher_runs_the_whole_recipe(tmp_path):
         100,
     )
     assert (flags["lora_r"], flags["lora_alpha"], flags["lora_dropout"], flags["cutoff_len"]) == (16, 16, 0.05, 4096)
-    assert flags["quantization"] == "4bit" and flags["lr_scheduler"] == "cosine"
-    n_rows = len(json.loads(SAMPLE.read_text()))
-    assert config["result"]["global_step"] == -(-n_rows // 16)
+    assert flags["quantization"] == "4bit" and flags["lr_scheduler"] == "cosine" and flags["val_set_size"] == 0
+    assert config["result"]["global_step"] == -(-40 // 16)
     assert "Done:" in result.stdout and str(out / "adapter_model.safetensors") in result.stdout
 
 
 def test_launcher_uses_torchrun_for_several_processes(tmp_path):
+    """The quick start on two processes: its 8 rows per step are split between them."""
     result = run_cli(
         ["bash", str(REPO / "fine-tuning.sh"), "--max_steps", "2"],
         cwd=tmp_path,
@@ -81,7 +84,8 @@ def test_launcher_uses_torchrun_for_several_processes(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     config = json.loads((tmp_path / "o" / "run_config.json").read_text())
-    assert config["resolved"]["world_size"] == 2 and config["resolved"]["gradient_accumulation_steps"] == 8
+    assert config["resolved"]["world_size"] == 2 and config["resolved"]["gradient_accumulation_steps"] == 1
+    assert (config["flags"]["batch_size"], config["flags"]["micro_batch_size"]) == (8, 4)
 
 
 def test_launcher_works_from_a_copy_of_the_repository(tmp_path):

@@ -12,7 +12,7 @@ import merge as merge_script
 from platy import cli, merge_stages
 from platy.train import config, stages
 
-from conftest import SAMPLE, SMALL_RUN
+from conftest import SAMPLE, SMALL_RUN, reseal
 
 PROMPTS = ["### Instruction:\nWhat is 12 + 30?\n\n### Response:\n", "다음 두 수의 합을 구하시오. 12, 30"]
 # (name, flags): every variant on a 4-bit and an unquantized base (LoftQ is 4-bit only, PiSSA / OLoRA unquantized only)
@@ -266,6 +266,7 @@ def test_merge_refuses_a_checkpoint_of_a_pissa_run(trained, tmp_path):
     shutil.copytree(adapter, unconverted)
     saved = json.loads((unconverted / "adapter_config.json").read_text())
     (unconverted / "adapter_config.json").write_text(json.dumps({**saved, "init_lora_weights": "pissa"}))
+    reseal(unconverted)  # a checkpoint is saved before the conversion
     with pytest.raises(UserError, match="merge the run's final adapter in its output_dir"):
         Adapter(unconverted)
 

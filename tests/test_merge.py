@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_user_error, merge_cli
+from conftest import assert_user_error, merge_cli, reseal
 
 PROMPTS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -198,6 +198,7 @@ def test_nan_adapter_is_refused_and_nothing_written(qlora_adapter, tmp_path):
     name = next(k for k in tensors if "lora_B" in k)
     tensors[name][0, 0] = math.nan
     save_file(tensors, bad / "adapter_model.safetensors")
+    reseal(bad)  # saved so by a run that diverged
     assert_refused(merge_cli(bad, tmp_path / "m"), "NaN or inf", name)
     assert not (tmp_path / "m").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
