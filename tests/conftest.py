@@ -91,10 +91,60 @@ def tiny_mistral(tmp_path_factory, tiny_llama):
     return build_model(tmp_path_factory.mktemp("mistral"), "mistral", tiny_llama)
 
 
-def run_cli(args, cwd=None, env=None, timeout=600):
-    """Run a command line as a user would; returns the CompletedProcess (text)."""
+# the scripts and their entries: `python <script> ARGV` runs in the test's own process unless asked otherwise
+ENTRIES = {"finetune.py": "train", "merge.py": "merge", "inference.py": "main", "refine.py": "refine"}
+
+
+def run_cli(args, cwd=None, env=None, timeout=600, own_process=False):
+    """Run a command line as a user would; returns the CompletedProcess (text).
+
+    `python <one of ENTRIES> ...` without env runs in this process (run_entry): importing torch,
+    transformers and peft takes a new interpreter about 12 s on these CPUs. Tests of what only a process
+    shows (signals, launchers, the environment, closed pipes) pass env or own_process=True."""
+    args = [str(a) for a in args]
+    script = Path(args[1]) if len(args) > 1 else None
+    if not own_process and env is None and args[0] == sys.executable and script and script.parent == REPO:
+        if script.name in ENTRIES:
+            return run_entry(script, args[2:], cwd or REPO)
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(args, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_entry(script, argv, cwd):
+    """`python script ARGV` run in this process through the script's own cli.run: its exit status, and what it
+    printed to stdout and stderr; an unexpected exception is a traceback on stderr and status 1, as in a
+    process. Working directory, environment, sys.argv and the SIGTERM handler are restored afterwards."""
+    import contextlib
+    import gc
+    import importlib
+    import io
+    import signal
+    import traceback
+
+    from platy import cli
+
+    entry = getattr(importlib.import_module(script.stem), ENTRIES[script.name])
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    saved = (dict(os.environ), sys.argv, signal.getsignal(signal.SIGTERM), os.getcwd())
+    try:
+        os.chdir(cwd)
+        sys.argv = [str(script), *argv]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.run(entry)
+            except SystemExit as exit_:
+                status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved[0])
+        sys.argv = saved[1]
+        signal.signal(signal.SIGTERM, saved[2])
+        os.chdir(saved[3])
+        gc.collect()
+    return subprocess.CompletedProcess([sys.executable, str(script), *argv], status, out.getvalue(), err.getvalue())
 
 
 # small, fast training settings: a few steps of short examples (the tests' own runs override them)
