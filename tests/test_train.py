@@ -114,6 +114,7 @@ def test_end_to_end_run_writes_everything(tmp_path):
     history = json.loads((out / "log_history.json").read_text())
     assert sum("loss" in r for r in history) == 4 and any("eval_loss" in r for r in history)
     assert (out / "checkpoint-2" / "run_config.json").is_file(), "checkpoints carry the run configuration"
+    assert not (out / "checkpoint-2" / "README.md").exists(), "no empty PEFT card in a checkpoint"
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(adapter_config["target_modules"]) == ["down_proj", "gate_proj", "up_proj"]
     # what the user sees: a progress bar with the loss, and a closing summary

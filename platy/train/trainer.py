@@ -206,6 +206,7 @@ class Trainer(transformers.Trainer):
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 write_json(run_dir / STAGING / name / RUN_CONFIG, self.run_config)
+                (run_dir / STAGING / name / "README.md").unlink(missing_ok=True)  # PEFT's empty card template
                 self.write_manifest(run_dir / STAGING / name)
                 publish(run_dir / STAGING / name, run_dir / name)
                 (run_dir / STAGING).rmdir()  # only ever holds the checkpoint being written
