@@ -99,6 +99,43 @@ def test_generation_stops_at_eos(stopper):
     assert generator.generate([{"instruction": "Say yes."}]) == ["Yes."]
 
 
+@pytest.fixture(scope="module")
+def chat_stopper(tmp_path_factory):
+    """Trained on two-exchange ChatML conversations (tokens new to tiny-llama) whose answers are 'Yes.'."""
+    folder = tmp_path_factory.mktemp("chat-stop")
+    turns = [("Say yes.", "Yes."), ("Once more.", "Yes.")]
+    row = {
+        "messages": [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    }
+    data = write_rows(folder / "d.jsonl", [row] * 16)
+    out = folder / "adapter"
+    knobs = ["--learning_rate", 1e-2, "--lora_dropout", 0.0, "--quantization", "none", "--batch_size", 4]
+    result = finetune(
+        out, "--chat_template", "chatml", "--max_steps", 40, *knobs, "--micro_batch_size", 4, data_path=data
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_a_chat_model_stops_at_the_end_of_its_turn(chat_stopper):
+    """The answer ends with <|im_end|>: no second turn, no text up to the token limit."""
+    import torch
+
+    generator = make_generator(chat_stopper, max_new_tokens=30)
+    input_ids, _ = generator.encode([{"instruction": "Say yes."}])
+    assert "<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\n" in generator.tokenizer.decode(input_ids[0])
+    with torch.no_grad():
+        out = generator.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **generator.kwargs
+        )
+    new = out[0, input_ids.shape[1] :].tolist()
+    end_of_turn = generator.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert new[-1] == end_of_turn and len(new) < 30, generator.tokenizer.decode(new)
+    result = infer("--lora_weights", chat_stopper, "--prompt", "Say yes.", "--max_new_tokens", 30)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "Yes."
+
+
 def test_cli_prompt_with_adapter_and_with_merged_model(stopper, tmp_path):
     result = infer("--lora_weights", stopper, "--prompt", "Say yes.", "--max_new_tokens", 20)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,9 +54,21 @@ def test_pack_lengths_fills_rows_within_the_budget():
         pack_lengths([11], 10)
 
 
-def test_packed_loss_gradients_and_logits_equal_unpacked(tmp_path):
+CONVERSATIONS = Path(__file__).parent / "fixtures" / "conversations.jsonl"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {},
+        {"data_path": str(CONVERSATIONS)},  # several exchanges, labels on the assistant turns only
+        {"data_path": str(CONVERSATIONS), "chat_template": "chatml"},  # with new trained token rows
+    ],
+    ids=["alpaca", "conversations", "chatml-conversations"],
+)
+def test_packed_loss_gradients_and_logits_equal_unpacked(tmp_path, data):
     """One step on packed rows computes what padded batches of the same examples compute."""
-    run, tokenizer, train_set, model = lora_setup(tmp_path)
+    run, tokenizer, train_set, model = lora_setup(tmp_path, **data)
     examples = train_set.select(range(12))
     packed, stats = pack_dataset(examples, 256)
     assert stats["packed_rows"] < 12 and stats["examples"] == 12, stats
