@@ -31,6 +31,9 @@ def main(
     batch_size: str = "auto",
     device: str = "auto",
     load_4bit: bool = None,
+    apply_chat_template: bool = False,
+    system_instruction: str = None,
+    fewshot_as_multiturn: bool = None,
     trust_remote_code: bool = False,
 ):
     """Evaluate each model on a suite and print its table.
@@ -57,6 +60,13 @@ def main(
         load_4bit: Load models in 4-bit NF4. Default: adapters on their base quantized as in
             training (their scores are those of the trained adapter), other models unquantized;
             True or False applies to every model.
+        apply_chat_template: Format every prompt with each model's chat template (the one finetune.py's
+            --chat_template recorded, or the base's own), as a chat model is used; the published tables
+            were scored without one.
+        system_instruction: A system message put before every prompt (in the chat template's system turn
+            with --apply_chat_template, else as the prompt's first line).
+        fewshot_as_multiturn: With --apply_chat_template, give the few-shot examples as earlier
+            user/assistant turns (default: yes, as lm-eval does) instead of one user turn.
         trust_remote_code: Allow model code from the hub.
     """
     flags = dict(locals())

@@ -50,7 +50,47 @@ def check_flags(flags):
     check_numbers(flags, problems)
     if flags["device"] not in DEVICES and not str(flags["device"]).startswith("cuda:"):
         problems.append(f"--device {flags['device']}: choose {', '.join(DEVICES)} or cuda:N")
+    if flags["fewshot_as_multiturn"] is not None and not flags["apply_chat_template"]:
+        problems.append(
+            f"--fewshot_as_multiturn {flags['fewshot_as_multiturn']}: turns exist only in a chat template; "
+            "add --apply_chat_template True or drop the flag"
+        )
     return problems
+
+
+def check_chat_templates(models, problems):
+    """With --apply_chat_template, every local model (or its adapter) has a chat template to apply."""
+    for model in models:
+        adapter = model["adapter"]
+        folder = adapter.folder if adapter and (adapter.folder / "tokenizer_config.json").is_file() else None
+        folder = folder or Path(model["base_path"])
+        if folder.is_dir() and not has_chat_template(folder):
+            problems.append(
+                f"--apply_chat_template: {model['spec']} has no chat template ({folder} holds none); train with "
+                "finetune.py --chat_template, or drop --apply_chat_template"
+            )
+
+
+def has_chat_template(folder):
+    """Whether a tokenizer folder carries a chat template (chat_template.jinja or in tokenizer_config.json)."""
+    import json
+
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+
+
+def prompt_format(flags):
+    """How the prompts were formatted, for the tables' heading ('' for the harness's plain prompts)."""
+    parts = []
+    if flags["apply_chat_template"]:
+        turns = flags["fewshot_as_multiturn"] is not False
+        parts.append("each model's chat template (--apply_chat_template)")
+        parts.append("few-shot examples as earlier turns" if turns else "few-shot examples in one user turn")
+    if flags["system_instruction"]:
+        parts.append(f"system instruction {flags['system_instruction']!r}")
+    return f"Prompts: {'; '.join(parts)}.\n\n" if parts else ""
 
 
 def check_folders(flags, problems):
@@ -91,6 +131,8 @@ def resolve(flags, problems):
     check_device(flags["device"], problems)
     check_folders(flags, problems)
     models = resolve_models(flags, problems)
+    if flags["apply_chat_template"]:
+        check_chat_templates(models, problems)
     usable = include if include and include.is_dir() else None
     suite, notes = resolve_suite(flags["suite"], shot_counts, usable, problems, flags["include_path"])
     cli.fail_on(problems)
@@ -434,9 +476,14 @@ def evaluate_model(model, run):
                     limit=run.limit,
                     task_manager=run.task_manager,
                     log_samples=False,
+                    apply_chat_template=run.flags["apply_chat_template"],
+                    fewshot_as_multiturn=run.flags["fewshot_as_multiturn"] is not False,
+                    system_instruction=run.flags["system_instruction"],
                 )
-            # the harness records model_args only when it builds the model itself
+            # the harness records model_args only when it builds the model itself, and its prompt format
+            # only through an evaluation tracker
             results["config"]["model_args"] = model_args
+            results["config"].update(prompting(lm, run.flags))
             write_json(folder / f"{'default' if shots is None else shots}-shot.json", results)
             runs[shots] = results
     finally:
@@ -445,9 +492,20 @@ def evaluate_model(model, run):
     return runs
 
 
+def prompting(lm, flags):
+    """How the harness formatted this model's prompts, as its evaluation tracker would record it."""
+    chat = bool(flags["apply_chat_template"])
+    return {
+        "system_instruction": flags["system_instruction"],
+        "chat_template": lm.chat_template(True) if chat else None,
+        "fewshot_as_multiturn": chat and flags["fewshot_as_multiturn"] is not False,
+    }
+
+
 def load_lm(model, run):
     """The harness's Hugging Face model: built by the harness from a path (adapters through its peft
-    argument); a quantized model is loaded here, since transformers 5 takes no load_in_4bit flag."""
+    argument); a quantized model is loaded here, since transformers 5 takes no load_in_4bit flag, and so is
+    an adapter that grew the vocabulary (its base gets the new embedding rows first)."""
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -467,7 +525,8 @@ def load_lm(model, run):
     model_args = {"pretrained": model["base_path"], "dtype": dtype, "device": run.device, **common}
     if adapter:
         model_args["peft"] = str(adapter.folder)
-    if model["quantization"] == "none":
+    vocabulary = adapter.vocabulary if adapter else None
+    if model["quantization"] == "none" and not vocabulary:
         model_args["parallelize"] = several_gpus  # a model too big for one GPU is spread over all of them
         try:
             return HFLM(**model_args), model_args
@@ -485,6 +544,7 @@ def load_lm(model, run):
         trust_remote_code=run.trust_remote_code,
         placement=placement,
         base_flag=base_flag(model),
+        vocabulary=vocabulary,
     )
     return HFLM(pretrained=weights, **common), {**model_args, "quantization": model["quantization"]}
 
@@ -502,7 +562,7 @@ def free_memory():
 
 def report(run, runs_by_model, eval_config):
     suite = run.suite
-    tables = render_tables(suite, runs_by_model)
+    tables = prompt_format(run.flags) + render_tables(suite, runs_by_model)
     if run.limit is not None:
         tables += (
             f"\nScores on the first {run.limit} examples of each task (--limit): not comparable with published ones.\n"

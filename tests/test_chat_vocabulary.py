@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from conftest import REPO, finetune, merge_cli
 
 CONVERSATIONS = REPO / "tests" / "fixtures" / "conversations.jsonl"
+TASKS = REPO / "tests" / "fixtures" / "eval_tasks"
 TABLES = {"model.embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
 
 
@@ -64,3 +65,45 @@ def answer_of(**given):
     flags = {**cli.entry_defaults(inference.main), **given}
     generator = inference_stages.prepare(flags)
     return generator.generate([{"instruction": flags["prompt"], "input": ""}])[0]
+
+
+def test_lm_eval_scores_the_grown_model_and_adapter_with_the_chat_template(chatml_adapter, tmp_path):
+    """evaluate.py --apply_chat_template on the merged model and on the adapter: both load with 1026 rows, the
+    harness gets the template and the system instruction, and the tables' heading says so."""
+    import sys
+
+    from conftest import run_cli
+
+    merged = tmp_path / "m"
+    assert merge_cli(chatml_adapter, merged, "--dtype", "float32").returncode == 0
+    out = tmp_path / "eval"
+    args = ["--models", f"{merged},{chatml_adapter}", "--suite", "tiny_gen", "--include_path", TASKS, "--limit", 2]
+    args += ["--apply_chat_template", "True", "--system_instruction", "Answer briefly.", "--output_dir", out]
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = run_cli([sys.executable, str(REPO / "evaluate.py"), *map(str, args)], cwd=TASKS, env=offline)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tables = (out / "results.md").read_text()
+    assert tables.startswith(
+        "Prompts: each model's chat template (--apply_chat_template); few-shot examples as earlier turns; "
+        "system instruction 'Answer briefly.'."
+    )
+    harness = [json.loads(p.read_text()) for p in sorted(out.glob("*/*-shot.json"))]
+    assert len(harness) == 2
+    for results in harness:
+        config = results["config"]
+        assert "<|im_start|>" in config["chat_template"] and config["system_instruction"] == "Answer briefly."
+        assert config["fewshot_as_multiturn"] is True
+    flags = json.loads((out / "eval_config.json").read_text())["flags"]
+    assert flags["apply_chat_template"] is True and flags["system_instruction"] == "Answer briefly."
+
+
+def test_a_model_without_a_chat_template_is_refused_before_loading(tmp_path, tiny_llama):
+    import sys
+
+    from conftest import assert_user_error, run_cli
+
+    args = ["--models", tiny_llama, "--suite", "tiny_gen", "--include_path", TASKS, "--apply_chat_template", "True"]
+    args += ["--fewshot_as_multiturn", "True", "--output_dir", tmp_path / "eval"]
+    result = run_cli([sys.executable, str(REPO / "evaluate.py"), *map(str, args)], env={"HF_HUB_OFFLINE": "1"})
+    assert_user_error(result, "evaluate.py", f"--apply_chat_template: {tiny_llama} has no chat template")
+    assert not (tmp_path / "eval").exists()
