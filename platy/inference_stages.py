@@ -26,6 +26,7 @@ class GenerationRun:
     prompt: str | None
     input: str | None
     rows: list | None  # the prompts file's rows
+    rows_source: str | None  # "--prompts_file <path>" (or --csv_path) for messages about them
     out_path: str | None
     answer_column: str  # model_output for Platypus's --output_csv_path, response for --output_file
     interactive: bool
@@ -124,6 +125,7 @@ def resolve(flags):
         prompt=flags["prompt"],
         input=flags["input"],
         rows=rows,
+        rows_source=f"{'--prompts_file' if flags['prompts_file'] else '--csv_path'} {prompts_path}" if rows else None,
         out_path=flags["output_file"] or flags["output_csv_path"],
         answer_column="model_output" if flags["output_csv_path"] else "response",
         interactive=flags["interactive"],
@@ -219,6 +221,7 @@ class Generator:
             texts = self.chat.render(self.tokenizer, [prompt_messages(r) for r in rows], add_generation_prompt=True)
             ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         else:
+            rows = [alpaca_prompt(r) for r in rows]
             texts = [self.prompter.generate_prompt(r["instruction"], r.get("input") or "") for r in rows]
             ids = [with_bos(x, self.bos) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         width = max(len(x) for x in ids)
@@ -259,6 +262,22 @@ def prompt_messages(row):
     return row["messages"] if row.get("messages") else row_messages({**row, "output": ""})[:1]
 
 
+def alpaca_prompt(row):
+    """A prompt row for an Alpaca template: a messages row of one question (after an optional system
+    message) laid out as training laid out that exchange (the system message as the instruction, the
+    question as the input)."""
+    if not row.get("messages"):
+        return row
+    system = [m["content"] for m in row["messages"] if m["role"] == "system"]
+    question = row["messages"][-1]["content"]
+    return {"instruction": system[0], "input": question} if system else {"instruction": question}
+
+
+def several_exchanges(rows):
+    """The 1-based numbers of the messages rows that hold earlier exchanges (they need a chat template)."""
+    return [n for n, r in enumerate(rows, start=1) if sum(m["role"] == "user" for m in r.get("messages") or ()) > 1]
+
+
 def prepare(flags):
     """The Generator of a command line's flags (checked, resolved, model loaded), for tests and benchmarks."""
     cli.fail_on(check_flags(flags))
@@ -276,6 +295,12 @@ def answer_file(generator, run):
     from platy.data.rows import FILE_FORMATS, write_rows
 
     rows, size = run.rows, run.batch_size
+    if not generator.chat and (numbers := several_exchanges(rows)):
+        raise UserError(
+            f"{run.rows_source}: row {numbers[0]}{' and others' if len(numbers) > 1 else ''}: a conversation of "
+            "several exchanges needs a chat template, and the model has none: train with finetune.py --chat_template, "
+            "or give one question per row"
+        )
     results = []
     with tqdm(total=len(rows), desc="Generating", unit=" prompts", dynamic_ncols=True) as bar:
         for start in range(0, len(rows), size):
@@ -292,10 +317,16 @@ def answer_file(generator, run):
 
 
 def interactive_loop(generator):
+    """Read prompts and stream answers; with a chat template the conversation's earlier turns are kept
+    (/clear starts a new one), with an Alpaca template each prompt is a new exchange."""
     from transformers import TextStreamer
 
     streamer = TextStreamer(generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    print("Type an instruction (an empty line or Ctrl-D ends). Add an input after ' || ' if the task has one.")
+    if generator.chat:
+        print("Type a message (an empty line or Ctrl-D ends; /clear starts a new conversation).")
+    else:
+        print("Type an instruction (an empty line or Ctrl-D ends). Add an input after ' || ' if the task has one.")
+    history = []
     while True:
         try:
             line = input("\n>>> ")
@@ -305,5 +336,14 @@ def interactive_loop(generator):
         if not line.strip():
             print()
             return
+        if generator.chat and line.strip() == "/clear":
+            history = []
+            print("(a new conversation)")
+            continue
+        if generator.chat:
+            history.append({"role": "user", "content": line.strip()})
+            answer = generator.generate([{"messages": history}], streamer=streamer)[0]
+            history.append({"role": "assistant", "content": answer})
+            continue
         instruction, _, extra = line.partition(" || ")
         generator.generate([{"instruction": instruction.strip(), "input": extra.strip()}], streamer=streamer)

@@ -285,3 +285,60 @@ def test_top_p_without_sampling_is_refused(qlora_adapter):
     assert_refused(
         infer("--lora_weights", qlora_adapter, "--prompt", "hi", "--top_p", 0.9), "--top_p applies to sampling"
     )
+
+
+def test_messages_rows_are_answered_with_the_chat_template(chat_stopper, stopper, tmp_path):
+    """--prompts_file with messages and ShareGPT rows ending with a user turn: each answered in its
+    conversation, other columns kept, written back as messages; refused where they cannot be."""
+    ask = {"role": "user", "content": "Say yes."}
+    rows = [
+        {"id": 1, "messages": [ask]},
+        {
+            "id": 2,
+            "messages": [ask, {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Once more."}],
+        },
+        {"id": 3, "conversations": [{"from": "human", "value": "Say yes."}]},
+    ]
+    src, dst = write_rows(tmp_path / "q.jsonl", rows), tmp_path / "a.jsonl"
+    result = infer("--lora_weights", chat_stopper, "--prompts_file", src, "--output_file", dst, "--max_new_tokens", 12)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [a["id"] for a in answers] == [1, 2, 3] and [a["response"] for a in answers] == ["Yes."] * 3
+    assert answers[1]["messages"] == rows[1]["messages"] and answers[2]["messages"] == [ask]
+    assert "conversations" not in answers[2]
+
+    # several exchanges on a model without a chat template; a conversation that does not end with a question
+    result = infer("--lora_weights", stopper, "--prompts_file", src, "--output_file", tmp_path / "b.jsonl")
+    assert_user_error(result, "inference.py", f"--prompts_file {src}: row 2: a conversation of several exchanges")
+    assert not (tmp_path / "b.jsonl").exists()
+    answered = write_rows(tmp_path / "done.jsonl", [{"messages": [ask, {"role": "assistant", "content": "Yes."}]}])
+    result = infer("--lora_weights", chat_stopper, "--prompts_file", answered)
+    assert_user_error(result, "inference.py", "row 1: the conversation must end with the user turn to answer")
+
+
+def test_interactive_keeps_the_conversation_until_cleared(tokenizer, monkeypatch, capsys):
+    from platy import inference_stages
+
+    class Recorder:
+        chat, asked = True, []
+
+        def __init__(self):
+            self.tokenizer = tokenizer
+
+        def generate(self, rows, streamer=None):
+            self.asked.append([dict(m) for m in rows[0]["messages"]])
+            return [f"answer {len(self.asked)}"]
+
+    lines = iter(["Hello.", "And then?", "/clear", "New topic.", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    inference_stages.interactive_loop(Recorder())
+    assert Recorder.asked == [
+        [{"role": "user", "content": "Hello."}],
+        [
+            {"role": "user", "content": "Hello."},
+            {"role": "assistant", "content": "answer 1"},
+            {"role": "user", "content": "And then?"},
+        ],
+        [{"role": "user", "content": "New topic."}],
+    ]
+    assert "/clear starts a new conversation" in capsys.readouterr().out

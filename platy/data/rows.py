@@ -170,7 +170,8 @@ def _read_local(path, flag="--data_path"):
 
 
 def read_prompts(path, flag):
-    """Prompt rows (instruction, optional input) of a file, with their other columns kept.
+    """Prompt rows (instruction, optional input; or a conversation ending with the user turn to answer,
+    kept as `messages`) of a file, with their other columns kept.
 
     Plain strings in a JSON list are instructions. Returns (rows, kind).
     """
@@ -184,13 +185,19 @@ def read_prompts(path, flag):
     rows = [{"instruction": r} if isinstance(r, str) else r for r in rows]
     if not rows:
         raise UserError(f"{flag}: {path} holds no prompts; add rows with an 'instruction' field")
-    if all(isinstance(r, dict) and "instruction" not in r for r in rows):
+    if all(isinstance(r, dict) and "instruction" not in r and not row_layout_is_conversation(r) for r in rows):
         columns = sorted({k for r in rows if isinstance(r, dict) for k in r})
         raise UserError(
             f"{flag}: {path}: no 'instruction' column; the rows have {', '.join(columns) or 'no fields'}. "
-            "Name the question column instruction (and an optional one input)"
+            "Name the question column instruction (and an optional one input), or give messages rows"
         )
     for number, row in enumerate(rows, start=1):
+        if isinstance(row, dict) and row_layout_is_conversation(row) and "instruction" not in row:
+            messages, problem = prompt_conversation(row)
+            if problem:
+                raise UserError(f"{flag}: {path}: row {number}: {problem}")
+            rows[number - 1] = {**{k: v for k, v in row.items() if k not in CONVERSATION_KEYS}, "messages": messages}
+            continue
         value = row.get("instruction") if isinstance(row, dict) else row
         if not isinstance(value, str):
             raise UserError(f"{flag}: {path}: row {number}: 'instruction' is {type(value).__name__}, not text")
@@ -434,6 +441,23 @@ def conversation_messages(row):
     if said[-1][0] != "assistant":
         return None, "the conversation ends with a user turn; it must end with an assistant turn to learn from"
     return [{"role": role, "content": text} for role, text in said], None
+
+
+def row_layout_is_conversation(row):
+    return any(key in row for key in CONVERSATION_KEYS)
+
+
+def prompt_conversation(row):
+    """(messages, None) of a prompt's conversation: turns as conversation_messages checks them, ending with
+    the user turn to answer; or (None, the reason it is not one)."""
+    said, problem = conversation_turns(row)
+    if problem:
+        return None, problem
+    if not said or said[-1][0] != "user":
+        return None, "the conversation must end with the user turn to answer"
+    turns = [{"role": role, "content": text} for role, text in said]
+    messages, problem = conversation_messages({"messages": [*turns, {"role": "assistant", "content": "-"}]})
+    return (messages[:-1], None) if messages else (None, problem)
 
 
 def _from_conversation(row):
