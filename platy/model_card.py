@@ -51,9 +51,7 @@ standalone {info["dtype"]} weights.
 | --- | --- |
 {table}
 
-## Prompt template ({template.get("name", "unknown")})
-
-{prompts}
+{prompt_section(run.get("resolved", {}), template, prompts)}
 
 ## How it was made
 
@@ -104,7 +102,7 @@ A {method} adapter for {base_link(base)}, trained with `finetune.py` on instruct
 * **Base model:** {base_link(base)} ({quant_sentence(layout)})
 * **Training data:** {data_text(run_config.get("data", {}))}
 * **Result:** {"; ".join(losses) or "not recorded"}
-* **Prompt template:** {resolved.get("template", {}).get("name", "unknown")}
+* **{template_line(resolved)}
 
 ## Hyperparameters
 
@@ -250,6 +248,31 @@ def training_summary(run, adapter_path, method):
     if not result:
         parts.append(f"merged from an intermediate checkpoint ({adapter_path})")
     return parts
+
+
+def template_line(resolved):
+    """The adapter card's line on how prompts are laid out: the chat template, else the Alpaca template."""
+    chat = resolved.get("chat_template")
+    if chat:
+        ends = ", ".join(f"`{t}`" for t in chat.get("end_of_turn", ()))
+        return (
+            f"Chat template:** {chat.get('name')} (each turn ends with {ends}; saved with the tokenizer, so "
+            "`tokenizer.apply_chat_template` and inference.py use it)"
+        )
+    return f"Prompt template:** {resolved.get('template', {}).get('name', 'unknown')}"
+
+
+def prompt_section(resolved, template, prompts):
+    """The merged card's section on prompts: the chat template's text, or the Alpaca template's layout."""
+    chat = resolved.get("chat_template")
+    if not chat:
+        return f"## Prompt template ({template.get('name', 'unknown')})\n\n{prompts}\n"
+    ends = ", ".join(f"`{t}`" for t in chat.get("end_of_turn", ()))
+    return (
+        f"## Chat template ({chat.get('name')})\n\nTrained on conversations rendered with this template; each "
+        f"assistant turn ends with {ends}, which `generation_config.json` lists as a stop token. It is saved with "
+        f"the tokenizer (`tokenizer.apply_chat_template`):\n\n```jinja\n{chat.get('text', '').strip()}\n```\n"
+    )
 
 
 def prompt_text(template):

@@ -50,6 +50,10 @@ def test_merged_model_has_the_grown_vocabulary_and_answers(chatml_adapter, tmp_p
     tokenizer = AutoTokenizer.from_pretrained(merged)
     assert json.loads((merged / "config.json").read_text())["vocab_size"] == len(tokenizer) == 1026
     assert "<|im_start|>" in tokenizer.chat_template
+    # both cards say which chat template the model speaks, and where the stop token is
+    assert "**Chat template:** chatml (each turn ends with `<|im_end|>`" in (chatml_adapter / "README.md").read_text()
+    card = (merged / "README.md").read_text()
+    assert "## Chat template (chatml)" in card and "```jinja\n" in card and "<|im_start|>" in card
     stops = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
     for source in ({"base_model": str(merged)}, {"lora_weights": str(chatml_adapter)}):
