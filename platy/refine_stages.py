@@ -38,6 +38,7 @@ from platy.refining import (
     resolve_embedding_model,
     row_text,
     token_lengths,
+    user_turns,
 )
 from platy.reporting import library_versions, say_configuration
 
@@ -436,6 +437,21 @@ def drop_contaminated(run, rows, embeddings, report):
     )
     report["test_embedding"] = counts
     best, at = most_similar(embeddings, tests, progress="Decontaminating")
+    # a conversation of several exchanges: each user turn is also compared on its own, so a test question
+    # asked in its third turn is not diluted by the others
+    several = [(i, user_turns(row)) for i, row in enumerate(rows) if "instruction" not in row]
+    turns = [(i, text) for i, asked in several if len(asked) > 1 for text in asked]
+    if turns:
+        vectors, _ = embed_texts(
+            [text for _, text in turns],
+            run.embedding_model_path,
+            run.cache_root,
+            run.embedding_batch_size,
+            run.embedding_model,
+        )
+        for (i, _), score, test in zip(turns, *most_similar(vectors, tests)):
+            if score > best[i]:
+                best[i], at[i] = score, test
     hits = best >= run.decontaminate_threshold - SCORE_TOLERANCE
     dropped = np.flatnonzero(hits)
     report["contaminated"] = [

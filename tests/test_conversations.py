@@ -124,7 +124,7 @@ def test_a_long_conversation_keeps_whole_turns_and_an_open_cut_turn(fresh_tokeni
 BAD_ROWS = [
     (
         {"messages": [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Q?"}]},
-        "turn 1 is a assistant turn",
+        "turn 1 is an assistant turn",
     ),
     (
         {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": " "}]},
@@ -147,7 +147,7 @@ def test_bad_conversation_rows_through_the_command_line(tmp_path):
     rows = [{"messages": THREE_TURNS}, BAD_ROWS[0][0], {"instruction": "Hi.", "output": "Hello."}, BAD_ROWS[3][0]]
     out = tmp_path / "out"
     result = finetune(out, "--chat_template", "chatml", data_path=write_rows(tmp_path / "bad.json", rows))
-    assert_user_error(result, "finetune.py", "row 2: turn 1 is a assistant turn", "row 4: 'messages' is str")
+    assert_user_error(result, "finetune.py", "row 2: turn 1 is an assistant turn", "row 4: 'messages' is str")
     assert not out.exists(), "nothing written"
 
 

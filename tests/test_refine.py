@@ -403,3 +403,25 @@ def test_test_questions_and_length_distribution():
     stats = length_distribution(list(range(1, 5001)))
     assert stats["min"] == 1 and stats["max"] == 5000 and stats["p50"] == 2500
     assert stats["longer_than"] == {"512": 4488, "1024": 3976, "2048": 2952, "4096": 904}
+
+
+def test_a_test_question_in_a_later_user_turn_is_found(tmp_path):
+    """Decontamination compares each user turn of a conversation of several exchanges on its own as well."""
+
+    def chat(*questions):
+        turns = [m for q in questions for m in ({"role": "user", "content": q}, {"role": "assistant", "content": "."})]
+        return {"messages": turns}
+
+    rows = [
+        chat("Tell me about koalas.", "How long do they sleep?", CAPITAL),
+        chat("Name a prime number.", "And an even one?", "Which is larger?"),
+    ]
+    data = write_rows(tmp_path / "chats.jsonl", rows)
+    tests = write_rows(tmp_path / "arc.json", [{"question": CAPITAL_TEST, "choices": ["a", "b"]}])
+    out = tmp_path / "out.jsonl"
+    result = refine_cli("--data_path", data, "--output_path", out, "--test_files", tests, "--near_dedup", "False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["messages"] for row in kept] == [rows[1]["messages"]]
+    contaminated = json.loads((tmp_path / "out.report.json").read_text())["contaminated"]
+    assert [(c["dropped"], c["test_item"]) for c in contaminated] == [(f"{data} row 1", CAPITAL_TEST)]

@@ -433,7 +433,7 @@ def conversation_messages(row):
         expected = "user" if (number - 1 - first) % 2 == 0 else "assistant"
         if number > first and role != expected:
             return None, (
-                f"turn {number} is a {role} turn where a{'n' if expected == 'assistant' else ''} {expected} "
+                f"turn {number} is {article(role)} {role} turn where {article(expected)} {expected} "
                 "turn must come (after an optional system message, user and assistant turns alternate)"
             )
     if len(said) == first:
@@ -458,6 +458,10 @@ def prompt_conversation(row):
     turns = [{"role": role, "content": text} for role, text in said]
     messages, problem = conversation_messages({"messages": [*turns, {"role": "assistant", "content": "-"}]})
     return (messages[:-1], None) if messages else (None, problem)
+
+
+def article(word):
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _from_conversation(row):
