@@ -357,8 +357,20 @@ def add_vocabulary(writer, folder, rows):
         writer.add_add_space_prefix(sentencepiece_adds_prefix(folder / "tokenizer.model"))
     special = gguf.SpecialVocab(folder, load_merges=kind == "gpt2", n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
+    if "bos" not in special.add_special_token:  # llama.cpp would add BOS to every Llama-graph prompt
+        writer.add_add_bos_token(adds_bos(folder))
     for token_id in end_of_turn_ids(folder, special.special_token_ids.get("eos"))[:1]:
         writer.add_eot_token_id(token_id)
+
+
+def adds_bos(folder):
+    """Whether the Hugging Face tokenizer starts a text with BOS. Written where gguf's SpecialVocab finds no
+    add_bos_token in the tokenizer files: without the key, llama.cpp decides by architecture and adds a BOS
+    (the llama graph: Llama, Mistral, Yi) that training never saw."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
 def read_tokens(folder, kind):

@@ -123,7 +123,8 @@ def test_metadata_special_tokens_template_and_modelfile(exports):
         assert meta["tokenizer.ggml.pre"] == expected_pre[family]
         assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
         assert meta["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
-        assert meta.get("tokenizer.ggml.add_bos_token", False) == (family == "llama")
+        # always written: without it llama.cpp adds a BOS to Llama-graph prompts (the BPE Mistral has none)
+        assert meta["tokenizer.ggml.add_bos_token"] == (family == "llama")
         modelfile = (out / "Modelfile").read_text()
         assert f"FROM ./{out.name}-f16.gguf" in modelfile
         assert 'TEMPLATE """Below is an instruction' in modelfile and "{{ .Prompt }}" in modelfile
