@@ -90,9 +90,10 @@ def check_exportable(config, tokenizer_dir, base_dir, flag):
             f"--gguf: the model is {model_type or 'of no recorded type'} ({classes}); GGUF export supports {SUPPORTED}"
         )
     rope = rope_parameters(config)
-    if rope.get("rope_type", "default") not in ("default", "linear"):
+    if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
         raise UserError(
-            f"--gguf: rope scaling {rope['rope_type']!r} is not written by this export (default and linear are); "
+            f"--gguf: rope scaling {rope['rope_type']!r} is not written by this export (default, linear and "
+            "llama3 are); "
             "convert the merged folder with llama.cpp's convert_hf_to_gguf.py"
         )
     tokenizer_kind(tokenizer_dir, flag, base_dir)
@@ -168,6 +169,10 @@ def write_gguf(folder, gguf_type, destination, metadata):
     qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[gguf_type][0])
     sources = [TensorSource(p) for p in base_checkpoint(folder, "--output_dir")]
     plan = tensor_plan(sources, arch, config, qtype)
+    if rope_parameters(config).get("rope_type") == "llama3":  # Llama-3.1 and later: per-frequency factors
+        factors = llama3_rope_factors(folder)
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        plan.insert(0, (Computed(factors), "rope_freqs", name, gguf.GGMLQuantizationType.F32, list(factors.shape)))
     rows = next(shape[0] for _, name, _, _, shape in plan if name == "model.embed_tokens.weight")
     tmp = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
@@ -193,6 +198,31 @@ def write_gguf(folder, gguf_type, destination, metadata):
         tmp.unlink(missing_ok=True)
         raise
     return {"file": destination.name, "bytes": destination.stat().st_size, "tensors": len(plan)}
+
+
+class Computed:
+    """A tensor the export computes rather than reads (llama.cpp's rope_freqs), read as a source is."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def read(self, name):
+        return self.tensor
+
+
+def llama3_rope_factors(folder):
+    """llama.cpp's rope_freqs for Llama-3.1's rope scaling: the factor dividing each rotary frequency,
+    taken from transformers' own llama3 frequencies (default frequency / scaled frequency)."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.from_pretrained(folder)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    theta = config.rope_parameters["rope_theta"]
+    default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    return (default / scaled).float()
 
 
 def tensor_plan(sources, arch, config, qtype):
@@ -489,9 +519,10 @@ def compare_with_merged(folder, files, prompts, dtype="float32"):
     difference to the merged safetensors model, greedy agreement, and whether its tokenizer gives the
     same ids on the prompts and on Korean, emoji and code."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
+    config = json.loads((Path(folder) / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     batches = [tokenizer(text, return_tensors="pt") for text in prompts]
     merged = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).eval()
@@ -504,6 +535,12 @@ def compare_with_merged(folder, files, prompts, dtype="float32"):
         texts = [*prompts, *TOKENIZER_TEXTS]
         same_ids = sum(loaded(t)["input_ids"] == tokenizer(t)["input_ids"] for t in texts)
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch_dtype).eval()
+        if rope_parameters(config).get("rope_type") == "llama3":
+            # transformers' GGUF loader reads no rope_freqs and builds default rotary frequencies: give it the
+            # merged model's (the rope_freqs tensor itself is checked against the published rule in the tests,
+            # and llama.cpp reads it: BENCHMARKS.md)
+            rotary = type(model.model.rotary_emb)
+            model.model.rotary_emb = rotary(config=AutoConfig.from_pretrained(str(folder)))
         worst, agree, positions = 0.0, 0, 0
         with torch.no_grad():
             for ids, expected in zip(batches, reference):

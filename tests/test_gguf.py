@@ -249,3 +249,40 @@ def test_the_other_types_load_back_within_their_rounding(exports, tmp_path):
         difference = (logits(model, tokenizer) - merged).abs().max().item()
         assert difference < tolerance, (gguf_type, difference)
     assert sizes["q4_0"] < sizes["q4_1"] < sizes["q5_1"] < sizes["bf16"]
+
+
+def test_llama31_rope_scaling_is_written_as_llama_cpp_reads_it(tmp_path, tiny_llama):
+    """Llama-3.1's llama3 rope scaling: a rope_freqs tensor of the factor dividing each rotary frequency,
+    against the published rule computed here (llama.cpp's own logits agree: BENCHMARKS.md)."""
+    import math
+
+    from gguf import GGUFReader
+
+    from platy import gguf_export
+
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    folder = build_model(tmp_path / "m", "llama", tiny_llama, rope_scaling={"rope_type": "llama3", **scaling})
+    path = folder / "m-f16.gguf"
+    gguf_export.write_gguf(folder, "f16", path, {"name": "m", "description": "rope"})
+    written = next(t for t in GGUFReader(path).tensors if t.name == "rope_freqs.weight")
+    head_dim = 128 // 4
+    expected = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * 10000.0 ** (i / head_dim)
+        low, high = (
+            scaling["original_max_position_embeddings"] / scaling[k] for k in ("low_freq_factor", "high_freq_factor")
+        )
+        if wavelength < high:
+            expected.append(1.0)
+        elif wavelength > low:
+            expected.append(scaling["factor"])
+        else:
+            smooth = (scaling["original_max_position_embeddings"] / wavelength - 1.0) / (4.0 - 1.0)
+            expected.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    assert {1.0, 8.0} <= set(expected) and len(set(expected)) > 2, "the tiny shape reaches all three regimes"
+    assert list(written.shape) == [head_dim // 2]
+    assert torch.allclose(torch.tensor(written.data.tolist()), torch.tensor(expected), rtol=1e-5)
+    # --verify's read-back through transformers' GGUF loader (which reads no rope_freqs) uses the scaled
+    # frequencies: float16 rounding only, not the 1e-2 of default frequencies
+    report = gguf_export.compare_with_merged(folder, {"f16": path.name}, ["Is 91 a prime number? Say why. " * 4])
+    assert report["f16"]["max_abs_diff"] < 2e-3 and report["f16"]["agreement"] == 1.0, report
