@@ -61,14 +61,26 @@ def check_flags(flags):
 def check_chat_templates(models, problems):
     """With --apply_chat_template, every local model (or its adapter) has a chat template to apply."""
     for model in models:
-        adapter = model["adapter"]
-        folder = adapter.folder if adapter and (adapter.folder / "tokenizer_config.json").is_file() else None
-        folder = folder or Path(model["base_path"])
+        folder = Path(tokenizer_folder(model))
         if folder.is_dir() and not has_chat_template(folder):
             problems.append(
                 f"--apply_chat_template: {model['spec']} has no chat template ({folder} holds none); train with "
                 "finetune.py --chat_template, or drop --apply_chat_template"
             )
+
+
+def tokenizer_folder(model):
+    """Where a model's tokenizer is: an adapter's own folder when finetune.py saved one there (a chat template,
+    added tokens), else the base's."""
+    adapter = model["adapter"]
+    if adapter and (adapter.folder / "tokenizer_config.json").is_file():
+        return str(adapter.folder)
+    return model["base_path"]
+
+
+def fewshot_turns(flags):
+    """Whether the harness gives few-shot examples as earlier turns: with a chat template, unless turned off."""
+    return bool(flags["apply_chat_template"]) and flags["fewshot_as_multiturn"] is not False
 
 
 def has_chat_template(folder):
@@ -85,8 +97,8 @@ def prompt_format(flags):
     """How the prompts were formatted, for the tables' heading ('' for the harness's plain prompts)."""
     parts = []
     if flags["apply_chat_template"]:
-        turns = flags["fewshot_as_multiturn"] is not False
         parts.append("each model's chat template (--apply_chat_template)")
+        turns = fewshot_turns(flags)
         parts.append("few-shot examples as earlier turns" if turns else "few-shot examples in one user turn")
     if flags["system_instruction"]:
         parts.append(f"system instruction {flags['system_instruction']!r}")
@@ -477,7 +489,7 @@ def evaluate_model(model, run):
                     task_manager=run.task_manager,
                     log_samples=False,
                     apply_chat_template=run.flags["apply_chat_template"],
-                    fewshot_as_multiturn=run.flags["fewshot_as_multiturn"] is not False,
+                    fewshot_as_multiturn=fewshot_turns(run.flags),
                     system_instruction=run.flags["system_instruction"],
                 )
             # the harness records model_args only when it builds the model itself, and its prompt format
@@ -498,7 +510,7 @@ def prompting(lm, flags):
     return {
         "system_instruction": flags["system_instruction"],
         "chat_template": lm.chat_template(True) if chat else None,
-        "fewshot_as_multiturn": chat and flags["fewshot_as_multiturn"] is not False,
+        "fewshot_as_multiturn": fewshot_turns(flags),
     }
 
 
@@ -512,9 +524,7 @@ def load_lm(model, run):
     from platy.modeling import torch_dtype
 
     adapter = model["adapter"]
-    tokenizer = (
-        str(adapter.folder) if adapter and (adapter.folder / "tokenizer_config.json").is_file() else model["base_path"]
-    )
+    tokenizer = tokenizer_folder(model)
     dtype = str(torch_dtype(run.precision)).removeprefix("torch.")
     several_gpus = run.device == "cuda" and torch.cuda.device_count() > 1
     common = {

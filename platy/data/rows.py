@@ -185,15 +185,15 @@ def read_prompts(path, flag):
     rows = [{"instruction": r} if isinstance(r, str) else r for r in rows]
     if not rows:
         raise UserError(f"{flag}: {path} holds no prompts; add rows with an 'instruction' field")
-    if all(isinstance(r, dict) and "instruction" not in r and not row_layout_is_conversation(r) for r in rows):
+    if all(isinstance(r, dict) and "instruction" not in r and not any(k in r for k in CONVERSATION_KEYS) for r in rows):
         columns = sorted({k for r in rows if isinstance(r, dict) for k in r})
         raise UserError(
             f"{flag}: {path}: no 'instruction' column; the rows have {', '.join(columns) or 'no fields'}. "
             "Name the question column instruction (and an optional one input), or give messages rows"
         )
     for number, row in enumerate(rows, start=1):
-        if isinstance(row, dict) and row_layout_is_conversation(row) and "instruction" not in row:
-            messages, problem = prompt_conversation(row)
+        if isinstance(row, dict) and "instruction" not in row and any(k in row for k in CONVERSATION_KEYS):
+            messages, problem = conversation_messages(row, to_answer=True)
             if problem:
                 raise UserError(f"{flag}: {path}: row {number}: {problem}")
             rows[number - 1] = {**{k: v for k, v in row.items() if k not in CONVERSATION_KEYS}, "messages": messages}
@@ -420,9 +420,10 @@ def conversation_turns(row):
     return said, None
 
 
-def conversation_messages(row):
+def conversation_messages(row, to_answer=False):
     """(messages, None): the turns as [{'role', 'content'}], an optional system message first, then user
-    and assistant turns alternating, ending with an assistant turn; or (None, the reason it is not one)."""
+    and assistant turns alternating, ending with an assistant turn (to_answer: with the user turn a prompt
+    asks to answer); or (None, the reason it is not one)."""
     said, problem = conversation_turns(row)
     if problem:
         return None, problem
@@ -438,26 +439,11 @@ def conversation_messages(row):
             )
     if len(said) == first:
         return None, "no user or assistant turns"
-    if said[-1][0] != "assistant":
+    if to_answer and said[-1][0] != "user":
+        return None, "the conversation must end with the user turn to answer"
+    if not to_answer and said[-1][0] != "assistant":
         return None, "the conversation ends with a user turn; it must end with an assistant turn to learn from"
     return [{"role": role, "content": text} for role, text in said], None
-
-
-def row_layout_is_conversation(row):
-    return any(key in row for key in CONVERSATION_KEYS)
-
-
-def prompt_conversation(row):
-    """(messages, None) of a prompt's conversation: turns as conversation_messages checks them, ending with
-    the user turn to answer; or (None, the reason it is not one)."""
-    said, problem = conversation_turns(row)
-    if problem:
-        return None, problem
-    if not said or said[-1][0] != "user":
-        return None, "the conversation must end with the user turn to answer"
-    turns = [{"role": role, "content": text} for role, text in said]
-    messages, problem = conversation_messages({"messages": [*turns, {"role": "assistant", "content": "-"}]})
-    return (messages[:-1], None) if messages else (None, problem)
 
 
 def article(word):
