@@ -80,6 +80,7 @@ def train(
     use_rslora: bool = False,
     use_dora: bool = False,
     init_lora_weights: str = "default",
+    loftq_iter: int = 1,
     loraplus_lr_ratio: float = None,
     neftune_noise_alpha: float = None,
     optim: str = "adamw_torch_fused",
@@ -172,11 +173,15 @@ def train(
             tokenizing; false tokenizes in memory and writes nothing.
         use_rslora: Rank-stabilised LoRA: scale alpha / sqrt(r) instead of alpha / r (merge.py uses the recorded scale).
         use_dora: DoRA: each adapted weight is split into a magnitude vector and a direction that LoRA updates
-            (4-bit and unquantized bases; merge.py fuses it with both methods). Slower steps, a little more memory.
+            (4-bit, 8-bit and unquantized bases; merge.py fuses it with both methods). Slower steps, a little
+            more memory.
         init_lora_weights: How the adapter starts: default (B = 0), gaussian, pissa or pissa_niter_N (the top r
             singular vectors of each weight, exact or with N fast-SVD iterations), olora (QR), both on a
             --quantization none base and saved converted so they apply to the unchanged base; loftq (4-bit
             bases: the adapter starts as the SVD of each layer's quantization error, reported in the log).
+        loftq_iter: LoftQ's alternating steps (with --init_lora_weights loftq): 1 keeps the base as loaded;
+            N > 1 requantizes each adapted weight N - 1 times around the adapter for a smaller error, and saves
+            the rank-r offsets that rebuild that base (loftq_offset.safetensors, for merge.py and inference.py).
         loraplus_lr_ratio: LoRA+: the B matrices (and DoRA magnitudes) learn at this many times --learning_rate
             (peft's LoRA+ optimizer, e.g. 16); default: one learning rate.
         neftune_noise_alpha: NEFTune: uniform noise of this scale (e.g. 5) on the input embeddings while

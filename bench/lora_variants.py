@@ -27,6 +27,7 @@ import finetune  # noqa: E402
 import merge  # noqa: E402
 from platy import merge_stages  # noqa: E402
 from platy.cli import entry_defaults, fail_on  # noqa: E402
+from platy.modeling import compute_8bit_as_trained  # noqa: E402
 from platy.train import stages  # noqa: E402
 
 VARIANTS = [
@@ -34,6 +35,9 @@ VARIANTS = [
     ("rsLoRA (r 8)", "4bit", {"use_rslora": True, "lora_r": 8}),
     ("DoRA", "4bit", {"use_dora": True}),
     ("LoftQ", "4bit", {"init_lora_weights": "loftq"}),
+    ("LoftQ, 3 iterations", "4bit", {"init_lora_weights": "loftq", "loftq_iter": 3}),
+    ("LoRA", "8bit", {}),
+    ("DoRA", "8bit", {"use_dora": True}),
     ("LoRA", "none", {}),
     ("rsLoRA (r 8)", "none", {"use_rslora": True, "lora_r": 8}),
     ("DoRA", "none", {"use_dora": True}),
@@ -49,6 +53,7 @@ PROMPTS = [
 
 def logits(model, tokenizer):
     model.eval()
+    compute_8bit_as_trained(model)  # 8-bit layers as training computed them, without int8 activations
     with torch.no_grad():
         return torch.cat([model(**tokenizer(t, return_tensors="pt")).logits.float() for t in PROMPTS], dim=1)
 

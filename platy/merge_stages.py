@@ -489,7 +489,7 @@ def verify_merge(run, prompts=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from platy.modeling import load_model_with_adapter, resolve_precision
+    from platy.modeling import compute_8bit_as_trained, load_model_with_adapter, resolve_precision
 
     adapter = run.adapter
     recorded = (adapter.run_config or {}).get("resolved", {})
@@ -518,6 +518,7 @@ def verify_merge(run, prompts=None):
     tokenizer = AutoTokenizer.from_pretrained(str(run.output_dir))
     prompts = prompts or [verify_prompter(run).generate_prompt(q) for q in VERIFY_PROMPTS]
     reference.eval()
+    compute_8bit_as_trained(reference)
     merged.eval()
     worst, agree, positions = 0.0, 0, 0
     with torch.no_grad():

@@ -33,6 +33,9 @@ TOKEN_DELTA_KEY = re.compile(
 TOKEN_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.base_layer\.weight$")
 # an adapter still relative to a base that PiSSA or OLoRA changed: a checkpoint-N of such a run
 MUTATED_INITS = ("pissa", "olora")
+# LoftQ with --loftq_iter > 1 quantizes each adapted weight after subtracting a rank-r offset: the
+# offset's factors ({module}.L, {module}.R), saved beside the adapter, rebuild that 4-bit base
+LOFTQ_OFFSET = "loftq_offset.safetensors"
 
 
 def parse_size(text):
@@ -46,6 +49,33 @@ def parse_size(text):
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
     return int(float(match.group(1)) * base**power)
+
+
+def read_loftq_offsets(folder, label):
+    """{module: (L, R)}: the rank-r offsets LoftQ subtracted from each adapted weight before quantizing
+    it (--loftq_iter > 1), saved beside the adapter; {} for every other adapter. label names the folder."""
+    path = Path(folder) / LOFTQ_OFFSET
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    factors = {}
+    for key, tensor in load_file(str(path)).items():
+        module, _, part = key.rpartition(".")
+        factors.setdefault(module, {})[part] = tensor
+    torn = [m for m, parts in factors.items() if set(parts) != {"L", "R"} or parts["L"].shape[1] != parts["R"].shape[0]]
+    if torn or not factors:
+        raise UserError(f"{label}: {LOFTQ_OFFSET} is incomplete ({torn[0] if torn else 'no offsets'}); copy it again")
+    return {module: (parts["L"], parts["R"]) for module, parts in factors.items()}
+
+
+def write_loftq_offsets(offsets, folder):
+    """The LoftQ offsets that rebuild the 4-bit base an adapter was trained on, into its folder (if any)."""
+    if offsets:
+        from safetensors.torch import save_file
+
+        factors = {f"{module}.{part}": t for module, pair in offsets.items() for part, t in zip("LR", pair)}
+        save_file(factors, str(Path(folder) / LOFTQ_OFFSET))
 
 
 class Adapter:
@@ -89,6 +119,7 @@ class Adapter:
         self.run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else None
         self.tokens = self._token_rows(tensors)
         self.modules = self._lora_modules(tensors) if merge else {}
+        self.offsets = read_loftq_offsets(self.folder, f"{flag} {folder}")
 
     @property
     def vocabulary(self):
@@ -319,21 +350,41 @@ class TensorSource:
         return torch.frombuffer(buffer, dtype=getattr(torch, dtype)).reshape(shape)
 
 
-def rebuild_quantized(weight, layout):
-    """The weight as training saw it: quantized as bitsandbytes did at load time, dequantized."""
+def quantize_4bit_as_loaded(weight, layout, offset=None):
+    """(codes, quant state) of a weight quantized as bitsandbytes did when training loaded it; with a LoftQ
+    offset (L, R), of the weight minus L @ R, as LoftQ's iterations quantized it."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    if offset is not None:
+        weight = weight.to(torch.float32) - dense_offset(offset).to(weight.device)
+    loaded = weight.to(getattr(torch, layout["load_dtype"])).contiguous()
+    return bnbf.quantize_4bit(
+        loaded,
+        blocksize=layout["blocksize"],
+        compress_statistics=layout["double_quant"],
+        quant_type=layout["quant_type"],
+        quant_storage=getattr(torch, layout["quant_storage"]),
+    )
+
+
+def dense_offset(offset):
+    """L @ R in float32, computed in float64 on the CPU: the same bits in training and in every merge,
+    whatever device either runs on (the 4-bit codes of weight - offset must come out identical)."""
+    import torch
+
+    low, high = offset
+    return (low.to("cpu", torch.float64) @ high.to("cpu", torch.float64)).to(torch.float32)
+
+
+def rebuild_quantized(weight, layout, offset=None):
+    """The weight as training saw it: quantized as bitsandbytes did at load time (or as LoftQ's iterations
+    did, with their offset), dequantized."""
     import bitsandbytes.functional as bnbf
     import torch
 
     if layout["quantization"] == "4bit":
-        loaded = weight.to(getattr(torch, layout["load_dtype"])).contiguous()
-        packed, state = bnbf.quantize_4bit(
-            loaded,
-            blocksize=layout["blocksize"],
-            compress_statistics=layout["double_quant"],
-            quant_type=layout["quant_type"],
-            quant_storage=getattr(torch, layout["quant_storage"]),
-        )
-        return bnbf.dequantize_4bit(packed, state).to(torch.float32)
+        return bnbf.dequantize_4bit(*quantize_4bit_as_loaded(weight, layout, offset)).to(torch.float32)
     loaded = weight.to(getattr(torch, layout["load_dtype"]))
     codes, stats, _ = bnbf.int8_vectorwise_quant(loaded.to(torch.float16).contiguous())
     return bnbf.int8_vectorwise_dequant(codes, stats).to(torch.float32)
@@ -455,7 +506,7 @@ def merge_stream(base_path, adapter, method, layout, out_dtype, out_folder, max_
                 if tensor.is_floating_point():
                     module = name[: -len(".weight")] if name.endswith(".weight") else None
                     if module in quantized:
-                        tensor = rebuild_quantized(tensor.to(device), layout)
+                        tensor = rebuild_quantized(tensor.to(device), layout, adapter.offsets.get(module))
                     elif load_dtype is not None:
                         tensor = tensor.to(load_dtype)  # as training loaded it
                     if module in adapter.tokens:
@@ -491,6 +542,12 @@ def check_fit(adapter, shapes):
                 f"adapter does not fit the base model: its trained token rows of {module} "
                 f"{tuple(parts['delta'].shape)} do not fit {tuple(shape) if shape else 'nothing'} in the base; "
                 "merge with the base model the adapter was trained on"
+            )
+    for module, (low, high) in sorted(adapter.offsets.items()):
+        if list(shapes.get(f"{module}.weight") or []) != [low.shape[0], high.shape[1]]:
+            raise UserError(
+                f"adapter does not fit the base model: its LoftQ offset of {module} does not fit the base's "
+                "weight; merge with the base model the adapter was trained on"
             )
     for module, parts in sorted(adapter.modules.items()):
         shape = shapes.get(f"{module}.weight")

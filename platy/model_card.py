@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from platy.data.rows import HUB_ID
+from platy.merging import LOFTQ_OFFSET
 
 METHOD_TEXT = {
     "dequant": "the base was rebuilt exactly as it was quantized in training ({quant}), dequantized, and the LoRA "
@@ -225,9 +226,11 @@ def init_words(run):
     init = run["flags"]["init_lora_weights"]
     loftq = run.get("resolved", {}).get("loftq")
     if loftq:
+        steps = loftq.get("iterations", 1)
+        rebuilt = f"; the 4-bit base it trained on is rebuilt from {LOFTQ_OFFSET}" if steps > 1 else ""
         return (
-            f"{init} (quantization error of the adapted layers {loftq['relative_error_before']:.4f} -> "
-            f"{loftq['relative_error_after']:.4f} at the start)"
+            f"{init} ({steps} iteration{'s' if steps > 1 else ''}: quantization error of the adapted layers "
+            f"{loftq['relative_error_before']:.4f} -> {loftq['relative_error_after']:.4f} at the start{rebuilt})"
         )
     if init == "gaussian":
         return init

@@ -259,6 +259,7 @@ def load_model(
         detail = error_detail(err)
         raise UserError(f"{flag} {base_model}: cannot load the model ({detail})") from err
     keep_cpu_4bit_layout(model)
+    keep_8bit_scales(model)
     return model
 
 
@@ -288,6 +289,8 @@ def load_model_with_adapter(
     if adapter_folder is None:
         return model
     check_adapter(adapter_folder, flag)
+    if quantization == "4bit":
+        rebuild_loftq_base(model, base_model, adapter_folder, f"{flag} {adapter_folder}")
     if vocabulary and vocabulary > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocabulary, mean_resizing=False)  # the adapter holds the new rows
     try:
@@ -299,6 +302,32 @@ def load_model_with_adapter(
             f"{flag} {adapter_folder} does not fit {base_flag} {base_model} "
             f"({error_detail(err, last=True)}); use the base model the adapter was trained on"
         ) from err
+
+
+def rebuild_loftq_base(model, base_model, adapter_folder, label):
+    """A loaded 4-bit base as LoftQ's iterations requantized it for this adapter: each weight with a saved
+    offset quantized again from the base checkpoint minus the offset, as training and the merge do (the
+    layout recorded in training); a base for any other adapter is left as loaded."""
+    from platy.merging import (
+        Adapter,
+        TensorSource,
+        base_checkpoint,
+        quantize_4bit_as_loaded,
+        read_loftq_offsets,
+        resolve_local_base,
+    )
+
+    offsets = read_loftq_offsets(adapter_folder, label)
+    if not offsets:
+        return
+    layout = Adapter(adapter_folder, merge=False).quantization_layout or quantization_layout(model, "4bit", "fp32")
+    folder = resolve_local_base(base_model, "--base_model")
+    sources = [TensorSource(p) for p in base_checkpoint(folder, "--base_model")]
+    where = {name: source for source in sources for name in source.entries}
+    for module, offset in offsets.items():
+        layer = model.get_submodule(module)
+        weight = where[f"{module}.weight"].read(f"{module}.weight").to(layer.weight.device)
+        layer.weight.data, layer.weight.quant_state = quantize_4bit_as_loaded(weight, layout, offset)
 
 
 DOWNLOAD_AGAIN = "download or copy the model again"
@@ -330,6 +359,38 @@ def keep_cpu_4bit_layout(model):
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def keep_8bit_scales(model):
+    """Keep each 8-bit weight's row scales with its codes when peft's DoRA layer rebuilds it on the CPU.
+
+    To compute its norms, peft's DoRA layer dequantizes a CPU Linear8bitLt weight and moves it back
+    with Int8Params.to(), which returns codes marked as not yet taken into the layer's state and
+    without their scales (bitsandbytes 0.50); the layer's next forward would then replace its scales
+    with None and fail. The hook gives the rebuilt weight the scales the layer already holds.
+    """
+
+    def restore_scales(module, _args):
+        weight, state = module.weight, module.state
+        if getattr(weight, "CB", None) is not None and weight.SCB is None and state.SCB is not None:
+            weight.SCB = state.SCB
+
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.register_forward_pre_hook(restore_scales)
+
+
+def compute_8bit_as_trained(model):
+    """Make an evaluating model's 8-bit layers compute as training computed them (call after eval()).
+
+    bitsandbytes trains an 8-bit layer on the CPU with its dequantized weight, and evaluates it by
+    rounding the activations to int8 as well (LLM.int8), which moves logits by about 1e-2. A layer
+    left in training mode computes with exactly the weights training saw; it has no dropout or other
+    training-only behaviour. On a GPU both modes round the activations, as training did.
+    """
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.train()
 
 
 def quantization_layout(model, quantization, precision):

@@ -1,9 +1,10 @@
-"""finetune.py's stages under torchrun, also dumping each rank's LoRA weights for comparison.
+"""finetune.py's stages under torchrun, also dumping each rank's LoRA weights and their learning rates.
 
 torchrun --nproc_per_node=2 tests/ddp_driver.py <finetune flags>   (DUMP_DIR=... in the environment)
 """
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,8 +19,11 @@ from platy.train import stages  # noqa: E402
 def dump_lora(trainer):
     from safetensors.torch import save_file
 
-    lora = {n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if "lora_" in n}
-    save_file(lora, str(Path(os.environ["DUMP_DIR"]) / f"rank{os.environ['RANK']}.safetensors"))
+    named = [(n, p) for n, p in trainer.model.named_parameters() if "lora_" in n]
+    dump = Path(os.environ["DUMP_DIR"]) / f"rank{os.environ['RANK']}"
+    save_file({n: p.detach().cpu().contiguous() for n, p in named}, f"{dump}.safetensors")
+    rates = {id(p): group["initial_lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    Path(f"{dump}-lr.json").write_text(json.dumps({n: rates.get(id(p)) for n, p in named}))
 
 
 @functools.wraps(finetune.train)  # finetune.py's flags, defaults and checks

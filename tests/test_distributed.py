@@ -52,6 +52,42 @@ def test_torchrun_two_processes_keep_identical_adapters(tmp_path):
     assert len(saved) == len(rank0)
 
 
+def test_lora_knobs_under_torchrun_keep_ranks_identical_and_resume_exactly(tmp_path):
+    """DoRA, LoRA+, NEFTune and an 8-bit optimizer over two processes: the ranks hold the same adapter
+    and optimizer groups, and resuming checkpoint-2 under torchrun ends bit for bit where the whole run did."""
+    knobs = ["--use_dora", "True", "--loraplus_lr_ratio", "16", "--neftune_noise_alpha", "5"]
+    knobs += ["--optim", "adamw_bnb_8bit", "--save_steps", "2", "--max_steps", "3", "--warmup_steps", "0"]
+    common = ["--base_model", "builtin:tiny-llama", "--data_path", str(SAMPLE), "--cutoff_len", "128"]
+    common += ["--batch_size", "8", "--micro_batch_size", "2", "--learning_rate", "1e-3", *knobs]
+    driver = [*TORCHRUN[:-1], "29537", str(REPO / "tests" / "ddp_driver.py")]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for dump in (whole, resumed):
+        dump.mkdir()
+    first = run_cli([*driver, *common, "--output_dir", str(tmp_path / "run")], env={"DUMP_DIR": str(whole)})
+    assert first.returncode == 0, first.stderr[-4000:]
+    shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / "checkpoint-2")
+    again = [*driver, *common, "--output_dir", str(tmp_path / "again")]
+    again += ["--resume_from_checkpoint", str(tmp_path / "checkpoint-2")]
+    second = run_cli(again, env={"DUMP_DIR": str(resumed)})
+    assert second.returncode == 0, second.stderr[-4000:]
+    losses = [
+        {r["step"]: r["loss"] for r in json.loads((tmp_path / run / "log_history.json").read_text()) if "loss" in r}
+        for run in ("run", "again")
+    ]
+    assert "Resuming from" in second.stdout and losses[1] == losses[0]  # steps 1-2 come from the checkpoint
+    ranks = [load_file(folder / f"rank{r}.safetensors") for folder in (whole, resumed) for r in (0, 1)]
+    assert ranks[0] and any("magnitude" in name for name in ranks[0]), "DoRA magnitudes are trained"
+    for other in ranks[1:]:
+        assert other.keys() == ranks[0].keys()
+        assert all(torch.equal(ranks[0][name], other[name]) for name in ranks[0])
+    for rank in (0, 1):  # LoRA+ groups on every rank: B (and the magnitudes) at 16 x A's learning rate
+        rates = json.loads((whole / f"rank{rank}-lr.json").read_text())
+        assert {r for n, r in rates.items() if "lora_A" in n} == {1e-3}
+        assert {r for n, r in rates.items() if "lora_A" not in n} == {16e-3}
+    config = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert config["resolved"]["world_size"] == 2 and config["flags"]["loraplus_lr_ratio"] == 16
+
+
 def test_launcher_with_a_base_model_runs_platypus_recipe(tmp_path):
     """`BASE_MODEL=... bash fine-tuning.sh`: Platypus's hyperparameters, a whole epoch (the quick start's own
     settings apply only without BASE_MODEL: test_first_run.py)."""

@@ -10,17 +10,22 @@ import torch
 import finetune as finetune_script
 import merge as merge_script
 from platy import cli, merge_stages
+from platy.merging import LOFTQ_OFFSET
+from platy.modeling import compute_8bit_as_trained
 from platy.train import config, stages
 
 from conftest import SAMPLE, SMALL_RUN, reseal
 
 PROMPTS = ["### Instruction:\nWhat is 12 + 30?\n\n### Response:\n", "다음 두 수의 합을 구하시오. 12, 30"]
-# (name, flags): every variant on a 4-bit and an unquantized base (LoftQ is 4-bit only, PiSSA / OLoRA unquantized only)
+# (name, flags): every variant on a 4-bit and an unquantized base (LoftQ is 4-bit only, PiSSA / OLoRA unquantized only),
+# and DoRA on an 8-bit base
 VARIANTS = {
     "plain-4bit": {},
     "rslora-4bit": {"use_rslora": True, "lora_r": 8},
     "dora-4bit": {"use_dora": True},
+    "dora-8bit": {"use_dora": True, "quantization": "8bit"},
     "loftq-4bit": {"init_lora_weights": "loftq"},
+    "loftq3-4bit": {"init_lora_weights": "loftq", "loftq_iter": 3},
     "plain-none": {"quantization": "none"},
     "rslora-none": {"quantization": "none", "use_rslora": True, "lora_r": 8},
     "dora-none": {"quantization": "none", "use_dora": True},
@@ -39,6 +44,7 @@ def flags(**overrides):
 
 def logits_of(model, tokenizer):
     model.eval()
+    compute_8bit_as_trained(model)
     with torch.no_grad():
         return torch.cat([model(**tokenizer(t, return_tensors="pt")).logits.float() for t in PROMPTS], dim=1)
 
@@ -117,8 +123,9 @@ def test_loftq_start_is_nearer_the_unquantized_weights(tmp_path):
     import bitsandbytes.functional as bnbf
     from safetensors.torch import load_file
 
-    def start_error(init):
-        prepared = stages.prepare(flags(output_dir=str(tmp_path / init), init_lora_weights=init))
+    def start_error(init, iterations=1):
+        out = tmp_path / f"{init}{iterations}"
+        prepared = stages.prepare(flags(output_dir=str(out), init_lora_weights=init, loftq_iter=iterations))
         weights = load_file(f"{prepared.run.base_model_path}/model.safetensors")
         errors = {}
         for name, module in prepared.trainer.model.named_modules():
@@ -134,6 +141,11 @@ def test_loftq_start_is_nearer_the_unquantized_weights(tmp_path):
     assert plain.keys() == loftq.keys() and len(plain) == 6
     assert all(loftq[name] < 0.95 * plain[name] for name in plain), (plain, loftq)
     assert report["layers"] == 6 and report["relative_error_after"] < report["relative_error_before"]
+    # LoftQ's alternation: requantizing around the adapter lowers the error further (measured on the weights)
+    iterated, iterated_report = start_error("loftq", 3)
+    assert sum(iterated.values()) < sum(loftq.values()), (loftq, iterated)
+    assert iterated_report["relative_error_after"] < report["relative_error_after"]
+    assert iterated_report["relative_error_before"] == pytest.approx(report["relative_error_before"])
 
 
 @pytest.mark.parametrize(
@@ -177,10 +189,10 @@ def lora_state(trainer):
     "knobs",
     [
         {"loraplus_lr_ratio": 16, "optim": "paged_adamw_8bit"},
-        {"optim": "adamw_bnb_8bit"},
+        {"optim": "adamw_bnb_8bit", "init_lora_weights": "loftq", "loftq_iter": 3},
         {"optim": "paged_adamw_32bit"},
     ],
-    ids=["loraplus-paged8bit", "bnb8bit", "paged32bit"],
+    ids=["loraplus-paged8bit", "bnb8bit-loftq3", "paged32bit"],
 )
 def test_optimizers_and_loraplus_resume_bit_identically(tmp_path, knobs):
     whole = train_steps(tmp_path / "whole", 3, **knobs)  # writes checkpoint-2 on its way
@@ -194,6 +206,8 @@ def test_optimizers_and_loraplus_resume_bit_identically(tmp_path, knobs):
     }[knobs["optim"]]
     a, b = lora_state(whole), lora_state(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # a LoftQ run with iterations keeps the offsets of its base in every checkpoint, and resumes on that base
+    assert (tmp_path / "whole" / "checkpoint-2" / LOFTQ_OFFSET).is_file() == ("loftq_iter" in knobs)
     if "loraplus_lr_ratio" in knobs:
         groups = [g for g in whole.optimizer.param_groups if g["params"]]
         lr = {id(p): g["initial_lr"] for g in groups for p in g["params"]}
@@ -238,7 +252,6 @@ def test_neftune_changes_training_only(tmp_path):
         ({"init_lora_weights": "pissa"}, ["--init_lora_weights pissa", "--quantization none"]),
         ({"init_lora_weights": "olora", "quantization": "8bit"}, ["--init_lora_weights olora", "8bit"]),
         ({"use_dora": True, "init_lora_weights": "loftq"}, ["--use_dora", "--init_lora_weights loftq"]),
-        ({"use_dora": True, "quantization": "8bit"}, ["--use_dora", "--quantization 8bit"]),
         ({"neftune_noise_alpha": 5, "packing": True}, ["--neftune_noise_alpha", "--packing"]),
         ({"use_dora": True, "finetuning": "full", "quantization": "none"}, ["--use_dora", "--finetuning full"]),
         ({"optim": "sgd"}, ["--optim sgd", "adamw_torch_fused"]),
@@ -247,6 +260,7 @@ def test_neftune_changes_training_only(tmp_path):
             ["--init_lora_weights pissa_niter_0", "pissa_niter_N"],
         ),
         ({"loraplus_lr_ratio": 0}, ["--loraplus_lr_ratio"]),
+        ({"loftq_iter": 3}, ["--loftq_iter 3", "--init_lora_weights loftq"]),
     ],
 )
 def test_refused_combinations_name_both_flags(overrides, fragments):

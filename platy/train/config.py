@@ -50,6 +50,7 @@ LORA_KNOBS = {
     "use_rslora": False,
     "use_dora": False,
     "init_lora_weights": "default",
+    "loftq_iter": 1,
     "loraplus_lr_ratio": None,
 }
 POSITIVE_INTS = ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps")
@@ -81,6 +82,7 @@ RESUME_MUST_MATCH = (
     "use_rslora",
     "use_dora",
     "init_lora_weights",
+    "loftq_iter",
     "loraplus_lr_ratio",
     "neftune_noise_alpha",
     "optim",
@@ -153,6 +155,7 @@ class TrainRun:
     use_rslora: bool
     use_dora: bool
     init_lora_weights: str
+    loftq_iter: int
     loraplus_lr_ratio: Any
     neftune_noise_alpha: Any
     optim: str
@@ -291,6 +294,7 @@ def lora_problems(f):
     problems = checks.problems_of(
         checks.choice("optim", f["optim"], OPTIMIZERS),
         init_problem(f["init_lora_weights"]),
+        checks.positive_int("loftq_iter", f["loftq_iter"]),
         checks.positive_number("loraplus_lr_ratio", f["loraplus_lr_ratio"], optional=True),
         checks.positive_number("neftune_noise_alpha", f["neftune_noise_alpha"], optional=True),
     )
@@ -305,6 +309,11 @@ def lora_problems(f):
             f"--init_lora_weights loftq offsets the 4-bit quantization error, and --quantization {quantization} "
             "has none to offset; add --quantization 4bit or choose another --init_lora_weights"
         )
+    if f["loftq_iter"] != 1 and init != "loftq":
+        problems.append(
+            f"--loftq_iter {f['loftq_iter']} sets LoftQ's iterations, and --init_lora_weights is {init}; "
+            "add --init_lora_weights loftq or drop --loftq_iter"
+        )
     if changes_base(init) and quantization != "none":
         problems.append(
             f"--init_lora_weights {init} rewrites the base weights, which a {quantization} base cannot give back "
@@ -315,11 +324,6 @@ def lora_problems(f):
         problems.append(
             f"--use_dora computes its magnitudes from the base weights, which --init_lora_weights {init} changes "
             "after they were taken; drop one of them"
-        )
-    if f["use_dora"] and quantization == "8bit":
-        problems.append(
-            "--use_dora on --quantization 8bit: peft's DoRA layer loses the 8-bit weights' scale state in the first "
-            "training step (bitsandbytes 0.50); use --quantization 4bit or none with --use_dora"
         )
     if f["neftune_noise_alpha"] is not None and f["packing"]:
         problems.append(

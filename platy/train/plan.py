@@ -153,7 +153,9 @@ def lora_words(run):
     if run.use_rslora:
         words.append(f"rsLoRA (scale alpha/sqrt(r) = {run.lora_alpha / run.lora_r**0.5:g})")
     if run.init_lora_weights != "default":
-        words.append(f"init {run.init_lora_weights}")
+        words.append(
+            f"init {run.init_lora_weights}" + (f" ({run.loftq_iter} iterations)" if run.loftq_iter > 1 else "")
+        )
     if run.loraplus_lr_ratio is not None:
         words.append(f"LoRA+ (B at {run.loraplus_lr_ratio:g} x the learning rate)")
     return " ".join(words)

@@ -17,6 +17,7 @@ from platy import cli
 from platy.cli import UserError, say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
 from platy.integrity import MANIFEST, config_hash, write_manifest
+from platy.merging import read_loftq_offsets, write_loftq_offsets
 from platy.train.checkpoints import PREEMPTED, STAGING, checkpoint_step, remove_leftovers, retire
 from platy.train.config import changes_base, check_flags, resolve
 from platy.train.plan import base_weights, describe_plan, lora_share, lora_words, optimizer_steps
@@ -250,7 +251,7 @@ def load_model_with_lora(run, tokenizer=None):
             say(f"Full fine-tuning: all {sum(p.numel() for p in model.parameters()):,} parameters trainable")
         return model, None
     layout = quantization_layout(model, run.quantization, run.precision)
-    return add_lora(run, model, new_tokens), layout
+    return add_lora(run, model, layout, new_tokens), layout
 
 
 def grow_vocabulary(model, tokenizer):
@@ -296,7 +297,7 @@ def load_base(run):
     )
 
 
-def add_lora(run, model, new_tokens=()):
+def add_lora(run, model, layout, new_tokens=()):
     """model wrapped with LoRA adapters (seeded, as --init_lora_weights says), loaded from
     --resume_from_checkpoint's adapter folder if given."""
     import torch
@@ -326,7 +327,10 @@ def add_lora(run, model, new_tokens=()):
             "(peft trainable_token_indices)"
         )
     if run.init_lora_weights == "loftq":
-        loftq_initialise(model, run.base_model_path)
+        saved = (
+            read_loftq_offsets(run.resume.path, f"--resume_from_checkpoint {run.resume.path}") if run.resume else None
+        )
+        loftq_initialise(model, run.base_model_path, layout, run.loftq_iter, saved)
     if changes_base(run.init_lora_weights) and cli.is_main_process():
         model.initial_adapter = save_initial_adapter(model)
     if run.resume and run.resume.adapter:
@@ -359,44 +363,64 @@ def save_initial_adapter(model):
     return folder
 
 
-def loftq_initialise(model, base_path):
+def loftq_initialise(model, base_path, layout, iterations=1, saved=None):
     """LoftQ on the 4-bit base: each adapter starts as the rank-r SVD of its layer's quantization error
-    (W - dequantize(quantize(W)), W read from the base checkpoint), so base + adapter starts nearer the
-    unquantized weights; the 4-bit base itself is left as loaded. Says and returns the error before and after."""
+    W - dequantize(base), W read from the base checkpoint, so base + adapter starts nearer the unquantized
+    weights. With iterations = 1 the 4-bit base stays as loaded. Each further iteration quantizes
+    W - (the adapter's L @ R) again and decomposes the new error (LoftQ's alternation); the offsets of the
+    last quantization are kept on the model (model.loftq_offsets, saved beside the adapter) so the merge and
+    every later load rebuild exactly that base. saved: offsets of a checkpoint being resumed, used as they
+    are. Says and returns the error before and after."""
     import bitsandbytes.functional as bnbf
     import torch
     from peft.tuners.lora import Linear4bit
     from peft.utils.loftq_utils import _low_rank_decomposition, _SafetensorLoader
 
+    from platy.merging import quantize_4bit_as_loaded
+
     loader = _SafetensorLoader(model, base_path)
     before = after = reference = 0.0
-    layers = 0
+    layers, offsets = 0, {}
     prefix = "base_model.model."
     with torch.no_grad():
         for name, module in model.named_modules():
             if not isinstance(module, Linear4bit):
                 continue
-            weight = loader.get_tensor(name[len(prefix) :] + ".weight").to(module.weight.device, torch.float32)
-            residual = weight - bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-            low_rank = _low_rank_decomposition(residual, reduced_rank=module.r["default"])
-            lora_a, lora_b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            lora_a.copy_(low_rank["R"])
-            lora_b.copy_(low_rank["L"] / module.scaling["default"])  # the layer adds scaling x B @ A
+            rank, key = module.r["default"], name[len(prefix) :]
+            base = module.get_base_layer()
+            weight = loader.get_tensor(key + ".weight").to(base.weight.device, torch.float32)
+            residual = weight - bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
             before += residual.square().sum().item()
+            offset = saved.get(key) if saved else None
+            for step in range(1 if saved else iterations):
+                if step or offset is not None:  # quantize the weight around the adapter's current L @ R
+                    codes, state = quantize_4bit_as_loaded(weight, layout, offset)
+                    residual = weight - bnbf.dequantize_4bit(codes, state).float()
+                low_rank = _low_rank_decomposition(residual, reduced_rank=rank)
+                if step < iterations - 1 and not saved:
+                    offset = (low_rank["L"].contiguous().cpu(), low_rank["R"].contiguous().cpu())
+            if offset is not None:
+                base.weight.data, base.weight.quant_state = codes, state
+                offsets[key] = offset
+            module.lora_A["default"].weight.copy_(low_rank["R"])
+            module.lora_B["default"].weight.copy_(low_rank["L"] / module.scaling["default"])  # adds scaling x B A
             after += (residual - low_rank["L"] @ low_rank["R"]).square().sum().item()
             reference += weight.square().sum().item()
             layers += 1
     report = {
         "layers": layers,
+        "iterations": iterations,
         "relative_error_before": (before / reference) ** 0.5,
         "relative_error_after": (after / reference) ** 0.5,
     }
     if cli.is_main_process():
         say(
-            f"LoftQ: quantization error of the {layers} adapted layers, ||W - base - adapter|| / ||W||: "
-            f"{report['relative_error_before']:.4f} (plain QLoRA start) -> {report['relative_error_after']:.4f}"
+            f"LoftQ ({iterations} iteration{'s' if iterations > 1 else ''}): quantization error of the {layers} "
+            f"adapted layers, ||W - base - adapter|| / ||W||: {report['relative_error_before']:.4f} (plain QLoRA "
+            f"start) -> {report['relative_error_after']:.4f}"
         )
     model.loftq_report = report
+    model.loftq_offsets = offsets
     return report
 
 
@@ -613,6 +637,7 @@ def save(run, trainer, run_config, result):
         if trainer.is_world_process_zero() and getattr(trainer.model, "initial_adapter", None):
             convert_to_plain_lora(trainer.model, out / STAGING / "final")
         if trainer.is_world_process_zero():
+            write_loftq_offsets(getattr(trainer.model, "loftq_offsets", None), out / STAGING / "final")
             record_chat_template(run, trainer.processing_class, out / STAGING / "final", run_config)
             # PEFT's empty card: write_results writes the toolkit's after the manifest, as run_config.json
             (out / STAGING / "final" / "README.md").unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from transformers.trainer_callback import TrainerCallback
 from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, UserError, error_detail, say
 from platy.files import RUN_CONFIG, write_json
 from platy.integrity import PICKLE_SUFFIXES, config_hash, file_problem, write_manifest
+from platy.merging import write_loftq_offsets
 from platy.train.checkpoints import STAGING, latest_checkpoint, publish, rotate
 
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
@@ -206,6 +207,7 @@ class Trainer(transformers.Trainer):
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 write_json(run_dir / STAGING / name / RUN_CONFIG, self.run_config)
+                write_loftq_offsets(getattr(self.model, "loftq_offsets", None), run_dir / STAGING / name)
                 (run_dir / STAGING / name / "README.md").unlink(missing_ok=True)  # PEFT's empty card template
                 self.write_manifest(run_dir / STAGING / name)
                 publish(run_dir / STAGING / name, run_dir / name)
