@@ -51,12 +51,32 @@ def parse_size(text):
     return int(float(match.group(1)) * base**power)
 
 
+def recorded_run(folder):
+    """The run_config.json finetune.py wrote into an adapter or checkpoint folder, or None."""
+    path = Path(folder) / "run_config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_loftq_offsets(folder, label):
     """{module: (L, R)}: the rank-r offsets LoftQ subtracted from each adapted weight before quantizing
-    it (--loftq_iter > 1), saved beside the adapter; {} for every other adapter. label names the folder."""
+    it (--loftq_iter > 1), saved beside the adapter; {} for every other adapter. label names the folder.
+    The file and the run's recorded iterations must agree: neither a missing file nor one left by an
+    earlier run in the same folder is ever applied silently."""
     path = Path(folder) / LOFTQ_OFFSET
+    run = recorded_run(folder)
+    iterations = None if run is None else ((run.get("resolved") or {}).get("loftq") or {}).get("iterations", 1)
     if not path.is_file():
+        if iterations and iterations > 1:
+            raise UserError(
+                f"{label}: {LOFTQ_OFFSET} is missing, and the adapter was trained with --loftq_iter {iterations} "
+                "on the 4-bit base that file rebuilds; copy it from the run's output_dir"
+            )
         return {}
+    if iterations == 1:
+        raise UserError(
+            f"{label}: {LOFTQ_OFFSET} does not belong to this adapter (its run_config.json records no LoftQ "
+            "iterations: a file left by an earlier run); delete it"
+        )
     from safetensors.torch import load_file
 
     factors = {}
@@ -546,8 +566,9 @@ def check_fit(adapter, shapes):
     for module, (low, high) in sorted(adapter.offsets.items()):
         if list(shapes.get(f"{module}.weight") or []) != [low.shape[0], high.shape[1]]:
             raise UserError(
-                f"adapter does not fit the base model: its LoftQ offset of {module} does not fit the base's "
-                "weight; merge with the base model the adapter was trained on"
+                f"adapter does not fit the base model: its LoftQ offset of {module} is "
+                f"{(low.shape[0], high.shape[1])}, the base's weight {tuple(shapes.get(f'{module}.weight') or ())}; "
+                "merge with the base model the adapter was trained on"
             )
     for module, parts in sorted(adapter.modules.items()):
         shape = shapes.get(f"{module}.weight")

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from platy.cli import UserError, error_detail, world_size
+from platy.cli import UserError, error_detail, say, world_size
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -289,8 +289,9 @@ def load_model_with_adapter(
     if adapter_folder is None:
         return model
     check_adapter(adapter_folder, flag)
-    if quantization == "4bit":
-        rebuild_loftq_base(model, base_model, adapter_folder, f"{flag} {adapter_folder}")
+    apply_loftq_offsets(
+        model, base_model, adapter_folder, quantization, precision, base_flag, f"{flag} {adapter_folder}"
+    )
     if vocabulary and vocabulary > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocabulary, mean_resizing=False)  # the adapter holds the new rows
     try:
@@ -304,30 +305,52 @@ def load_model_with_adapter(
         ) from err
 
 
-def rebuild_loftq_base(model, base_model, adapter_folder, label):
-    """A loaded 4-bit base as LoftQ's iterations requantized it for this adapter: each weight with a saved
-    offset quantized again from the base checkpoint minus the offset, as training and the merge do (the
-    layout recorded in training); a base for any other adapter is left as loaded."""
-    from platy.merging import (
-        Adapter,
-        TensorSource,
-        base_checkpoint,
-        quantize_4bit_as_loaded,
-        read_loftq_offsets,
-        resolve_local_base,
-    )
+def rebuild_loftq_base(model, base_model, offsets, layout, base_flag, label):
+    """A loaded 4-bit base (plain or inside a peft model) as LoftQ's iterations requantized it: each weight
+    with an offset quantized again from the base checkpoint minus the offset, as training and the merge do,
+    with the quantization layout recorded in training. label names the folder the offsets came from."""
+    from platy.merging import TensorSource, base_checkpoint, quantize_4bit_as_loaded, resolve_local_base
+
+    folder = resolve_local_base(base_model, base_flag)
+    where = {n: s for s in (TensorSource(p) for p in base_checkpoint(folder, base_flag)) for n in s.entries}
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for module, offset in offsets.items():
+        name, shape = f"{module}.weight", [offset[0].shape[0], offset[1].shape[1]]
+        try:
+            layer = root.get_submodule(module)
+        except AttributeError:
+            layer = None
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        if type(layer).__name__ != "Linear4bit" or name not in where or list(where[name].entries[name][1]) != shape:
+            raise UserError(
+                f"{label}: its LoftQ offset of {module} {tuple(shape)} does not fit {base_flag} {base_model}; "
+                "use the base model the adapter was trained on"
+            )
+        weight = where[name].read(name).to(layer.weight.device)
+        codes, state = quantize_4bit_as_loaded(weight, layout, offset)
+        layer.weight.data, layer.weight.quant_state = codes, state
+        if getattr(layer, "quant_state", None) is not None:  # bitsandbytes restores the weight's from it
+            layer.quant_state = state
+
+
+def apply_loftq_offsets(model, base_model, adapter_folder, quantization, precision, base_flag, label):
+    """The base an adapter with LoftQ offsets was trained on, where it is loaded in 4-bit; a note where the
+    load is not 4-bit (the adapter then runs on the original weights, as any QLoRA adapter there)."""
+    from platy.merging import LOFTQ_OFFSET, read_loftq_offsets, recorded_run
 
     offsets = read_loftq_offsets(adapter_folder, label)
     if not offsets:
         return
-    layout = Adapter(adapter_folder, merge=False).quantization_layout or quantization_layout(model, "4bit", "fp32")
-    folder = resolve_local_base(base_model, "--base_model")
-    sources = [TensorSource(p) for p in base_checkpoint(folder, "--base_model")]
-    where = {name: source for source in sources for name in source.entries}
-    for module, offset in offsets.items():
-        layer = model.get_submodule(module)
-        weight = where[f"{module}.weight"].read(f"{module}.weight").to(layer.weight.device)
-        layer.weight.data, layer.weight.quant_state = quantize_4bit_as_loaded(weight, layout, offset)
+    if quantization != "4bit":
+        say(
+            f"Note: {label} trained on a 4-bit base that LoftQ requantized ({LOFTQ_OFFSET}); loaded "
+            f"{'in 8-bit' if quantization == '8bit' else 'unquantized'}, it runs on the original weights"
+        )
+        return
+    layout = ((recorded_run(adapter_folder) or {}).get("resolved") or {}).get("quantization_layout")
+    rebuild_loftq_base(
+        model, base_model, offsets, layout or quantization_layout(model, "4bit", precision), base_flag, label
+    )
 
 
 DOWNLOAD_AGAIN = "download or copy the model again"

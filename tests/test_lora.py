@@ -305,3 +305,53 @@ def test_an_interrupted_final_save_of_a_pissa_run_is_exported_converted(tmp_path
     exported = load_file(out / "adapter_model.safetensors")
     assert exported.keys() == converted.keys()
     assert all(torch.allclose(exported[k], converted[k], atol=1e-6) for k in converted)
+
+
+def test_a_resumed_loftq_run_trains_on_the_base_of_its_checkpoint(tmp_path):
+    """A resume quantizes the base around the checkpoint's saved offsets, not around a new alternation:
+    offsets changed on purpose (and resealed) are the ones the resumed base's 4-bit codes come from."""
+    from safetensors.torch import load_file, save_file
+
+    from platy.merging import quantize_4bit_as_loaded
+
+    knobs = {"init_lora_weights": "loftq", "loftq_iter": 3}
+    train_steps(tmp_path / "run", 2, **knobs)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = load_file(checkpoint / LOFTQ_OFFSET)
+    changed = {key: t * 0.5 if key.endswith(".L") else t for key, t in saved.items()}
+    save_file(changed, checkpoint / LOFTQ_OFFSET)
+    reseal(checkpoint)
+    again = flags(output_dir=str(tmp_path / "again"), max_steps=3, save_steps=2, **knobs)
+    prepared = stages.prepare({**again, "resume_from_checkpoint": str(checkpoint)})
+    layout = prepared.run_config["resolved"]["quantization_layout"]
+    weights = load_file(f"{prepared.run.base_model_path}/model.safetensors")
+    module = "model.layers.0.mlp.gate_proj"
+    layer = prepared.trainer.model.get_base_model().get_submodule(module).get_base_layer()
+    weight = weights[f"{module}.weight"]
+
+    def codes(factors):
+        return quantize_4bit_as_loaded(weight, layout, (factors[f"{module}.L"], factors[f"{module}.R"]))[0]
+
+    assert not torch.equal(codes(changed), codes(saved))  # the change reaches the 4-bit codes
+    assert torch.equal(layer.weight.data, codes(changed))
+
+
+def test_loftq_offsets_and_the_run_that_made_them_must_agree(trained, tmp_path):
+    import shutil
+
+    from platy.cli import UserError
+    from platy.merging import Adapter
+
+    adapter, *_ = trained("loftq3-4bit")
+    missing = tmp_path / "missing"
+    shutil.copytree(adapter, missing)
+    (missing / LOFTQ_OFFSET).unlink()
+    reseal(missing)  # as if copied without it
+    with pytest.raises(UserError, match=f"{LOFTQ_OFFSET} is missing.*--loftq_iter 3.*copy it from"):
+        Adapter(missing)
+    stale = tmp_path / "stale"
+    shutil.copytree(trained("plain-4bit")[0], stale)
+    shutil.copy(adapter / LOFTQ_OFFSET, stale / LOFTQ_OFFSET)
+    reseal(stale)  # an earlier run's file left in the folder
+    with pytest.raises(UserError, match="does not belong to this adapter.*delete it"):
+        Adapter(stale)

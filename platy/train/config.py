@@ -16,6 +16,7 @@ from typing import Any
 from platy import checks, cli
 from platy.cli import UserError, say
 from platy.files import ADAPTER_FILES, RUN_CONFIG, read_run_config
+from platy.merging import LOFTQ_OFFSET
 from platy.modeling import PRECISIONS, QUANTIZATIONS, bitsandbytes_missing, parse_target_modules
 from platy.prompts import Prompter, chat_template_problem
 from platy.train import checkpoints, plan
@@ -435,6 +436,12 @@ def resolve_resume(run):
         raise UserError(
             f"--resume_from_checkpoint {resume.path} is an adapter folder, which cannot start "
             "--finetuning full; give a checkpoint-N folder of a full run, or drop the flag"
+        )
+    if run.loftq_iter > 1 and resume and resume.adapter and not (Path(resume.path) / LOFTQ_OFFSET).is_file():
+        raise UserError(
+            f"--resume_from_checkpoint {resume.path} is an adapter trained without LoftQ's iterations, and "
+            f"--loftq_iter {run.loftq_iter} would requantize the base under it; drop --loftq_iter or give a "
+            "checkpoint-N folder of this run"
         )
     if changes_base(run.init_lora_weights) and resume and resume.adapter:
         raise UserError(

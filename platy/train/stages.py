@@ -17,7 +17,8 @@ from platy import cli
 from platy.cli import UserError, say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
 from platy.integrity import MANIFEST, config_hash, write_manifest
-from platy.merging import read_loftq_offsets, write_loftq_offsets
+from platy.merging import LOFTQ_OFFSET, read_loftq_offsets, write_loftq_offsets
+from platy.modeling import rebuild_loftq_base
 from platy.train.checkpoints import PREEMPTED, STAGING, checkpoint_step, remove_leftovers, retire
 from platy.train.config import changes_base, check_flags, resolve
 from platy.train.plan import base_weights, describe_plan, lora_share, lora_words, optimizer_steps
@@ -303,6 +304,10 @@ def add_lora(run, model, layout, new_tokens=()):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    label = f"--resume_from_checkpoint {run.resume.path}" if run.resume else None
+    saved = read_loftq_offsets(run.resume.path, label) if run.resume else {}
+    if saved:  # the resumed adapter trained on LoftQ's requantized base: rebuild exactly that one
+        rebuild_loftq_base(model, run.base_model_path, saved, layout, "--base_model", label)
     if run.quantization != "none" and run.strategy != "fsdp":
         # upcasts norms/embeddings to fp32 for stable training; checkpointing is the Trainer's job.
         # Not under FSDP: a wrapped layer's tensors must share one dtype.
@@ -327,10 +332,9 @@ def add_lora(run, model, layout, new_tokens=()):
             "(peft trainable_token_indices)"
         )
     if run.init_lora_weights == "loftq":
-        saved = (
-            read_loftq_offsets(run.resume.path, f"--resume_from_checkpoint {run.resume.path}") if run.resume else None
-        )
-        loftq_initialise(model, run.base_model_path, layout, run.loftq_iter, saved)
+        loftq_initialise(model, run.base_model_path, layout, run.loftq_iter, rebuilt=bool(saved))
+    if saved:
+        model.loftq_offsets = saved  # saved again with every checkpoint and the final adapter
     if changes_base(run.init_lora_weights) and cli.is_main_process():
         model.initial_adapter = save_initial_adapter(model)
     if run.resume and run.resume.adapter:
@@ -363,14 +367,14 @@ def save_initial_adapter(model):
     return folder
 
 
-def loftq_initialise(model, base_path, layout, iterations=1, saved=None):
+def loftq_initialise(model, base_path, layout, iterations=1, rebuilt=False):
     """LoftQ on the 4-bit base: each adapter starts as the rank-r SVD of its layer's quantization error
     W - dequantize(base), W read from the base checkpoint, so base + adapter starts nearer the unquantized
     weights. With iterations = 1 the 4-bit base stays as loaded. Each further iteration quantizes
     W - (the adapter's L @ R) again and decomposes the new error (LoftQ's alternation); the offsets of the
     last quantization are kept on the model (model.loftq_offsets, saved beside the adapter) so the merge and
-    every later load rebuild exactly that base. saved: offsets of a checkpoint being resumed, used as they
-    are. Says and returns the error before and after."""
+    every later load rebuild exactly that base. rebuilt: the base is already the one a resumed run's offsets
+    rebuilt, and only the start is computed. Says and returns the error before and after."""
     import bitsandbytes.functional as bnbf
     import torch
     from peft.tuners.lora import Linear4bit
@@ -390,17 +394,20 @@ def loftq_initialise(model, base_path, layout, iterations=1, saved=None):
             base = module.get_base_layer()
             weight = loader.get_tensor(key + ".weight").to(base.weight.device, torch.float32)
             residual = weight - bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
-            before += residual.square().sum().item()
-            offset = saved.get(key) if saved else None
-            for step in range(1 if saved else iterations):
-                if step or offset is not None:  # quantize the weight around the adapter's current L @ R
+            plain = bnbf.dequantize_4bit(*quantize_4bit_as_loaded(weight, layout)).float() if rebuilt else None
+            before += (residual if plain is None else weight - plain).square().sum().item()
+            offset = None
+            for step in range(1 if rebuilt else iterations):
+                if step:  # quantize the weight again around the adapter's current L @ R
                     codes, state = quantize_4bit_as_loaded(weight, layout, offset)
                     residual = weight - bnbf.dequantize_4bit(codes, state).float()
                 low_rank = _low_rank_decomposition(residual, reduced_rank=rank)
-                if step < iterations - 1 and not saved:
+                if step < iterations - 1 and not rebuilt:
                     offset = (low_rank["L"].contiguous().cpu(), low_rank["R"].contiguous().cpu())
             if offset is not None:
                 base.weight.data, base.weight.quant_state = codes, state
+                if getattr(base, "quant_state", None) is not None:  # bitsandbytes restores the weight's from it
+                    base.quant_state = state
                 offsets[key] = offset
             module.lora_A["default"].weight.copy_(low_rank["R"])
             module.lora_B["default"].weight.copy_(low_rank["L"] / module.scaling["default"])  # adds scaling x B A
@@ -637,7 +644,10 @@ def save(run, trainer, run_config, result):
         if trainer.is_world_process_zero() and getattr(trainer.model, "initial_adapter", None):
             convert_to_plain_lora(trainer.model, out / STAGING / "final")
         if trainer.is_world_process_zero():
-            write_loftq_offsets(getattr(trainer.model, "loftq_offsets", None), out / STAGING / "final")
+            offsets = getattr(trainer.model, "loftq_offsets", None)
+            write_loftq_offsets(offsets, out / STAGING / "final")
+            if not offsets:  # nor may an earlier run's offsets stay beside this adapter
+                (out / LOFTQ_OFFSET).unlink(missing_ok=True)
             record_chat_template(run, trainer.processing_class, out / STAGING / "final", run_config)
             # PEFT's empty card: write_results writes the toolkit's after the manifest, as run_config.json
             (out / STAGING / "final" / "README.md").unlink(missing_ok=True)
