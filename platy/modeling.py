@@ -399,7 +399,7 @@ def keep_8bit_scales(model):
             weight.SCB = state.SCB
 
     for module in model.modules():
-        if type(module).__name__ == "Linear8bitLt":
+        if is_bnb_8bit(module):
             module.register_forward_pre_hook(restore_scales)
 
 
@@ -412,8 +412,13 @@ def compute_8bit_as_trained(model):
     training-only behaviour. On a GPU both modes round the activations, as training did.
     """
     for module in model.modules():
-        if type(module).__name__ == "Linear8bitLt":
-            module.train()
+        if is_bnb_8bit(module):
+            module.training = True  # this layer alone: peft's wrapper around it holds the LoRA dropout
+
+
+def is_bnb_8bit(module):
+    """bitsandbytes' own 8-bit layer (peft's LoRA wrapper around it has the same class name)."""
+    return type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes")
 
 
 def quantization_layout(model, quantization, precision):

@@ -23,7 +23,7 @@ VARIANTS = {
     "plain-4bit": {},
     "rslora-4bit": {"use_rslora": True, "lora_r": 8},
     "dora-4bit": {"use_dora": True},
-    "dora-8bit": {"use_dora": True, "quantization": "8bit"},
+    "dora-8bit": {"use_dora": True, "quantization": "8bit", "lora_dropout": 0.05},  # dropout off in eval
     "loftq-4bit": {"init_lora_weights": "loftq"},
     "loftq3-4bit": {"init_lora_weights": "loftq", "loftq_iter": 3},
     "plain-none": {"quantization": "none"},
