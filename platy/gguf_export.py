@@ -523,6 +523,12 @@ def compare_with_merged(folder, files, prompts, dtype="float32"):
 
     torch_dtype = getattr(torch, dtype)
     config = json.loads((Path(folder) / "config.json").read_text())
+    # transformers' GGUF loader reads no rope_freqs: a llama3-scaled model gets the merged model's rotary
+    # frequencies (the rope_freqs tensor itself is checked against the published rule in the tests, and
+    # llama.cpp reads it: BENCHMARKS.md)
+    rotary_config = (
+        AutoConfig.from_pretrained(str(folder)) if rope_parameters(config).get("rope_type") == "llama3" else None
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     batches = [tokenizer(text, return_tensors="pt") for text in prompts]
     merged = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).eval()
@@ -535,12 +541,8 @@ def compare_with_merged(folder, files, prompts, dtype="float32"):
         texts = [*prompts, *TOKENIZER_TEXTS]
         same_ids = sum(loaded(t)["input_ids"] == tokenizer(t)["input_ids"] for t in texts)
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch_dtype).eval()
-        if rope_parameters(config).get("rope_type") == "llama3":
-            # transformers' GGUF loader reads no rope_freqs and builds default rotary frequencies: give it the
-            # merged model's (the rope_freqs tensor itself is checked against the published rule in the tests,
-            # and llama.cpp reads it: BENCHMARKS.md)
-            rotary = type(model.model.rotary_emb)
-            model.model.rotary_emb = rotary(config=AutoConfig.from_pretrained(str(folder)))
+        if rotary_config is not None:
+            model.model.rotary_emb = type(model.model.rotary_emb)(config=rotary_config)
         worst, agree, positions = 0.0, 0, 0
         with torch.no_grad():
             for ids, expected in zip(batches, reference):

@@ -266,11 +266,13 @@ def alpaca_prompt(row):
     """A prompt row for an Alpaca template: a messages row of one question (after an optional system
     message) laid out as training laid out that exchange (the system message as the instruction, the
     question as the input)."""
+    from platy.data.rows import dolphin_layout
+
     if not row.get("messages"):
         return row
-    system = [m["content"] for m in row["messages"] if m["role"] == "system"]
-    question = row["messages"][-1]["content"]
-    return {"instruction": system[0], "input": question} if system else {"instruction": question}
+    system = next((m["content"] for m in row["messages"] if m["role"] == "system"), "")
+    instruction, given_input = dolphin_layout(system, row["messages"][-1]["content"])
+    return {"instruction": instruction, "input": given_input}
 
 
 def several_exchanges(rows):

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from platy.cli import UserError, error_detail
-from platy.files import ADAPTER_FILES
+from platy.files import ADAPTER_FILES, read_run_config
 from platy.integrity import SAFETENSORS_INDEX, Digest, check_folder, check_index, check_safetensors, file_problem
 
 DTYPES = {
@@ -51,19 +51,14 @@ def parse_size(text):
     return int(float(match.group(1)) * base**power)
 
 
-def recorded_run(folder):
-    """The run_config.json finetune.py wrote into an adapter or checkpoint folder, or None."""
-    path = Path(folder) / "run_config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def read_loftq_offsets(folder, label):
+def read_loftq_offsets(folder, label, run=None):
     """{module: (L, R)}: the rank-r offsets LoftQ subtracted from each adapted weight before quantizing
-    it (--loftq_iter > 1), saved beside the adapter; {} for every other adapter. label names the folder.
-    The file and the run's recorded iterations must agree: neither a missing file nor one left by an
-    earlier run in the same folder is ever applied silently."""
+    it (--loftq_iter > 1), saved beside the adapter; {} for every other adapter. label names the folder;
+    run: its run_config.json where the caller has read it already. The file and the run's recorded
+    iterations must agree: neither a missing file nor one left by an earlier run in the same folder is
+    ever applied silently."""
     path = Path(folder) / LOFTQ_OFFSET
-    run = recorded_run(folder)
+    run = run if run is not None else read_run_config(folder)
     iterations = None if run is None else ((run.get("resolved") or {}).get("loftq") or {}).get("iterations", 1)
     if not path.is_file():
         if iterations and iterations > 1:
@@ -135,11 +130,10 @@ class Adapter:
                 f"e.g. {bad[0]}); the run diverged: use an earlier checkpoint-N or retrain with a lower "
                 "learning rate"
             )
-        run_config_path = self.folder / "run_config.json"
-        self.run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else None
+        self.run_config = read_run_config(self.folder)
         self.tokens = self._token_rows(tensors)
         self.modules = self._lora_modules(tensors) if merge else {}
-        self.offsets = read_loftq_offsets(self.folder, f"{flag} {folder}")
+        self.offsets = read_loftq_offsets(self.folder, f"{flag} {folder}", self.run_config)
 
     @property
     def vocabulary(self):
@@ -368,6 +362,11 @@ class TensorSource:
         if not buffer:
             return torch.empty(shape, dtype=getattr(torch, dtype))
         return torch.frombuffer(buffer, dtype=getattr(torch, dtype)).reshape(shape)
+
+
+def base_tensors(base_path, flag):
+    """{tensor name: its TensorSource} over a local model folder's checked weight files."""
+    return {name: source for source in map(TensorSource, base_checkpoint(base_path, flag)) for name in source.entries}
 
 
 def quantize_4bit_as_loaded(weight, layout, offset=None):

@@ -309,10 +309,9 @@ def rebuild_loftq_base(model, base_model, offsets, layout, base_flag, label):
     """A loaded 4-bit base (plain or inside a peft model) as LoftQ's iterations requantized it: each weight
     with an offset quantized again from the base checkpoint minus the offset, as training and the merge do,
     with the quantization layout recorded in training. label names the folder the offsets came from."""
-    from platy.merging import TensorSource, base_checkpoint, quantize_4bit_as_loaded, resolve_local_base
+    from platy.merging import base_tensors, quantize_4bit_as_loaded, resolve_local_base
 
-    folder = resolve_local_base(base_model, base_flag)
-    where = {n: s for s in (TensorSource(p) for p in base_checkpoint(folder, base_flag)) for n in s.entries}
+    where = base_tensors(resolve_local_base(base_model, base_flag), base_flag)
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     for module, offset in offsets.items():
         name, shape = f"{module}.weight", [offset[0].shape[0], offset[1].shape[1]]
@@ -327,18 +326,24 @@ def rebuild_loftq_base(model, base_model, offsets, layout, base_flag, label):
                 "use the base model the adapter was trained on"
             )
         weight = where[name].read(name).to(layer.weight.device)
-        codes, state = quantize_4bit_as_loaded(weight, layout, offset)
-        layer.weight.data, layer.weight.quant_state = codes, state
-        if getattr(layer, "quant_state", None) is not None:  # bitsandbytes restores the weight's from it
-            layer.quant_state = state
+        set_4bit_weight(layer, *quantize_4bit_as_loaded(weight, layout, offset))
+
+
+def set_4bit_weight(layer, codes, state):
+    """A Linear4bit's weight replaced by other 4-bit codes and their quant state."""
+    layer.weight.data, layer.weight.quant_state = codes, state
+    if getattr(layer, "quant_state", None) is not None:  # bitsandbytes restores the weight's from it
+        layer.quant_state = state
 
 
 def apply_loftq_offsets(model, base_model, adapter_folder, quantization, precision, base_flag, label):
     """The base an adapter with LoftQ offsets was trained on, where it is loaded in 4-bit; a note where the
     load is not 4-bit (the adapter then runs on the original weights, as any QLoRA adapter there)."""
-    from platy.merging import LOFTQ_OFFSET, read_loftq_offsets, recorded_run
+    from platy.files import read_run_config
+    from platy.merging import LOFTQ_OFFSET, read_loftq_offsets
 
-    offsets = read_loftq_offsets(adapter_folder, label)
+    run = read_run_config(adapter_folder)
+    offsets = read_loftq_offsets(adapter_folder, label, run)
     if not offsets:
         return
     if quantization != "4bit":
@@ -347,7 +352,7 @@ def apply_loftq_offsets(model, base_model, adapter_folder, quantization, precisi
             f"{'in 8-bit' if quantization == '8bit' else 'unquantized'}, it runs on the original weights"
         )
         return
-    layout = ((recorded_run(adapter_folder) or {}).get("resolved") or {}).get("quantization_layout")
+    layout = ((run or {}).get("resolved") or {}).get("quantization_layout")
     rebuild_loftq_base(
         model, base_model, offsets, layout or quantization_layout(model, "4bit", precision), base_flag, label
     )

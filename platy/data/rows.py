@@ -373,13 +373,19 @@ def to_alpaca(row):
     if problem:
         return None, problem
     system = (fields.get("system") or "") if layout in CONVERTED else ""
-    instruction, given_input = fields["instruction"], fields.get("input") or ""
-    if system.strip():
-        instruction, given_input = system, instruction
+    instruction, given_input = dolphin_layout(system, fields["instruction"], fields.get("input") or "")
     entry = {"instruction": instruction, "input": given_input, "output": fields["output"]}
     if isinstance(row.get("data_source"), str):
         entry["data_source"] = row["data_source"]
     return entry, None
+
+
+def dolphin_layout(system, question, given_input=""):
+    """(instruction, input) as the Dolphin data lays out a system prompt and a question: the system
+    prompt is the instruction and the question its input; without one, the question and its input."""
+    if system and system.strip():
+        return system, question
+    return question, given_input
 
 
 def _from_openorca(row):

@@ -18,7 +18,7 @@ from platy.cli import UserError, say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
 from platy.integrity import MANIFEST, config_hash, write_manifest
 from platy.merging import LOFTQ_OFFSET, read_loftq_offsets, write_loftq_offsets
-from platy.modeling import rebuild_loftq_base
+from platy.modeling import rebuild_loftq_base, set_4bit_weight
 from platy.train.checkpoints import PREEMPTED, STAGING, checkpoint_step, remove_leftovers, retire
 from platy.train.config import changes_base, check_flags, resolve
 from platy.train.plan import base_weights, describe_plan, lora_share, lora_words, optimizer_steps
@@ -378,11 +378,11 @@ def loftq_initialise(model, base_path, layout, iterations=1, rebuilt=False):
     import bitsandbytes.functional as bnbf
     import torch
     from peft.tuners.lora import Linear4bit
-    from peft.utils.loftq_utils import _low_rank_decomposition, _SafetensorLoader
+    from peft.utils.loftq_utils import _low_rank_decomposition
 
-    from platy.merging import quantize_4bit_as_loaded
+    from platy.merging import base_tensors, quantize_4bit_as_loaded
 
-    loader = _SafetensorLoader(model, base_path)
+    where = base_tensors(base_path, "--base_model")
     before = after = reference = 0.0
     layers, offsets = 0, {}
     prefix = "base_model.model."
@@ -392,7 +392,7 @@ def loftq_initialise(model, base_path, layout, iterations=1, rebuilt=False):
                 continue
             rank, key = module.r["default"], name[len(prefix) :]
             base = module.get_base_layer()
-            weight = loader.get_tensor(key + ".weight").to(base.weight.device, torch.float32)
+            weight = where[f"{key}.weight"].read(f"{key}.weight").to(base.weight.device, torch.float32)
             residual = weight - bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
             plain = bnbf.dequantize_4bit(*quantize_4bit_as_loaded(weight, layout)).float() if rebuilt else None
             before += (residual if plain is None else weight - plain).square().sum().item()
@@ -405,9 +405,7 @@ def loftq_initialise(model, base_path, layout, iterations=1, rebuilt=False):
                 if step < iterations - 1 and not rebuilt:
                     offset = (low_rank["L"].contiguous().cpu(), low_rank["R"].contiguous().cpu())
             if offset is not None:
-                base.weight.data, base.weight.quant_state = codes, state
-                if getattr(base, "quant_state", None) is not None:  # bitsandbytes restores the weight's from it
-                    base.quant_state = state
+                set_4bit_weight(base, codes, state)
                 offsets[key] = offset
             module.lora_A["default"].weight.copy_(low_rank["R"])
             module.lora_B["default"].weight.copy_(low_rank["L"] / module.scaling["default"])  # adds scaling x B A
