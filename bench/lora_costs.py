@@ -109,7 +109,7 @@ def measure(name, arch, steps, cutoff_len, result_file):
 
     import finetune
     from platy.cli import entry_defaults
-    from platy.train import stages
+    from platy.train.recipe import Recipe
 
     quantization, knobs = KNOBS[name]
     with tempfile.TemporaryDirectory() as out:
@@ -120,7 +120,7 @@ def measure(name, arch, steps, cutoff_len, result_file):
         flags.update(quantization=quantization, **knobs)
         imported = resident_mib()  # torch, transformers and peft loaded; no model yet
         started = time.perf_counter()
-        prepared = stages.prepare(flags)
+        prepared = Recipe.from_flags(flags).setup()
         start = time.perf_counter() - started
         trainer = prepared.trainer
         clock = train_speed.step_clock(1)

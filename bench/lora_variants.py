@@ -28,7 +28,7 @@ import merge  # noqa: E402
 from platy import merge_stages  # noqa: E402
 from platy.cli import entry_defaults, fail_on  # noqa: E402
 from platy.modeling import compute_8bit_as_trained  # noqa: E402
-from platy.train import stages  # noqa: E402
+from platy.train.recipe import Recipe  # noqa: E402
 
 VARIANTS = [
     ("LoRA", "4bit", {}),
@@ -64,10 +64,10 @@ def train(folder, quantization, knobs, steps):
     flags.update(data_path=str(ROOT / "data" / "sample_platypus.json"), output_dir=str(folder))
     flags.update(quantization=quantization, max_steps=steps, batch_size=4, micro_batch_size=2, cutoff_len=128)
     flags.update(learning_rate=5e-3, warmup_steps=0, lora_dropout=0.0, save_steps=10_000, **knobs)
-    prepared = stages.prepare(flags)
-    result = stages.run_training(prepared.run, prepared.trainer)
+    prepared = Recipe.from_flags(flags).setup()
+    prepared.train()
     trained = logits(prepared.trainer.model, prepared.tokenizer)
-    stages.save(prepared.run, prepared.trainer, prepared.run_config, result)
+    prepared.save()
     return trained, prepared
 
 

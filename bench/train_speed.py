@@ -469,7 +469,7 @@ def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast
     import importlib.util
 
     import finetune
-    from platy.train import stages
+    from platy.train.recipe import Recipe
 
     flags = entry_defaults(finetune.train)
     flags.update(
@@ -496,7 +496,7 @@ def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast
         )
     else:  # Platypus's published settings: micro batch 1, global batch 16, padding, checkpointing
         flags.update(packing=False, micro_batch_size=1, batch_size=16, gradient_checkpointing=True)
-    prepared = stages.prepare(flags)
+    prepared = Recipe.from_flags(flags).setup()
     return prepared.trainer, prepared.run.plan["gpu_memory_gib"]
 
 

@@ -97,6 +97,8 @@ def entry_defaults(fn):
     """{flag: default} of an entry: what a run given no flags gets, for tests and benchmarks to override."""
     import inspect
 
+    if hasattr(fn, "flags"):  # declared (platy/flags.py)
+        return fn.flags.defaults()
     return {name: param.default for name, param in inspect.signature(fn).parameters.items()}
 
 
@@ -198,6 +200,9 @@ def call(fn, argv):
     """Run the entry fn on a command line as `python script.py ARGV` would, without the exit handling."""
     import fire
 
+    if hasattr(fn, "flags"):  # declared (platy/flags.py)
+        return fn(**fn.flags.parse(argv, os.path.basename(sys.argv[0])))
+
     refuse_unknown_flags(fn, argv)
     return fire.Fire(with_coerced_bools(fn), command=protect_strings(fn, argv))
 
@@ -209,6 +214,10 @@ def print_help(fn):
     module = sys.modules.get(fn.__module__)
     print((module.__doc__ or "").strip() + "\n")
     doc = inspect.getdoc(fn) or ""
+    if hasattr(fn, "flags"):  # declared (platy/flags.py): the entry's first paragraph, then every flag
+        print(doc.split("\n\n")[0].strip() + "\n\nFlags:")
+        print(fn.flags.help())
+        return
     summary, _, rest = doc.partition("Args:")
     print(summary.strip() + "\n\nFlags:")
     descriptions, current = {}, None

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import finetune  # noqa: E402
 from platy import cli  # noqa: E402
-from platy.train import stages  # noqa: E402
+from platy.train.recipe import Recipe  # noqa: E402
 
 
 def dump_lora(trainer):
@@ -28,10 +28,10 @@ def dump_lora(trainer):
 
 @functools.wraps(finetune.train)  # finetune.py's flags, defaults and checks
 def train_and_dump(**given):
-    prepared = stages.prepare({**cli.entry_defaults(finetune.train), **given})
-    result = stages.run_training(prepared.run, prepared.trainer)
+    prepared = Recipe.from_flags({**cli.entry_defaults(finetune.train), **given}).setup()
+    prepared.train()
     dump_lora(prepared.trainer)
-    stages.save(prepared.run, prepared.trainer, prepared.run_config, result)
+    prepared.save()
 
 
 cli.run(train_and_dump)

@@ -12,7 +12,8 @@ import merge as merge_script
 from platy import cli, merge_stages
 from platy.merging import LOFTQ_OFFSET
 from platy.modeling import compute_8bit_as_trained
-from platy.train import config, stages
+from platy.train import config, recipe
+from platy.train.recipe import Recipe
 
 from conftest import SAMPLE, SMALL_RUN, reseal
 
@@ -57,10 +58,10 @@ def trained(tmp_path_factory):
     def train(name):
         if name not in done:
             out = tmp_path_factory.mktemp(name) / "adapter"
-            prepared = stages.prepare(flags(output_dir=str(out), **VARIANTS[name]))
-            result = stages.run_training(prepared.run, prepared.trainer)
+            prepared = Recipe.from_flags(flags(output_dir=str(out), **VARIANTS[name])).setup()
+            prepared.train()
             reference = logits_of(prepared.trainer.model, prepared.tokenizer)
-            stages.save(prepared.run, prepared.trainer, prepared.run_config, result)
+            prepared.save()
             done[name] = out, reference, prepared
         return done[name]
 
@@ -125,7 +126,7 @@ def test_loftq_start_is_nearer_the_unquantized_weights(tmp_path):
 
     def start_error(init, iterations=1):
         out = tmp_path / f"{init}{iterations}"
-        prepared = stages.prepare(flags(output_dir=str(out), init_lora_weights=init, loftq_iter=iterations))
+        prepared = Recipe.from_flags(flags(output_dir=str(out), init_lora_weights=init, loftq_iter=iterations)).setup()
         weights = load_file(f"{prepared.run.base_model_path}/model.safetensors")
         errors = {}
         for name, module in prepared.trainer.model.named_modules():
@@ -170,14 +171,14 @@ def test_all_linear_is_resolved_recorded_and_trained(tmp_path):
     run = config.resolve(flags(output_dir=str(tmp_path / "o"), lora_target_modules="all-linear", dry_run=True))
     assert run.flags()["lora_target_modules"] == ["all-linear"]
     assert run.lora_targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    assert stages.lora_resolved(run)["lora_target_modules"] == run.lora_targets
+    assert recipe.lora_resolved(run)["lora_target_modules"] == run.lora_targets
 
 
 def train_steps(out, steps, resume=None, **overrides):
-    prepared = stages.prepare(
+    prepared = Recipe.from_flags(
         flags(output_dir=str(out), max_steps=steps, save_steps=2, resume_from_checkpoint=resume, **overrides)
-    )
-    stages.run_training(prepared.run, prepared.trainer)
+    ).setup()
+    prepared.train()
     return prepared.trainer
 
 
@@ -227,11 +228,13 @@ def test_neftune_changes_training_only(tmp_path):
     runs = {}
     for alpha in (None, 5.0):
         out = tmp_path / f"neftune-{alpha}"
-        prepared = stages.prepare(flags(output_dir=str(out), neftune_noise_alpha=alpha, val_set_size=4, max_steps=1))
-        result = stages.run_training(prepared.run, prepared.trainer)
+        prepared = Recipe.from_flags(
+            flags(output_dir=str(out), neftune_noise_alpha=alpha, val_set_size=4, max_steps=1)
+        ).setup()
+        result = prepared.train()
         history = prepared.trainer.state.log_history
         runs[alpha] = ([r["loss"] for r in history if "loss" in r], history[0]["eval_loss"], prepared, result)
-        stages.save(prepared.run, prepared.trainer, prepared.run_config, result)
+        prepared.save()
     (plain_losses, plain_eval, *_), (noisy_losses, noisy_eval, prepared, _) = runs[None], runs[5.0]
     assert plain_losses[0] != noisy_losses[0]
     assert plain_eval == noisy_eval
@@ -293,10 +296,9 @@ def test_an_interrupted_final_save_of_a_pissa_run_is_exported_converted(tmp_path
     out = tmp_path / "out"
     knobs = {"quantization": "none", "init_lora_weights": "pissa_niter_2"}
     values = flags(output_dir=str(out), max_steps=2, save_steps=2, **knobs)
-    prepared = stages.prepare(values)
-    stages.save(
-        prepared.run, prepared.trainer, prepared.run_config, stages.run_training(prepared.run, prepared.trainer)
-    )
+    prepared = Recipe.from_flags(values).setup()
+    prepared.train()
+    prepared.save()
     converted = load_file(out / "adapter_model.safetensors")
     for name in ("adapter_model.safetensors", "adapter_config.json", "run_config.json"):
         (out / name).unlink()  # as if the final save had been killed after checkpoint-2
@@ -322,7 +324,7 @@ def test_a_resumed_loftq_run_trains_on_the_base_of_its_checkpoint(tmp_path):
     save_file(changed, checkpoint / LOFTQ_OFFSET)
     reseal(checkpoint)
     again = flags(output_dir=str(tmp_path / "again"), max_steps=3, save_steps=2, **knobs)
-    prepared = stages.prepare({**again, "resume_from_checkpoint": str(checkpoint)})
+    prepared = Recipe.from_flags({**again, "resume_from_checkpoint": str(checkpoint)}).setup()
     layout = prepared.run_config["resolved"]["quantization_layout"]
     weights = load_file(f"{prepared.run.base_model_path}/model.safetensors")
     module = "model.layers.0.mlp.gate_proj"

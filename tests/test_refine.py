@@ -228,7 +228,8 @@ def test_finetune_reads_a_mix_spec(tmp_path, capsys):
     """The spec finetune.py takes as --data_path gives the rows refine.py's mix stage gives."""
     import test_train
 
-    from platy.train import stages
+    from platy.train import recipe
+    from platy.train.objective import Supervised
 
     orca = write_rows(tmp_path / "orca.jsonl", orca_rows())
     spec = f"{SAMPLE}:0.5,{orca}:0.25"
@@ -237,8 +238,8 @@ def test_finetune_reads_a_mix_spec(tmp_path, capsys):
     assert run.data_fingerprint.startswith("mix:sha256:")
     assert run.rows == mix_rows(spec, 42)[0] and load_rows(spec, 7)[0] != run.rows
     assert [r["data_source"] for r in run.rows[-5:]] == ["orca"] * 5
-    tokenizer, prompter = stages.load_tokenizer_and_prompter(run)
-    stages.build_datasets(run, tokenizer, prompter)
+    tokenizer, chat = recipe.load_tokenizer(run)
+    Supervised().datasets(run, tokenizer, chat)
     assert f"Data: 127 rows from {spec}" in capsys.readouterr().out
 
     out = tmp_path / "refined.json"

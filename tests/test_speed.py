@@ -12,17 +12,19 @@ from test_train import flags, resolved
 from platy import cli
 from platy.cli import UserError
 from platy.data.packing import PackedCollator, pack_dataset, pack_lengths
-from platy.train import config, stages
+from platy.train import config, recipe
+from platy.train.objective import Supervised
+from platy.train.recipe import Recipe
 
 from conftest import assert_user_error, finetune
 
 
 def lora_setup(tmp_path, **overrides):
     """Unquantized tiny Llama with LoRA, dropout 0: forwards are deterministic, so exact comparisons hold."""
-    prepared = stages.prepare(
+    prepared = Recipe.from_flags(
         flags(output_dir=str(tmp_path / "out"), quantization="none", lora_dropout=0.0, **overrides)
-    )
-    run, tokenizer, train_set, model = prepared.run, prepared.tokenizer, prepared.train_set, prepared.model
+    ).setup()
+    run, tokenizer, train_set, model = prepared.run, prepared.tokenizer, prepared.train_set, prepared.trainer.model
     with torch.no_grad():  # a non-zero adapter, so its gradients flow through every layer
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -311,8 +313,8 @@ def test_micro_batch_tokens_bounds_every_micro_step(tmp_path):
         output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=300, batch_size=2, micro_batch_size=1
     )
     assert run.pack_budget == 300 and run.gradient_accumulation_steps == 2
-    tokenizer, prompter = stages.load_tokenizer_and_prompter(run)
-    train_set, _, stats = stages.build_datasets(run, tokenizer, prompter)
+    tokenizer, chat = recipe.load_tokenizer(run)
+    train_set, _, stats = Supervised().datasets(run, tokenizer, chat)
     sizes = [len(ids) for ids in train_set["input_ids"]]
     assert max(sizes) <= 300 and sum(sizes) == stats["train"]["tokens"], "every token once, no row over budget"
     assert len(sizes) == stats["train_packing"]["packed_rows"] < stats["train"]["kept"] / 3

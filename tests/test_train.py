@@ -9,7 +9,8 @@ import torch
 
 import finetune as finetune_script
 from platy import cli
-from platy.train import config, stages
+from platy.train import config
+from platy.train.recipe import Recipe
 
 from conftest import SAMPLE, SMALL_RUN, finetune, write_rows
 
@@ -30,7 +31,7 @@ def resolved(**overrides):
 
 
 def build(tmp_path, **overrides):
-    prepared = stages.prepare(flags(output_dir=str(tmp_path / "out"), **overrides))
+    prepared = Recipe.from_flags(flags(output_dir=str(tmp_path / "out"), **overrides)).setup()
     return prepared.run, prepared.trainer
 
 

@@ -21,6 +21,7 @@ from platy.modeling import PRECISIONS, QUANTIZATIONS, bitsandbytes_missing, pars
 from platy.prompts import Prompter, chat_template_problem
 from platy.train import checkpoints, plan
 from platy.train.checkpoints import Resume
+from platy.train.flags import LORA_KNOBS, RESUME_MUST_MATCH
 from platy.train.speed import checkpoint_fraction, liger_unavailable
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
@@ -46,122 +47,17 @@ BNB_OPTIMIZERS = ("paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit")
 # --init_lora_weights: peft's initialisations; pissa_niter_N is pissa with N subspace iterations (fast SVD)
 INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "olora", "loftq")
 PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
-# the LoRA knobs that are not Platypus's (flag: its default): only for --finetuning lora
-LORA_KNOBS = {
-    "use_rslora": False,
-    "use_dora": False,
-    "init_lora_weights": "default",
-    "loftq_iter": 1,
-    "loraplus_lr_ratio": None,
-}
 POSITIVE_INTS = ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps")
-
-# what decides which example lands in which step, and what each step computes
-RESUME_MUST_MATCH = (
-    "base_model",
-    "batch_size",
-    "micro_batch_size",
-    "cutoff_len",
-    "val_set_size",
-    "seed",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "train_on_inputs",
-    "add_eos_token",
-    "group_by_length",
-    "prompt_template_name",
-    "chat_template",
-    "quantization",
-    "learning_rate",
-    "lr_scheduler",
-    "warmup_steps",
-    "weight_decay",
-    "packing",
-    "micro_batch_tokens",
-    "use_rslora",
-    "use_dora",
-    "init_lora_weights",
-    "loftq_iter",
-    "loraplus_lr_ratio",
-    "neftune_noise_alpha",
-    "optim",
-)
 
 
 @dataclass(frozen=True)
 class TrainRun:
-    """One training run: finetune.py's flags (resolved: output_dir absolute, precision decided,
-    lora_target_modules and report_to as lists) and what was derived or read from them."""
+    """One training run: finetune.py's flags (declared in platy/train/flags.py), resolved (output_dir
+    absolute, precision decided, lora_target_modules and report_to as lists) and read as attributes
+    (run.lora_r), and what was derived or read from them."""
 
-    # model and data
-    base_model: str
-    data_path: str
-    output_dir: str
-    # training hyperparameters
-    batch_size: int
-    micro_batch_size: int
-    num_epochs: float
-    learning_rate: float
-    cutoff_len: int
-    val_set_size: float
-    lr_scheduler: str
-    warmup_steps: int
-    weight_decay: float
-    # LoRA
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    lora_target_modules: list
-    # data formatting
-    train_on_inputs: bool
-    add_eos_token: bool
-    group_by_length: bool
-    prompt_template_name: str
-    chat_template: str
-    # resume and logging
-    resume_from_checkpoint: Any
-    wandb_project: str
-    wandb_run_name: str
-    wandb_watch: str
-    wandb_log_model: str
-    # toolkit
-    finetuning: str
-    quantization: str
-    double_quant: bool
-    precision: str
-    max_steps: int
-    seed: int
-    logging_steps: Any
-    eval_steps: Any
-    save_steps: int
-    save_total_limit: int
-    gradient_checkpointing: Any
-    report_to: list
-    trust_remote_code: bool
-    deepspeed: Any
-    attn_implementation: str
-    overwrite: bool
-    skip_nonfinite_steps: bool
-    dry_run: bool
-    gpu_memory_gb: Any
-    # speed
-    packing: bool
-    micro_batch_tokens: Any
-    liger: bool
-    torch_compile: bool
-    cache_tokens: bool
-    # LoRA variants and training knobs
-    use_rslora: bool
-    use_dora: bool
-    init_lora_weights: str
-    loftq_iter: int
-    loraplus_lr_ratio: Any
-    neftune_noise_alpha: Any
-    optim: str
+    values: dict  # every flag by name, resolved
     # derived without I/O
-    flag_names: tuple = ()  # the entry's flags, in its order: what describe_run prints and records
     world_size: int = 1
     gradient_accumulation_steps: int = 1
     pack_budget: int = 0  # tokens of one row at most: a packed row's budget, or cutoff_len
@@ -183,9 +79,21 @@ class TrainRun:
     plan: dict = None
     already_finished: str = None  # --resume_from_checkpoint auto on the finished run of these flags: why
 
+    def __getattr__(self, name):
+        values = self.__dict__.get("values") or {}
+        if name in values:
+            return values[name]
+        raise AttributeError(f"TrainRun has no {name!r}")
+
     def flags(self):
-        """The flags by name, with their resolved values."""
-        return {name: getattr(self, name) for name in self.flag_names}
+        """The flags by name, with their resolved values, in declared order."""
+        return dict(self.values)
+
+    def replace(self, **changes):
+        """A copy with these flags or derived values changed."""
+        flags = {name: value for name, value in changes.items() if name in self.values}
+        rest = {name: value for name, value in changes.items() if name not in self.values}
+        return dataclasses.replace(self, values={**self.values, **flags}, **rest)
 
 
 def check_flags(flags):
@@ -393,12 +301,12 @@ def resolve(flags):
     run = derive(flags)
     resume = resolve_resume(run)
     if finished := finished_here(run, resume):
-        return dataclasses.replace(run, resume=resume, already_finished=finished)
+        return run.replace(resume=resume, already_finished=finished)
     check_output_dir(run.output_dir, run.overwrite, resume)
-    run = dataclasses.replace(run, resume=resume, **read_data(run))
+    run = run.replace(resume=resume, **read_data(run))
     if resume and resume.checkpoint and run.rows is not None:
         note_changed_settings(resume.path, run.flags(), run.data_fingerprint)
-    run = dataclasses.replace(run, **environment(run))
+    run = run.replace(**environment(run))
     run = plan.with_model_plan(run)
     if not run.dry_run:
         check_writable(run.output_dir)
@@ -414,14 +322,13 @@ def derive(flags):
         values["liger"] = False
     world = cli.world_size()
     return TrainRun(
-        **{
+        {
             **values,
             "lora_target_modules": parse_target_modules(values["lora_target_modules"]),
-            "prompter": Prompter(values["prompt_template_name"]),
             "output_dir": str(Path(values["output_dir"]).expanduser().resolve()),
             "report_to": report_to(values),
         },
-        flag_names=tuple(flags),
+        prompter=Prompter(values["prompt_template_name"]),
         world_size=world,
         pack_budget=values["micro_batch_tokens"] or values["cutoff_len"],
         gradient_accumulation_steps=values["batch_size"] // (values["micro_batch_size"] * world),

@@ -1,7 +1,6 @@
 """The plan of a run before any weight is loaded: the model's shape, processes, batch arithmetic,
 optimizer steps and the GPU memory estimate (platy/train/sizing.py), and its printed summary."""
 
-import dataclasses
 import math
 import os
 
@@ -28,16 +27,14 @@ def with_model_plan(run):
     """run with the base model's path and config, checked LoRA targets and the plan (from a meta model)."""
     base_model_path = resolve_base_model(run.base_model, "--base_model")
     model_config, shape_source = load_model_config(run.base_model, base_model_path, run.trust_remote_code, run.dry_run)
-    run = dataclasses.replace(
-        run, base_model_path=base_model_path, model_config=model_config, shape_source=shape_source
-    )
+    run = run.replace(base_model_path=base_model_path, model_config=model_config, shape_source=shape_source)
     model = meta_model(model_config, run.trust_remote_code)
     if run.finetuning == "lora":
         targets = resolve_target_modules(run.lora_target_modules, model, run.base_model)
         if run.lora_target_modules == [ALL_LINEAR]:
             say(f"--lora_target_modules {ALL_LINEAR}: {', '.join(targets)} (every Linear layer but the output head)")
-        run = dataclasses.replace(run, lora_targets=targets)
-    return dataclasses.replace(run, plan=plan_run(run, model))
+        run = run.replace(lora_targets=targets)
+    return run.replace(plan=plan_run(run, model))
 
 
 def load_model_config(base_model, base_model_path, trust_remote_code, dry_run):

@@ -152,11 +152,19 @@ class Trainer(transformers.Trainer):
     """transformers.Trainer with atomic checkpoints, run configuration inside each, and loss checks."""
 
     def __init__(
-        self, *args, run_config, checkpoint_limit, skip_nonfinite_steps=False, loraplus_lr_ratio=None, **kwargs
+        self,
+        *args,
+        run_config,
+        checkpoint_limit,
+        skip_nonfinite_steps=False,
+        loraplus_lr_ratio=None,
+        loftq_offsets=None,
+        **kwargs,
     ):
         self.loraplus_lr_ratio = loraplus_lr_ratio  # before super(): it may build the optimizer
         super().__init__(*args, **kwargs)
         self.run_config, self.checkpoint_limit = run_config, checkpoint_limit
+        self.loftq_offsets = loftq_offsets  # saved with every checkpoint: they rebuild the base it trained on
         self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.loss_went_nonfinite = None  # a tensor flag over the micro-steps of one optimizer step
         self.step_grad_norm = None
@@ -207,7 +215,7 @@ class Trainer(transformers.Trainer):
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 write_json(run_dir / STAGING / name / RUN_CONFIG, self.run_config)
-                write_loftq_offsets(getattr(self.model, "loftq_offsets", None), run_dir / STAGING / name)
+                write_loftq_offsets(self.loftq_offsets, run_dir / STAGING / name)
                 (run_dir / STAGING / name / "README.md").unlink(missing_ok=True)  # PEFT's empty card template
                 self.write_manifest(run_dir / STAGING / name)
                 publish(run_dir / STAGING / name, run_dir / name)

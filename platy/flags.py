@@ -1,0 +1,159 @@
+"""A script's flags, each declared once: name, type, default, help, group and how a resume treats it.
+
+The command-line parser, `--help`, the defaults that tests and benchmarks start from, the run record's
+flags and the resume check are all read from the declarations, never from a second list.
+
+Values are read as the Platypus scripts' fire command lines read them: a str flag takes the text as
+typed, a bool flag takes true/false words, any other flag a Python literal (numbers, lists, None) or, when
+the text is none, the text itself. `--name value` and `--name=value`; a bool flag alone is true, and
+`--noname` is false; the last of a repeated flag wins (a recipe's extra arguments override its settings).
+"""
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from platy.cli import FALSE_WORDS, TRUE_WORDS, UserError
+
+HELP_WIDTH = 92  # the flag descriptions of --help are wrapped to this many characters
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One flag of a script.
+
+    kind: str (the text as typed), bool (true/false words), or None (a Python literal: int, float, list,
+    None, or a word). resume: a run resumed from a checkpoint must have the same value, or it does not
+    continue as the interrupted run would have (a note says which differ). lora_only: a LoRA setting that
+    --finetuning full refuses when it is not its default."""
+
+    name: str
+    default: Any
+    kind: type
+    help: str
+    group: str = ""
+    resume: bool = False
+    lora_only: bool = False
+
+    def read(self, text):
+        """The value of this flag given as TEXT on the command line."""
+        if self.kind is str:
+            return text
+        if self.kind is bool:
+            word = str(text).strip().lower()
+            if word in TRUE_WORDS:
+                return True
+            if word in FALSE_WORDS:
+                return False
+            raise UserError(f"--{self.name} {text!r}: give True or False")
+        return literal(text)
+
+
+def grouped(group, *flags):
+    """The flags, under one heading of --help."""
+    return [dataclasses.replace(flag, group=group) for flag in flags]
+
+
+def literal(text):
+    """fire's reading of a value: a Python literal where TEXT is one, else the text itself."""
+    from fire.parser import DefaultParseValue
+
+    return DefaultParseValue(text)
+
+
+class Flags:
+    """The ordered flags of one script."""
+
+    def __init__(self, *flags):
+        self.flags = flags
+        self.by_name = {flag.name: flag for flag in flags}
+        assert len(self.by_name) == len(flags), "a flag is declared twice"
+
+    def __iter__(self):
+        return iter(self.flags)
+
+    def names(self):
+        return list(self.by_name)
+
+    def defaults(self):
+        """{flag: default}: what a run given no flags gets."""
+        return {flag.name: flag.default for flag in self.flags}
+
+    def where(self, **wanted):
+        """The names of the flags whose declaration has these values (e.g. resume=True), in declared order."""
+        return tuple(f.name for f in self.flags if all(getattr(f, key) == value for key, value in wanted.items()))
+
+    def parse(self, argv, program):
+        """{flag: value} of a command line: every declared flag, the given ones read from their text.
+        An unknown flag is refused with the closest name."""
+        values, positional = self.defaults(), []
+        args = list(argv)
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if not is_flag(arg):
+                positional.append(arg)
+                i += 1
+                continue
+            name, eq, text = arg.lstrip("-").partition("=")
+            name = name.replace("-", "_")
+            alone = not eq and (i + 1 == len(args) or is_flag(args[i + 1]))
+            flag = self.lookup(name, alone, program)
+            if alone:
+                text = "False" if flag.name != name else "True"
+            elif not eq:
+                text = args[i + 1]
+                i += 1
+            values[flag.name] = flag.read(text)
+            i += 1
+        return self.place(positional, values, program)
+
+    def lookup(self, name, alone, program):
+        if name in self.by_name:
+            return self.by_name[name]
+        if alone and name.startswith("no") and name[2:] in self.by_name:
+            return self.by_name[name[2:]]
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        hint = f"; did you mean --{close[0]}?" if close else f"; see {program} --help"
+        raise UserError(f"unknown flag --{name}{hint}")
+
+    def place(self, positional, values, program):
+        """Values given without a flag name fill the flags in declared order, as fire's do."""
+        if len(positional) > len(self.flags):
+            raise UserError(f"unexpected argument {positional[len(self.flags)]!r}; see {program} --help")
+        for flag, text in zip(self.flags, positional):
+            values[flag.name] = flag.read(text)
+        return values
+
+    def help(self):
+        """Every flag with its default and description, in declared order under its group's heading."""
+        lines, group = [], None
+        for flag in self.flags:
+            if flag.group and flag.group != group:
+                group = flag.group
+                lines.append(f"  {group}:")
+            lines.append(f"  --{flag.name} (default: {flag.default!r})")
+            text = " ".join(flag.help.split())
+            while text:
+                cut = text.rfind(" ", 0, HELP_WIDTH) if len(text) > HELP_WIDTH else len(text)
+                cut = cut if cut > 0 else len(text)
+                lines.append(f"      {text[:cut].strip()}")
+                text = text[cut:].strip()
+        return "\n".join(lines)
+
+
+def is_flag(arg):
+    """--name or -n (fire's rule: -1 is a value, not a flag)."""
+    return arg.startswith("--") or (len(arg) > 1 and arg[0] == "-" and arg[1].isalpha())
+
+
+def declared(flags):
+    """Mark fn as the entry of a script whose flags are `flags`: platy.cli.run parses its command line and
+    prints its --help from them, and fn is called with every flag by name."""
+
+    def mark(fn):
+        fn.flags = flags
+        return fn
+
+    return mark

@@ -1,0 +1,182 @@
+"""Publishing a finished run: the final adapter (or model) staged and moved into output_dir, the log, the
+curves, the card and run_config.json last; a checkpoint that holds the whole run exported instead; the
+closing lines on the console.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from platy.cli import say
+from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
+from platy.integrity import MANIFEST, config_hash, write_manifest
+from platy.merging import LOFTQ_OFFSET, write_loftq_offsets
+from platy.train.checkpoints import STAGING, remove_leftovers
+from platy.train.config import changes_base
+from platy.train.lora import attach, convert_to_plain_lora
+
+# what a checkpoint holds besides the weights: not part of an exported adapter
+TRAINER_STATE = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    RUN_CONFIG,
+    MANIFEST,
+)
+
+
+def save(run, trainer, start, chat, run_config, result):
+    """Adapter (safetensors) and tokenizer via the Trainer; then config, history, curves (rank 0). start: the
+    LoraStart (PiSSA / OLoRA's initial adapter, LoftQ's offsets); chat: the bound chat template or None."""
+    from platy.train.trainer import write_failed
+
+    out = Path(run.output_dir)
+    try:
+        trainer.save_model(str(out / STAGING / "final"))  # every rank: ZeRO-3 gathers the weights
+        if trainer.is_world_process_zero() and start.initial_adapter:
+            convert_to_plain_lora(trainer.model, start.initial_adapter, out / STAGING / "final")
+        if trainer.is_world_process_zero():
+            write_loftq_offsets(start.loftq_offsets, out / STAGING / "final")
+            if not start.loftq_offsets:  # nor may an earlier run's offsets stay beside this adapter
+                (out / LOFTQ_OFFSET).unlink(missing_ok=True)
+            record_chat_template(run, chat, trainer.processing_class, out / STAGING / "final", run_config)
+            # PEFT's empty card: write_results writes the toolkit's after the manifest, as run_config.json
+            (out / STAGING / "final" / "README.md").unlink(missing_ok=True)
+            trainer.write_manifest(out / STAGING / "final")
+            publish_final(out / STAGING / "final", out)
+            write_results(out, trainer.state.log_history, run_config, result)
+    except OSError as err:
+        raise write_failed(err, "writing the final adapter", out) from None
+    if trainer.is_world_process_zero():
+        report_done(run, out, result)
+
+
+def record_chat_template(run, chat, tokenizer, folder, run_config):
+    """With a chat template: a generation_config.json whose eos_token_id holds the end-of-turn tokens as well
+    as EOS (so generate, lm-eval and vLLM stop at the end of a turn), and the template in run_config. The
+    tokenizer files the Trainer saved carry the template itself."""
+    from transformers import GenerationConfig
+
+    if chat is None:
+        return
+    try:
+        generation = GenerationConfig.from_pretrained(run.base_model_path)
+    except OSError:  # the base has no generation_config.json
+        generation = GenerationConfig()
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    stops = [
+        i for i in dict.fromkeys([*eos, tokenizer.eos_token_id, *chat.end_of_turn_ids(tokenizer)]) if i is not None
+    ]
+    generation.eos_token_id = stops
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(folder)
+    run_config["resolved"]["chat_template"] = {
+        "name": chat.name,
+        "path": chat.path,
+        "end_of_turn": list(chat.end_of_turn),
+        "vocabulary": len(tokenizer),
+        "eos_token_id": stops,
+        "text": chat.text,
+    }
+
+
+def publish_final(staged, out):
+    """Move each fully written file into output_dir, the manifest last: a reader never sees half an adapter,
+    nor a manifest of files not yet in place."""
+    for path in sorted(staged.iterdir(), key=lambda p: p.name == MANIFEST):
+        os.replace(path, out / path.name)
+    shutil.rmtree(staged.parent, ignore_errors=True)
+
+
+def write_results(out, log_history, run_config, result):
+    from platy.model_card import adapter_card
+    from platy.reporting import MIN_CURVE_POINTS, plot_curves
+
+    write_json(out / LOG_HISTORY, log_history)
+    (out / CURVES).unlink(missing_ok=True)  # a plot of an earlier run must not pass for this one's
+    if not plot_curves(log_history, out / CURVES):
+        logged = sum("loss" in r for r in log_history)
+        say(
+            f"No {CURVES}: {logged} training loss point(s) logged, and a curve needs {MIN_CURVE_POINTS}; "
+            "lower --logging_steps or train longer"
+        )
+    run_config["result"] = result
+    if (out / "adapter_config.json").is_file():  # the toolkit's card, not PEFT's empty template
+        write_text(out / "README.md", adapter_card(run_config, out))
+    write_json(out / RUN_CONFIG, run_config)  # written last: its presence marks a finished run
+
+
+def export_finished_checkpoint(run, tokenizer, run_config):
+    """The last checkpoint holds the whole run but the final save was interrupted: export it."""
+    checkpoint = Path(run.resume.path)
+    out = Path(run.output_dir)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    say(
+        f"{checkpoint.name} already holds all {state['global_step']} steps of this run; its final save was "
+        "interrupted, so its adapter becomes the final one"
+    )
+    remove_leftovers(out)
+    staged = out / STAGING / "final"
+    staged.mkdir(parents=True)
+    for path in checkpoint.iterdir():  # the weights (adapter or full model) and their configs, not the Trainer state
+        if path.is_file() and path.name not in TRAINER_STATE and not path.name.startswith("rng_state"):
+            shutil.copy2(path, staged / path.name)
+    tokenizer.save_pretrained(staged)
+    if changes_base(run.init_lora_weights):  # the checkpoint's adapter is relative to the changed base
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        start = attach(run)  # the same start, recomputed from the base
+        set_peft_model_state_dict(start.model, load_peft_weights(str(checkpoint), device="cpu"))
+        convert_to_plain_lora(start.model, start.initial_adapter, staged)
+    write_manifest(staged, step=state["global_step"], config_hash=config_hash(run_config))
+    history = state.get("log_history", [])
+    losses = [r["loss"] for r in history if "loss" in r]
+    result = {
+        "global_step": state["global_step"],
+        "trained_tokens": int(state.get("num_input_tokens_seen", 0)),
+        "train_seconds": None,
+        "tokens_per_second": None,
+        "train_loss": sum(losses) / len(losses) if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "eval_loss": None,
+        "exported_from": str(checkpoint),
+    }
+    publish_final(staged, out)
+    write_results(out, history, run_config, result)
+    report_done(run, out, result)
+
+
+def report_done(run, out, result):
+    losses = "" if result["train_loss"] is None else f"mean training loss {result['train_loss']:.4f}"
+    if result["last_logged_loss"] is not None:
+        losses += f", last logged {result['last_logged_loss']:.4f}"
+    if result["eval_loss"] is not None:
+        losses += f", eval loss {eval_change(result)}"
+    if result["train_seconds"] is None:
+        say(f"\nDone: {result['global_step']} optimizer steps (exported from {result['exported_from']}); {losses}")
+    else:
+        say(
+            f"\nDone: {result['global_step']} optimizer steps, {result['trained_tokens']:,} tokens processed "
+            f"(non-padding) in {result['train_seconds']:.1f} s = {result['tokens_per_second']:,.0f} tokens/s; "
+            f"{losses}"
+        )
+    weights = "model.safetensors" if run.finetuning == "full" else "adapter_model.safetensors"
+    say(f"{'Model' if run.finetuning == 'full' else 'Adapter'}: {out / weights}")
+    curves = f"curves: {out / CURVES}; " if (out / CURVES).exists() else ""
+    say(f"Run configuration: {out / RUN_CONFIG}; {curves}log: {out / LOG_HISTORY}")
+    if run.base_model.startswith("builtin:"):
+        learned = f"; its eval loss went {eval_change(result)}" if result.get("first_eval_loss") else ""
+        say(
+            f"Note: {run.base_model} is a random tiny model that shows the pipeline works: whatever it generates "
+            f"is meaningless{learned}"
+        )
+
+
+def eval_change(result):
+    """The held-out loss of the run, from its first evaluation when there was one: '7.02 -> 5.79'."""
+    first, last = result.get("first_eval_loss"), result["eval_loss"]
+    return f"{first:.2f} -> {last:.2f}" if first is not None and first != last else f"{last:.4f}"
