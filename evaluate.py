@@ -19,57 +19,104 @@ and shot count, and the tables (Markdown, as the published model cards lay them 
 
 from platy import cli
 from platy import evaluate_stages as stages
+from platy.flags import Flag, Flags, declared
+
+FLAGS = Flags(
+    Flag(
+        "models",
+        None,
+        str,
+        "Comma-separated models: merged or base model folders, hub ids, builtin:tiny-llama, or adapter "
+        "folders written by finetune.py (evaluated on their recorded base without merging). One row each, in "
+        "this order.",
+    ),
+    Flag(
+        "suite",
+        "openllm",
+        str,
+        "openllm (ARC 25-shot acc_norm, HellaSwag 10-shot acc_norm, MMLU 5-shot acc, TruthfulQA 0-shot mc2, "
+        "Winogrande 5-shot acc, GSM8K 5-shot exact match, and their average), kobest (COPA, HellaSwag, BoolQ, "
+        "SentiNeg: macro F1 at 0, 5, 10 and 50 shots), or comma-separated harness task names.",
+    ),
+    Flag(
+        "num_fewshot",
+        None,
+        str,
+        "Shot count(s) for a task list, e.g. 5 or 0,5,10 (a table per task, a column per shot count); "
+        "default: each task's own. With openllm or kobest it replaces the published shots (a note says so).",
+    ),
+    Flag(
+        "limit",
+        None,
+        float,
+        "Evaluate only the first N examples of each task (or a fraction below 1): for quick checks; the "
+        "scores are then not comparable with published ones.",
+    ),
+    Flag(
+        "include_path",
+        None,
+        str,
+        "Folder of local tasks in lm-eval's YAML format (used first, then the harness's built-in tasks).",
+    ),
+    Flag(
+        "output_dir",
+        "./outputs/eval",
+        str,
+        "Where the results JSON per model and the tables (results.md) go.",
+    ),
+    Flag(
+        "batch_size",
+        "auto",
+        str,
+        "auto (the harness finds the largest that fits on a CUDA GPU; 8 on CPU and mps, where its full-length "
+        "probe would take minutes) or a number.",
+    ),
+    Flag(
+        "device",
+        "auto",
+        str,
+        "auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.",
+    ),
+    Flag(
+        "load_4bit",
+        None,
+        bool,
+        "Load models in 4-bit NF4. Default: adapters on their base quantized as in training (their scores are "
+        "those of the trained adapter), other models unquantized; True or False applies to every model.",
+    ),
+    Flag(
+        "apply_chat_template",
+        False,
+        bool,
+        "Format every prompt with each model's chat template (the one finetune.py's --chat_template recorded, "
+        "or the base's own), as a chat model is used; the published tables were scored without one.",
+    ),
+    Flag(
+        "system_instruction",
+        None,
+        str,
+        "A system message put before every prompt (in the chat template's system turn with "
+        "--apply_chat_template, else as the prompt's first line).",
+    ),
+    Flag(
+        "fewshot_as_multiturn",
+        None,
+        bool,
+        "With --apply_chat_template, give the few-shot examples as earlier user/assistant turns (default: "
+        "yes, as lm-eval does) instead of one user turn.",
+    ),
+    Flag(
+        "trust_remote_code",
+        False,
+        bool,
+        "Allow model code from the hub.",
+    ),
+)
 
 
-def main(
-    models: str = None,
-    suite: str = "openllm",
-    num_fewshot: str = None,
-    limit: float = None,
-    include_path: str = None,
-    output_dir: str = "./outputs/eval",
-    batch_size: str = "auto",
-    device: str = "auto",
-    load_4bit: bool = None,
-    apply_chat_template: bool = False,
-    system_instruction: str = None,
-    fewshot_as_multiturn: bool = None,
-    trust_remote_code: bool = False,
-):
-    """Evaluate each model on a suite and print its table.
-
-    Args:
-        models: Comma-separated models: merged or base model folders, hub ids, builtin:tiny-llama,
-            or adapter folders written by finetune.py (evaluated on their recorded base without
-            merging). One row each, in this order.
-        suite: openllm (ARC 25-shot acc_norm, HellaSwag 10-shot acc_norm, MMLU 5-shot acc,
-            TruthfulQA 0-shot mc2, Winogrande 5-shot acc, GSM8K 5-shot exact match, and their
-            average), kobest (COPA, HellaSwag, BoolQ, SentiNeg: macro F1 at 0, 5, 10 and 50 shots),
-            or comma-separated harness task names.
-        num_fewshot: Shot count(s) for a task list, e.g. 5 or 0,5,10 (a table per task, a column per
-            shot count); default: each task's own. With openllm or kobest it replaces the published
-            shots (a note says so).
-        limit: Evaluate only the first N examples of each task (or a fraction below 1): for quick
-            checks; the scores are then not comparable with published ones.
-        include_path: Folder of local tasks in lm-eval's YAML format (used first, then the
-            harness's built-in tasks).
-        output_dir: Where the results JSON per model and the tables (results.md) go.
-        batch_size: auto (the harness finds the largest that fits on a CUDA GPU; 8 on CPU and mps,
-            where its full-length probe would take minutes) or a number.
-        device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps.
-        load_4bit: Load models in 4-bit NF4. Default: adapters on their base quantized as in
-            training (their scores are those of the trained adapter), other models unquantized;
-            True or False applies to every model.
-        apply_chat_template: Format every prompt with each model's chat template (the one finetune.py's
-            --chat_template recorded, or the base's own), as a chat model is used; the published tables
-            were scored without one.
-        system_instruction: A system message put before every prompt (in the chat template's system turn
-            with --apply_chat_template, else as the prompt's first line).
-        fewshot_as_multiturn: With --apply_chat_template, give the few-shot examples as earlier
-            user/assistant turns (default: yes, as lm-eval does) instead of one user turn.
-        trust_remote_code: Allow model code from the hub.
-    """
-    flags = dict(locals())
+@declared(FLAGS)
+def main(**flags):
+    """Evaluate each model on a suite and print its table."""
     stages.require_harness()
     problems = stages.check_flags(flags)  # no I/O
     # one failure for every flag, model and task problem, before any weight loads

@@ -24,70 +24,134 @@ follows the rows kept, not the size of the sources.
 
 from platy import cli
 from platy import refine_stages as stages
+from platy.flags import Flag, Flags, declared
 from platy.refining import BUILTIN_EMBEDDING_MODEL
 
+FLAGS = Flags(
+    Flag(
+        "data_path",
+        "",
+        str,
+        "Data file(s): JSON, JSONL, CSV or Parquet, several separated by commas, or a data set id (needs "
+        "network). Takes a mix spec too (see --mix).",
+    ),
+    Flag(
+        "mix",
+        "",
+        str,
+        "Sources with the fraction of each to keep, e.g. 'open_platypus.json:1.0,dolphin.jsonl:0.01': each is "
+        "sampled with --seed, and rows without a data_source get the file's name. The same spec works as "
+        "finetune.py --data_path. Give --data_path or --mix, not both.",
+    ),
+    Flag(
+        "output_path",
+        "",
+        str,
+        "The refined data file (.json, .jsonl, .csv or .parquet).",
+    ),
+    Flag(
+        "test_files",
+        "",
+        str,
+        "Benchmark test files, separated by commas, for decontamination; a row's question is its instruction "
+        "(+ input), question, prompt, problem, query or text field.",
+    ),
+    Flag(
+        "report_path",
+        "",
+        str,
+        "The JSON report (default: <output>.report.json).",
+    ),
+    Flag(
+        "rejects_path",
+        "",
+        str,
+        "Rows set aside by normalisation, with the reason, as JSONL (default: <output>.rejects.jsonl).",
+    ),
+    Flag(
+        "normalise",
+        True,
+        bool,
+        "Convert OpenOrca (system_prompt, question, response) and one-exchange conversation rows "
+        "(conversations / messages) to Alpaca rows and set aside rows that cannot be used. False: take Alpaca "
+        "rows as they are; any other row stops the run.",
+    ),
+    Flag(
+        "exact_dedup",
+        True,
+        bool,
+        "Drop rows whose instruction + input repeats, keeping the longest output.",
+    ),
+    Flag(
+        "near_dedup",
+        True,
+        bool,
+        "Drop a row when its cosine similarity to a row kept before it is above --near_dedup_threshold "
+        "(embeddings of instruction + input).",
+    ),
+    Flag(
+        "decontaminate",
+        True,
+        bool,
+        "Drop rows whose similarity to a test question is at least --decontaminate_threshold (needs --test_files).",
+    ),
+    Flag(
+        "near_dedup_threshold",
+        0.7,
+        float,
+        "In [0, 1]; Platypus used 0.7. Higher keeps more rows.",
+    ),
+    Flag(
+        "decontaminate_threshold",
+        0.8,
+        float,
+        "In [0, 1]; Platypus used 0.8. Lower drops more rows.",
+    ),
+    Flag(
+        "seed",
+        42,
+        int,
+        "Seed of the --mix sampling.",
+    ),
+    Flag(
+        "embedding_model",
+        BUILTIN_EMBEDDING_MODEL,
+        str,
+        "A sentence-transformers model folder or id; the default is the bundled all-MiniLM-L6-v2 (Platypus's "
+        "model, offline).",
+    ),
+    Flag(
+        "embedding_batch_size",
+        64,
+        int,
+        "Texts per embedding batch.",
+    ),
+    Flag(
+        "cache_dir",
+        "",
+        str,
+        "Where embeddings are cached by content (default: $PLATY_CACHE/embeddings, else "
+        "~/.cache/platy/embeddings); 'none' turns the cache off.",
+    ),
+    Flag(
+        "tokenizer",
+        "",
+        str,
+        "A model folder or id (or builtin:tiny-llama): the report then gives the distribution of example "
+        "lengths in its tokens, as finetune.py builds them.",
+    ),
+    Flag(
+        "prompt_template_name",
+        "alpaca",
+        str,
+        "Template the lengths are counted with (alpaca, alpaca_short, alpaca_ko or a .json path); needs --tokenizer.",
+    ),
+)
 
-def refine(
-    # inputs and outputs
-    data_path: str = "",
-    mix: str = "",
-    output_path: str = "",
-    test_files: str = "",
-    report_path: str = "",
-    rejects_path: str = "",
-    # stages
-    normalise: bool = True,
-    exact_dedup: bool = True,
-    near_dedup: bool = True,
-    decontaminate: bool = True,
-    near_dedup_threshold: float = 0.7,
-    decontaminate_threshold: float = 0.8,
-    seed: int = 42,
-    # embeddings
-    embedding_model: str = BUILTIN_EMBEDDING_MODEL,
-    embedding_batch_size: int = 64,
-    cache_dir: str = "",
-    # token lengths
-    tokenizer: str = "",
-    prompt_template_name: str = "alpaca",
-):
-    """Refine instruction data into one file plus a report; every stage can be switched off.
 
-    Args:
-        data_path: Data file(s): JSON, JSONL, CSV or Parquet, several separated by commas,
-            or a data set id (needs network). Takes a mix spec too (see --mix).
-        mix: Sources with the fraction of each to keep, e.g.
-            'open_platypus.json:1.0,dolphin.jsonl:0.01': each is sampled with --seed, and
-            rows without a data_source get the file's name. The same spec works as
-            finetune.py --data_path. Give --data_path or --mix, not both.
-        output_path: The refined data file (.json, .jsonl, .csv or .parquet).
-        test_files: Benchmark test files, separated by commas, for decontamination; a row's
-            question is its instruction (+ input), question, prompt, problem, query or text field.
-        report_path: The JSON report (default: <output>.report.json).
-        rejects_path: Rows set aside by normalisation, with the reason, as JSONL (default:
-            <output>.rejects.jsonl).
-        normalise: Convert OpenOrca (system_prompt, question, response) and one-exchange
-            conversation rows (conversations / messages) to Alpaca rows and set aside rows
-            that cannot be used. False: take Alpaca rows as they are; any other row stops the run.
-        exact_dedup: Drop rows whose instruction + input repeats, keeping the longest output.
-        near_dedup: Drop a row when its cosine similarity to a row kept before it is above
-            --near_dedup_threshold (embeddings of instruction + input).
-        decontaminate: Drop rows whose similarity to a test question is at least
-            --decontaminate_threshold (needs --test_files).
-        near_dedup_threshold: In [0, 1]; Platypus used 0.7. Higher keeps more rows.
-        decontaminate_threshold: In [0, 1]; Platypus used 0.8. Lower drops more rows.
-        seed: Seed of the --mix sampling.
-        embedding_model: A sentence-transformers model folder or id; the default is the
-            bundled all-MiniLM-L6-v2 (Platypus's model, offline).
-        embedding_batch_size: Texts per embedding batch.
-        cache_dir: Where embeddings are cached by content (default: $PLATY_CACHE/embeddings,
-            else ~/.cache/platy/embeddings); 'none' turns the cache off.
-        tokenizer: A model folder or id (or builtin:tiny-llama): the report then gives the
-            distribution of example lengths in its tokens, as finetune.py builds them.
-        prompt_template_name: Template the lengths are counted with (alpaca, alpaca_short,
-            alpaca_ko or a .json path); needs --tokenizer.
-    """
-    flags = dict(locals())
+@declared(FLAGS)
+def refine(**flags):
+    """Refine instruction data into one file plus a report; every stage can be switched off."""
     cli.fail_on(stages.check_flags(flags))
     run = stages.resolve(flags)
     report = stages.describe_run(run)

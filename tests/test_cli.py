@@ -186,13 +186,11 @@ def test_non_boolean_word_is_refused(out):
 
 
 def test_help_lists_every_flag_on_stdout():
-    import inspect
-
-    import finetune as script
+    from platy.train.flags import TRAIN_FLAGS
 
     result = run_cli(["python", str(REPO / "finetune.py"), "--help"])
     assert result.returncode == 0
-    for name in inspect.signature(script.train).parameters:
+    for name in TRAIN_FLAGS.names():
         assert f"--{name} (default:" in result.stdout, name
     assert "builtin:tiny-llama" in result.stdout and "response cut by cutoff_len ends without EOS" in " ".join(
         result.stdout.split()
@@ -215,16 +213,17 @@ def test_typo_in_a_local_path_is_not_sent_to_the_hub(out):
 
 
 def test_text_flags_are_passed_verbatim():
-    """fire reads values as literals; text flags keep exactly what was typed."""
-    import fire
+    """Values are read as literals; text flags keep exactly what was typed."""
+    from platy.flags import Flag, Flags
 
-    from platy import cli
-
-    def show(prompt: str = None, input: str = None, output_dir: str = None, batch_size: int = 1):
-        return (prompt, input, output_dir, batch_size)
-
+    show = Flags(
+        Flag("prompt", None, str, ""),
+        Flag("input", None, str, ""),
+        Flag("output_dir", None, str, ""),
+        Flag("batch_size", 1, int, ""),
+    )
     argv = ["--prompt", "1e3", "--input", "12, 30", "--output_dir=2024", "--batch_size", "4"]
-    assert fire.Fire(show, command=cli.protect_strings(show, argv)) == ("1e3", "12, 30", "2024", 4)
+    assert tuple(show.parse(argv, "show.py").values()) == ("1e3", "12, 30", "2024", 4)
 
 
 def test_non_numeric_hyperparameters(out):

@@ -1,16 +1,17 @@
-"""Platypus's defaults live in finetune.py's train() signature; fine-tuning.sh, recipes/common.sh and
-docs/training.md repeat them, and these tests fail as soon as one of those copies differs.
+"""Platypus's defaults live in finetune.py's flag declarations (platy/train/flags.py); fine-tuning.sh,
+recipes/common.sh and docs/training.md repeat them, and these tests fail as soon as one of those copies
+differs.
 
-Nothing is trained or loaded: train()'s defaults are read from finetune.py's source with ast, the
-shell scripts and the Markdown table are parsed as text.
+Nothing is trained or loaded: the defaults are read from the declarations, the shell scripts and the
+Markdown table are parsed as text.
 """
 
-import ast
 import re
 import shlex
 from pathlib import Path
 
 from platy.cli import FALSE_WORDS, TRUE_WORDS
+from platy.train.flags import TRAIN_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
 # fine-tuning.sh passes these from its environment (BASE_MODEL, DATA_PATH, OUTPUT_DIR): they name the
@@ -19,14 +20,8 @@ LAUNCH_FLAGS = {"base_model", "data_path", "output_dir"}
 
 
 def train_defaults():
-    """{flag: default} of finetune.py's train(), as written in its signature."""
-    tree = ast.parse((REPO / "finetune.py").read_text())
-    train = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train")
-    args = train.args
-    positional = args.posonlyargs + args.args
-    pairs = list(zip(positional[len(positional) - len(args.defaults) :], args.defaults))
-    pairs += [(arg, default) for arg, default in zip(args.kwonlyargs, args.kw_defaults) if default is not None]
-    return {arg.arg: ast.literal_eval(default) for arg, default in pairs}
+    """{flag: default} of finetune.py, as declared."""
+    return TRAIN_FLAGS.defaults()
 
 
 def shell_value(text, default):

@@ -9,6 +9,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.stem for p in REPO.glob("*.py"))
 # modules every layer may use: they import nothing of the project
 FOUNDATION = ("platy/cli.py", "platy/files.py", "platy/checks.py")
+# finetune.py's stages: the recipe that orders them and the modules it runs
+TRAINING_STAGES = ("config", "plan", "recipe", "objective", "lora", "loop", "arguments", "publish")
 
 
 def module_name(path):
@@ -81,8 +83,8 @@ def test_data_does_not_import_training():
 def test_only_stages_import_stages():
     """A script's stages (flag check, resolve, the steps it calls) sit above the modules that do the work."""
     stage_modules = [module_name(p) for p in project_files("platy") if p.name.endswith("_stages.py")]
-    stage_modules += ["platy.train.config", "platy.train.plan", "platy.train.stages"]
-    assert len(stage_modules) == 7
+    stage_modules += [f"platy.train.{name}" for name in TRAINING_STAGES]
+    assert len(stage_modules) == 4 + len(TRAINING_STAGES)
     for path in project_files("platy"):
         if module_name(path) in stage_modules:
             continue
