@@ -21,7 +21,7 @@ from platy.modeling import PRECISIONS, QUANTIZATIONS, bitsandbytes_missing, pars
 from platy.prompts import Prompter, chat_template_problem
 from platy.train import checkpoints, plan
 from platy.train.checkpoints import Resume
-from platy.train.flags import LORA_KNOBS, RESUME_MUST_MATCH
+from platy.train.flags import TRAIN_FLAGS
 from platy.train.speed import checkpoint_fraction, liger_unavailable
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
@@ -209,7 +209,8 @@ def lora_problems(f):
     )
     init, quantization = f["init_lora_weights"], f["quantization"]
     if f["finetuning"] == "full":
-        changed = [name for name, default in LORA_KNOBS.items() if f[name] != default]
+        lora_only = TRAIN_FLAGS.where(lora_only=True)
+        changed = [name for name in lora_only if f[name] != TRAIN_FLAGS.by_name[name].default]
         if changed:
             problems.append(f"--{changed[0]} is a LoRA setting, and --finetuning full trains no adapter; drop it")
         return problems
@@ -367,7 +368,7 @@ def finished_here(run, resume):
     saved = read_run_config(run.output_dir)
     if not saved or "result" not in saved:
         return None
-    same = ("num_epochs", "max_steps", "data_path", *RESUME_MUST_MATCH)
+    same = ("num_epochs", "max_steps", "data_path", *TRAIN_FLAGS.where(resume=True))
     flags = run.flags()
     if any(saved["flags"].get(name) != flags[name] for name in same):
         return None  # other settings (more epochs, say): train on from the checkpoint
@@ -495,7 +496,7 @@ def note_changed_settings(checkpoint, flags, data_fingerprint):
         return
     changed = [
         f"{name} {saved['flags'][name]!r} -> {flags[name]!r}"
-        for name in RESUME_MUST_MATCH
+        for name in TRAIN_FLAGS.where(resume=True)
         if name in saved.get("flags", {}) and saved["flags"][name] != flags[name]
     ]
     if saved.get("data", {}).get("fingerprint", data_fingerprint) != data_fingerprint:

@@ -1,12 +1,12 @@
 """finetune.py's flags, each declared once (platy/flags.py): finetune.py's command line and --help, the
-run record's flags, the resume check and the LoRA-only refusals all read them from here.
+run record's flags, the resume check (resume=True: what decides which example lands in which step, and
+what each step computes) and the LoRA-only refusals (lora_only=True: the LoRA knobs that are not
+Platypus's) all read them from here.
 
 Platypus's own flags keep their names, defaults and meaning; the groups are --help's headings.
 """
 
 from platy.flags import Flag, Flags, grouped
-
-SUMMARY = "Train a LoRA adapter; output_dir then holds everything merge.py and inference.py need."
 
 TRAIN_FLAGS = Flags(
     *grouped(
@@ -445,8 +445,3 @@ TRAIN_FLAGS = Flags(
         ),
     ),
 )
-
-# what decides which example lands in which step, and what each step computes: a resume must match them
-RESUME_MUST_MATCH = TRAIN_FLAGS.where(resume=True)
-# the LoRA knobs that are not Platypus's: only for --finetuning lora
-LORA_KNOBS = {name: TRAIN_FLAGS.by_name[name].default for name in TRAIN_FLAGS.where(lora_only=True)}
