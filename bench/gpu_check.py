@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from platy.cli import UserError, run, say  # noqa: E402
 from platy.files import cache_root, write_json, write_text  # noqa: E402
+from platy.record import RunRecord  # noqa: E402
 
 SIZES = {
     "gpu": {
@@ -212,9 +213,12 @@ class Check:
                 raise StepFailed(f"the plan does not say {STRATEGY_WORDS[strategy]!r}")
             return {"note": "needs CUDA: only the plan ran", "plan": STRATEGY_WORDS[strategy]}
         text = self.checked(f"{name} training", ["bash", "fine-tuning.sh", *self.sizes["short_training"]], env, cap)
-        run_config = json.loads((adapter / "run_config.json").read_text())
-        if run_config["resolved"]["plan"]["strategy"] != strategy:
-            raise StepFailed(f"the run's strategy is {run_config['resolved']['plan']['strategy']}, not {strategy}")
+        record = RunRecord.read(adapter)
+        if record is None:
+            raise StepFailed(f"the run left no run_config.json in {adapter}")
+        recorded = record.strategy
+        if recorded != strategy:
+            raise StepFailed(f"the run's strategy is {recorded}, not {strategy}")
         done = next((line for line in text.splitlines() if line.startswith("Done:")), "")
         merge_env = {"PEFT_MODEL_PATH": str(adapter), "OUTPUT_DIR": str(merged)}
         verify = self.checked(f"{name} merge", ["bash", "merge.sh", "--verify", "--overwrite"], merge_env, cap)

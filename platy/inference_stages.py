@@ -81,17 +81,17 @@ def resolve(flags):
     """The GenerationRun of checked flags: the prompts file read, the adapter and its recorded base and
     template found, the quantization to load with decided."""
     from platy.data.rows import read_prompts
-    from platy.files import read_run_config
     from platy.merging import Adapter, loading_quantization
     from platy.modeling import bitsandbytes_missing
     from platy.prompts import Prompter
+    from platy.record import RunRecord
 
     rows = None
     prompts_path = flags["prompts_file"] or flags["csv_path"]
     if prompts_path:
         rows, _ = read_prompts(prompts_path, "--prompts_file" if flags["prompts_file"] else "--csv_path")
     adapter = Adapter(Path(flags["lora_weights"]).expanduser(), "--lora_weights") if flags["lora_weights"] else None
-    recorded = (adapter.run_config if adapter else None) or {}
+    record = adapter.record if adapter else None
     base = flags["base_model"] or (adapter.base_model() if adapter else None)
     if not base:
         raise UserError(
@@ -105,9 +105,9 @@ def resolve(flags):
                 f"--base_model {base}: an adapter folder, not a model; pass it as --lora_weights {base} "
                 "(its base model comes from its run_config.json), or merge it first with merge.py"
             )
-        recorded = (read_run_config(folder) if folder.is_dir() else None) or {}
-    template = flags["prompt_template"] or recorded.get("resolved", {}).get("template", {}).get("name") or "alpaca"
-    trained_on = recorded.get("flags", {}).get("base_model") or base
+        record = RunRecord.read(folder) if folder.is_dir() else None
+    template = flags["prompt_template"] or (record and record.template_name) or "alpaca"
+    trained_on = (record and record.base_model) or base
     if trained_on.startswith("builtin:"):
         say(f"Note: {trained_on} is a random tiny model for trying the tools: its answers are meaningless", err=True)
     quantization, as_trained = loading_quantization(adapter, flags["load_4bit"], flags["load_8bit"])

@@ -278,8 +278,8 @@ def write_companions(run, folder, stats):
         "date": datetime.date.today().isoformat(),
     }
     write_json(folder / MERGE_CONFIG, merge_info)
-    if adapter.run_config:
-        write_json(folder / "run_config.json", adapter.run_config)
+    if adapter.record:
+        adapter.record.write(folder)
     (folder / "README.md").write_text(model_card(run, adapter, merge_info), encoding="utf-8")
 
 
@@ -307,7 +307,7 @@ def write_gguf_files(run):
         written[gguf_type] = info
         say(f"GGUF {gguf_type}: {destination} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s)")
     first = written[run.gguf_types[0]]["file"]
-    template = ((run.adapter.run_config or {}).get("resolved") or {}).get("template")
+    template = run.adapter.record.template if run.adapter.record else None
     has_chat_template = bool(gguf_export.chat_template_of(run.output_dir))
     stops = gguf_export.stop_tokens(run.output_dir)
     write_text(run.output_dir / "Modelfile", gguf_export.modelfile(first, template, has_chat_template, stops))
@@ -317,14 +317,14 @@ def write_gguf_files(run):
 
 def gguf_metadata(run):
     """general.* of the GGUF files: name, base model, license, training data, the toolkit."""
-    run_config = run.adapter.run_config or {}
+    record = run.adapter.record
     return {
         "name": run.output_dir.name,
         "description": f"{run.base} fine-tuned with LoRA by the Platypus toolkit ({toolkit_version()}), "
         f"{run.method} merge, exported by merge.py",
         "base_model": run.base,
         "license": base_license(run.base_path),
-        "data": (run_config.get("data") or {}).get("path"),
+        "data": record.data_path if record else None,
     }
 
 
@@ -401,8 +401,8 @@ def check_gguf(run):
 def verify_prompter(run):
     from platy.prompts import Prompter
 
-    recorded = (run.adapter.run_config or {}).get("resolved", {})
-    template = recorded.get("template", {}).get("name") or "alpaca"
+    record = run.adapter.record
+    template = (record and record.template_name) or "alpaca"
     return Prompter(template, f"--peft_model_path {run.adapter.folder}: its recorded template")
 
 
@@ -492,9 +492,9 @@ def verify_merge(run, prompts=None):
     from platy.modeling import compute_8bit_as_trained, load_model_with_adapter, resolve_precision
 
     adapter = run.adapter
-    recorded = (adapter.run_config or {}).get("resolved", {})
+    recorded = adapter.record.precision if adapter.record else None
     # the compute precision of training where this machine can run it (a GPU run's bf16 on a GPU)
-    precision = recorded.get("precision") if recorded.get("precision") and torch.cuda.is_available() else None
+    precision = recorded if recorded and torch.cuda.is_available() else None
     precision = precision or resolve_precision("auto")
     placement = "auto" if torch.cuda.is_available() else {"": "cpu"}
     reference = load_model_with_adapter(

@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 
 from platy.cli import UserError, error_detail
-from platy.files import ADAPTER_FILES, read_run_config
+from platy.files import ADAPTER_FILES
 from platy.integrity import SAFETENSORS_INDEX, Digest, check_folder, check_index, check_safetensors, file_problem
+from platy.record import RunRecord
 
 DTYPES = {
     "float16": "float16",
@@ -51,15 +52,15 @@ def parse_size(text):
     return int(float(match.group(1)) * base**power)
 
 
-def read_loftq_offsets(folder, label, run=None):
+def read_loftq_offsets(folder, label, record=None):
     """{module: (L, R)}: the rank-r offsets LoftQ subtracted from each adapted weight before quantizing
     it (--loftq_iter > 1), saved beside the adapter; {} for every other adapter. label names the folder;
-    run: its run_config.json where the caller has read it already. The file and the run's recorded
+    record: its RunRecord where the caller has read it already. The file and the run's recorded
     iterations must agree: neither a missing file nor one left by an earlier run in the same folder is
     ever applied silently."""
     path = Path(folder) / LOFTQ_OFFSET
-    run = run if run is not None else read_run_config(folder)
-    iterations = None if run is None else ((run.get("resolved") or {}).get("loftq") or {}).get("iterations", 1)
+    record = record if record is not None else RunRecord.read(folder)
+    iterations = None if record is None else record.loftq_iterations
     if not path.is_file():
         if iterations and iterations > 1:
             raise UserError(
@@ -94,7 +95,7 @@ def write_loftq_offsets(offsets, folder):
 
 
 class Adapter:
-    """A saved LoRA adapter: its config, weights grouped per module, and the run configuration."""
+    """A saved LoRA adapter: its config, weights grouped per module, and the run's record (RunRecord)."""
 
     def __init__(self, folder, flag="--peft_model_path", merge=True):
         """merge=False: for peft to apply as it is (DoRA, modules_to_save and the like allowed)."""
@@ -130,10 +131,10 @@ class Adapter:
                 f"e.g. {bad[0]}); the run diverged: use an earlier checkpoint-N or retrain with a lower "
                 "learning rate"
             )
-        self.run_config = read_run_config(self.folder)
+        self.record = RunRecord.read(self.folder)
         self.tokens = self._token_rows(tensors)
         self.modules = self._lora_modules(tensors) if merge else {}
-        self.offsets = read_loftq_offsets(self.folder, f"{flag} {folder}", self.run_config)
+        self.offsets = read_loftq_offsets(self.folder, f"{flag} {folder}", self.record)
 
     @property
     def vocabulary(self):
@@ -142,8 +143,7 @@ class Adapter:
         + 1; None for an adapter that did not grow it."""
         if not self.tokens:
             return None
-        recorded = (self.run_config or {}).get("resolved", {}).get("chat_template") or {}
-        sizes = [recorded.get("vocabulary") or 0]
+        sizes = [(self.record and self.record.vocabulary) or 0]
         for parts in self.tokens.values():
             sizes.append(max(parts["indices"]) + 1)
             if parts.get("base") is not None:
@@ -188,9 +188,8 @@ class Adapter:
     def base_model(self):
         """The base the adapter was trained on: its flag as typed, or the resolved folder where the typed
         value no longer resolves from here (a relative path from another working directory)."""
-        recorded = self.run_config or {}
-        typed = recorded.get("flags", {}).get("base_model") or self.config.get("base_model_name_or_path")
-        resolved = recorded.get("resolved", {}).get("base_model_path")
+        typed = (self.record and self.record.base_model) or self.config.get("base_model_name_or_path")
+        resolved = self.record and self.record.base_model_path
         if (
             typed
             and not typed.startswith("builtin:")
@@ -204,11 +203,11 @@ class Adapter:
     @property
     def quantization_layout(self):
         """How finetune.py quantized the base (run_config.json's resolved quantization_layout), or None."""
-        return (self.run_config or {}).get("resolved", {}).get("quantization_layout")
+        return self.record.quantization_layout if self.record else None
 
     def trained_quantization(self):
         """How the base was quantized in training ('4bit', '8bit' or 'none'), from run_config.json."""
-        return (self.quantization_layout or {}).get("quantization") or "none"
+        return self.record.quantization if self.record else "none"
 
     def _lora_modules(self, tensors):
         """{module: {"A": tensor, "B": tensor}}: what the streaming merge adds to each base weight."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from platy.data.rows import HUB_ID
 from platy.merging import LOFTQ_OFFSET
+from platy.record import RunRecord
 
 METHOD_TEXT = {
     "dequant": "the base was rebuilt exactly as it was quantized in training ({quant}), dequantized, and the LoRA "
@@ -17,9 +18,8 @@ METHOD_TEXT = {
 
 def model_card(merge_run, adapter, info):
     """The README.md of a merged model folder: what it is, how it was trained and merged, how to load it."""
-    run = adapter.run_config or {}
-    data = run.get("data", {})
-    template = run.get("resolved", {}).get("template", {})
+    run = adapter.record or RunRecord.from_dict({})  # no run_config.json: every row "not recorded"
+    template = run.template or {}
     quant = quantization_words(merge_run.layout)
     table = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters(run, adapter.config, quant))
     method = method_name(merge_run.layout)
@@ -40,7 +40,7 @@ standalone {info["dtype"]} weights.
 ## Model details
 
 * **Base model:** {base_text}
-* **Training data:** {data_text(data)}
+* **Training data:** {data_text(run)}
 * **Fine-tuning:** {"; ".join(training)}
 * **Merge method:** `{info["method"]}`: {METHOD_TEXT[info["method"]].format(quant=quant)}
 * **Weights:** {info["dtype"]}, {len(info["shards"])} safetensors shard(s)
@@ -52,7 +52,7 @@ standalone {info["dtype"]} weights.
 | --- | --- |
 {table}
 
-{prompt_section(run.get("resolved", {}), template, prompts)}
+{prompt_section(run, template, prompts)}
 
 ## How it was made
 
@@ -73,24 +73,25 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
 {gguf_section(info.get("gguf"), template)}"""
 
 
-def adapter_card(run_config, folder):
-    """The README.md of finetune.py's output folder: what the adapter is, how it was trained, how to use it."""
-    flags = run_config.get("flags", {})
-    resolved = run_config.get("resolved", {})
+def adapter_card(record, folder):
+    """The README.md of finetune.py's output folder: what the adapter is, how it was trained, how to use it.
+    record: the run's RunRecord."""
+    if isinstance(record, dict):  # until platy/train hands over its RunRecord (it still builds a dict)
+        record = RunRecord.from_dict(record)
     lora = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
-    layout = resolved.get("quantization_layout")
+    layout = record.quantization_layout
     quant = quantization_words(layout)
     method = method_name(layout)
-    base = flags.get("base_model", "")
-    table = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters(run_config, lora, quant))
-    result = run_config.get("result", {})
+    base = record.flag("base_model", "")
+    table = "\n".join(f"| {name} | {value} |" for name, value in hyperparameters(record, lora, quant))
+    result = record.result or {}
     losses = [f"{result['global_step']} optimizer steps"] if result.get("global_step") else []
     if result.get("eval_loss") is not None:
         first = result.get("first_eval_loss")
         losses.append(
             f"eval loss {first:.4f} -> {result['eval_loss']:.4f}" if first else f"eval loss {result['eval_loss']:.4f}"
         )
-    command = run_config.get("command") or "not recorded (trained through the library, not finetune.py)"
+    command = record.command or "not recorded (trained through the library, not finetune.py)"
     name = Path(folder).name
     return f"""---
 {front_matter(base, "peft", method)}
@@ -101,9 +102,9 @@ def adapter_card(run_config, folder):
 A {method} adapter for {base_link(base)}, trained with `finetune.py` on instruction data.
 
 * **Base model:** {base_link(base)} ({quant_sentence(layout)})
-* **Training data:** {data_text(run_config.get("data", {}))}
+* **Training data:** {data_text(record)}
 * **Result:** {"; ".join(losses) or "not recorded"}
-* **{template_line(resolved)}
+* **{template_line(record)}
 
 ## Hyperparameters
 
@@ -147,17 +148,17 @@ def quant_sentence(layout):
     return f"loaded in {quantization_words(layout)} for training" if layout else "not quantized in training"
 
 
-def data_text(data):
+def data_text(record):
     """The training data as the card shows it: a file's name (not where it lay on the training machine), a
     data set id as it is, and the fingerprint."""
-    path = data.get("path")
+    path = record.data_path
     if not path:
         return "not recorded"
     if is_hub_id(path):
         shown = f"[{path}](https://huggingface.co/datasets/{path})"
     else:  # a file, or a mix spec of files and ids
         shown = "`" + ",".join(p if is_hub_id(p.split(":")[0]) else os.path.basename(p) for p in path.split(",")) + "`"
-    return f"{shown} (fingerprint `{data.get('fingerprint', 'n/a')}`)"
+    return f"{shown} (fingerprint `{record.data_fingerprint or 'n/a'}`)"
 
 
 def verify_text(verify):
@@ -180,10 +181,9 @@ def quantization_words(layout):
 
 
 def hyperparameters(run, lora, quant):
-    """(name, value) rows of the card's table: the recorded training flags and the adapter's LoRA settings
-    (its adapter_config.json, as a dict)."""
-    flags = run.get("flags", {})
-    resolved = run.get("resolved", {})
+    """(name, value) rows of the card's table: the recorded training flags (run: the RunRecord) and the
+    adapter's LoRA settings (its adapter_config.json, as a dict)."""
+    flags = run.flags
     rows = [
         ("learning rate", flags.get("learning_rate")),
         ("batch size", flags.get("batch_size")),
@@ -198,7 +198,7 @@ def hyperparameters(run, lora, quant):
         ("lora dropout", lora.get("lora_dropout")),
         ("lora target modules", ", ".join(sorted(lora.get("target_modules") or []))),
         ("lora target modules as given", target_words(flags.get("lora_target_modules"))),
-        ("lora scale", resolved.get("lora_scale")),
+        ("lora scale", run.lora_scale),
         ("rsLoRA (scale alpha / sqrt(r))", flags.get("use_rslora") or None),
         ("DoRA", flags.get("use_dora") or None),
         ("lora initialisation", None if flags.get("init_lora_weights") in (None, "default") else init_words(run)),
@@ -209,9 +209,9 @@ def hyperparameters(run, lora, quant):
         ("train on inputs", flags.get("train_on_inputs")),
         ("group by length", flags.get("group_by_length")),
         ("add eos token", flags.get("add_eos_token")),
-        ("prompt template", resolved.get("template", {}).get("name")),
+        ("prompt template", run.template_name),
         ("base quantization in training", quant),
-        ("precision", resolved.get("precision")),
+        ("precision", run.precision),
     ]
     return [(name, value) for name, value in rows if value not in (None, "")]
 
@@ -223,8 +223,8 @@ def target_words(targets):
 
 def init_words(run):
     """--init_lora_weights, with what the merge had to know about it."""
-    init = run["flags"]["init_lora_weights"]
-    loftq = run.get("resolved", {}).get("loftq")
+    init = run.init_lora_weights
+    loftq = run.loftq
     if loftq:
         steps = loftq.get("iterations", 1)
         rebuilt = f"; the 4-bit base it trained on is rebuilt from {LOFTQ_OFFSET}" if steps > 1 else ""
@@ -239,8 +239,8 @@ def init_words(run):
 
 def training_summary(run, adapter_path, method):
     """The card's "Fine-tuning" line, in parts: steps and examples when the run finished."""
-    result = run.get("result", {})
-    train = run.get("data", {}).get("train", {})
+    result = run.result or {}
+    train = run.train_stats
     parts = [f"{method} adapter trained with `finetune.py`"]
     if result.get("global_step"):
         parts.append(f"{result['global_step']} optimizer steps")
@@ -253,28 +253,28 @@ def training_summary(run, adapter_path, method):
     return parts
 
 
-def template_line(resolved):
+def template_line(record):
     """The adapter card's line on how prompts are laid out: the chat template, else the Alpaca template."""
-    chat = resolved.get("chat_template")
+    chat = record.chat_template
     if chat:
-        ends = ", ".join(f"`{t}`" for t in chat.get("end_of_turn", ()))
+        ends = ", ".join(f"`{t}`" for t in chat.end_of_turn)
         return (
-            f"Chat template:** {chat.get('name')} (each turn ends with {ends}; saved with the tokenizer, so "
+            f"Chat template:** {chat.name} (each turn ends with {ends}; saved with the tokenizer, so "
             "`tokenizer.apply_chat_template` and inference.py use it)"
         )
-    return f"Prompt template:** {resolved.get('template', {}).get('name', 'unknown')}"
+    return f"Prompt template:** {record.template_name or 'unknown'}"
 
 
-def prompt_section(resolved, template, prompts):
+def prompt_section(record, template, prompts):
     """The merged card's section on prompts: the chat template's text, or the Alpaca template's layout."""
-    chat = resolved.get("chat_template")
+    chat = record.chat_template
     if not chat:
         return f"## Prompt template ({template.get('name', 'unknown')})\n\n{prompts}\n"
-    ends = ", ".join(f"`{t}`" for t in chat.get("end_of_turn", ()))
+    ends = ", ".join(f"`{t}`" for t in chat.end_of_turn)
     return (
-        f"## Chat template ({chat.get('name')})\n\nTrained on conversations rendered with this template; each "
+        f"## Chat template ({chat.name})\n\nTrained on conversations rendered with this template; each "
         f"assistant turn ends with {ends}, which `generation_config.json` lists as a stop token. It is saved with "
-        f"the tokenizer (`tokenizer.apply_chat_template`):\n\n```jinja\n{chat.get('text', '').strip()}\n```\n"
+        f"the tokenizer (`tokenizer.apply_chat_template`):\n\n```jinja\n{chat.text.strip()}\n```\n"
     )
 
 

@@ -339,11 +339,11 @@ def set_4bit_weight(layer, codes, state):
 def apply_loftq_offsets(model, base_model, adapter_folder, quantization, precision, base_flag, label):
     """The base an adapter with LoftQ offsets was trained on, where it is loaded in 4-bit; a note where the
     load is not 4-bit (the adapter then runs on the original weights, as any QLoRA adapter there)."""
-    from platy.files import read_run_config
     from platy.merging import LOFTQ_OFFSET, read_loftq_offsets
+    from platy.record import RunRecord
 
-    run = read_run_config(adapter_folder)
-    offsets = read_loftq_offsets(adapter_folder, label, run)
+    record = RunRecord.read(adapter_folder)
+    offsets = read_loftq_offsets(adapter_folder, label, record)
     if not offsets:
         return
     if quantization != "4bit":
@@ -352,7 +352,7 @@ def apply_loftq_offsets(model, base_model, adapter_folder, quantization, precisi
             f"{'in 8-bit' if quantization == '8bit' else 'unquantized'}, it runs on the original weights"
         )
         return
-    layout = ((run or {}).get("resolved") or {}).get("quantization_layout")
+    layout = record.quantization_layout if record else None
     rebuild_loftq_base(
         model, base_model, offsets, layout or quantization_layout(model, "4bit", precision), base_flag, label
     )
