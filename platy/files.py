@@ -31,15 +31,6 @@ def write_json(path, data):
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def read_run_config(folder):
-    """Transitional: run_config.json as a dict, for platy/train/config.py until it reads the RunRecord
-    (platy/record.py, the file's only reader). Delete with tests/test_record.py's TRAIN_NOT_YET_ON_RECORD."""
-    from platy.record import RunRecord  # imported here: record.py imports this module
-
-    record = RunRecord.read(folder)
-    return None if record is None else record.to_dict()
-
-
 def swap_into_place(tmp, output_dir, aside=None):
     """Move the finished tmp folder to output_dir; an old output_dir is renamed to `aside` (default
     .NAME.old-PID beside it) and goes only once the new one is there."""

@@ -76,8 +76,6 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
 def adapter_card(record, folder):
     """The README.md of finetune.py's output folder: what the adapter is, how it was trained, how to use it.
     record: the run's RunRecord."""
-    if isinstance(record, dict):  # until platy/train hands over its RunRecord (it still builds a dict)
-        record = RunRecord.from_dict(record)
     lora = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
     layout = record.quantization_layout
     quant = quantization_words(layout)

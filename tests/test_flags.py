@@ -1,7 +1,6 @@
 """Flags declared once (platy/flags.py): the command line, --help, the run record and the resume check all
 follow the declaration, so a new flag is one declaration plus its use."""
 
-import json
 import sys
 
 import pytest
@@ -90,12 +89,12 @@ def test_a_new_flag_is_one_declaration(monkeypatch, tmp_path, capsys):
     )
     run = recipe.Recipe.from_flags(flags).run
     assert run.demo_knob == 7
-    described = recipe.describe_run(run)
-    assert described["flags"]["demo_knob"] == 7
+    record = recipe.describe_run(run)
+    assert record.flag("demo_knob") == 7
 
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
-    (checkpoint / "run_config.json").write_text(json.dumps(json.loads(json.dumps(described, default=str))))
+    record.write(checkpoint)
     capsys.readouterr()
     config.note_changed_settings(str(checkpoint), {**run.flags(), "demo_knob": 8}, run.data_fingerprint)
     assert "demo_knob 7 -> 8" in capsys.readouterr().out

@@ -116,7 +116,7 @@ def test_rslora_scale_is_alpha_over_sqrt_r_in_training_and_merge(trained):
     assert layers and {m.scaling["default"] for m in layers} == {run.lora_alpha / run.lora_r**0.5}
     read = Adapter(adapter)
     assert {read.scale(module) for module in read.modules} == {run.lora_alpha / run.lora_r**0.5}
-    assert prepared.run_config["resolved"]["lora_scale"] == run.lora_alpha / run.lora_r**0.5 != 2.0
+    assert prepared.record.lora_scale == run.lora_alpha / run.lora_r**0.5 != 2.0
 
 
 def test_loftq_start_is_nearer_the_unquantized_weights(tmp_path):
@@ -135,7 +135,7 @@ def test_loftq_start_is_nearer_the_unquantized_weights(tmp_path):
                 update = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
                 key = name.removeprefix("base_model.model.") + ".weight"
                 errors[name] = (weights[key].float() - base - update).norm().item()
-        return errors, prepared.run_config["resolved"].get("loftq")
+        return errors, prepared.record.loftq
 
     plain, _ = start_error("default")
     loftq, report = start_error("loftq")
@@ -325,7 +325,7 @@ def test_a_resumed_loftq_run_trains_on_the_base_of_its_checkpoint(tmp_path):
     reseal(checkpoint)
     again = flags(output_dir=str(tmp_path / "again"), max_steps=3, save_steps=2, **knobs)
     prepared = Recipe.from_flags({**again, "resume_from_checkpoint": str(checkpoint)}).setup()
-    layout = prepared.run_config["resolved"]["quantization_layout"]
+    layout = prepared.record.quantization_layout
     weights = load_file(f"{prepared.run.base_model_path}/model.safetensors")
     module = "model.layers.0.mlp.gate_proj"
     layer = prepared.trainer.model.get_base_model().get_submodule(module).get_base_layer()

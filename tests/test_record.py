@@ -165,29 +165,20 @@ def test_the_writer_builds_the_same_file_through_the_constructor_and_setters(nam
     assert (tmp_path / "run_config.json").read_bytes() == (FIXTURES / f"{name}.json").read_bytes()
 
 
-def test_the_card_reads_the_record_as_it_read_the_dict(tmp_path):
-    """adapter_card takes the record; the dict platy/train still hands it gives the same card."""
+def test_the_card_reads_the_record(tmp_path):
+    """adapter_card takes the record and shows what it holds."""
     from platy.model_card import adapter_card
 
     folder = fixture("chatml", tmp_path)
     (folder / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 16, "target_modules": ["up_proj"]}))
     record = RunRecord.read(folder)
     card = adapter_card(record, folder)
-    assert card == adapter_card(record.to_dict(), folder)
     assert "Chat template:** chatml (each turn ends with `<|im_end|>`" in card
     assert "| lora scale | 1.0 |" in card and "`sample_platypus.json` (fingerprint `sha256:" in card
 
 
 # ---- the record is the only reader of run_config.json ----------------------------------------------
 
-# platy/train builds and reads the dict itself until it moves to the RunRecord (being restructured on
-# another branch); delete this tuple once it has: the test then holds platy/train to the rule as well.
-TRAIN_NOT_YET_ON_RECORD = (
-    "platy/files.py",  # read_run_config: the transitional delegate platy/train/config.py imports
-    "platy/train/config.py",  # finished_here, note_changed_settings: read_run_config
-    "platy/train/stages.py",  # write_results: write_json(out / RUN_CONFIG, run_config)
-    "platy/train/trainer.py",  # _save_checkpoint: write_json(... / RUN_CONFIG, self.run_config)
-)
 FILE_NAME = "run_config.json"
 
 
@@ -228,7 +219,7 @@ def test_only_the_record_reads_run_config():
     readers = {}
     for path in project_sources():
         name = path.relative_to(REPO).as_posix()
-        if name == "platy/record.py" or name in TRAIN_NOT_YET_ON_RECORD:
+        if name == "platy/record.py":
             continue
         lines = file_readers(ast.parse(path.read_text(encoding="utf-8")))
         if lines:

@@ -15,10 +15,11 @@ from typing import Any
 
 from platy import checks, cli
 from platy.cli import UserError, say
-from platy.files import ADAPTER_FILES, RUN_CONFIG, read_run_config
+from platy.files import ADAPTER_FILES, RUN_CONFIG
 from platy.merging import LOFTQ_OFFSET
 from platy.modeling import PRECISIONS, QUANTIZATIONS, bitsandbytes_missing, parse_target_modules
 from platy.prompts import Prompter, chat_template_problem
+from platy.record import RunRecord
 from platy.train import checkpoints, plan
 from platy.train.checkpoints import Resume
 from platy.train.flags import TRAIN_FLAGS
@@ -365,14 +366,14 @@ def finished_here(run, resume):
     same settings and ended at its latest checkpoint: the one line to print instead of training, else None."""
     if run.resume_from_checkpoint != "auto" or not resume:
         return None
-    saved = read_run_config(run.output_dir)
-    if not saved or "result" not in saved:
+    saved = RunRecord.read(run.output_dir)
+    if not saved or not saved.finished:
         return None
     same = ("num_epochs", "max_steps", "data_path", *TRAIN_FLAGS.where(resume=True))
     flags = run.flags()
-    if any(saved["flags"].get(name) != flags[name] for name in same):
+    if any(saved.flag(name) != flags[name] for name in same):
         return None  # other settings (more epochs, say): train on from the checkpoint
-    step = saved["result"].get("global_step")
+    step = saved.global_step
     if step != checkpoints.checkpoint_step(resume.path):
         return None
     return f"{run.output_dir} already finished: {step} optimizer steps; nothing to do"
@@ -491,15 +492,16 @@ def check_output_dir(output_dir, overwrite, resume):
 
 def note_changed_settings(checkpoint, flags, data_fingerprint):
     """Resuming with other data or hyperparameters continues, but not as the interrupted run would have."""
-    saved = read_run_config(checkpoint)
+    saved = RunRecord.read(checkpoint)
     if not saved:
         return
+    recorded = saved.flags
     changed = [
-        f"{name} {saved['flags'][name]!r} -> {flags[name]!r}"
+        f"{name} {recorded[name]!r} -> {flags[name]!r}"
         for name in TRAIN_FLAGS.where(resume=True)
-        if name in saved.get("flags", {}) and saved["flags"][name] != flags[name]
+        if name in recorded and recorded[name] != flags[name]
     ]
-    if saved.get("data", {}).get("fingerprint", data_fingerprint) != data_fingerprint:
+    if saved.data_fingerprint not in (None, data_fingerprint):
         changed.append("the data rows (another fingerprint)")
     if changed:
         say(

@@ -14,7 +14,7 @@ from platy.train.checkpoints import PREEMPTED, remove_leftovers, retire
 from platy.train.plan import optimizer_steps
 
 
-def build_trainer(run, objective, start, tokenizer, train_set, val_set, run_config):
+def build_trainer(run, objective, start, tokenizer, train_set, val_set, record):
     """The objective's Trainer over the model of the LoraStart, with the progress and last-step callbacks."""
     from transformers.trainer_callback import ProgressCallback
 
@@ -34,7 +34,7 @@ def build_trainer(run, objective, start, tokenizer, train_set, val_set, run_conf
         eval_dataset=val_set,
         data_collator=objective.collator(run, tokenizer),
         processing_class=tokenizer,
-        run_config=run_config,
+        record=record,
         checkpoint_limit=run.save_total_limit,
         skip_nonfinite_steps=run.skip_nonfinite_steps,
         loraplus_lr_ratio=run.loraplus_lr_ratio,

@@ -12,6 +12,7 @@ from platy.cli import say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
 from platy.integrity import MANIFEST, config_hash, write_manifest
 from platy.merging import LOFTQ_OFFSET, write_loftq_offsets
+from platy.record import RecordedChatTemplate
 from platy.train.checkpoints import STAGING, remove_leftovers
 from platy.train.config import changes_base
 from platy.train.lora import attach, convert_to_plain_lora
@@ -28,7 +29,7 @@ TRAINER_STATE = (
 )
 
 
-def save(run, trainer, start, chat, run_config, result):
+def save(run, trainer, start, chat, record, result):
     """Adapter (safetensors) and tokenizer via the Trainer; then config, history, curves (rank 0). start: the
     LoraStart (PiSSA / OLoRA's initial adapter, LoftQ's offsets); chat: the bound chat template or None."""
     from platy.train.trainer import write_failed
@@ -42,21 +43,21 @@ def save(run, trainer, start, chat, run_config, result):
             write_loftq_offsets(start.loftq_offsets, out / STAGING / "final")
             if not start.loftq_offsets:  # nor may an earlier run's offsets stay beside this adapter
                 (out / LOFTQ_OFFSET).unlink(missing_ok=True)
-            record_chat_template(run, chat, trainer.processing_class, out / STAGING / "final", run_config)
+            record_chat_template(run, chat, trainer.processing_class, out / STAGING / "final", record)
             # PEFT's empty card: write_results writes the toolkit's after the manifest, as run_config.json
             (out / STAGING / "final" / "README.md").unlink(missing_ok=True)
             trainer.write_manifest(out / STAGING / "final")
             publish_final(out / STAGING / "final", out)
-            write_results(out, trainer.state.log_history, run_config, result)
+            write_results(out, trainer.state.log_history, record, result)
     except OSError as err:
         raise write_failed(err, "writing the final adapter", out) from None
     if trainer.is_world_process_zero():
         report_done(run, out, result)
 
 
-def record_chat_template(run, chat, tokenizer, folder, run_config):
+def record_chat_template(run, chat, tokenizer, folder, record):
     """With a chat template: a generation_config.json whose eos_token_id holds the end-of-turn tokens as well
-    as EOS (so generate, lm-eval and vLLM stop at the end of a turn), and the template in run_config. The
+    as EOS (so generate, lm-eval and vLLM stop at the end of a turn), and the template in the run record. The
     tokenizer files the Trainer saved carry the template itself."""
     from transformers import GenerationConfig
 
@@ -73,14 +74,9 @@ def record_chat_template(run, chat, tokenizer, folder, run_config):
     generation.eos_token_id = stops
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(folder)
-    run_config["resolved"]["chat_template"] = {
-        "name": chat.name,
-        "path": chat.path,
-        "end_of_turn": list(chat.end_of_turn),
-        "vocabulary": len(tokenizer),
-        "eos_token_id": stops,
-        "text": chat.text,
-    }
+    record.set_chat_template(
+        RecordedChatTemplate(chat.name, chat.path, tuple(chat.end_of_turn), len(tokenizer), tuple(stops), chat.text)
+    )
 
 
 def publish_final(staged, out):
@@ -91,7 +87,7 @@ def publish_final(staged, out):
     shutil.rmtree(staged.parent, ignore_errors=True)
 
 
-def write_results(out, log_history, run_config, result):
+def write_results(out, log_history, record, result):
     from platy.model_card import adapter_card
     from platy.reporting import MIN_CURVE_POINTS, plot_curves
 
@@ -103,13 +99,13 @@ def write_results(out, log_history, run_config, result):
             f"No {CURVES}: {logged} training loss point(s) logged, and a curve needs {MIN_CURVE_POINTS}; "
             "lower --logging_steps or train longer"
         )
-    run_config["result"] = result
+    record.set_result(result)
     if (out / "adapter_config.json").is_file():  # the toolkit's card, not PEFT's empty template
-        write_text(out / "README.md", adapter_card(run_config, out))
-    write_json(out / RUN_CONFIG, run_config)  # written last: its presence marks a finished run
+        write_text(out / "README.md", adapter_card(record, out))
+    record.write(out)  # written last: its presence marks a finished run
 
 
-def export_finished_checkpoint(run, tokenizer, run_config):
+def export_finished_checkpoint(run, tokenizer, record):
     """The last checkpoint holds the whole run but the final save was interrupted: export it."""
     checkpoint = Path(run.resume.path)
     out = Path(run.output_dir)
@@ -132,7 +128,7 @@ def export_finished_checkpoint(run, tokenizer, run_config):
         start = attach(run)  # the same start, recomputed from the base
         set_peft_model_state_dict(start.model, load_peft_weights(str(checkpoint), device="cpu"))
         convert_to_plain_lora(start.model, start.initial_adapter, staged)
-    write_manifest(staged, step=state["global_step"], config_hash=config_hash(run_config))
+    write_manifest(staged, step=state["global_step"], config_hash=config_hash(record.to_dict()))
     history = state.get("log_history", [])
     losses = [r["loss"] for r in history if "loss" in r]
     result = {
@@ -146,7 +142,7 @@ def export_finished_checkpoint(run, tokenizer, run_config):
         "exported_from": str(checkpoint),
     }
     publish_final(staged, out)
-    write_results(out, history, run_config, result)
+    write_results(out, history, record, result)
     report_done(run, out, result)
 
 

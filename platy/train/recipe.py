@@ -16,6 +16,7 @@ from pathlib import Path
 from platy import cli
 from platy.cli import UserError, say
 from platy.files import RUN_CONFIG
+from platy.record import RunRecord
 from platy.train import loop, lora, publish
 from platy.train.checkpoints import checkpoint_step
 from platy.train.config import check_flags, resolve
@@ -29,7 +30,7 @@ class Recipe:
     def __init__(self, run, objective=None):
         self.run = run
         self.objective = objective or Supervised()
-        self.run_config = None  # the run record: described at start, completed by the stages, saved last
+        self.record = None  # the RunRecord: described at start, completed by the stages, saved last
         self.tokenizer = self.chat = None
         self.train_set = self.val_set = None
         self.finished = False  # the resumed checkpoint holds the whole run: it is exported, not trained
@@ -61,26 +62,25 @@ class Recipe:
 
     def describe(self):
         """The run configuration, printed once and kept as the run record."""
-        self.run_config = describe_run(self.run)
+        self.record = describe_run(self.run)
 
     def setup(self):
         """Tokenizer, data, and (unless a checkpoint already finished the run) the model and its Trainer;
         returns the recipe, ready to train."""
-        if self.run_config is None:
+        if self.record is None:
             self.describe()
         self.tokenizer, self.chat = load_tokenizer(self.run)
-        self.train_set, self.val_set, self.run_config["data"] = self.objective.datasets(
-            self.run, self.tokenizer, self.chat
-        )
+        self.train_set, self.val_set, data = self.objective.datasets(self.run, self.tokenizer, self.chat)
+        self.record.set_data(data)
         self.finished = finished_checkpoint(self.run, self.train_set)
         if self.finished:
             return self
         self.start = lora.attach(self.run, self.tokenizer)
-        self.run_config["resolved"]["quantization_layout"] = self.start.layout
+        self.record.set_quantization_layout(self.start.layout)
         if self.start.loftq_report:  # measured when the adapter was initialised
-            self.run_config["resolved"]["loftq"] = self.start.loftq_report
+            self.record.set_loftq(self.start.loftq_report)
         self.trainer = loop.build_trainer(
-            self.run, self.objective, self.start, self.tokenizer, self.train_set, self.val_set, self.run_config
+            self.run, self.objective, self.start, self.tokenizer, self.train_set, self.val_set, self.record
         )
         return self
 
@@ -91,11 +91,11 @@ class Recipe:
 
     def save(self):
         """The adapter, the log, the curves, the card and run_config.json (last) into output_dir."""
-        publish.save(self.run, self.trainer, self.start, self.chat, self.run_config, self.result)
+        publish.save(self.run, self.trainer, self.start, self.chat, self.record, self.result)
 
     def export_finished(self):
         """The last checkpoint holds the whole run but the final save was interrupted: export it."""
-        publish.export_finished_checkpoint(self.run, self.tokenizer, self.run_config)
+        publish.export_finished_checkpoint(self.run, self.tokenizer, self.record)
 
 
 def load_tokenizer(run):
@@ -117,36 +117,30 @@ def load_tokenizer(run):
 
 
 def describe_run(run):
-    """The run configuration: printed once at start, saved next to the adapter and in checkpoints."""
+    """The run's RunRecord: printed once at start, saved next to the adapter and in checkpoints."""
     from platy.reporting import library_versions, say_configuration
 
     flags = run.flags()
     prompter = run.prompter
-    config = {
-        "flags": flags,
-        "resolved": {
-            "base_model_path": run.base_model_path,
-            "model_type": run.model_config.model_type,
-            "template": {"name": prompter.name, "path": str(prompter.path), **prompter.template},
-            "precision": run.precision,
-            "device": run.device,
-            "world_size": run.world_size,
-            "gradient_accumulation_steps": run.gradient_accumulation_steps,
-            **lora_resolved(run),
-            "resume": run.resume and run.resume.recorded(),
-            "plan": run.plan,
-        },
-        "data": {},
-        "versions": library_versions(),
-        "command": launch_command(),
+    resolved = {
+        "base_model_path": run.base_model_path,
+        "model_type": run.model_config.model_type,
+        "template": {"name": prompter.name, "path": str(prompter.path), **prompter.template},
+        "precision": run.precision,
+        "device": run.device,
+        "world_size": run.world_size,
+        "gradient_accumulation_steps": run.gradient_accumulation_steps,
+        **lora_resolved(run),
+        "resume": run.resume and run.resume.recorded(),
+        "plan": run.plan,
     }
-    shown = {**flags, **{k: v for k, v in config["resolved"].items() if k not in ("template", "plan")}}
+    shown = {**flags, **{k: v for k, v in resolved.items() if k not in ("template", "plan")}}
     say_configuration(
         "Run configuration (unset flags left out; all of it goes to run_config.json)",
         {k: v for k, v in shown.items() if v not in (None, "")},
     )
     say(describe_plan(run))
-    return config
+    return RunRecord(flags, resolved, data={}, versions=library_versions(), command=launch_command())
 
 
 def lora_resolved(run):

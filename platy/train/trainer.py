@@ -25,7 +25,6 @@ import transformers
 from transformers.trainer_callback import TrainerCallback
 
 from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, UserError, error_detail, say
-from platy.files import RUN_CONFIG, write_json
 from platy.integrity import PICKLE_SUFFIXES, config_hash, file_problem, write_manifest
 from platy.merging import write_loftq_offsets
 from platy.train.checkpoints import STAGING, latest_checkpoint, publish, rotate
@@ -149,12 +148,12 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class Trainer(transformers.Trainer):
-    """transformers.Trainer with atomic checkpoints, run configuration inside each, and loss checks."""
+    """transformers.Trainer with atomic checkpoints, the run record inside each, and loss checks."""
 
     def __init__(
         self,
         *args,
-        run_config,
+        record,
         checkpoint_limit,
         skip_nonfinite_steps=False,
         loraplus_lr_ratio=None,
@@ -163,7 +162,7 @@ class Trainer(transformers.Trainer):
     ):
         self.loraplus_lr_ratio = loraplus_lr_ratio  # before super(): it may build the optimizer
         super().__init__(*args, **kwargs)
-        self.run_config, self.checkpoint_limit = run_config, checkpoint_limit
+        self.record, self.checkpoint_limit = record, checkpoint_limit  # the RunRecord, saved in each checkpoint
         self.loftq_offsets = loftq_offsets  # saved with every checkpoint: they rebuild the base it trained on
         self.trained_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.loss_went_nonfinite = None  # a tensor flag over the micro-steps of one optimizer step
@@ -214,7 +213,7 @@ class Trainer(transformers.Trainer):
             super()._save_checkpoint(model, trial)
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                write_json(run_dir / STAGING / name / RUN_CONFIG, self.run_config)
+                self.record.write(run_dir / STAGING / name)
                 write_loftq_offsets(self.loftq_offsets, run_dir / STAGING / name)
                 (run_dir / STAGING / name / "README.md").unlink(missing_ok=True)  # PEFT's empty card template
                 self.write_manifest(run_dir / STAGING / name)
@@ -230,7 +229,7 @@ class Trainer(transformers.Trainer):
 
     def write_manifest(self, folder):
         """The manifest of a fully written checkpoint or adapter folder: its last file."""
-        write_manifest(folder, step=self.state.global_step, config_hash=config_hash(self.run_config))
+        write_manifest(folder, step=self.state.global_step, config_hash=config_hash(self.record.to_dict()))
 
     # a resume reads these pickled states; a checkpoint without a manifest may still hold a torn one
     def _load_optimizer_and_scheduler(self, checkpoint):
