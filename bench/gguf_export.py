@@ -69,7 +69,7 @@ def write_all_in_memory(folder, gguf_type, destination):
     import gguf
 
     from platy import gguf_export as ge
-    from platy.merging import TensorSource, base_checkpoint
+    from platy.base_weights import TensorSource, base_checkpoint
 
     config = json.loads((folder / "config.json").read_text())
     arch = getattr(gguf.MODEL_ARCH, ge.ARCHITECTURES[config["model_type"]])

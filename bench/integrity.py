@@ -61,8 +61,8 @@ def main(layers=18, hidden=2048, intermediate=5504, vocab=32000, shard_mb=500, w
     import merge
     from bench.merge_memory import build_adapter, build_checkpoint
     from platy import cli, integrity
+    from platy.base_weights import base_checkpoint
     from platy.merge_stages import check_folder
-    from platy.merging import base_checkpoint
 
     work = Path(workdir or tempfile.mkdtemp(prefix="integrity-bench-"))
     base, adapter, checkpoint, out = work / "base", work / "adapter", work / "checkpoint-10", work / "merged"

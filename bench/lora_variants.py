@@ -27,7 +27,7 @@ import finetune  # noqa: E402
 import merge  # noqa: E402
 from platy import merge_stages  # noqa: E402
 from platy.cli import entry_defaults, fail_on  # noqa: E402
-from platy.modeling import compute_8bit_as_trained  # noqa: E402
+from platy.quantized import compute_8bit_as_trained  # noqa: E402
 from platy.train import stages  # noqa: E402
 
 VARIANTS = [

@@ -82,8 +82,8 @@ def resolve(flags):
     template found, the quantization to load with decided."""
     from platy.data.rows import read_prompts
     from platy.files import read_run_config
-    from platy.merging import Adapter, loading_quantization
-    from platy.modeling import bitsandbytes_missing
+    from platy.merging import Adapter
+    from platy.modeling import bitsandbytes_missing, loading_quantization
     from platy.prompts import Prompter
 
     rows = None
@@ -151,8 +151,9 @@ def load_for_generation(run):
     """(model, tokenizer, prompter): the model in eval mode on the best device, a left-padding tokenizer."""
     import torch
 
+    from platy.base_weights import resolve_base_model
     from platy.data.examples import prepare_tokenizer
-    from platy.modeling import generation_device, load_model_with_adapter, load_tokenizer, resolve_base_model
+    from platy.modeling import generation_device, load_model_with_adapter, load_tokenizer
 
     device, precision = generation_device()
     quantization = run.quantization

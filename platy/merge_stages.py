@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from platy import checks, cli, gguf_export
+from platy.base_weights import base_checkpoint, resolve_base_model, resolve_local_base
 from platy.cli import WRITE_FAILED, Stopped, UserError, say
 from platy.files import swap_into_place, write_json, write_text
 from platy.integrity import MANIFEST, check_weights, file_digest, folder_problem, human_size, records_problem
-from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base
+from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size
 
 DEVICES = ("auto", "cpu", "cuda")
 MERGE_CONFIG = "merge_config.json"  # how the model was made, with the size and sha256 of each written file
@@ -158,8 +159,6 @@ def resolve(flags):
             "--gguf",
         )
     if flags["max_shard_size"] == "auto":
-        from platy.merging import base_checkpoint
-
         max_bytes = max(p.stat().st_size for p in base_checkpoint(base_path, "--base_model"))
     else:
         max_bytes = parse_size(flags["max_shard_size"])
@@ -210,8 +209,6 @@ def remove_stale_partials(output_dir):
 
 
 def same_model(a, b):
-    from platy.modeling import resolve_base_model
-
     def where(name):
         try:
             path = Path(resolve_base_model(name, "--base_model")).expanduser()
@@ -489,7 +486,8 @@ def verify_merge(run, prompts=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from platy.modeling import compute_8bit_as_trained, load_model_with_adapter, resolve_precision
+    from platy.modeling import load_model_with_adapter, resolve_precision
+    from platy.quantized import compute_8bit_as_trained
 
     adapter = run.adapter
     recorded = (adapter.run_config or {}).get("resolved", {})

@@ -10,8 +10,7 @@ import torch
 import finetune as finetune_script
 import merge as merge_script
 from platy import cli, merge_stages
-from platy.merging import LOFTQ_OFFSET
-from platy.modeling import compute_8bit_as_trained
+from platy.quantized import LOFTQ_OFFSET, compute_8bit_as_trained
 from platy.train import config, stages
 
 from conftest import SAMPLE, SMALL_RUN, reseal
@@ -312,7 +311,7 @@ def test_a_resumed_loftq_run_trains_on_the_base_of_its_checkpoint(tmp_path):
     offsets changed on purpose (and resealed) are the ones the resumed base's 4-bit codes come from."""
     from safetensors.torch import load_file, save_file
 
-    from platy.merging import quantize_4bit_as_loaded
+    from platy.quantized import quantize_4bit_as_loaded
 
     knobs = {"init_lora_weights": "loftq", "loftq_iter": 3}
     train_steps(tmp_path / "run", 2, **knobs)

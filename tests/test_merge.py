@@ -151,7 +151,7 @@ def test_eval_forward_does_not_corrupt_what_dequantize_returns(qlora_adapter):
     """bitsandbytes' CPU eval path repacks 4-bit weights; the toolkit's loader keeps them intact."""
     import bitsandbytes.functional as bnbf
 
-    from platy.merging import rebuild_quantized
+    from platy.quantized import rebuild_quantized
 
     run = json.loads((qlora_adapter / "run_config.json").read_text())
     from platy.modeling import load_model

@@ -17,8 +17,7 @@ from platy import cli
 from platy.cli import UserError, say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
 from platy.integrity import MANIFEST, config_hash, write_manifest
-from platy.merging import LOFTQ_OFFSET, read_loftq_offsets, write_loftq_offsets
-from platy.modeling import rebuild_loftq_base, set_4bit_weight
+from platy.quantized import LOFTQ_OFFSET, read_loftq_offsets, rebuild_loftq_base, set_4bit_weight, write_loftq_offsets
 from platy.train.checkpoints import PREEMPTED, STAGING, checkpoint_step, remove_leftovers, retire
 from platy.train.config import changes_base, check_flags, resolve
 from platy.train.plan import base_weights, describe_plan, lora_share, lora_words, optimizer_steps
@@ -380,7 +379,8 @@ def loftq_initialise(model, base_path, layout, iterations=1, rebuilt=False):
     from peft.tuners.lora import Linear4bit
     from peft.utils.loftq_utils import _low_rank_decomposition
 
-    from platy.merging import base_tensors, quantize_4bit_as_loaded
+    from platy.base_weights import base_tensors
+    from platy.quantized import quantize_4bit_as_loaded
 
     where = base_tensors(base_path, "--base_model")
     before = after = reference = 0.0
