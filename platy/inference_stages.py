@@ -13,6 +13,17 @@ from platy import checks, cli
 from platy.cli import UserError, say
 
 PROMPT_SOURCES = ("prompt", "prompts_file", "csv_path", "interactive")
+# flags a GenerationRun holds as they were given
+PASSED_THROUGH = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "num_beams",
+    "repetition_penalty",
+    "batch_size",
+    "seed",
+    "trust_remote_code",
+)
 
 
 @dataclass(frozen=True)
@@ -131,19 +142,7 @@ def resolve(flags):
         interactive=flags["interactive"],
         quantization=quantization,
         as_trained=as_trained,
-        **{
-            name: flags[name]
-            for name in (
-                "max_new_tokens",
-                "temperature",
-                "top_p",
-                "num_beams",
-                "repetition_penalty",
-                "batch_size",
-                "seed",
-                "trust_remote_code",
-            )
-        },
+        **{name: flags[name] for name in PASSED_THROUGH},
     )
 
 
