@@ -24,9 +24,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import finetune  # noqa: E402
-import merge  # noqa: E402
 from platy import merge_stages  # noqa: E402
-from platy.cli import entry_defaults, fail_on  # noqa: E402
+from platy.cli import entry_defaults, script_entry  # noqa: E402
 from platy.quantized import compute_8bit_as_trained  # noqa: E402
 from platy.train import stages  # noqa: E402
 
@@ -74,10 +73,9 @@ def train(folder, quantization, knobs, steps):
 def merged_logits(adapter, out, method, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    flags = {**entry_defaults(merge.merge), "peft_model_path": str(adapter), "output_dir": str(out)}
+    flags = {**entry_defaults(script_entry("merge")), "peft_model_path": str(adapter), "output_dir": str(out)}
     flags.update(dtype="float32", method=method)
-    fail_on(merge_stages.check_flags(flags))
-    merge_stages.write_merged(merge_stages.resolve(flags))
+    merge_stages.merge(flags)
     return logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), tokenizer)
 
 

@@ -1,9 +1,11 @@
 """Export a merged model: the stages merge.py runs around the streaming merge of platy.merging.
 
-check_flags(flags) finds every problem of the command line without reading a file; resolve(flags)
-reads the adapter and the base into a MergeRun; write_merged builds the model folder next to its
-destination and swaps it into place; check_merged reads the written files back and compares the model
-with base + adapter (--verify); check_folder re-verifies a folder later (--check).
+merge(flags) runs them in order, for merge.py, the tests and the benchmarks alike: check_flags(flags)
+finds every problem of the command line without reading a file; resolve(flags) reads the adapter and
+the base into a MergeRun; write_merged builds the model folder next to its destination and swaps it
+into place; write_gguf_files adds the GGUF files (--gguf); check_merged reads the written files back and
+compares the model with base + adapter (--verify), check_gguf each GGUF file with the merged model;
+check_folder re-verifies a folder later (--check).
 """
 
 import datetime
@@ -63,6 +65,32 @@ class MergeRun:
     verify: bool
     trust_remote_code: bool
     gguf_types: tuple = ()  # GGUF files to write after the merge (f16, q8_0, ...)
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What merge(flags) made: the run (None for --check) and the --verify reports (None when not asked)."""
+
+    run: MergeRun | None
+    verify: dict | None = None  # check_merged's report
+    gguf_verify: dict | None = None  # check_gguf's report per GGUF type
+
+
+def merge(flags):
+    """merge.py's stages in the order they run: every flag checked; then --check alone, or the merged
+    model written, its GGUF files, and --verify of the model and of each GGUF file."""
+    cli.fail_on(check_flags(flags))
+    if flags["check"]:
+        check_folder(flags["check"])
+        return Merged(run=None)
+    run = resolve(flags)
+    write_merged(run)
+    if run.gguf_types:
+        write_gguf_files(run)
+    if not run.verify:
+        return Merged(run)
+    report = check_merged(run)
+    return Merged(run, report, check_gguf(run) if run.gguf_types else None)
 
 
 def disagreement(flags, name, alias):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import finetune as finetune_script
-import merge as merge_script
 from platy import cli, merge_stages
 from platy.quantized import LOFTQ_OFFSET, compute_8bit_as_trained
 from platy.train import config, stages
@@ -67,13 +66,10 @@ def trained(tmp_path_factory):
 
 
 def merged(adapter, out, method="auto"):
-    """merge.py's stages in process: the merged folder written, then --verify's report."""
-    values = {**cli.entry_defaults(merge_script.merge), "peft_model_path": str(adapter), "output_dir": str(out)}
+    """merge.py's stages in process (merge_stages.merge): the merged folder written, then --verify's report."""
+    values = {**cli.entry_defaults(cli.script_entry("merge")), "peft_model_path": str(adapter), "output_dir": str(out)}
     values.update(dtype="float32", method=method, verify=True)
-    cli.fail_on(merge_stages.check_flags(values))
-    run = merge_stages.resolve(values)
-    merge_stages.write_merged(run)
-    return merge_stages.verify_merge(run)
+    return merge_stages.merge(values).verify
 
 
 @pytest.mark.parametrize("name", VARIANTS)
