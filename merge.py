@@ -67,18 +67,8 @@ def merge(
         lora_weights: Alias of --peft_model_path.
     """
     flags = dict(locals())
-    cli.fail_on(stages.check_flags(flags))
-    if check:
-        stages.check_folder(check)
-        return
-    run = stages.resolve(flags)
-    stages.write_merged(run)
-    if run.gguf_types:
-        stages.write_gguf_files(run)
-    if run.verify:
-        stages.check_merged(run)
-        if run.gguf_types:
-            stages.check_gguf(run)
+    # check_flags -> --check alone, or resolve -> write_merged -> write_gguf_files -> check_merged -> check_gguf
+    stages.merge(flags)
 
 
 if __name__ == "__main__":

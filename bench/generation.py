@@ -23,13 +23,12 @@ def main(
 
     import torch
 
-    import inference
     from platy import cli, inference_stages
 
     rows = json.loads((REPO / "data" / "sample_platypus.json").read_text(encoding="utf-8"))[:prompts]
     rows = [{"instruction": r["instruction"], "input": r["input"]} for r in rows]
     flags = {
-        **cli.entry_defaults(inference.main),
+        **cli.entry_defaults(cli.script_entry("inference")),
         "base_model": base_model,
         "lora_weights": lora_weights,
         "prompt": "x",

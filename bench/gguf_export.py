@@ -37,7 +37,6 @@ def child(mode, base, adapter, out):
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import merge
     from platy import cli, gguf_export
 
     libraries = current_rss()
@@ -46,9 +45,9 @@ def child(mode, base, adapter, out):
     argv += ["--method", "peft", "--device", "cpu"]
     result = {"mode": mode}
     if mode == "merge":
-        cli.call(merge.merge, argv)
+        cli.call(cli.script_entry("merge"), argv)
     elif mode == "merge+gguf":
-        cli.call(merge.merge, [*argv, "--gguf", ",".join(TYPES)])
+        cli.call(cli.script_entry("merge"), [*argv, "--gguf", ",".join(TYPES)])
         written = json.loads((Path(out) / "merge_config.json").read_text())["gguf"]
         result["files"] = {t: {"bytes": w["bytes"], "seconds": w["seconds"]} for t, w in written.items()}
     elif mode.startswith("stream-"):  # the export alone, as merge.py runs it, from the merged folder `base`
@@ -69,7 +68,7 @@ def write_all_in_memory(folder, gguf_type, destination):
     import gguf
 
     from platy import gguf_export as ge
-    from platy.merging import TensorSource, base_checkpoint
+    from platy.base_weights import TensorSource, base_checkpoint
 
     config = json.loads((folder / "config.json").read_text())
     arch = getattr(gguf.MODEL_ARCH, ge.ARCHITECTURES[config["model_type"]])

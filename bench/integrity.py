@@ -58,11 +58,10 @@ def load_checkpoint(folder):
 
 
 def main(layers=18, hidden=2048, intermediate=5504, vocab=32000, shard_mb=500, workdir=None):
-    import merge
     from bench.merge_memory import build_adapter, build_checkpoint
     from platy import cli, integrity
+    from platy.base_weights import base_checkpoint
     from platy.merge_stages import check_folder
-    from platy.merging import base_checkpoint
 
     work = Path(workdir or tempfile.mkdtemp(prefix="integrity-bench-"))
     base, adapter, checkpoint, out = work / "base", work / "adapter", work / "checkpoint-10", work / "merged"
@@ -90,7 +89,7 @@ def main(layers=18, hidden=2048, intermediate=5504, vocab=32000, shard_mb=500, w
 
         def merge_into(folder):
             argv = ["--base_model", str(base), "--peft_model_path", str(adapter), "--output_dir", str(folder)]
-            return timed(cli.call, merge.merge, [*argv, "--method", "peft", "--device", "cpu"])[0]
+            return timed(cli.call, cli.script_entry("merge"), [*argv, "--method", "peft", "--device", "cpu"])[0]
 
         import peft  # noqa: F401  (imported before any merge is timed, as transformers is through it)
 

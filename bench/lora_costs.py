@@ -107,13 +107,12 @@ def child(name, args):
 def measure(name, arch, steps, cutoff_len, result_file):
     import torch
 
-    import finetune
-    from platy.cli import entry_defaults
+    from platy.train.flags import TRAIN_FLAGS
     from platy.train.recipe import Recipe
 
     quantization, knobs = KNOBS[name]
     with tempfile.TemporaryDirectory() as out:
-        flags = entry_defaults(finetune.train)
+        flags = TRAIN_FLAGS.defaults()
         flags.update(base_model=str(train_speed.random_model(arch)), data_path=str(train_speed.data_file(400, 0)))
         flags.update(output_dir=out, max_steps=steps, cutoff_len=cutoff_len, batch_size=4, micro_batch_size=2)
         flags.update(warmup_steps=0, logging_steps=1, save_steps=10**6, report_to="none", val_set_size=0)

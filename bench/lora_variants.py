@@ -23,11 +23,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import finetune  # noqa: E402
-import merge  # noqa: E402
 from platy import merge_stages  # noqa: E402
-from platy.cli import entry_defaults, fail_on  # noqa: E402
-from platy.modeling import compute_8bit_as_trained  # noqa: E402
+from platy.cli import entry_defaults, script_entry  # noqa: E402
+from platy.quantized import compute_8bit_as_trained  # noqa: E402
+from platy.train.flags import TRAIN_FLAGS  # noqa: E402
 from platy.train.recipe import Recipe  # noqa: E402
 
 VARIANTS = [
@@ -60,7 +59,7 @@ def logits(model, tokenizer):
 
 def train(folder, quantization, knobs, steps):
     """The adapter folder and the logits of the trained model in memory."""
-    flags = {**entry_defaults(finetune.train), "base_model": "builtin:tiny-llama", "report_to": "none"}
+    flags = {**TRAIN_FLAGS.defaults(), "base_model": "builtin:tiny-llama", "report_to": "none"}
     flags.update(data_path=str(ROOT / "data" / "sample_platypus.json"), output_dir=str(folder))
     flags.update(quantization=quantization, max_steps=steps, batch_size=4, micro_batch_size=2, cutoff_len=128)
     flags.update(learning_rate=5e-3, warmup_steps=0, lora_dropout=0.0, save_steps=10_000, **knobs)
@@ -74,10 +73,9 @@ def train(folder, quantization, knobs, steps):
 def merged_logits(adapter, out, method, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    flags = {**entry_defaults(merge.merge), "peft_model_path": str(adapter), "output_dir": str(out)}
+    flags = {**entry_defaults(script_entry("merge")), "peft_model_path": str(adapter), "output_dir": str(out)}
     flags.update(dtype="float32", method=method)
-    fail_on(merge_stages.check_flags(flags))
-    merge_stages.write_merged(merge_stages.resolve(flags))
+    merge_stages.merge(flags)
     return logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), tokenizer)
 
 

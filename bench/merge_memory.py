@@ -111,14 +111,13 @@ def child(mode, base, adapter, out):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import merge
     from platy import cli
 
     libraries = current_rss()  # interpreter + torch + transformers + peft, before any weight is read
     started = time.time()
     if mode == "stream":
         argv = ["--base_model_name_or_path", str(base), "--peft_model_path", str(adapter), "--output_dir", str(out)]
-        cli.call(merge.merge, [*argv, "--method", "peft", "--dtype", "float16", "--device", "cpu"])
+        cli.call(cli.script_entry("merge"), [*argv, "--method", "peft", "--dtype", "float16", "--device", "cpu"])
     else:
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float16)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

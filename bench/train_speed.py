@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from platy import tiny  # noqa: E402
-from platy.cli import UserError, entry_defaults, run, say  # noqa: E402
+from platy.cli import UserError, entry_defaults, run, say, script_entry  # noqa: E402
 from platy.files import cache_root, write_json  # noqa: E402
 from platy.train import sizing  # noqa: E402
 from platy.train.speed import liger_unavailable  # noqa: E402
@@ -468,10 +468,9 @@ def step_clock(untimed):
 def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_checkpointing):
     import importlib.util
 
-    import finetune
     from platy.train.recipe import Recipe
 
-    flags = entry_defaults(finetune.train)
+    flags = entry_defaults(script_entry("finetune"))
     flags.update(
         base_model=str(model_dir),
         data_path=str(data_path),

@@ -207,6 +207,26 @@ def call(fn, argv):
     return fire.Fire(with_coerced_bools(fn), command=protect_strings(fn, argv))
 
 
+def script_entry(script):
+    """The entry function that script (finetune, merge, inference, refine or evaluate) hands to run, loaded
+    from its file in REPO_ROOT: how tests and benchmarks run a command line in process (call) or read its
+    defaults (entry_defaults), without importing the script by name."""
+    import ast
+    import importlib.util
+
+    path = os.path.join(REPO_ROOT, f"{script}.py")
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    runs = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "run"]
+    entry = next(n.args[0].id for n in runs if n.args and isinstance(n.args[0], ast.Name))
+    name = f"platy_script_{script}"  # not the bare name: evaluate.py would shadow the evaluate package
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # print_help reads its docstring there
+        spec.loader.exec_module(sys.modules[name])
+    return getattr(sys.modules[name], entry)
+
+
 def print_help(fn):
     """The script's usage (module docstring) and every flag with its default and description."""
     import inspect

@@ -212,8 +212,9 @@ def check_numbers(flags, problems):
 
 def resolve_models(flags, problems):
     """Each --models entry as a base path (and adapter), with its row label and how it loads."""
-    from platy.merging import Adapter, loading_quantization
-    from platy.modeling import bitsandbytes_missing, resolve_base_model
+    from platy.base_weights import resolve_base_model
+    from platy.merging import Adapter
+    from platy.modeling import bitsandbytes_missing, loading_quantization
 
     specs = [spec.strip() for spec in str(flags["models"] or "").split(",") if spec.strip()]
     if not specs:
@@ -562,7 +563,7 @@ def load_lm(model, run):
 def free_memory():
     import torch
 
-    from platy.merging import release_freed_memory
+    from platy.base_weights import release_freed_memory
 
     gc.collect()
     release_freed_memory()  # glibc keeps a freed model's pages otherwise: two models in memory on CPU

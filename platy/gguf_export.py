@@ -160,7 +160,7 @@ def write_gguf(folder, gguf_type, destination, metadata):
     """
     import gguf
 
-    from platy.merging import TensorSource, base_checkpoint, release_freed_memory
+    from platy.base_weights import TensorSource, base_checkpoint, release_freed_memory
 
     logging.getLogger("gguf").setLevel(logging.ERROR)  # its notes on tokenizer.json layouts are not the user's
     folder, destination = Path(folder), Path(destination)

@@ -13,6 +13,17 @@ from platy import checks, cli
 from platy.cli import UserError, say
 
 PROMPT_SOURCES = ("prompt", "prompts_file", "csv_path", "interactive")
+# flags a GenerationRun holds as they were given
+PASSED_THROUGH = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "num_beams",
+    "repetition_penalty",
+    "batch_size",
+    "seed",
+    "trust_remote_code",
+)
 
 
 @dataclass(frozen=True)
@@ -81,8 +92,8 @@ def resolve(flags):
     """The GenerationRun of checked flags: the prompts file read, the adapter and its recorded base and
     template found, the quantization to load with decided."""
     from platy.data.rows import read_prompts
-    from platy.merging import Adapter, loading_quantization
-    from platy.modeling import bitsandbytes_missing
+    from platy.merging import Adapter
+    from platy.modeling import bitsandbytes_missing, loading_quantization
     from platy.prompts import Prompter
     from platy.record import RunRecord
 
@@ -131,19 +142,7 @@ def resolve(flags):
         interactive=flags["interactive"],
         quantization=quantization,
         as_trained=as_trained,
-        **{
-            name: flags[name]
-            for name in (
-                "max_new_tokens",
-                "temperature",
-                "top_p",
-                "num_beams",
-                "repetition_penalty",
-                "batch_size",
-                "seed",
-                "trust_remote_code",
-            )
-        },
+        **{name: flags[name] for name in PASSED_THROUGH},
     )
 
 
@@ -151,8 +150,9 @@ def load_for_generation(run):
     """(model, tokenizer, prompter): the model in eval mode on the best device, a left-padding tokenizer."""
     import torch
 
+    from platy.base_weights import resolve_base_model
     from platy.data.examples import prepare_tokenizer
-    from platy.modeling import generation_device, load_model_with_adapter, load_tokenizer, resolve_base_model
+    from platy.modeling import generation_device, load_model_with_adapter, load_tokenizer
 
     device, precision = generation_device()
     quantization = run.quantization

@@ -1,9 +1,11 @@
 """Export a merged model: the stages merge.py runs around the streaming merge of platy.merging.
 
-check_flags(flags) finds every problem of the command line without reading a file; resolve(flags)
-reads the adapter and the base into a MergeRun; write_merged builds the model folder next to its
-destination and swaps it into place; check_merged reads the written files back and compares the model
-with base + adapter (--verify); check_folder re-verifies a folder later (--check).
+merge(flags) runs them in order, for merge.py, the tests and the benchmarks alike: check_flags(flags)
+finds every problem of the command line without reading a file; resolve(flags) reads the adapter and
+the base into a MergeRun; write_merged builds the model folder next to its destination and swaps it
+into place; write_gguf_files adds the GGUF files (--gguf); check_merged reads the written files back and
+compares the model with base + adapter (--verify), check_gguf each GGUF file with the merged model;
+check_folder re-verifies a folder later (--check).
 """
 
 import datetime
@@ -16,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from platy import checks, cli, gguf_export
+from platy.base_weights import base_checkpoint, resolve_base_model, resolve_local_base
 from platy.cli import WRITE_FAILED, Stopped, UserError, say
 from platy.files import swap_into_place, write_json, write_text
 from platy.integrity import MANIFEST, check_weights, file_digest, folder_problem, human_size, records_problem
-from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size, resolve_local_base
+from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size
 
 DEVICES = ("auto", "cpu", "cuda")
 MERGE_CONFIG = "merge_config.json"  # how the model was made, with the size and sha256 of each written file
@@ -64,6 +67,32 @@ class MergeRun:
     gguf_types: tuple = ()  # GGUF files to write after the merge (f16, q8_0, ...)
 
 
+@dataclass(frozen=True)
+class Merged:
+    """What merge(flags) made: the run (None for --check) and the --verify reports (None when not asked)."""
+
+    run: MergeRun | None
+    verify: dict | None = None  # check_merged's report
+    gguf_verify: dict | None = None  # check_gguf's report per GGUF type
+
+
+def merge(flags):
+    """merge.py's stages in the order they run: every flag checked; then --check alone, or the merged
+    model written, its GGUF files, and --verify of the model and of each GGUF file."""
+    cli.fail_on(check_flags(flags))
+    if flags["check"]:
+        check_folder(flags["check"])
+        return Merged(run=None)
+    run = resolve(flags)
+    write_merged(run)
+    if run.gguf_types:
+        write_gguf_files(run)
+    if not run.verify:
+        return Merged(run)
+    report = check_merged(run)
+    return Merged(run, report, check_gguf(run) if run.gguf_types else None)
+
+
 def disagreement(flags, name, alias):
     value, other = flags[name], flags[alias]
     if value and other and value != other:
@@ -103,49 +132,13 @@ def check_flags(flags):
 def resolve(flags):
     """The MergeRun of checked flags: the output folder made safe to write, the adapter read, the base
     found (as given or recorded by the adapter) and the method decided."""
-    import torch
-
-    out = Path(flags["output_dir"]).expanduser().resolve()
-    remove_stale_partials(out)  # first: a restored previous model must count as what is there
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; give a folder")
-    if out.exists() and any(out.iterdir()) and not flags["overwrite"]:
-        raise UserError(f"--output_dir {out} is not empty; choose a new folder or pass --overwrite")
-    adapter = Adapter(Path(flags["peft_model_path"] or flags["lora_weights"]).expanduser())
-    adapter_dir = adapter.folder.resolve()
-    if out == adapter_dir or out in adapter_dir.parents or adapter_dir in out.parents:
-        raise UserError(
-            f"--output_dir {out} would replace or nest in the adapter folder {adapter_dir}; choose a folder outside it"
-        )
+    out = output_folder(flags["output_dir"], flags["overwrite"])
+    adapter = read_adapter(flags["peft_model_path"] or flags["lora_weights"], out)
     base = resolve_base(flags["base_model_name_or_path"] or flags["base_model"], adapter.base_model())
     layout = adapter.quantization_layout
-    method = flags["method"]
-    if method == "auto":
-        method = "dequant" if layout else "peft"
-    if method == "dequant" and not layout:
-        raise UserError(
-            "--method dequant: the adapter's run_config.json records no quantized base (trained without "
-            "quantization, or not by finetune.py); use --method peft"
-        )
-    from platy.modeling import bitsandbytes_missing
-
-    quantization = adapter.trained_quantization()
-    if bitsandbytes_missing(quantization) and (method == "dequant" or flags["verify"]):
-        # dequant rebuilds the quantized base to merge into it; --verify loads it to compare against
-        asked, doing, other = (
-            ("--method dequant", "rebuilding", "use --method peft")
-            if method == "dequant"
-            else ("--verify", "loading", "drop --verify")
-        )
-        raise UserError(
-            f"{asked}: the adapter was trained on a {quantization} base, and {doing} it needs bitsandbytes: "
-            f"pip install bitsandbytes, or {other}"
-        )
-    device = flags["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU here; use --device cpu")
+    method = merge_method(flags["method"], layout)
+    check_bitsandbytes(adapter.trained_quantization(), method, flags["verify"])
+    device = merge_device(flags["device"])
     base_path = resolve_local_base(base, "--base_model")
     if Path(base_path).resolve() in (out, *out.parents):
         raise UserError(f"--output_dir {out} would replace the base model folder; choose another folder")
@@ -157,12 +150,6 @@ def resolve(flags):
             base_path,
             "--gguf",
         )
-    if flags["max_shard_size"] == "auto":
-        from platy.merging import base_checkpoint
-
-        max_bytes = max(p.stat().st_size for p in base_checkpoint(base_path, "--base_model"))
-    else:
-        max_bytes = parse_size(flags["max_shard_size"])
     return MergeRun(
         base=base,
         base_path=base_path,
@@ -171,13 +158,83 @@ def resolve(flags):
         layout=layout,
         method=method,
         dtype=DTYPES[str(flags["dtype"])],
-        max_bytes=max_bytes,
+        max_bytes=shard_limit(flags["max_shard_size"], base_path),
         output_dir=out,
         device=device,
         verify=flags["verify"],
         trust_remote_code=flags["trust_remote_code"],
         gguf_types=gguf_types,
     )
+
+
+def output_folder(output_dir, overwrite):
+    """--output_dir resolved, with what an interrupted merge left there cleaned up; new, empty or
+    --overwrite."""
+    out = Path(output_dir).expanduser().resolve()
+    remove_stale_partials(out)  # first: a restored previous model must count as what is there
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--output_dir {out} is not empty; choose a new folder or pass --overwrite")
+    return out
+
+
+def read_adapter(folder, out):
+    """The adapter to merge, read and checked; out must lie outside its folder."""
+    adapter = Adapter(Path(folder).expanduser())
+    adapter_dir = adapter.folder.resolve()
+    if out == adapter_dir or out in adapter_dir.parents or adapter_dir in out.parents:
+        raise UserError(
+            f"--output_dir {out} would replace or nest in the adapter folder {adapter_dir}; choose a folder outside it"
+        )
+    return adapter
+
+
+def merge_method(method, layout):
+    """--method decided: auto is dequant for an adapter trained on a quantized base, else peft."""
+    if method == "auto":
+        method = "dequant" if layout else "peft"
+    if method == "dequant" and not layout:
+        raise UserError(
+            "--method dequant: the adapter's run_config.json records no quantized base (trained without "
+            "quantization, or not by finetune.py); use --method peft"
+        )
+    return method
+
+
+def check_bitsandbytes(quantization, method, verify):
+    """bitsandbytes is there when the merge or --verify needs the base quantized as in training."""
+    from platy.modeling import bitsandbytes_missing
+
+    if bitsandbytes_missing(quantization) and (method == "dequant" or verify):
+        # dequant rebuilds the quantized base to merge into it; --verify loads it to compare against
+        asked, doing, other = (
+            ("--method dequant", "rebuilding", "use --method peft")
+            if method == "dequant"
+            else ("--verify", "loading", "drop --verify")
+        )
+        raise UserError(
+            f"{asked}: the adapter was trained on a {quantization} base, and {doing} it needs bitsandbytes: "
+            f"pip install bitsandbytes, or {other}"
+        )
+
+
+def merge_device(device):
+    """--device decided: auto is cuda where there is a GPU, else cpu."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU here; use --device cpu")
+    return device
+
+
+def shard_limit(max_shard_size, base_path):
+    """--max_shard_size in bytes; auto: the size of the base's largest weight file."""
+    if max_shard_size == "auto":
+        return max(p.stat().st_size for p in base_checkpoint(base_path, "--base_model"))
+    return parse_size(max_shard_size)
 
 
 def resolve_base(given, recorded):
@@ -210,8 +267,6 @@ def remove_stale_partials(output_dir):
 
 
 def same_model(a, b):
-    from platy.modeling import resolve_base_model
-
     def where(name):
         try:
             path = Path(resolve_base_model(name, "--base_model")).expanduser()
@@ -489,7 +544,8 @@ def verify_merge(run, prompts=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from platy.modeling import compute_8bit_as_trained, load_model_with_adapter, resolve_precision
+    from platy.modeling import load_model_with_adapter, resolve_precision
+    from platy.quantized import compute_8bit_as_trained
 
     adapter = run.adapter
     recorded = adapter.record.precision if adapter.record else None

@@ -10,9 +10,11 @@ import math
 import re
 from pathlib import Path
 
-from platy.cli import UserError, error_detail
+from platy.base_weights import TORCH_TO_SAFETENSORS, TensorSource, base_checkpoint, release_freed_memory
+from platy.cli import UserError
 from platy.files import ADAPTER_FILES
-from platy.integrity import SAFETENSORS_INDEX, Digest, check_folder, check_index, check_safetensors, file_problem
+from platy.integrity import SAFETENSORS_INDEX, Digest, check_folder
+from platy.quantized import read_loftq_offsets, rebuild_quantized
 from platy.record import RunRecord
 
 DTYPES = {
@@ -34,9 +36,6 @@ TOKEN_DELTA_KEY = re.compile(
 TOKEN_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.base_layer\.weight$")
 # an adapter still relative to a base that PiSSA or OLoRA changed: a checkpoint-N of such a run
 MUTATED_INITS = ("pissa", "olora")
-# LoftQ with --loftq_iter > 1 quantizes each adapted weight after subtracting a rank-r offset: the
-# offset's factors ({module}.L, {module}.R), saved beside the adapter, rebuild that 4-bit base
-LOFTQ_OFFSET = "loftq_offset.safetensors"
 
 
 def parse_size(text):
@@ -50,48 +49,6 @@ def parse_size(text):
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
     return int(float(match.group(1)) * base**power)
-
-
-def read_loftq_offsets(folder, label, record=None):
-    """{module: (L, R)}: the rank-r offsets LoftQ subtracted from each adapted weight before quantizing
-    it (--loftq_iter > 1), saved beside the adapter; {} for every other adapter. label names the folder;
-    record: its RunRecord where the caller has read it already. The file and the run's recorded
-    iterations must agree: neither a missing file nor one left by an earlier run in the same folder is
-    ever applied silently."""
-    path = Path(folder) / LOFTQ_OFFSET
-    record = record if record is not None else RunRecord.read(folder)
-    iterations = None if record is None else record.loftq_iterations
-    if not path.is_file():
-        if iterations and iterations > 1:
-            raise UserError(
-                f"{label}: {LOFTQ_OFFSET} is missing, and the adapter was trained with --loftq_iter {iterations} "
-                "on the 4-bit base that file rebuilds; copy it from the run's output_dir"
-            )
-        return {}
-    if iterations == 1:
-        raise UserError(
-            f"{label}: {LOFTQ_OFFSET} does not belong to this adapter (its run_config.json records no LoftQ "
-            "iterations: a file left by an earlier run); delete it"
-        )
-    from safetensors.torch import load_file
-
-    factors = {}
-    for key, tensor in load_file(str(path)).items():
-        module, _, part = key.rpartition(".")
-        factors.setdefault(module, {})[part] = tensor
-    torn = [m for m, parts in factors.items() if set(parts) != {"L", "R"} or parts["L"].shape[1] != parts["R"].shape[0]]
-    if torn or not factors:
-        raise UserError(f"{label}: {LOFTQ_OFFSET} is incomplete ({torn[0] if torn else 'no offsets'}); copy it again")
-    return {module: (parts["L"], parts["R"]) for module, parts in factors.items()}
-
-
-def write_loftq_offsets(offsets, folder):
-    """The LoftQ offsets that rebuild the 4-bit base an adapter was trained on, into its folder (if any)."""
-    if offsets:
-        from safetensors.torch import save_file
-
-        factors = {f"{module}.{part}": t for module, pair in offsets.items() for part, t in zip("LR", pair)}
-        save_file(factors, str(Path(folder) / LOFTQ_OFFSET))
 
 
 class Adapter:
@@ -284,144 +241,6 @@ class Adapter:
         return weight
 
 
-def base_checkpoint(base_path, flag):
-    """The weight files of a local Hugging Face model folder, each checked (platy/integrity.py: headers,
-    byte ranges, sizes, the index); safetensors preferred. `flag` names the flag that gave the folder."""
-    folder = Path(base_path)
-    who, fix = f"{flag} {base_path}", "download or copy the whole model again"
-    for index_name, single in (
-        (SAFETENSORS_INDEX, "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        if (folder / index_name).is_file():
-            return check_index(folder, index_name, who, fix)
-        if (folder / single).is_file():
-            if single.endswith(".safetensors"):
-                check_safetensors(folder / single, who, fix)
-            elif problem := file_problem(folder / single):
-                raise UserError(f"{who}: {single} is {problem}; {fix}")
-            return [folder / single]
-    raise UserError(f"{flag} {base_path}: no model.safetensors or pytorch_model.bin (or their index) in the folder")
-
-
-SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-class TensorSource:
-    """Tensors of one weight file, read one at a time with plain reads.
-
-    Plain reads (not mmap) keep the pages of a shard from staying resident while it is
-    merged: memory holds the current tensor only.
-    """
-
-    def __init__(self, path):
-        import torch
-
-        self.path = Path(path)
-        self.entries = {}  # name -> (dtype name, shape, begin, end) in file order
-        if self.path.suffix == ".safetensors":
-            with open(self.path, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(size))
-            header.pop("__metadata__", None)
-            start = 8 + size
-            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                begin, end = info["data_offsets"]
-                self.entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], info["shape"], start + begin, start + end)
-            self.state = None
-        else:  # pytorch_model*.bin: memory-mapped torch.load
-            self.state = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
-            for name, t in self.state.items():
-                self.entries[name] = (str(t.dtype).replace("torch.", ""), list(t.shape), None, None)
-
-    def read(self, name):
-        import torch
-
-        dtype, shape, begin, end = self.entries[name]
-        if self.state is not None:
-            return self.state[name].clone()
-        buffer = bytearray(end - begin)
-        with open(self.path, "rb") as handle:
-            handle.seek(begin)
-            handle.readinto(buffer)
-        if not buffer:
-            return torch.empty(shape, dtype=getattr(torch, dtype))
-        return torch.frombuffer(buffer, dtype=getattr(torch, dtype)).reshape(shape)
-
-
-def base_tensors(base_path, flag):
-    """{tensor name: its TensorSource} over a local model folder's checked weight files."""
-    return {name: source for source in map(TensorSource, base_checkpoint(base_path, flag)) for name in source.entries}
-
-
-def quantize_4bit_as_loaded(weight, layout, offset=None):
-    """(codes, quant state) of a weight quantized as bitsandbytes did when training loaded it; with a LoftQ
-    offset (L, R), of the weight minus L @ R, as LoftQ's iterations quantized it."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    if offset is not None:
-        weight = weight.to(torch.float32) - dense_offset(offset).to(weight.device)
-    loaded = weight.to(getattr(torch, layout["load_dtype"])).contiguous()
-    return bnbf.quantize_4bit(
-        loaded,
-        blocksize=layout["blocksize"],
-        compress_statistics=layout["double_quant"],
-        quant_type=layout["quant_type"],
-        quant_storage=getattr(torch, layout["quant_storage"]),
-    )
-
-
-def dense_offset(offset):
-    """L @ R in float32, computed in float64 on the CPU: the same bits in training and in every merge,
-    whatever device either runs on (the 4-bit codes of weight - offset must come out identical)."""
-    import torch
-
-    low, high = offset
-    return (low.to("cpu", torch.float64) @ high.to("cpu", torch.float64)).to(torch.float32)
-
-
-def rebuild_quantized(weight, layout, offset=None):
-    """The weight as training saw it: quantized as bitsandbytes did at load time (or as LoftQ's iterations
-    did, with their offset), dequantized."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    if layout["quantization"] == "4bit":
-        return bnbf.dequantize_4bit(*quantize_4bit_as_loaded(weight, layout, offset)).to(torch.float32)
-    loaded = weight.to(getattr(torch, layout["load_dtype"]))
-    codes, stats, _ = bnbf.int8_vectorwise_quant(loaded.to(torch.float16).contiguous())
-    return bnbf.int8_vectorwise_dequant(codes, stats).to(torch.float32)
-
-
-def release_freed_memory():
-    """Hand freed heap pages back to the OS.
-
-    glibc raises its mmap threshold after large frees, so later tensors come from the heap
-    and freed memory stays resident; trimming keeps a long merge at one tensor's footprint.
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
 def plan_shards(items, max_bytes):
     """Split (name, dtype, shape) items, in order, into shards of at most max_bytes (one tensor at least)."""
     import torch
@@ -583,26 +402,6 @@ def check_fit(adapter, shapes):
             )
 
 
-def resolve_local_base(base_model, flag):
-    """A local folder for the base weights: as given, the embedded tiny model, or a hub snapshot; `flag`
-    names the flag that gave it, for the error messages."""
-    from platy.modeling import resolve_base_model
-
-    path = resolve_base_model(base_model, flag)
-    if Path(path).is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer*", "*.model"])
-    except Exception as err:
-        detail = error_detail(err)
-        raise UserError(
-            f"{flag} {base_model}: not a local folder and not downloadable ({detail}); "
-            "download it first or check the name"
-        ) from err
-
-
 def output_config(base_path, out_dtype, vocabulary=None):
     """The base config.json as a plain model: no quantization_config, the output dtype, and the vocabulary
     grown to `vocabulary` where the adapter grew it."""
@@ -613,12 +412,3 @@ def output_config(base_path, out_dtype, vocabulary=None):
     config.pop("torch_dtype", None)
     config["dtype"] = out_dtype
     return config
-
-
-def loading_quantization(adapter, load_4bit, load_8bit=None):
-    """(quantization, as_trained) to load a base with: an explicit --load_4bit / --load_8bit wins;
-    with an adapter and neither set, the base is quantized as in training, since the adapter's
-    answers are those of that base."""
-    if adapter is not None and load_4bit is None and load_8bit is None:
-        return adapter.trained_quantization(), True
-    return ("8bit" if load_8bit else "4bit" if load_4bit else "none"), False

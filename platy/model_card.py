@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from platy.data.rows import HUB_ID
-from platy.merging import LOFTQ_OFFSET
+from platy.quantized import LOFTQ_OFFSET
 from platy.record import RunRecord
 
 METHOD_TEXT = {

@@ -1,13 +1,18 @@
 """Model loading shared by the scripts: precision, quantization, placement, LoRA targets."""
 
 import os
-from pathlib import Path
 
 from platy.cli import UserError, error_detail, say, world_size
+from platy.quantized import (
+    LOFTQ_OFFSET,
+    keep_8bit_scales,
+    keep_cpu_4bit_layout,
+    read_loftq_offsets,
+    rebuild_loftq_base,
+)
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-BUILTIN_PREFIX = "builtin:"
 
 
 def resolve_precision(precision):
@@ -65,32 +70,13 @@ def bitsandbytes_missing(quantization):
     return quantization != "none" and importlib.util.find_spec("bitsandbytes") is None
 
 
-def resolve_base_model(base_model, flag, weights=True):
-    """A local folder (its weight files checked unless weights=False, for a tokenizer alone:
-    platy/integrity.py), the embedded tiny model (builtin:tiny-llama), or a hub id.
-
-    `flag` names the flag that gave it, for the error messages.
-    """
-    if base_model.startswith(BUILTIN_PREFIX):
-        from platy import tiny
-
-        return str(tiny.ensure_model(base_model[len(BUILTIN_PREFIX) :], flag))
-    path = Path(os.path.expanduser(base_model))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{flag} {base_model}: folder has no config.json; point to a Hugging Face model folder")
-        if weights:
-            check_local_weights(path, flag)
-        return str(path.resolve())
-    first = base_model.split("/", 1)[0]
-    if (
-        base_model.startswith((".", "/", "~"))
-        or base_model.count("/") > 1
-        or path.exists()
-        or ("/" in base_model and Path(first).is_dir())
-    ):
-        raise UserError(f"{flag} {base_model}: folder does not exist; give a model folder or a hub id")
-    return base_model
+def loading_quantization(adapter, load_4bit, load_8bit=None):
+    """(quantization, as_trained) to load a base with: an explicit --load_4bit / --load_8bit wins;
+    with an adapter and neither set, the base is quantized as in training, since the adapter's
+    answers are those of that base."""
+    if adapter is not None and load_4bit is None and load_8bit is None:
+        return adapter.trained_quantization(), True
+    return ("8bit" if load_8bit else "4bit" if load_4bit else "none"), False
 
 
 def load_config(base_model, trust_remote_code=False, *, flag, local_only=False):
@@ -305,41 +291,9 @@ def load_model_with_adapter(
         ) from err
 
 
-def rebuild_loftq_base(model, base_model, offsets, layout, base_flag, label):
-    """A loaded 4-bit base (plain or inside a peft model) as LoftQ's iterations requantized it: each weight
-    with an offset quantized again from the base checkpoint minus the offset, as training and the merge do,
-    with the quantization layout recorded in training. label names the folder the offsets came from."""
-    from platy.merging import base_tensors, quantize_4bit_as_loaded, resolve_local_base
-
-    where = base_tensors(resolve_local_base(base_model, base_flag), base_flag)
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for module, offset in offsets.items():
-        name, shape = f"{module}.weight", [offset[0].shape[0], offset[1].shape[1]]
-        try:
-            layer = root.get_submodule(module)
-        except AttributeError:
-            layer = None
-        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-        if type(layer).__name__ != "Linear4bit" or name not in where or list(where[name].entries[name][1]) != shape:
-            raise UserError(
-                f"{label}: its LoftQ offset of {module} {tuple(shape)} does not fit {base_flag} {base_model}; "
-                "use the base model the adapter was trained on"
-            )
-        weight = where[name].read(name).to(layer.weight.device)
-        set_4bit_weight(layer, *quantize_4bit_as_loaded(weight, layout, offset))
-
-
-def set_4bit_weight(layer, codes, state):
-    """A Linear4bit's weight replaced by other 4-bit codes and their quant state."""
-    layer.weight.data, layer.weight.quant_state = codes, state
-    if getattr(layer, "quant_state", None) is not None:  # bitsandbytes restores the weight's from it
-        layer.quant_state = state
-
-
 def apply_loftq_offsets(model, base_model, adapter_folder, quantization, precision, base_flag, label):
     """The base an adapter with LoftQ offsets was trained on, where it is loaded in 4-bit; a note where the
     load is not 4-bit (the adapter then runs on the original weights, as any QLoRA adapter there)."""
-    from platy.merging import LOFTQ_OFFSET, read_loftq_offsets
     from platy.record import RunRecord
 
     record = RunRecord.read(adapter_folder)
@@ -358,72 +312,11 @@ def apply_loftq_offsets(model, base_model, adapter_folder, quantization, precisi
     )
 
 
-DOWNLOAD_AGAIN = "download or copy the model again"
-
-
-def check_local_weights(folder, flag):
-    """A local model folder's safetensors files and index, checked before a tensor is read: headers
-    only, milliseconds whatever the model's size."""
-    from platy.integrity import check_weights
-
-    check_weights(folder, f"{flag} {folder}", DOWNLOAD_AGAIN)
-
-
 def check_adapter(folder, flag):
     """An adapter folder against its manifest (sizes and sha256) and its files' structure."""
     from platy.integrity import check_folder
 
     check_folder(folder, f"{flag} {folder}", "copy the adapter again, or use one of its checkpoint-N folders")
-
-
-def keep_cpu_4bit_layout(model):
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
-
-    On CPUs with AVX512-BF16, the first eval-mode forward under no_grad (an evaluation
-    pass) repacks each Linear4bit weight for a kernel that has no backward: later training
-    steps then lose the gradient through the frozen weights without an error, and
-    dequantizing gives wrong weights. Keeping the standard layout costs CPU speed only.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def keep_8bit_scales(model):
-    """Keep each 8-bit weight's row scales with its codes when peft's DoRA layer rebuilds it on the CPU.
-
-    To compute its norms, peft's DoRA layer dequantizes a CPU Linear8bitLt weight and moves it back
-    with Int8Params.to(), which returns codes marked as not yet taken into the layer's state and
-    without their scales (bitsandbytes 0.50); the layer's next forward would then replace its scales
-    with None and fail. The hook gives the rebuilt weight the scales the layer already holds.
-    """
-
-    def restore_scales(module, _args):
-        weight, state = module.weight, module.state
-        if getattr(weight, "CB", None) is not None and weight.SCB is None and state.SCB is not None:
-            weight.SCB = state.SCB
-
-    for module in model.modules():
-        if is_bnb_8bit(module):
-            module.register_forward_pre_hook(restore_scales)
-
-
-def compute_8bit_as_trained(model):
-    """Make an evaluating model's 8-bit layers compute as training computed them (call after eval()).
-
-    bitsandbytes trains an 8-bit layer on the CPU with its dequantized weight, and evaluates it by
-    rounding the activations to int8 as well (LLM.int8), which moves logits by about 1e-2. A layer
-    left in training mode computes with exactly the weights training saw; it has no dropout or other
-    training-only behaviour. On a GPU both modes round the activations, as training did.
-    """
-    for module in model.modules():
-        if is_bnb_8bit(module):
-            module.training = True  # this layer alone: peft's wrapper around it holds the LoRA dropout
-
-
-def is_bnb_8bit(module):
-    """bitsandbytes' own 8-bit layer (peft's LoRA wrapper around it has the same class name)."""
-    return type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes")
 
 
 def quantization_layout(model, quantization, precision):

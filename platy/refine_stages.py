@@ -214,7 +214,8 @@ def resolve_cache_dir(cache_dir):
 def load_length_tokenizer(name, template):
     if not name:
         return None, None
-    from platy.modeling import load_tokenizer, resolve_base_model
+    from platy.base_weights import resolve_base_model
+    from platy.modeling import load_tokenizer
     from platy.prompts import Prompter
 
     prompter = Prompter(template, "--prompt_template_name")

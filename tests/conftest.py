@@ -91,20 +91,20 @@ def tiny_mistral(tmp_path_factory, tiny_llama):
     return build_model(tmp_path_factory.mktemp("mistral"), "mistral", tiny_llama)
 
 
-# the scripts and their entries: `python <script> ARGV` runs in the test's own process unless asked otherwise
-ENTRIES = {"finetune.py": "train", "merge.py": "merge", "inference.py": "main", "refine.py": "refine"}
+# the scripts whose `python <script> ARGV` runs in the test's own process unless asked otherwise
+IN_PROCESS = ("finetune.py", "merge.py", "inference.py", "refine.py")
 
 
 def run_cli(args, cwd=None, env=None, timeout=600, own_process=False):
     """Run a command line as a user would; returns the CompletedProcess (text).
 
-    `python <one of ENTRIES> ...` without env runs in this process (run_entry): importing torch,
+    `python <one of IN_PROCESS> ...` without env runs in this process (run_entry): importing torch,
     transformers and peft takes a new interpreter about 12 s on these CPUs. Tests of what only a process
     shows (signals, launchers, the environment, closed pipes) pass env or own_process=True."""
     args = [str(a) for a in args]
     script = Path(args[1]) if len(args) > 1 else None
     if not own_process and env is None and args[0] == sys.executable and script and script.parent == REPO:
-        if script.name in ENTRIES:
+        if script.name in IN_PROCESS:
             return run_entry(script, args[2:], cwd or REPO)
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(args, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -116,14 +116,13 @@ def run_entry(script, argv, cwd):
     process. Working directory, environment, sys.argv and the SIGTERM handler are restored afterwards."""
     import contextlib
     import gc
-    import importlib
     import io
     import signal
     import traceback
 
     from platy import cli
 
-    entry = getattr(importlib.import_module(script.stem), ENTRIES[script.name])
+    entry = cli.script_entry(script.stem)
     out, err, status = io.StringIO(), io.StringIO(), 0
     saved = (dict(os.environ), sys.argv, signal.getsignal(signal.SIGTERM), os.getcwd())
     try:

@@ -3,7 +3,6 @@
 torchrun --nproc_per_node=2 tests/ddp_driver.py <finetune flags>   (DUMP_DIR=... in the environment)
 """
 
-import functools
 import json
 import os
 import sys
@@ -11,8 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import finetune  # noqa: E402
 from platy import cli  # noqa: E402
+from platy.flags import declared  # noqa: E402
+from platy.train.flags import TRAIN_FLAGS  # noqa: E402
 from platy.train.recipe import Recipe  # noqa: E402
 
 
@@ -26,9 +26,10 @@ def dump_lora(trainer):
     Path(f"{dump}-lr.json").write_text(json.dumps({n: rates.get(id(p)) for n, p in named}))
 
 
-@functools.wraps(finetune.train)  # finetune.py's flags, defaults and checks
-def train_and_dump(**given):
-    prepared = Recipe.from_flags({**cli.entry_defaults(finetune.train), **given}).setup()
+@declared(TRAIN_FLAGS)  # finetune.py's flags, defaults and checks
+def train_and_dump(**flags):
+    """finetune.py's run, with each rank's LoRA weights and learning rates dumped after training."""
+    prepared = Recipe.from_flags(flags).setup()
     prepared.train()
     dump_lora(prepared.trainer)
     prepared.save()

@@ -63,10 +63,9 @@ def test_merged_model_has_the_grown_vocabulary_and_answers(chatml_adapter, tmp_p
 
 def answer_of(**given):
     """inference.py's answer to --prompt (in this process: the model loads as the command line loads it)."""
-    import inference
     from platy import cli, inference_stages
 
-    flags = {**cli.entry_defaults(inference.main), **given}
+    flags = {**cli.entry_defaults(cli.script_entry("inference")), **given}
     generator = inference_stages.prepare(flags)
     return generator.generate([{"instruction": flags["prompt"], "input": ""}])[0]
 

@@ -245,11 +245,10 @@ def test_incomplete_checkpoint_is_refused(out, tmp_path):
 
 def test_flag_check_reports_every_value_problem_at_once_without_reading_anything():
     """check_flags looks at the values only: a missing file is resolve's to find, after every value is good."""
-    import finetune
-    from platy.cli import entry_defaults
     from platy.train.config import check_flags
+    from platy.train.flags import TRAIN_FLAGS
 
-    flags = {**entry_defaults(finetune.train), "base_model": "/no/such/model", "data_path": "/no/such/rows.json"}
+    flags = {**TRAIN_FLAGS.defaults(), "base_model": "/no/such/model", "data_path": "/no/such/rows.json"}
     assert check_flags(flags) == []
     flags.update(
         warmup_steps=True, micro_batch_size=0, lr_scheduler="cosine_annealing", packing=False, micro_batch_tokens=8192

@@ -63,7 +63,6 @@ def adapters(tmp_path_factory, tiny_llama):
 def exports(tmp_path_factory, adapters):
     """{family: (merged folder with -f16.gguf and -q8_0.gguf, adapter, printed output)}: merge.py's entry
     run once per model with --verify."""
-    import merge
     from platy import cli
 
     folders = {}
@@ -72,7 +71,7 @@ def exports(tmp_path_factory, adapters):
         printed = io.StringIO()
         argv = ["--peft_model_path", str(adapter), "--output_dir", str(out), "--gguf", TYPES, "--verify"]
         with contextlib.redirect_stdout(printed):
-            cli.call(merge.merge, argv)
+            cli.call(cli.script_entry("merge"), argv)
         folders[family] = (out, adapter, printed.getvalue())
     return folders
 

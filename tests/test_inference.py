@@ -22,11 +22,10 @@ def infer(*args, env=None):
 
 
 def make_generator(adapter, **overrides):
-    import inference
     from platy import cli, inference_stages
 
     flags = {
-        **cli.entry_defaults(inference.main),
+        **cli.entry_defaults(cli.script_entry("inference")),
         "lora_weights": str(adapter),
         "prompt": "x",
         "max_new_tokens": 12,

@@ -42,16 +42,6 @@ def project_files(folder):
     return sorted((REPO / folder).rglob("*.py"))
 
 
-def entry_name(script):
-    """The function a script hands to cli.run: the only name of a script others may use."""
-    tree = ast.parse((REPO / f"{script}.py").read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "run" and node.args:
-            if isinstance(node.args[0], ast.Name):
-                return node.args[0].id
-    raise AssertionError(f"{script}.py does not end with cli.run(entry)")
-
-
 def test_the_scripts_are_the_five_tools():
     assert SCRIPTS == ["evaluate", "finetune", "inference", "merge", "refine"]
 
@@ -92,28 +82,62 @@ def test_only_stages_import_stages():
         assert not upward, f"{path.relative_to(REPO)} imports {upward}"
 
 
-def test_tests_and_benchmarks_use_only_a_scripts_entry():
-    """A test or benchmark may run a script's entry (cli.call) but not reach into its internals."""
-    entries = {script: entry_name(script) for script in SCRIPTS}
+def test_tests_and_benchmarks_import_no_script():
+    """A test or benchmark runs a script through platy.cli (script_entry, then call or entry_defaults), never by
+    importing it: a script is its command line, and what tests share with it lives in platy/."""
+    offenders = []
     for path in project_files("tests") + project_files("bench"):
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        aliases = {}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                aliases.update({a.asname or a.name: a.name for a in node.names if a.name in entries})
-            elif isinstance(node, ast.ImportFrom) and node.module in entries:
-                names = [a.name for a in node.names]
-                assert names == [entries[node.module]], f"{path.name} imports {names} from {node.module}.py"
-        imported = [name for name in imported_modules(path) if name in entries]
-        assert all(name in aliases.values() for name in imported), f"{path.name} imports {imported} by name"
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
-                script = aliases[node.value.id]
-                assert node.attr == entries[script], f"{path.name} uses {script}.{node.attr}"
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "vars", "setattr"):
-                names = [a.id for a in node.args[:1] if isinstance(a, ast.Name)]
-                assert not set(names) & set(aliases), f"{path.name} reaches into {names[0]} with {node.func.id}"
+        names = sorted({name.split(".")[0] for name in imported_modules(path)} & set(SCRIPTS))
+        for node in ast.walk(tree):  # monkeypatch.setattr("merge.x", ...) and patch("merge.x") import it too
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("setattr", "patch"):
                 targets = [a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-                patched = [name for name in targets if name.split(".")[0] in entries]
-                assert not patched, f"{path.name} patches {patched[0]} inside a script"
+                names += [f"{name} (patched)" for name in targets if name.split(".")[0] in SCRIPTS]
+        if names:
+            offenders.append(f"{path.relative_to(REPO)} imports {', '.join(names)}")
+    assert not offenders, (
+        "tests and benchmarks run a script through cli.script_entry(name), never import it: " + "; ".join(offenders)
+    )
+
+
+def find_circle(graph):
+    """The first import circle of graph ({module: the modules it imports}) as [a, b, ..., a], or None."""
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            return path[path.index(module) :] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        circle = next(filter(None, map(visit, graph.get(module, ()))), None)
+        path.pop()
+        done.add(module)
+        return circle
+
+    return next(filter(None, map(visit, sorted(graph))), None)
+
+
+def import_graph():
+    """{module: the project modules it imports} over platy/, lazy imports inside functions included; a package
+    is its __init__.py, and `from platy.x import y` imports platy.x.y too where that is a module."""
+    modules = {module_name(path).removesuffix(".__init__"): path for path in project_files("platy")}
+    return {
+        module: sorted({name for name in imported_modules(path) if name in modules and name != module})
+        for module, path in modules.items()
+    }
+
+
+def test_the_circle_finder():
+    assert find_circle({"a": ["b", "d"], "b": ["c"], "c": ["a"], "d": []}) == ["a", "b", "c", "a"]
+    assert find_circle({"x": ["b"], "b": ["c"], "c": ["b"]}) == ["b", "c", "b"]
+    assert find_circle({"a": ["b", "c"], "b": ["c"], "c": [], "d": ["a", "c"]}) is None
+    graph = import_graph()
+    assert "platy.train.lora" in graph["platy.train.recipe"]  # from platy.train import loop, lora, publish
+    assert "platy.merging" in graph["platy.merge_stages"]
+
+
+def test_no_import_circle_in_platy():
+    """Imports go down: when two modules need each other, what they share moves below both."""
+    circle = find_circle(import_graph())
+    assert circle is None, f"import circle: {' -> '.join(circle)}; move what they share into a module below both"

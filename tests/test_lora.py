@@ -7,12 +7,10 @@ then checked against the logits the trained model gave in memory, before anythin
 import pytest
 import torch
 
-import finetune as finetune_script
-import merge as merge_script
 from platy import cli, merge_stages
-from platy.merging import LOFTQ_OFFSET
-from platy.modeling import compute_8bit_as_trained
+from platy.quantized import LOFTQ_OFFSET, compute_8bit_as_trained
 from platy.train import config, recipe
+from platy.train.flags import TRAIN_FLAGS
 from platy.train.recipe import Recipe
 
 from conftest import SAMPLE, SMALL_RUN, reseal
@@ -36,7 +34,7 @@ VARIANTS = {
 
 
 def flags(**overrides):
-    values = cli.entry_defaults(finetune_script.train)
+    values = TRAIN_FLAGS.defaults()
     values.update(base_model="builtin:tiny-llama", data_path=str(SAMPLE), report_to="none", **SMALL_RUN)
     values.update(batch_size=2, max_steps=2, cutoff_len=64, learning_rate=5e-3, lora_dropout=0.0, save_steps=100)
     values.update(overrides)
@@ -69,13 +67,10 @@ def trained(tmp_path_factory):
 
 
 def merged(adapter, out, method="auto"):
-    """merge.py's stages in process: the merged folder written, then --verify's report."""
-    values = {**cli.entry_defaults(merge_script.merge), "peft_model_path": str(adapter), "output_dir": str(out)}
+    """merge.py's stages in process (merge_stages.merge): the merged folder written, then --verify's report."""
+    values = {**cli.entry_defaults(cli.script_entry("merge")), "peft_model_path": str(adapter), "output_dir": str(out)}
     values.update(dtype="float32", method=method, verify=True)
-    cli.fail_on(merge_stages.check_flags(values))
-    run = merge_stages.resolve(values)
-    merge_stages.write_merged(run)
-    return merge_stages.verify_merge(run)
+    return merge_stages.merge(values).verify
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -303,7 +298,7 @@ def test_an_interrupted_final_save_of_a_pissa_run_is_exported_converted(tmp_path
     for name in ("adapter_model.safetensors", "adapter_config.json", "run_config.json"):
         (out / name).unlink()  # as if the final save had been killed after checkpoint-2
     argv = [f"--{k}={v}" for k, v in values.items() if v is not None and k != "report_to"]
-    cli.call(finetune_script.train, [*argv, "--report_to", "none", "--resume_from_checkpoint", "auto"])
+    cli.call(cli.script_entry("finetune"), [*argv, "--report_to", "none", "--resume_from_checkpoint", "auto"])
     exported = load_file(out / "adapter_model.safetensors")
     assert exported.keys() == converted.keys()
     assert all(torch.allclose(exported[k], converted[k], atol=1e-6) for k in converted)
@@ -314,7 +309,7 @@ def test_a_resumed_loftq_run_trains_on_the_base_of_its_checkpoint(tmp_path):
     offsets changed on purpose (and resealed) are the ones the resumed base's 4-bit codes come from."""
     from safetensors.torch import load_file, save_file
 
-    from platy.merging import quantize_4bit_as_loaded
+    from platy.quantized import quantize_4bit_as_loaded
 
     knobs = {"init_lora_weights": "loftq", "loftq_iter": 3}
     train_steps(tmp_path / "run", 2, **knobs)

@@ -151,7 +151,7 @@ def test_eval_forward_does_not_corrupt_what_dequantize_returns(qlora_adapter):
     """bitsandbytes' CPU eval path repacks 4-bit weights; the toolkit's loader keeps them intact."""
     import bitsandbytes.functional as bnbf
 
-    from platy.merging import rebuild_quantized
+    from platy.quantized import rebuild_quantized
 
     run = json.loads((qlora_adapter / "run_config.json").read_text())
     from platy.modeling import load_model
@@ -320,7 +320,6 @@ def test_previous_model_moved_aside_by_a_killed_merge_is_restored(qlora_adapter,
 )
 def test_missing_bitsandbytes_is_named_in_merges_own_flags(qlora_adapter, tmp_path, monkeypatch, extra, fragment):
     """Without bitsandbytes a QLoRA adapter's base cannot be rebuilt or loaded: said before anything is written."""
-    import merge
     from platy import cli, modeling
     from platy.cli import UserError
 
@@ -328,5 +327,5 @@ def test_missing_bitsandbytes_is_named_in_merges_own_flags(qlora_adapter, tmp_pa
     out = tmp_path / "merged"
     argv = ["--peft_model_path", str(qlora_adapter), "--output_dir", str(out), *extra]
     with pytest.raises(UserError, match=f"^{fragment} needs bitsandbytes: pip install bitsandbytes, or "):
-        cli.call(merge.merge, argv)
+        cli.call(cli.script_entry("merge"), argv)
     assert not out.exists()

@@ -171,13 +171,12 @@ def recorded_launch(name, tmp_path, env):
 
 def dry_run_in_process(argv, env, monkeypatch, capsys):
     """finetune.py's dry run on the recorded command line, in this process (no interpreter start per recipe)."""
-    import finetune
     from platy import cli
 
     assert Path(argv[0]) == REPO / "finetune.py"
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    cli.call(finetune.train, argv[1:])
+    cli.call(cli.script_entry("finetune"), argv[1:])
     return capsys.readouterr().out
 
 

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 
-import refine as refine_script
 from platy import cli, refining
 from platy.cli import UserError
 from platy.data.rows import load_rows, mix_rows, parse_mix, take_share, to_alpaca
@@ -257,7 +256,7 @@ def refine_cli(*args):
 
 def refine_in_process(*args):
     """refine.py's entry on a command line, in this process (its prints reach capsys)."""
-    return cli.call(refine_script.refine, [str(arg) for arg in args])
+    return cli.call(cli.script_entry("refine"), [str(arg) for arg in args])
 
 
 @pytest.fixture

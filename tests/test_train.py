@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 
-import finetune as finetune_script
 from platy import cli
 from platy.train import config
 from platy.train.recipe import Recipe
@@ -17,7 +16,7 @@ from conftest import SAMPLE, SMALL_RUN, finetune, write_rows
 
 def flags(**overrides):
     """finetune.train's defaults, with small settings for the tests, then overrides."""
-    values = cli.entry_defaults(finetune_script.train)
+    values = cli.entry_defaults(cli.script_entry("finetune"))
     values.update(base_model="builtin:tiny-llama", data_path=str(SAMPLE), report_to="none", **SMALL_RUN)
     values.update(overrides)
     return values

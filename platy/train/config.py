@@ -16,9 +16,9 @@ from typing import Any
 from platy import checks, cli
 from platy.cli import UserError, say
 from platy.files import ADAPTER_FILES, RUN_CONFIG
-from platy.merging import LOFTQ_OFFSET
 from platy.modeling import PRECISIONS, QUANTIZATIONS, bitsandbytes_missing, parse_target_modules
 from platy.prompts import Prompter, chat_template_problem
+from platy.quantized import LOFTQ_OFFSET
 from platy.record import RunRecord
 from platy.train import checkpoints, plan
 from platy.train.checkpoints import Resume

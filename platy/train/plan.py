@@ -5,8 +5,9 @@ import math
 import os
 
 from platy import cli
+from platy.base_weights import resolve_base_model
 from platy.cli import UserError, say
-from platy.modeling import ALL_LINEAR, load_config, meta_model, resolve_base_model, resolve_target_modules
+from platy.modeling import ALL_LINEAR, load_config, meta_model, resolve_target_modules
 from platy.train import sizing
 
 

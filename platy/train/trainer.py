@@ -26,7 +26,7 @@ from transformers.trainer_callback import TrainerCallback
 
 from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, UserError, error_detail, say
 from platy.integrity import PICKLE_SUFFIXES, config_hash, file_problem, write_manifest
-from platy.merging import write_loftq_offsets
+from platy.quantized import write_loftq_offsets
 from platy.train.checkpoints import STAGING, latest_checkpoint, publish, rotate
 
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
