@@ -13,8 +13,7 @@ from typing import Any
 
 from platy import cli
 from platy.cli import UserError, say
-from platy.merging import read_loftq_offsets
-from platy.modeling import rebuild_loftq_base, set_4bit_weight
+from platy.quantized import read_loftq_offsets, rebuild_loftq_base, set_4bit_weight
 from platy.train.config import changes_base
 from platy.train.plan import base_weights, lora_share, lora_words
 
@@ -180,7 +179,8 @@ def loftq_initialise(model, base_path, layout, iterations=1, rebuilt=False):
     import torch
     from peft.tuners.lora import Linear4bit
 
-    from platy.merging import base_tensors, quantize_4bit_as_loaded
+    from platy.base_weights import base_tensors
+    from platy.quantized import quantize_4bit_as_loaded
 
     where = base_tensors(base_path, "--base_model")
     before = after = reference = 0.0

@@ -11,7 +11,7 @@ from pathlib import Path
 from platy.cli import say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
 from platy.integrity import MANIFEST, config_hash, write_manifest
-from platy.merging import LOFTQ_OFFSET, write_loftq_offsets
+from platy.quantized import LOFTQ_OFFSET, write_loftq_offsets
 from platy.record import RecordedChatTemplate
 from platy.train.checkpoints import STAGING, remove_leftovers
 from platy.train.config import changes_base
