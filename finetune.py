@@ -19,12 +19,9 @@ from platy.train.flags import TRAIN_FLAGS
 from platy.train.recipe import Recipe
 
 
-@declared(TRAIN_FLAGS)
+@declared(TRAIN_FLAGS)  # every flag, its default and its help: platy/train/flags.py
 def train(**flags):
-    """Train a LoRA adapter; output_dir then holds everything merge.py and inference.py need.
-
-    The flags, their defaults and their help are declared in platy/train/flags.py.
-    """
+    """Train a LoRA adapter; output_dir then holds everything merge.py and inference.py need."""
     recipe = Recipe.from_flags(flags)  # every flag problem at once, then the data, resume point and plan
     recipe.main()  # describe -> setup -> train -> save
 

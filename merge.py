@@ -22,51 +22,103 @@ tensor: memory holds about one tensor plus the adapter, whatever the model size.
 
 from platy import cli
 from platy import merge_stages as stages
+from platy.flags import Flag, Flags, declared
+
+FLAGS = Flags(
+    Flag(
+        "base_model_name_or_path",
+        None,
+        str,
+        "Base model (hub id or folder); default: the one the adapter's run_config.json records. Alias: --base_model.",
+    ),
+    Flag(
+        "peft_model_path",
+        None,
+        str,
+        "The adapter folder (finetune.py's output_dir or a checkpoint-N). Alias: --lora_weights.",
+    ),
+    Flag(
+        "output_dir",
+        None,
+        str,
+        "Where the merged model goes; must be new or empty unless --overwrite.",
+    ),
+    Flag(
+        "device",
+        "auto",
+        str,
+        "Where the merge arithmetic runs: auto (cuda if present), cpu or cuda.",
+    ),
+    Flag(
+        "method",
+        "auto",
+        str,
+        "auto, dequant or peft (see above).",
+    ),
+    Flag(
+        "dtype",
+        "float16",
+        str,
+        "float16 (default), bfloat16 or float32 for the exported weights.",
+    ),
+    Flag(
+        "max_shard_size",
+        "auto",
+        str,
+        "Largest safetensors shard, e.g. 5GB or 500MB; auto: the size of the base model's largest shard.",
+    ),
+    Flag(
+        "verify",
+        False,
+        bool,
+        "Compare the merged model's logits with base + adapter on a few prompts; with --gguf, also each GGUF "
+        "file, loaded back by transformers' GGUF loader, with the merged model.",
+    ),
+    Flag(
+        "gguf",
+        None,
+        str,
+        "Also write <output_dir>/<name>-<TYPE>.gguf for each comma-separated type: f16, bf16, q8_0, q5_1, "
+        "q5_0, q4_1 or q4_0 (k-quants such as q4_k_m: the gguf package cannot write them; run llama.cpp's "
+        "llama-quantize on the f16 file), and an Ollama Modelfile. Llama, Mistral and Qwen2.",
+    ),
+    Flag(
+        "overwrite",
+        False,
+        bool,
+        "Replace a non-empty output_dir (only once the new model is complete).",
+    ),
+    Flag(
+        "trust_remote_code",
+        False,
+        bool,
+        "Allow model code from the hub for --verify.",
+    ),
+    Flag(
+        "check",
+        None,
+        str,
+        "Verify a folder written earlier (a merged model against the sha256 its merge_config.json records, a "
+        "checkpoint or adapter against its manifest.json) and exit; merges nothing.",
+    ),
+    Flag(
+        "base_model",
+        None,
+        str,
+        "Alias of --base_model_name_or_path.",
+    ),
+    Flag(
+        "lora_weights",
+        None,
+        str,
+        "Alias of --peft_model_path.",
+    ),
+)
 
 
-def merge(
-    base_model_name_or_path: str = None,
-    peft_model_path: str = None,
-    output_dir: str = None,
-    device: str = "auto",
-    method: str = "auto",
-    dtype: str = "float16",
-    max_shard_size: str = "auto",
-    verify: bool = False,
-    gguf: str = None,
-    overwrite: bool = False,
-    trust_remote_code: bool = False,
-    check: str = None,
-    base_model: str = None,
-    lora_weights: str = None,
-):
-    """Flags:
-
-    Args:
-        base_model_name_or_path: Base model (hub id or folder); default: the one the adapter's
-            run_config.json records. Alias: --base_model.
-        peft_model_path: The adapter folder (finetune.py's output_dir or a checkpoint-N).
-            Alias: --lora_weights.
-        output_dir: Where the merged model goes; must be new or empty unless --overwrite.
-        device: Where the merge arithmetic runs: auto (cuda if present), cpu or cuda.
-        method: auto, dequant or peft (see above).
-        dtype: float16 (default), bfloat16 or float32 for the exported weights.
-        max_shard_size: Largest safetensors shard, e.g. 5GB or 500MB; auto: the size of the
-            base model's largest shard.
-        verify: Compare the merged model's logits with base + adapter on a few prompts; with --gguf, also
-            each GGUF file, loaded back by transformers' GGUF loader, with the merged model.
-        gguf: Also write <output_dir>/<name>-<TYPE>.gguf for each comma-separated type: f16, bf16, q8_0,
-            q5_1, q5_0, q4_1 or q4_0 (k-quants such as q4_k_m: the gguf package cannot write them; run
-            llama.cpp's llama-quantize on the f16 file), and an Ollama Modelfile. Llama, Mistral and Qwen2.
-        overwrite: Replace a non-empty output_dir (only once the new model is complete).
-        trust_remote_code: Allow model code from the hub for --verify.
-        check: Verify a folder written earlier (a merged model against the sha256 its
-            merge_config.json records, a checkpoint or adapter against its manifest.json)
-            and exit; merges nothing.
-        base_model: Alias of --base_model_name_or_path.
-        lora_weights: Alias of --peft_model_path.
-    """
-    flags = dict(locals())
+@declared(FLAGS)
+def merge(**flags):
+    """Fuse a LoRA adapter into its base model's weights: a standalone model folder (and GGUF files)."""
     # check_flags -> --check alone, or resolve -> write_merged -> write_gguf_files -> check_merged -> check_gguf
     stages.merge(flags)
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from platy.cli import UserError, run, say  # noqa: E402
 from platy.files import cache_root, write_json, write_text  # noqa: E402
+from platy.flags import from_signature  # noqa: E402
 from platy.record import RunRecord  # noqa: E402
 
 SIZES = {
@@ -353,4 +354,4 @@ def record_results(path, benchmarks):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(from_signature(main))

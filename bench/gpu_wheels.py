@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from platy.cli import UserError, run, say  # noqa: E402
+from platy.flags import from_signature  # noqa: E402
 
 LIST = ROOT / "bench" / "gpu_wheels.txt"
 CARRY_LIMIT = 64 * 2**20
@@ -238,4 +239,4 @@ def mib(value):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(from_signature(main))

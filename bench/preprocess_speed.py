@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from platy.cli import run, say  # noqa: E402
 from platy.data.examples import IGNORE_INDEX  # noqa: E402
+from platy.flags import from_signature  # noqa: E402
 
 from synthetic import synthetic_rows  # noqa: E402
 
@@ -118,4 +119,4 @@ def main(rows: int = 25000, cutoff_len: int = 4096, seed: int = 0, repeats: int 
 
 
 if __name__ == "__main__":
-    run(main)
+    run(from_signature(main))

@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from platy.cli import run
+from platy.flags import from_signature
 from platy.refining import (
     BUILTIN_EMBEDDING_MODEL,
     embed_texts,
@@ -220,4 +221,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run(main)
+    run(from_signature(main))

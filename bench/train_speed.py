@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from platy import tiny  # noqa: E402
 from platy.cli import UserError, entry_defaults, run, say, script_entry  # noqa: E402
 from platy.files import cache_root, write_json  # noqa: E402
+from platy.flags import from_signature  # noqa: E402
 from platy.train import sizing  # noqa: E402
 from platy.train.speed import liger_unavailable  # noqa: E402
 
@@ -541,4 +542,4 @@ def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_che
 
 
 if __name__ == "__main__":
-    run(main)
+    run(from_signature(main))

@@ -87,83 +87,9 @@ TRUE_WORDS = ("true", "yes", "1", "on")
 FALSE_WORDS = ("false", "no", "0", "off", "none")
 
 
-def parameter_names(fn):
-    import inspect
-
-    return list(inspect.signature(fn).parameters)
-
-
 def entry_defaults(fn):
     """{flag: default} of an entry: what a run given no flags gets, for tests and benchmarks to override."""
-    import inspect
-
-    if hasattr(fn, "flags"):  # declared (platy/flags.py)
-        return fn.flags.defaults()
-    return {name: param.default for name, param in inspect.signature(fn).parameters.items()}
-
-
-def refuse_unknown_flags(fn, argv):
-    """Every --flag must be a parameter of fn: a typo must not train with a default for hours."""
-    import difflib
-
-    names = parameter_names(fn)
-    known = set(names) | {f"no{n}" for n in names}
-    for arg in argv:
-        if not arg.startswith("--") or arg == "--":
-            continue
-        name = arg[2:].split("=", 1)[0].replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else f"; see {os.path.basename(sys.argv[0])} --help"
-            raise UserError(f"unknown flag --{name}{hint}")
-
-
-def protect_strings(fn, argv):
-    """Pass the values of str flags verbatim.
-
-    fire reads every value as a Python literal: --input "12, 30" would become a tuple,
-    --output_dir 2024 an int and --prompt 1e3 a float. Quoting the value as a literal
-    string keeps what the user typed.
-    """
-    import inspect
-
-    text_flags = {n for n, p in inspect.signature(fn).parameters.items() if p.annotation is str}
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name.replace("-", "_") in text_flags:
-            if eq:
-                out.append(f"--{name}={value!r}")
-                i += 1
-                continue
-            if i + 1 < len(argv):
-                out += [arg, repr(argv[i + 1])]
-                i += 2
-                continue
-        out.append(arg)
-        i += 1
-    return out
-
-
-def coerce_bools(fn, flags):
-    """Flags declared bool accept True/False in any case, yes/no, on/off and 1/0; anything else is an error."""
-    import inspect
-
-    problems = []
-    for name, param in inspect.signature(fn).parameters.items():
-        value = flags.get(name)
-        if param.annotation is not bool or isinstance(value, bool) or value is None:
-            continue
-        word = str(value).strip().lower()
-        if word in TRUE_WORDS:
-            flags[name] = True
-        elif word in FALSE_WORDS:
-            flags[name] = False
-        else:
-            problems.append(f"--{name} {value!r}: give True or False")
-    fail_on(problems)
-    return flags
+    return fn.flags.defaults()
 
 
 def fail_on(problems):
@@ -181,30 +107,10 @@ def problem_of(read, value):
     return None
 
 
-def with_coerced_bools(fn):
-    """fn, called with its bool flags read from any of the words coerce_bools accepts."""
-    import functools
-    import inspect
-
-    signature = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def entry(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        return fn(**coerce_bools(fn, dict(bound.arguments)))
-
-    return entry
-
-
 def call(fn, argv):
-    """Run the entry fn on a command line as `python script.py ARGV` would, without the exit handling."""
-    import fire
-
-    if hasattr(fn, "flags"):  # declared (platy/flags.py)
-        return fn(**fn.flags.parse(argv, os.path.basename(sys.argv[0])))
-
-    refuse_unknown_flags(fn, argv)
-    return fire.Fire(with_coerced_bools(fn), command=protect_strings(fn, argv))
+    """Run the entry fn on a command line as `python script.py ARGV` would, without the exit handling. fn's
+    flags are declared (platy/flags.py): they parse the command line."""
+    return fn(**fn.flags.parse(argv, os.path.basename(sys.argv[0])))
 
 
 def script_entry(script):
@@ -228,36 +134,15 @@ def script_entry(script):
 
 
 def print_help(fn):
-    """The script's usage (module docstring) and every flag with its default and description."""
+    """The script's usage (module docstring), the entry's summary and every flag with its default and
+    description."""
     import inspect
 
     module = sys.modules.get(fn.__module__)
     print((module.__doc__ or "").strip() + "\n")
-    doc = inspect.getdoc(fn) or ""
-    if hasattr(fn, "flags"):  # declared (platy/flags.py): the entry's first paragraph, then every flag
-        print(doc.split("\n\n")[0].strip() + "\n\nFlags:")
-        print(fn.flags.help())
-        return
-    summary, _, rest = doc.partition("Args:")
+    summary = (inspect.getdoc(fn) or "").partition("Args:")[0]
     print(summary.strip() + "\n\nFlags:")
-    descriptions, current = {}, None
-    for line in rest.splitlines():
-        stripped = line.strip()
-        head, sep, tail = stripped.partition(":")
-        if sep and line.startswith(" " * 4) and not line.startswith(" " * 8) and head.isidentifier():
-            current = head
-            descriptions[current] = tail.strip()
-        elif current and stripped:
-            descriptions[current] += " " + stripped
-    for name, param in inspect.signature(fn).parameters.items():
-        default = "" if param.default is inspect.Parameter.empty else f" (default: {param.default!r})"
-        print(f"  --{name}{default}")
-        text = descriptions.get(name, "")
-        while text:
-            cut = text.rfind(" ", 0, 92) if len(text) > 92 else len(text)
-            cut = cut if cut > 0 else len(text)
-            print(f"      {text[:cut].strip()}")
-            text = text[cut:].strip()
+    print(fn.flags.help())
 
 
 def close_progress_bars():
@@ -270,8 +155,8 @@ def close_progress_bars():
 def run(fn):
     """Run a fire command; UserError becomes one line on stderr and exit status 2.
 
-    Unknown flags are refused and bool flags read before the entry is called; --help prints every
-    flag to stdout.
+    The entry's declared flags (platy/flags.py) read the command line: unknown flags are refused and bool
+    flags read before the entry is called; --help prints every flag to stdout.
     Set PLATY_TRACEBACK=1 to see the traceback of a user error too.
     """
     import signal

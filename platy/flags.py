@@ -157,3 +157,26 @@ def declared(flags):
         return fn
 
     return mark
+
+
+def from_signature(fn):
+    """fn, with its flags read from its signature (defaults; str and bool annotations) and the descriptions
+    of its `Args:` docstring: for the benchmark scripts, whose flags are declared the plain way."""
+    import inspect
+
+    _, _, rest = (inspect.getdoc(fn) or "").partition("Args:")
+    descriptions, current = {}, None
+    for line in rest.splitlines():
+        head, sep, tail = line.strip().partition(":")
+        if sep and line.startswith(" " * 4) and not line.startswith(" " * 8) and head.isidentifier():
+            current = head
+            descriptions[current] = tail.strip()
+        elif current and line.strip():
+            descriptions[current] += " " + line.strip()
+    fn.flags = Flags(
+        *(
+            Flag(name, p.default, p.annotation if p.annotation in (str, bool) else None, descriptions.get(name, ""))
+            for name, p in inspect.signature(fn).parameters.items()
+        )
+    )
+    return fn
