@@ -141,3 +141,86 @@ def test_no_import_circle_in_platy():
     """Imports go down: when two modules need each other, what they share moves below both."""
     circle = find_circle(import_graph())
     assert circle is None, f"import circle: {' -> '.join(circle)}; move what they share into a module below both"
+
+
+PACKAGES = ("platy", "platy.data", "platy.train")  # __init__.py files: nothing in them
+
+
+def module_of(word):
+    return "platy." + word.replace("/", ".")
+
+
+def layer_picture():
+    """docs/architecture.md's picture of the layers: ({module: row index, 0 at the top}, {(a, b): a may
+    import b along an arrow of its row})."""
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = text.split("## Layering", 1)[1].split("```", 2)[1]
+    rows, along, row = {}, set(), -1
+    for line in block.splitlines():
+        words = line.split()
+        if not words or words == ["│"]:
+            continue
+        if not line.startswith(" "):  # a new row, under its label
+            row += 1
+            words = words[1:]
+        rows.update({module_of(w): row for w in words if w != "→" and not w.endswith(".py")})
+        for start in range(0, len(words), 1):  # a -> b -> c: a may import b and c, b may import c
+            for end in range(start + 2, len(words), 2):
+                if any(words[k] != "→" for k in range(start + 1, end, 2)):
+                    break
+                along.add((module_of(words[start]), module_of(words[end])))
+    return rows, along
+
+
+def test_the_picture_of_the_layers_is_true():
+    """Every module of platy/ is in docs/architecture.md's picture, and every import goes down it or along an
+    arrow of its row."""
+    rows, along = layer_picture()
+    graph = {m: deps for m, deps in import_graph().items() if m not in PACKAGES}
+    assert set(graph) == set(rows), f"in the code, not the picture: {set(graph) - set(rows)}; " + (
+        f"in the picture, not the code: {set(rows) - set(graph)}"
+    )
+    wrong = [
+        f"{a} -> {b}"
+        for a, deps in graph.items()
+        for b in deps
+        if b not in PACKAGES and not (rows[b] > rows[a] or (rows[b] == rows[a] and (a, b) in along))
+    ]
+    assert wrong == [], f"imports against docs/architecture.md's picture: {wrong}"
+
+
+def defined_names(path):
+    """Top-level names of a module, and Class.attribute for its classes' functions and fields."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AnnAssign)):
+                    names.add(f"{node.name}.{getattr(item, 'name', None) or item.target.id}")
+    return names
+
+
+def test_the_names_in_architecture_md_exist():
+    """Each `name` after a `platy/...py` in docs/architecture.md's tables is defined in that module."""
+    import re
+
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = []
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            continue
+        module = None
+        for word in re.findall(r"`([^`]+)`", line):
+            if re.fullmatch(r"platy/[\w/]+\.py", word):
+                module = REPO / word
+                assert module.is_file(), f"docs/architecture.md names {word}, which does not exist"
+                names = defined_names(module)
+            elif module and re.fullmatch(r"[A-Za-z_]\w*(\.\w+)?", word):
+                if word not in names and ("." not in word or word.split(".")[0] in names):
+                    missing.append(f"{module.relative_to(REPO)}: {word}")
+    assert missing == [], f"docs/architecture.md names what its module does not define: {missing}"

@@ -12,6 +12,7 @@ from platy.files import RUN_CONFIG, write_json
 from platy.train.arguments import training_arguments
 from platy.train.checkpoints import PREEMPTED, remove_leftovers, retire
 from platy.train.plan import optimizer_steps
+from platy.train.publish import run_result
 
 
 def build_trainer(run, objective, start, tokenizer, train_set, val_set, record):
@@ -83,19 +84,8 @@ def run_training(run, trainer):
     if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
         stop_preempted(run, trainer.state)
     state = trainer.state
-    evals = [r["eval_loss"] for r in state.log_history if "eval_loss" in r]
     tokens = int(state.num_input_tokens_seen)
-    losses = [r["loss"] for r in state.log_history if "loss" in r]
-    return {
-        "global_step": state.global_step,
-        "trained_tokens": tokens,
-        "train_seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-        "train_loss": output.training_loss,
-        "last_logged_loss": losses[-1] if losses else None,
-        "eval_loss": evals[-1] if evals else None,  # the last step is always evaluated (last_step_logged)
-        "first_eval_loss": evals[0] if evals else None,
-    }
+    return run_result(state.log_history, state.global_step, tokens, output.training_loss, seconds)
 
 
 def clear_output_dir(run):

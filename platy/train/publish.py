@@ -131,19 +131,30 @@ def export_finished_checkpoint(run, tokenizer, record):
     write_manifest(staged, step=state["global_step"], config_hash=config_hash(record.to_dict()))
     history = state.get("log_history", [])
     losses = [r["loss"] for r in history if "loss" in r]
-    result = {
-        "global_step": state["global_step"],
-        "trained_tokens": int(state.get("num_input_tokens_seen", 0)),
-        "train_seconds": None,
-        "tokens_per_second": None,
-        "train_loss": sum(losses) / len(losses) if losses else None,
-        "last_logged_loss": losses[-1] if losses else None,
-        "eval_loss": None,
-        "exported_from": str(checkpoint),
-    }
+    mean_loss = sum(losses) / len(losses) if losses else None
+    tokens = int(state.get("num_input_tokens_seen", 0))
+    result = run_result(history, state["global_step"], tokens, mean_loss, exported_from=str(checkpoint))
     publish_final(staged, out)
     write_results(out, history, record, result)
     report_done(run, out, result)
+
+
+def run_result(history, global_step, tokens, train_loss, seconds=None, exported_from=None):
+    """The figures of a finished run, as its record keeps them: one layout for a run trained here
+    (seconds: how long it took) and one exported from the checkpoint that holds it (exported_from)."""
+    evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+    losses = [r["loss"] for r in history if "loss" in r]
+    return {
+        "global_step": global_step,
+        "trained_tokens": tokens,
+        "train_seconds": None if seconds is None else round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "train_loss": train_loss,
+        "last_logged_loss": losses[-1] if losses else None,
+        "eval_loss": evals[-1] if evals else None,  # the last step is always evaluated (last_step_logged)
+        "first_eval_loss": evals[0] if evals else None,
+        "exported_from": exported_from,
+    }
 
 
 def report_done(run, out, result):
