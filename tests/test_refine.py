@@ -237,7 +237,7 @@ def test_finetune_reads_a_mix_spec(tmp_path, capsys):
     assert run.data_fingerprint.startswith("mix:sha256:")
     assert run.rows == mix_rows(spec, 42)[0] and load_rows(spec, 7)[0] != run.rows
     assert [r["data_source"] for r in run.rows[-5:]] == ["orca"] * 5
-    tokenizer, chat = recipe.load_tokenizer(run)
+    tokenizer, chat = recipe.tokenizer_and_chat(run)
     Supervised().datasets(run, tokenizer, chat)
     assert f"Data: 127 rows from {spec}" in capsys.readouterr().out
 

@@ -313,7 +313,7 @@ def test_micro_batch_tokens_bounds_every_micro_step(tmp_path):
         output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=300, batch_size=2, micro_batch_size=1
     )
     assert run.pack_budget == 300 and run.gradient_accumulation_steps == 2
-    tokenizer, chat = recipe.load_tokenizer(run)
+    tokenizer, chat = recipe.tokenizer_and_chat(run)
     train_set, _, stats = Supervised().datasets(run, tokenizer, chat)
     sizes = [len(ids) for ids in train_set["input_ids"]]
     assert max(sizes) <= 300 and sum(sizes) == stats["train"]["tokens"], "every token once, no row over budget"

@@ -69,7 +69,7 @@ class Recipe:
         returns the recipe, ready to train."""
         if self.record is None:
             self.describe()
-        self.tokenizer, self.chat = load_tokenizer(self.run)
+        self.tokenizer, self.chat = tokenizer_and_chat(self.run)
         self.train_set, self.val_set, data = self.objective.datasets(self.run, self.tokenizer, self.chat)
         self.record.set_data(data)
         self.finished = finished_checkpoint(self.run, self.train_set)
@@ -98,7 +98,7 @@ class Recipe:
         publish.export_finished_checkpoint(self.run, self.tokenizer, self.record)
 
 
-def load_tokenizer(run):
+def tokenizer_and_chat(run):
     """The base's tokenizer, ready for training, and the run's chat template bound to it (its missing control
     tokens added), or None."""
     from platy.data.examples import prepare_tokenizer
