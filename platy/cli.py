@@ -153,7 +153,7 @@ def close_progress_bars():
 
 
 def run(fn):
-    """Run a fire command; UserError becomes one line on stderr and exit status 2.
+    """Run a script's entry on its command line; UserError becomes one line on stderr and exit status 2.
 
     The entry's declared flags (platy/flags.py) read the command line: unknown flags are refused and bool
     flags read before the entry is called; --help prints every flag to stdout.

@@ -4,13 +4,15 @@ The command-line parser, `--help`, the defaults that tests and benchmarks start 
 flags and the resume check are all read from the declarations, never from a second list.
 
 Values are read as the Platypus scripts' fire command lines read them: a str flag takes the text as
-typed, a bool flag takes true/false words, any other flag a Python literal (numbers, lists, None) or, when
-the text is none, the text itself. `--name value` and `--name=value`; a bool flag alone is true, and
-`--noname` is false; the last of a repeated flag wins (a recipe's extra arguments override its settings).
+typed, a bool flag takes true/false words (or None), any other flag a Python literal (numbers, lists,
+None) or, when the text is none, the text itself. `--name value` and `--name=value`; a flag alone is
+true, and `--noname` false; `-x` is the one flag starting with x; values without a name fill the flags
+not named, in order; the last of a repeated flag wins (a recipe's extra arguments override its settings).
 """
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,17 +39,24 @@ class Flag:
     lora_only: bool = False
 
     def read(self, text):
-        """The value of this flag given as TEXT on the command line."""
-        if self.kind is str:
-            return text
-        if self.kind is bool:
-            word = str(text).strip().lower()
-            if word in TRUE_WORDS:
-                return True
-            if word in FALSE_WORDS:
-                return False
-            raise UserError(f"--{self.name} {text!r}: give True or False")
-        return literal(text)
+        """The value of this flag given as TEXT after its name (python-fire's reading, which the Platypus
+        scripts had): a text flag keeps the text, any other a Python literal (or the word), a bool flag's
+        word read by bool_value."""
+        return text if self.kind is str else literal(text)
+
+    def bool_problem(self, value):
+        """A bool flag's value that is no true/false word, as a problem sentence (None when it is one)."""
+        if self.kind is not bool or value is None or isinstance(value, bool):
+            return None
+        if str(value).strip().lower() in (*TRUE_WORDS, *FALSE_WORDS):
+            return None
+        return f"--{self.name} {value!r}: give True or False"
+
+    def bool_value(self, value):
+        """A bool flag's value from its word (None stays None: some flags use it for "as trained")."""
+        if self.kind is not bool or value is None or isinstance(value, bool):
+            return value
+        return str(value).strip().lower() in TRUE_WORDS
 
 
 def grouped(group, *flags):
@@ -86,45 +95,68 @@ class Flags:
 
     def parse(self, argv, program):
         """{flag: value} of a command line: every declared flag, the given ones read from their text.
-        An unknown flag is refused with the closest name."""
-        values, positional = self.defaults(), []
-        args = list(argv)
-        i = 0
+        An unknown flag is refused with the closest name; every bool flag given another word is reported
+        at once."""
+        given, positional = self.given(list(argv), program)
+        named = {flag.name for flag, _ in given}
+        unnamed = [flag for flag in self.flags if flag.name not in named]
+        if len(positional) > len(unnamed):
+            raise UserError(f"unexpected argument {positional[len(unnamed)]!r}; see {program} --help")
+        given += [(flag, literal(text)) for flag, text in zip(unnamed, positional)]
+        values = self.defaults()
+        problems = []
+        for flag, value in given:  # the last of a repeated flag wins
+            if problem := flag.bool_problem(value):
+                problems.append(problem)
+            values[flag.name] = flag.bool_value(value)
+        if problems:
+            raise UserError("; ".join(dict.fromkeys(problems)))
+        return values
+
+    def given(self, args, program):
+        """([(flag, value)] in command-line order, [values given without a name])."""
+        given, positional, i = [], [], 0
         while i < len(args):
             arg = args[i]
+            if arg == "--":
+                raise UserError(f"unexpected '--': give each flag as --name value; see {program} --help")
             if not is_flag(arg):
                 positional.append(arg)
                 i += 1
                 continue
             name, eq, text = arg.lstrip("-").partition("=")
             name = name.replace("-", "_")
-            alone = not eq and (i + 1 == len(args) or is_flag(args[i + 1]))
-            flag = self.lookup(name, alone, program)
-            if alone:
-                text = "False" if flag.name != name else "True"
-            elif not eq:
-                text = args[i + 1]
+            has_next = i + 1 < len(args)
+            alone = not eq and (not has_next or is_flag(args[i + 1]))
+            flag = self.lookup(name, alone, arg, program)
+            if eq:
+                value = flag.read(text)
+            elif has_next and (flag.kind is str or not alone):  # a text flag takes the next word, whatever it is
+                value = flag.read(args[i + 1])
                 i += 1
-            values[flag.name] = flag.read(text)
+            else:
+                value = flag.name == name or len(name) == 1  # --name alone is True, --noname False
+            given.append((flag, value))
             i += 1
-        return self.place(positional, values, program)
+        return given, positional
 
-    def lookup(self, name, alone, program):
+    def lookup(self, name, alone, arg, program):
+        """The flag a command-line word names: its name, no + its name for a bool false, or (-x) the one flag
+        whose name starts with that letter."""
         if name in self.by_name:
             return self.by_name[name]
         if alone and name.startswith("no") and name[2:] in self.by_name:
             return self.by_name[name[2:]]
+        if len(name) == 1 and not arg.startswith("--"):
+            starting = [flag for flag in self.flags if flag.name.startswith(name)]
+            if len(starting) == 1:
+                return starting[0]
+            if starting:
+                names = ", ".join(f"--{flag.name}" for flag in starting)
+                raise UserError(f"-{name} could be any of {names}; give the whole name")
         close = difflib.get_close_matches(name, self.names(), n=1)
         hint = f"; did you mean --{close[0]}?" if close else f"; see {program} --help"
         raise UserError(f"unknown flag --{name}{hint}")
-
-    def place(self, positional, values, program):
-        """Values given without a flag name fill the flags in declared order, as fire's do."""
-        if len(positional) > len(self.flags):
-            raise UserError(f"unexpected argument {positional[len(self.flags)]!r}; see {program} --help")
-        for flag, text in zip(self.flags, positional):
-            values[flag.name] = flag.read(text)
-        return values
 
     def help(self):
         """Every flag with its default and description, in declared order under its group's heading."""
@@ -145,7 +177,7 @@ class Flags:
 
 def is_flag(arg):
     """--name or -n (fire's rule: -1 is a value, not a flag)."""
-    return arg.startswith("--") or (len(arg) > 1 and arg[0] == "-" and arg[1].isalpha())
+    return arg.startswith("--") or re.match(r"-[a-zA-Z]", arg) is not None
 
 
 def declared(flags):

@@ -46,7 +46,7 @@ MISSING_GGUF = "the gguf package is missing: pip install gguf (or pip install -r
 
 
 def parse_types(value):
-    """--gguf 'f16,q8_0' (fire may hand over a tuple) -> ['f16', 'q8_0']; a UserError names a bad type."""
+    """--gguf 'f16,q8_0' (the command line may hand over a tuple) -> ['f16', 'q8_0']; a UserError names a bad type."""
     if value is None or value is False:
         return []
     words = value if isinstance(value, (list, tuple)) else str(value).split(",")

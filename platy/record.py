@@ -91,6 +91,10 @@ class RunRecord:
         """run_config.json in folder, written through a temporary file and a rename."""
         write_json(Path(folder) / RUN_CONFIG, self._raw)
 
+    def __bool__(self):
+        """Whether the record holds anything (an empty run_config.json holds nothing to copy or read)."""
+        return bool(self._raw)
+
     def __eq__(self, other):
         return isinstance(other, RunRecord) and self._raw == other._raw
 

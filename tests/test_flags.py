@@ -33,7 +33,15 @@ def test_values_are_read_as_typed():
 
 @pytest.mark.parametrize(
     "argv, packing",
-    [(["--packing"], True), (["--packing", "no"], False), (["--packing=Yes"], True), (["--nopacking"], False)],
+    [
+        (["--packing"], True),
+        (["--packing", "no"], False),
+        (["--packing=Yes"], True),
+        (["--nopacking"], False),
+        (["--packing", "1"], True),
+        (["--packing", "None"], None),  # inference.py's --load_4bit None: as the adapter was trained
+        (["--packing", "none"], False),
+    ],
 )
 def test_bool_words(argv, packing):
     assert parse(*argv)["packing"] is packing
@@ -46,13 +54,22 @@ def test_a_bad_bool_word_and_an_unknown_flag_are_refused():
         parse("--step", "4")
     with pytest.raises(UserError, match="unknown flag --zzz; see demo.py --help"):
         parse("--zzz")
+    with pytest.raises(UserError, match="unknown flag --zzz"):  # before any value is read
+        parse("--packing", "maybe", "--zzz", "1")
+    with pytest.raises(UserError, match=r"^--packing 2: give True or False$"):
+        parse("--packing", "2")
+    with pytest.raises(UserError, match="-r could be any of --rate, --r2"):
+        Flags(*DEMO, Flag("r2", 1, int, "")).parse(["-r", "3"], "demo.py")
 
 
 def test_the_last_of_a_repeated_flag_wins_and_values_without_a_name_fill_in_order():
     """A recipe's extra arguments come last and override its settings."""
     assert parse("--steps", "4", "--steps", "9")["steps"] == 9
     assert parse("x", "5")["name"] == "x" and parse("x", "5")["steps"] == 5
+    assert parse("--name", "x", "5") == {**DEMO.defaults(), "name": "x", "steps": 5}  # the flags not named
     assert parse("--rate", "-1")["rate"] == -1  # a negative number is a value, not a flag
+    assert parse("--name", "--steps")["name"] == "--steps"  # a text flag takes the next word as typed
+    assert parse("-s", "4", "-p")["steps"] == 4 and parse("-p")["packing"] is True  # the one flag of that letter
 
 
 def test_help_groups_and_wraps_every_flag():

@@ -50,7 +50,7 @@ def logits_of(model, tokenizer):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """trained(name) -> (adapter folder, logits of the trained model in memory, the Prepared run); cached."""
+    """trained(name) -> (adapter folder, logits of the trained model in memory, the Recipe); cached."""
     done = {}
 
     def train(name):

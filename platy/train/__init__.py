@@ -1,1 +1,2 @@
-"""Training: flags (config.py) -> plan (plan.py) -> stages (stages.py) on the Trainer (trainer.py)."""
+"""Training: flags (flags.py, config.py) -> plan (plan.py) -> the recipe (recipe.py) that runs the stages on the
+Trainer (trainer.py)."""

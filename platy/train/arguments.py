@@ -25,7 +25,7 @@ def training_arguments(run, has_val, steps):
         neftune_noise_alpha=run.neftune_noise_alpha,  # the Trainer adds it in training only, never in evaluation
         bf16=run.precision == "bf16",
         fp16=run.precision == "fp16",
-        activation_checkpointing=False,  # set on the model (load_model_with_lora): it may cover some layers only
+        activation_checkpointing=False,  # set on the model (lora.attach): it may cover some layers only
         use_liger_kernel=run.liger,
         torch_compile=run.torch_compile,
         logging_steps=logging_interval(run, steps),
