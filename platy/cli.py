@@ -117,20 +117,16 @@ def script_entry(script):
     """The entry function that script (finetune, merge, inference, refine or evaluate) hands to run, loaded
     from its file in REPO_ROOT: how tests and benchmarks run a command line in process (call) or read its
     defaults (entry_defaults), without importing the script by name."""
-    import ast
     import importlib.util
 
-    path = os.path.join(REPO_ROOT, f"{script}.py")
-    with open(path, encoding="utf-8") as handle:
-        tree = ast.parse(handle.read())
-    runs = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "run"]
-    entry = next(n.args[0].id for n in runs if n.args and isinstance(n.args[0], ast.Name))
     name = f"platy_script_{script}"  # not the bare name: evaluate.py would shadow the evaluate package
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, f"{script}.py"))
         sys.modules[name] = importlib.util.module_from_spec(spec)  # print_help reads its docstring there
         spec.loader.exec_module(sys.modules[name])
-    return getattr(sys.modules[name], entry)
+    # the one function of the script with declared flags (platy/flags.py `declared`)
+    (entry,) = [f for f in vars(sys.modules[name]).values() if callable(f) and hasattr(f, "flags")]
+    return entry
 
 
 def print_help(fn):

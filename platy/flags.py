@@ -40,23 +40,21 @@ class Flag:
 
     def read(self, text):
         """The value of this flag given as TEXT after its name (python-fire's reading, which the Platypus
-        scripts had): a text flag keeps the text, any other a Python literal (or the word), a bool flag's
-        word read by bool_value."""
+        scripts had): a text flag keeps the text, any other a Python literal (or the word); value_of then
+        reads a bool flag's word."""
         return text if self.kind is str else literal(text)
 
-    def bool_problem(self, value):
-        """A bool flag's value that is no true/false word, as a problem sentence (None when it is one)."""
-        if self.kind is not bool or value is None or isinstance(value, bool):
-            return None
-        if str(value).strip().lower() in (*TRUE_WORDS, *FALSE_WORDS):
-            return None
-        return f"--{self.name} {value!r}: give True or False"
-
-    def bool_value(self, value):
-        """A bool flag's value from its word (None stays None: some flags use it for "as trained")."""
+    def value_of(self, value):
+        """The flag's value from what the command line gave: a bool flag's true/false word as True or False
+        (None stays None: some flags use it for "as trained"), a UserError for any other word."""
         if self.kind is not bool or value is None or isinstance(value, bool):
             return value
-        return str(value).strip().lower() in TRUE_WORDS
+        word = str(value).strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise UserError(f"--{self.name} {value!r}: give True or False")
 
 
 def grouped(group, *flags):
@@ -103,12 +101,12 @@ class Flags:
         if len(positional) > len(unnamed):
             raise UserError(f"unexpected argument {positional[len(unnamed)]!r}; see {program} --help")
         given += [(flag, literal(text)) for flag, text in zip(unnamed, positional)]
-        values = self.defaults()
-        problems = []
+        values, problems = self.defaults(), []
         for flag, value in given:  # the last of a repeated flag wins
-            if problem := flag.bool_problem(value):
-                problems.append(problem)
-            values[flag.name] = flag.bool_value(value)
+            try:
+                values[flag.name] = flag.value_of(value)
+            except UserError as err:
+                problems.append(str(err))
         if problems:
             raise UserError("; ".join(dict.fromkeys(problems)))
         return values

@@ -95,11 +95,6 @@ class RunRecord:
         """Whether the record holds anything (an empty run_config.json holds nothing to copy or read)."""
         return bool(self._raw)
 
-    def __eq__(self, other):
-        return isinstance(other, RunRecord) and self._raw == other._raw
-
-    __hash__ = None
-
     def __repr__(self):
         return f"RunRecord(base_model={self.base_model!r}, finetuning={self.finetuning!r})"
 
@@ -262,19 +257,9 @@ class RunRecord:
     # ---- how it ran ----------------------------------------------------------------------------
 
     @property
-    def plan(self):
-        """The parallel plan (strategy, ranks, ...), or {} where not recorded."""
-        return copy.deepcopy(self._resolved.get("plan") or {})
-
-    @property
     def strategy(self):
         """The parallel strategy the run used (single, ddp, zero2, ...), or None."""
         return (self._resolved.get("plan") or {}).get("strategy")
-
-    @property
-    def resume(self):
-        """[kind, path] of what the run resumed from, or None."""
-        return self._resolved.get("resume") or None
 
     # ---- the data ------------------------------------------------------------------------------
 

@@ -164,7 +164,7 @@ def layer_picture():
             row += 1
             words = words[1:]
         rows.update({module_of(w): row for w in words if w != "→" and not w.endswith(".py")})
-        for start in range(0, len(words), 1):  # a -> b -> c: a may import b and c, b may import c
+        for start in range(len(words)):  # a -> b -> c: a may import b and c, b may import c
             for end in range(start + 2, len(words), 2):
                 if any(words[k] != "→" for k in range(start + 1, end, 2)):
                     break
