@@ -238,5 +238,6 @@ def model_labels(specs):
 
 
 def folder_name(label):
-    """A file-system-safe folder name for a model's results."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "model"
+    """A file-system-safe folder name for a model's results: a new folder inside output_dir, never `.`, `..` or a
+    hidden one (--models .. must not write beside output_dir)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "model"

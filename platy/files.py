@@ -12,6 +12,10 @@ RUN_CONFIG = "run_config.json"  # written last by finetune.py: its presence mark
 LOG_HISTORY = "log_history.json"
 CURVES = "training_curves.png"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+STAGING = ".staging"  # partial checkpoints and the final adapter are written here first
+DELETING = ".deleting-"  # old checkpoints being removed
+PREEMPTED = "preempted.json"  # marks a run stopped by a signal, with its checkpoint
+MERGE_CONFIG = "merge_config.json"  # how merge.py made a model, with the size and sha256 of each written file
 
 
 def cache_root():

@@ -17,15 +17,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from platy import checks, cli, gguf_export
+from platy import checks, cli, gguf_export, outputs
 from platy.base_weights import base_checkpoint, resolve_base_model, resolve_local_base
 from platy.cli import WRITE_FAILED, Stopped, UserError, say
-from platy.files import swap_into_place, write_json, write_text
+from platy.files import MERGE_CONFIG, swap_into_place, write_json, write_text
 from platy.integrity import MANIFEST, check_weights, file_digest, folder_problem, human_size, records_problem
 from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size
 
 DEVICES = ("auto", "cpu", "cuda")
-MERGE_CONFIG = "merge_config.json"  # how the model was made, with the size and sha256 of each written file
 # largest logit difference that the rounding of the exported dtype alone stays well below
 VERIFY_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.5}
 # GGUF against the merged model: (largest logit difference, greedy agreement) a type's rounding stays within;
@@ -132,16 +131,16 @@ def check_flags(flags):
 def resolve(flags):
     """The MergeRun of checked flags: the output folder made safe to write, the adapter read, the base
     found (as given or recorded by the adapter) and the method decided."""
-    out = output_folder(flags["output_dir"], flags["overwrite"])
-    adapter = read_adapter(flags["peft_model_path"] or flags["lora_weights"], out)
+    adapter_path = flags["peft_model_path"] or flags["lora_weights"]
+    out = output_folder(flags["output_dir"], flags["overwrite"], adapter_path)
+    adapter = Adapter(Path(adapter_path).expanduser())
     base = resolve_base(flags["base_model_name_or_path"] or flags["base_model"], adapter.base_model())
     layout = adapter.quantization_layout
     method = merge_method(flags["method"], layout)
     check_bitsandbytes(adapter.trained_quantization(), method, flags["verify"])
     device = merge_device(flags["device"])
     base_path = resolve_local_base(base, "--base_model")
-    if Path(base_path).resolve() in (out, *out.parents):
-        raise UserError(f"--output_dir {out} would replace the base model folder; choose another folder")
+    outputs.check_apart(out, outputs.MERGE, [("the base model folder", base_path)])
     gguf_types = tuple(gguf_export.parse_types(flags.get("gguf")))
     if gguf_types:  # before anything is written: an architecture or tokenizer the export cannot write
         gguf_export.check_exportable(
@@ -167,27 +166,13 @@ def resolve(flags):
     )
 
 
-def output_folder(output_dir, overwrite):
-    """--output_dir resolved, with what an interrupted merge left there cleaned up; new, empty or
-    --overwrite."""
+def output_folder(output_dir, overwrite, adapter_path):
+    """--output_dir resolved, with what an interrupted merge left there cleaned up: outside the adapter folder,
+    and new, empty or an earlier merge that --overwrite replaces (platy/outputs.py)."""
     out = Path(output_dir).expanduser().resolve()
-    remove_stale_partials(out)  # first: a restored previous model must count as what is there
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; give a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output_dir {out} is not empty; choose a new folder or pass --overwrite")
-    return out
-
-
-def read_adapter(folder, out):
-    """The adapter to merge, read and checked; out must lie outside its folder."""
-    adapter = Adapter(Path(folder).expanduser())
-    adapter_dir = adapter.folder.resolve()
-    if out == adapter_dir or out in adapter_dir.parents or adapter_dir in out.parents:
-        raise UserError(
-            f"--output_dir {out} would replace or nest in the adapter folder {adapter_dir}; choose a folder outside it"
-        )
-    return adapter
+    if outputs.never_written(out) is None:  # a protected folder is refused below, before anything is renamed
+        remove_stale_partials(out)  # first: a restored previous model must count as what is there
+    return outputs.check_output_dir(out, outputs.MERGE, overwrite, [("the adapter folder", adapter_path)])
 
 
 def merge_method(method, layout):

@@ -300,6 +300,19 @@ def test_unknown_suite_task_and_missing_model_stop_before_any_work(tmp_path):
     assert not out.exists()
 
 
+def test_model_names_never_lead_results_outside_output_dir(tmp_path):
+    """--models .., ., or a name with separators: each model's results folder is a new folder inside output_dir."""
+    from platy.evaluate_stages import unique_folders
+    from platy.evaluation import model_labels
+
+    out = (tmp_path / "eval").resolve()
+    specs = ["..", ".", "../..", "~", "a/../../b", "..\\x", "./"]
+    folders = unique_folders(model_labels(specs))
+    for spec, folder in zip(specs, folders):
+        assert (out / folder).resolve().parent == out, (spec, folder)
+    assert len(set(folders)) == len(specs)
+
+
 def test_without_lm_eval_says_how_to_install_it(tmp_path):
     shim = tmp_path / "shim"
     shim.mkdir()

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,16 +178,47 @@ def assert_refused(result, *fragments):
     assert_user_error(result, "merge.py", *fragments)
 
 
-def test_non_empty_output_dir_is_refused_then_replaced_on_request(qlora_adapter, tmp_path):
+def tree(folder):
+    """Every file under folder with its bytes: what a refused merge must leave as it was."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_merge_replaces_only_an_earlier_merge_and_only_when_asked(qlora_adapter, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    for extra in ((), ("--overwrite",)):
+        refused = merge_cli(qlora_adapter, mine, *extra)
+        assert_refused(refused, f"--output_dir {mine} is not empty", "keep.txt", "choose a new or empty folder")
+    assert tree(mine) == {Path("keep.txt"): b"mine"}
     out = tmp_path / "m"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    assert_refused(merge_cli(qlora_adapter, out), "not empty", "--overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
-    result = merge_cli(qlora_adapter, out, "--overwrite")
+    assert merge_cli(qlora_adapter, out).returncode == 0
+    assert_refused(merge_cli(qlora_adapter, out), "holds a model merged earlier", "pass --overwrite to replace it")
+    result = merge_cli(qlora_adapter, out, "--overwrite", "--dtype", "float32")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["m"], "no temporary folder left behind"
+    assert json.loads((out / "merge_config.json").read_text())["dtype"] == "float32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "mine"], "no temporary folder left behind"
+
+
+def test_overwrite_never_touches_a_folder_holding_the_base(qlora_adapter, tiny_llama, tmp_path, monkeypatch):
+    """merge.py --output_dir ./models --overwrite with the base in ./models/llama-2-13b; the home folder."""
+    import shutil
+
+    models = tmp_path / "models"
+    base = models / "llama-2-13b"
+    shutil.copytree(tiny_llama, base)
+    (models / "notes.txt").write_text("mine")
+    before = tree(models)
+    for out in (models, base, base / "merged"):
+        result = merge_cli(qlora_adapter, out, "--base_model", base, "--overwrite")
+        assert_refused(result, f"--output_dir {out} ", "choose a new or empty folder")
+    assert "is inside the base model folder" in result.stderr
+    assert tree(models) == before
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    assert_refused(merge_cli(qlora_adapter, home, "--overwrite"), f"--output_dir {home} is the home folder")
+    assert list(home.iterdir()) == []
 
 
 def test_nan_adapter_is_refused_and_nothing_written(qlora_adapter, tmp_path):

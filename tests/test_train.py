@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from platy import cli
 from platy.train import config
 from platy.train.recipe import Recipe
 
-from conftest import SAMPLE, SMALL_RUN, finetune, write_rows
+from conftest import REPO, SAMPLE, SMALL_RUN, assert_user_error, finetune, write_rows
 
 
 def flags(**overrides):
@@ -217,6 +218,81 @@ def test_finished_output_dir_is_not_overwritten_unless_asked(tmp_path):
     third = finetune(out, "--max_steps", 1, "--seed", 7, "--overwrite", "True")
     assert third.returncode == 0, third.stderr[-3000:]
     assert (out / "adapter_model.safetensors").read_bytes() != before
+
+
+# ---- output folders: finetune.py writes only into a new, empty or its own folder --------------------------
+
+
+def tree(folder):
+    """Every file under folder with its bytes: what a refused command must leave as it was."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_a_base_model_folder_or_one_above_it_is_never_trained_into(tmp_path, tiny_llama):
+    import shutil
+
+    models = tmp_path / "models"
+    base = models / "llama-2-13b"
+    shutil.copytree(tiny_llama, base)
+    before = tree(models)
+    for out, where in ((base, "is the base model folder"), (models, "is above the base model folder")):
+        result = finetune(out, "--overwrite", "True", base_model=base)
+        assert_user_error(result, "finetune.py", f"--output_dir {out} {where} {base}", "choose a new or empty folder")
+    assert tree(models) == before
+
+
+def test_a_folder_of_other_files_is_never_trained_into(tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    for extra in ((), ("--overwrite", "True")):
+        result = finetune(out, *extra)
+        assert_user_error(
+            result, "finetune.py", f"--output_dir {out} is not empty", "README.md", "choose a new or empty folder"
+        )
+    assert tree(out) == {Path("README.md"): b"mine"}
+
+
+def test_home_root_and_the_toolkit_folder_are_never_trained_into(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for out, what in ((home, "the home folder"), (Path("/"), "the file system root"), (REPO, "the toolkit's folder")):
+        result = finetune(out, "--overwrite", "True")
+        assert_user_error(result, "finetune.py", f"--output_dir {out} is {what}", "choose a new or empty folder")
+    assert list(home.iterdir()) == []
+
+
+def test_overwrite_retires_only_what_finetune_wrote(tmp_path):
+    from types import SimpleNamespace
+
+    from platy.train.loop import clear_output_dir
+
+    out = tmp_path / "out"
+    record = '{"flags": {"base_model": "builtin:tiny-llama"}}'
+    for folder in (out, out / "checkpoint-2"):  # a finished run and one of its checkpoints
+        folder.mkdir(parents=True)
+        (folder / "run_config.json").write_text(record)
+    (out / "checkpoint-9").mkdir()  # a folder of the same name that no run of finetune.py wrote
+    (out / "checkpoint-9" / "optimizer.pt").write_bytes(b"someone else's")
+    (out / "checkpoint-notes").write_text("mine")
+    clear_output_dir(SimpleNamespace(output_dir=str(out), overwrite=True, resume=None))
+    assert tree(out) == {Path("checkpoint-9/optimizer.pt"): b"someone else's", Path("checkpoint-notes"): b"mine"}
+
+
+def test_rotation_retires_only_checkpoints_finetune_wrote(tmp_path):
+    from platy.train.checkpoints import rotate
+
+    out = tmp_path / "out"
+    for step, record in ((1, False), (2, True), (3, True)):  # checkpoint-1: complete, but not this toolkit's
+        folder = out / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt"):
+            (folder / name).write_text("x")
+        if record:
+            (folder / "run_config.json").write_text('{"flags": {"base_model": "builtin:tiny-llama"}}')
+    rotate(out, keep=1, newest=out / "checkpoint-3")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-3"]
 
 
 def test_tensorboard_reporting_writes_events(tmp_path):

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from platy.cli import UserError, say
-from platy.files import ADAPTER_FILES, swap_into_place
+from platy.files import ADAPTER_FILES, DELETING, STAGING, swap_into_place
 from platy.integrity import folder_problem
-
-STAGING = ".staging"  # partial checkpoints and the final adapter are written here first
-DELETING = ".deleting-"  # old checkpoints being removed
-PREEMPTED = "preempted.json"  # marks a run stopped by a signal, with its checkpoint
+from platy.outputs import own_checkpoint
 
 
 def checkpoint_steps(output_dir):
@@ -167,8 +164,8 @@ def rotate(output_dir, keep, newest):
     others = [
         path
         for _, path in checkpoint_steps(output_dir)
-        if path.resolve() != Path(newest).resolve() and not missing_parts(path)
-    ]  # others are not ours
+        if path.resolve() != Path(newest).resolve() and own_checkpoint(path) and not missing_parts(path)
+    ]
     others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for path in others[keep - 1 :]:
         retire(path)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from platy import checks, cli
+from platy import checks, cli, outputs
+from platy.base_weights import resolve_base_model
 from platy.cli import UserError, say
-from platy.files import ADAPTER_FILES, RUN_CONFIG
 from platy.modeling import PRECISIONS, QUANTIZATIONS, bitsandbytes_missing, parse_target_modules
 from platy.prompts import Prompter, chat_template_problem
 from platy.quantized import LOFTQ_OFFSET
@@ -41,7 +41,6 @@ LR_SCHEDULERS = (
 )
 FINETUNING = ("lora", "full")
 ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
-OWN_OUTPUTS = (*ADAPTER_FILES, "adapter_config.json", RUN_CONFIG)
 # --optim: the Trainer's names; the bitsandbytes ones need that package
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit")
 BNB_OPTIMIZERS = ("paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit")
@@ -304,7 +303,7 @@ def resolve(flags):
     resume = resolve_resume(run)
     if finished := finished_here(run, resume):
         return run.replace(resume=resume, already_finished=finished)
-    check_output_dir(run.output_dir, run.overwrite, resume)
+    check_output_dir(run, resume)
     run = run.replace(resume=resume, **read_data(run))
     if resume and resume.checkpoint and run.rows is not None:
         note_changed_settings(resume.path, run.flags(), run.data_fingerprint)
@@ -469,25 +468,16 @@ def check_attention(attn_implementation, device, dry_run):
         raise UserError("--attn_implementation flash_attention_2 runs on CUDA GPUs only; use sdpa here")
 
 
-def check_output_dir(output_dir, overwrite, resume):
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output_dir {output_dir} is a file; give a folder")
-    resuming_here = resume and resume.checkpoint and Path(resume.path).resolve().parent == path.resolve()
-    if resuming_here or overwrite or not path.is_dir():
-        return
-    if (path / RUN_CONFIG).exists():
-        raise UserError(
-            f"--output_dir {output_dir} already holds a finished run; choose another folder or pass "
-            "--overwrite (to train that adapter further: --resume_from_checkpoint "
-            f"{output_dir} with a new --output_dir)"
-        )
-    ours = [name for name in OWN_OUTPUTS if (path / name).exists()] + [p.name for p in path.glob("checkpoint-*")]
-    if ours:
-        raise UserError(
-            f"--output_dir {output_dir} holds an unfinished run ({', '.join(sorted(ours)[:3])}); "
-            "continue it with --resume_from_checkpoint auto, choose another folder, or pass --overwrite"
-        )
+def check_output_dir(run, resume):
+    """output_dir may take this run (platy/outputs.py): not a folder the run reads (the base, an adapter it
+    resumes from) nor one above them; new, empty, or a run of its own that is continued or (--overwrite)
+    replaced."""
+    out = Path(run.output_dir)
+    continuing = bool(resume and resume.checkpoint and Path(resume.path).resolve().parent == out.resolve())
+    reads = [("the base model folder", resolve_base_model(run.base_model, "--base_model", weights=False))]
+    if resume and not continuing:
+        reads.append(("the adapter folder" if resume.adapter else "the checkpoint folder", resume.path))
+    outputs.check_output_dir(out, outputs.RUN, run.overwrite, reads, continuing)
 
 
 def note_changed_settings(checkpoint, flags, data_fingerprint):

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from platy import cli
 from platy.cli import say
-from platy.files import RUN_CONFIG, write_json
+from platy.files import PREEMPTED, RUN_CONFIG, write_json
+from platy.outputs import own_checkpoints
 from platy.train.arguments import training_arguments
-from platy.train.checkpoints import PREEMPTED, remove_leftovers, retire
+from platy.train.checkpoints import remove_leftovers, retire
 from platy.train.plan import optimizer_steps
 from platy.train.publish import run_result
 
@@ -89,14 +90,15 @@ def run_training(run, trainer):
 
 
 def clear_output_dir(run):
-    """Before training (rank 0): what --overwrite replaces, partial writes and the preemption marker go."""
+    """Before training (rank 0): what --overwrite replaces (the earlier run's record and its own checkpoints,
+    nothing else), partial writes and the preemption marker go."""
     if not cli.is_main_process():
         return
     out = Path(run.output_dir)
     if run.overwrite and not run.resume:
         # the old run's marker and checkpoints go first: a crash must not leave the folder looking finished
         (out / RUN_CONFIG).unlink(missing_ok=True)
-        for old in out.glob("checkpoint-*"):
+        for old in own_checkpoints(out):
             say(f"--overwrite: removing {old}")
             retire(old)
     remove_leftovers(out)
