@@ -41,7 +41,7 @@ FLAGS = Flags(
         "output_dir",
         None,
         str,
-        "Where the merged model goes; must be new or empty unless --overwrite.",
+        "Where the merged model goes: a new or empty folder, or an earlier merge with --overwrite.",
     ),
     Flag(
         "device",
@@ -86,7 +86,7 @@ FLAGS = Flags(
         "overwrite",
         False,
         bool,
-        "Replace a non-empty output_dir (only once the new model is complete).",
+        "Replace the earlier merge in output_dir (only once the new model is complete); nothing else is replaced.",
     ),
     Flag(
         "trust_remote_code",

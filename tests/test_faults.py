@@ -285,6 +285,7 @@ def test_rotation_keeps_the_newest_and_never_leaves_a_partial_checkpoint(tmp_pat
         for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
             (folder / name).write_text("{}")
         (folder / "adapter_model.safetensors").write_bytes(EMPTY_SAFETENSORS)
+        (folder / "run_config.json").write_text('{"flags": {"base_model": "builtin:tiny-llama"}}')  # the run's own
         os.utime(folder, (step, step))
     (tmp_path / "checkpoint-9").mkdir()  # incomplete (say, copied by hand): never latest, never deleted
     (tmp_path / "checkpoint-9" / "trainer_state.json").write_text("{}")

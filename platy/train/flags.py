@@ -312,7 +312,7 @@ TRAIN_FLAGS = Flags(
             "overwrite",
             False,
             bool,
-            "Allow writing into an output_dir that already holds a run.",
+            "Replace the earlier run an output_dir holds (its record and its own checkpoints; nothing else).",
         ),
         Flag(
             "skip_nonfinite_steps",
