@@ -36,8 +36,10 @@ def check_output_dir(output_dir, kind, overwrite, reads=(), continuing=False):
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file; give a folder")
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if names:
-        (check_run_folder if kind == RUN else check_merge_folder)(out, names, overwrite, continuing)
+    if names and kind == RUN:
+        check_run_folder(out, names, overwrite, continuing)
+    elif names:
+        check_merge_folder(out, names, overwrite)
     return out
 
 
@@ -97,7 +99,7 @@ def check_run_folder(out, names, overwrite, continuing):
     )
 
 
-def check_merge_folder(out, names, overwrite, continuing=False):
+def check_merge_folder(out, names, overwrite):
     """A non-empty output_dir of merge.py: an earlier merge, replaced with --overwrite."""
     if not merged_model(out):
         raise UserError(
