@@ -12,6 +12,15 @@ RUN_CONFIG = "run_config.json"  # written last by finetune.py: its presence mark
 LOG_HISTORY = "log_history.json"
 CURVES = "training_curves.png"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+PREEMPTED = "preempted.json"  # marks a run stopped by a signal, with its checkpoint
+# a model's tokenizer as transformers saves and reads it: the only files a merge copies from a tokenizer folder
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def cache_root():

@@ -142,7 +142,11 @@ def resolve(flags):
     output, report_file, rejects_file = output_files(flags)
     test_items = read_test_questions(flags["test_files"]) if flags["decontaminate"] and flags["test_files"] else []
     needs_embeddings = flags["near_dedup"] or bool(test_items)
-    embedding_model_path = resolve_embedding_model(flags["embedding_model"]) if needs_embeddings else None
+    embedding_model_path = (
+        resolve_embedding_model(flags["embedding_model"], trusted=flags["trust_embedding_model"])
+        if needs_embeddings
+        else None
+    )
     cache_root = resolve_cache_dir(flags["cache_dir"])
     length_tokenizer, prompter = load_length_tokenizer(flags["tokenizer"], flags["prompt_template_name"])
     return RefineRun(

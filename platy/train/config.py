@@ -340,7 +340,7 @@ def derive(flags):
 
 def resolve_resume(run):
     """--resume_from_checkpoint as a Resume (None: a new run)."""
-    resume = checkpoints.resolve_resume(run.resume_from_checkpoint, run.output_dir)
+    resume = checkpoints.resolve_resume(run.resume_from_checkpoint, run.output_dir, run.trust_checkpoint)
     if run.finetuning == "full" and resume and resume.adapter:
         raise UserError(
             f"--resume_from_checkpoint {resume.path} is an adapter folder, which cannot start "

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from platy import cli
 from platy.cli import say
-from platy.files import RUN_CONFIG, write_json
+from platy.files import PREEMPTED, RUN_CONFIG, write_json
 from platy.train.arguments import training_arguments
-from platy.train.checkpoints import PREEMPTED, remove_leftovers, retire
+from platy.train.checkpoints import remove_leftovers, retire
 from platy.train.plan import optimizer_steps
 from platy.train.publish import run_result
 
