@@ -107,14 +107,16 @@ def written_here(checkpoint, output_dir):
 
 
 def check_trusted(value, checkpoint, output_dir, trusted):
-    """A checkpoint from elsewhere is code: the Trainer unpickles its optimizer, scheduler and RNG states,
-    and DeepSpeed its global_stepN/*.pt with plain pickle, which runs whatever a crafted file holds."""
+    """A checkpoint from elsewhere is code: DeepSpeed reads its global_stepN/*.pt with plain pickle, which
+    runs whatever a crafted file holds (the Trainer's own states go through torch's restricted unpickler,
+    whose guard is all that stands between a crafted file and this process)."""
     if trusted or written_here(checkpoint, output_dir):
         return
     raise UserError(
         f"--resume_from_checkpoint {value}: not a checkpoint-N folder of --output_dir {output_dir}; resuming "
-        "unpickles its optimizer, RNG and DeepSpeed state files, which can run code. Pass --trust_checkpoint if "
-        "you trust where it came from, or start from its adapter alone (an adapter folder is data)"
+        "unpickles its optimizer, RNG and DeepSpeed state files (DeepSpeed's with plain pickle), which can run "
+        "code. Pass --trust_checkpoint if you trust where it came from, or start from its adapter alone (an "
+        "adapter folder is data)"
     )
 
 
