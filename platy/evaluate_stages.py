@@ -51,6 +51,8 @@ def check_flags(flags):
     check_numbers(flags, problems)
     if flags["device"] not in DEVICES and not str(flags["device"]).startswith("cuda:"):
         problems.append(f"--device {flags['device']}: choose {', '.join(DEVICES)} or cuda:N")
+    if flags["trust_task_code"] and not flags["include_path"]:
+        problems.append("--trust_task_code vouches for the task folder --include_path names: give that too")
     if flags["fewshot_as_multiturn"] is not None and not flags["apply_chat_template"]:
         problems.append(
             f"--fewshot_as_multiturn {flags['fewshot_as_multiturn']}: turns exist only in a chat template; "

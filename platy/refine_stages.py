@@ -85,6 +85,8 @@ def check_flags(flags):
         checks.positive_int("embedding_batch_size", f.embedding_batch_size),
         checks.integer("seed", f.seed),
     )
+    if f.trust_embedding_model and f.embedding_model in BUNDLED_NAMES:
+        problems.append("--trust_embedding_model vouches for an --embedding_model folder: give that folder too")
     if f.test_files and not f.decontaminate:
         problems.append("--test_files is given but --decontaminate is False; drop one of them")
     if f.prompt_template_name != "alpaca" and not f.tokenizer:

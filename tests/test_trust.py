@@ -94,6 +94,8 @@ def test_a_checkpoint_not_written_in_output_dir_is_refused_unless_trusted(adapte
         result, "finetune.py", f"--resume_from_checkpoint {received}: not a checkpoint-N", "--trust_checkpoint"
     )
     assert not (tmp_path / "new").exists()
+    alone = finetune(tmp_path / "new", "--trust_checkpoint")
+    assert_user_error(alone, "finetune.py", "--trust_checkpoint vouches for the checkpoint --resume_from_checkpoint")
 
 
 # ---- an adapter's base and tokenizer run no code --------------------------------------------------------
@@ -226,6 +228,14 @@ def test_an_embedding_folder_naming_its_own_module_is_refused_unless_trusted(tmp
     result = run_cli([sys.executable, str(REPO / "refine.py"), *args])
     assert_user_error(result, "refine.py", f"--embedding_model {folder}: its modules.json names the module")
     assert not (tmp_path / "out.json").exists()
+    alone = run_cli([sys.executable, str(REPO / "refine.py"), *args[:4], "--trust_embedding_model"])
+    assert_user_error(alone, "refine.py", "--trust_embedding_model vouches for an --embedding_model folder")
+
+
+def evaluate_defaults():
+    from platy.cli import script_entry
+
+    return script_entry("evaluate").flags.defaults()
 
 
 def test_a_task_folder_naming_code_is_refused_unless_trusted(tmp_path):
@@ -252,5 +262,8 @@ def test_a_task_folder_naming_code_is_refused_unless_trusted(tmp_path):
     problems = []
     evaluate_stages.check_folders({**flags, "trust_task_code": True}, problems)
     assert problems == []
+    assert "--trust_task_code vouches for the task folder" in " ".join(
+        evaluate_stages.check_flags({**evaluate_defaults(), "trust_task_code": True})
+    )
     help_text = next(flag.help for flag in script_entry("evaluate").flags if flag.name == "include_path")
     assert "not data" in help_text and "--trust_task_code" in help_text

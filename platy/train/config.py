@@ -159,6 +159,8 @@ def combination_problems(f):
         problems.append("--double_quant needs --quantization 4bit")
     elif f["double_quant"] and f["quantization"] == "8bit":
         problems.append("--double_quant applies to 4-bit only; drop it or use --quantization 4bit")
+    if f["trust_checkpoint"] and not f["resume_from_checkpoint"]:
+        problems.append("--trust_checkpoint vouches for the checkpoint --resume_from_checkpoint names: give that too")
     return problems
 
 
