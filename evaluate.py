@@ -56,7 +56,9 @@ FLAGS = Flags(
         "include_path",
         None,
         str,
-        "Folder of local tasks in lm-eval's YAML format (used first, then the harness's built-in tasks).",
+        "Folder of local tasks in lm-eval's YAML format (used first, then the harness's built-in tasks). Task "
+        "files are programs, not data: one that names Python code (!function) is refused unless "
+        "--trust_task_code.",
     ),
     Flag(
         "output_dir",
@@ -109,7 +111,13 @@ FLAGS = Flags(
         "trust_remote_code",
         False,
         bool,
-        "Allow model code from the hub.",
+        "Allow model code from the hub (not for adapters in --models: their base is named by a received file).",
+    ),
+    Flag(
+        "trust_task_code",
+        False,
+        bool,
+        "Run the Python code that --include_path's task files name (!function): only for a folder you trust.",
     ),
 )
 

@@ -146,7 +146,8 @@ FLAGS = Flags(
         "trust_remote_code",
         False,
         bool,
-        "Allow model code from the hub.",
+        "Allow the code of the model named by --base_model (needed with it: the base an adapter's "
+        "run_config.json names never runs code, nor does an adapter's tokenizer).",
     ),
 )
 

@@ -92,7 +92,8 @@ FLAGS = Flags(
         "trust_remote_code",
         False,
         bool,
-        "Allow model code from the hub for --verify.",
+        "Allow the code of the model named by --base_model for --verify (needed with it: the base an adapter's "
+        "run_config.json names never runs code).",
     ),
     Flag(
         "check",

@@ -121,6 +121,13 @@ FLAGS = Flags(
         "model, offline).",
     ),
     Flag(
+        "trust_embedding_model",
+        False,
+        bool,
+        "Load an --embedding_model folder whose modules.json names code of its own (a module outside "
+        "sentence_transformers): only for a folder you trust.",
+    ),
+    Flag(
         "embedding_batch_size",
         64,
         int,

@@ -8,6 +8,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ def check_flags(flags):
     check_numbers(flags, problems)
     if flags["device"] not in DEVICES and not str(flags["device"]).startswith("cuda:"):
         problems.append(f"--device {flags['device']}: choose {', '.join(DEVICES)} or cuda:N")
+    if flags["trust_task_code"] and not flags["include_path"]:
+        problems.append("--trust_task_code vouches for the task folder --include_path names: give that too")
     if flags["fewshot_as_multiturn"] is not None and not flags["apply_chat_template"]:
         problems.append(
             f"--fewshot_as_multiturn {flags['fewshot_as_multiturn']}: turns exist only in a chat template; "
@@ -106,11 +109,59 @@ def prompt_format(flags):
 
 
 def check_folders(flags, problems):
-    if flags["include_path"] and not Path(flags["include_path"]).expanduser().is_dir():
+    include = Path(flags["include_path"]).expanduser() if flags["include_path"] else None
+    if include and not include.is_dir():
         problems.append(f"--include_path {flags['include_path']}: folder not found")
+    elif include and not flags["trust_task_code"] and (code := task_code(include)):
+        more = f" (and {len(code) - 1} more)" if len(code) > 1 else ""
+        problems.append(
+            f"--include_path {flags['include_path']}: {code[0]}{more}: code that lm-eval runs when it loads the "
+            "task; read it, and pass --trust_task_code if you trust the folder and where it came from"
+        )
     output_dir = Path(flags["output_dir"]).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         problems.append(f"--output_dir {output_dir} is a file; give a folder")
+
+
+# a Jinja expression that reaches a dunder attribute: the way out of the harness's unsandboxed templates
+JINJA_DUNDER = re.compile(r"\{[{%](?:(?![}%]\}).)*__", re.DOTALL)
+
+
+def task_code(include):
+    """Where the task YAML of an --include_path folder names code (each as 'FILE: ...'): a tag such as
+    !function (lm-eval imports the module it names and runs it), or a template reaching Python internals;
+    the files they include are read too, wherever they are. [] for a folder of data and plain templates."""
+    import yaml
+
+    found, seen = [], set()
+
+    class Loader(yaml.SafeLoader):
+        """Reads a task file without running anything, noting every tag the harness would construct."""
+
+    def note_tag(loader, tag, node):
+        found.append(f"{where}: !{tag} {getattr(node, 'value', '')}".rstrip())
+
+    Loader.add_multi_constructor("!", note_tag)
+    pending = sorted(include.glob("**/*.yaml"))
+    while pending:
+        path = pending.pop(0).resolve()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        where = path.relative_to(include.resolve()) if path.is_relative_to(include.resolve()) else path
+        try:
+            config = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 - a safe loader
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            continue  # the harness skips a file it cannot read
+        if not isinstance(config, dict):
+            continue
+        templates = [v for v in config.values() if isinstance(v, str) and JINJA_DUNDER.search(v)]
+        found += [f"{where}: a template reaching Python internals ({t[:60]!r})" for t in templates]
+        includes = config.get("include") or []
+        for name in includes if isinstance(includes, list) else [includes]:
+            if isinstance(name, str):
+                pending.append(path.parent / name)
+    return found
 
 
 @dataclass(frozen=True)
@@ -242,6 +293,14 @@ def resolve_models(flags, problems):
                 base, base_path = spec, resolve_base_model(spec, "--models")
         except UserError as err:
             problems.append(str(err))
+            continue
+        if adapter and flags["trust_remote_code"]:
+            # the base and tokenizer an adapter brings are data from whoever sent it, never code to run
+            problems.append(
+                f"--models {spec}: --trust_remote_code would run the code of the base its run_config.json names "
+                f"({base}) and of its tokenizer; merge it with merge.py --base_model <the base> and evaluate the "
+                "merged folder, or drop --trust_remote_code"
+            )
             continue
         # as trained: the scores are those of the trained adapter (and of merge.py's dequant merge)
         quantization, as_trained = loading_quantization(adapter, flags["load_4bit"])

@@ -16,6 +16,14 @@ STAGING = ".staging"  # partial checkpoints and the final adapter are written he
 DELETING = ".deleting-"  # old checkpoints being removed
 PREEMPTED = "preempted.json"  # marks a run stopped by a signal, with its checkpoint
 MERGE_CONFIG = "merge_config.json"  # how merge.py made a model, with the size and sha256 of each written file
+# a model's tokenizer as transformers saves and reads it: the only files a merge copies from a tokenizer folder
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def cache_root():

@@ -480,6 +480,23 @@ def stop_tokens(folder):
     return list(dict.fromkeys(texts))
 
 
+def modelfile_template(prompt_template):
+    """The Modelfile's TEMPLATE for a recorded prompt template (None where it has no {instruction} to fill).
+    The recorded template comes with the adapter, so it is data from elsewhere: a \"\"\" in it would close the
+    TEMPLATE and make the rest Modelfile directives (another FROM, an ADAPTER, a SYSTEM prompt). Ollama's
+    triple-quoted strings have no escape, so such a template is refused."""
+    prompt = (prompt_template or {}).get("prompt_no_input")
+    if not isinstance(prompt, str) or "{instruction}" not in prompt:
+        return None
+    if '"""' in prompt:
+        raise UserError(
+            '--gguf: the adapter\'s recorded prompt template (run_config.json) holds """, which would end the '
+            "Modelfile's TEMPLATE and turn the rest into Modelfile directives; merge without --gguf, or retrain "
+            "with a template free of it"
+        )
+    return prompt.replace("{instruction}", "{{ .Prompt }}") + "{{ .Response }}"
+
+
 def modelfile(gguf_file, prompt_template, has_chat_template, stops):
     """An Ollama Modelfile for the GGUF: the trained prompt template as Ollama's TEMPLATE, and the stop tokens.
 
@@ -491,10 +508,9 @@ def modelfile(gguf_file, prompt_template, has_chat_template, stops):
         f"# Ollama: ollama create {Path(gguf_file).stem} -f Modelfile && ollama run {Path(gguf_file).stem}",
         f"FROM ./{gguf_file}",
     ]
-    prompt = (prompt_template or {}).get("prompt_no_input")
-    if prompt and "{instruction}" in prompt:
-        template = prompt.replace("{instruction}", "{{ .Prompt }}")
-        lines.append(f'TEMPLATE """{template}{{{{ .Response }}}}"""')
+    template = modelfile_template(prompt_template)
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
     elif has_chat_template:
         lines.append("# no TEMPLATE: Ollama reads the chat template stored in the GGUF (tokenizer.chat_template)")
     lines += [f'PARAMETER stop "{json.dumps(stop)[1:-1]}"' for stop in stops]

@@ -56,6 +56,7 @@ class GenerationRun:
 def check_flags(flags):
     """Every problem of inference.py's flags, as sentences; reads no file."""
     from platy.data.rows import FILE_FORMATS
+    from platy.modeling import REMOTE_CODE_NEEDS_BASE
 
     problems = []
     if flags["input"] and not flags["prompt"]:
@@ -80,6 +81,8 @@ def check_flags(flags):
             problems.append("--temperature must be >= 0, --top_p in (0, 1] and --repetition_penalty > 0")
         elif flags["top_p"] < 1 and flags["temperature"] == 0:
             problems.append("--top_p applies to sampling: set --temperature above 0 too (0 is greedy)")
+    if flags["trust_remote_code"] and not flags["base_model"]:
+        problems.append(REMOTE_CODE_NEEDS_BASE)
     out_path = flags["output_file"] or flags["output_csv_path"]
     if out_path and flags["prompt"]:
         problems.append("--output_file goes with a prompts file; --prompt prints its answer")
@@ -167,7 +170,9 @@ def load_for_generation(run):
     )
     tokenizer_source = run.adapter.folder if run.adapter else path
     tokenizer_flag = "--lora_weights" if run.adapter else "--base_model"
-    tokenizer = prepare_tokenizer(load_tokenizer(str(tokenizer_source), run.trust_remote_code, flag=tokenizer_flag))
+    # an adapter's tokenizer never runs code (an auto_map in it names modules that came with the adapter)
+    trust_tokenizer = run.trust_remote_code and not run.adapter
+    tokenizer = prepare_tokenizer(load_tokenizer(str(tokenizer_source), trust_tokenizer, flag=tokenizer_flag))
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     # CUDA: "auto" spreads a model too big for one GPU over all of them
     placement = "auto" if device == "cuda" else {"": device}

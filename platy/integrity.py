@@ -9,21 +9,28 @@
   sha256. Verifying it compares sizes first (free) and then hashes (one read of the folder).
 - file_digest (size and sha256 of one file) serves any format: safetensors shards, pickles,
   GGUF files.
+- Every name a manifest or an index lists is a path inside its folder (relative, no `..`, no link
+  leading out), and a manifest lists every file it covers: a file it does not list is refused.
+
+A manifest proves that files are as they were when it was written, not who wrote them: anyone can
+write one (docs/faults.md, "What the toolkit trusts").
 """
 
 import hashlib
 import json
 import math
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from platy.cli import UserError
-from platy.files import write_json
+from platy.files import CURVES, LOG_HISTORY, PREEMPTED, RUN_CONFIG, write_json
 
 MANIFEST = "manifest.json"  # written last into a checkpoint-N or adapter folder
 MANIFEST_FORMAT = "platy-manifest-1"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save archives a resume or a load reads
+# what finetune.py writes beside an adapter after its manifest (the record, the log, the curves, the card)
+WRITTEN_AFTER_MANIFEST = (RUN_CONFIG, LOG_HISTORY, CURVES, "README.md", PREEMPTED)
 JSON_CHECKED_BYTES = 64 << 20  # configs, states and tokenizers are parsed; anything larger is data
 # bytes per element of the safetensors dtypes whose size is known (others: ranges checked only)
 ITEM_BYTES = {
@@ -86,6 +93,23 @@ class Digest:
 
     def record(self):
         return {"size": self.size, "sha256": self.hash.hexdigest()}
+
+
+def outside_problem(folder, name):
+    """Why `name`, as a manifest or an index lists it, does not name a file inside folder (None: it does):
+    an absolute path, a `..`, or a link whose target lies outside. A folder of the Hugging Face cache
+    (snapshots/<revision>) links its files into the repository's blobs/, which counts as inside."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        return f"names {name!r}, which is not a path inside the folder"
+    folder = Path(folder).resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots":
+        roots.append(folder.parent.parent / "blobs")
+    target = (folder / name).resolve()
+    if not any(target.is_relative_to(root) for root in roots):
+        return f"{name} is a link leading outside the folder"
+    return None
 
 
 def safetensors_header(path):
@@ -181,6 +205,9 @@ def check_index(folder, index_name, who, fix):
             raise TypeError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise UserError(f"{who}: {index_name} is damaged (not a readable weight map); {fix}") from None
+    for name in sorted(set(weight_map.values())):
+        if problem := outside_problem(folder, name):
+            raise UserError(f"{who}: {index_name} {problem}; {fix}")
     files = [folder / name for name in sorted(set(weight_map.values()))]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
@@ -260,8 +287,12 @@ def read_manifest(folder):
 
 def records_problem(folder, records, hashes=True, listed_in=MANIFEST):
     """The first file of `records` ({relative path: {size, sha256}}) that is not as recorded (None: all are).
-    Sizes are compared for every file before any is hashed: a torn copy shows at no cost."""
+    Sizes are compared for every file before any is hashed: a torn copy shows at no cost; a name that leads
+    outside the folder is refused before anything is read."""
     folder = Path(folder)
+    for name in records:
+        if problem := outside_problem(folder, name):
+            return f"{listed_in} {problem}"
     for name, record in records.items():
         path = folder / name
         if not path.is_file():
@@ -288,12 +319,35 @@ def folder_problem(folder, hashes=True):
         return str(err)
     if manifest is not None and (problem := records_problem(folder, manifest["files"], hashes)):
         return problem
+    if manifest is not None and (unlisted := unlisted_files(folder, manifest["files"])):
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        return f"{unlisted[0]}{more} is not listed in {MANIFEST}, so it is not what was written there"
     names = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
     crc = hashes and manifest is None
     for name in sorted(names | set(manifest["files"] if manifest else ())):
+        if problem := outside_problem(folder, name):  # before the file is read
+            return problem
         if problem := file_problem(folder / name, crc):
             return f"{name} is {problem}"
     return None
+
+
+def unlisted_files(folder, listed):
+    """The files a manifest covers but does not list: every file at the top of its folder and in each
+    subfolder it lists a file in, but those finetune.py writes after it (a checkpoint-N below an adapter has
+    a manifest of its own)."""
+    folder = Path(folder)
+    covered = {folder} | {(folder / name).parent for name in listed}
+    found = []
+    for place in sorted(covered):
+        for path in sorted(place.iterdir()):
+            name = path.relative_to(folder).as_posix()
+            if path.is_dir() and not path.is_symlink() or name in listed or name == MANIFEST:
+                continue
+            if place == folder and name in WRITTEN_AFTER_MANIFEST:
+                continue
+            found.append(name)
+    return found
 
 
 def check_folder(folder, who, fix, hashes=True):

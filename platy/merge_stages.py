@@ -20,9 +20,18 @@ from pathlib import Path
 from platy import checks, cli, gguf_export, outputs
 from platy.base_weights import base_checkpoint, resolve_base_model, resolve_local_base
 from platy.cli import WRITE_FAILED, Stopped, UserError, say
-from platy.files import MERGE_CONFIG, swap_into_place, write_json, write_text
-from platy.integrity import MANIFEST, check_weights, file_digest, folder_problem, human_size, records_problem
+from platy.files import MERGE_CONFIG, TOKENIZER_FILES, swap_into_place, write_json, write_text
+from platy.integrity import (
+    MANIFEST,
+    check_weights,
+    file_digest,
+    folder_problem,
+    human_size,
+    outside_problem,
+    records_problem,
+)
 from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size
+from platy.modeling import REMOTE_CODE_NEEDS_BASE
 
 DEVICES = ("auto", "cpu", "cuda")
 # largest logit difference that the rounding of the exported dtype alone stays well below
@@ -64,6 +73,7 @@ class MergeRun:
     verify: bool
     trust_remote_code: bool
     gguf_types: tuple = ()  # GGUF files to write after the merge (f16, q8_0, ...)
+    companions: tuple = ()  # (name, source file) copied beside the weights: generation config, tokenizer
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ def check_flags(flags):
         problems.append(f"--device {flags['device']}: choose auto, cpu or cuda")
     if flags["trust_remote_code"] and not flags["verify"]:
         problems.append("--trust_remote_code only matters for --verify (the merge itself runs no model code)")
+    elif flags["trust_remote_code"] and not (flags["base_model_name_or_path"] or flags["base_model"]):
+        problems.append(REMOTE_CODE_NEEDS_BASE)
     if flags["max_shard_size"] != "auto":
         problems += checks.problems_of(cli.problem_of(parse_size, flags["max_shard_size"]))
     if flags.get("gguf") is not None:
@@ -142,7 +154,8 @@ def resolve(flags):
     base_path = resolve_local_base(base, "--base_model")
     outputs.check_apart(out, outputs.MERGE, [("the base model folder", base_path)])
     gguf_types = tuple(gguf_export.parse_types(flags.get("gguf")))
-    if gguf_types:  # before anything is written: an architecture or tokenizer the export cannot write
+    if gguf_types:  # before anything is written: an architecture, tokenizer or template the export cannot write
+        gguf_export.modelfile_template(adapter.record.template if adapter.record else None)
         gguf_export.check_exportable(
             output_config(base_path, DTYPES[str(flags["dtype"])], adapter.vocabulary),
             tokenizer_source(adapter, base_path),
@@ -163,6 +176,7 @@ def resolve(flags):
         verify=flags["verify"],
         trust_remote_code=flags["trust_remote_code"],
         gguf_types=gguf_types,
+        companions=companion_sources(adapter, base_path),
     )
 
 
@@ -294,17 +308,8 @@ def write_companions(run, folder, stats):
 
     adapter = run.adapter
     write_json(folder / "config.json", output_config(run.base_path, run.dtype, adapter.vocabulary))
-    base = Path(run.base_path)
-    # the adapter's (finetune.py writes one with a chat template's end-of-turn stops) or else the base's
-    generation = next((f / GENERATION for f in (adapter.folder, base) if (f / GENERATION).is_file()), None)
-    if generation:
-        shutil.copy(generation, folder / GENERATION)
-    for path in tokenizer_source(adapter, base).iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens_map")) or path.name in ("chat_template.jinja",):
-            shutil.copy(path, folder / path.name)
-    if not (folder / "tokenizer.model").exists() and (base / "tokenizer.model").is_file():
-        # transformers 5 saves tokenizer.json only; llama.cpp's tools and --gguf read the sentencepiece model
-        shutil.copy(base / "tokenizer.model", folder / "tokenizer.model")
+    for name, source in run.companions:
+        shutil.copy(source, folder / name)
     merge_info = {
         "method": run.method,
         "dtype": run.dtype,
@@ -444,6 +449,43 @@ def verify_prompter(run):
     record = run.adapter.record
     template = (record and record.template_name) or "alpaca"
     return Prompter(template, f"--peft_model_path {run.adapter.folder}: its recorded template")
+
+
+def companion_sources(adapter, base_path):
+    """What the merged folder copies beside its weights, as ((name, source file), ...): the generation config
+    (the adapter's, which holds a chat template's end-of-turn stops, else the base's), the tokenizer's files
+    (tokenizer_source's) and the base's sentencepiece model. Only these names, and only regular files inside
+    their folder: a link in a received adapter must not carry a file of this machine (a token, the
+    environment) into a model that gets published."""
+    base = Path(base_path)
+    found = {}
+    generation = next((f for f in (adapter.folder, base) if present(f / GENERATION)), None)
+    if generation:
+        found[GENERATION] = generation
+    tokenizer = tokenizer_source(adapter, base)
+    found |= {name: tokenizer for name in TOKENIZER_FILES if present(tokenizer / name)}
+    if "tokenizer.model" not in found and present(base / "tokenizer.model"):
+        # transformers 5 saves tokenizer.json only; llama.cpp's tools and --gguf read the sentencepiece model
+        found["tokenizer.model"] = base
+    return tuple((name, file_inside(folder, name, adapter)) for name, folder in found.items())
+
+
+def present(path):
+    return path.is_symlink() or path.exists()  # a dangling link too: it is refused, not skipped
+
+
+def file_inside(folder, name, adapter):
+    """folder / name, a regular file inside folder; a UserError naming the flag that gave the folder."""
+    flag = "--peft_model_path" if folder == adapter.folder else "--base_model"
+    problem = outside_problem(folder, name)
+    if problem is None and not (folder / name).is_file():
+        problem = f"{name} is not a regular file"
+    if problem:
+        raise UserError(
+            f"{flag} {folder}: {problem}; the merge copies only regular files from inside the folder: "
+            f"replace {name} with the file itself"
+        )
+    return folder / name
 
 
 def tokenizer_source(adapter, base_path):

@@ -12,6 +12,11 @@ from platy.quantized import (
 )
 
 QUANTIZATIONS = ("4bit", "8bit", "none")
+# an adapter's run_config.json names its base: data from whoever sent the adapter, never a reason to run code
+REMOTE_CODE_NEEDS_BASE = (
+    "--trust_remote_code runs the base model's own code: name that base with --base_model (the one an "
+    "adapter's run_config.json records is not trusted to run code)"
+)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 

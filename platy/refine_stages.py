@@ -85,6 +85,8 @@ def check_flags(flags):
         checks.positive_int("embedding_batch_size", f.embedding_batch_size),
         checks.integer("seed", f.seed),
     )
+    if f.trust_embedding_model and f.embedding_model in BUNDLED_NAMES:
+        problems.append("--trust_embedding_model vouches for an --embedding_model folder: give that folder too")
     if f.test_files and not f.decontaminate:
         problems.append("--test_files is given but --decontaminate is False; drop one of them")
     if f.prompt_template_name != "alpaca" and not f.tokenizer:
@@ -142,7 +144,11 @@ def resolve(flags):
     output, report_file, rejects_file = output_files(flags)
     test_items = read_test_questions(flags["test_files"]) if flags["decontaminate"] and flags["test_files"] else []
     needs_embeddings = flags["near_dedup"] or bool(test_items)
-    embedding_model_path = resolve_embedding_model(flags["embedding_model"]) if needs_embeddings else None
+    embedding_model_path = (
+        resolve_embedding_model(flags["embedding_model"], trusted=flags["trust_embedding_model"])
+        if needs_embeddings
+        else None
+    )
     cache_root = resolve_cache_dir(flags["cache_dir"])
     length_tokenizer, prompter = load_length_tokenizer(flags["tokenizer"], flags["prompt_template_name"])
     return RefineRun(

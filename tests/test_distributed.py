@@ -67,7 +67,7 @@ def test_lora_knobs_under_torchrun_keep_ranks_identical_and_resume_exactly(tmp_p
     assert first.returncode == 0, first.stderr[-4000:]
     shutil.copytree(tmp_path / "run" / "checkpoint-2", tmp_path / "checkpoint-2")
     again = [*driver, *common, "--output_dir", str(tmp_path / "again")]
-    again += ["--resume_from_checkpoint", str(tmp_path / "checkpoint-2")]
+    again += ["--resume_from_checkpoint", str(tmp_path / "checkpoint-2"), "--trust_checkpoint"]
     second = run_cli(again, env={"DUMP_DIR": str(resumed)})
     assert second.returncode == 0, second.stderr[-4000:]
     losses = [

@@ -170,8 +170,10 @@ def test_all_linear_is_resolved_recorded_and_trained(tmp_path):
 
 
 def train_steps(out, steps, resume=None, **overrides):
+    # a resume here continues another output_dir's checkpoint: the test's own, so trusted
+    resumed = {"resume_from_checkpoint": resume, "trust_checkpoint": resume is not None}
     prepared = Recipe.from_flags(
-        flags(output_dir=str(out), max_steps=steps, save_steps=2, resume_from_checkpoint=resume, **overrides)
+        flags(output_dir=str(out), max_steps=steps, save_steps=2, **resumed, **overrides)
     ).setup()
     prepared.train()
     return prepared.trainer
@@ -319,7 +321,7 @@ def test_a_resumed_loftq_run_trains_on_the_base_of_its_checkpoint(tmp_path):
     save_file(changed, checkpoint / LOFTQ_OFFSET)
     reseal(checkpoint)
     again = flags(output_dir=str(tmp_path / "again"), max_steps=3, save_steps=2, **knobs)
-    prepared = Recipe.from_flags({**again, "resume_from_checkpoint": str(checkpoint)}).setup()
+    prepared = Recipe.from_flags({**again, "resume_from_checkpoint": str(checkpoint), "trust_checkpoint": True}).setup()
     layout = prepared.record.quantization_layout
     weights = load_file(f"{prepared.run.base_model_path}/model.safetensors")
     module = "model.layers.0.mlp.gate_proj"

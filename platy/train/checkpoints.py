@@ -92,8 +92,35 @@ class Resume:
         return (self.kind, self.path)
 
 
-def resolve_resume(value, output_dir):
-    """None (a new run), or the Resume that --resume_from_checkpoint names."""
+def written_here(checkpoint, output_dir):
+    """Whether a checkpoint was written by runs of this output_dir, as far as the file system tells: a
+    checkpoint-N folder right inside it, itself no link. Its manifest cannot tell more: anyone can write one."""
+    checkpoint = Path(checkpoint).expanduser().absolute()
+    return (
+        checkpoint.name.startswith("checkpoint-")
+        and checkpoint.name.removeprefix("checkpoint-").isdigit()
+        and not checkpoint.is_symlink()
+        and checkpoint.parent.resolve() == Path(output_dir).expanduser().resolve()
+    )
+
+
+def check_trusted(value, checkpoint, output_dir, trusted):
+    """A checkpoint from elsewhere is code: DeepSpeed reads its global_stepN/*.pt with plain pickle, which
+    runs whatever a crafted file holds (the Trainer's own states go through torch's restricted unpickler,
+    whose guard is all that stands between a crafted file and this process)."""
+    if trusted or written_here(checkpoint, output_dir):
+        return
+    raise UserError(
+        f"--resume_from_checkpoint {value}: not a checkpoint-N folder of --output_dir {output_dir}; resuming "
+        "unpickles its optimizer, RNG and DeepSpeed state files (DeepSpeed's with plain pickle), which can run "
+        "code. Pass --trust_checkpoint if you trust where it came from, or start from its adapter alone (an "
+        "adapter folder is data)"
+    )
+
+
+def resolve_resume(value, output_dir, trusted=False):
+    """None (a new run), or the Resume that --resume_from_checkpoint names. A checkpoint that runs of
+    output_dir did not write is refused unless trusted (--trust_checkpoint); an adapter folder is data."""
     if value in (None, "", False):
         return None
     if value == "auto":
@@ -103,8 +130,10 @@ def resolve_resume(value, output_dir):
                 f"--resume_from_checkpoint auto: no complete, undamaged checkpoint in {output_dir}; "
                 "drop the flag to start a new run"
             )
+        check_trusted(f"auto ({path})", path, output_dir, trusted)
         return Resume("checkpoint", path)
-    path = Path(str(value)).expanduser().resolve()
+    named = Path(str(value)).expanduser()
+    path = named.resolve()
     if not path.is_dir():
         raise UserError(
             f"--resume_from_checkpoint {value}: folder not found; give a checkpoint-N folder, "
@@ -123,6 +152,7 @@ def resolve_resume(value, output_dir):
                 f"--resume_from_checkpoint {value}: {problem}; resume from an earlier checkpoint-N, or pass "
                 "auto to take the newest undamaged one"
             )
+        check_trusted(value, named, output_dir, trusted)
         return Resume("checkpoint", str(path))
     if any((path / name).is_file() for name in ADAPTER_FILES):
         if problem := folder_problem(path):

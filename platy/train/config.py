@@ -158,6 +158,8 @@ def combination_problems(f):
         problems.append("--double_quant needs --quantization 4bit")
     elif f["double_quant"] and f["quantization"] == "8bit":
         problems.append("--double_quant applies to 4-bit only; drop it or use --quantization 4bit")
+    if f["trust_checkpoint"] and not f["resume_from_checkpoint"]:
+        problems.append("--trust_checkpoint vouches for the checkpoint --resume_from_checkpoint names: give that too")
     return problems
 
 
@@ -339,7 +341,7 @@ def derive(flags):
 
 def resolve_resume(run):
     """--resume_from_checkpoint as a Resume (None: a new run)."""
-    resume = checkpoints.resolve_resume(run.resume_from_checkpoint, run.output_dir)
+    resume = checkpoints.resolve_resume(run.resume_from_checkpoint, run.output_dir, run.trust_checkpoint)
     if run.finetuning == "full" and resume and resume.adapter:
         raise UserError(
             f"--resume_from_checkpoint {resume.path} is an adapter folder, which cannot start "

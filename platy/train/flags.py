@@ -185,6 +185,13 @@ TRAIN_FLAGS = Flags(
             "restart).",
         ),
         Flag(
+            "trust_checkpoint",
+            False,
+            bool,
+            "Resume from a checkpoint that is not a checkpoint-N folder of output_dir: its pickled optimizer, RNG "
+            "and DeepSpeed states can run code, so only one you trust.",
+        ),
+        Flag(
             "wandb_project",
             "",
             str,
