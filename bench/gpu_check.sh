@@ -22,7 +22,7 @@ mkdir -p "$OUT"
       echo "gpu_check.sh: no wheels in .whl/: run python bench/gpu_wheels.py here and name .whl in the call's carry"
       exit 2
     fi
-    # a folder of its own (mktemp -d, 0700): a fixed /tmp/site on PYTHONPATH runs whatever another user put there
+    # a folder of its own (mktemp -d, 0700): a fixed folder on PYTHONPATH runs whatever another user put there
     site="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-site.XXXXXXXX")" || exit 2
     trap 'rm -rf "$site"' EXIT
     echo "Installing $(ls .whl/*.whl | wc -l) carried wheels into $site"

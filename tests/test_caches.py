@@ -1,4 +1,5 @@
-"""Caches: private folders, locks that follow no link and give up, entries checked by content, keys of content."""
+"""Caches: private folders, locks that follow no link and give up, entries checked by content, keys of content;
+and temporary names of their own, in the code and in the shell scripts, and where install.sh takes torch from."""
 
 import os
 import stat
@@ -16,7 +17,7 @@ from platy.data.rows import load_rows
 from platy.files import write_text
 from platy.prompts import Prompter
 
-from conftest import SAMPLE, assert_user_error, finetune
+from conftest import REPO, SAMPLE, assert_user_error, finetune
 
 
 @pytest.fixture
@@ -170,3 +171,23 @@ def current_umask():
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_shell_scripts_take_temporary_names_of_their_own():
+    scripts = sorted(p for p in REPO.rglob("*.sh") if ".git" not in p.parts)
+    assert len(scripts) >= 4
+    for script in scripts:
+        text = script.read_text()
+        # mktemp -u only reserves a name (another user may create it first); a fixed /tmp path may be anyone's
+        assert "mktemp -u" not in text and "/tmp/site" not in text, script
+
+
+def test_torch_comes_from_one_index_and_pyarrow_from_a_fixed_release():
+    from packaging.requirements import Requirement
+
+    install = (REPO / "install.sh").read_text()
+    assert "--extra-index-url" not in install  # pip would take the highest "torch" of either index
+    assert '--index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"' in install
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    pyarrow = next(Requirement(line) for line in lines if line.startswith("pyarrow"))
+    assert not pyarrow.specifier.contains("14.0.0") and pyarrow.specifier.contains("14.0.1")  # CVE-2023-47248
