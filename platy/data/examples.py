@@ -225,13 +225,12 @@ class ExampleTokenizer:
         if not conversations:
             return self.compact_alpaca(batch)
         alpaca = sorted(set(range(len(messages))) - set(conversations))
-        chats = [self.capped(messages[i] or row_messages(alpaca_row(batch, i))) for i in conversations]
-        talking = [(i, chat, cut) for i, (chat, cut) in zip(conversations, chats) if chat]
-        silent = [i for i, (chat, _) in zip(conversations, chats) if not chat]
+        capped = {i: self.capped(messages[i] or row_messages(alpaca_row(batch, i))) for i in conversations}
+        talking = [i for i in conversations if capped[i][0]]
+        silent = [i for i in conversations if not capped[i][0]]  # no assistant turn within cutoff_len: dropped
         compact_conversations = self.compact_turns if self.chat_template is None else self.compact_chat
         parts = [
-            ([i for i, *_ in talking], compact_conversations([c for _, c, _ in talking], [c for *_, c in talking])),
-            # no assistant turn within cutoff_len: the row trains on nothing and is dropped
+            (talking, compact_conversations([capped[i][0] for i in talking], [capped[i][1] for i in talking])),
             (silent, columns_of([([], [], 0, True)] * len(silent))),
         ]
         if alpaca:
