@@ -114,14 +114,17 @@ if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ] || [ -n "${DEEPSPEED:-}" ]; then
   # workers get this long after a SIGTERM to finish their step and save a checkpoint before torchrun kills them
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
   # finetune.py also writes its preemption record here, wherever --output_dir points
-  PLATY_PREEMPTED_FILE="$(mktemp -u)"
-  export PLATY_PREEMPTED_FILE
+  # in a folder of our own (mktemp -d, 0700): a name merely reserved could be taken by another user first
+  preempted_dir="$(mktemp -d)"
+  export PLATY_PREEMPTED_FILE="$preempted_dir/preempted.json"
   status=0
   "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --nnodes "$NNODES" "${rendezvous[@]}" \
     "$here/finetune.py" "${args[@]}" "$@" || status=$?
-  if [ "$status" -ne 0 ] && [ -f "$PLATY_PREEMPTED_FILE" ]; then
+  preempted=0
+  [ -f "$PLATY_PREEMPTED_FILE" ] && preempted=1
+  rm -rf "$preempted_dir"
+  if [ "$status" -ne 0 ] && [ "$preempted" -eq 1 ]; then
     # torchrun reports any worker's non-zero exit as 1: give schedulers the preemption status back
-    rm -f "$PLATY_PREEMPTED_FILE"
     exit 75
   fi
   exit "$status"

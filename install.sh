@@ -13,10 +13,12 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     "$PYTHON" -m pip install "torch>=2.6"
   else
-    # The CPU build lives on PyTorch's own index; --retries 0 keeps a machine that only
-    # reaches a local mirror fast. TORCH_SPEC picks another CPU build.
-    "$PYTHON" -m pip install --retries 0 "${TORCH_SPEC:-torch==2.13.0+cpu}" \
-      --extra-index-url https://download.pytorch.org/whl/cpu
+    # The CPU build lives on PyTorch's own index, which also serves torch's dependencies. That index
+    # alone (--index-url): given a second index, pip takes the highest version from either, so anyone
+    # publishing a "torch" on PyPI could win (dependency confusion). TORCH_INDEX_URL names a mirror of
+    # that index; TORCH_SPEC picks another CPU build.
+    "$PYTHON" -m pip install "${TORCH_SPEC:-torch==2.13.0+cpu}" \
+      --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
   fi
 fi
 "$PYTHON" -m pip install -r "$here/requirements-dev.txt"

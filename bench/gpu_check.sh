@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh          # on the GPU machine, with .whl/ carried (python bench/gpu_wheels.py)
 #   bash bench/gpu_check.sh --dry    # anywhere, on the CPU: every step with the tiny model, about a minute
 #
-# Installs the carried wheels into /tmp/site (the device machine's recipe), then runs
+# Installs the carried wheels into a new private folder under $TMPDIR (the device machine's recipe), then runs
 # bench/gpu_check.py, which writes under $OUT (default ./outputs/gpu-check): gpu_check.log
 # (this output), steps.log (every command's full output), train_speed.json, results.json and
 # summary.md (the BENCHMARKS.md section), and prints the summary table last.
@@ -22,10 +22,13 @@ mkdir -p "$OUT"
       echo "gpu_check.sh: no wheels in .whl/: run python bench/gpu_wheels.py here and name .whl in the call's carry"
       exit 2
     fi
-    echo "Installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    # a folder of its own (mktemp -d, 0700): a fixed folder on PYTHONPATH runs whatever another user put there
+    site="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-site.XXXXXXXX")" || exit 2
+    trap 'rm -rf "$site"' EXIT
+    echo "Installing $(ls .whl/*.whl | wc -l) carried wheels into $site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
       .whl/*.whl || exit 2
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   "$PYTHON" bench/gpu_check.py --out "$OUT" "$@"
 } 2>&1 | tee "$OUT/gpu_check.log"

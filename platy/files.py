@@ -6,6 +6,7 @@ Imports nothing of the project: every layer may use it.
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 RUN_CONFIG = "run_config.json"  # written last by finetune.py: its presence marks a finished run
@@ -31,12 +32,27 @@ def cache_root():
     return Path(os.environ.get("PLATY_CACHE", Path.home() / ".cache" / "platy"))
 
 
+def temp_beside(path):
+    """A new empty file beside path with a name no one else has (.NAME.XXXXXXXX.tmp) and the permissions
+    a plain open() would give it. A fixed name could be another writer's file, or a link planted there."""
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0o077)  # read it back: the only way to know it
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)
+    os.close(handle)
+    return Path(tmp)
+
+
 def write_text(path, text):
     """Write through a temporary file and a rename: a reader never sees half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    tmp = temp_beside(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path, data):

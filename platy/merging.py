@@ -14,7 +14,7 @@ from platy.base_weights import TORCH_TO_SAFETENSORS, TensorSource, base_checkpoi
 from platy.cli import UserError
 from platy.files import ADAPTER_FILES
 from platy.integrity import SAFETENSORS_INDEX, Digest, check_folder
-from platy.quantized import read_loftq_offsets, rebuild_quantized
+from platy.quantized import checked_layout, read_loftq_offsets, rebuild_quantized
 from platy.record import RunRecord
 
 DTYPES = {
@@ -49,6 +49,24 @@ def parse_size(text):
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
     return int(float(match.group(1)) * base**power)
+
+
+MAX_VOCABULARY = 1 << 22  # 4M token ids: the largest vocabularies in use hold about 256k
+
+
+def token_indices_problem(given):
+    """What is wrong with trainable_token_indices ({module: [token ids]}) before any id sizes a matrix
+    (None: every id a distinct whole number below MAX_VOCABULARY)."""
+    if not isinstance(given, dict):
+        return f"is {type(given).__name__}, not a list or an object"
+    for module, indices in given.items():
+        if not isinstance(indices, list):
+            return f"of {module} is {type(indices).__name__}, not a list of token ids"
+        if not all(type(i) is int and 0 <= i < MAX_VOCABULARY for i in indices):
+            return f"of {module} holds a value that is no token id (whole numbers from 0 to {MAX_VOCABULARY - 1:,})"
+        if len(set(indices)) != len(indices):
+            return f"of {module} names a token id twice"
+    return None
 
 
 class Adapter:
@@ -113,6 +131,11 @@ class Adapter:
         given = self.config.get("trainable_token_indices") or {}
         if isinstance(given, list):  # a bare list means the input embeddings
             given = {"embed_tokens": given}
+        if problem := token_indices_problem(given):
+            raise UserError(
+                f"{self.flag} {self.folder}: adapter_config.json's trainable_token_indices {problem}; "
+                "it is not what finetune.py writes: copy the adapter again"
+            )
         rows = {}
         for key in list(tensors):
             for part, pattern in (("delta", TOKEN_DELTA_KEY), ("base", TOKEN_BASE_KEY)):
@@ -159,8 +182,8 @@ class Adapter:
 
     @property
     def quantization_layout(self):
-        """How finetune.py quantized the base (run_config.json's resolved quantization_layout), or None."""
-        return self.record.quantization_layout if self.record else None
+        """How finetune.py quantized the base (run_config.json's resolved quantization_layout, checked), or None."""
+        return checked_layout(self.record.quantization_layout if self.record else None, f"{self.flag} {self.folder}")
 
     def trained_quantization(self):
         """How the base was quantized in training ('4bit', '8bit' or 'none'), from run_config.json."""
@@ -374,6 +397,13 @@ def check_fit(adapter, shapes):
     the base's embedding width, in a vocabulary no smaller than the base's."""
     for module, parts in sorted(adapter.tokens.items()):
         shape = shapes.get(f"{module}.weight")
+        if shape is not None and adapter.vocabulary > shape[0] + len(parts["indices"]):
+            # the new rows follow the base's: a larger vocabulary would allocate rows nobody trained
+            raise UserError(
+                f"{adapter.flag} {adapter.folder}: its vocabulary of {adapter.vocabulary:,} tokens is larger than the "
+                f"base's {shape[0]:,} rows of {module} and the {len(parts['indices']):,} rows it trained; merge with "
+                "the base model the adapter was trained on, or copy the adapter again"
+            )
         if shape is None or list(shape[1:]) != list(parts["delta"].shape[1:]) or shape[0] > adapter.vocabulary:
             raise UserError(
                 f"adapter does not fit the base model: its trained token rows of {module} "

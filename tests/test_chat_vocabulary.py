@@ -40,6 +40,46 @@ def test_new_rows_train_and_merge_while_old_rows_stay(chatml_adapter, tiny_llama
         assert (trained - old.mean(0)).abs().max() > 1e-3, name
 
 
+@pytest.mark.parametrize(
+    "indices, fragment",
+    [
+        ([10**9, 10**9 + 1], "holds a value that is no token id"),
+        ([1024, 1024], "names a token id twice"),
+        ("1024", "is str, not a list of token ids"),
+    ],
+)
+def test_trainable_token_indices_are_checked_before_they_size_anything(chatml_adapter, tmp_path, indices, fragment):
+    import shutil
+
+    from conftest import assert_user_error, reseal
+
+    bad = tmp_path / "bad"
+    shutil.copytree(chatml_adapter, bad, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["trainable_token_indices"] = {module.rsplit(".", 1)[-1]: indices for module in TABLES}
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    reseal(bad)
+    result = merge_cli(bad, tmp_path / "m")
+    assert_user_error(result, "merge.py", "adapter_config.json's trainable_token_indices", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_a_recorded_vocabulary_larger_than_the_new_rows_is_refused(chatml_adapter, tmp_path):
+    import shutil
+
+    from conftest import assert_user_error, reseal
+
+    bad = tmp_path / "bad"
+    shutil.copytree(chatml_adapter, bad, ignore=shutil.ignore_patterns("checkpoint-*"))
+    record = json.loads((bad / "run_config.json").read_text())
+    record["resolved"]["chat_template"]["vocabulary"] = 10**9  # would be a 10**9-row embedding
+    (bad / "run_config.json").write_text(json.dumps(record))
+    reseal(bad)
+    result = merge_cli(bad, tmp_path / "m")
+    assert_user_error(result, "merge.py", "its vocabulary of 1,000,000,000 tokens is larger than the base's 1,024 rows")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
 def test_merged_model_has_the_grown_vocabulary_and_answers(chatml_adapter, tmp_path):
     from transformers import AutoTokenizer
 

@@ -121,6 +121,40 @@ def test_a_long_conversation_keeps_whole_turns_and_an_open_cut_turn(fresh_tokeni
     assert labels[-1] == end and label_pieces(fresh_tokenizer, labels) == ["Seven.<|im_end|>", "Eleven.<|im_end|>"]
 
 
+@pytest.mark.parametrize("template", ["chatml", "none"])  # a chat template, and the Alpaca one turn by turn
+def test_turns_beyond_the_cutoff_are_left_out_before_rendering(fresh_tokenizer, template, monkeypatch):
+    chat = ChatTemplate.resolve(template, fresh_tokenizer)
+    if chat is not None:
+        chat.bind(fresh_tokenizer)
+    capped = ExampleTokenizer(fresh_tokenizer, Prompter("alpaca"), cutoff_len=48, chat_template=chat)
+    too_long = {"role": "user", "content": "x" * 3 * capped.max_row_chars}
+    long = [THREE_TURNS[0]] + THREE_TURNS[1:5] * 40 + [too_long, THREE_TURNS[6]]
+    rows = [long, [too_long, *THREE_TURNS[2:]]]
+    batch = {"instruction": [""] * 2, "input": [""] * 2, "output": [""] * 2, "messages": rows}
+    whole = copy.copy(capped)
+    whole.max_turns, whole.max_row_chars = 10**9, 10**12  # no caps: every turn rendered, then cut
+    expected = whole.compact(batch)
+    rendered, encoded = [], []
+    render, encode = ChatTemplate.render, ExampleTokenizer.encode
+
+    def seen_render(self, tokenizer, conversations, **kwargs):
+        rendered.extend(conversations)
+        texts = render(self, tokenizer, conversations, **kwargs)
+        encoded.extend(texts)  # what is rendered is tokenized
+        return texts
+
+    def seen_encode(self, texts):
+        encoded.extend(texts)
+        return encode(self, texts)
+
+    monkeypatch.setattr(ChatTemplate, "render", seen_render)
+    monkeypatch.setattr(ExampleTokenizer, "encode", seen_encode)
+    assert capped.compact(batch) == expected  # the same ids, labels and counts
+    assert expected["truncated"] == [True, True] and expected["n_response"][1] == 0  # nothing fits after too_long
+    assert max(map(len, rendered), default=0) <= 49, "no conversation rendered beyond cutoff_len + 1 turns"
+    assert max(map(len, encoded)) < capped.max_row_chars + 1000, "no text tokenized far past max_row_chars"
+
+
 BAD_ROWS = [
     (
         {"messages": [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Q?"}]},

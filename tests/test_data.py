@@ -93,6 +93,58 @@ def test_every_file_format_gives_the_same_rows(tmp_path, suffix):
     assert fingerprint.startswith("sha256:")
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_rows_are_parsed_from_the_bytes_that_were_hashed(tmp_path, suffix, monkeypatch):
+    import hashlib
+
+    from platy.data import rows as rows_module
+
+    path = tmp_path / f"data{suffix}"
+    write = (lambda frame: frame.to_csv(path, index=False)) if suffix == ".csv" else (lambda f: f.to_parquet(path))
+    write(pd.DataFrame(ROWS[:1]))
+    hashed = path.read_bytes()
+    real_sha256 = hashlib.sha256
+
+    def sha256_then_replace(data=b""):  # another writer replaces the file right after it was read and hashed
+        write(pd.DataFrame(ROWS[1:]))
+        return real_sha256(data)
+
+    monkeypatch.setattr(rows_module.hashlib, "sha256", sha256_then_replace)
+    rows, fingerprint = load_rows(str(path))
+    assert fingerprint == "sha256:" + real_sha256(hashed).hexdigest()
+    assert rows == ROWS[:1], "the rows belong to the fingerprint"
+
+
+def test_json_lines_are_streamed_not_read_whole(tmp_path, monkeypatch):
+    import hashlib
+    from pathlib import Path
+
+    path = write_rows(tmp_path / "data.jsonl", ROWS * 3)
+    whole = path.read_bytes()
+
+    def no_whole_read(self, *args, **kwargs):
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", no_whole_read)
+    monkeypatch.setattr(Path, "read_text", no_whole_read)
+    rows, fingerprint = load_rows(str(path))
+    assert rows == ROWS * 3
+    assert fingerprint == "sha256:" + hashlib.sha256(whole).hexdigest()  # the key of existing token caches
+    (tmp_path / "bad.jsonl").write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl: line 2 is not UTF-8 text; save the file as UTF-8"):
+        load_rows(str(tmp_path / "bad.jsonl"))
+
+
+def test_parquet_conversation_columns_are_read_as_lists(tmp_path):
+    turns = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}]
+    other = turns[:1] + [{"role": "assistant", "content": "Two."}]
+    path = tmp_path / "chat.parquet"
+    pd.DataFrame([{"messages": turns}, {"messages": other}]).to_parquet(path)  # list<struct>: numpy arrays in pandas
+    rows, _ = load_rows(str(path))
+    assert [row["messages"] for row in rows] == [turns, other]
+    assert rows[0]["instruction"] == "Name a prime." and rows[1]["output"] == "Two."
+
+
 def test_missing_input_field_means_no_input(tmp_path):
     rows, _ = load_rows(str(write_rows(tmp_path / "d.json", [{"instruction": "Hi?", "output": "Hello."}])))
     assert rows == [{"instruction": "Hi?", "input": "", "output": "Hello."}]

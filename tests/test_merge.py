@@ -244,6 +244,23 @@ def test_adapter_for_another_base_is_refused(qlora_adapter, tiny_llama_wide, tmp
 
 
 @pytest.mark.parametrize(
+    "key, value",
+    [("load_dtype", "Tensor"), ("blocksize", 1 << 40), ("quant_storage", "__class__"), ("double_quant", 1)],
+)
+def test_a_recorded_quantization_layout_is_checked_before_use(qlora_adapter, tmp_path, key, value):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(qlora_adapter, bad, ignore=shutil.ignore_patterns("checkpoint-*"))
+    record = json.loads((bad / "run_config.json").read_text())
+    record["resolved"]["quantization_layout"][key] = value
+    (bad / "run_config.json").write_text(json.dumps(record))
+    reseal(bad)  # a received adapter: anyone can recompute its manifest
+    assert_refused(merge_cli(bad, tmp_path / "m"), "run_config.json's quantization_layout", f"'{key}' is")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+@pytest.mark.parametrize(
     "extra, fragment",
     [
         (["--method", "slerp"], "--method slerp"),

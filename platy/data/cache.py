@@ -5,16 +5,18 @@ held-out split, the tokenizer (its full serialized definition), the template, cu
 train_on_inputs, add_eos_token and the version of the tokenization code. One process
 builds an entry while holding a file lock; the others wait on the lock and then load the
 finished entry. An entry is written to a temporary folder and renamed into place, so a
-killed build never leaves a half-written one.
+killed build never leaves a half-written one; its manifest (size and sha256 of each file,
+written last) is checked before the entry is used. The folders are private (platy.caches).
 """
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+from platy.caches import CacheLock, cache_folder, private_folder
 from platy.cli import error_detail, local_world_size, say
 from platy.data.examples import adds_bos
 from platy.data.tokenize import (
@@ -28,8 +30,9 @@ from platy.data.tokenize import (
     tokenized_dataset,
 )
 from platy.files import cache_root
+from platy.integrity import Damaged, read_manifest, records_problem, write_manifest
 
-TOKENIZATION_VERSION = 4  # bump when ExampleTokenizer or tokenize_rows change what they produce
+TOKENIZATION_VERSION = 5  # bump when ExampleTokenizer or tokenize_rows change what they produce
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -76,37 +79,44 @@ def tokenized_splits(row_splits, example_tokenizer, data_fingerprint, split, roo
     """
     if not use_cache:
         return uncached(row_splits, example_tokenizer), ("uncached", None)
-    folder = Path(root or cache_root() / "tokenized") / cache_key(data_fingerprint, split, example_tokenizer)
+    key = cache_key(data_fingerprint, split, example_tokenizer)
+    folder = (Path(root) if root else cache_root() / "tokenized") / key
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(folder.parent / f"{folder.name}.lock", "w")
-    except OSError as err:  # a read-only cache folder costs the cache, not the run
+        private_folder(root) if root else cache_folder("tokenized")
+        lock = CacheLock(folder.parent / f"{key}.lock").acquire()  # one builder; the others wait, then load
+    except OSError as err:  # a read-only cache folder or a stuck builder (TimeoutError) costs the cache, not the run
         return without_cache(folder, err, row_splits, example_tokenizer)
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder; the others wait here, then load its entry
+    try:
         if (folder / "stats.json").is_file():
             try:
                 return load_entry(folder, row_splits), ("cache", folder)
-            except (OSError, ValueError, KeyError) as err:  # pyarrow's read errors are OSError / ValueError
+            except (OSError, ValueError, KeyError, Damaged) as err:  # pyarrow's read errors: OSError / ValueError
                 say(f"Note: the token cache entry {folder} cannot be read ({error_detail(err)}); tokenizing again")
         try:
             build(folder, row_splits, example_tokenizer)
         except OSError as err:  # a full disk costs the cache, not the run
             return without_cache(folder, err, row_splits, example_tokenizer)
         return load_entry(folder, row_splits), ("tokenized", folder)
+    finally:
+        lock.release()
 
 
 def without_cache(folder, err, row_splits, example_tokenizer):
     say(
-        f"Note: the token cache in {folder.parent} cannot be written ({err.strerror or err}); tokenizing "
-        "without it (set PLATY_CACHE to a writable folder to cache)"
+        f"Note: the token cache in {folder.parent} cannot be used ({getattr(err, 'strerror', None) or err}); "
+        "tokenizing without it (set PLATY_CACHE to a writable folder to cache)"
     )
     return uncached(row_splits, example_tokenizer), ("uncached", None)
 
 
 def load_entry(folder, row_splits):
-    """{name: (dataset or None, stats)} of a complete entry; raises if any part is missing or does not
-    hold the rows its statistics count."""
+    """{name: (dataset or None, stats)} of a complete entry; raises if any file differs from the entry's
+    manifest (sizes, then sha256), or a split does not hold the rows its statistics count."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise Damaged("the entry has no manifest")
+    if problem := records_problem(folder, manifest["files"]):
+        raise Damaged(problem)
     stats = json.loads((folder / "stats.json").read_text())
     splits = {name: (load_split(folder / f"{name}.arrow", stats[name]), stats[name]) for name in row_splits}
     for name, (dataset, counts) in splits.items():
@@ -138,10 +148,8 @@ def build(folder, row_splits, example_tokenizer):
     tokenized (the writing overlaps the tokenizing processes), then publish the entry by renaming."""
     import pyarrow as pa
 
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
-        staging.mkdir()
         stats = {}
         for name, rows in row_splits.items():
             stats[name] = empty_stats()
@@ -153,7 +161,8 @@ def build(folder, row_splits, example_tokenizer):
             ):
                 for arrays, stats[name] in counted(token_chunks(rows, example_tokenizer)):
                     out.write_batch(record_batch(arrays))
-        (staging / "stats.json").write_text(json.dumps(stats))  # written last: marks a complete entry
+        (staging / "stats.json").write_text(json.dumps(stats))
+        write_manifest(staging)  # written last: marks a complete entry
         shutil.rmtree(folder, ignore_errors=True)  # a leftover without stats.json, or an unreadable entry
         os.replace(staging, folder)
     finally:

@@ -12,6 +12,10 @@ from platy.cli import TOKENIZER_THREADS_OFF_BY_US, UserError
 from platy.data.rows import row_messages
 
 IGNORE_INDEX = -100  # label value the loss skips
+# A text of n characters is at least n / (the longest token's length) tokens, less what a normalizer folds
+# (NFC composes up to three characters into one): text further in than this many times the longest token per
+# allowed token lies beyond cutoff_len, whatever it says.
+FOLDED_CHARACTERS = 4
 
 
 def prepare_tokenizer(tokenizer):
@@ -194,6 +198,11 @@ class ExampleTokenizer:
         self._clean_ends = {}  # a character -> whether splits_cleanly_after holds for it
         self._fixed_ids = {}  # see fixed_ids
         self.heads = template_heads(prompter.template)
+        # Caps applied before a row is rendered or tokenized (see capped): every turn is one token at least,
+        # so turns after the first cutoff_len + 1 never fit; nor does text past max_row_chars characters.
+        self.max_turns = cutoff_len + 1
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+        self.max_row_chars = (cutoff_len + 1) * longest * FOLDED_CHARACTERS
 
     def __call__(self, batch):
         """input_ids, attention_mask, labels, n_response and truncated for each row of a column batch."""
@@ -216,11 +225,14 @@ class ExampleTokenizer:
         if not conversations:
             return self.compact_alpaca(batch)
         alpaca = sorted(set(range(len(messages))) - set(conversations))
-        if self.chat_template is None:
-            parts = [(conversations, self.compact_turns([messages[i] for i in conversations]))]
-        else:
-            chats = [messages[i] or row_messages(alpaca_row(batch, i)) for i in conversations]
-            parts = [(conversations, self.compact_chat(chats))]
+        capped = {i: self.capped(messages[i] or row_messages(alpaca_row(batch, i))) for i in conversations}
+        talking = [i for i in conversations if capped[i][0]]
+        silent = [i for i in conversations if not capped[i][0]]  # no assistant turn within cutoff_len: dropped
+        compact_conversations = self.compact_turns if self.chat_template is None else self.compact_chat
+        parts = [
+            (talking, compact_conversations([capped[i][0] for i in talking], [capped[i][1] for i in talking])),
+            (silent, columns_of([([], [], 0, True)] * len(silent))),
+        ]
         if alpaca:
             parts.append(
                 (alpaca, self.compact_alpaca({key: [batch[key][i] for i in alpaca] for key in ALPACA_COLUMNS}))
@@ -232,8 +244,30 @@ class ExampleTokenizer:
                     out[key][i] = value
         return out
 
+    def capped(self, messages):
+        """(messages, cut): the turns of a conversation that can reach its first cutoff_len tokens, taken
+        before anything is rendered, ending with its last assistant turn among them (what follows it is
+        cut by finish anyway); cut says some text was left out. At most max_turns turns and max_row_chars
+        characters of text are kept: a conversation of 20,000 turns costs what one of max_turns does. No
+        assistant turn left: ([], True)."""
+        kept, room = [], self.max_row_chars
+        for message in messages[: self.max_turns]:
+            if room <= 0:
+                break
+            if len(message["content"]) > room:
+                message = {**message, "content": message["content"][:room]}
+            kept.append(message)
+            room -= len(message["content"])
+        cut = len(kept) < len(messages) or kept[-1] is not messages[len(kept) - 1]
+        if cut:
+            ends = [j for j, message in enumerate(kept) if message["role"] == "assistant"]
+            kept = kept[: ends[-1] + 1] if ends else []
+        return kept, cut
+
     def compact_alpaca(self, batch):
-        """compact's columns for Alpaca rows: [BOS] prompt response [EOS] (see build)."""
+        """compact's columns for Alpaca rows: [BOS] prompt response [EOS] (see build). Each text is cut to
+        max_row_chars characters first: what lies past that is beyond cutoff_len."""
+        batch = {key: [text[: self.max_row_chars] for text in batch[key]] for key in ALPACA_COLUMNS}
         prompts = [self.prompter.generate_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
         prompt_ids = self.encode_prompts(prompts)
         responses = self.encode_after(prompts, batch["output"])
@@ -253,13 +287,14 @@ class ExampleTokenizer:
                 out[key].append(value)
         return out
 
-    def compact_turns(self, conversations):
+    def compact_turns(self, conversations, cut):
         """compact's columns for conversations of several exchanges under an Alpaca template: each exchange
         is the template's prompt and the response followed by EOS, one after the other after one BOS. The
         system message, if any, is the first exchange's instruction and that exchange's question its input
-        (as for a single exchange); the later questions are instructions without input."""
+        (as for a single exchange); the later questions are instructions without input. cut: for each
+        conversation, whether capped left some of it out."""
         examples = []
-        for messages in conversations:
+        for messages, was_cut in zip(conversations, cut):
             system = messages[0]["content"] if messages[0]["role"] == "system" else ""
             turns = messages[1:] if messages[0]["role"] == "system" else messages
             ids, assistant = list(self.bos), [False] * len(self.bos)
@@ -278,15 +313,18 @@ class ExampleTokenizer:
                     prompt_ids = with_bos(prompt_ids, self.bos)[len(self.bos) :]
                 ids += prompt_ids + response + [self.eos]
                 assistant += [False] * len(prompt_ids) + [True] * (len(response) + 1)
-            examples.append(self.finish(ids, assistant))
+            examples.append(self.finish(ids, assistant, was_cut))
         return columns_of(examples)
 
-    def compact_chat(self, conversations):
+    def compact_chat(self, conversations, cut):
         """compact's columns for conversations rendered with the chat template: the ids are the tokenizer's
         ids of the whole rendered text (what apply_chat_template(..., tokenize=True) gives). An assistant
         turn's labels are the tokens between the rendering of the conversation up to that turn with the
         generation prompt and the rendering that ends with the turn, less what follows the turn's last
-        end-of-turn token (the newline ChatML writes after <|im_end|>, say)."""
+        end-of-turn token (the newline ChatML writes after <|im_end|>, say). cut: for each conversation,
+        whether capped left some of it out."""
+        if not conversations:
+            return columns_of([])
         template, tokenizer = self.chat_template, self.tokenizer
         texts = template.render(tokenizer, conversations)
         turns = [
@@ -308,7 +346,7 @@ class ExampleTokenizer:
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         end_ids = set(template.end_of_turn_ids(tokenizer))
         examples = []
-        for ids, offsets, row_spans in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
+        for ids, offsets, row_spans, was_cut in zip(encoded["input_ids"], encoded["offset_mapping"], spans, cut):
             assistant = [False] * len(ids)
             for begin, end in row_spans:
                 inside = [j for j, (s, e) in enumerate(offsets) if s < end and e > begin]
@@ -316,15 +354,16 @@ class ExampleTokenizer:
                 for j in inside:
                     if not closing or j <= closing[-1]:
                         assistant[j] = True
-            examples.append(self.finish(list(ids), assistant))
+            examples.append(self.finish(list(ids), assistant, was_cut))
         return columns_of(examples)
 
-    def finish(self, ids, assistant):
+    def finish(self, ids, assistant, cut=False):
         """(ids, masked, n_response, truncated) of a conversation whose ids[j] is an assistant label where
         assistant[j]. Beyond cutoff_len the ids are cut, and then after the last assistant token left: the
         turns that fit stay whole, an assistant turn cut in the middle keeps its tokens without its
-        end-of-turn token (it did not end there), and a cut user turn goes."""
-        truncated = len(ids) > self.cutoff_len
+        end-of-turn token (it did not end there), and a cut user turn goes. cut: capped already left out
+        the rest of the conversation, so it is truncated whatever the length of what was kept."""
+        truncated = cut or len(ids) > self.cutoff_len
         if truncated:
             last = max((j for j, a in enumerate(assistant[: self.cutoff_len]) if a), default=-1)
             del ids[last + 1 :], assistant[last + 1 :]

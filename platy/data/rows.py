@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from platy.cli import UserError, error_detail
+from platy.files import temp_beside
 
 FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 MAX_ROW_PROBLEMS_SHOWN = 3
@@ -136,31 +137,41 @@ def mix_rows(spec, seed, flag="--data_path"):
 
 
 def _read_local(path, flag="--data_path"):
-    """Rows of a JSON, JSONL, CSV or Parquet file, and the sha256 of its bytes."""
+    """Rows of a JSON, JSONL, CSV or Parquet file, and the sha256 of its bytes: the rows are parsed from
+    the very bytes that were hashed (a file replaced meanwhile cannot give rows of another fingerprint);
+    JSON Lines are parsed line by line as they are read, so the file's text is never held whole."""
     if path.is_dir():
         raise UserError(f"{flag}: {path} is a folder; give a JSON, JSONL, CSV or Parquet file")
     kind = FILE_FORMATS.get(path.suffix.lower())
     if kind is None:
         raise UserError(f"{flag}: {path}: unsupported file type '{path.suffix}'; use .json, .jsonl, .csv or .parquet")
     try:
+        if kind == "jsonl":
+            rows, digest = _stream_jsonl(path)
+            return rows, "sha256:" + digest
         raw = path.read_bytes()
+    except UserError as err:
+        raise UserError(f"{flag}: {path}: {err}") from err
     except OSError as err:
         raise UserError(f"{flag}: cannot read {path}: {err.strerror}; check the path and permissions") from err
     fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
     try:
         if kind == "json":
             rows = _parse_json(raw.decode("utf-8"))
-        elif kind == "jsonl":
-            rows = _parse_jsonl(raw.decode("utf-8"))
         elif kind == "csv":
+            import io
+
             import pandas as pd
 
             # keep_default_na=False: an empty cell is an empty string, not NaN
-            rows = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+            rows = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False).to_dict("records")
         else:
-            import pandas as pd
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-            rows = pd.read_parquet(path).to_dict("records")
+            # Python lists and dicts, as JSON gives them (pandas would give a conversation column's
+            # turns as numpy arrays)
+            rows = pq.read_table(pa.BufferReader(raw)).to_pylist()
     except UserError as err:
         raise UserError(f"{flag}: {path}: {err}") from err
     except Exception as err:  # any parser failure is a file the user must fix
@@ -209,22 +220,25 @@ def read_prompts(path, flag):
 
 
 def write_rows(path, rows, kind):
-    """Write rows as JSON, JSONL, CSV or Parquet through a temporary file and a rename."""
+    """Write rows as JSON, JSONL, CSV or Parquet through a temporary file of its own and a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if kind == "json":
-        tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    elif kind == "jsonl":
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    else:
-        import pandas as pd
-
-        frame = pd.DataFrame(rows)
-        if kind == "csv":
-            frame.to_csv(tmp, index=False)
+    tmp = temp_beside(path)
+    try:
+        if kind == "json":
+            tmp.write_text(json.dumps(rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        elif kind == "jsonl":
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         else:
-            frame.to_parquet(tmp)
-    tmp.replace(path)
+            import pandas as pd
+
+            frame = pd.DataFrame(rows)
+            if kind == "csv":
+                frame.to_csv(tmp, index=False)
+            else:
+                frame.to_parquet(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _parse_json(text):
@@ -258,6 +272,23 @@ def _parse_jsonl(text):
         except json.JSONDecodeError as err:
             raise UserError(f"line {number} is not valid JSON ({err.msg}); fix that line") from None
     return rows
+
+
+def _stream_jsonl(path):
+    """(rows, sha256 hex) of a JSON Lines file read line by line, each line hashed and parsed as it comes."""
+    digest, rows = hashlib.sha256(), []
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            digest.update(line)
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line.decode("utf-8")))
+            except UnicodeDecodeError:
+                raise UserError(f"line {number} is not UTF-8 text; save the file as UTF-8") from None
+            except json.JSONDecodeError as err:
+                raise UserError(f"line {number} is not valid JSON ({err.msg}); fix that line") from None
+    return rows, digest.hexdigest()
 
 
 def _read_hub(data_id, flag="--data_path"):
