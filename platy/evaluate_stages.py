@@ -7,12 +7,12 @@ Which harness number goes in which cell, and how tables are laid out, is platy.e
 import functools
 import gc
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from platy import cli
+from platy.base_weights import offline_when_unreachable
 from platy.cli import UserError, error_detail, say
 from platy.evaluation import (
     SUITES,
@@ -168,27 +168,6 @@ def resolve(flags, problems):
         limit=flags["limit"],
         trust_remote_code=flags["trust_remote_code"],
     )
-
-
-def offline_when_unreachable(timeout=3):
-    """One connection attempt to the hub; when it fails, the libraries go offline (read their caches), so each
-    request does not wait through its own retries. Nothing to do when offline mode is set or a proxy is used."""
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy")):
-        return
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return
-    except OSError as err:
-        why = err.strerror or type(err).__name__
-    say(f"Note: {url.hostname} cannot be reached ({why}): offline, hub models and data sets come from the local cache")
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
-        if module in sys.modules:  # imported already: the environment was read
-            setattr(sys.modules[module], name, True)
 
 
 def parse_shots(value, problems):

@@ -278,8 +278,8 @@ def answer_rows(samples, count):
 def render_answers(task, rows):
     """The answers block: each request, the expected answer, and every model's answer with a mark."""
     marks = {True: "right", False: "wrong", None: ""}
-    width = max((len(label) for _, _, answers in rows for label in answers), default=0)
-    lines = [f"Answers to the first {len(rows)} prompts of {task}:"]
+    width = max([len("expected")] + [len(label) for _, _, answers in rows for label in answers])
+    lines = [f"Answers to the first {len(rows)} prompt{'' if len(rows) == 1 else 's'} of {task}:"]
     for request, expected, answers in rows:
         lines += [f"  {request}", f"    {'expected'.ljust(width)}  {expected}"]
         for label, (answer, scored) in answers.items():
