@@ -12,6 +12,9 @@ r"""Benchmark base, merged and adapter models with EleutherAI's lm-evaluation-ha
     python evaluate.py --models ./outputs/platypus-merged --suite arc_easy,piqa --num_fewshot 0 --limit 100
     python evaluate.py --models builtin:tiny-llama --suite my_task --include_path ./my_tasks
 
+    # the quick start's task (bundled, offline): base against fine-tuned, with their answers
+    python evaluate.py --models builtin:smollm2-135m,./outputs/platypus-qlora --suite toolcalls --show_answers 5
+
 Needs lm-eval: pip install -r requirements-eval.txt. Writes the harness's results JSON per model
 and shot count, and the tables (Markdown, as the published model cards lay them out) into
 --output_dir.
@@ -36,7 +39,8 @@ FLAGS = Flags(
         str,
         "openllm (ARC 25-shot acc_norm, HellaSwag 10-shot acc_norm, MMLU 5-shot acc, TruthfulQA 0-shot mc2, "
         "Winogrande 5-shot acc, GSM8K 5-shot exact match, and their average), kobest (COPA, HellaSwag, BoolQ, "
-        "SentiNeg: macro F1 at 0, 5, 10 and 50 shots), or comma-separated harness task names.",
+        "SentiNeg: macro F1 at 0, 5, 10 and 50 shots), toolcalls (the quick start's held-out requests, bundled "
+        "and offline: exact match of the tool call), or comma-separated harness task names.",
     ),
     Flag(
         "num_fewshot",
@@ -59,6 +63,13 @@ FLAGS = Flags(
         "Folder of local tasks in lm-eval's YAML format (used first, then the harness's built-in tasks). Task "
         "files are programs, not data: one that names Python code (!function) is refused unless "
         "--trust_task_code.",
+    ),
+    Flag(
+        "show_answers",
+        0,
+        int,
+        "Print the first N prompts of each task with every model's answer and whether it scored; all answers "
+        "go to <output_dir>/<model>/<shots>-shot-samples.json.",
     ),
     Flag(
         "output_dir",

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Launch finetune.py with the Platypus recipe, on one process, one node or many nodes.
 #
-#   bash fine-tuning.sh                         # quick start: tiny embedded model + bundled sample data (CPU, offline)
+#   bash fine-tuning.sh                         # quick start: SmolLM2-135M-Instruct learns tool calls, then is
+#                                               # compared with its base on held-out requests (CPU, offline)
+#   TINY=1 bash fine-tuning.sh                  # the tiny random model on the sample data: the pipeline in a minute
 #   BASE_MODEL=meta-llama/Llama-2-13b-hf DATA_PATH=garage-bAInd/Open-Platypus \
 #     OUTPUT_DIR=./Platypus2-13B-lora bash fine-tuning.sh
 #   bash fine-tuning.sh --learning_rate 3e-4 --num_epochs 2      # extra flags go to finetune.py
@@ -10,6 +12,7 @@
 # Environment:
 #   BASE_MODEL, DATA_PATH, OUTPUT_DIR  (without BASE_MODEL: the quick start, with the settings of
 #                recipes/demo-settings.sh; a rerun replaces its previous output)
+#   TINY=1       without BASE_MODEL: the tiny model's quick start instead of the real model's
 #   NPROC        processes per node (default: the number of GPUs, else 1)
 #   NNODES       nodes (default: $SLURM_NNODES, else 1)
 #   NODE_RANK    this node's rank (default: $SLURM_NODEID, else 0)
@@ -24,14 +27,23 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-demo=""
+PYTHON="${PYTHON:-python}"
+for arg in "$@"; do
+  case "$arg" in
+    --help | -h) exec "$PYTHON" "$here/finetune.py" --help ;;  # the flags, and nothing run or replaced
+  esac
+done
+demo=""  # the quick start (recipes/demo-settings.sh): real (SmolLM2 on tool calls) or tiny (TINY=1)
 if [ -z "${BASE_MODEL:-}" ]; then
-  demo=1  # the quick start: the tiny model with settings fitted to it (recipes/demo-settings.sh)
+  source "$here/recipes/demo-settings.sh"
+  if [ -n "${TINY:-}" ] && [ "$TINY" != "0" ]; then
+    demo=tiny BASE_MODEL=builtin:tiny-llama DATA_PATH="${DATA_PATH:-$here/data/sample_platypus.json}"
+  else
+    demo=real BASE_MODEL="$quickstart_base" DATA_PATH="${DATA_PATH:-$here/$quickstart_data}"
+  fi
 fi
-BASE_MODEL="${BASE_MODEL:-builtin:tiny-llama}"
 DATA_PATH="${DATA_PATH:-$here/data/sample_platypus.json}"
 OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-qlora}"
-PYTHON="${PYTHON:-python}"
 
 if [ -z "${NPROC:-}" ]; then
   # the GPUs this process may use (CUDA_VISIBLE_DEVICES included), at least 1
@@ -70,14 +82,17 @@ if [ -n "${DEEPSPEED:-}" ]; then
   args+=(--deepspeed "$DEEPSPEED")
 fi
 if [ -n "$demo" ]; then
-  source "$here/recipes/demo-settings.sh"
-  args+=("${demo_batch[@]}" "${demo_schedule[@]}")  # after Platypus's values: these win
+  if [ "$demo" = tiny ]; then
+    args+=("${demo_batch[@]}" "${demo_schedule[@]}")  # after Platypus's values: these win
+  else
+    args+=("${demo_batch[@]}" "${quickstart_settings[@]}")
+  fi
   # a rerun replaces the previous quick-start run (never a run of another base model, nor one resumed)
   case " $* ${DRY_RUN:-0}" in
     *" --resume_from_checkpoint"* | *" --dry_run"* | *" 1") ;;
     *)
       for record in "$OUTPUT_DIR"/run_config.json "$OUTPUT_DIR"/checkpoint-*/run_config.json; do
-        if [ -f "$record" ] && grep -q '"base_model": "builtin:tiny-llama"' "$record"; then
+        if [ -f "$record" ] && grep -q "\"base_model\": \"$BASE_MODEL\"" "$record"; then
           echo "Replacing the previous quick-start run in $OUTPUT_DIR"
           args+=(--overwrite True)
           break
@@ -129,4 +144,15 @@ if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ] || [ -n "${DEEPSPEED:-}" ]; then
   fi
   exit "$status"
 fi
-exec "$PYTHON" "$here/finetune.py" "${args[@]}" "$@"
+if [ "$demo" != real ]; then
+  exec "$PYTHON" "$here/finetune.py" "${args[@]}" "$@"
+fi
+"$PYTHON" "$here/finetune.py" "${args[@]}" "$@"
+# the quick start's proof: the held-out requests answered by the base and by base + adapter
+if ! "$PYTHON" -c "import lm_eval" 2>/dev/null; then
+  echo "To compare the base with the fine-tuned model: pip install -r $here/requirements-eval.txt, then:"
+  echo "  python $here/evaluate.py --models $BASE_MODEL,$OUTPUT_DIR --suite toolcalls --show_answers 5"
+  exit 0
+fi
+exec "$PYTHON" "$here/evaluate.py" --models "$BASE_MODEL,$OUTPUT_DIR" --suite toolcalls --show_answers 5 \
+  --output_dir "$(dirname "$OUTPUT_DIR")/quickstart-eval"

@@ -59,7 +59,9 @@ FLAGS = Flags(
         "prompts_file",
         None,
         str,
-        "JSON, JSONL, CSV or Parquet rows with instruction and optional input.",
+        "JSON, JSONL, CSV or Parquet rows with instruction and optional input, or messages (a conversation of "
+        "one or more exchanges ending with a user turn, answered as the next assistant turn; several exchanges "
+        "need a chat template).",
     ),
     Flag(
         "output_file",

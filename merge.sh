@@ -11,13 +11,18 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+for arg in "$@"; do
+  case "$arg" in
+    --help | -h) exec "$PYTHON" "$here/merge.py" --help ;;  # the flags, and nothing run or replaced
+  esac
+done
 demo=""
 if [ -z "${PEFT_MODEL_PATH:-}" ] && [ -z "${OUTPUT_DIR:-}" ]; then
   demo=1  # the quick start's adapter
 fi
 PEFT_MODEL_PATH="${PEFT_MODEL_PATH:-./outputs/platypus-qlora}"
 OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-merged}"
-PYTHON="${PYTHON:-python}"
 
 args=(--peft_model_path "$PEFT_MODEL_PATH" --output_dir "$OUTPUT_DIR" --method "${METHOD:-auto}"
       --dtype "${DTYPE:-float16}")
@@ -26,7 +31,7 @@ if [ -n "${GGUF:-}" ]; then
 fi
 # a rerun of the quick start replaces its previous merged model (never a merge of another base model)
 if [ -n "$demo" ] && [ -f "$OUTPUT_DIR/merge_config.json" ] \
-    && grep -q '"base_model": "builtin:tiny-llama"' "$OUTPUT_DIR/merge_config.json"; then
+    && grep -Eq '"base_model": "builtin:(tiny-llama|smollm2-135m)"' "$OUTPUT_DIR/merge_config.json"; then
   echo "Replacing the previous quick-start merge in $OUTPUT_DIR"
   args+=(--overwrite True)
 fi

@@ -73,8 +73,8 @@ FLAGS = Flags(
         True,
         bool,
         "Convert OpenOrca (system_prompt, question, response) and one-exchange conversation rows "
-        "(conversations / messages) to Alpaca rows and set aside rows that cannot be used. False: take Alpaca "
-        "rows as they are; any other row stops the run.",
+        "(conversations / messages) to Alpaca rows, keep conversations of several exchanges as messages, and "
+        "set aside rows that cannot be used. False: take Alpaca rows as they are; any other row stops the run.",
     ),
     Flag(
         "exact_dedup",

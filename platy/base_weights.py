@@ -7,9 +7,10 @@ and modeling: it imports none of them.
 
 import json
 import os
+import sys
 from pathlib import Path
 
-from platy.cli import UserError, error_detail
+from platy.cli import UserError, error_detail, say
 from platy.integrity import SAFETENSORS_INDEX, check_index, check_safetensors, file_problem
 
 BUILTIN_PREFIX = "builtin:"
@@ -40,7 +41,29 @@ def resolve_base_model(base_model, flag, weights=True):
         or ("/" in base_model and Path(first).is_dir())
     ):
         raise UserError(f"{flag} {base_model}: folder does not exist; give a model folder or a hub id")
+    offline_when_unreachable()  # a hub id: without a network, fail (or read the cache) in seconds, not retries
     return base_model
+
+
+def offline_when_unreachable(timeout=3):
+    """One connection attempt to the hub; when it fails, the libraries go offline (read their caches), so each
+    request does not wait through its own retries. Nothing to do when offline mode is set or a proxy is used."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy")):
+        return
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+    say(f"Note: {url.hostname} cannot be reached ({why}): offline, hub models and data sets come from the local cache")
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        if module in sys.modules:  # imported already: the environment was read
+            setattr(sys.modules[module], name, True)
 
 
 def resolve_local_base(base_model, flag):

@@ -7,19 +7,21 @@ Which harness number goes in which cell, and how tables are laid out, is platy.e
 import functools
 import gc
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from platy import cli
+from platy.base_weights import offline_when_unreachable
 from platy.cli import UserError, error_detail, say
 from platy.evaluation import (
     SUITES,
+    answer_rows,
     custom_suite,
     folder_name,
     model_labels,
+    render_answers,
     render_tables,
     scores_json,
     shots_title,
@@ -190,6 +192,9 @@ def resolve(flags, problems):
     """
     shot_counts = parse_shots(flags["num_fewshot"], [])
     include = Path(flags["include_path"]).expanduser().resolve() if flags["include_path"] else None
+    bundled = SUITES.get(flags["suite"])
+    if include is None and bundled is not None and bundled.include is not None:
+        include = bundled.include  # a bundled suite's tasks are read from the toolkit's own folder
     offline_when_unreachable()
     check_device(flags["device"], problems)
     check_folders(flags, problems)
@@ -216,27 +221,6 @@ def resolve(flags, problems):
     )
 
 
-def offline_when_unreachable(timeout=3):
-    """One connection attempt to the hub; when it fails, the libraries go offline (read their caches), so each
-    request does not wait through its own retries. Nothing to do when offline mode is set or a proxy is used."""
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy")):
-        return
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return
-    except OSError as err:
-        why = err.strerror or type(err).__name__
-    say(f"Note: {url.hostname} cannot be reached ({why}): offline, hub models and data sets come from the local cache")
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
-    for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
-        if module in sys.modules:  # imported already: the environment was read
-            setattr(sys.modules[module], name, True)
-
-
 def parse_shots(value, problems):
     if value is None:
         return []
@@ -256,6 +240,9 @@ def check_numbers(flags, problems):
         or (limit >= 1 and limit != int(limit))
     ):
         problems.append(f"--limit {limit}: give a number of examples (a positive integer) or a fraction below 1")
+    shown = flags["show_answers"]
+    if isinstance(shown, bool) or not isinstance(shown, int) or shown < 0:
+        problems.append(f"--show_answers {shown}: give how many prompts to show (0: none)")
     batch = str(flags["batch_size"])
     if not (batch == "auto" or batch.isdigit() and int(batch) > 0):
         problems.append(f"--batch_size {batch}: give auto or a positive integer")
@@ -547,7 +534,7 @@ def evaluate_model(model, run):
                     num_fewshot=shots,
                     limit=run.limit,
                     task_manager=run.task_manager,
-                    log_samples=False,
+                    log_samples=bool(run.flags["show_answers"]),
                     apply_chat_template=run.flags["apply_chat_template"],
                     fewshot_as_multiturn=fewshot_turns(run.flags),
                     system_instruction=run.flags["system_instruction"],
@@ -556,7 +543,12 @@ def evaluate_model(model, run):
             # only through an evaluation tracker
             results["config"]["model_args"] = model_args
             results["config"].update(prompting(lm, run.flags))
-            write_json(folder / f"{'default' if shots is None else shots}-shot.json", results)
+            name = "default" if shots is None else shots
+            if "samples" in results:  # every answer in a file of its own; the first few stay for the report
+                write_json(folder / f"{name}-shot-samples.json", results["samples"])
+                shown = run.flags["show_answers"]
+                results["samples"] = {task: rows[:shown] for task, rows in results["samples"].items()}
+            write_json(folder / f"{name}-shot.json", results)
             runs[shots] = results
     finally:
         del lm  # the next model loads where this one was
@@ -643,4 +635,20 @@ def report(run, runs_by_model, eval_config):
     write_json(out / "eval_config.json", eval_config)
     say("")
     print(tables, end="", flush=True)
+    if run.flags["show_answers"]:
+        print(answers_text(suite, runs_by_model, run.flags["show_answers"]), end="", flush=True)
     say(f"\nTables: {out / 'results.md'}; harness results: {out}/<model>/<shots>-shot.json")
+
+
+def answers_text(suite, runs_by_model, count):
+    """Each task's first prompts with every model's answer, at the task's first shot count."""
+    blocks = []
+    for score in suite.scores:
+        samples = {
+            label: runs[score.shots]["samples"][score.task]
+            for label, runs in runs_by_model.items()
+            if score.task in runs.get(score.shots, {}).get("samples", {})
+        }
+        if samples:
+            blocks.append(render_answers(score.task, answer_rows(samples, count)))
+    return "\n" + "\n".join(dict.fromkeys(blocks))

@@ -33,6 +33,7 @@ class Suite:
     per_task: bool  # False: one table, a column per score; True: a table per task, a column per shot count
     percent: bool  # shown as percentages with 2 decimals (leaderboard) or fractions with 4 (KoBEST)
     average: bool  # an Average column: the mean of the row's scores
+    include: Path | None = None  # the folder of the suite's own tasks (bundled ones), read offline
 
     def tasks(self):
         return list(dict.fromkeys(s.task for s in self.scores))
@@ -81,7 +82,18 @@ KOBEST = Suite(
     average=False,
 )
 
-SUITES = {suite.name: suite for suite in (OPENLLM, KOBEST)}
+# The quick start's task (data/toolcalls): held-out requests answered with one tool call as JSON,
+# exact match with spaces ignored.
+TOOLCALLS = Suite(
+    name="toolcalls",
+    scores=(Score("Tool calls", "platy_toolcalls", 0, "exact_match"),),
+    per_task=False,
+    percent=True,
+    average=False,
+    include=Path(__file__).resolve().parent.parent / "data" / "toolcalls",
+)
+
+SUITES = {suite.name: suite for suite in (OPENLLM, KOBEST, TOOLCALLS)}
 
 
 def custom_suite(tasks, shot_counts):
@@ -241,3 +253,36 @@ def folder_name(label):
     """A file-system-safe folder name for a model's results: a new folder inside output_dir, never `.`, `..` or a
     hidden one (--models .. must not write beside output_dir)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "model"
+
+
+def answer_rows(samples, count):
+    """The first `count` prompts of one task, each as (request, expected, {model label: (answer, scored)}).
+
+    samples: {model label: the harness's logged samples of the task}; the request is the row's
+    instruction when it has one, else the prompt's last line.
+    """
+    rows = []
+    first = next(iter(samples.values()), [])
+    for index, sample in enumerate(first[:count]):
+        doc = sample.get("doc") or {}
+        request = doc.get("instruction") or str(sample["arguments"][0][0]).strip().splitlines()[-1]
+        answers = {}
+        for label, logged in samples.items():
+            row = logged[index]
+            answer = row["filtered_resps"][0] if row.get("filtered_resps") else ""
+            metric = next((k for k in ("exact_match", "acc") if k in row), None)
+            answers[label] = (str(answer).strip(), bool(row[metric]) if metric else None)
+        rows.append((request, str(sample.get("target", "")).strip(), answers))
+    return rows
+
+
+def render_answers(task, rows):
+    """The answers block: each request, the expected answer, and every model's answer with a mark."""
+    marks = {True: "right", False: "wrong", None: ""}
+    width = max([len("expected")] + [len(label) for _, _, answers in rows for label in answers])
+    lines = [f"Answers to the first {len(rows)} prompt{'' if len(rows) == 1 else 's'} of {task}:"]
+    for request, expected, answers in rows:
+        lines += [f"  {request}", f"    {'expected'.ljust(width)}  {expected}"]
+        for label, (answer, scored) in answers.items():
+            lines.append(f"    {label.ljust(width)}  {answer or '(nothing)'}  [{marks[scored]}]".rstrip())
+    return "\n".join(lines) + "\n"

@@ -70,3 +70,15 @@ def swap_into_place(tmp, output_dir, aside=None):
     Path(tmp).rename(output_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable_as_umask_allows(path):
+    """Give a file the permissions a plain open() would: safetensors writes its files 0600, but an adapter is
+    for whoever may read the folder it is in (as a merged model is)."""
+    Path(path).chmod(0o666 & ~current_umask())

@@ -20,7 +20,7 @@ from pathlib import Path
 from platy import checks, cli, gguf_export, outputs
 from platy.base_weights import base_checkpoint, resolve_base_model, resolve_local_base
 from platy.cli import WRITE_FAILED, Stopped, UserError, say
-from platy.files import MERGE_CONFIG, TOKENIZER_FILES, swap_into_place, write_json, write_text
+from platy.files import MERGE_CONFIG, TOKENIZER_FILES, current_umask, swap_into_place, write_json, write_text
 from platy.integrity import (
     MANIFEST,
     check_weights,
@@ -280,9 +280,7 @@ def write_merged(run):
     """The merged model folder, built beside output_dir and swapped into place only when complete."""
     run.output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{run.output_dir.name}.partial-{os.getpid()}-", dir=run.output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes a private folder; the model is for everyone who may read here
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes a private folder; the model is for everyone who may read here
     try:
         stats = merge_stream(
             run.base_path, run.adapter, run.method, run.layout, run.dtype, tmp, run.max_bytes, run.device

@@ -3,6 +3,7 @@ data, method, hyperparameters, template, how it was made and how to use it."""
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 from platy.data.rows import HUB_ID
@@ -67,8 +68,8 @@ merge and the full training configuration.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("path/to/{name}")
-tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
+model = AutoModelForCausalLM.from_pretrained({shown_path(merge_run.output_dir)!r})
+tokenizer = AutoTokenizer.from_pretrained({shown_path(merge_run.output_dir)!r})
 ```
 {gguf_section(info.get("gguf"), template)}"""
 
@@ -91,6 +92,7 @@ def adapter_card(record, folder):
         )
     command = record.command or "not recorded (trained through the library, not finetune.py)"
     name = Path(folder).name
+    where = shlex.quote(shown_path(folder))
     return f"""---
 {front_matter(base, "peft", method)}
 ---
@@ -123,11 +125,21 @@ A {method} adapter for {base_link(base)}, trained with `finetune.py` on instruct
 
 ```bash
 # fuse it into standalone fp16 weights, checking them against base + adapter
-python merge.py --peft_model_path {name} --output_dir {name}-merged --verify
+python merge.py --peft_model_path {where} --output_dir {where}-merged --verify
 # or generate with base + adapter directly (the base loads as it was trained)
-python inference.py --lora_weights {name} --prompt "What is 12 + 30?"
+python inference.py --lora_weights {where} --prompt "What is 12 + 30?"
 ```
 """
+
+
+def shown_path(folder):
+    """The folder as the card's commands name it: relative to where the command that wrote the card ran when it
+    is below there (the user runs the next command from the same place), else absolute."""
+    folder = Path(folder).resolve()
+    try:
+        return f"./{folder.relative_to(Path.cwd().resolve()).as_posix()}"
+    except ValueError:
+        return str(folder)
 
 
 def front_matter(base, library, method):

@@ -1,6 +1,8 @@
 """Data parallelism with torchrun on CPU (gloo), and the launcher users call."""
 
 import json
+import os
+import re
 import shutil
 import sys
 
@@ -116,7 +118,7 @@ def test_launcher_uses_torchrun_for_several_processes(tmp_path):
     result = run_cli(
         ["bash", str(REPO / "fine-tuning.sh"), "--max_steps", "2"],
         cwd=tmp_path,
-        env={"NPROC": "2", "OUTPUT_DIR": str(tmp_path / "o"), "MASTER_PORT": "29544"},
+        env={"TINY": "1", "NPROC": "2", "OUTPUT_DIR": str(tmp_path / "o"), "MASTER_PORT": "29544"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     config = json.loads((tmp_path / "o" / "run_config.json").read_text())
@@ -130,21 +132,32 @@ def test_launcher_works_from_a_copy_of_the_repository(tmp_path):
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "outputs", "__pycache__", ".pytest_cache"))
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
-    result = run_cli(["bash", str(copy / "fine-tuning.sh"), "--max_steps", "1"], cwd=elsewhere)
+    result = run_cli(["bash", str(copy / "fine-tuning.sh"), "--max_steps", "1"], cwd=elsewhere, env={"TINY": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     config = json.loads((elsewhere / "outputs" / "platypus-qlora" / "run_config.json").read_text())
     assert config["resolved"]["template"]["path"] == str(copy / "templates" / "alpaca.json")
 
 
 def test_readme_quick_start_train_merge_generate(tmp_path):
-    """The README's quick start, in order: fine-tuning.sh, merge.sh, inference.py on the merged model."""
+    """The README's quick start, in order, on the real model (a few steps of it): fine-tuning.sh ends with the
+    base and the fine-tuned model answering the held-out requests, then merge.sh --verify, then inference.py on
+    the merged model; the card's commands work from where the user ran them."""
     train = run_cli(["bash", str(REPO / "fine-tuning.sh"), "--max_steps", "3"], cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
+    assert re.search(r"^\| builtin:smollm2-135m \| \d+\.\d\d \|$", train.stdout, re.M), train.stdout[-3000:]
+    assert re.search(r"^\| platypus-qlora \| \d+\.\d\d \|$", train.stdout, re.M)
+    assert "Answers to the first 5 prompts of platy_toolcalls:" in train.stdout
+    adapter = tmp_path / "outputs" / "platypus-qlora"
+    assert "python merge.py --peft_model_path ./outputs/platypus-qlora " in (adapter / "README.md").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (adapter / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     merge = run_cli(["bash", str(REPO / "merge.sh"), "--verify"], cwd=tmp_path)
     assert merge.returncode == 0, merge.stderr[-3000:]
     merged = tmp_path / "outputs" / "platypus-merged"
     assert (merged / "model.safetensors").is_file() and (merged / "README.md").is_file()
     assert "Verify: PASS: largest |logit difference|" in merge.stdout
+    assert "from_pretrained('./outputs/platypus-merged')" in (merged / "README.md").read_text()
     answer = run_cli(
         [
             sys.executable,
@@ -152,9 +165,9 @@ def test_readme_quick_start_train_merge_generate(tmp_path):
             "--base_model",
             str(merged),
             "--prompt",
-            "What is 12 + 30?",
+            "Set a timer for 25 minutes.",
             "--max_new_tokens",
-            "8",
+            "24",
         ],
         cwd=tmp_path,
     )

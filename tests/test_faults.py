@@ -241,7 +241,7 @@ def test_torchrun_preemption_and_a_killed_rank(tmp_path):
     # fine-tuning.sh gives back the preemption status that torchrun turns into 1
     stopped = run_cli(
         ["bash", str(REPO / "fine-tuning.sh"), "--output_dir", str(out), *TORCHRUN_FLAGS],
-        env={**faulty("sigterm_after_step=2"), "NPROC": "2", "MASTER_PORT": "29561"},
+        env={**faulty("sigterm_after_step=2"), "TINY": "1", "NPROC": "2", "MASTER_PORT": "29561"},
         timeout=300,
     )
     assert stopped.returncode == 75, stopped.stderr[-3000:]

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, SAMPLE, assert_user_error, run_cli, write_rows
 
 SCRIPTS = ("finetune.py", "merge.py", "inference.py", "refine.py", "evaluate.py")
+TINY = {"TINY": "1"}  # the launchers' quick start on the tiny model (without it: the real model's)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def quick_start(tmp_path_factory):
     earlier = cwd / "outputs" / "platypus-qlora"
     earlier.mkdir(parents=True)
     (earlier / "run_config.json").write_text(json.dumps({"flags": {"base_model": "builtin:tiny-llama"}}, indent=2))
-    result = run_cli(["bash", str(REPO / "fine-tuning.sh"), "--num_epochs", "1"], cwd=cwd)
+    result = run_cli(["bash", str(REPO / "fine-tuning.sh"), "--num_epochs", "1"], cwd=cwd, env=TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result
 
@@ -48,7 +49,7 @@ def test_a_requeued_finished_run_exits_0_and_changes_nothing(quick_start):
     out = cwd / "outputs" / "platypus-qlora"
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     requeued = ["bash", str(REPO / "fine-tuning.sh"), "--num_epochs", "1", "--resume_from_checkpoint", "auto"]
-    result = run_cli(requeued, cwd=cwd)
+    result = run_cli(requeued, cwd=cwd, env=TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     steps = json.loads(before["run_config.json"])["result"]["global_step"]
     lines = result.stdout.strip().splitlines()
@@ -61,7 +62,7 @@ def test_merge_verify_gives_a_verdict_and_keeps_it(quick_start):
     merged = cwd / "outputs" / "platypus-merged"
     merged.mkdir()  # an earlier quick-start merge: a rerun replaces it
     (merged / "merge_config.json").write_text(json.dumps({"base_model": "builtin:tiny-llama"}, indent=2))
-    result = run_cli(["bash", str(REPO / "merge.sh"), "--verify"], cwd=cwd)
+    result = run_cli(["bash", str(REPO / "merge.sh"), "--verify"], cwd=cwd, env=TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Replacing the previous quick-start merge in ./outputs/platypus-merged" in result.stdout
     assert re.search(r"Verify: PASS: largest \|logit difference\| \S+ \(tolerance 0.05 for float16\)", result.stdout)
@@ -91,7 +92,7 @@ def test_a_users_finished_run_is_never_replaced(tmp_path):
     user_run.mkdir(parents=True)
     record = json.dumps({"flags": {"base_model": "meta-llama/Llama-2-13b-hf"}}, indent=2)
     (user_run / "run_config.json").write_text(record)
-    result = run_cli(["bash", str(REPO / "fine-tuning.sh")], cwd=tmp_path)
+    result = run_cli(["bash", str(REPO / "fine-tuning.sh")], cwd=tmp_path, env=TINY)
     assert_user_error(result, "finetune.py", "already holds a finished run")
     assert "Replacing" not in result.stdout and (user_run / "run_config.json").read_text() == record
 
@@ -113,9 +114,12 @@ def test_demo_settings_only_without_a_base_model(tmp_path):
         words = record.read_text().split("\n")
         return {words[i][2:]: words[i + 1] for i in range(1, len(words) - 1) if words[i].startswith("--")}
 
-    demo, own = launched(), launched(BASE_MODEL="meta-llama/Llama-2-13b-hf")
+    demo, own = launched(**TINY), launched(BASE_MODEL="meta-llama/Llama-2-13b-hf")
     assert (demo["warmup_steps"], demo["learning_rate"], demo["val_set_size"]) == ("5", "1e-2", "24")
     assert (own["warmup_steps"], own["learning_rate"], own["val_set_size"]) == ("100", "4e-4", "0")
+    real = launched()
+    assert (real["base_model"], real["data_path"]) == ("builtin:smollm2-135m", str(REPO / "data/toolcalls/train.json"))
+    assert (real["quantization"], real["lora_target_modules"], real["add_eos_token"]) == ("none", "all-linear", "True")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

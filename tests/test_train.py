@@ -338,6 +338,10 @@ def test_warmup_longer_than_the_run_is_pointed_out(tmp_path):
     result = finetune(tmp_path / "out", "--max_steps", 2, "--warmup_steps", 100)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--warmup_steps 100 covers the whole run (2 optimizer steps)" in result.stdout
+    assert result.stdout.count("covers the whole run") == 1
+    planned = finetune(tmp_path / "dry", "--max_steps", 2, "--warmup_steps", 100, "--dry_run", True)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "--warmup_steps 100 covers the whole run (2 optimizer steps)" in planned.stdout
 
 
 def test_planned_steps_match_the_trainer(tmp_path):

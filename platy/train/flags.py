@@ -23,8 +23,10 @@ TRAIN_FLAGS = Flags(
             "data_path",
             "",
             str,
-            "JSON, JSONL, CSV or Parquet file of rows with instruction, input (optional) and output (OpenOrca and "
-            "one-exchange conversation rows are converted), a data set id (needs network), or a mix spec "
+            "JSON, JSONL, CSV or Parquet file of rows with instruction, input (optional) and output, or "
+            "conversations (messages with role/content, or ShareGPT conversations; several exchanges are trained "
+            "turn by turn, in the chat template or the prompt template: docs/conversations.md; OpenOrca rows are "
+            "converted), a data set id (needs network), or a mix spec "
             "'a.json:1.0,b.jsonl:0.01' (each source sampled to its fraction with --seed, as refine.py --mix "
             "does).",
         ),

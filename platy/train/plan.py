@@ -181,8 +181,20 @@ def describe_data(run):
             "are counted then"
         )
     if "train_rows" in plan:
-        return f"  data: {plan['train_rows']:,} training rows: {plan['optimizer_steps']:,} optimizer steps"
+        line = f"  data: {plan['train_rows']:,} training rows: {plan['optimizer_steps']:,} optimizer steps"
+        note = warmup_note(run, plan["optimizer_steps"])
+        return line + (f"\n{note}" if note else "")
     return f"  data: {run.data_path} is not a local file: rows are counted when the run starts"
+
+
+def warmup_note(run, steps):
+    """A note when the warmup covers the whole run (the learning rate never reaches its value), else None."""
+    if run.warmup_steps < steps:
+        return None
+    return (
+        f"Note: --warmup_steps {run.warmup_steps} covers the whole run ({steps} optimizer steps): the learning "
+        f"rate never reaches --learning_rate {run.learning_rate}"
+    )
 
 
 def describe_memory(run):

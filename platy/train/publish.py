@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from platy.cli import say
-from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, write_json, write_text
+from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, readable_as_umask_allows, write_json, write_text
 from platy.integrity import MANIFEST, config_hash, write_manifest
 from platy.quantized import LOFTQ_OFFSET, write_loftq_offsets
 from platy.record import RecordedChatTemplate
@@ -83,6 +83,8 @@ def publish_final(staged, out):
     """Move each fully written file into output_dir, the manifest last: a reader never sees half an adapter,
     nor a manifest of files not yet in place."""
     for path in sorted(staged.iterdir(), key=lambda p: p.name == MANIFEST):
+        if path.is_file():
+            readable_as_umask_allows(path)
         os.replace(path, out / path.name)
     shutil.rmtree(staged.parent, ignore_errors=True)
 

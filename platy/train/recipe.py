@@ -21,7 +21,7 @@ from platy.train import loop, lora, publish
 from platy.train.checkpoints import checkpoint_step
 from platy.train.config import check_flags, resolve
 from platy.train.objective import Supervised
-from platy.train.plan import describe_plan, optimizer_steps
+from platy.train.plan import describe_plan, optimizer_steps, warmup_note
 
 
 class Recipe:
@@ -180,9 +180,8 @@ def finished_checkpoint(run, train_set):
             f"({done} of {steps} steps); nothing to train. Raise --num_epochs "
             "or --max_steps to go further"
         )
-    if run.warmup_steps >= steps:
-        say(
-            f"Note: --warmup_steps {run.warmup_steps} covers the whole run ({steps} optimizer steps): the learning "
-            f"rate never reaches --learning_rate {run.learning_rate}"
-        )
+    counted_in_plan = "optimizer_steps" in run.plan and not run.packing  # the plan already said it
+    note = warmup_note(run, steps)
+    if note and not counted_in_plan:
+        say(note)
     return finished
