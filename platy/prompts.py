@@ -93,6 +93,7 @@ class ChatTemplate:
     def __init__(self, name, text, path=None):
         self.name, self.text, self.path = name, text, path
         self.end_of_turn = ()
+        self.prompts_always = False  # the template appends the generation prompt to every rendering (see bind)
         self.added = []  # control tokens bind added to the tokenizer
 
     @classmethod
@@ -144,8 +145,14 @@ class ChatTemplate:
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
         tokenizer.chat_template = self.text
-        self.end_of_turn = end_of_turn_tokens(self, tokenizer)
+        self.read_turns(tokenizer)
         return missing
+
+    def read_turns(self, tokenizer):
+        """Read the end-of-turn tokens, and whether the generation prompt follows every rendering (the first
+        Meta-Llama-3-Instruct release wrote its assistant header whatever add_generation_prompt said)."""
+        self.prompts_always = prompts_always(self, tokenizer)
+        self.end_of_turn = end_of_turn_tokens(self, tokenizer)
 
     def end_of_turn_ids(self, tokenizer):
         return [tokenizer.convert_tokens_to_ids(token) for token in self.end_of_turn]
@@ -154,10 +161,21 @@ class ChatTemplate:
 PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
 
 
+def prompts_always(template, tokenizer):
+    """Whether the template appends its generation prompt to every rendering: then the rendering of a
+    conversation does not start with the rendering of its first turns, which ends with that prompt."""
+    whole = template.render(tokenizer, [PROBE])[0]
+    longer = template.render(tokenizer, [PROBE + [{"role": "user", "content": "Q2"}]])[0]
+    return not longer.startswith(whole)
+
+
 def end_of_turn_tokens(template, tokenizer):
     """The special tokens that close an assistant turn: the tokens of what the template writes after an
     assistant's content (the rendering of a conversation ending with that turn, less the rendering up to
-    its content) that are special or added tokens. Empty where the template closes a turn with plain text."""
+    its content) that are special or added tokens. Empty where the template closes a turn with plain text.
+    Where the template appends the generation prompt to every rendering, that text follows too: the turn
+    ends with the first special token after the content, and a template that writes none there cannot
+    mark where its assistant turns end."""
     whole = template.render(tokenizer, [PROBE])[0]
     prefix = template.render(tokenizer, [PROBE[:1]], add_generation_prompt=True)[0]
     if not whole.startswith(prefix) or PROBE[1]["content"] not in whole[len(prefix) :]:
@@ -168,4 +186,10 @@ def end_of_turn_tokens(template, tokenizer):
     closing = whole[len(prefix) + whole[len(prefix) :].index(PROBE[1]["content"]) + 1 :]
     special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
     ids = tokenizer(closing, add_special_tokens=False)["input_ids"]
-    return tuple(dict.fromkeys(t for t in tokenizer.convert_ids_to_tokens(ids) if t in special))
+    tokens = tuple(dict.fromkeys(t for t in tokenizer.convert_ids_to_tokens(ids) if t in special))
+    if template.prompts_always and not tokens:
+        raise UserError(
+            f"chat template {template.path or template.name}: it appends the generation prompt to every rendering "
+            "and closes an assistant turn with no special token; the template cannot mark where a turn ends"
+        )
+    return tokens[:1] if template.prompts_always else tokens
