@@ -450,13 +450,6 @@ def sentencepiece_adds_prefix(model_path):
     return proto.normalizer_spec.add_dummy_prefix
 
 
-def chat_template_of(folder):
-    """The chat template the merged tokenizer carries (as gguf's SpecialVocab finds it), or None."""
-    import gguf
-
-    return gguf.SpecialVocab(Path(folder), load_merges=False).chat_template
-
-
 def end_of_turn_ids(folder, eos_id):
     """The ids generation stops at besides EOS (generation_config.json's eos_token_id list), e.g. <|im_end|>."""
     path = Path(folder) / "generation_config.json"
@@ -480,25 +473,66 @@ def stop_tokens(folder):
     return list(dict.fromkeys(texts))
 
 
-def modelfile(gguf_file, prompt_template, has_chat_template, stops):
-    """An Ollama Modelfile for the GGUF: the trained prompt template as Ollama's TEMPLATE, and the stop tokens.
-
-    A model trained on one of the toolkit's prompt templates gets that template; one that was not
-    (its tokenizer's chat template is in the GGUF) gets none, since Ollama takes a known chat template
-    from the file's tokenizer.chat_template.
-    """
+def modelfile(gguf_file, template, stops):
+    """An Ollama Modelfile for the GGUF: template (ollama_template's) as Ollama's TEMPLATE, and the stop tokens."""
     lines = [
         f"# Ollama: ollama create {Path(gguf_file).stem} -f Modelfile && ollama run {Path(gguf_file).stem}",
         f"FROM ./{gguf_file}",
     ]
-    prompt = (prompt_template or {}).get("prompt_no_input")
-    if prompt and "{instruction}" in prompt:
-        template = prompt.replace("{instruction}", "{{ .Prompt }}")
-        lines.append(f'TEMPLATE """{template}{{{{ .Response }}}}"""')
-    elif has_chat_template:
-        lines.append("# no TEMPLATE: Ollama reads the chat template stored in the GGUF (tokenizer.chat_template)")
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
+    else:
+        lines.append("# no TEMPLATE: the model's tokenizer has no chat template to lay its prompts out")
     lines += [f'PARAMETER stop "{json.dumps(stop)[1:-1]}"' for stop in stops]
     return "\n".join(lines) + "\n"
+
+
+# stand-ins for Ollama's fields while the chat template renders an exchange
+OLLAMA_FIELDS = {"SYSTEM-c4f1": "{{ .System }}", "PROMPT-c4f1": "{{ .Prompt }}", "RESPONSE-c4f1": "{{ .Response }}"}
+
+
+def ollama_template(folder):
+    """The merged tokenizer's chat template (the prompt format the model was trained with, see merge.py) as an
+    Ollama TEMPLATE: one exchange rendered with stand-ins for .System, .Prompt and .Response, with a system
+    message and without one (a template may insert its own default). Ollama renders earlier exchanges with it
+    too and generates where .Response stands. None where the tokenizer has no chat template or its rendering
+    of an exchange cannot be laid out so."""
+    from transformers import AutoTokenizer
+
+    from platy.data.examples import without_added_bos
+    from platy.prompts import ChatTemplate
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template:
+        return None
+    system, prompt, response = OLLAMA_FIELDS
+    chat = ChatTemplate("merged", tokenizer.chat_template)
+    try:
+        chat.read_turns(tokenizer)
+    except UserError:  # the template cannot mark where a turn ends
+        return None
+    forms = []
+    for head in ([{"role": "system", "content": system}], []):
+        exchange = [*head, {"role": "user", "content": prompt}]
+        try:
+            opened = chat.render(tokenizer, [exchange], add_generation_prompt=True)[0]
+            whole = chat.render(tokenizer, [exchange + [{"role": "assistant", "content": response}]])[0]
+        except UserError:  # a template that refuses a system message: the form without one
+            continue
+        if not whole.startswith(opened) or response not in whole[len(opened) :]:
+            return None
+        closing = whole[len(opened) + whole[len(opened) :].index(response) + len(response) :]
+        if chat.prompts_always:  # the turn ends at its end-of-turn token; the generation prompt follows
+            closing = closing[: closing.index(chat.end_of_turn[0]) + len(chat.end_of_turn[0])]
+        form = (without_added_bos(tokenizer, opened) + response + closing).replace("{{", '{{ "{{" }}')
+        for stand_in, field in OLLAMA_FIELDS.items():
+            form = form.replace(stand_in, field)
+        forms.append(form)
+    if not forms:
+        return None
+    if len(forms) == 1 or forms[0] == forms[1]:
+        return forms[-1]
+    return f"{{{{ if .System }}}}{forms[0]}{{{{ else }}}}{forms[1]}{{{{ end }}}}"
 
 
 # ---- checking a written file with an independent loader -----------------------------------------

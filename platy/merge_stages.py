@@ -23,6 +23,7 @@ from platy.cli import WRITE_FAILED, Stopped, UserError, say
 from platy.files import swap_into_place, write_json, write_text
 from platy.integrity import MANIFEST, check_weights, file_digest, folder_problem, human_size, records_problem
 from platy.merging import DTYPES, METHODS, Adapter, merge_stream, output_config, parse_size
+from platy.prompts import CHAT_TEMPLATE_FILE
 
 DEVICES = ("auto", "cpu", "cuda")
 MERGE_CONFIG = "merge_config.json"  # how the model was made, with the size and sha256 of each written file
@@ -315,8 +316,9 @@ def write_companions(run, folder, stats):
     if generation:
         shutil.copy(generation, folder / GENERATION)
     for path in tokenizer_source(adapter, base).iterdir():
-        if path.name.startswith(("tokenizer", "special_tokens_map")) or path.name in ("chat_template.jinja",):
+        if path.name.startswith(("tokenizer", "special_tokens_map")) or path.name in (CHAT_TEMPLATE_FILE,):
             shutil.copy(path, folder / path.name)
+    write_prompt_format(folder, adapter.record)
     if not (folder / "tokenizer.model").exists() and (base / "tokenizer.model").is_file():
         # transformers 5 saves tokenizer.json only; llama.cpp's tools and --gguf read the sentencepiece model
         shutil.copy(base / "tokenizer.model", folder / "tokenizer.model")
@@ -336,6 +338,23 @@ def write_companions(run, folder, stats):
     if adapter.record:
         adapter.record.write(folder)
     (folder / "README.md").write_text(model_card(run, adapter, merge_info), encoding="utf-8")
+
+
+def write_prompt_format(folder, record):
+    """The merged tokenizer's chat template is the prompt format the adapter was trained with (its record's
+    chat template, or its prompt template written as one), so that apply_chat_template, vLLM, chat clients and
+    the GGUF file format prompts as training did; the base's own template would not."""
+    from transformers import AutoTokenizer
+
+    from platy.data.examples import adds_bos
+    from platy.prompts import format_chat_template, save_chat_template
+
+    fmt = record and record.prompt_format
+    if not fmt:
+        return
+    text = format_chat_template(fmt, adds_bos(AutoTokenizer.from_pretrained(folder)) if not fmt.chat else False)
+    if text:
+        save_chat_template(folder, text)
 
 
 def write_gguf_files(run):
@@ -362,10 +381,9 @@ def write_gguf_files(run):
         written[gguf_type] = info
         say(f"GGUF {gguf_type}: {destination} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s)")
     first = written[run.gguf_types[0]]["file"]
-    template = run.adapter.record.template if run.adapter.record else None
-    has_chat_template = bool(gguf_export.chat_template_of(run.output_dir))
+    template = gguf_export.ollama_template(run.output_dir)
     stops = gguf_export.stop_tokens(run.output_dir)
-    write_text(run.output_dir / "Modelfile", gguf_export.modelfile(first, template, has_chat_template, stops))
+    write_text(run.output_dir / "Modelfile", gguf_export.modelfile(first, template, stops))
     update_record(run, gguf=written)
     return written
 

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from platy.cli import REPO_ROOT, UserError
+from platy.files import write_json, write_text
 
 TEMPLATES_DIR = Path(REPO_ROOT) / "templates"
 TEMPLATE_KEYS = ("description", "prompt_input", "prompt_no_input", "response_split")
@@ -42,6 +43,17 @@ class Prompter:
         self.path = path
         self.template = template
 
+    @classmethod
+    def recorded(cls, template, flag):
+        """The Prompter of a template as a run record holds it (name, path and content): the content the run
+        trained with, wherever its file is now. A record without the content reads the file by name."""
+        if not all(isinstance(template.get(key), str) for key in TEMPLATE_KEYS):
+            return cls(template.get("name") or "alpaca", flag)
+        prompter = cls.__new__(cls)
+        prompter.name, prompter.path = template.get("name"), template.get("path")
+        prompter.template = {key: template[key] for key in TEMPLATE_KEYS}
+        return prompter
+
     def generate_prompt(self, instruction, input=None, label=None):
         """The prompt for one example; with `label`, the prompt followed by the response text."""
         if input:
@@ -55,6 +67,62 @@ class Prompter:
     def get_response(self, output):
         """The part of a generated text after the template's response marker."""
         return output.split(self.template["response_split"], 1)[-1].strip()
+
+
+def alpaca_chat_template(template, bos):
+    """A prompt template (its prompt_input and prompt_no_input) written as a Jinja chat template that renders a
+    conversation as training laid it out: a system message is the first exchange's instruction and its question
+    the input; a question without one fills prompt_no_input; each answer ends with EOS. bos: whether the tokenizer
+    starts a text with BOS (the template writes it, as chat templates do). Chat clients, vLLM, llama.cpp and
+    Ollama then format the model's prompts the way it was trained."""
+    import string
+
+    def filled(form, fields):
+        parts = []
+        for literal, field, _, _ in string.Formatter().parse(template[form]):
+            if literal:  # a JSON string is a Jinja string literal (non-ASCII and escapes included)
+                parts.append("{{ " + json.dumps(literal, ensure_ascii=False) + " }}")
+            if field is not None:
+                parts.append("{{ " + fields[field] + " }}")
+        return "".join(parts)
+
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+        "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+        + ("{{- bos_token -}}" if bos else "")
+        + "{%- for message in turns -%}{%- if message['role'] == 'user' -%}"
+        "{%- if loop.first and system | trim -%}"
+        + filled("prompt_input", {"instruction": "system", "input": "message['content']"})
+        + "{%- else -%}"
+        + filled("prompt_no_input", {"instruction": "message['content']"})
+        + "{%- endif -%}"
+        "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def format_chat_template(prompt_format, bos):
+    """The Jinja chat template that renders prompts as a run did (prompt_format: the record's PromptFormat): its
+    chat template, or its prompt template written as one (alpaca_chat_template); None for a chat template the
+    record names without its text (the tokenizer saved beside it carries it)."""
+    if prompt_format.chat:
+        return prompt_format.chat.text or None
+    return alpaca_chat_template(prompt_format.template, bos)
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a tokenizer's chat template
+
+
+def save_chat_template(folder, text):
+    """Make text the chat template of the tokenizer saved in folder: chat_template.jinja, and none left in
+    tokenizer_config.json, which gguf's reader (and older transformers) would take first."""
+    config = Path(folder) / "tokenizer_config.json"
+    if config.is_file():
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        if settings.pop("chat_template", None) is not None:
+            write_json(config, settings)
+    write_text(Path(folder) / CHAT_TEMPLATE_FILE, text)
 
 
 # ---- chat templates: templates/*.jinja, the base tokenizer's own, or a Jinja file ------------

@@ -40,6 +40,13 @@ def adds_bos(tokenizer):
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def without_added_bos(tokenizer, text):
+    """A rendered prompt for a runtime that adds BOS itself where the tokenizer does (llama.cpp and Ollama read
+    it from the GGUF's add_bos_token): the text less a leading BOS the template wrote, so the model sees one."""
+    bos = tokenizer.bos_token
+    return text[len(bos) :] if bos and adds_bos(tokenizer) and text.startswith(bos) else text
+
+
 def with_bos(ids, bos):
     """[BOS] + ids, unless the ids already start with it (a template that carries BOS text)."""
     return ids if ids[:1] == bos else bos + ids

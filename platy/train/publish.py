@@ -43,7 +43,7 @@ def save(run, trainer, start, chat, record, result):
             write_loftq_offsets(start.loftq_offsets, out / STAGING / "final")
             if not start.loftq_offsets:  # nor may an earlier run's offsets stay beside this adapter
                 (out / LOFTQ_OFFSET).unlink(missing_ok=True)
-            record_chat_template(run, chat, trainer.processing_class, out / STAGING / "final", record)
+            record_prompt_format(run, chat, trainer.processing_class, out / STAGING / "final", record)
             # PEFT's empty card: write_results writes the toolkit's after the manifest, as run_config.json
             (out / STAGING / "final" / "README.md").unlink(missing_ok=True)
             trainer.write_manifest(out / STAGING / "final")
@@ -55,13 +55,18 @@ def save(run, trainer, start, chat, record, result):
         report_done(run, out, result)
 
 
-def record_chat_template(run, chat, tokenizer, folder, record):
+def record_prompt_format(run, chat, tokenizer, folder, record):
     """With a chat template: a generation_config.json whose eos_token_id holds the end-of-turn tokens as well
     as EOS (so generate, lm-eval and vLLM stop at the end of a turn), and the template in the run record. The
-    tokenizer files the Trainer saved carry the template itself."""
+    tokenizer files the Trainer saved carry the template itself. Without one, the tokenizer's chat template
+    (the base's own) gives way to the prompt template written as one: the adapter's prompts are laid out so."""
     from transformers import GenerationConfig
 
-    if chat is None:
+    if chat is None:  # the prompt template, written as the tokenizer's chat template in its place
+        from platy.data.examples import adds_bos
+        from platy.prompts import alpaca_chat_template, save_chat_template
+
+        save_chat_template(folder, alpaca_chat_template(run.prompter.template, adds_bos(tokenizer)))
         return
     try:
         generation = GenerationConfig.from_pretrained(run.base_model_path)
