@@ -75,9 +75,6 @@ def test_every_consumer_follows_the_recorded_format(trained, chat):
     import gguf
     from transformers import AutoTokenizer
 
-    from platy.gguf_export import ollama_template
-    from platy.model_card import llama_cpp_prompt
-
     adapter, merged = trained[chat]
     expected = expected_prompt(chat)
     messages = [{"role": "user", "content": QUESTION}]
@@ -91,6 +88,9 @@ def test_every_consumer_follows_the_recorded_format(trained, chat):
         assert tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == ids
 
     assert gguf.SpecialVocab(merged, load_merges=False).chat_template == tokenizer.chat_template
+    from platy.gguf_export import ollama_template
+    from platy.model_card import llama_cpp_prompt
+
     template = ollama_template(merged)
     assert expected.replace(QUESTION, "{{ .Prompt }}") + "{{ .Response }}" in template
     assert DEFAULT_SYSTEM not in template and "{{ .System }}" in template
@@ -116,3 +116,24 @@ def test_a_flag_overrides_the_recorded_format_with_a_note(trained, capsys):
     generator = generator_of(lora_weights=str(adapter), chat_template=True)
     assert generator.chat is not None and prompt_text(generator)[1] == expected_prompt("none")
     assert "--chat_template true: prompts use the tokenizer's chat template" in capsys.readouterr().err
+
+
+def test_evaluate_applies_the_recorded_format_as_the_chat_template(qlora_adapter, capsys):
+    """evaluate.py --apply_chat_template on an adapter trained with the Alpaca template: the harness's tokenizer
+    gets that template written as a chat template, whatever chat template the tokenizer came with."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from platy.evaluate_stages import follow_recorded_format
+    from platy.merging import Adapter
+    from platy.prompts import Prompter
+
+    tokenizer = AutoTokenizer.from_pretrained(qlora_adapter)
+    tokenizer.chat_template = (Path(__file__).parent.parent / "templates" / "chatml.jinja").read_text()
+    model = {"adapter": Adapter(qlora_adapter, "--models", merge=False), "spec": str(qlora_adapter), "label": "qlora"}
+    follow_recorded_format(SimpleNamespace(tokenizer=tokenizer), model)
+    messages = [{"role": "user", "content": QUESTION}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == tokenizer.bos_token + Prompter("alpaca").generate_prompt(QUESTION)
+    assert "qlora: prompts laid out with the prompt template alpaca, as in training" in capsys.readouterr().out
