@@ -252,8 +252,9 @@ def training_summary(run, adapter_path, method):
 
 
 def template_line(record):
-    """The adapter card's line on how prompts are laid out: the chat template, else the Alpaca template."""
-    chat = record.chat_template
+    """The adapter card's line on how prompts are laid out (the record's prompt format): the chat template,
+    else the Alpaca template."""
+    chat = record.prompt_format and record.prompt_format.chat
     if chat:
         ends = ", ".join(f"`{t}`" for t in chat.end_of_turn)
         return (
@@ -269,8 +270,9 @@ def template_line(record):
 
 
 def prompt_section(record, template, prompts):
-    """The merged card's section on prompts: the chat template's text, or the Alpaca template's layout."""
-    chat = record.chat_template
+    """The merged card's section on prompts (the record's prompt format): the chat template's text, or the Alpaca
+    template's layout."""
+    chat = record.prompt_format and record.prompt_format.chat
     if not chat and not template:
         return f"## Prompt template (unknown)\n\n{prompts}\n"
     if not chat:
@@ -284,7 +286,8 @@ def prompt_section(record, template, prompts):
     return (
         f"## Chat template ({chat.name})\n\nTrained on conversations rendered with this template; each "
         f"assistant turn ends with {ends}, which `generation_config.json` lists as a stop token. It is saved with "
-        f"the tokenizer (`tokenizer.apply_chat_template`):\n\n```jinja\n{chat.text.strip()}\n```\n"
+        f"the tokenizer (`tokenizer.apply_chat_template`)"
+        + (f":\n\n```jinja\n{chat.text.strip()}\n```\n" if chat.text else ".\n")
     )
 
 
