@@ -332,8 +332,8 @@ def answer_file(generator, run):
     if not generator.chat and (numbers := several_exchanges(rows)):
         raise UserError(
             f"{run.rows_source}: row {numbers[0]}{' and others' if len(numbers) > 1 else ''}: a conversation of "
-            "several exchanges needs a chat template, and the model has none: train with finetune.py --chat_template, "
-            "or give one question per row"
+            "several exchanges needs a chat template, and the prompts are laid out with a prompt template: train "
+            "with finetune.py --chat_template, or give one question per row"
         )
     results = []
     with tqdm(total=len(rows), desc="Generating", unit=" prompts", dynamic_ncols=True) as bar:
