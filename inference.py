@@ -43,7 +43,7 @@ FLAGS = Flags(
         bool,
         "Default: prompts as the model was trained (its run_config.json: its chat template, stopping at the "
         "end-of-turn token, or its prompt template); a model without one uses its tokenizer's chat template "
-        "where it has one, else --prompt_template. True: the chat template; False: the prompt template; "
+        "where it has one, else --prompt_template. True: the tokenizer's chat template; False: the prompt template; "
         "either overrides the record, with a note.",
     ),
     Flag(
