@@ -101,8 +101,9 @@ FLAGS = Flags(
         "apply_chat_template",
         False,
         bool,
-        "Format every prompt with each model's chat template (the one finetune.py's --chat_template recorded, "
-        "or the base's own), as a chat model is used; the published tables were scored without one.",
+        "Format every prompt as each model was trained (its run_config.json: the chat template finetune.py's "
+        "--chat_template recorded, or its prompt template written as a chat template; a model without one: its "
+        "tokenizer's own), as a chat model is used; the published tables were scored without one.",
     ),
     Flag(
         "system_instruction",

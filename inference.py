@@ -34,14 +34,17 @@ FLAGS = Flags(
         "prompt_template",
         None,
         str,
-        "Template name or path; default: the adapter's or merged model's recorded template, else alpaca.",
+        "Template name or path; default: the one the adapter or merged model was trained with (its "
+        "run_config.json), else alpaca. Given, it overrides a recorded chat template too, with a note.",
     ),
     Flag(
         "chat_template",
-        True,
+        None,
         bool,
-        "Format prompts with the model's chat template when its tokenizer has one (what finetune.py "
-        "--chat_template saved), stopping at its end-of-turn token; false uses --prompt_template.",
+        "Default: prompts as the model was trained (its run_config.json: its chat template, stopping at the "
+        "end-of-turn token, or its prompt template); a model without one uses its tokenizer's chat template "
+        "where it has one, else --prompt_template. True: the tokenizer's chat template; False: the prompt template; "
+        "either overrides the record, with a note.",
     ),
     Flag(
         "prompt",

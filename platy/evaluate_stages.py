@@ -64,10 +64,11 @@ def check_flags(flags):
 
 
 def check_chat_templates(models, problems):
-    """With --apply_chat_template, every local model (or its adapter) has a chat template to apply."""
+    """With --apply_chat_template, every local model (or its adapter) has a chat template to apply: its
+    tokenizer's, or the prompt format its run record holds."""
     for model in models:
         folder = Path(tokenizer_folder(model))
-        if folder.is_dir() and not has_chat_template(folder):
+        if folder.is_dir() and not has_chat_template(folder) and not recorded_format(model):
             problems.append(
                 f"--apply_chat_template: {model['spec']} has no chat template ({folder} holds none); train with "
                 "finetune.py --chat_template, or drop --apply_chat_template"
@@ -83,6 +84,33 @@ def tokenizer_folder(model):
     return model["base_path"]
 
 
+def recorded_format(model):
+    """How a model's prompts were rendered in training (the PromptFormat of its adapter's record, or of the one
+    a merged folder carries), or None for a model the toolkit did not train."""
+    from platy.record import RunRecord
+
+    if model["adapter"]:
+        record = model["adapter"].record
+    else:
+        folder = Path(model["spec"]).expanduser()
+        record = RunRecord.read(folder) if folder.is_dir() else None
+    return record and record.prompt_format
+
+
+def follow_recorded_format(lm, model):
+    """With --apply_chat_template, the harness renders a model's prompts with the format it was trained with:
+    its recorded chat template, or its prompt template written as one; the tokenizer's own (a base's) is used
+    only for a model without a record."""
+    from platy.data.examples import adds_bos
+    from platy.prompts import format_chat_template
+
+    fmt = recorded_format(model)
+    text = fmt and format_chat_template(fmt, adds_bos(lm.tokenizer))
+    if text:
+        lm.tokenizer.chat_template = text
+        say(f"{model['label']}: prompts laid out with {fmt.describe()}, as in training (its run_config.json)")
+
+
 def fewshot_turns(flags):
     """Whether the harness gives few-shot examples as earlier turns: with a chat template, unless turned off."""
     return bool(flags["apply_chat_template"]) and flags["fewshot_as_multiturn"] is not False
@@ -92,7 +120,9 @@ def has_chat_template(folder):
     """Whether a tokenizer folder carries a chat template (chat_template.jinja or in tokenizer_config.json)."""
     import json
 
-    if (folder / "chat_template.jinja").is_file():
+    from platy.prompts import CHAT_TEMPLATE_FILE
+
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
         return True
     config = folder / "tokenizer_config.json"
     return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
@@ -520,6 +550,8 @@ def evaluate_model(model, run):
     suite = run.suite
     say(f"\n== {model['label']}")
     lm, model_args = load_lm(model, run)
+    if run.flags["apply_chat_template"]:
+        follow_recorded_format(lm, model)
     runs = {}
     folder = run.output_dir / model["folder"]
     folder.mkdir(parents=True, exist_ok=True)

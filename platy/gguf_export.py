@@ -450,13 +450,6 @@ def sentencepiece_adds_prefix(model_path):
     return proto.normalizer_spec.add_dummy_prefix
 
 
-def chat_template_of(folder):
-    """The chat template the merged tokenizer carries (as gguf's SpecialVocab finds it), or None."""
-    import gguf
-
-    return gguf.SpecialVocab(Path(folder), load_merges=False).chat_template
-
-
 def end_of_turn_ids(folder, eos_id):
     """The ids generation stops at besides EOS (generation_config.json's eos_token_id list), e.g. <|im_end|>."""
     path = Path(folder) / "generation_config.json"
@@ -480,41 +473,89 @@ def stop_tokens(folder):
     return list(dict.fromkeys(texts))
 
 
-def modelfile_template(prompt_template):
-    """The Modelfile's TEMPLATE for a recorded prompt template (None where it has no {instruction} to fill).
-    The recorded template comes with the adapter, so it is data from elsewhere: a \"\"\" in it would close the
-    TEMPLATE and make the rest Modelfile directives (another FROM, an ADAPTER, a SYSTEM prompt). Ollama's
-    triple-quoted strings have no escape, so such a template is refused."""
-    prompt = (prompt_template or {}).get("prompt_no_input")
-    if not isinstance(prompt, str) or "{instruction}" not in prompt:
-        return None
-    if '"""' in prompt:
+def refuse_directives(text, what):
+    """A template that comes with a received adapter is data from elsewhere: a \"\"\" in it would close the
+    Modelfile's TEMPLATE and make the rest Modelfile directives (another FROM, an ADAPTER, a SYSTEM prompt).
+    Ollama's triple-quoted strings have no escape, so such a template is refused."""
+    if isinstance(text, str) and '"""' in text:
         raise UserError(
-            '--gguf: the adapter\'s recorded prompt template (run_config.json) holds """, which would end the '
-            "Modelfile's TEMPLATE and turn the rest into Modelfile directives; merge without --gguf, or retrain "
-            "with a template free of it"
+            f'--gguf: {what} holds """, which would end the Modelfile\'s TEMPLATE and turn the rest into '
+            "Modelfile directives; merge without --gguf, or retrain with a template free of it"
         )
-    return prompt.replace("{instruction}", "{{ .Prompt }}") + "{{ .Response }}"
 
 
-def modelfile(gguf_file, prompt_template, has_chat_template, stops):
-    """An Ollama Modelfile for the GGUF: the trained prompt template as Ollama's TEMPLATE, and the stop tokens.
+def check_recorded_templates(record):
+    """Before anything is written: the adapter's recorded prompt template and chat template (refuse_directives)."""
+    fmt = record and record.prompt_format
+    if not fmt:
+        return
+    for text in (fmt.template or {}).values():
+        refuse_directives(text, "the adapter's recorded prompt template (run_config.json)")
+    if fmt.chat:
+        refuse_directives(fmt.chat.text, "the adapter's recorded chat template (run_config.json)")
 
-    A model trained on one of the toolkit's prompt templates gets that template; one that was not
-    (its tokenizer's chat template is in the GGUF) gets none, since Ollama takes a known chat template
-    from the file's tokenizer.chat_template.
-    """
+
+def modelfile(gguf_file, template, stops):
+    """An Ollama Modelfile for the GGUF: template (ollama_template's) as Ollama's TEMPLATE, and the stop tokens."""
+    refuse_directives(template, "the merged model's chat template (the adapter's recorded prompt format)")
     lines = [
         f"# Ollama: ollama create {Path(gguf_file).stem} -f Modelfile && ollama run {Path(gguf_file).stem}",
         f"FROM ./{gguf_file}",
     ]
-    template = modelfile_template(prompt_template)
     if template:
         lines.append(f'TEMPLATE """{template}"""')
-    elif has_chat_template:
-        lines.append("# no TEMPLATE: Ollama reads the chat template stored in the GGUF (tokenizer.chat_template)")
+    else:
+        lines.append("# no TEMPLATE: the model's tokenizer has no chat template to lay its prompts out")
     lines += [f'PARAMETER stop "{json.dumps(stop)[1:-1]}"' for stop in stops]
     return "\n".join(lines) + "\n"
+
+
+# stand-ins for Ollama's fields while the chat template renders an exchange
+OLLAMA_FIELDS = {"SYSTEM-c4f1": "{{ .System }}", "PROMPT-c4f1": "{{ .Prompt }}", "RESPONSE-c4f1": "{{ .Response }}"}
+
+
+def ollama_template(folder):
+    """The merged tokenizer's chat template (the prompt format the model was trained with, see merge.py) as an
+    Ollama TEMPLATE: one exchange rendered with stand-ins for .System, .Prompt and .Response, with a system
+    message and without one (a template may insert its own default). Ollama renders earlier exchanges with it
+    too and generates where .Response stands. None where the tokenizer has no chat template or its rendering
+    of an exchange cannot be laid out so."""
+    from transformers import AutoTokenizer
+
+    from platy.data.examples import without_added_bos
+    from platy.prompts import ChatTemplate
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not isinstance(tokenizer.chat_template, str) or not tokenizer.chat_template:
+        return None
+    system, prompt, response = OLLAMA_FIELDS
+    chat = ChatTemplate("merged", tokenizer.chat_template)
+    try:
+        chat.read_turns(tokenizer)
+    except UserError:  # the template cannot mark where a turn ends
+        return None
+    forms = []
+    for head in ([{"role": "system", "content": system}], []):
+        exchange = [*head, {"role": "user", "content": prompt}]
+        try:
+            opened = chat.render(tokenizer, [exchange], add_generation_prompt=True)[0]
+            whole = chat.render(tokenizer, [exchange + [{"role": "assistant", "content": response}]])[0]
+        except UserError:  # a template that refuses a system message: the form without one
+            continue
+        if not whole.startswith(opened) or response not in whole[len(opened) :]:
+            return None
+        closing = whole[len(opened) + whole[len(opened) :].index(response) + len(response) :]
+        if chat.prompts_always:  # the turn ends at its end-of-turn token; the generation prompt follows
+            closing = closing[: closing.index(chat.end_of_turn[0]) + len(chat.end_of_turn[0])]
+        form = (without_added_bos(tokenizer, opened) + response + closing).replace("{{", '{{ "{{" }}')
+        for stand_in, field in OLLAMA_FIELDS.items():
+            form = form.replace(stand_in, field)
+        forms.append(form)
+    if not forms:
+        return None
+    if len(forms) == 1 or forms[0] == forms[1]:
+        return forms[-1]
+    return f"{{{{ if .System }}}}{forms[0]}{{{{ else }}}}{forms[1]}{{{{ end }}}}"
 
 
 # ---- checking a written file with an independent loader -----------------------------------------

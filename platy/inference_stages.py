@@ -32,8 +32,10 @@ class GenerationRun:
 
     base: str  # the base or merged model as given (or as the adapter records it)
     adapter: object  # merging.Adapter, or None
-    prompter: object
-    chat_template: bool  # use the tokenizer's chat template where it has one
+    prompter: object  # the prompt template, where prompts are not rendered with a chat template
+    # how prompts are rendered: the Jinja text of the chat template the model was trained with (its record's),
+    # True: the tokenizer's own chat template where it has one, False: the prompt template
+    chat_template: str | bool
     prompt: str | None
     input: str | None
     rows: list | None  # the prompts file's rows
@@ -97,7 +99,6 @@ def resolve(flags):
     from platy.data.rows import read_prompts
     from platy.merging import Adapter
     from platy.modeling import bitsandbytes_missing, loading_quantization
-    from platy.prompts import Prompter
     from platy.record import RunRecord
 
     rows = None
@@ -120,7 +121,9 @@ def resolve(flags):
                 "(its base model comes from its run_config.json), or merge it first with merge.py"
             )
         record = RunRecord.read(folder) if folder.is_dir() else None
-    template = flags["prompt_template"] or (record and record.template_name) or "alpaca"
+    prompter, chat_template, note = prompt_choice(flags, record)
+    if note:
+        say(note, err=True)
     trained_on = (record and record.base_model) or base
     if trained_on.startswith("builtin:"):
         say(f"Note: {trained_on} is a random tiny model for trying the tools: its answers are meaningless", err=True)
@@ -134,8 +137,8 @@ def resolve(flags):
     return GenerationRun(
         base=base,
         adapter=adapter,
-        prompter=Prompter(template, "--prompt_template"),
-        chat_template=flags["chat_template"],
+        prompter=prompter,
+        chat_template=chat_template,
         prompt=flags["prompt"],
         input=flags["input"],
         rows=rows,
@@ -147,6 +150,32 @@ def resolve(flags):
         as_trained=as_trained,
         **{name: flags[name] for name in PASSED_THROUGH},
     )
+
+
+def prompt_choice(flags, record):
+    """(prompter, chat_template, note): how prompts are rendered (see GenerationRun.chat_template). By default
+    as the model was trained, from its record (an adapter's, or the one a merged folder carries); a model
+    without one uses its tokenizer's chat template where it has one, else --prompt_template. --chat_template or
+    --prompt_template given override the record, and the note says so."""
+    from platy.prompts import Prompter
+
+    asked_chat, asked_template = flags["chat_template"], flags["prompt_template"]
+    fmt = record and record.prompt_format
+    if not fmt:
+        return Prompter(asked_template or "alpaca", "--prompt_template"), asked_chat is not False, None
+    recorded = Prompter.recorded(fmt.template or {}, "--prompt_template")
+    trained = f"the model was trained with {fmt.describe()} (its run_config.json)"
+    if asked_chat is None and not asked_template:  # as trained
+        return recorded, (fmt.chat.text or True) if fmt.chat else False, None
+    if asked_chat:
+        if fmt.chat:
+            return recorded, fmt.chat.text or True, None
+        return recorded, True, f"--chat_template true: prompts use the tokenizer's chat template; {trained}"
+    prompter = Prompter(asked_template, "--prompt_template") if asked_template else recorded
+    if fmt.chat or prompter.template != recorded.template:
+        flag = f"--prompt_template {asked_template}" if asked_template else "--chat_template false"
+        return prompter, False, f"{flag}: prompts use the prompt template {prompter.name}; {trained}"
+    return prompter, False, None
 
 
 def load_for_generation(run):
@@ -200,7 +229,10 @@ class Generator:
 
         self.model, self.tokenizer, self.prompter = model, tokenizer, prompter
         self.bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-        self.chat = chat_template_of(tokenizer) if run.chat_template else None
+        if isinstance(run.chat_template, str):  # the template the model was trained with, from its record
+            self.chat = chat_template_of(tokenizer, run.chat_template)
+        else:
+            self.chat = chat_template_of(tokenizer) if run.chat_template else None
         stops = [tokenizer.eos_token_id, *(self.chat.end_of_turn_ids(tokenizer) if self.chat else ())]
         sampling = run.temperature > 0
         self.kwargs = dict(
@@ -246,16 +278,16 @@ class Generator:
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)]
 
 
-def chat_template_of(tokenizer):
-    """The tokenizer's own chat template (what finetune.py saved with the adapter) with its end-of-turn
-    tokens read, or None where it has none."""
-    from platy.prompts import ChatTemplate, end_of_turn_tokens
+def chat_template_of(tokenizer, text=None):
+    """A chat template with its end-of-turn tokens read: text (the record's), else the tokenizer's own; None
+    where the tokenizer has none."""
+    from platy.prompts import ChatTemplate
 
-    text = getattr(tokenizer, "chat_template", None)
+    text = text or getattr(tokenizer, "chat_template", None)
     if not isinstance(text, str) or not text:
         return None
     chat = ChatTemplate("model", text)
-    chat.end_of_turn = end_of_turn_tokens(chat, tokenizer)
+    chat.read_turns(tokenizer)
     return chat
 
 
@@ -305,8 +337,8 @@ def answer_file(generator, run):
     if not generator.chat and (numbers := several_exchanges(rows)):
         raise UserError(
             f"{run.rows_source}: row {numbers[0]}{' and others' if len(numbers) > 1 else ''}: a conversation of "
-            "several exchanges needs a chat template, and the model has none: train with finetune.py --chat_template, "
-            "or give one question per row"
+            "several exchanges needs a chat template, and the prompts are laid out with a prompt template: train "
+            "with finetune.py --chat_template, or give one question per row"
         )
     results = []
     with tqdm(total=len(rows), desc="Generating", unit=" prompts", dynamic_ncols=True) as bar:

@@ -155,7 +155,7 @@ def resolve(flags):
     outputs.check_apart(out, outputs.MERGE, [("the base model folder", base_path)])
     gguf_types = tuple(gguf_export.parse_types(flags.get("gguf")))
     if gguf_types:  # before anything is written: an architecture, tokenizer or template the export cannot write
-        gguf_export.modelfile_template(adapter.record.template if adapter.record else None)
+        gguf_export.check_recorded_templates(adapter.record)
         gguf_export.check_exportable(
             output_config(base_path, DTYPES[str(flags["dtype"])], adapter.vocabulary),
             tokenizer_source(adapter, base_path),
@@ -308,6 +308,7 @@ def write_companions(run, folder, stats):
     write_json(folder / "config.json", output_config(run.base_path, run.dtype, adapter.vocabulary))
     for name, source in run.companions:
         shutil.copy(source, folder / name)
+    write_prompt_format(folder, adapter.record)
     merge_info = {
         "method": run.method,
         "dtype": run.dtype,
@@ -324,6 +325,23 @@ def write_companions(run, folder, stats):
     if adapter.record:
         adapter.record.write(folder)
     (folder / "README.md").write_text(model_card(run, adapter, merge_info), encoding="utf-8")
+
+
+def write_prompt_format(folder, record):
+    """The merged tokenizer's chat template is the prompt format the adapter was trained with (its record's
+    chat template, or its prompt template written as one), so that apply_chat_template, vLLM, chat clients and
+    the GGUF file format prompts as training did; the base's own template would not."""
+    from transformers import AutoTokenizer
+
+    from platy.data.examples import adds_bos
+    from platy.prompts import format_chat_template, save_chat_template
+
+    fmt = record and record.prompt_format
+    if not fmt:
+        return
+    text = format_chat_template(fmt, adds_bos(AutoTokenizer.from_pretrained(folder)) if not fmt.chat else False)
+    if text:
+        save_chat_template(folder, text)
 
 
 def write_gguf_files(run):
@@ -350,10 +368,9 @@ def write_gguf_files(run):
         written[gguf_type] = info
         say(f"GGUF {gguf_type}: {destination} ({info['bytes'] / 1e6:.1f} MB, {info['seconds']:.1f} s)")
     first = written[run.gguf_types[0]]["file"]
-    template = run.adapter.record.template if run.adapter.record else None
-    has_chat_template = bool(gguf_export.chat_template_of(run.output_dir))
+    template = gguf_export.ollama_template(run.output_dir)
     stops = gguf_export.stop_tokens(run.output_dir)
-    write_text(run.output_dir / "Modelfile", gguf_export.modelfile(first, template, has_chat_template, stops))
+    write_text(run.output_dir / "Modelfile", gguf_export.modelfile(first, template, stops))
     update_record(run, gguf=written)
     return written
 

@@ -71,7 +71,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained({shown_path(merge_run.output_dir)!r})
 tokenizer = AutoTokenizer.from_pretrained({shown_path(merge_run.output_dir)!r})
 ```
-{gguf_section(info.get("gguf"), template)}"""
+{gguf_section(info.get("gguf"), merge_run.output_dir)}"""
 
 
 def adapter_card(record, folder):
@@ -264,27 +264,42 @@ def training_summary(run, adapter_path, method):
 
 
 def template_line(record):
-    """The adapter card's line on how prompts are laid out: the chat template, else the Alpaca template."""
-    chat = record.chat_template
+    """The adapter card's line on how prompts are laid out (the record's prompt format): the chat template,
+    else the Alpaca template."""
+    chat = record.prompt_format and record.prompt_format.chat
     if chat:
         ends = ", ".join(f"`{t}`" for t in chat.end_of_turn)
         return (
             f"Chat template:** {chat.name} (each turn ends with {ends}; saved with the tokenizer, so "
             "`tokenizer.apply_chat_template` and inference.py use it)"
         )
-    return f"Prompt template:** {record.template_name or 'unknown'}"
+    if record.template_name is None:
+        return "Prompt template:** unknown"
+    return (
+        f"Prompt template:** {record.template_name} (also saved as the tokenizer's chat template, so "
+        "`tokenizer.apply_chat_template`, inference.py and a merged model's GGUF file lay prompts out as in training)"
+    )
 
 
 def prompt_section(record, template, prompts):
-    """The merged card's section on prompts: the chat template's text, or the Alpaca template's layout."""
-    chat = record.chat_template
+    """The merged card's section on prompts (the record's prompt format): the chat template's text, or the Alpaca
+    template's layout."""
+    chat = record.prompt_format and record.prompt_format.chat
+    if not chat and not template:
+        return f"## Prompt template (unknown)\n\n{prompts}\n"
     if not chat:
-        return f"## Prompt template ({template.get('name', 'unknown')})\n\n{prompts}\n"
+        return (
+            f"## Prompt template ({template.get('name', 'unknown')})\n\n{prompts}\n\nThe tokenizer's chat template "
+            "lays conversations out the same way (a system message is the instruction and the question its input), "
+            "so `tokenizer.apply_chat_template`, vLLM, chat clients, the GGUF file and its Modelfile prompt the "
+            "model as it was trained.\n"
+        )
     ends = ", ".join(f"`{t}`" for t in chat.end_of_turn)
     return (
         f"## Chat template ({chat.name})\n\nTrained on conversations rendered with this template; each "
         f"assistant turn ends with {ends}, which `generation_config.json` lists as a stop token. It is saved with "
-        f"the tokenizer (`tokenizer.apply_chat_template`):\n\n```jinja\n{chat.text.strip()}\n```\n"
+        f"the tokenizer (`tokenizer.apply_chat_template`)"
+        + (f":\n\n```jinja\n{chat.text.strip()}\n```\n" if chat.text else ".\n")
     )
 
 
@@ -308,7 +323,24 @@ def base_link(base):
     return f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`"
 
 
-def gguf_section(files, template):
+def llama_cpp_prompt(folder, question):
+    """The question as llama.cpp is to be given it: rendered with the merged tokenizer's chat template (the
+    prompt format the model was trained with), less the BOS llama.cpp adds itself; the question alone where the
+    tokenizer has no chat template."""
+    from transformers import AutoTokenizer
+
+    from platy.data.examples import without_added_bos
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not tokenizer.chat_template:
+        return question
+    messages = [{"role": "user", "content": question}]
+    return without_added_bos(
+        tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    )
+
+
+def gguf_section(files, folder):
     """How to run the GGUF files (llama.cpp, Ollama, LM Studio) and, after --verify, how close each is."""
     if not files:
         return ""
@@ -323,8 +355,7 @@ def gguf_section(files, template):
         rows.append(f"| `{entry['file']}` | {gguf_type} | {entry['bytes'] / 1e6:,.1f} MB | {figures} |")
     first = next(iter(files.values()))["file"]
     question = "Is 91 a prime number?"
-    prompt = (template or {}).get("prompt_no_input", "{instruction}").replace("{instruction}", question)
-    prompt = prompt.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    prompt = llama_cpp_prompt(folder, question).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f"""
 ## Run the GGUF files (llama.cpp, Ollama, LM Studio)
 
@@ -336,7 +367,7 @@ The differences were measured by loading each file back with transformers' GGUF 
 (`--verify`).
 
 ```bash
-# llama.cpp, with the prompt template the model was trained on
+# llama.cpp, with the prompt laid out as the model was trained
 llama-cli -m {first} -no-cnv -e -p "{prompt}" -n 256
 # Ollama: the Modelfile in this folder holds the template and the stop tokens
 ollama create {Path(first).stem} -f Modelfile

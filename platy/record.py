@@ -47,6 +47,25 @@ class RecordedChatTemplate:
         }
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a run rendered its prompts: with a chat template (chat: its RecordedChatTemplate, the Jinja text
+    by content), else with a prompt template (template: its name, path and content, as recorded). Every
+    consumer (inference, evaluation, the merged tokenizer, the GGUF file, the Modelfile, the cards) follows it."""
+
+    template: dict | None
+    chat: RecordedChatTemplate | None
+
+    @property
+    def name(self):
+        """The chat template's name, else the prompt template's (alpaca, ...)."""
+        return self.chat.name if self.chat else (self.template or {}).get("name")
+
+    def describe(self):
+        """'the chat template chatml' or 'the prompt template alpaca', for messages."""
+        return f"the {'chat' if self.chat else 'prompt'} template {self.name or 'of its run'}"
+
+
 class RunRecord:
     """One run's run_config.json. Build it with the constructor (training), or read it with RunRecord.read."""
 
@@ -192,6 +211,19 @@ class RunRecord:
             eos_token_id=tuple(chat.get("eos_token_id") or ()),
             text=chat.get("text") or "",
         )
+
+    @property
+    def prompt_format(self):
+        """How the run rendered its prompts (a PromptFormat), or None where the record holds neither template.
+        A checkpoint of a run with --chat_template records the template's text only when the run ends: its
+        format is that chat template by name, with no text (the tokenizer saved beside it carries it)."""
+        chat = self.chat_template
+        named = self.flag("chat_template")
+        if chat is None and named not in (None, "none"):
+            chat = RecordedChatTemplate(name=named)
+        if chat is None and self.template is None:
+            return None
+        return PromptFormat(self.template, chat)
 
     @property
     def vocabulary(self):

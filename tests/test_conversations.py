@@ -205,3 +205,48 @@ def test_unknown_chat_template_and_auto_without_one(tmp_path, fresh_tokenizer):
     result = finetune(tmp_path / "o", "--chat_template", "chatmll", "--dry_run", "true")
     assert_user_error(result, "finetune.py", "--chat_template: unknown chat template 'chatmll'")
     assert json.loads(CONVERSATIONS.read_text().splitlines()[0])["messages"][0]["role"] == "system"
+
+
+# the first Meta-Llama-3-Instruct release's template: the assistant header follows every rendering
+LLAMA3_FIRST_RELEASE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+)
+# SmolLM2-Instruct's: a default system prompt where the conversation has none
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("turns", [3, 5, 7])
+@pytest.mark.parametrize(
+    ("text", "end"), [(LLAMA3_FIRST_RELEASE, "<|eot_id|>"), (SMOLLM2, "<|im_end|>")], ids=["llama3-first", "smollm2"]
+)
+def test_published_chat_templates_give_exact_assistant_labels(fresh_tokenizer, tmp_path, text, end, turns):
+    """A template that appends the generation prompt to every rendering, and one that inserts a default system
+    prompt, label exactly the assistant turns with their end-of-turn token; the ids are apply_chat_template's."""
+    messages = THREE_TURNS[:turns] if turns != 3 else THREE_TURNS[1:3]  # 3: no system message
+    path = tmp_path / "published.jinja"
+    path.write_text(text)
+    ids, labels, chat = example_of(fresh_tokenizer, messages, str(path))
+    assert chat.end_of_turn == (end,)
+    assert label_pieces(fresh_tokenizer, labels) == [m["content"] + end for m in messages if m["role"] == "assistant"]
+    rendered = fresh_tokenizer.apply_chat_template(messages, chat_template=text, tokenize=True)
+    assert ids == rendered["input_ids"]
+
+
+def test_a_template_that_reorders_turns_is_refused(fresh_tokenizer, tmp_path):
+    path = tmp_path / "reversed.jinja"
+    path.write_text(
+        "{% for message in messages | reverse %}{{ message['role'] + ': ' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    from platy.cli import UserError
+
+    with pytest.raises(UserError, match="reversed.jinja: the assistant turn's rendering does not follow"):
+        example_of(fresh_tokenizer, THREE_TURNS, str(path))

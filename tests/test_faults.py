@@ -116,6 +116,7 @@ def test_kill_during_the_final_save_leaves_no_torn_adapter(tmp_path, uninterrupt
     assert "checkpoint-4 already holds all 4 steps" in resumed.stdout
     assert largest_difference(adapter(out), uninterrupted) == 0
     assert json.loads((out / "run_config.json").read_text())["result"]["global_step"] == 4
+    assert "### Instruction:" in (out / "chat_template.jinja").read_text(), "the tokenizer's template is Alpaca's"
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,8 @@ def read_metadata(path):
 def test_metadata_special_tokens_template_and_modelfile(exports):
     from transformers import AutoTokenizer
 
+    from platy.prompts import Prompter
+
     expected_pre = {"llama": "default", "mistral": "llama-bpe", "qwen2": "qwen2"}
     for family, (out, _, _) in exports.items():
         tokenizer = AutoTokenizer.from_pretrained(out)
@@ -126,13 +128,19 @@ def test_metadata_special_tokens_template_and_modelfile(exports):
         assert meta["tokenizer.ggml.add_bos_token"] == (family == "llama")
         modelfile = (out / "Modelfile").read_text()
         assert f"FROM ./{out.name}-f16.gguf" in modelfile
-        assert 'TEMPLATE """Below is an instruction' in modelfile and "{{ .Prompt }}" in modelfile
+        # trained with the Alpaca template (the bases with a ChatML template too): the file and the Modelfile
+        # lay prompts out with it, never with the base's own template
+        alpaca = Prompter("alpaca").generate_prompt("{{ .Prompt }}") + "{{ .Response }}"
+        assert alpaca in modelfile and "<|im_start|>" not in modelfile
+        assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+        question = [{"role": "user", "content": "Q"}]
+        rendered = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+        bos = tokenizer.bos_token if family == "llama" else ""  # the BPE tokenizers add no BOS
+        assert rendered == bos + Prompter("alpaca").generate_prompt("Q")
         assert f'PARAMETER stop "{tokenizer.eos_token}"' in modelfile
         if family == "llama":
             assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
-            assert "tokenizer.chat_template" not in meta
-        else:  # trained from a base with a ChatML template: the template and its end of turn travel
-            assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+        else:  # a base whose turns end with <|im_end|>: the end of turn travels
             assert meta["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
             assert 'PARAMETER stop "<|im_end|>"' in modelfile
 

@@ -228,6 +228,31 @@ def test_unknown_template(qlora_adapter):
     )
 
 
+@pytest.mark.parametrize(
+    ("given", "chat", "template", "note"),
+    [
+        ({}, False, "alpaca", None),
+        ({"prompt_template": "alpaca"}, False, "alpaca", None),
+        ({"chat_template": False}, False, "alpaca", None),
+        ({"prompt_template": "alpaca_short"}, False, "alpaca_short", "--prompt_template alpaca_short: prompts use"),
+        ({"chat_template": True}, True, "alpaca", "--chat_template true: prompts use the tokenizer's chat template"),
+    ],
+)
+def test_prompts_follow_the_record_unless_a_flag_says_otherwise(qlora_adapter, capsys, given, chat, template, note):
+    """The adapter was trained with the Alpaca template: that by default, whatever the tokenizer carries; a flag
+    that chooses otherwise is followed, with a line naming what the model was trained with."""
+    from platy import cli, inference_stages
+
+    flags = {**cli.entry_defaults(cli.script_entry("inference")), "lora_weights": str(qlora_adapter), "prompt": "x"}
+    run = inference_stages.resolve({**flags, **given})
+    assert run.chat_template is chat and run.prompter.name == template
+    err = capsys.readouterr().err
+    if note:
+        assert f"{note}" in err and "the model was trained with the prompt template alpaca (its run_config.json)" in err
+    else:
+        assert "trained with" not in err
+
+
 def test_adapter_for_another_base(qlora_adapter, tiny_llama_wide):
     assert_refused(
         infer("--lora_weights", qlora_adapter, "--base_model", tiny_llama_wide, "--prompt", "hi"),

@@ -238,3 +238,17 @@ def test_the_reader_check_sees_a_reader():
     )
     assert file_readers(ast.parse(source)) == [2, 3, 4, 7]
     assert file_readers(ast.parse((REPO / "platy" / "record.py").read_text())) != []
+
+
+def test_the_prompt_format_is_the_chat_template_else_the_prompt_template(tmp_path):
+    chatml = RunRecord.read(fixture("chatml", tmp_path)).prompt_format
+    assert chatml.chat.name == "chatml" and "<|im_start|>" in chatml.chat.text
+    assert chatml.describe() == "the chat template chatml"
+    alpaca = RunRecord.read(fixture("qlora", tmp_path)).prompt_format
+    assert alpaca.chat is None and alpaca.template["prompt_input"].startswith("Below is an instruction")
+    assert alpaca.describe() == "the prompt template alpaca"
+    # a checkpoint of a chat run: the template's text is recorded when the run ends, its name from the start
+    raw = json.loads((FIXTURES / "chatml.json").read_text())
+    del raw["resolved"]["chat_template"]
+    assert RunRecord.from_dict(raw).prompt_format.chat == RecordedChatTemplate(name="chatml")
+    assert RunRecord.from_dict({"flags": {}}).prompt_format is None

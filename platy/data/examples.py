@@ -44,6 +44,13 @@ def adds_bos(tokenizer):
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def without_added_bos(tokenizer, text):
+    """A rendered prompt for a runtime that adds BOS itself where the tokenizer does (llama.cpp and Ollama read
+    it from the GGUF's add_bos_token): the text less a leading BOS the template wrote, so the model sees one."""
+    bos = tokenizer.bos_token
+    return text[len(bos) :] if bos and adds_bos(tokenizer) and text.startswith(bos) else text
+
+
 def with_bos(ids, bos):
     """[BOS] + ids, unless the ids already start with it (a template that carries BOS text)."""
     return ids if ids[:1] == bos else bos + ids
@@ -167,6 +174,24 @@ def template_heads(template):
         if "\n" in opening:
             heads.add(opening[: opening.rfind("\n") + 1])
     return sorted(heads, key=len, reverse=True)
+
+
+def turn_end(text, head, whole, prompts_always):
+    """Where an assistant turn's text ends in the rendering of its conversation (text): whole renders the
+    conversation up to that turn, head up to the turn's content with the generation prompt. None where the
+    renderings do not line up. A template that appends the generation prompt to every rendering ends whole
+    with it, where text goes on with the next turn: the two agree up to where they part, and what whole has
+    beyond must be that trailing prompt (text ends with it too); the labels stop at the end-of-turn token
+    before it."""
+    if not whole.startswith(head):
+        return None
+    if text.startswith(whole):
+        return len(whole)
+    if not prompts_always:
+        return None
+    end = len(os.path.commonprefix([text, whole]))
+    trailer = whole[end:]
+    return end if end > len(head) and text.endswith(trailer) and head.endswith(trailer) else None
 
 
 class ExampleTokenizer:
@@ -337,12 +362,13 @@ class ExampleTokenizer:
         closed = template.render(tokenizer, [conversations[row][: i + 1] for row, i in turns])
         spans = [[] for _ in conversations]
         for (row, _), head, whole in zip(turns, opened, closed):
-            if not (texts[row].startswith(whole) and whole.startswith(head)):
+            end = turn_end(texts[row], head, whole, template.prompts_always)
+            if end is None:
                 raise UserError(
                     f"chat template {template.path or template.name}: the rendering of a conversation does not "
                     "start with the rendering of its first turns; its assistant tokens cannot be told apart"
                 )
-            spans[row].append((len(head), len(whole)))
+            spans[row].append((len(head), end))
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         end_ids = set(template.end_of_turn_ids(tokenizer))
         examples = []

@@ -11,6 +11,7 @@ from pathlib import Path
 from platy.cli import say
 from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, readable_as_umask_allows, write_json, write_text
 from platy.integrity import MANIFEST, config_hash, write_manifest
+from platy.prompts import CHAT_TEMPLATE_NONE
 from platy.quantized import LOFTQ_OFFSET, write_loftq_offsets
 from platy.record import RecordedChatTemplate
 from platy.train.checkpoints import STAGING, remove_leftovers
@@ -43,7 +44,7 @@ def save(run, trainer, start, chat, record, result):
             write_loftq_offsets(start.loftq_offsets, out / STAGING / "final")
             if not start.loftq_offsets:  # nor may an earlier run's offsets stay beside this adapter
                 (out / LOFTQ_OFFSET).unlink(missing_ok=True)
-            record_chat_template(run, chat, trainer.processing_class, out / STAGING / "final", record)
+            record_prompt_format(run, chat, trainer.processing_class, out / STAGING / "final", record)
             # PEFT's empty card: write_results writes the toolkit's after the manifest, as run_config.json
             (out / STAGING / "final" / "README.md").unlink(missing_ok=True)
             trainer.write_manifest(out / STAGING / "final")
@@ -55,13 +56,15 @@ def save(run, trainer, start, chat, record, result):
         report_done(run, out, result)
 
 
-def record_chat_template(run, chat, tokenizer, folder, record):
+def record_prompt_format(run, chat, tokenizer, folder, record):
     """With a chat template: a generation_config.json whose eos_token_id holds the end-of-turn tokens as well
     as EOS (so generate, lm-eval and vLLM stop at the end of a turn), and the template in the run record. The
-    tokenizer files the Trainer saved carry the template itself."""
+    tokenizer files the Trainer saved carry the template itself. Without one, the tokenizer's chat template
+    (the base's own) gives way to the prompt template written as one: the adapter's prompts are laid out so."""
     from transformers import GenerationConfig
 
     if chat is None:
+        save_prompt_template(run, tokenizer, folder)
         return
     try:
         generation = GenerationConfig.from_pretrained(run.base_model_path)
@@ -77,6 +80,15 @@ def record_chat_template(run, chat, tokenizer, folder, record):
     record.set_chat_template(
         RecordedChatTemplate(chat.name, chat.path, tuple(chat.end_of_turn), len(tokenizer), tuple(stops), chat.text)
     )
+
+
+def save_prompt_template(run, tokenizer, folder):
+    """A run without a chat template: its prompt template, written as a chat template, is the saved tokenizer's
+    (the base's own chat template would lay prompts out otherwise than training did)."""
+    from platy.data.examples import adds_bos
+    from platy.prompts import alpaca_chat_template, save_chat_template
+
+    save_chat_template(folder, alpaca_chat_template(run.prompter.template, adds_bos(tokenizer)))
 
 
 def publish_final(staged, out):
@@ -123,6 +135,8 @@ def export_finished_checkpoint(run, tokenizer, record):
         if path.is_file() and path.name not in TRAINER_STATE and not path.name.startswith("rng_state"):
             shutil.copy2(path, staged / path.name)
     tokenizer.save_pretrained(staged)
+    if run.chat_template == CHAT_TEMPLATE_NONE:
+        save_prompt_template(run, tokenizer, staged)
     if changes_base(run.init_lora_weights):  # the checkpoint's adapter is relative to the changed base
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
