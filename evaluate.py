@@ -29,9 +29,9 @@ FLAGS = Flags(
         "models",
         None,
         str,
-        "Comma-separated models: merged or base model folders, hub ids, builtin:tiny-llama, or adapter "
-        "folders written by finetune.py (evaluated on their recorded base without merging). One row each, in "
-        "this order.",
+        "Comma-separated models: merged or base model folders, hub ids, builtin:tiny-llama, adapter "
+        "folders written by finetune.py (evaluated on their recorded base without merging), or GGUF files that "
+        "merge.py --gguf wrote in a merged folder (read by transformers). One row each, in this order.",
     ),
     Flag(
         "suite",

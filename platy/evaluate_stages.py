@@ -298,7 +298,10 @@ def resolve_models(flags, problems):
         try:
             path = Path(spec).expanduser()
             adapter = Adapter(path, "--models", merge=False) if (path / "adapter_config.json").is_file() else None
-            if adapter:
+            gguf = path.name if path.suffix == ".gguf" and path.is_file() else None
+            if gguf:  # merge.py --gguf's file: read by transformers from the merged folder it was written in
+                base, base_path = spec, resolve_base_model(str(path.parent), f"--models {spec}: its folder")
+            elif adapter:
                 base = adapter.base_model()
                 if not base:
                     raise UserError(
@@ -330,6 +333,7 @@ def resolve_models(flags, problems):
         models.append(
             {
                 "spec": spec,
+                "gguf_file": gguf,
                 "label": label,
                 "folder": folder,
                 "base": base,
@@ -617,6 +621,8 @@ def load_lm(model, run):
         "trust_remote_code": run.trust_remote_code,
     }
     model_args = {"pretrained": model["base_path"], "dtype": dtype, "device": run.device, **common}
+    if model.get("gguf_file"):  # dequantized by transformers: scores of the file's own rounding
+        model_args["gguf_file"] = model["gguf_file"]
     if adapter:
         model_args["peft"] = str(adapter.folder)
     vocabulary = adapter.vocabulary if adapter else None
