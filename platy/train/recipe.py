@@ -42,10 +42,16 @@ class Recipe:
     def from_flags(cls, flags, objective=None):
         """The recipe of finetune.py's flags (every flag by name): all problems at once, then the I/O."""
         cli.fail_on(check_flags(flags))
-        return cls(resolve(flags), objective)
+        with loop.signal_stops(flags["output_dir"]):
+            return cls(resolve(flags), objective)
 
     def main(self):
-        """The whole run, as finetune.py runs it."""
+        """The whole run, as finetune.py runs it; SIGTERM at any stage exits PREEMPTED (loop.signal_stops)."""
+        with loop.signal_stops(self.run.output_dir):
+            self.stages()
+
+    def stages(self):
+        """The stages in order: describe -> setup -> train -> save, or export a finished checkpoint."""
         if self.run.already_finished:  # a requeued job of a run that ended: success, nothing changes
             say(self.run.already_finished)
             return
