@@ -139,7 +139,7 @@ def signal_stops(output_dir):
     try:
         yield
     except cli.Terminated:
-        last = latest_checkpoint(output_dir)
+        last = latest_checkpoint(Path(output_dir).expanduser())
         if cli.is_main_process():
             tell_launcher({"global_step": None, "checkpoint": last, "time": time.time()})
         saved = (
