@@ -37,20 +37,15 @@ def save(run, trainer, start, chat, record, result):
     from platy.train.trainer import write_attempt
 
     out = Path(run.output_dir)
-    staged = out / STAGING / "final"
+    staged, doing = out / STAGING / "final", "writing the final adapter"
     # every rank: ZeRO-3 gathers the weights
-    agree_on_final(trainer, write_attempt(trainer.save_model, str(staged)), out)
+    trainer.agree_on_writes(write_attempt(trainer.save_model, str(staged)), doing, out)
     failure = None
     if trainer.is_world_process_zero():
         failure = write_attempt(complete_final, run, trainer, start, chat, record, result, staged)
-    agree_on_final(trainer, failure, out)
+    trainer.agree_on_writes(failure, doing, out)
     if trainer.is_world_process_zero():
         report_done(run, out, result)
-
-
-def agree_on_final(trainer, failure, out):
-    """Trainer.agree_on_writes for the final adapter: all ranks stop together when a write failed on any."""
-    trainer.agree_on_writes(failure, "writing the final adapter", out)
 
 
 def complete_final(run, trainer, start, chat, record, result, staged):

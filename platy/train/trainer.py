@@ -1,7 +1,8 @@
 """A Trainer that survives faults: atomic checkpoints, preemption, non-finite steps.
 
 - Checkpoints are written into output_dir/.staging and renamed when every rank is done
-  (platy/train/checkpoints.py); the checkpoint limit deletes old ones only after that.
+  (platy/train/checkpoints.py); the checkpoint limit deletes old ones only after that. A write
+  that fails on any rank stops every rank with its reason: none waits for another in a collective.
 - SIGTERM or Ctrl-C finishes the current optimizer step, saves a checkpoint and stops;
   all ranks agree on the step, so none waits for another in a collective.
 - A non-finite loss or gradient is caught before the optimizer applies it: the run stops
