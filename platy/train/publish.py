@@ -99,7 +99,8 @@ def publish_final(staged, out, log_history, record):
         if path.name != RUN_CONFIG:
             os.replace(path, out / path.name)
     write_results(out, log_history, record)
-    os.replace(staged / RUN_CONFIG, out / RUN_CONFIG)
+    for path in staged.iterdir():  # what is left: the run record, moved last
+        os.replace(path, out / path.name)
     sync_folder(out)
     shutil.rmtree(staged.parent, ignore_errors=True)
 
