@@ -192,7 +192,7 @@ def run(fn):
         print(f"\n{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     except Stopped as err:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's shutdown signal must not interrupt the exit
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's shutdown signal must not interrupt the exit
         close_progress_bars()
         if is_main_process() or not err.every_rank:
             print(f"{os.path.basename(sys.argv[0])}: {err.label}: {err}", file=sys.stderr, flush=True)

@@ -219,6 +219,23 @@ def test_a_second_sigterm_stops_at_once_with_the_preemption_status(monkeypatch):
         request.handle(signal.SIGTERM, None)
 
 
+def test_a_stop_under_way_keeps_torchruns_signal_ignored(monkeypatch):
+    """Processes that agreed to stop ignore SIGTERM (torchrun signals the others once one exits): leaving the
+    training loop must not put back a handler that would replace their reason with a preemption."""
+    from platy.train import trainer as training
+
+    before = signal.getsignal(signal.SIGTERM)
+    with training.StopRequest() as request:
+        assert signal.getsignal(signal.SIGTERM) == request.handle
+    assert signal.getsignal(signal.SIGTERM) == before  # nothing under way: the previous handler is back
+    try:
+        with training.StopRequest():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as Trainer.agree_on_writes does before raising
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_only_rank_0_probes_a_new_output_dir(tmp_path, monkeypatch):
     from platy.cli import UserError
     from platy.train.config import check_writable
@@ -321,8 +338,10 @@ def test_torchrun_ranks_agree_on_a_failed_save_and_on_the_export(tmp_path):
     assert checkpoints.latest_checkpoint(out) == str(out / "checkpoint-1")
     assert not (out / checkpoints.STAGING).exists()
 
-    # checkpoint-1 holds every step of a one-step run whose final save never came: rank 0 exports it
-    exported, _ = torchrun(out, "--max_steps", 1, "--resume_from_checkpoint", "auto", port=29572)
+    # checkpoint-1 holds every step of a one-step run whose final save never came: rank 0 exports it, and
+    # rank 1, lagging, does not take the exported run_config.json for a run that ended in another way
+    lagging = faulty("slow_tokenizer=10", rank=1)
+    exported, _ = torchrun(out, "--max_steps", 1, "--resume_from_checkpoint", "auto", env=lagging, port=29572)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert exported.stdout.count("checkpoint-1 already holds all 1 steps of this run") == 1
     assert json.loads((out / RUN_CONFIG).read_text())["result"]["exported_from"] == str(out / "checkpoint-1")

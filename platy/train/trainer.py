@@ -64,7 +64,8 @@ class StopRequest:
 
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            if signal.getsignal(signum) == self.handle:  # still ours: a stop under way may have set another
+                signal.signal(signum, handler)
 
     def handle(self, signum, frame):
         now = time.monotonic()
@@ -238,6 +239,9 @@ class Trainer(transformers.Trainer):
         failed = [(process, text) for process, text in enumerate(failures) if text]
         if not failed:
             return
+        # every process stops now; the first to exit makes torchrun signal the others, and that signal must not
+        # replace the reason (nor cut rank 0's cleanup and its line short)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self.args.should_save:
             shutil.rmtree(run_dir / STAGING, ignore_errors=True)
         process, text = failed[0]
