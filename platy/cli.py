@@ -23,6 +23,12 @@ class Stopped(Exception):
         self.status, self.label, self.every_rank = status, label, every_rank
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, torchrun stopping a job): unwinds like Ctrl-C, so cleanup handlers
+    run, and the entry exits PREEMPTED: the job may be requeued. finetune.py turns it into a Stopped that
+    says what was saved (platy/train/loop.py signal_stops)."""
+
+
 # exit statuses of a stopped run, documented in docs/faults.md
 DIVERGED = 3  # non-finite loss or gradient
 WRITE_FAILED = 74  # a checkpoint or the adapter could not be written (sysexits EX_IOERR)
@@ -158,7 +164,7 @@ def run(fn):
     import signal
 
     def terminated(signum, frame):  # SIGTERM unwinds like Ctrl-C: cleanup handlers run
-        raise KeyboardInterrupt
+        raise Terminated
 
     signal.signal(signal.SIGTERM, terminated)
     argv = sys.argv[1:]
@@ -173,11 +179,20 @@ def run(fn):
         # the reader of stdout went away (`--help | head`): stop quietly, as cat and seq do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0 if asks_help else CLOSED_PIPE)
+    except Terminated:
+        close_progress_bars()
+        print(
+            f"\n{os.path.basename(sys.argv[0])}: preempted: SIGTERM received, stopped before finishing; run the same "
+            "command again",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(PREEMPTED)
     except KeyboardInterrupt:
         print(f"\n{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
     except Stopped as err:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's shutdown signal must not interrupt the exit
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's shutdown signal must not interrupt the exit
         close_progress_bars()
         if is_main_process() or not err.every_rank:
             print(f"{os.path.basename(sys.argv[0])}: {err.label}: {err}", file=sys.stderr, flush=True)

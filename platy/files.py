@@ -45,12 +45,15 @@ def temp_beside(path):
 
 
 def write_text(path, text):
-    """Write through a temporary file and a rename: a reader never sees half a file."""
+    """Write through a temporary file and a rename: a reader never sees half a file, nor (after a crash)
+    an empty one: the bytes reach the disk before the rename does."""
     path = Path(path)
     tmp = temp_beside(path)
     try:
         tmp.write_text(text, encoding="utf-8")
+        sync_file(tmp)
         tmp.replace(path)
+        sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -61,13 +64,15 @@ def write_json(path, data):
 
 def swap_into_place(tmp, output_dir, aside=None):
     """Move the finished tmp folder to output_dir; an old output_dir is renamed to `aside` (default
-    .NAME.old-PID beside it) and goes only once the new one is there."""
+    .NAME.old-PID beside it) and goes only once the new one is there, on disk with its files."""
     output_dir = Path(output_dir)
+    sync_tree(tmp)
     old = None
     if output_dir.exists():
         old = Path(aside) if aside else output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
         output_dir.rename(old)
     Path(tmp).rename(output_dir)
+    sync_folder(output_dir.parent)  # the renames are durable before the predecessor is deleted
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -82,3 +87,34 @@ def readable_as_umask_allows(path):
     """Give a file the permissions a plain open() would: safetensors writes its files 0600, but an adapter is
     for whoever may read the folder it is in (as a merged model is)."""
     Path(path).chmod(0o666 & ~current_umask())
+
+
+# A rename is atomic but not durable: after a power loss the new name may point to a file whose bytes never
+# reached the disk (an empty file) while its predecessor is already gone. fsync the bytes before a rename,
+# and the folder after it, before anything older is deleted.
+
+
+def sync_file(path):
+    """fsync one file's bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_folder(path):
+    """fsync a folder: the names created, renamed or removed in it are on disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder):
+    """fsync every file and folder below `folder`, the folder itself last."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            sync_file(os.path.join(root, name))
+        sync_folder(root)

@@ -31,6 +31,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")  # torch.save archives a resume or a load reads
 # what finetune.py writes beside an adapter after its manifest (the record, the log, the curves, the card)
 WRITTEN_AFTER_MANIFEST = (RUN_CONFIG, LOG_HISTORY, CURVES, "README.md", PREEMPTED)
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # the safetensors library refuses a longer header (MAX_HEADER_SIZE)
 JSON_CHECKED_BYTES = 64 << 20  # configs, states and tokenizers are parsed; anything larger is data
 # bytes per element of the safetensors dtypes whose size is known (others: ranges checked only)
 ITEM_BYTES = {
@@ -122,6 +123,9 @@ def safetensors_header(path):
         if len(head) < 8:
             raise Damaged(f"cut short: {size} bytes, not even a header")
         length = int.from_bytes(head, "little")
+        if length > SAFETENSORS_HEADER_LIMIT:  # read nothing of it: the claim alone may be any size
+            limit = human_size(SAFETENSORS_HEADER_LIMIT)
+            raise Damaged(f"damaged: its header claims {human_size(length)}, more than the {limit} safetensors reads")
         if length > size - 8:
             raise Damaged(f"cut short or damaged: its header claims {human_size(length)} of a {human_size(size)} file")
         raw = handle.read(length)
@@ -129,6 +133,8 @@ def safetensors_header(path):
         header = json.loads(raw)
     except ValueError:
         raise Damaged("damaged: its header is not valid JSON") from None
+    except RecursionError:
+        raise Damaged("damaged: its header nests too deeply to be a table of tensors") from None
     if not isinstance(header, dict):
         raise Damaged("damaged: its header is not a table of tensors")
     header.pop("__metadata__", None)
@@ -137,10 +143,12 @@ def safetensors_header(path):
         try:
             begin, end = (int(x) for x in info["data_offsets"])
             shape, dtype = [int(d) for d in info["shape"]], info["dtype"]
+            if not isinstance(dtype, str):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
             raise Damaged(f"damaged: the header entry of {name} is malformed") from None
         expected = math.prod(shape) * ITEM_BYTES[dtype] if dtype in ITEM_BYTES else end - begin
-        if not 0 <= begin <= end or end - begin != expected:
+        if not 0 <= begin <= end or end - begin != expected or any(d < 0 for d in shape):
             raise Damaged(f"damaged: {name} ({dtype} {shape}) has the byte range [{begin}, {end}]")
         ranges.append((begin, end, name))
     covered = 0
@@ -182,7 +190,7 @@ def file_problem(path, crc=False):
             json.loads(path.read_bytes())
     except Damaged as err:
         return str(err)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return "damaged: not valid JSON"
     return None
 
@@ -203,7 +211,7 @@ def check_index(folder, index_name, who, fix):
         weight_map = json.loads((folder / index_name).read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise UserError(f"{who}: {index_name} is damaged (not a readable weight map); {fix}") from None
     for name in sorted(set(weight_map.values())):
         if problem := outside_problem(folder, name):
@@ -278,7 +286,7 @@ def read_manifest(folder):
         manifest = json.loads(path.read_text(encoding="utf-8"))
         records = manifest["files"].items()
         ok = all(isinstance(r["size"], int) and isinstance(r["sha256"], str) for _, r in records)
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError):
         ok = False
     if not ok or manifest.get("checksum") != manifest_checksum(manifest):
         raise Damaged(f"{MANIFEST} is damaged (its content does not match its checksum)")

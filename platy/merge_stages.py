@@ -9,6 +9,7 @@ check_folder re-verifies a folder later (--check).
 """
 
 import datetime
+import json
 import os
 import re
 import shutil
@@ -309,21 +310,27 @@ def write_companions(run, folder, stats):
     for name, source in run.companions:
         shutil.copy(source, folder / name)
     write_prompt_format(folder, adapter.record)
+    if adapter.record:
+        adapter.record.write(folder)
+    # every file written so far, companions included: --check finds a changed tokenizer as a changed shard
+    checksums = {
+        path.name: stats["checksums"].get(path.name) or file_digest(path)
+        for path in sorted(folder.iterdir())
+        if path.is_file()
+    }
     merge_info = {
         "method": run.method,
         "dtype": run.dtype,
         "base_model": run.base,
         "adapter": run.peft_model_path,
         "shards": stats["shards"],
-        "checksums": stats["checksums"],
+        "checksums": checksums,
         "merged_modules": stats["merged_modules"],
         "quantization_layout": {k: v for k, v in (run.layout or {}).items() if k != "modules"} or None,
         "command": " ".join(["python", "merge.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
     }
     write_json(folder / MERGE_CONFIG, merge_info)
-    if adapter.record:
-        adapter.record.write(folder)
     (folder / "README.md").write_text(model_card(run, adapter, merge_info), encoding="utf-8")
 
 
@@ -371,7 +378,7 @@ def write_gguf_files(run):
     template = gguf_export.ollama_template(run.output_dir)
     stops = gguf_export.stop_tokens(run.output_dir)
     write_text(run.output_dir / "Modelfile", gguf_export.modelfile(first, template, stops))
-    update_record(run, gguf=written)
+    update_record(run, gguf=written, modelfile=file_digest(run.output_dir / "Modelfile"))
     return written
 
 
@@ -512,8 +519,8 @@ def check_merged(run):
     """--verify: read the written files back against their recorded sha256, then how closely the merged
     model reproduces base + adapter, with its verdict, printed and kept in the folder's merge_config.json and
     model card."""
-    files = check_written(run.output_dir)
-    say(f"Read back {files} from {run.output_dir}: sizes and sha256 as written")
+    files, unchecked = check_written(run.output_dir)
+    say(f"Read back {files} from {run.output_dir}: sizes and sha256 as written{not_checked(unchecked)}")
     report = verdict(verify_merge(run), run.dtype)
     limit = report["tolerance"]
     say(
@@ -539,15 +546,18 @@ def verdict(report, dtype):
     return {**report, "verdict": "PASS" if within else "WARN", "dtype": dtype, "tolerance": tolerance}
 
 
-def check_written(folder, recorded=MERGE_CONFIG):
-    """A merged folder's files against the checksums of its merge_config.json (and every safetensors
-    header): '<n> file(s), <size>', or a UserError naming the first file that differs."""
-    import json
+# what --check cannot hold to a checksum: the record of the checksums itself, and the card --verify rewrites
+UNCHECKED = {MERGE_CONFIG: "it holds the checksums", "README.md": "the card, rewritten by --verify"}
 
+
+def check_written(folder, recorded=MERGE_CONFIG):
+    """A merged folder's files against the checksums of its merge_config.json (shards, companions, GGUF files,
+    Modelfile) and every safetensors header: ('<n> file(s), <size>', the files not checked, each with why), or
+    a UserError naming the first file that differs."""
     folder = Path(folder)
     try:
-        checksums = json.loads((folder / recorded).read_text(encoding="utf-8"))["checksums"]
-    except (OSError, ValueError, KeyError, TypeError):
+        checksums = recorded_files(json.loads((folder / recorded).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(
             f"{folder}: {recorded} is missing, damaged or records no checksums; merge again to record them"
         ) from None
@@ -556,7 +566,34 @@ def check_written(folder, recorded=MERGE_CONFIG):
         raise UserError(f"{who}: {problem}; {fix}")
     check_weights(folder, who, fix)
     size = sum(record["size"] for record in checksums.values())
-    return f"{len(checksums)} file(s), {human_size(size)}"
+    unchecked = [
+        f"{path.name} ({UNCHECKED.get(path.name, 'no checksum recorded')})"
+        for path in sorted(folder.iterdir())
+        if path.name not in checksums
+    ]
+    return f"{len(checksums)} file(s), {human_size(size)}", unchecked
+
+
+def not_checked(unchecked):
+    return f"; not checked: {', '.join(unchecked)}" if unchecked else ""
+
+
+def recorded_files(info):
+    """{file name: {size, sha256}} of every file a merge_config.json holds a checksum of: its `checksums`
+    (shards, index, config, tokenizer, chat template, run record), each GGUF file and the Modelfile."""
+    files = {name: checked_record(record) for name, record in info["checksums"].items()}
+    for written in (info.get("gguf") or {}).values():
+        files[written["file"]] = checked_record({"size": written["bytes"], "sha256": written["sha256"]})
+    if info.get("modelfile"):
+        files["Modelfile"] = checked_record(info["modelfile"])
+    return files
+
+
+def checked_record(record):
+    """A recorded {size, sha256}, or TypeError when it is not one."""
+    if not (isinstance(record["size"], int) and isinstance(record["sha256"], str)):
+        raise TypeError
+    return record
 
 
 def check_folder(value):
@@ -566,7 +603,8 @@ def check_folder(value):
     if not folder.is_dir():
         raise UserError(f"--check {value}: folder not found; give a merged model, adapter or checkpoint folder")
     if (folder / MERGE_CONFIG).is_file():
-        say(f"Checked {folder}: {check_written(folder)}; sizes and sha256 match {MERGE_CONFIG}")
+        checked, unchecked = check_written(folder)
+        say(f"Checked {folder}: {checked}; sizes and sha256 match {MERGE_CONFIG}{not_checked(unchecked)}")
     elif (folder / MANIFEST).is_file():
         if problem := folder_problem(folder):
             raise UserError(f"--check {value}: {problem}; copy the folder again, or use another checkpoint-N")

@@ -7,6 +7,7 @@ damaged files are copies of one finished run's, changed with `cut` and `flip`.
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -194,6 +195,63 @@ def test_an_unwritable_output_dir_is_refused_before_loading(tmp_path):
     assert "Loading" not in result.stdout
 
 
+def test_sigterm_while_the_model_loads_exits_75_and_says_nothing_was_saved(tmp_path):
+    out = tmp_path / "out"
+    stopped = finetune(out, *RUN, env=faulty("sigterm_in_load"))
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert last_line(stopped) == (
+        "finetune.py: preempted: SIGTERM received: stopped; nothing was saved (no checkpoint was written yet). "
+        "Run the same command again"
+    )
+    assert "Traceback" not in stopped.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_second_sigterm_stops_at_once_with_the_preemption_status(monkeypatch):
+    from platy import cli
+    from platy.train import trainer as training
+
+    clock = [100.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    request = training.StopRequest()
+    request.handle(signal.SIGTERM, None)
+    clock[0] += 5
+    with pytest.raises(cli.Terminated):  # stop now, and still a preemption (exit 75), not an interruption
+        request.handle(signal.SIGTERM, None)
+
+
+def test_a_stop_under_way_keeps_torchruns_signal_ignored(monkeypatch):
+    """Processes that agreed to stop ignore SIGTERM (torchrun signals the others once one exits): leaving the
+    training loop must not put back a handler that would replace their reason with a preemption."""
+    from platy.train import trainer as training
+
+    before = signal.getsignal(signal.SIGTERM)
+    with training.StopRequest() as request:
+        assert signal.getsignal(signal.SIGTERM) == request.handle
+    assert signal.getsignal(signal.SIGTERM) == before  # nothing under way: the previous handler is back
+    try:
+        with training.StopRequest():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as Trainer.agree_on_writes does before raising
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_only_rank_0_probes_a_new_output_dir(tmp_path, monkeypatch):
+    from platy.cli import UserError
+    from platy.train.config import check_writable
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder should be")
+    monkeypatch.setenv("RANK", "1")  # another process of a torchrun job: it neither creates nor removes folders
+    check_writable(blocked / "new" / "out")
+    check_writable(tmp_path / "new" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked"]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match=f"--output_dir {blocked / 'new' / 'out'} cannot be written"):
+        check_writable(blocked / "new" / "out")
+
+
 TORCHRUN_FLAGS = (
     "--batch_size",
     "4",
@@ -264,6 +322,49 @@ def test_torchrun_preemption_and_a_killed_rank(tmp_path):
     assert json.loads((out / "run_config.json").read_text())["result"]["global_step"] == 6
 
 
+def test_torchrun_ranks_agree_on_a_failed_save_and_on_the_export(tmp_path):
+    """A disk full on rank 1 while it writes its part of checkpoint-2: both processes stop together with rank
+    1's reason (rank 0 never waits for it); then the finished checkpoint-1 is exported by rank 0 alone. The
+    output folder is new and nested: only rank 0 probes it."""
+    out = tmp_path / "new" / "nested" / "out"
+    failed, seconds = torchrun(
+        out, "--max_steps", 2, env=faulty("enospc_in_write=checkpoint-2/rng_state_1", rank=1), port=29571
+    )
+    assert failed.returncode != 0 and seconds < 120, failed.stderr[-3000:]
+    told = "finetune.py: error: writing checkpoint-2 failed on process 1: No space left on device"
+    assert failed.stderr.count(told) == 1, failed.stderr[-3000:]
+    assert f"the last complete checkpoint, {out / 'checkpoint-1'}, is intact" in failed.stderr
+    assert "another process of this job stopped" not in failed.stderr
+    assert re.search(r"rank\s*:\s*0.*\n.*exitcode\s*:\s*74", failed.stderr), failed.stderr[-3000:]
+    assert checkpoints.latest_checkpoint(out) == str(out / "checkpoint-1")
+    assert not (out / checkpoints.STAGING).exists()
+
+    # checkpoint-1 holds every step of a one-step run whose final save never came: rank 0 exports it, and
+    # rank 1, lagging, does not take the exported run_config.json for a run that ended in another way
+    lagging = faulty("slow_tokenizer=10", rank=1)
+    exported, _ = torchrun(out, "--max_steps", 1, "--resume_from_checkpoint", "auto", env=lagging, port=29572)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert exported.stdout.count("checkpoint-1 already holds all 1 steps of this run") == 1
+    assert json.loads((out / RUN_CONFIG).read_text())["result"]["exported_from"] == str(out / "checkpoint-1")
+    assert largest_difference(adapter(out), adapter(out / "checkpoint-1")) == 0
+    assert not (out / checkpoints.STAGING).exists()
+
+
+def test_ddp_timeout_reaches_the_trainer_and_is_checked(tmp_path):
+    """A dead NCCL peer holds the other GPUs for --ddp_timeout seconds (10 minutes by default, not torch's 30)."""
+    from platy.train import config
+    from platy.train.arguments import training_arguments
+    from platy.train.flags import TRAIN_FLAGS
+    from platy.train.recipe import Recipe
+
+    flags = {**TRAIN_FLAGS.defaults(), "base_model": "builtin:tiny-llama", "output_dir": str(tmp_path / "out")}
+    flags.update(data_path=str(REPO / "data" / "sample_platypus.json"), dry_run=True)
+    assert training_arguments(Recipe.from_flags(flags).run, has_val=False, steps=1).ddp_timeout == 600
+    run = Recipe.from_flags({**flags, "ddp_timeout": 90}).run
+    assert training_arguments(run, has_val=False, steps=1).ddp_timeout == 90
+    assert "--ddp_timeout must be a positive integer, got 0" in config.check_flags({**flags, "ddp_timeout": 0})
+
+
 def test_signals_close_together_are_one_request(monkeypatch):
     from platy.train import trainer as training
 
@@ -296,6 +397,83 @@ def test_rotation_keeps_the_newest_and_never_leaves_a_partial_checkpoint(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-9"]
     checkpoints.rotate(tmp_path, 1, newest=tmp_path / "checkpoint-2")  # a resumed older run: its newest stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-9"]
+
+
+def test_checkpoints_reach_the_disk_before_their_renames_and_deletions(tmp_path, monkeypatch):
+    """fsync every file and folder of a checkpoint before it is renamed into place, and the output folder
+    before a predecessor is deleted: after a power loss no checkpoint-N is an empty shell of a deleted one."""
+    events, real = [], {"fsync": os.fsync, "rename": os.rename, "replace": os.replace, "rmtree": shutil.rmtree}
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real["fsync"](fd)
+
+    def renamer(how):
+        def rename(source, target, **kwargs):
+            events.append(("rename", str(source)))
+            return real[how](source, target, **kwargs)
+
+        return rename
+
+    def rmtree(path, **kwargs):
+        events.append(("delete", str(path)))
+        return real["rmtree"](path, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", renamer("rename"))
+    monkeypatch.setattr(os, "replace", renamer("replace"))
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    staged, old = tmp_path / checkpoints.STAGING / "checkpoint-2", tmp_path / "checkpoint-1"
+    files = (staged / "adapter_model.safetensors", staged / "sub" / "state.pt")
+    for path in (*files, old / "optimizer.pt"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"written")
+    checkpoints.publish(staged, tmp_path / "checkpoint-2")
+    moved = events.index(("rename", str(staged)))
+    assert all(events.index(("fsync", str(path))) < moved for path in (*files, staged / "sub", staged)), events
+    assert ("fsync", str(tmp_path)) in events[moved:]  # the rename itself is on disk
+    events.clear()
+    checkpoints.retire(old)
+    doomed = str(tmp_path / f"{checkpoints.DELETING}checkpoint-1")
+    assert events == [("rename", str(old)), ("fsync", str(tmp_path)), ("delete", doomed)]
+
+
+def test_the_adapter_record_is_written_before_its_manifest_and_listed_in_it(tmp_path, finished_run):
+    recorded = integrity.read_manifest(finished_run)["files"]
+    assert recorded[RUN_CONFIG] == integrity.file_digest(finished_run / RUN_CONFIG)
+    copy = tmp_path / "adapter"
+    shutil.copytree(finished_run, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    record = (copy / RUN_CONFIG).read_text()
+    assert '"seed": 42' in record
+    (copy / RUN_CONFIG).write_text(record.replace('"seed": 42', '"seed": 43'))  # same size, another record
+    told = f"{RUN_CONFIG} is damaged: its sha256 differs from the one in {MANIFEST}"
+    assert_user_error(merge_cli(copy, tmp_path / "merged"), "merge.py", told)
+
+
+@pytest.mark.parametrize(
+    "header, told",
+    [
+        (None, "its header claims 100 MB, more than the 100 MB safetensors reads"),
+        (b"[" * 100_000, "its header nests too deeply to be a table of tensors"),
+        (b'{"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}    ', "the header entry of w is malformed"),
+        (b'{"w": {"dtype": "F32", "shape": {"a": 1}, "data_offsets": [0, 4]}}', "the header entry of w is malformed"),
+        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]', "its header is not valid JSON"),
+    ],
+    ids=["huge", "nested", "dtype-list", "shape-table", "bad-json"],
+)
+def test_every_malformed_safetensors_header_is_one_line_naming_the_file(tmp_path, header, told):
+    from platy.cli import UserError
+
+    path = tmp_path / "model.safetensors"
+    if header is None:  # a claim just over safetensors' limit, in a (sparse) file long enough to hold it
+        with open(path, "wb") as handle:
+            handle.write((integrity.SAFETENSORS_HEADER_LIMIT + 1).to_bytes(8, "little"))
+            handle.truncate(integrity.SAFETENSORS_HEADER_LIMIT + 64)
+    else:
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(UserError) as raised:
+        integrity.check_safetensors(path, "--base_model base", "download it again")
+    assert str(raised.value) == f"--base_model base: model.safetensors is damaged: {told}; download it again"
 
 
 def test_resuming_with_other_settings_is_pointed_out(tmp_path, capsys):
@@ -506,11 +684,16 @@ def test_merge_records_each_shard_sha256_and_check_finds_a_damaged_copy(tmp_path
     assert merged.returncode == 0, merged.stderr[-3000:]
     recorded = json.loads((out / "merge_config.json").read_text())["checksums"]
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    assert len(shards) == 2 and sorted(recorded) == [*shards, integrity.SAFETENSORS_INDEX]
+    assert len(shards) == 2 and {*shards, integrity.SAFETENSORS_INDEX, "config.json", RUN_CONFIG} <= set(recorded)
+    # every file the merge wrote but the record of the checksums and the card that --verify rewrites
+    assert sorted(recorded) == sorted(p.name for p in out.iterdir() if p.name not in ("merge_config.json", "README.md"))
+    assert any(name.startswith("tokenizer") for name in recorded)
     assert all(integrity.file_digest(out / name) == record for name, record in recorded.items())
     good = check(out)
     assert good.returncode == 0, good.stderr[-2000:]
-    assert f"Checked {out}: 3 file(s)" in good.stdout and "sha256 match merge_config.json" in good.stdout
+    assert f"Checked {out}: {len(recorded)} file(s)" in good.stdout and "sha256 match merge_config.json" in good.stdout
+    unchecked = "not checked: README.md (the card, rewritten by --verify), merge_config.json (it holds the checksums)"
+    assert good.stdout.strip().endswith(unchecked)
     assert check(finished_run / "checkpoint-4").returncode == 0  # a checkpoint against its manifest
 
     copy = tmp_path / "copy"
@@ -520,3 +703,8 @@ def test_merge_records_each_shard_sha256_and_check_finds_a_damaged_copy(tmp_path
     assert_user_error(check(copy), "merge.py", told)
     cut(copy / shards[0])
     assert_user_error(check(copy), "merge.py", f"{copy}: {shards[0]} is cut short: ")
+    for companion in ("config.json", "tokenizer_config.json"):  # not only the weights
+        shutil.copytree(out, copy, dirs_exist_ok=True)
+        flip(copy / companion)
+        told = f"{copy}: {companion} is damaged: its sha256 differs from the one in merge_config.json"
+        assert_user_error(check(copy), "merge.py", told)

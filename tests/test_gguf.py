@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_user_error, build_model, finetune, merge_cli, run_cli
+from conftest import REPO, assert_user_error, build_model, finetune, merge_cli, run_cli
 
 TYPES = "f16,q8_0"
 # largest logit difference to the merged (float16) model: f16 stores the same numbers; q8_0 rounds
@@ -161,6 +161,27 @@ def test_verify_figures_go_to_merge_config_and_the_card(exports):
     assert f"| `{out.name}-q8_0.gguf` | q8_0 |" in card and "PASS" in card
     assert f"llama-cli -m {out.name}-f16.gguf" in card and "ollama create" in card
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporary file left"
+
+
+def test_check_verifies_the_gguf_files_the_modelfile_and_the_chat_template(exports, tmp_path):
+    """merge.py --check holds every file the merge wrote to its recorded sha256: a flipped byte in a GGUF
+    file, the Modelfile or the chat template is found like one in a shard."""
+    out = exports["qwen2"][0]
+    check = [sys.executable, str(REPO / "merge.py"), "--check"]
+    good = run_cli([*check, out])
+    assert good.returncode == 0, good.stderr[-2000:]
+    recorded = json.loads((out / "merge_config.json").read_text())
+    files = {*recorded["checksums"], *(entry["file"] for entry in recorded["gguf"].values()), "Modelfile"}
+    assert f"Checked {out}: {len(files)} file(s)" in good.stdout
+    assert sorted(files) == sorted(p.name for p in out.iterdir() if p.name not in ("merge_config.json", "README.md"))
+    for name in (f"{out.name}-q8_0.gguf", "Modelfile", "chat_template.jinja"):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        data = bytearray((copy / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (copy / name).write_bytes(bytes(data))
+        told = f"{copy}: {name} is damaged: its sha256 differs from the one in merge_config.json"
+        assert_user_error(run_cli([*check, copy]), "merge.py", told)
 
 
 # ---- bad input: one line, exit 2 (74 for a full disk), nothing half-written ----------------------------

@@ -60,7 +60,9 @@ def test_dequant_merge_matches_4bit_base_plus_adapter(qlora_adapter, tmp_path):
     assert (merged - reference).abs().max() < 1e-4
     assert "dequant merge" in result.stdout
     read_back = next(x for x in result.stdout.splitlines() if x.startswith("Read back "))
-    assert read_back.startswith("Read back 1 file(s), ") and read_back.endswith(": sizes and sha256 as written")
+    assert read_back.startswith("Read back ") and "sizes and sha256 as written; not checked: README.md" in read_back
+    files = int(read_back.split()[2])  # the shard and every companion: config, tokenizer, run record
+    assert files == len([p for p in (tmp_path / "m").iterdir() if p.name not in ("README.md", "merge_config.json")])
     line = next(x for x in result.stdout.splitlines() if x.startswith("Verify:"))
     assert float(line.split("difference| ")[1].split()[0]) < 1e-4 and "agreement 100.0%" in line
 

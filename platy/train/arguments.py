@@ -44,6 +44,7 @@ def training_arguments(run, has_val, steps):
         # a PeftModel is no PreTrainedModel, so the Trainer would search for unused parameters
         ddp_find_unused_parameters=False if run.world_size > 1 else None,
         ddp_backend="gloo" if run.world_size > 1 and run.device == "cpu" else None,
+        ddp_timeout=run.ddp_timeout,
         deepspeed=run.deepspeed,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,

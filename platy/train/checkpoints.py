@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from platy.cli import UserError, say
-from platy.files import ADAPTER_FILES, DELETING, STAGING, swap_into_place
+from platy.files import ADAPTER_FILES, DELETING, STAGING, swap_into_place, sync_folder
 from platy.integrity import folder_problem
 from platy.outputs import own_checkpoint
 
@@ -180,10 +180,12 @@ def publish(staged, final):
 
 
 def retire(path):
-    """Delete a checkpoint without ever leaving a half-deleted checkpoint-N behind."""
+    """Delete a checkpoint without ever leaving a half-deleted checkpoint-N behind: renamed away, the rename
+    on disk, then deleted."""
     path = Path(path)
     doomed = path.with_name(f"{DELETING}{path.name}")
     os.replace(path, doomed)
+    sync_folder(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -47,7 +47,7 @@ BNB_OPTIMIZERS = ("paged_adamw_8bit", "adamw_bnb_8bit", "paged_adamw_32bit")
 # --init_lora_weights: peft's initialisations; pissa_niter_N is pissa with N subspace iterations (fast SVD)
 INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa", "olora", "loftq")
 PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
-POSITIVE_INTS = ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps")
+POSITIVE_INTS = ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "save_steps", "ddp_timeout")
 
 
 @dataclass(frozen=True)
@@ -503,7 +503,11 @@ def note_changed_settings(checkpoint, flags, data_fingerprint):
 
 
 def check_writable(output_dir):
-    """A folder that cannot take a checkpoint must fail now, not after hours of training."""
+    """A folder that cannot take a checkpoint must fail now, not after hours of training. Rank 0 alone probes
+    (racing ranks removed each other's new folders under the probe): when it refuses, it exits before any
+    collective and torchrun stops the other processes with it."""
+    if not cli.is_main_process():
+        return
     path = Path(output_dir)
     created = [p for p in [path, *path.parents] if not p.exists()]  # removed again: a failed check writes nothing
     try:

@@ -305,6 +305,14 @@ TRAIN_FLAGS = Flags(
             "Allow model code from the hub (some Yi/Qwen variants need it).",
         ),
         Flag(
+            "ddp_timeout",
+            600,
+            int,
+            "Seconds a torchrun process waits in a collective for the others (NCCL, DeepSpeed) before it gives up: "
+            "a dead peer frees the other GPUs after this long. 600 covers rank 0 writing a checkpoint while the "
+            "others wait; raise it for full fine-tuning checkpoints on slow disks. (torch's default: 1800.)",
+        ),
+        Flag(
             "deepspeed",
             None,
             str,

@@ -2,6 +2,7 @@
 output folder cleared of what --overwrite replaces, and the stop of a preempted run (exit 75).
 """
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from platy.cli import say
 from platy.files import PREEMPTED, RUN_CONFIG, write_json
 from platy.outputs import own_checkpoints
 from platy.train.arguments import training_arguments
-from platy.train.checkpoints import remove_leftovers, retire
+from platy.train.checkpoints import latest_checkpoint, remove_leftovers, retire
 from platy.train.plan import optimizer_steps
 from platy.train.publish import run_result
 
@@ -116,8 +117,7 @@ def stop_preempted(run, state):
             "time": time.time(),
         }
         write_json(Path(run.output_dir) / PREEMPTED, record)
-        if os.environ.get("PLATY_PREEMPTED_FILE"):  # fine-tuning.sh turns torchrun's status back into PREEMPTED
-            write_json(os.environ["PLATY_PREEMPTED_FILE"], record)
+        tell_launcher(record)
     raise cli.Stopped(
         f"stopped at optimizer step {state.global_step} of {state.max_steps}; checkpoint saved in "
         f"{checkpoint}. Run the same command with --resume_from_checkpoint auto to finish",
@@ -125,3 +125,31 @@ def stop_preempted(run, state):
         label="preempted",
         every_rank=True,
     )
+
+
+def tell_launcher(record):
+    """fine-tuning.sh turns torchrun's status (1 for any failed worker) back into PREEMPTED when rank 0 left
+    this record in PLATY_PREEMPTED_FILE."""
+    if os.environ.get("PLATY_PREEMPTED_FILE"):
+        write_json(os.environ["PLATY_PREEMPTED_FILE"], record)
+
+
+@contextlib.contextmanager
+def signal_stops(output_dir):
+    """SIGTERM outside the optimizer steps (while the data or the model loads, during the final save), or a
+    second one within them: exit PREEMPTED like a preempted step, with a line saying what is saved."""
+    try:
+        yield
+    except cli.Terminated:
+        last = latest_checkpoint(Path(output_dir).expanduser())
+        if cli.is_main_process():
+            tell_launcher({"global_step": None, "checkpoint": last, "time": time.time()})
+        saved = (
+            f"the last complete checkpoint is {last}. Run the same command with --resume_from_checkpoint auto to "
+            "continue from it"
+            if last
+            else "nothing was saved (no checkpoint was written yet). Run the same command again"
+        )
+        raise cli.Stopped(
+            f"SIGTERM received: stopped; {saved}", cli.PREEMPTED, label="preempted", every_rank=True
+        ) from None

@@ -8,8 +8,18 @@ import os
 import shutil
 from pathlib import Path
 
+from platy import cli
 from platy.cli import say
-from platy.files import CURVES, LOG_HISTORY, RUN_CONFIG, readable_as_umask_allows, write_json, write_text
+from platy.files import (
+    CURVES,
+    LOG_HISTORY,
+    RUN_CONFIG,
+    readable_as_umask_allows,
+    sync_folder,
+    sync_tree,
+    write_json,
+    write_text,
+)
 from platy.integrity import MANIFEST, config_hash, write_manifest
 from platy.prompts import CHAT_TEMPLATE_NONE
 from platy.quantized import LOFTQ_OFFSET, write_loftq_offsets
@@ -32,28 +42,38 @@ TRAINER_STATE = (
 
 def save(run, trainer, start, chat, record, result):
     """Adapter (safetensors) and tokenizer via the Trainer; then config, history, curves (rank 0). start: the
-    LoraStart (PiSSA / OLoRA's initial adapter, LoftQ's offsets); chat: the bound chat template or None."""
-    from platy.train.trainer import write_failed
+    LoraStart (PiSSA / OLoRA's initial adapter, LoftQ's offsets); chat: the bound chat template or None.
+    Every rank learns whether a write failed anywhere, and all stop together."""
+    from platy.train.trainer import write_attempt
 
     out = Path(run.output_dir)
-    try:
-        trainer.save_model(str(out / STAGING / "final"))  # every rank: ZeRO-3 gathers the weights
-        if trainer.is_world_process_zero() and start.initial_adapter:
-            convert_to_plain_lora(trainer.model, start.initial_adapter, out / STAGING / "final")
-        if trainer.is_world_process_zero():
-            write_loftq_offsets(start.loftq_offsets, out / STAGING / "final")
-            if not start.loftq_offsets:  # nor may an earlier run's offsets stay beside this adapter
-                (out / LOFTQ_OFFSET).unlink(missing_ok=True)
-            record_prompt_format(run, chat, trainer.processing_class, out / STAGING / "final", record)
-            # PEFT's empty card: write_results writes the toolkit's after the manifest, as run_config.json
-            (out / STAGING / "final" / "README.md").unlink(missing_ok=True)
-            trainer.write_manifest(out / STAGING / "final")
-            publish_final(out / STAGING / "final", out)
-            write_results(out, trainer.state.log_history, record, result)
-    except OSError as err:
-        raise write_failed(err, "writing the final adapter", out) from None
+    staged, doing = out / STAGING / "final", "writing the final adapter"
+    # every rank: ZeRO-3 gathers the weights
+    trainer.agree_on_writes(write_attempt(trainer.save_model, str(staged)), doing, out)
+    failure = None
+    if trainer.is_world_process_zero():
+        failure = write_attempt(complete_final, run, trainer, start, chat, record, result, staged)
+    trainer.agree_on_writes(failure, doing, out)
     if trainer.is_world_process_zero():
         report_done(run, out, result)
+
+
+def complete_final(run, trainer, start, chat, record, result, staged):
+    """Rank 0: the staged adapter completed (plain LoRA, LoftQ offsets, chat template), its manifest written,
+    published into output_dir, then the results and the record."""
+    out = Path(run.output_dir)
+    if start.initial_adapter:
+        convert_to_plain_lora(trainer.model, start.initial_adapter, staged)
+    write_loftq_offsets(start.loftq_offsets, staged)
+    if not start.loftq_offsets:  # nor may an earlier run's offsets stay beside this adapter
+        (out / LOFTQ_OFFSET).unlink(missing_ok=True)
+    record_prompt_format(run, chat, trainer.processing_class, staged, record)
+    # PEFT's empty card: write_results writes the toolkit's after the manifest
+    (staged / "README.md").unlink(missing_ok=True)
+    record.set_result(result)
+    record.write(staged)  # inside the manifest: a changed record is found like a changed weight
+    trainer.write_manifest(staged)
+    publish_final(staged, out, trainer.state.log_history, record)
 
 
 def record_prompt_format(run, chat, tokenizer, folder, record):
@@ -91,17 +111,26 @@ def save_prompt_template(run, tokenizer, folder):
     save_chat_template(folder, alpaca_chat_template(run.prompter.template, adds_bos(tokenizer)))
 
 
-def publish_final(staged, out):
-    """Move each fully written file into output_dir, the manifest last: a reader never sees half an adapter,
-    nor a manifest of files not yet in place."""
-    for path in sorted(staged.iterdir(), key=lambda p: p.name == MANIFEST):
+def publish_final(staged, out, log_history, record):
+    """Move each fully written file into output_dir, the manifest after them; then the log, the curves and
+    the card; the run record (listed in the manifest) moves last: its presence marks a finished run. A reader
+    never sees half an adapter, nor a manifest of files not yet in place."""
+    for path in staged.iterdir():
         if path.is_file():
-            readable_as_umask_allows(path)
+            readable_as_umask_allows(path)  # safetensors writes 0600: the adapter is for whoever may read here
+    sync_tree(staged)  # on disk before the renames: a crash must not leave a renamed but empty file
+    for path in sorted(staged.iterdir(), key=lambda p: p.name == MANIFEST):
+        if path.name != RUN_CONFIG:
+            os.replace(path, out / path.name)
+    write_results(out, log_history, record)
+    for path in staged.iterdir():  # what is left: the run record, moved last
         os.replace(path, out / path.name)
+    sync_folder(out)
     shutil.rmtree(staged.parent, ignore_errors=True)
 
 
-def write_results(out, log_history, record, result):
+def write_results(out, log_history, record):
+    """The log, the curves and the adapter's card beside the published adapter."""
     from platy.model_card import adapter_card
     from platy.reporting import MIN_CURVE_POINTS, plot_curves
 
@@ -113,14 +142,26 @@ def write_results(out, log_history, record, result):
             f"No {CURVES}: {logged} training loss point(s) logged, and a curve needs {MIN_CURVE_POINTS}; "
             "lower --logging_steps or train longer"
         )
-    record.set_result(result)
     if (out / "adapter_config.json").is_file():  # the toolkit's card, not PEFT's empty template
         write_text(out / "README.md", adapter_card(record, out))
-    record.write(out)  # written last: its presence marks a finished run
 
 
 def export_finished_checkpoint(run, tokenizer, record):
-    """The last checkpoint holds the whole run but the final save was interrupted: export it."""
+    """The last checkpoint holds the whole run but the final save was interrupted: export it. Rank 0 alone
+    exports (no Trainer, so no collective, exists yet); under torchrun the other processes end at once, and
+    the job's status is rank 0's."""
+    if not cli.is_main_process():
+        return
+    from platy.train.trainer import write_failed
+
+    try:
+        export_checkpoint(run, tokenizer, record)
+    except OSError as err:
+        raise write_failed(err, f"exporting {Path(run.resume.path).name}", run.output_dir) from None
+
+
+def export_checkpoint(run, tokenizer, record):
+    """The checkpoint's weights, the tokenizer and the record staged, then published as a finished run's."""
     checkpoint = Path(run.resume.path)
     out = Path(run.output_dir)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -144,14 +185,15 @@ def export_finished_checkpoint(run, tokenizer, record):
         start = attach(run)  # the same start, recomputed from the base
         set_peft_model_state_dict(start.model, load_peft_weights(str(checkpoint), device="cpu"))
         convert_to_plain_lora(start.model, start.initial_adapter, staged)
-    write_manifest(staged, step=state["global_step"], config_hash=config_hash(record.to_dict()))
     history = state.get("log_history", [])
     losses = [r["loss"] for r in history if "loss" in r]
     mean_loss = sum(losses) / len(losses) if losses else None
     tokens = int(state.get("num_input_tokens_seen", 0))
     result = run_result(history, state["global_step"], tokens, mean_loss, exported_from=str(checkpoint))
-    publish_final(staged, out)
-    write_results(out, history, record, result)
+    record.set_result(result)
+    record.write(staged)
+    write_manifest(staged, step=state["global_step"], config_hash=config_hash(record.to_dict()))
+    publish_final(staged, out, history, record)
     report_done(run, out, result)
 
 

@@ -42,10 +42,16 @@ class Recipe:
     def from_flags(cls, flags, objective=None):
         """The recipe of finetune.py's flags (every flag by name): all problems at once, then the I/O."""
         cli.fail_on(check_flags(flags))
-        return cls(resolve(flags), objective)
+        with loop.signal_stops(flags["output_dir"]):
+            return cls(resolve(flags), objective)
 
     def main(self):
-        """The whole run, as finetune.py runs it."""
+        """The whole run, as finetune.py runs it; SIGTERM at any stage exits PREEMPTED (loop.signal_stops)."""
+        with loop.signal_stops(self.run.output_dir):
+            self.stages()
+
+    def stages(self):
+        """The stages in order: describe -> setup -> train -> save, or export a finished checkpoint."""
         if self.run.already_finished:  # a requeued job of a run that ended: success, nothing changes
             say(self.run.already_finished)
             return
@@ -168,12 +174,10 @@ def finished_checkpoint(run, train_set):
     way is refused, and a warmup that covers the whole run is noted."""
     steps = optimizer_steps(run, len(train_set))
     done = checkpoint_step(run.resume.path) if run.resume and run.resume.checkpoint else 0
-    finished = bool(
-        done
-        and done >= steps
-        and Path(run.resume.path).parent == Path(run.output_dir)
-        and not (Path(run.output_dir) / RUN_CONFIG).exists()
-    )
+    # rank 0 alone asks whether the run already ended here: under torchrun it may be exporting this very
+    # checkpoint (run_config.json appearing) while the other processes look
+    ended_here = cli.is_main_process() and (Path(run.output_dir) / RUN_CONFIG).exists()
+    finished = bool(done and done >= steps and Path(run.resume.path).parent == Path(run.output_dir) and not ended_here)
     if done and done >= steps and not finished:
         raise UserError(
             f"--resume_from_checkpoint {run.resume.path}: that checkpoint already finished the run "

@@ -1,7 +1,8 @@
 """A Trainer that survives faults: atomic checkpoints, preemption, non-finite steps.
 
 - Checkpoints are written into output_dir/.staging and renamed when every rank is done
-  (platy/train/checkpoints.py); the checkpoint limit deletes old ones only after that.
+  (platy/train/checkpoints.py); the checkpoint limit deletes old ones only after that. A write
+  that fails on any rank stops every rank with its reason: none waits for another in a collective.
 - SIGTERM or Ctrl-C finishes the current optimizer step, saves a checkpoint and stops;
   all ranks agree on the step, so none waits for another in a collective.
 - A non-finite loss or gradient is caught before the optimizer applies it: the run stops
@@ -24,7 +25,7 @@ import torch
 import transformers
 from transformers.trainer_callback import TrainerCallback
 
-from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, UserError, error_detail, say
+from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, Terminated, UserError, error_detail, say
 from platy.integrity import PICKLE_SUFFIXES, config_hash, file_problem, write_manifest
 from platy.quantized import write_loftq_offsets
 from platy.train.checkpoints import STAGING, latest_checkpoint, publish, rotate
@@ -63,7 +64,8 @@ class StopRequest:
 
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            if signal.getsignal(signum) == self.handle:  # still ours: a stop under way may have set another
+                signal.signal(signum, handler)
 
     def handle(self, signum, frame):
         now = time.monotonic()
@@ -74,8 +76,8 @@ class StopRequest:
                 "(send it again to stop at once, without one)",
                 err=True,
             )
-        elif now - self.first_at > SAME_REQUEST_SECONDS:
-            raise KeyboardInterrupt
+        elif now - self.first_at > SAME_REQUEST_SECONDS:  # stop now: SIGTERM still exits PREEMPTED
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     @property
     def requested(self):
@@ -209,23 +211,41 @@ class Trainer(transformers.Trainer):
         run_dir = Path(self._get_output_dir(trial))
         name = f"checkpoint-{self.state.global_step}"
         self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                self.record.write(run_dir / STAGING / name)
-                write_loftq_offsets(self.loftq_offsets, run_dir / STAGING / name)
-                (run_dir / STAGING / name / "README.md").unlink(missing_ok=True)  # PEFT's empty card template
-                self.write_manifest(run_dir / STAGING / name)
-                publish(run_dir / STAGING / name, run_dir / name)
-                (run_dir / STAGING).rmdir()  # only ever holds the checkpoint being written
-                rotate(run_dir, self.checkpoint_limit, newest=run_dir / name)
-        except OSError as err:
-            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
-            raise write_failed(err, f"writing {name}", run_dir) from None
+        try:  # every rank writes its part into .staging (its RNG state; its shard under ZeRO)
+            failure = write_attempt(super()._save_checkpoint, model, trial)
         finally:
             self._staging = False
-        self.accelerator.wait_for_everyone()
+        self.agree_on_writes(failure, f"writing {name}", run_dir)
+        if self.args.should_save:  # rank 0 completes the checkpoint and publishes it
+            failure = write_attempt(self.publish_checkpoint, run_dir / STAGING / name, run_dir / name)
+        self.agree_on_writes(failure, f"writing {name}", run_dir)
+
+    def publish_checkpoint(self, staged, final):
+        """The run record, LoftQ offsets and manifest (last) into the staged checkpoint; renamed into place,
+        then the checkpoints beyond the limit rotated out."""
+        self.record.write(staged)
+        write_loftq_offsets(self.loftq_offsets, staged)
+        (staged / "README.md").unlink(missing_ok=True)  # PEFT's empty card template
+        self.write_manifest(staged)
+        publish(staged, final)
+        staged.parent.rmdir()  # .staging only ever holds the checkpoint being written
+        rotate(final.parent, self.checkpoint_limit, newest=final)
+
+    def agree_on_writes(self, failure, doing, run_dir):
+        """Every rank learns whether a write failed on any rank (failure: this rank's, or None): then all stop
+        together, rank 0 removing the partial write, or all go on. Never one rank stopped and another left
+        waiting for it in a collective."""
+        failures = every_rank(failure)
+        failed = [(process, text) for process, text in enumerate(failures) if text]
+        if not failed:
+            return
+        # every process stops now; the first to exit makes torchrun signal the others, and that signal must not
+        # replace the reason (nor cut rank 0's cleanup and its line short)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.args.should_save:
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+        process, text = failed[0]
+        raise write_failed(text, doing, run_dir, process if len(failures) > 1 else None)
 
     def write_manifest(self, folder):
         """The manifest of a fully written checkpoint or adapter folder: its last file."""
@@ -278,15 +298,44 @@ def unreadable_state(folder):
     return None
 
 
-def write_failed(err, doing, output_dir):
-    """A Stopped error for a failed write (disk full, quota, permissions), naming what is still good."""
+def every_rank(value):
+    """value (a small picklable object) of every process, in rank order: [value] without torchrun."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def write_attempt(write, *args):
+    """Run a write; what went wrong as text (the system's reason and the file), or None when it worked."""
+    try:
+        write(*args)
+    except OSError as err:
+        return failure_text(err)
+    return None
+
+
+def failure_text(err):
+    """An OSError as the message says it: the system's reason and the file."""
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return f"{err.strerror or err}{where}"
+
+
+def write_failed(failure, doing, output_dir, process=None):
+    """A Stopped error for a failed write (disk full, quota, permissions), naming what is still good.
+    failure: an OSError or write_attempt's text; process: the rank it failed on, when every rank of a
+    torchrun job stops with it (rank 0 prints it)."""
+    if isinstance(failure, OSError):
+        failure = failure_text(failure)
     last = latest_checkpoint(output_dir)
     kept = f"the last complete checkpoint, {last}, is intact" if last else "no complete checkpoint exists yet"
-    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    on = "" if process is None else f" on process {process}"
     return Stopped(
-        f"{doing} failed: {err.strerror or err}{where}; {kept}. Free disk space and continue with "
-        "--resume_from_checkpoint auto",
+        f"{doing} failed{on}: {failure}; {kept}. Free disk space and continue with --resume_from_checkpoint auto",
         WRITE_FAILED,
+        every_rank=process is not None,
     )
 
 

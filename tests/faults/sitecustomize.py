@@ -2,6 +2,8 @@
 
 PLATY_FAULT (with PLATY_FAULT_RANK to hit one rank only) picks one fault:
   sigterm_after_step=K   SIGTERM to this process right after optimizer step K
+  sigterm_in_load        SIGTERM to this process as the model starts loading (from_pretrained)
+  slow_tokenizer=S       S seconds of delay before the tokenizer loads (one rank lagging behind the other)
   sigkill_after_step=K   SIGKILL (kill -9) right after optimizer step K
   sigkill_in_write=TEXT  SIGKILL halfway through writing the first file whose path contains TEXT
   enospc_in_write=TEXT   "No space left on device" when writing a file whose path contains TEXT
@@ -34,6 +36,34 @@ def after_steps(count, signum):
         return result
 
     torch.optim.AdamW.step = step
+
+
+def while_loading(signum):
+    from transformers import PreTrainedModel
+
+    load = PreTrainedModel.from_pretrained.__func__
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        os.kill(os.getpid(), signum)  # Python runs the handler before the next bytecode: inside the load
+        return load(cls, *args, **kwargs)
+
+    PreTrainedModel.from_pretrained = from_pretrained
+
+
+def slow_tokenizer(seconds):
+    import time
+
+    from transformers import AutoTokenizer
+
+    load = AutoTokenizer.from_pretrained.__func__
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        time.sleep(seconds)
+        return load(cls, *args, **kwargs)
+
+    AutoTokenizer.from_pretrained = from_pretrained
 
 
 def in_writes(text, action):
@@ -79,6 +109,10 @@ if active():
     kind, _, arg = FAULT.partition("=")
     if kind == "sigterm_after_step":
         after_steps(int(arg), signal.SIGTERM)
+    elif kind == "sigterm_in_load":
+        while_loading(signal.SIGTERM)
+    elif kind == "slow_tokenizer":
+        slow_tokenizer(float(arg))
     elif kind == "sigkill_after_step":
         after_steps(int(arg), signal.SIGKILL)
     elif kind == "sigkill_in_write":
