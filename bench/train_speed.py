@@ -133,8 +133,8 @@ def main(
     only: (internal) run one configuration in this process.
     result_file: (internal) where that run writes its figures.
     """
-    if arch not in SHAPES:
-        raise UserError(f"--arch {arch}: choose one of {', '.join(SHAPES)}")
+    if arch not in (*SHAPES, *REAL_MODELS):
+        raise UserError(f"--arch {arch}: choose one of {', '.join([*SHAPES, *REAL_MODELS])}")
     wanted = [c.strip() for c in str(configs).split(",") if c.strip()]
     unknown = [c for c in wanted if c not in CONFIGS]
     if unknown:

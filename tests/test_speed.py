@@ -386,6 +386,8 @@ def test_gradient_checkpointing_auto_on_a_cpu_follows_the_memory(tmp_path, monke
     assert f"  activation checkpointing: {why}" in plan.describe_plan(run)
     on_gpu = plan.checkpointing_choice(run.replace(device="cuda", checkpoint_fraction=None), counts=None)
     assert on_gpu["checkpoint_fraction"] == 1.0, "with a GPU auto keeps checkpointing on, as before"
+    planned = plan.checkpointing_choice(run.replace(checkpoint_fraction=None, gpu_memory_gb=80), counts=None)
+    assert planned["checkpoint_fraction"] == 1.0, "a plan checked against a GPU is planned as on one"
     explicit = resolved(output_dir=str(tmp_path / "out"), gradient_checkpointing=0.5, dry_run=True)
     assert explicit.checkpoint_fraction == 0.5
     assert "  activation checkpointing: on the first 50% of layers (--gradient_checkpointing 0.5)" in (

@@ -54,12 +54,15 @@ def load_model_config(base_model, base_model_path, trust_remote_code, dry_run):
 
 def checkpointing_choice(run, counts):
     """checkpoint_fraction and why. --gradient_checkpointing auto: on with a GPU (as Platypus: GPU memory is what
-    runs out); on a CPU off where the run's memory without it, estimated, fits in CPU_MEMORY_SHARE of the memory
-    available to each process, since recomputing every layer costs about a third more compute."""
+    runs out) or for a plan checked against one (--gpu_memory_gb); on a CPU off where the run's memory without
+    it, estimated, fits in CPU_MEMORY_SHARE of the memory available to each process, since recomputing every
+    layer costs about a third more compute."""
     if run.checkpoint_fraction is not None:
         return {"checkpointing_reason": f"--gradient_checkpointing {run.gradient_checkpointing}"}
     if run.device == "cuda":
         return {"checkpoint_fraction": 1.0, "checkpointing_reason": "auto: on a GPU, where memory runs out first"}
+    if run.gpu_memory_gb is not None:  # a plan for GPUs made on this machine
+        return {"checkpoint_fraction": 1.0, "checkpointing_reason": "auto: on, as on a GPU (--gpu_memory_gb)"}
     available = speed.available_memory_gib()
     if available is None:
         return {"checkpoint_fraction": 1.0, "checkpointing_reason": "auto: the memory available here is unknown"}
