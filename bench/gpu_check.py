@@ -44,7 +44,8 @@ from platy.record import RunRecord  # noqa: E402
 
 SIZES = {
     "gpu": {
-        "train": ["--arch", "llama2-7b", "--cutoff_len", 4096, "--rows", 2000, "--steps", 4, "--untimed_steps", 1],
+        "train": ["--arch", "llama2-7b", "--cutoff_len", 4096, "--rows", 2000, "--steps", 4, "--untimed_steps", 1]
+        + ["--configs", "toolkit,toolkit-liger,platypus,trl,trl-pad-free"],  # the figures its time caps were set for
         "generation": ["--prompts", 64, "--batch_size", 16, "--max_new_tokens", 32],
         "generation_7b": ["--prompts", 32, "--batch_size", 16, "--max_new_tokens", 32],
         "short_training": ["--max_steps", 3, "--warmup_steps", 0],

@@ -1,24 +1,30 @@
-"""Training throughput side by side: this toolkit's fastest settings, the original Platypus
-settings, and TRL's SFTTrainer (QLoRA defaults, and padding-free), on the same synthetic data.
+"""Training throughput side by side: this toolkit's defaults and fastest settings, the original
+Platypus settings, and TRL's SFTTrainer (QLoRA defaults, and padding-free), on the same synthetic data.
 
     python bench/train_speed.py                                  # tiny model, CPU, 4-bit
+    python bench/train_speed.py --arch smollm2-135m --cutoff_len 512 --steps 24   # a real model, CPU
     python bench/train_speed.py --arch llama2-7b --cutoff_len 4096 --steps 20    # on a GPU
     python bench/train_speed.py --arch llama3-8b --cutoff_len 4096 --steps 20
 
 The model is randomly initialised with the named architecture's shapes (built once and
-cached under $PLATY_CACHE/bench-models), 4-bit NF4, LoRA r 16 on gate/up/down; the rows
-are synthetic with an Open-Platypus-like length spread (bench/synthetic.py), tokenized with
-the embedded tiny model's tokenizer. Each configuration runs --steps optimizer steps in a
-process of its own (so peak memory is its own); the first --untimed_steps of them (kernel
-compilation, the allocator's growth, lazy set-up) are left out of the tokens and the time:
+cached under $PLATY_CACHE/bench-models), or for smollm2-135m the real SmolLM2-135M-Instruct
+(builtin:smollm2-135m); LoRA r 16 on gate/up/down. The rows are synthetic with an
+Open-Platypus-like length spread (bench/synthetic.py), tokenized with the model's tokenizer
+(the random shapes carry the embedded tiny model's). Each configuration runs --steps optimizer
+steps in a process of its own (so peak memory is its own); the first --untimed_steps of them
+(kernel compilation, the allocator's growth, lazy set-up) are left out of the tokens and the time:
+  (a0) toolkit-default: finetune.py's defaults (4-bit, micro batch 1, no packing, --precision auto,
+                     --gradient_checkpointing auto) with the global batch of TRL's default (8);
   (a) toolkit:       --packing true, --micro_batch_tokens (default 2 x cutoff_len), no
                      activation checkpointing (--fast_checkpointing to change), SDPA
-                     (FlashAttention 2 when flash-attn is installed);
+                     (FlashAttention 2 when flash-attn is installed), 4-bit (not quantized
+                     for smollm2-135m: --fast_quantization to change);
   (a+) toolkit-liger: (a) with --liger (Liger's fused kernels; CUDA and liger-kernel only,
                      skipped with a note elsewhere); its mean loss is printed beside (a)'s, the
                      check that the kernels leave the loss unchanged;
-  (b) platypus:      micro batch 1, padding, activation checkpointing on every layer;
-  (c) trl:           TRL SFTTrainer with QLoRA and its defaults (prompt-completion rows);
+  (b) platypus:      micro batch 1, padding, activation checkpointing on every layer, global batch 8;
+  (c) trl:           TRL SFTTrainer with QLoRA and its defaults (prompt-completion rows, batch 8,
+                     checkpointing on), in the precision --precision auto picks here;
   (d) trl-pad-free:  the same with padding_free=True (with packing_strategy bfd, as TRL
                      requires for padding-free batches that respect max_length).
 (c) and (d) need trl (requirements-bench.txt); without it they are skipped with a note.
@@ -26,8 +32,10 @@ compilation, the allocator's growth, lazy set-up) are left out of the tokens and
 Printed per configuration, and appended to BENCHMARKS.md with the date, the device and the
 library versions (--record_run false to leave it alone): trained (non-pad) tokens per
 second, peak memory (GPU: max allocated; CPU: the process's peak resident memory), MFU, and
-the ratio of each to (c); then, for the toolkit's configurations, the plan's memory estimate
-(what --dry_run prints for the same flags) beside the measured peak. --results_file writes
+the ratio of each to (c); the loss curves (each configuration's training loss at a quarter, half,
+three quarters and the end of its steps, with the tokens trained by then); then, for the
+toolkit's configurations, the plan's memory estimate (what --dry_run prints for the same flags)
+beside the measured peak. --results_file writes
 the same figures as JSON, each configuration as soon as it has run (bench/gpu_check.py
 renders BENCHMARKS.md's section from that file).
 MFU = F x tokens/s / peak FLOP/s, with F = 4 N_frozen + 6 N_lora + 6 L d s FLOPs per token
@@ -55,10 +63,12 @@ from platy.cli import UserError, entry_defaults, run, say, script_entry  # noqa:
 from platy.files import cache_root, write_json  # noqa: E402
 from platy.flags import from_signature  # noqa: E402
 from platy.train import sizing  # noqa: E402
-from platy.train.speed import liger_unavailable  # noqa: E402
+from platy.train.speed import cpu_precision, liger_unavailable  # noqa: E402
 
 from synthetic import synthetic_rows  # noqa: E402
 
+# real weights: the built-in model's name for each such --arch
+REAL_MODELS = {"smollm2-135m": "smollm2-135m"}
 SHAPES = {
     "tiny": tiny.TINY_MODELS["tiny-llama"],
     "llama2-7b": sizing.LLAMA2_7B,
@@ -72,8 +82,9 @@ SHAPES = {
         rope_theta=500000.0,
     ),
 }
-CONFIGS = ("toolkit", "toolkit-liger", "platypus", "trl", "trl-pad-free")
+CONFIGS = ("toolkit-default", "toolkit", "toolkit-liger", "platypus", "trl", "trl-pad-free")
 LABELS = {
+    "toolkit-default": "(a0) toolkit defaults",
     "toolkit": "(a) toolkit fastest",
     "toolkit-liger": "(a+) toolkit fastest with Liger",
     "platypus": "(b) original Platypus",
@@ -82,6 +93,7 @@ LABELS = {
 }
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 LORA_R = 16
+BATCH = 8  # the global batch of the unpacked configurations: TRL's default per-device batch
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -93,6 +105,7 @@ def main(
     cutoff_len: int = 1024,
     micro_batch_tokens: int = None,
     fast_checkpointing: float = 0.0,
+    fast_quantization: str = None,
     peak_tflops: float = None,
     configs: str = ",".join(CONFIGS),
     seed: int = 0,
@@ -102,24 +115,26 @@ def main(
     result_file: str = None,
 ):
     """Args:
-    arch: Model shapes: tiny, llama2-7b or llama3-8b (random weights).
+    arch: Model: tiny, llama2-7b or llama3-8b (random weights of those shapes), or smollm2-135m (real weights).
     steps: Optimizer steps of every configuration.
     untimed_steps: The first optimizer steps of each configuration left out of the tokens and time.
     rows: Synthetic rows to draw the training examples from.
     cutoff_len: Longest example in tokens.
     micro_batch_tokens: Token budget of a micro-step in (a) (default 2 x cutoff_len).
     fast_checkpointing: --gradient_checkpointing of (a): 0 (off), a fraction, or 1.
+    fast_quantization: --quantization of (a): 4bit, 8bit or none (default: none for smollm2-135m, whose
+        135M weights fit anywhere and run faster unquantized on a CPU; 4bit for the random shapes).
     peak_tflops: The device's peak FLOP/s in TFLOP/s for MFU (default: known GPUs only).
-    configs: Which configurations to run, comma-separated (toolkit, toolkit-liger, platypus, trl,
-        trl-pad-free).
+    configs: Which configurations to run, comma-separated (toolkit-default, toolkit, toolkit-liger, platypus,
+        trl, trl-pad-free).
     seed: Seed of the synthetic rows.
     record_run: Append the figures to BENCHMARKS.md (with the date, device and versions).
     results_file: Also write the figures as JSON here (rewritten after every configuration).
     only: (internal) run one configuration in this process.
     result_file: (internal) where that run writes its figures.
     """
-    if arch not in SHAPES:
-        raise UserError(f"--arch {arch}: choose one of {', '.join(SHAPES)}")
+    if arch not in (*SHAPES, *REAL_MODELS):
+        raise UserError(f"--arch {arch}: choose one of {', '.join([*SHAPES, *REAL_MODELS])}")
     wanted = [c.strip() for c in str(configs).split(",") if c.strip()]
     unknown = [c for c in wanted if c not in CONFIGS]
     if unknown:
@@ -128,15 +143,18 @@ def main(
     if not 0 <= untimed_steps < steps:
         raise UserError(f"--untimed_steps {untimed_steps}: give 0 up to --steps - 1 ({steps - 1})")
     timing = (steps, untimed_steps)
+    fast = (fast_checkpointing, fast_quantization or ("none" if arch in REAL_MODELS else "4bit"))
     if only:
-        return run_one(only, arch, timing, rows, cutoff_len, budget, fast_checkpointing, seed, result_file)
-    model_dir = random_model(arch)
-    lengths = example_lengths(rows, seed, cutoff_len)
+        return run_one(only, arch, timing, rows, cutoff_len, budget, fast, seed, result_file)
+    model_dir = bench_model(arch)
+    lengths = example_lengths(model_dir, rows, seed, cutoff_len)
     s = sum(n * n for n in lengths) / sum(lengths)
-    flops_per_token = model_flops_per_token(arch, s)
+    flops_per_token = model_flops_per_token(model_dir, s)
     peak = peak_tflops or detect_peak_tflops()
+    weights = "real weights" if arch in REAL_MODELS else "random weights"
     summary = (
-        f"{arch} shapes (random weights), 4-bit, LoRA r {LORA_R} on {', '.join(TARGETS)}; {rows} synthetic rows, "
+        f"{arch} ({weights}), LoRA r {LORA_R} on {', '.join(TARGETS)}; (a) {fast[1]}, the others 4-bit; "
+        f"{rows} synthetic rows, "
         f"cutoff_len {cutoff_len}, {steps} optimizer steps each{timed_words(steps, untimed_steps)}; "
         f"s = {s:.0f} tokens; "
         f"F = {flops_per_token / 1e6:.2f} MFLOP/token; peak {peak or 'unknown'} TFLOP/s."
@@ -151,7 +169,7 @@ def main(
         elif name == "toolkit-liger" and liger_unavailable():
             skipped[name] = liger_unavailable()
         else:
-            results[name] = run_child(name, arch, timing, rows, cutoff_len, budget, fast_checkpointing, seed)
+            results[name] = run_child(name, arch, timing, rows, cutoff_len, budget, fast, seed)
         if name in skipped:
             say(f"{LABELS[name]}: skipped, {skipped[name]}")
         if results_file:
@@ -171,8 +189,9 @@ def has_trl():
     return importlib.util.find_spec("trl") is not None
 
 
-def run_child(name, arch, timing, rows, cutoff_len, budget, fast_checkpointing, seed):
+def run_child(name, arch, timing, rows, cutoff_len, budget, fast, seed):
     steps, untimed_steps = timing
+    fast_checkpointing, fast_quantization = fast
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [
@@ -194,6 +213,8 @@ def run_child(name, arch, timing, rows, cutoff_len, budget, fast_checkpointing, 
             str(budget),
             "--fast_checkpointing",
             str(fast_checkpointing),
+            "--fast_quantization",
+            fast_quantization,
             "--seed",
             str(seed),
             "--result_file",
@@ -234,14 +255,45 @@ def report(results, flops_per_token, peak):
     a, liger = results.get("toolkit"), results.get("toolkit-liger")
     if a and results.get("platypus"):
         lines += ["", f"(a)/(b) tokens per second: {speed['toolkit'] / speed['platypus']:.2f}x"]
+    if results.get("toolkit-default") and base:
+        lines += [
+            "",
+            f"(a0)/(c), the toolkit's defaults against TRL's: tokens per second "
+            f"{speed['toolkit-default'] / speed['trl']:.2f}x, peak memory "
+            f"{results['toolkit-default']['peak_gib'] / base['peak_gib']:.2f}x",
+        ]
     if a and liger:
         lines += [
             "",
             f"Liger leaves the loss unchanged? mean loss over the run: (a) {a['loss']:.6f}, "
             f"(a+) {liger['loss']:.6f}, difference {abs(a['loss'] - liger['loss']):.2e}",
         ]
+    lines += curve_lines(results)
     lines += estimate_lines(results)
     say("\n" + "\n".join(lines))
+    return lines
+
+
+def curve_lines(results):
+    """Each configuration's training loss at a quarter, half, three quarters and the end of its steps, with
+    the tokens trained by then: the configurations differ in batch size, learning rate and schedule, so the
+    curves are read against tokens, not steps."""
+    lines = []
+    for name, r in results.items():
+        curve = (r or {}).get("curve") or []
+        if not curve:
+            continue
+        points = [curve[max(0, round(len(curve) * q) - 1)] for q in (0.25, 0.5, 0.75, 1.0)]
+        lines.append(f"| {LABELS[name]} | " + " | ".join(f"{loss:.3f} ({tokens:,})" for tokens, loss in points) + " |")
+    if lines:
+        lines = [
+            "",
+            "Loss curves: training loss (tokens trained) at a quarter, half, three quarters and the end of the steps",
+            "",
+            "| configuration | 1/4 | 1/2 | 3/4 | end |",
+            "| --- | --- | --- | --- | --- |",
+            *lines,
+        ]
     return lines
 
 
@@ -321,6 +373,13 @@ def device_name():
 # ---- the model, the data and the FLOPs ---------------------------------------------------
 
 
+def bench_model(arch):
+    """The folder of --arch's model: the built-in real model, or random weights of the shapes."""
+    if arch in REAL_MODELS:
+        return tiny.ensure_model(REAL_MODELS[arch], flag="--arch")
+    return random_model(arch)
+
+
 def random_model(arch):
     """A folder holding a randomly initialised model of the architecture (bf16 on disk), built once."""
     return tiny.build_once(cache_root() / "bench-models" / arch, lambda folder: build_random_model(arch, folder))
@@ -365,7 +424,7 @@ def data_file(rows, seed):
     return path
 
 
-def example_lengths(rows, seed, cutoff_len):
+def example_lengths(model_dir, rows, seed, cutoff_len):
     """Token counts of the training examples (the tokenized rows, as finetune.py builds them)."""
     from transformers import AutoTokenizer
 
@@ -373,24 +432,24 @@ def example_lengths(rows, seed, cutoff_len):
     from platy.data.tokenize import tokenize_rows
     from platy.prompts import Prompter
 
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny.ensure_model()))
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
     ds, _ = tokenize_rows(
         json.loads(data_file(rows, seed).read_text()), ExampleTokenizer(tokenizer, Prompter("alpaca"), cutoff_len)
     )
     return [len(ids) for ids in ds["input_ids"]]
 
 
-def model_flops_per_token(arch, s):
+def model_flops_per_token(model_dir, s):
     """F = 4 N_frozen + 6 N_lora + 6 L d s: frozen weights need forward and input gradients, LoRA
     weights also weight gradients, attention scores and values cost 6 L d s per token."""
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     from platy.modeling import meta_model
 
-    shape = SHAPES[arch]
-    d, layers = shape["hidden_size"], shape["num_hidden_layers"]
-    counts = sizing.parameter_counts(meta_model(LlamaConfig(**shape)), set(TARGETS), LORA_R)
-    frozen = counts["quantizable"] + d * shape["vocab_size"]  # the Linear layers with lm_head, no embedding
+    config = AutoConfig.from_pretrained(model_dir)
+    d, layers = config.hidden_size, config.num_hidden_layers
+    counts = sizing.parameter_counts(meta_model(config), set(TARGETS), LORA_R)
+    frozen = counts["quantizable"] + d * config.vocab_size  # the Linear layers with lm_head, no embedding
     return 4 * frozen + 6 * counts["lora"] + 6 * layers * d * s
 
 
@@ -406,15 +465,13 @@ def detect_peak_tflops():
 # ---- one configuration, in its own process ----------------------------------------------
 
 
-def run_one(name, arch, timing, rows, cutoff_len, budget, fast_checkpointing, seed, result_file):
+def run_one(name, arch, timing, rows, cutoff_len, budget, fast, seed, result_file):
     import torch
 
     steps, untimed_steps = timing
     runner = run_trl if name.startswith("trl") else run_toolkit
     with tempfile.TemporaryDirectory() as out:
-        trainer, estimate = runner(
-            name, random_model(arch), data_file(rows, seed), out, steps, cutoff_len, budget, fast_checkpointing
-        )
+        trainer, estimate = runner(name, bench_model(arch), data_file(rows, seed), out, steps, cutoff_len, budget, fast)
         clock = step_clock(untimed_steps)
         trainer.add_callback(clock)
         clock.start(trainer.state)
@@ -424,7 +481,8 @@ def run_one(name, arch, timing, rows, cutoff_len, budget, fast_checkpointing, se
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry["loss"] for entry in logged]
     result = {
         "tokens": clock.tokens,
         "seconds": clock.seconds,
@@ -432,6 +490,7 @@ def run_one(name, arch, timing, rows, cutoff_len, budget, fast_checkpointing, se
         "peak_gib": peak,
         "steps": trainer.state.global_step,
         "loss": sum(losses) / len(losses) if losses else float("nan"),
+        "curve": [(entry.get("num_input_tokens_seen", 0), entry["loss"]) for entry in logged],
         "estimate_gib": estimate,
     }
     Path(result_file).write_text(json.dumps(result))
@@ -466,7 +525,7 @@ def step_clock(untimed):
     return StepClock()
 
 
-def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_checkpointing):
+def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast):
     import importlib.util
 
     from platy.train.recipe import Recipe
@@ -479,30 +538,35 @@ def run_toolkit(name, model_dir, data_path, out, steps, cutoff_len, budget, fast
         max_steps=steps,
         cutoff_len=cutoff_len,
         warmup_steps=0,
-        logging_steps=max(1, steps),
+        logging_steps=1,
         save_steps=10**6,
         report_to="none",
         lora_target_modules=TARGETS,
     )
-    if name.startswith("toolkit"):
+    if name == "toolkit-default":  # finetune.py's defaults but the batch, TRL's, so the same rows per step
+        flags.update(batch_size=BATCH)
+    elif name.startswith("toolkit"):
+        fast_checkpointing, fast_quantization = fast
         flags.update(
             packing=True,
             micro_batch_tokens=budget,
             micro_batch_size=1,
             batch_size=4,
+            quantization=fast_quantization,
             gradient_checkpointing=fast_checkpointing,
             liger=name == "toolkit-liger",
             attn_implementation="flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa",
         )
-    else:  # Platypus's published settings: micro batch 1, global batch 16, padding, checkpointing
-        flags.update(packing=False, micro_batch_size=1, batch_size=16, gradient_checkpointing=True)
+    else:  # Platypus's published settings (micro batch 1, padding, checkpointing), TRL's global batch
+        flags.update(packing=False, micro_batch_size=1, batch_size=BATCH, gradient_checkpointing=True)
     prepared = Recipe.from_flags(flags).setup()
     return prepared.trainer, prepared.run.plan["gpu_memory_gib"]
 
 
-def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_checkpointing):
+def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast):
     """TRL's SFTTrainer, its defaults except what the comparison needs fixed: the steps, max_length
-    (cutoff_len), the LoRA settings and the precision this device has."""
+    (cutoff_len), the LoRA settings and the precision --precision auto picks here (TRL's own default, bf16,
+    runs slower than fp32 on a CPU without native bf16)."""
     import datasets
     import torch
     from peft import LoraConfig
@@ -512,7 +576,7 @@ def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_che
     from platy.modeling import load_model, load_tokenizer, resolve_precision
     from platy.prompts import Prompter
 
-    precision = resolve_precision("auto")
+    precision = resolve_precision("auto") if torch.cuda.is_available() else cpu_precision()[0]
     prompter = Prompter("alpaca")
     rows = json.loads(Path(data_path).read_text())
     ds = datasets.Dataset.from_list(
@@ -527,7 +591,7 @@ def run_trl(name, model_dir, data_path, out, steps, cutoff_len, budget, fast_che
         max_length=cutoff_len,
         report_to="none",
         save_strategy="no",
-        logging_steps=max(1, steps),
+        logging_steps=1,
         include_num_input_tokens_seen="non_padding",
         bf16=precision == "bf16",
         fp16=precision == "fp16",

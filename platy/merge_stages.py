@@ -625,18 +625,23 @@ def verify_merge(run, prompts=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from platy.modeling import load_model_with_adapter, resolve_precision
-    from platy.quantized import compute_8bit_as_trained
+    from platy.quantized import compute_8bit_as_trained, compute_in_fp32
 
     adapter = run.adapter
     recorded = adapter.record.precision if adapter.record else None
     # the compute precision of training where this machine can run it (a GPU run's bf16 on a GPU)
     precision = recorded if recorded and torch.cuda.is_available() else None
     precision = precision or resolve_precision("auto")
+    # a quantized base as training quantized it: from the dtype it was loaded in (the merge replays the same);
+    # on a CPU, which computes the reference in fp32, loaded so and then upcast
+    loaded = precision
+    if not torch.cuda.is_available() and run.layout:
+        loaded = {"bfloat16": "bf16", "float16": "fp16"}.get(run.layout.get("load_dtype"), precision)
     placement = "auto" if torch.cuda.is_available() else {"": "cpu"}
     reference = load_model_with_adapter(
         run.base_path,
         adapter.trained_quantization(),
-        precision,
+        loaded,
         adapter.folder,
         "--peft_model_path",
         bool((run.layout or {}).get("double_quant")),
@@ -653,6 +658,8 @@ def verify_merge(run, prompts=None):
     )
     tokenizer = AutoTokenizer.from_pretrained(str(run.output_dir))
     prompts = prompts or [verify_prompter(run).generate_prompt(q) for q in VERIFY_PROMPTS]
+    if loaded != precision:
+        compute_in_fp32(reference)
     reference.eval()
     compute_8bit_as_trained(reference)
     merged.eval()

@@ -222,6 +222,29 @@ def compute_8bit_as_trained(model):
             module.training = True  # this layer alone: peft's wrapper around it holds the LoRA dropout
 
 
+def compute_in_fp32(model):
+    """A model whose base was loaded (and quantized) in bf16 or fp16 made to compute in fp32 with the weights
+    training computed with: each 4-bit layer becomes a Linear holding its dequantized weight, rounded to the
+    loaded dtype as training's bf16 or fp16 compute dequantized it (and as the merge replays it; the layer's
+    own fp32 path would skip that rounding); every other float weight and buffer (norms, embeddings, the
+    head, the adapter, rotary tables) is upcast, as peft's prepare_model_for_kbit_training upcasts them."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "Linear4bit" and type(child).__module__.startswith("bitsandbytes"):
+                weight = bnbf.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
+                dense = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=child.bias is not None)
+                dense.weight.data = weight
+                if child.bias is not None:
+                    dense.bias.data = child.bias.data.float()
+                setattr(parent, name, dense.to(weight.device))
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor.data = tensor.data.float()
+
+
 def is_bnb_8bit(module):
     """bitsandbytes' own 8-bit layer (peft's LoRA wrapper around it has the same class name)."""
     return type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes")

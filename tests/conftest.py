@@ -13,6 +13,15 @@ SAMPLE = REPO / "data" / "sample_platypus.json"
 sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """Tests see a CPU without native bf16, so --precision auto is fp32 whatever CPU runs them; the tests of
+    the bf16 choice give their own CPU."""
+    from platy.train import speed
+
+    monkeypatch.setattr(speed, "native_bf16", lambda: ())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def platy_cache(tmp_path_factory):
     """One tiny-model cache per test session, shared with subprocesses through PLATY_CACHE."""
@@ -148,6 +157,8 @@ def run_entry(script, argv, cwd):
 
 # small, fast training settings: a few steps of short examples (the tests' own runs override them)
 SMALL_RUN = {
+    # the same precision on every CPU: --precision auto picks bf16 on CPUs with native bf16 (test_speed.py)
+    "precision": "fp32",
     "batch_size": 4,
     "micro_batch_size": 2,
     "max_steps": 3,

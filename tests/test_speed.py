@@ -9,7 +9,7 @@ import torch
 import transformers
 from test_train import flags, resolved
 
-from platy import cli
+from platy import cli, merge_stages
 from platy.cli import UserError
 from platy.data.packing import PackedCollator, pack_dataset, pack_lengths
 from platy.train import config, recipe
@@ -320,3 +320,99 @@ def test_micro_batch_tokens_bounds_every_micro_step(tmp_path):
     assert len(sizes) == stats["train_packing"]["packed_rows"] < stats["train"]["kept"] / 3
     with pytest.raises(UserError, match="--micro_batch_tokens 100 is below --cutoff_len 256"):
         cli.fail_on(config.check_flags(flags(output_dir=str(tmp_path / "out"), packing=True, micro_batch_tokens=100)))
+
+
+def test_native_bf16_reads_the_cpu_flags(tmp_path, monkeypatch):
+    monkeypatch.undo()  # conftest's CPU without native bf16: this test reads the real function
+    from platy.train.speed import native_bf16
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert native_bf16(x86) == ("AMX-BF16", "AVX512-BF16")
+    assert native_bf16(arm) == ("Arm BF16",)
+    assert native_bf16(avx2) == () and native_bf16(tmp_path / "missing") == ()
+
+
+def test_bf16_matmul_speedup_is_measured():
+    from platy.train.speed import bf16_matmul_speedup
+
+    speedup = bf16_matmul_speedup.__wrapped__(size=64, repeats=2)
+    assert 0 < speedup < float("inf")
+
+
+@pytest.mark.parametrize(
+    ("features", "speedup", "chosen", "why"),
+    [
+        ((), None, "fp32", "auto: this CPU has no native bf16 (AMX-BF16 or AVX512-BF16)"),
+        (("AMX-BF16", "AVX512-BF16"), 6.3, "bf16", "natively (AMX-BF16, AVX512-BF16); a bf16 matmul measured 6.3x"),
+        (("AVX512-BF16",), 1.2, "fp32", "this CPU has AVX512-BF16, but a bf16 matmul measured only 1.2x fp32"),
+    ],
+)
+def test_precision_auto_on_a_cpu_is_bf16_where_measured_native(tmp_path, monkeypatch, features, speedup, chosen, why):
+    from platy.train import plan, speed
+
+    def measured():
+        assert speedup is not None, "without native bf16 instructions nothing is timed"
+        return speedup
+
+    monkeypatch.setattr(speed, "native_bf16", lambda: features)
+    monkeypatch.setattr(speed, "bf16_matmul_speedup", measured)
+    run = resolved(output_dir=str(tmp_path / "out"), precision="auto", dry_run=True)
+    assert run.precision == chosen and run.plan["precision"] == chosen
+    line = next(ln for ln in plan.describe_plan(run).splitlines() if ln.startswith("  precision: "))
+    assert line.startswith(f"  precision: {chosen} (auto: ") and why in line
+    explicit = resolved(output_dir=str(tmp_path / "out"), precision="fp32", dry_run=True)
+    assert explicit.precision == "fp32" and "  precision: fp32 (--precision fp32)" in plan.describe_plan(explicit)
+
+
+@pytest.mark.parametrize(
+    ("available", "fraction", "why"),
+    [
+        (64.0, 0.0, "off (auto: on a CPU, about 0.0 GiB without it fits in 50% of the 64.0 GiB available)"),
+        (0.001, 1.0, "on (auto: on a CPU, about 0.0 GiB without it does not fit in 50% of the 0.0 GiB available)"),
+        (None, 1.0, "on (auto: the memory available here is unknown)"),
+    ],
+)
+def test_gradient_checkpointing_auto_on_a_cpu_follows_the_memory(tmp_path, monkeypatch, available, fraction, why):
+    from platy.train import plan, speed
+
+    monkeypatch.setattr(speed, "available_memory_gib", lambda: available)
+    run = resolved(output_dir=str(tmp_path / "out"), gradient_checkpointing="auto", dry_run=True)
+    assert run.checkpoint_fraction == fraction and run.plan["activation_checkpointing"] == fraction
+    assert f"  activation checkpointing: {why}" in plan.describe_plan(run)
+    on_gpu = plan.checkpointing_choice(run.replace(device="cuda", checkpoint_fraction=None), counts=None)
+    assert on_gpu["checkpoint_fraction"] == 1.0, "with a GPU auto keeps checkpointing on, as before"
+    planned = plan.checkpointing_choice(run.replace(checkpoint_fraction=None, gpu_memory_gb=80), counts=None)
+    assert planned["checkpoint_fraction"] == 1.0, "a plan checked against a GPU is planned as on one"
+    explicit = resolved(output_dir=str(tmp_path / "out"), gradient_checkpointing=0.5, dry_run=True)
+    assert explicit.checkpoint_fraction == 0.5
+    assert "  activation checkpointing: on the first 50% of layers (--gradient_checkpointing 0.5)" in (
+        plan.describe_plan(explicit)
+    )
+
+
+def test_bf16_on_a_cpu_trains_a_4bit_base_and_merges_within_verify(tmp_path):
+    """--precision auto picks bf16 on CPUs with native bf16: a QLoRA run in bf16 learns, and its adapter
+    merges within --verify's tolerances (verify computes in fp32 on a CPU, as before)."""
+    prepared = Recipe.from_flags(
+        flags(output_dir=str(tmp_path / "out"), precision="bf16", quantization="4bit", max_steps=2, learning_rate=1e-2)
+    ).setup()
+    model = prepared.trainer.model
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert {p.dtype for p in model.parameters() if p.dtype.is_floating_point} >= {torch.float32}
+    prepared.train()
+    prepared.save()
+    losses = [entry["loss"] for entry in prepared.trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], before) for n, before in lora_before.items() if "lora_B" in n)
+    merge_flags = cli.entry_defaults(cli.script_entry("merge"))
+    merge_flags.update(
+        peft_model_path=str(tmp_path / "out"), output_dir=str(tmp_path / "m"), dtype="float32", verify=True
+    )
+    merged = merge_stages.merge(merge_flags)
+    assert merged.verify["verdict"] == "PASS", merged.verify

@@ -23,7 +23,7 @@ from platy.record import RunRecord
 from platy.train import checkpoints, plan
 from platy.train.checkpoints import Resume
 from platy.train.flags import TRAIN_FLAGS
-from platy.train.speed import checkpoint_fraction, liger_unavailable
+from platy.train.speed import checkpoint_fraction, cpu_precision, liger_unavailable
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
 WANDB_FLAGS = ("wandb_project", "wandb_run_name", "wandb_watch", "wandb_log_model")
@@ -61,7 +61,7 @@ class TrainRun:
     world_size: int = 1
     gradient_accumulation_steps: int = 1
     pack_budget: int = 0  # tokens of one row at most: a packed row's budget, or cutoff_len
-    checkpoint_fraction: float = 1.0
+    checkpoint_fraction: float = 1.0  # None until --gradient_checkpointing auto is decided (plan.with_model_plan)
     # read or probed
     prompter: Any = None
     resume: Resume = None
@@ -70,6 +70,8 @@ class TrainRun:
     train_rows: list = None
     val_rows: list = None
     device: str = None
+    precision_reason: str = None  # why this precision: the flag, or what --precision auto found
+    checkpointing_reason: str = None  # why this checkpoint_fraction: the flag, or what auto found
     deepspeed_stage: int = None
     strategy: str = None
     base_model_path: str = None
@@ -400,14 +402,26 @@ def environment(run):
     precision = resolve_precision(run.precision)
     check_packages(run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    why = f"--precision {run.precision}"
+    if run.precision == "auto":
+        precision, why = auto_precision(precision, device)
     stage = check_deepspeed(run.deepspeed, run.quantization, run.dry_run) if run.deepspeed else None
     check_attention(run.attn_implementation, device, run.dry_run)
     return {
         "precision": precision,
+        "precision_reason": why,
         "device": device,
         "deepspeed_stage": stage,
         "strategy": plan.parallel_strategy(stage, run.world_size),
     }
+
+
+def auto_precision(gpu_choice, device):
+    """--precision auto: (precision, why). On a GPU resolve_precision's choice; on a CPU bf16 only where it
+    computes bf16 natively, measured (several times fp32 there; slower than fp32 where it is emulated)."""
+    if device == "cpu":
+        return cpu_precision()
+    return gpu_choice, f"auto: {'bf16, which this GPU supports' if gpu_choice == 'bf16' else 'this GPU has no bf16'}"
 
 
 def check_packages(run):

@@ -244,7 +244,8 @@ TRAIN_FLAGS = Flags(
             "precision",
             "auto",
             str,
-            "auto (bf16 on GPUs that have it, else fp16; fp32 on CPU), bf16, fp16, fp32.",
+            "auto (bf16 on GPUs that have it, else fp16; on a CPU bf16 where it computes bf16 natively, AMX or "
+            "AVX512-BF16, measured faster than fp32, else fp32), bf16, fp16, fp32.",
         ),
         Flag(
             "max_steps",
@@ -286,11 +287,12 @@ TRAIN_FLAGS = Flags(
         ),
         Flag(
             "gradient_checkpointing",
-            True,
+            "auto",
             None,
-            "Recompute activations in backward to save memory: true, false, or the fraction of decoder layers to "
-            "checkpoint (0.5: the first half). Off is fastest when memory allows; each checkpointed layer costs "
-            "its forward again.",
+            "Recompute activations in backward to save memory: auto (on with a GPU; on a CPU off where the "
+            "estimated memory fits in half of what is available), true, false, or the fraction of decoder layers "
+            "to checkpoint (0.5: the first half). Off is fastest when memory allows; each checkpointed layer "
+            "costs its forward again.",
         ),
         Flag(
             "report_to",

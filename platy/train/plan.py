@@ -8,7 +8,7 @@ from platy import cli
 from platy.base_weights import resolve_base_model
 from platy.cli import UserError, say
 from platy.modeling import ALL_LINEAR, load_config, meta_model, resolve_target_modules
-from platy.train import sizing
+from platy.train import sizing, speed
 
 
 def parallel_strategy(deepspeed_stage, world_size):
@@ -35,7 +35,9 @@ def with_model_plan(run):
         if run.lora_target_modules == [ALL_LINEAR]:
             say(f"--lora_target_modules {ALL_LINEAR}: {', '.join(targets)} (every Linear layer but the output head)")
         run = run.replace(lora_targets=targets)
-    return run.replace(plan=plan_run(run, model))
+    counts = sizing.parameter_counts(model, run.lora_targets or [], run.lora_r)
+    run = run.replace(**checkpointing_choice(run, counts))
+    return run.replace(plan=plan_run(run, counts))
 
 
 def load_model_config(base_model, base_model_path, trust_remote_code, dry_run):
@@ -50,16 +52,37 @@ def load_model_config(base_model, base_model_path, trust_remote_code, dry_run):
         return known
 
 
-def plan_run(run, model):
-    """Processes, batch arithmetic, tokens per step and the GPU memory estimate (see platy/train/sizing.py)."""
+def checkpointing_choice(run, counts):
+    """checkpoint_fraction and why. --gradient_checkpointing auto: on with a GPU (as Platypus: GPU memory is what
+    runs out) or for a plan checked against one (--gpu_memory_gb); on a CPU off where the run's memory without
+    it, estimated, fits in CPU_MEMORY_SHARE of the memory available to each process, since recomputing every
+    layer costs about a third more compute."""
+    if run.checkpoint_fraction is not None:
+        return {"checkpointing_reason": f"--gradient_checkpointing {run.gradient_checkpointing}"}
+    if run.device == "cuda":
+        return {"checkpoint_fraction": 1.0, "checkpointing_reason": "auto: on a GPU, where memory runs out first"}
+    if run.gpu_memory_gb is not None:  # a plan for GPUs made on this machine
+        return {"checkpoint_fraction": 1.0, "checkpointing_reason": "auto: on, as on a GPU (--gpu_memory_gb)"}
+    available = speed.available_memory_gib()
+    if available is None:
+        return {"checkpoint_fraction": 1.0, "checkpointing_reason": "auto: the memory available here is unknown"}
+    available /= max(cli.local_world_size(), 1)
+    memory = memory_estimate(run, counts, run.precision, 0.0)
+    need = memory["total"] - memory["cuda_overhead"]
+    fits = need <= speed.CPU_MEMORY_SHARE * available
+    return {
+        "checkpoint_fraction": 0.0 if fits else 1.0,
+        "checkpointing_reason": f"auto: on a CPU, about {need:.1f} GiB without it "
+        f"{'fits' if fits else 'does not fit'} in {100 * speed.CPU_MEMORY_SHARE:g}% of the {available:.1f} GiB "
+        "available" + ("" if cli.local_world_size() <= 1 else " per process"),
+    }
+
+
+def memory_estimate(run, counts, compute, fraction):
+    """sizing.estimate for this run computing in `compute` with `fraction` of the layers checkpointed."""
     import torch
 
-    counts = sizing.parameter_counts(model, run.lora_targets or [], run.lora_r)
-    local = cli.local_world_size()
-    gpus = torch.cuda.device_count()
-    # on a machine without GPUs the plan is for GPUs computing in bf16
-    compute = run.precision if run.device == "cuda" else "bf16"
-    memory = sizing.estimate(
+    return sizing.estimate(
         run.model_config,
         counts,
         finetuning=run.finetuning,
@@ -68,11 +91,23 @@ def plan_run(run, model):
         double_quant=run.double_quant,
         micro_batch_size=run.micro_batch_size,
         cutoff_len=run.pack_budget,
-        gradient_checkpointing=run.checkpoint_fraction,
+        gradient_checkpointing=fraction,
         strategy=run.strategy,
         world_size=run.world_size,
-        gpus_per_process=max(gpus, 1),
+        gpus_per_process=max(torch.cuda.device_count(), 1),
     )
+
+
+def plan_run(run, counts):
+    """Processes, batch arithmetic, tokens per step, the compute choices and the GPU memory estimate
+    (see platy/train/sizing.py)."""
+    import torch
+
+    local = cli.local_world_size()
+    gpus = torch.cuda.device_count()
+    # on a machine without GPUs the plan is for GPUs computing in bf16
+    compute = run.precision if run.device == "cuda" else "bf16"
+    memory = memory_estimate(run, counts, compute, run.checkpoint_fraction)
     available = run.gpu_memory_gb
     if available is None and gpus:
         available = round(torch.cuda.get_device_properties(0).total_memory / sizing.GIB, 1)
@@ -88,6 +123,10 @@ def plan_run(run, model):
         "parameters": counts["total"],
         "trainable_parameters": counts["total"] if run.finetuning == "full" else counts["lora"],
         "shape_source": run.shape_source,
+        "precision": run.precision,
+        "precision_reason": run.precision_reason,
+        "activation_checkpointing": run.checkpoint_fraction,
+        "checkpointing_reason": run.checkpointing_reason,
         "estimate_precision": compute,
         "gpu_memory_gib": memory,
         "gpu_memory_available_gib": available,
@@ -132,6 +171,7 @@ def describe_plan(run):
             if run.packing
             else f"sequences x cutoff_len {run.cutoff_len}; shorter examples use fewer)"
         ),
+        describe_compute(run),
         describe_data(run),
         describe_memory(run),
     ]
@@ -171,6 +211,16 @@ def base_weights(run, precision=None):
     if run.quantization == "none":
         return f"not quantized ({precision or run.precision})"
     return {"4bit": "4-bit NF4", "8bit": "8-bit"}[run.quantization]
+
+
+def describe_compute(run):
+    """What the run computes in and what it recomputes, each with why (the flag, or what auto found)."""
+    plan = run.plan
+    return (
+        f"  precision: {plan['precision']} ({plan['precision_reason']})\n"
+        f"  activation checkpointing: {describe_checkpointing(plan['activation_checkpointing'])} "
+        f"({plan['checkpointing_reason']})"
+    )
 
 
 def describe_data(run):
