@@ -378,6 +378,40 @@ TRAIN_FLAGS = Flags(
         ),
     ),
     *grouped(
+        "preference tuning (docs/preference.md)",
+        Flag(
+            "stage",
+            "sft",
+            str,
+            "sft (instruction rows: prompt and response) or a preference objective on pairs of a prompt with a "
+            "chosen and a rejected answer: dpo (sigmoid DPO), ipo, simpo or orpo.",
+            resume=True,
+        ),
+        Flag(
+            "beta",
+            0.1,
+            float,
+            "The preference strength: DPO's beta, IPO's tau, SimPO's beta, ORPO's lambda (TRL's beta for all four).",
+            resume=True,
+        ),
+        Flag(
+            "simpo_gamma",
+            0.5,
+            float,
+            "SimPO's target reward margin gamma (--stage simpo only).",
+            resume=True,
+        ),
+        Flag(
+            "init_adapter",
+            None,
+            str,
+            "An SFT adapter folder (finetune.py's output_dir) to start from: a trainable copy of it is the policy and "
+            "the frozen SFT model the reference (dpo, ipo); its LoRA settings replace the lora_* flags. Default: a "
+            "new adapter on the base, whose reference is the base.",
+            resume=True,
+        ),
+    ),
+    *grouped(
         "LoRA variants and training knobs (docs/lora.md)",
         Flag(
             "use_rslora",

@@ -20,7 +20,7 @@ from platy.record import RunRecord
 from platy.train import loop, lora, publish
 from platy.train.checkpoints import checkpoint_step
 from platy.train.config import check_flags, resolve
-from platy.train.objective import Supervised
+from platy.train.objective import objective_of
 from platy.train.plan import describe_plan, optimizer_steps
 
 
@@ -29,7 +29,7 @@ class Recipe:
 
     def __init__(self, run, objective=None):
         self.run = run
-        self.objective = objective or Supervised()
+        self.objective = objective or objective_of(run)
         self.record = None  # the RunRecord: described at start, completed by the stages, saved last
         self.tokenizer = self.chat = None
         self.train_set = self.val_set = None
@@ -79,6 +79,9 @@ class Recipe:
         self.record.set_quantization_layout(self.start.layout)
         if self.start.loftq_report:  # measured when the adapter was initialised
             self.record.set_loftq(self.start.loftq_report)
+        self.train_set, self.val_set = self.objective.prepare(
+            self.run, self.start, self.tokenizer, self.train_set, self.val_set, self.record
+        )
         self.trainer = loop.build_trainer(
             self.run, self.objective, self.start, self.tokenizer, self.train_set, self.val_set, self.record
         )
