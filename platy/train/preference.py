@@ -83,6 +83,26 @@ def starting_loss(stage, beta):
     return math.log(2) if stage == "dpo" else (1 / (2 * beta)) ** 2
 
 
+def pair_loss(model, inputs, stage, beta, gamma, check=None):
+    """(loss, chosen rewards, rejected rewards) of a PairCollator batch: the policy's log-probs of both answers
+    in one forward pass, the reference's from the batch (dpo, ipo). check(chosen, rejected, ref_chosen,
+    ref_rejected, rows), when given, sees the log-probs before the loss."""
+    pairs = inputs["row"].shape[0]
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
+    logps, counts = answer_logps(logits, inputs["labels"])
+    chosen, rejected = (logps[:pairs], counts[:pairs]), (logps[pairs:], counts[pairs:])
+    ref_chosen = ref_rejected = None
+    if stage in WITH_REFERENCE:
+        ref_chosen = inputs["ref_chosen_logps"].to(logps.dtype)
+        ref_rejected = inputs["ref_rejected_logps"].to(logps.dtype)
+        if check is not None:
+            check(chosen, rejected, ref_chosen, ref_rejected, inputs["row"])
+    loss, reward_w, reward_l = preference_loss(stage, beta, gamma, chosen, rejected, ref_chosen, ref_rejected)
+    if stage == "orpo":  # the supervised term on the chosen answers: their tokens' mean cross-entropy
+        loss = loss - chosen[0].sum() / chosen[1].sum().clamp(min=1)
+    return loss, reward_w, reward_l
+
+
 # ---- batches -----------------------------------------------------------------------------------------
 
 
@@ -128,21 +148,10 @@ class PreferenceTrainer(Trainer):
         self.counts = {"train": 0, "eval": 0}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        pairs = inputs["row"].shape[0]
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
-        logps, counts = answer_logps(logits, inputs["labels"])
-        chosen, rejected = (logps[:pairs], counts[:pairs]), (logps[pairs:], counts[pairs:])
-        ref_chosen = ref_rejected = None
-        if self.stage in WITH_REFERENCE:
-            ref_chosen = inputs["ref_chosen_logps"].to(logps.dtype)
-            ref_rejected = inputs["ref_rejected_logps"].to(logps.dtype)
-            if model.training and not self.start_checked:
-                self.check_start(chosen, rejected, ref_chosen, ref_rejected, inputs["row"])
-        loss, reward_w, reward_l = preference_loss(
-            self.stage, self.beta, self.gamma, chosen, rejected, ref_chosen, ref_rejected
+        check = self.stage in WITH_REFERENCE and model.training and not self.start_checked
+        loss, reward_w, reward_l = pair_loss(
+            model, inputs, self.stage, self.beta, self.gamma, self.check_start if check else None
         )
-        if self.stage == "orpo":  # the supervised term on the chosen answers: their tokens' mean cross-entropy
-            loss = loss - chosen[0].sum() / chosen[1].sum().clamp(min=1)
         self.note(model.training, reward_w, reward_l)
         return (loss, None) if return_outputs else loss
 
