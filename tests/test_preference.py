@@ -11,6 +11,7 @@ import torch
 from platy import cli
 from platy.data.pairs import PairTokenizer, check_pairs
 from platy.prompts import Prompter
+from platy.reporting import curve_panels
 from platy.train.preference import PairCollator, pair_loss, reference_logps
 
 from conftest import REPO, SMALL_RUN, assert_user_error, finetune, merge_cli, run_cli, write_rows
@@ -235,6 +236,14 @@ def test_chat_template_answers_end_with_one_end_of_turn_token(tiny_llama):
         assert "<|im_start|>assistant" in tokenizer.decode(columns[f"{key}_input_ids"][0])
 
 
+def test_answers_cut_at_cutoff_len_are_counted(tokenizer):
+    pairs = check_pairs([LAYOUTS[0], {**LAYOUTS[0], "chosen": "five " * 100}], "pairs")
+    columns, stats = PairTokenizer(tokenizer, Prompter("alpaca"), 160)(pairs, "pairs")
+    assert stats["answers_cut_at_cutoff_len"] == 1
+    assert len(columns["chosen_input_ids"][1]) == 160
+    assert tokenizer.eos_token_id not in columns["chosen_labels"][1], "a cut answer did not end"
+
+
 def test_bad_pairs_stop_the_run_naming_their_rows(tmp_path):
     rows = [
         LAYOUTS[0],
@@ -296,7 +305,15 @@ def test_dpo_run_starts_at_ln2_learns_and_reuses_its_reference_across_betas(tmp_
     assert record["resolved"]["reference"]["base_files"]
     card = (out / "README.md").read_text()
     assert "dpo" in card and "beta 0.1" in card and "the base (adapter disabled)" in card
-    assert (out / "training_curves.png").is_file()
+    assert (out / "training_curves.png").is_file() and "margin" in result.stdout and "accuracy" in result.stdout
+    panels = curve_panels(log_of(out))
+    assert list(panels) == ["Loss", "Learning rate", "Rewards (beta x log-ratio)", "Reward accuracy"]
+    assert [label for label, _ in panels["Rewards (beta x log-ratio)"]] == [
+        "chosen (train)",
+        "rejected (train)",
+        "margin (train)",
+    ]
+    assert len(panels["Reward accuracy"][0][1]) == 4, "one point per logged step"
     again = finetune(tmp_path / "dpo2", "--stage", "dpo", "--beta", 0.5, "--max_steps", 1, *FAST, data_path=PAIRS)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Reference log-probs (train): reused from" in again.stdout
