@@ -481,9 +481,8 @@ def preference_start(run, resume):
         "use_dora": bool(config.get("use_dora")),
         "lora_target_modules": sorted(targets) if isinstance(targets, list) else [targets],
     }
-    overridden = [
-        f"{name} {run.flags()[name]!r} -> {value!r}" for name, value in adapter.items() if run.flags()[name] != value
-    ]
+    given = {**run.flags(), "lora_target_modules": sorted(run.lora_target_modules)}
+    overridden = [f"{name} {given[name]!r} -> {value!r}" for name, value in adapter.items() if given[name] != value]
     if overridden:
         say(f"Note: --init_adapter {run.init_adapter}: its own LoRA settings are used: {'; '.join(overridden)}")
     return run.replace(**changes, **adapter, init_adapter=str(folder.resolve()))
