@@ -3,6 +3,7 @@ and its cache, the step-0 check, and a preference adapter through merge.py and i
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -369,3 +370,45 @@ def test_dpo_on_an_sft_adapter_merges_and_answers(lora_adapter, tmp_path):
     )
     assert answer.returncode == 0, answer.stderr[-3000:]
     assert answer.stdout.strip()
+
+
+def preference_curve(folder):
+    return [(r["step"], r["loss"], r["rewards/margins"]) for r in log_of(folder) if "loss" in r]
+
+
+def test_torchrun_two_processes_give_the_single_process_curve(tmp_path):
+    """The same global batch over 2 gloo processes: the loss and the margins of every step equal (1e-5) those
+    of one process; the rewards count the pairs of both ranks."""
+    common = ["--stage", "dpo", "--learning_rate", 5e-3, *FAST, "--data_path", PAIRS, "--report_to", "none"]
+    small = [word for name, value in SMALL_RUN.items() if name != "cutoff_len" for word in (f"--{name}", value)]
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    args += [REPO / "finetune.py", "--base_model", "builtin:tiny-llama", "--output_dir", tmp_path / "ddp"]
+    ddp = run_cli([*args, *small, *common])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = finetune(tmp_path / "single", *common, data_path=PAIRS)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, one = preference_curve(tmp_path / "ddp"), preference_curve(tmp_path / "single")
+    assert len(two) == len(one) == SMALL_RUN["max_steps"]
+    for (step, loss, margin), (step1, loss1, margin1) in zip(two, one):
+        assert step == step1 and abs(loss - loss1) < 1e-5 and abs(margin - margin1) < 1e-5
+    assert one[-1][2] > 0
+
+
+def test_a_resumed_run_ends_where_the_whole_run_did(tmp_path):
+    """Stopped after checkpoint-2 (as a kill -9 leaves it), resumed with auto: the same adapter as the run that
+    went through, and the cached reference reused."""
+    from safetensors.torch import load_file
+
+    run = ("--stage", "dpo", "--learning_rate", 5e-3, "--max_steps", 4, "--save_steps", 2, *FAST)
+    whole = finetune(tmp_path / "whole", *run, data_path=PAIRS)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    resumed = finetune(tmp_path / "cut", *run, "--resume_from_checkpoint", "auto", data_path=PAIRS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Reference log-probs (train): reused" in resumed.stdout and "Step 0" not in resumed.stdout
+    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name

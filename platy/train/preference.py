@@ -199,10 +199,18 @@ class PreferenceTrainer(Trainer):
     def log(self, logs, start_time=None):
         """The logged loss with the mean rewards of the pairs since the last log (eval_ ones after evaluation)."""
         mode, prefix = ("eval", "eval_") if "eval_loss" in logs else ("train", "")
-        if self.counts[mode]:
-            logs.update({prefix + name: total / self.counts[mode] for name, total in self.sums[mode].items()})
-            self.sums[mode] = dict.fromkeys(METRICS, 0.0)
-            self.counts[mode] = 0
+        totals = torch.tensor([*self.sums[mode].values(), self.counts[mode]], dtype=torch.float64)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank logs (the Trainer gathers the loss the same way): the pairs of all ranks count
+            device = self.accelerator.device if "nccl" in str(dist.get_backend()) else "cpu"
+            totals = totals.to(device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        if totals[-1] > 0:
+            logs.update({prefix + name: float(total / totals[-1]) for name, total in zip(METRICS, totals)})
+        self.sums[mode] = dict.fromkeys(METRICS, 0.0)
+        self.counts[mode] = 0
         super().log(logs, start_time)
 
 
