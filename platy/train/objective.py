@@ -186,7 +186,7 @@ class Preference:
 
             def compute(dataset=dataset):
                 return reference_logps(
-                    start.model, dataset, collator, run.micro_batch_size, use_adapter=bool(run.init_adapter)
+                    start.model, dataset, collator, run.micro_batch_size, bool(run.init_adapter), run.precision
                 )
 
             chosen, rejected = cached_reference(key, compute, label)

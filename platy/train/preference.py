@@ -261,10 +261,11 @@ def reference_key(reference, data, tokenizer_fingerprint, template, cutoff_len):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def reference_logps(model, dataset, collator, batch_size, use_adapter):
+def reference_logps(model, dataset, collator, batch_size, use_adapter, precision="fp32"):
     """(chosen, rejected) float64 tensors: the reference's summed answer log-probs of every pair, in order.
-    Computed in training mode with dropout off and no gradients: on CPU a 4-bit layer in eval mode computes
-    through another kernel (platy PITFALLS), and the reference must be exactly the model the first step sees."""
+    Computed as the first training step computes: in training mode with dropout off (on CPU a 4-bit layer in
+    eval mode computes through another kernel), under the autocast accelerate puts around the training forward
+    in bf16 or fp16, and without gradients."""
     import contextlib
 
     chosen, rejected = [], []
@@ -272,7 +273,9 @@ def reference_logps(model, dataset, collator, batch_size, use_adapter):
     model.train()
     context = contextlib.nullcontext() if use_adapter else model.disable_adapter()
     device = next(model.parameters()).device
-    with torch.no_grad(), context:
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=half) if half else contextlib.nullcontext()
+    with torch.no_grad(), context, autocast:
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             pairs = batch["row"].shape[0]
