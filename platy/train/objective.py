@@ -4,6 +4,8 @@ the same stages for every objective and asks its objective for these: Supervised
 (--stage dpo, ipo, simpo, orpo).
 """
 
+import time
+
 from platy.cli import UserError, say
 
 
@@ -120,6 +122,7 @@ class Preference:
 
     def __init__(self, stage, beta, simpo_gamma, precision):
         self.name, self.beta, self.simpo_gamma, self.precision = stage, beta, simpo_gamma, precision
+        self.reference_seconds = 0.0
 
     def datasets(self, run, tokenizer, chat):
         """The tokenized train and val pairs, and their stats; cut pairs are counted and reported."""
@@ -173,6 +176,7 @@ class Preference:
             return train_set, val_set
         reference = reference_of(run, adapter_fingerprint(run.init_adapter) if run.init_adapter else {})
         record.set_reference(reference)
+        started = time.time()
         collator = self.collator(run, tokenizer)
         template = {"prompt": run.prompter.template, "chat_template": run.chat_template, "eos": run.add_eos_token}
         split = {"data": run.data_fingerprint, "seed": run.seed, "val_set_size": run.val_set_size}
@@ -195,4 +199,5 @@ class Preference:
                     "ref_rejected_logps", rejected.tolist()
                 )
             )
+        self.reference_seconds = time.time() - started  # computing or reading them: what a benchmark counts
         return sets[0], sets[1]
