@@ -6,8 +6,9 @@
 Tests and benchmarks call the same object: `setup()` leaves a ready Trainer (recipe.trainer), `train()`
 returns the run's figures, `save()` publishes the adapter. What a stage makes for a later one is kept on
 the recipe (tokenizer, chat template, datasets, the LoraStart, the Trainer), never pinned on the model.
-The objective (platy/train/objective.py) says what the rows become, how they are batched and which
-Trainer computes the loss; everything else is the same for every objective.
+The objective (platy/train/objective.py, picked by --stage) says what the rows become, how they are batched,
+which Trainer computes the loss and what it adds once the model is loaded (a preference run's reference
+log-probs); everything else is the same for every objective.
 """
 
 import os
