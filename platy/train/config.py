@@ -22,7 +22,7 @@ from platy.quantized import LOFTQ_OFFSET
 from platy.record import RunRecord
 from platy.train import checkpoints, plan
 from platy.train.checkpoints import Resume
-from platy.train.flags import TRAIN_FLAGS
+from platy.train.flags import STAGES, TRAIN_FLAGS
 from platy.train.speed import checkpoint_fraction, liger_unavailable
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
@@ -300,8 +300,6 @@ def batch_problems(f):
 
 def preference_problems(f):
     """--stage and its knobs, and what a preference stage cannot combine with."""
-    from platy.train.preference import STAGES
-
     stage = f["stage"]
     problems = checks.problems_of(
         checks.choice("stage", stage, STAGES),

@@ -8,6 +8,9 @@ Platypus's own flags keep their names, defaults and meaning; the groups are --he
 
 from platy.flags import Flag, Flags, grouped
 
+# --stage: supervised fine-tuning, or a preference objective (platy/train/preference.py)
+STAGES = ("sft", "dpo", "ipo", "simpo", "orpo")
+
 TRAIN_FLAGS = Flags(
     *grouped(
         "model and data",

@@ -28,7 +28,6 @@ from platy.cli import UserError, say
 from platy.files import cache_root
 from platy.train.trainer import Trainer
 
-STAGES = ("sft", "dpo", "ipo", "simpo", "orpo")
 WITH_REFERENCE = ("dpo", "ipo")  # the losses that compare the policy with a reference
 IGNORE_INDEX = -100
 REFERENCE_VERSION = 1  # bump when what the cached reference log-probs hold changes
