@@ -99,10 +99,10 @@ def adapter_card(record, folder):
 
 # {name}
 
-A {method} adapter for {base_link(base)}, trained with `finetune.py` on instruction data.
+A {method} adapter for {base_link(base)}, trained with `finetune.py` on {objective_words(record)}.
 
 * **Base model:** {base_link(base)} ({quant_sentence(layout)})
-* **Training data:** {data_text(record)}
+* **Training data:** {data_text(record)}{objective_line(record)}
 * **Result:** {"; ".join(losses) or "not recorded"}
 * **{template_line(record)}
 
@@ -140,6 +140,22 @@ def shown_path(folder):
         return f"./{folder.relative_to(Path.cwd().resolve()).as_posix()}"
     except ValueError:
         return str(folder)
+
+
+def objective_words(record):
+    return "instruction data" if record.stage == "sft" else f"preference pairs (--stage {record.stage})"
+
+
+def objective_line(record):
+    """The card's line on a preference run: the stage, beta (and SimPO's gamma), the reference."""
+    if record.stage == "sft":
+        return ""
+    knobs = f"beta {record.beta}" + (f", gamma {record.flag('simpo_gamma')}" if record.stage == "simpo" else "")
+    reference = record.reference or {}
+    named = reference.get("model", "not recorded")
+    if reference.get("adapter"):
+        named += f" `{reference['adapter']}` (sha256 {reference['adapter_sha256'][:12]})"
+    return f"\n* **Objective:** {record.stage}, {knobs}; reference: {named}"
 
 
 def front_matter(base, library, method):

@@ -10,7 +10,7 @@ unchanged (`RunRecord.from_dict(d).to_dict() == d`):
     {"flags": {...every flag...},
      "resolved": {"base_model_path", "model_type", "template", "precision", "device", "world_size",
                   "gradient_accumulation_steps", "lora_target_modules", "lora_scale" (LoRA runs), "resume",
-                  "plan", then as training goes: "quantization_layout", "loftq", "chat_template"},
+                  "plan", then as training goes: "quantization_layout", "loftq", "chat_template", "reference"},
      "data": {"path", "fingerprint", "train", "val", ...}, "versions": {...}, "command": "python finetune.py ...",
      "result": {...} (a finished run only)}
 """
@@ -134,6 +134,10 @@ class RunRecord:
     def set_chat_template(self, chat):
         """The chat template the run trained with (a RecordedChatTemplate)."""
         self._resolved_for_writing()["chat_template"] = chat.to_dict()
+
+    def set_reference(self, reference):
+        """What a preference run compared its policy with: the model, and the fingerprint of its weights."""
+        self._resolved_for_writing()["reference"] = reference
 
     def set_result(self, result):
         """The finished run's figures: global_step, losses, tokens, seconds; marks the run finished."""
@@ -285,6 +289,23 @@ class RunRecord:
     def has_loftq_offsets(self):
         """Whether loftq_offset.safetensors belongs beside this adapter (LoftQ with more than one iteration)."""
         return bool(self.loftq_iterations and self.loftq_iterations > 1)
+
+    # ---- the objective -------------------------------------------------------------------------
+
+    @property
+    def stage(self):
+        """--stage: sft (records older than preference tuning too), dpo, ipo, simpo or orpo."""
+        return self.flag("stage") or "sft"
+
+    @property
+    def beta(self):
+        """--beta of a preference run, or None for sft."""
+        return None if self.stage == "sft" else self.flag("beta")
+
+    @property
+    def reference(self):
+        """A preference run's reference (model, adapter, fingerprint), or None."""
+        return copy.deepcopy(self._resolved.get("reference"))
 
     # ---- how it ran ----------------------------------------------------------------------------
 

@@ -21,6 +21,8 @@ def loss_progress_callback():
                 lr = logs.get("learning_rate", 0)
                 self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}")
                 extra = f"  grad_norm {logs['grad_norm']:.3f}" if "grad_norm" in logs else ""
+                if "rewards/margins" in logs:  # a preference run
+                    extra += f"  margin {logs['rewards/margins']:.4f}  accuracy {logs['rewards/accuracies']:.2f}"
                 self.training_bar.write(f"{step}  loss {logs['loss']:.4f}  lr {lr:.3e}{extra}")
             elif "eval_loss" in logs:
                 self.training_bar.write(f"{step}  eval_loss {logs['eval_loss']:.4f}")
@@ -57,33 +59,60 @@ def say_configuration(title, values):
 MIN_CURVE_POINTS = 3  # fewer logged losses draw no curve
 
 
+def series(log_history, key):
+    """(step, value) of every log entry holding key."""
+    return [(r["step"], r[key]) for r in log_history if key in r]
+
+
+def curve_panels(log_history):
+    """The panels of training_curves.png: {title: [(label, points)]}. Loss and learning rate for every run; a
+    preference run adds the mean rewards of the chosen and rejected answers with their margin, and the reward
+    accuracy (held-out figures beside the training ones where they were evaluated)."""
+    panels = {
+        "Loss": [
+            ("train loss", series(log_history, "loss")),
+            ("eval loss (held-out rows)", series(log_history, "eval_loss")),
+        ],
+        "Learning rate": [("learning rate", series(log_history, "learning_rate"))],
+    }
+    if series(log_history, "rewards/margins"):
+        panels["Rewards (beta x log-ratio)"] = [
+            (label, series(log_history, prefix + key))
+            for prefix, kind in (("", "train"), ("eval_", "held-out"))
+            for key, label in (
+                ("rewards/chosen", f"chosen ({kind})"),
+                ("rewards/rejected", f"rejected ({kind})"),
+                ("rewards/margins", f"margin ({kind})"),
+            )
+        ]
+        panels["Reward accuracy"] = [
+            ("train", series(log_history, "rewards/accuracies")),
+            ("held-out", series(log_history, "eval_rewards/accuracies")),
+        ]
+    return {title: [(label, points) for label, points in lines if points] for title, lines in panels.items()}
+
+
 def plot_curves(log_history, path):
-    """Loss (train and eval) and learning rate against the optimizer step, as a PNG; False (nothing
-    drawn) when fewer than MIN_CURVE_POINTS training losses were logged."""
-    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r]
-    if len(train) < MIN_CURVE_POINTS:
+    """curve_panels against the optimizer step, as a PNG; False (nothing drawn) when fewer than
+    MIN_CURVE_POINTS training losses were logged."""
+    if len(series(log_history, "loss")) < MIN_CURVE_POINTS:
         return False
-    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r]
-    lrs = [(r["step"], r["learning_rate"]) for r in log_history if "learning_rate" in r]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(*zip(*train), ".-", label="train loss")
-    if evals:
-        ax_loss.plot(*zip(*evals), "o-", label="eval loss (held-out rows)")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_title("Loss")
-    ax_loss.legend()
-    if lrs:
-        ax_lr.plot(*zip(*lrs), ".-", color="tab:green")
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_title("Learning rate")
-    for ax in (ax_loss, ax_lr):
+    panels = curve_panels(log_history)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for label, points in lines:
+            ax.plot(*zip(*points), ".-", label=label)
+        if title == "Learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        elif len(lines) > 1 or title == "Loss":
+            ax.legend()
+        ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

@@ -16,13 +16,14 @@ from typing import Any
 from platy import checks, cli, outputs
 from platy.base_weights import resolve_base_model
 from platy.cli import UserError, say
+from platy.files import RUN_CONFIG
 from platy.modeling import PRECISIONS, QUANTIZATIONS, bitsandbytes_missing, parse_target_modules
 from platy.prompts import Prompter, chat_template_problem
 from platy.quantized import LOFTQ_OFFSET
 from platy.record import RunRecord
 from platy.train import checkpoints, plan
 from platy.train.checkpoints import Resume
-from platy.train.flags import TRAIN_FLAGS
+from platy.train.flags import STAGES, TRAIN_FLAGS
 from platy.train.speed import checkpoint_fraction, cpu_precision, liger_unavailable
 
 REPORT_TO = ("auto", "none", "wandb", "tensorboard")
@@ -107,6 +108,7 @@ def check_flags(flags):
         *lora_problems(flags),
         *word_problems(flags),
         *batch_problems(flags),
+        *preference_problems(flags),
     ]
 
 
@@ -300,6 +302,35 @@ def batch_problems(f):
     ]
 
 
+def preference_problems(f):
+    """--stage and its knobs, and what a preference stage cannot combine with."""
+    stage = f["stage"]
+    problems = checks.problems_of(
+        checks.choice("stage", stage, STAGES),
+        checks.positive_number("beta", f["beta"]),
+        checks.non_negative_number("simpo_gamma", f["simpo_gamma"]),
+    )
+    defaults = TRAIN_FLAGS.by_name
+    if stage == "sft" or stage not in STAGES:
+        knobs = [name for name in ("beta", "simpo_gamma", "init_adapter") if f[name] != defaults[name].default]
+        if knobs and stage == "sft":
+            problems.append(f"--{knobs[0]} applies to preference tuning; add --stage dpo (or ipo, simpo, orpo)")
+        return problems
+    if stage != "simpo" and f["simpo_gamma"] != defaults["simpo_gamma"].default:
+        problems.append(f"--simpo_gamma is SimPO's margin, and --stage is {stage}; drop it or use --stage simpo")
+    if f["finetuning"] != "lora":
+        problems.append(
+            f"--stage {stage} trains a LoRA adapter (its reference is the model without it); drop --finetuning"
+        )
+    for name, why in (
+        ("packing", "a pair's two answers are batched side by side"),
+        ("train_on_inputs", "the preference losses compare the answers only"),
+    ):
+        if f[name]:
+            problems.append(f"--{name} does not apply to --stage {stage} ({why}); drop it")
+    return problems
+
+
 def resolve(flags):
     """The TrainRun the flags describe (flags that passed check_flags): reads the resume point, output_dir,
     the data rows and the model config, plans the memory and probes that output_dir can be written."""
@@ -308,6 +339,8 @@ def resolve(flags):
     if finished := finished_here(run, resume):
         return run.replace(resume=resume, already_finished=finished)
     check_output_dir(run, resume)
+    if run.stage != "sft":
+        run = preference_start(run, resume)
     run = run.replace(resume=resume, **read_data(run))
     if resume and resume.checkpoint and run.rows is not None:
         note_changed_settings(resume.path, run.flags(), run.data_fingerprint)
@@ -388,9 +421,73 @@ def read_data(run):
 
     if run.dry_run and not Path(run.data_path).expanduser().is_file():
         return {}
-    rows, fingerprint = load_rows(run.data_path, run.seed)
+    if run.stage != "sft":
+        from platy.data.pairs import load_pairs
+
+        rows, fingerprint = load_pairs(run.data_path)
+    else:
+        rows, fingerprint = load_rows(run.data_path, run.seed)
     train_rows, val_rows = split_rows(rows, run.val_set_size, run.seed)
     return {"rows": rows, "data_fingerprint": fingerprint, "train_rows": train_rows, "val_rows": val_rows}
+
+
+def preference_start(run, resume):
+    """A preference run's start: dropout off (the policy must compute what its reference computed), and with
+    --init_adapter the SFT adapter's own LoRA settings, base and template, checked against the flags."""
+    changes = {}
+    if run.lora_dropout:
+        say(f"Note: --lora_dropout {run.lora_dropout} -> 0 for --stage {run.stage}: the policy starts as its reference")
+        changes["lora_dropout"] = 0.0
+    if not run.init_adapter:
+        return run.replace(**changes)
+    if resume and resume.adapter:
+        raise UserError(
+            f"--resume_from_checkpoint {resume.path} is an adapter folder, and --init_adapter {run.init_adapter} "
+            "names the adapter to start from; drop one of them"
+        )
+    folder = Path(run.init_adapter).expanduser()
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(
+            f"--init_adapter {run.init_adapter}: no adapter_config.json there; give the output_dir of an SFT run "
+            "of finetune.py"
+        )
+    import json
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"--init_adapter {config_file}: not valid JSON ({err.msg}); train the SFT adapter again"
+        ) from None
+    saved = RunRecord.read(folder)
+    if saved is None:
+        raise UserError(
+            f"--init_adapter {run.init_adapter}: no {RUN_CONFIG}; give the output_dir of a finished SFT run"
+        )
+    mismatched = [
+        f"--{name} {run.flags()[name]!r} (the adapter's: {saved.flag(name)!r})"
+        for name in ("base_model", "prompt_template_name", "chat_template", "quantization")
+        if saved.flag(name) is not None and saved.flag(name) != run.flags()[name]
+    ]
+    if mismatched:
+        raise UserError(
+            f"--init_adapter {run.init_adapter} was trained with other settings: {'; '.join(mismatched)}. The "
+            "reference must be the SFT model as it was trained; use its settings"
+        )
+    targets = config["target_modules"]
+    adapter = {
+        "lora_r": config["r"],
+        "lora_alpha": config["lora_alpha"],
+        "use_rslora": bool(config.get("use_rslora")),
+        "use_dora": bool(config.get("use_dora")),
+        "lora_target_modules": sorted(targets) if isinstance(targets, list) else [targets],
+    }
+    given = {**run.flags(), "lora_target_modules": sorted(run.lora_target_modules)}
+    overridden = [f"{name} {given[name]!r} -> {value!r}" for name, value in adapter.items() if given[name] != value]
+    if overridden:
+        say(f"Note: --init_adapter {run.init_adapter}: its own LoRA settings are used: {'; '.join(overridden)}")
+    return run.replace(**changes, **adapter, init_adapter=str(folder.resolve()))
 
 
 def environment(run):

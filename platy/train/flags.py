@@ -8,6 +8,9 @@ Platypus's own flags keep their names, defaults and meaning; the groups are --he
 
 from platy.flags import Flag, Flags, grouped
 
+# --stage: supervised fine-tuning, or a preference objective (platy/train/preference.py)
+STAGES = ("sft", "dpo", "ipo", "simpo", "orpo")
+
 TRAIN_FLAGS = Flags(
     *grouped(
         "model and data",
@@ -394,6 +397,40 @@ TRAIN_FLAGS = Flags(
             "Keep the tokenized data under $PLATY_CACHE/tokenized, so the next run with the same data, tokenizer "
             "and settings (and every other torchrun rank) loads it instead of tokenizing; false tokenizes in "
             "memory and writes nothing.",
+        ),
+    ),
+    *grouped(
+        "preference tuning (docs/preference.md)",
+        Flag(
+            "stage",
+            "sft",
+            str,
+            "sft (instruction rows: prompt and response) or a preference objective on pairs of a prompt with a "
+            "chosen and a rejected answer: dpo (sigmoid DPO), ipo, simpo or orpo.",
+            resume=True,
+        ),
+        Flag(
+            "beta",
+            0.1,
+            float,
+            "The preference strength: DPO's beta, IPO's tau, SimPO's beta, ORPO's lambda (TRL's beta for all four).",
+            resume=True,
+        ),
+        Flag(
+            "simpo_gamma",
+            0.5,
+            float,
+            "SimPO's target reward margin gamma (--stage simpo only).",
+            resume=True,
+        ),
+        Flag(
+            "init_adapter",
+            None,
+            str,
+            "An SFT adapter folder (finetune.py's output_dir) to start from: a trainable copy of it is the policy and "
+            "the frozen SFT model the reference (dpo, ipo); its LoRA settings replace the lora_* flags. Default: a "
+            "new adapter on the base, whose reference is the base.",
+            resume=True,
         ),
     ),
     *grouped(

@@ -139,6 +139,8 @@ def add_lora(run, model, layout, new_tokens=()):
         initial = save_initial_adapter(model)
     if run.resume and run.resume.adapter:
         load_adapter_weights(model, run.resume.path)
+    elif run.init_adapter:  # a preference run on an SFT adapter: the policy starts as a trainable copy of it
+        load_adapter_weights(model, run.init_adapter, "--init_adapter")
     if cli.is_main_process():
         trainable, total = model.get_nb_trainable_parameters()
         say(
@@ -237,7 +239,7 @@ def low_rank(matrix, rank):
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def load_adapter_weights(model, folder):
+def load_adapter_weights(model, folder, flag="--resume_from_checkpoint"):
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
@@ -246,10 +248,13 @@ def load_adapter_weights(model, folder):
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
         raise UserError(
-            f"--resume_from_checkpoint {folder}: the adapter does not fit this model and LoRA settings "
+            f"{flag} {folder}: the adapter does not fit this model and LoRA settings "
             f"({len(missing)} LoRA weights missing, e.g. {missing[0]}); check --base_model and "
             "--lora_target_modules"
         )
+    if flag == "--init_adapter":
+        say(f"Loaded the SFT adapter's weights from {folder} as the starting policy")
+        return
     say(
         f"Loaded adapter weights from {folder}. The optimizer state and learning-rate schedule restart from step 0 "
         "(an adapter folder holds no optimizer state; resume from a checkpoint-N folder to continue them)."

@@ -1,9 +1,19 @@
 """The training objective: what a row becomes for the model, how examples are batched, which Trainer
-computes the loss. The recipe (platy/train/recipe.py) runs the same stages for every objective and asks
-its objective for these three; a second objective (preference pairs, say) is a second class here.
+computes the loss, and what it needs from the loaded model (prepare). The recipe (platy/train/recipe.py) runs
+the same stages for every objective and asks its objective for these: Supervised (--stage sft) and Preference
+(--stage dpo, ipo, simpo, orpo).
 """
 
+import time
+
 from platy.cli import UserError, say
+
+
+def objective_of(run):
+    """The objective --stage names."""
+    if run.stage == "sft":
+        return Supervised()
+    return Preference(run.stage, run.beta, run.simpo_gamma, run.precision)
 
 
 class Supervised:
@@ -71,6 +81,10 @@ class Supervised:
 
         return Trainer
 
+    def prepare(self, run, start, tokenizer, train_set, val_set, record):
+        """What the objective adds once the model is loaded: nothing for supervised training."""
+        return train_set, val_set
+
 
 def check_examples_left(run, train_set, val_set):
     if train_set is None or len(train_set) == 0:
@@ -98,3 +112,92 @@ def pack(run, train_set, val_set, stats):
         "and micro_batch_size count these rows"
     )
     return train_set, val_set
+
+
+class Preference:
+    """Preference tuning (--stage dpo, ipo, simpo or orpo): each row is a prompt with a chosen and a rejected
+    answer, both rendered as a supervised row with that answer would be; batches hold both answers of each
+    pair; the loss compares their log-probs (platy/train/preference.py), for dpo and ipo against the
+    reference's, computed once before training and cached."""
+
+    def __init__(self, stage, beta, simpo_gamma, precision):
+        self.name, self.beta, self.simpo_gamma, self.precision = stage, beta, simpo_gamma, precision
+        self.reference_seconds = 0.0
+
+    def datasets(self, run, tokenizer, chat):
+        """The tokenized train and val pairs, and their stats; cut pairs are counted and reported."""
+        from platy.data.pairs import PairTokenizer, tokenize_pairs
+
+        pair_tokenizer = PairTokenizer(tokenizer, run.prompter, run.cutoff_len, run.add_eos_token, chat_template=chat)
+        train_set, train_stats = tokenize_pairs(run.train_rows, pair_tokenizer, run.data_path)
+        val_set, val_stats = tokenize_pairs(run.val_rows, pair_tokenizer, run.data_path)
+        cut = train_stats["answers_cut_at_cutoff_len"] + val_stats["answers_cut_at_cutoff_len"]
+        stripped = train_stats["end_of_turn_text_removed"] + val_stats["end_of_turn_text_removed"]
+        say(
+            f"Preference data: {len(run.rows)} pairs from {run.data_path}; {len(train_set)} train, "
+            f"{0 if val_set is None else len(val_set)} held out; {cut} answers cut at cutoff_len {run.cutoff_len}"
+            + (f"; {stripped} answers lost an end-of-turn text of their own (the template adds it)" if stripped else "")
+        )
+        stats = {"path": run.data_path, "fingerprint": run.data_fingerprint, "train": train_stats, "val": val_stats}
+        return train_set, val_set, stats
+
+    def collator(self, run, tokenizer):
+        from platy.train.preference import PairCollator
+
+        return PairCollator(tokenizer.pad_token_id)
+
+    def trainer_class(self):
+        """The Trainer subclass that computes the preference loss, with this stage's knobs bound."""
+        import functools
+
+        from platy.train.preference import PreferenceTrainer
+
+        return functools.partial(
+            PreferenceTrainer, stage=self.name, beta=self.beta, simpo_gamma=self.simpo_gamma, precision=self.precision
+        )
+
+    def prepare(self, run, start, tokenizer, train_set, val_set, record):
+        """The policy's dropout turned off, and (dpo, ipo) the reference's log-probs of every pair added to the
+        data sets: read from the cache, or computed now and cached; the record names the reference."""
+        from platy.data.cache import tokenizer_fingerprint
+        from platy.train.preference import (
+            WITH_REFERENCE,
+            adapter_fingerprint,
+            cached_reference,
+            disable_dropout,
+            reference_key,
+            reference_logps,
+            reference_of,
+        )
+
+        disable_dropout(start.model)
+        if self.name not in WITH_REFERENCE:
+            record.set_reference({"model": f"none ({self.name} compares the two answers alone)"})
+            return train_set, val_set
+        reference = reference_of(run, adapter_fingerprint(run.init_adapter) if run.init_adapter else {})
+        record.set_reference(reference)
+        started = time.time()
+        collator = self.collator(run, tokenizer)
+        template = {"prompt": run.prompter.template, "chat_template": run.chat_template, "eos": run.add_eos_token}
+        split = {"data": run.data_fingerprint, "seed": run.seed, "val_set_size": run.val_set_size}
+        ids = tokenizer_fingerprint(tokenizer)
+        sets = []
+        for label, dataset in (("train", train_set), ("held out", val_set)):
+            if dataset is None:
+                sets.append(None)
+                continue
+            key = reference_key(reference, {**split, "part": label}, ids, template, run.cutoff_len)
+
+            def compute(dataset=dataset):
+                return reference_logps(
+                    start.model, dataset, collator, run.micro_batch_size, bool(run.init_adapter), run.precision
+                )
+
+            chosen, rejected = cached_reference(key, compute, label)
+            sets.append(
+                dataset.add_column("ref_chosen_logps", chosen.tolist()).add_column(
+                    "ref_rejected_logps", rejected.tolist()
+                )
+            )
+        self.reference_seconds = time.time() - started  # computing or reading them: what a benchmark counts
+        return sets[0], sets[1]

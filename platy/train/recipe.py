@@ -6,8 +6,9 @@
 Tests and benchmarks call the same object: `setup()` leaves a ready Trainer (recipe.trainer), `train()`
 returns the run's figures, `save()` publishes the adapter. What a stage makes for a later one is kept on
 the recipe (tokenizer, chat template, datasets, the LoraStart, the Trainer), never pinned on the model.
-The objective (platy/train/objective.py) says what the rows become, how they are batched and which
-Trainer computes the loss; everything else is the same for every objective.
+The objective (platy/train/objective.py, picked by --stage) says what the rows become, how they are batched,
+which Trainer computes the loss and what it adds once the model is loaded (a preference run's reference
+log-probs); everything else is the same for every objective.
 """
 
 import os
@@ -20,7 +21,7 @@ from platy.record import RunRecord
 from platy.train import loop, lora, publish
 from platy.train.checkpoints import checkpoint_step
 from platy.train.config import check_flags, resolve
-from platy.train.objective import Supervised
+from platy.train.objective import objective_of
 from platy.train.plan import describe_plan, optimizer_steps, warmup_note
 
 
@@ -29,7 +30,7 @@ class Recipe:
 
     def __init__(self, run, objective=None):
         self.run = run
-        self.objective = objective or Supervised()
+        self.objective = objective or objective_of(run)
         self.record = None  # the RunRecord: described at start, completed by the stages, saved last
         self.tokenizer = self.chat = None
         self.train_set = self.val_set = None
@@ -85,6 +86,9 @@ class Recipe:
         self.record.set_quantization_layout(self.start.layout)
         if self.start.loftq_report:  # measured when the adapter was initialised
             self.record.set_loftq(self.start.loftq_report)
+        self.train_set, self.val_set = self.objective.prepare(
+            self.run, self.start, self.tokenizer, self.train_set, self.val_set, self.record
+        )
         self.trainer = loop.build_trainer(
             self.run, self.objective, self.start, self.tokenizer, self.train_set, self.val_set, self.record
         )
