@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every figure that needs a GPU, in one device call of at most 6 minutes on one H200
-# (docs/gpu-check.md has the exact call).
+# Every figure that needs a GPU, in one run of at most 6 minutes on one H200
+# (docs/gpu-check.md: building the wheel folders, running it on any CUDA machine, what each figure means).
 #
 #   bash bench/gpu_check.sh          # on the GPU machine, with .whl/ (and .whl-model/) beside it (python bench/gpu_wheels.py)
 #   bash bench/gpu_check.sh --dry    # anywhere, on the CPU: every step with the tiny model, about a minute
