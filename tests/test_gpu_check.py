@@ -110,3 +110,21 @@ def test_wheel_list_and_requirement_check(tmp_path):
         gpu_wheels.check_size(tmp_path)
     with pytest.raises(UserError, match="no wheel for bitsandbytes==0.50.2, trl==1.16.0"):
         gpu_wheels.main(dest=str(tmp_path / "empty"), check_only=True)
+
+
+def test_real_model_step_reads_the_quick_start_from_the_demo_settings(tmp_path):
+    import gpu_check
+
+    settings = tmp_path / "demo-settings.sh"
+    settings.write_text(
+        "quickstart_base=builtin:smollm2-135m\nquickstart_data=data/toolcalls/train.json  # a comment\n"
+        "quickstart_settings=(\n  --learning_rate 2e-3  # why\n  --num_epochs 3\n)\n"
+    )
+    assert gpu_check.quickstart(settings) == {
+        "base": "builtin:smollm2-135m",
+        "data": "data/toolcalls/train.json",
+        "train": ["--learning_rate", "2e-3", "--num_epochs", "3", "--batch_size", 8, "--micro_batch_size", 8],
+    }
+    settings.write_text("demo_schedule=(--num_epochs 2)\n")
+    with pytest.raises(gpu_check.StepFailed, match="defines no quickstart_base"):
+        gpu_check.quickstart(settings)
