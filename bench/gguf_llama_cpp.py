@@ -4,8 +4,9 @@
     python bench/gguf_llama_cpp.py --base_model builtin:smollm2-135m  # a model folder or builtin:, as f16 and q8_0
     python bench/gguf_llama_cpp.py --folder ./outputs/merged          # every .gguf of a merge.py --gguf output folder
 
-The embedded tiny Llama is exported twice: with its sentencepiece tokenizer.model, and with its
-tokenizer as transformers 5 saves it (tokenizer.json only).
+The embedded tiny Llama is exported with its sentencepiece tokenizer.model, with its tokenizer as
+transformers 5 saves it (tokenizer.json only), and, as the baseline, with the vocabulary llama.cpp's
+own converter writes for that tokenizer.json (every piece scored -1000).
 
 Two tables. Logits: for each file and prompt (English in the Alpaca template, Korean, code with an
 emoji), whether llama.cpp's tokenizer gives the ids of the folder's Hugging Face tokenizer, and the
@@ -20,6 +21,7 @@ llama-cpp-python builds llama.cpp from source when installed (pip install llama-
 10 minutes on 2 cores); without it the script says so and measures nothing.
 """
 
+import contextlib
 import os
 import shutil
 import sys
@@ -113,7 +115,29 @@ def models_and_files(work, folder, base_model):
     json_only = work / "tiny-llama-json"
     shutil.copytree(source, json_only, ignore=shutil.ignore_patterns("tokenizer*"))
     AutoTokenizer.from_pretrained(source).save_pretrained(json_only)
-    return [(source, export(source, work, "tiny-llama")), (json_only, export(json_only, work, "tiny-llama-json"))]
+    with converter_scores():  # the baseline: what llama.cpp's converter writes for the tokenizer.json alone
+        baseline = export(json_only, work, "tiny-llama-json-converter")
+    return [
+        (source, export(source, work, "tiny-llama")),
+        (json_only, export(json_only, work, "tiny-llama-json")),
+        (json_only, baseline),
+    ]
+
+
+@contextlib.contextmanager
+def converter_scores():
+    """The export with the vocabulary llama.cpp's converter writes for a sentencepiece-style tokenizer.json
+    alone (its reader, gguf's LlamaHfVocab: every piece scored -1000, the unknown token typed CONTROL)."""
+    import gguf
+
+    from platy import gguf_export
+
+    own = gguf_export.sentencepiece_json_tokens
+    gguf_export.sentencepiece_json_tokens = lambda path, spec, unknown_id: gguf.LlamaHfVocab(path.parent).all_tokens()
+    try:
+        yield
+    finally:
+        gguf_export.sentencepiece_json_tokens = own
 
 
 def export(source, work, name):
