@@ -14,7 +14,9 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 from platy.cli import UserError
 
@@ -34,13 +36,22 @@ K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", 
 # converter writes Mistral as llama); sliding-window attention is not applied there.
 ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 SUPPORTED = "Llama (Llama-2/3, Yi), Mistral and Qwen2"
-# The byte-level pre-tokenizer splits llama.cpp knows by name (its tokenizer.ggml.pre values).
+# The byte-level pre-tokenizer splits llama.cpp knows by name (its tokenizer.ggml.pre values), as the
+# Split regex a tokenizer.json applies before its byte-level mapping.
 PRE_TOKENIZERS = {
     "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+",
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
+# The same for tokenizers that split with ByteLevel's built-in regex (GPT-2's), alone or after Digits
+# (one digit per piece), by the steps of their pre_tokenizer. llama.cpp's "gpt-2" regex lacks GPT-2's
+# final |\s+, which only matches what llama.cpp keeps as a piece of its own anyway.
+BYTE_LEVEL_SPLITS = {
+    (("ByteLevel", True),): "gpt-2",
+    (("Digits", True), ("ByteLevel", True)): "smollm",  # SmolLM and SmolLM2 as published
+}
+METASPACE = "\u2581"  # sentencepiece's visible space, which a sentencepiece-style tokenizer.json maps spaces to
 ROW_BLOCK_ELEMENTS = 1 << 24  # quantize 16M weights at a time: 64 MB of float32 beside the tensor
 MISSING_GGUF = "the gguf package is missing: pip install gguf (or pip install -r requirements.txt)"
 
@@ -96,7 +107,7 @@ def check_exportable(config, tokenizer_dir, base_dir, flag):
             "llama3 are); "
             "convert the merged folder with llama.cpp's convert_hf_to_gguf.py"
         )
-    tokenizer_kind(tokenizer_dir, flag, base_dir)
+    tokenizer_layout(tokenizer_dir, flag, base_dir)
 
 
 def rope_parameters(config):
@@ -109,44 +120,75 @@ def rope_parameters(config):
     return rope
 
 
-def tokenizer_kind(folder, flag, base_folder=None):
-    """("llama", None) for sentencepiece, ("gpt2", pre-tokenizer name) for byte-level BPE; else a UserError.
+class TokenizerLayout(NamedTuple):
+    """How a tokenizer goes into a GGUF: llama.cpp's tokenizer model ("llama": sentencepiece, "gpt2": byte-level
+    BPE), its pre-tokenizer name, and the file the vocabulary is read from."""
 
-    A sentencepiece tokenizer.model may come from base_folder: transformers 5 saves tokenizer.json only.
+    model: str
+    pre: str
+    source: str
+
+
+def tokenizer_layout(folder, flag, base_folder=None):
+    """The TokenizerLayout of the tokenizer in folder, decided in the order of llama.cpp's converter for the
+    Llama family: a sentencepiece tokenizer.model, else sentencepiece-style BPE in tokenizer.json (byte
+    fallback, spaces as ▁; transformers 5 saves sentencepiece tokenizers so), else byte-level BPE whose
+    split llama.cpp knows by name; anything else is a UserError naming the folder.
+
+    A sentencepiece tokenizer.model may come from base_folder: the merge copies the base's beside tokenizer.json.
     """
     folder = Path(folder)
+    if any((Path(f) / "tokenizer.model").is_file() for f in (folder, base_folder) if f):
+        return TokenizerLayout("llama", "default", "tokenizer.model")
     path = folder / "tokenizer.json"
     spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    model = spec.get("model", {})
-    byte_level = "ByteLevel" in json.dumps(spec.get("decoder")) and not model.get("byte_fallback")
-    if model.get("type") == "BPE" and byte_level:
-        split = split_pattern(spec.get("pre_tokenizer"))
-        name = next((n for n, pattern in PRE_TOKENIZERS.items() if pattern == split), None)
+    model = spec.get("model") or {}
+    if model and model.get("type") != "BPE":
+        raise UserError(
+            f"{flag}: the tokenizer in {folder} is a {model.get('type')} model; GGUF export writes BPE tokenizers "
+            "(sentencepiece tokenizer.model, sentencepiece-style or byte-level BPE tokenizer.json)"
+        )
+    steps = [spec.get(part) for part in ("normalizer", "pre_tokenizer", "decoder")]
+    if model and (model.get("byte_fallback") or METASPACE in json.dumps(steps, ensure_ascii=False)):
+        return TokenizerLayout("llama", "default", "tokenizer.json")
+    if model and "ByteLevel" in json.dumps(spec.get("decoder")):
+        name = pre_tokenizer_name(spec.get("pre_tokenizer"))
         if name is None:
+            known = ", ".join([*PRE_TOKENIZERS, *BYTE_LEVEL_SPLITS.values()])
             raise UserError(
-                f"{flag}: the byte-level tokenizer in {folder} splits text with a pattern llama.cpp does not "
-                f"know by name (it knows {' and '.join(PRE_TOKENIZERS)}'s); the GGUF would tokenize differently"
+                f"{flag}: the byte-level tokenizer in {folder} splits text in a way llama.cpp does not know by name "
+                f"(it knows {known}); the GGUF would tokenize differently"
             )
-        return "gpt2", name
-    if any((Path(f) / "tokenizer.model").is_file() for f in (folder, base_folder) if f):
-        return "llama", None
+        return TokenizerLayout("gpt2", name, "tokenizer.json")
     raise UserError(
-        f"{flag}: no sentencepiece tokenizer.model and no byte-level BPE tokenizer.json in {folder}; "
-        "GGUF export needs one of them"
+        f"{flag}: no sentencepiece tokenizer.model and no BPE tokenizer.json (sentencepiece-style or byte-level) "
+        f"in {folder}; GGUF export needs one of them"
     )
 
 
-def split_pattern(pre_tokenizer):
-    """The regex of the first Split in a tokenizer.json pre_tokenizer (nested in a Sequence or not)."""
-    if not isinstance(pre_tokenizer, dict):
-        return None
-    if pre_tokenizer.get("type") == "Split":
-        return (pre_tokenizer.get("pattern") or {}).get("Regex")
-    for inner in pre_tokenizer.get("pretokenizers") or []:
-        found = split_pattern(inner)
-        if found:
-            return found
-    return None
+def pre_tokenizer_name(pre_tokenizer):
+    """llama.cpp's name for a byte-level tokenizer.json pre_tokenizer (a Split of a known regex, or GPT-2's own
+    split alone or after single digits), or None."""
+    steps = flat_steps(pre_tokenizer)
+    kinds = tuple(step.get("type") for step in steps)
+    if kinds == ("Split", "ByteLevel") and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        return next((name for name, pattern in PRE_TOKENIZERS.items() if pattern == regex), None)
+    signature = tuple(
+        (step["type"], step.get("use_regex", True) if step["type"] == "ByteLevel" else step.get("individual_digits"))
+        for step in steps
+    )
+    return BYTE_LEVEL_SPLITS.get(signature)
+
+
+def flat_steps(component):
+    """The steps of a tokenizer.json normalizer or pre_tokenizer, Sequences unrolled."""
+    if not component:
+        return []
+    if component.get("type") == "Sequence":
+        inner = component.get("pretokenizers") or component.get("normalizers") or []
+        return [step for part in inner for step in flat_steps(part)]
+    return [component]
 
 
 # ---- writing one file ---------------------------------------------------------------------------
@@ -367,8 +409,8 @@ def add_vocabulary(writer, folder, rows):
     """tokenizer.ggml.*: tokens, scores and types, merges, special ids, add BOS/EOS, chat template, EOT."""
     import gguf
 
-    kind, pre = tokenizer_kind(folder, "--output_dir")
-    tokens, scores, types = read_tokens(folder, kind)
+    layout = tokenizer_layout(folder, "--output_dir")
+    tokens, scores, types = read_tokens(folder, layout)
     if len(tokens) > rows:
         raise UserError(
             f"--gguf: the tokenizer has {len(tokens)} tokens but the embedding only {rows} rows; "
@@ -378,14 +420,14 @@ def add_vocabulary(writer, folder, rows):
         tokens.append(f"[PAD{index}]".encode())
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model(kind)
-    writer.add_tokenizer_pre(pre or "default")
+    writer.add_tokenizer_model(layout.model)
+    writer.add_tokenizer_pre(layout.pre)
     writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
     writer.add_token_types(types)
-    if kind == "llama":
-        writer.add_add_space_prefix(sentencepiece_adds_prefix(folder / "tokenizer.model"))
-    special = gguf.SpecialVocab(folder, load_merges=kind == "gpt2", n_vocab=len(tokens))
+    if layout.model == "llama":  # byte-level BPE merges by its merge list, and llama.cpp's converter writes no scores
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(adds_space_prefix(folder, layout))
+    special = gguf.SpecialVocab(folder, load_merges=layout.model == "gpt2", n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
     if "bos" not in special.add_special_token:  # llama.cpp would add BOS to every Llama-graph prompt
         writer.add_add_bos_token(adds_bos(folder))
@@ -403,23 +445,29 @@ def adds_bos(folder):
     return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
-def read_tokens(folder, kind):
-    """(tokens as bytes, scores, token types): gguf's vocabulary reader, then the tokens the Hugging Face
-    tokenizer added beyond it (gguf's readers only know added_tokens.json, which transformers 5 no longer
-    writes), typed as transformers marks them."""
+def read_tokens(folder, layout):
+    """(tokens as bytes, scores, token types): the vocabulary read from layout.source (gguf's readers for a
+    tokenizer.model and for byte-level BPE), then the tokens the Hugging Face tokenizer added beyond it (gguf's
+    readers only know added_tokens.json, which transformers 5 no longer writes), typed as transformers marks them."""
     import gguf
 
-    vocab = gguf.SentencePieceVocab(folder) if kind == "llama" else gguf.BpeVocab(folder)
-    base = vocab.sentencepiece_tokens() if kind == "llama" else vocab.bpe_tokens()
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if layout.source == "tokenizer.model":
+        base = gguf.SentencePieceVocab(folder).sentencepiece_tokens()
+    elif layout.model == "llama":
+        base = sentencepiece_json_tokens(path, spec, gguf.SpecialVocab(folder).special_token_ids.get("unk"))
+    else:
+        base = gguf.BpeVocab(folder).bpe_tokens()
     tokens, scores, types = [], [], []
     for text, score, token_type in base:
         tokens.append(text.encode() if isinstance(text, str) else text)
         scores.append(score)
         types.append(token_type)
-    path = folder / "tokenizer.json"
-    spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     pieces = spec.get("model", {}).get("vocab") or {}
-    if kind == "llama" and any(pieces.get(t.decode(errors="replace"), i) != i for i, t in enumerate(tokens)):
+    if layout.source == "tokenizer.model" and any(
+        pieces.get(t.decode(errors="replace"), i) != i for i, t in enumerate(tokens)
+    ):
         raise UserError(
             f"--gguf: tokenizer.model in {folder} does not hold the pieces of its tokenizer.json; "
             "give the model folder its own tokenizer.model"
@@ -427,7 +475,9 @@ def read_tokens(folder, kind):
     for added in sorted(spec.get("added_tokens", []), key=lambda a: a["id"]):
         kind_of = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
         if added["id"] < len(tokens):
-            if tokens[added["id"]] == added["content"].encode() and kind == "gpt2":
+            # a tokenizer.model types its own control pieces; the unknown piece stays UNKNOWN, as it types it
+            retype = layout.source == "tokenizer.json" and types[added["id"]] != gguf.TokenType.UNKNOWN
+            if retype and tokens[added["id"]] == added["content"].encode():
                 types[added["id"]] = kind_of
             continue
         if added["id"] != len(tokens):
@@ -439,6 +489,60 @@ def read_tokens(folder, kind):
         scores.append(-1000.0)
         types.append(kind_of)
     return tokens, scores, types
+
+
+def sentencepiece_json_tokens(path, spec, unknown_id):
+    """(piece, score, type) for each id of a sentencepiece-style BPE tokenizer.json, as its tokenizer.model
+    would give them.
+
+    llama.cpp's sentencepiece tokenizer merges adjacent pieces by the score of the merged piece, highest
+    first, where Hugging Face applies the merge of lowest rank; so a piece scores minus the rank of the first
+    merge that makes it, counted once per piece, and the pieces no merge makes follow in id order. For a file
+    converted from a tokenizer.model these are sentencepiece's own scores (-i for its i-th piece). Byte
+    pieces, the unknown piece and added tokens score 0, as sentencepiece stores them; added tokens are typed
+    by read_tokens.
+    """
+    import gguf
+
+    model = spec["model"]
+    by_id = {index: piece for piece, index in model["vocab"].items()}
+    if sorted(by_id) != list(range(len(model["vocab"]))):
+        raise UserError(f"--gguf: {path}: the vocabulary's ids are not 0 to {len(model['vocab']) - 1} without gaps")
+    rank = {}
+    for merge in model.get("merges") or []:
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank.setdefault(left + right, len(rank))
+    added = {token["id"] for token in spec.get("added_tokens", [])}
+    unmerged = len(rank)
+    for index in range(len(by_id)):
+        piece = by_id[index]
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            yield piece, 0.0, gguf.TokenType.BYTE
+        elif index == unknown_id:
+            yield piece, 0.0, gguf.TokenType.UNKNOWN
+        elif index in added:
+            yield piece, 0.0, gguf.TokenType.NORMAL
+        elif piece in rank:
+            yield piece, -float(rank[piece]), gguf.TokenType.NORMAL
+        else:
+            yield piece, -float(unmerged), gguf.TokenType.NORMAL
+            unmerged += 1
+
+
+def adds_space_prefix(folder, layout):
+    """Whether the sentencepiece tokenizer puts ▁ before a text: the tokenizer.model's add_dummy_prefix,
+    or in a tokenizer.json the Metaspace pre-tokenizer's prepend_scheme (first or always; older files say
+    add_prefix_space) or a normalizer that prepends ▁ (older Llama files)."""
+    if layout.source == "tokenizer.model":
+        return sentencepiece_adds_prefix(folder / "tokenizer.model")
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    for step in flat_steps(spec.get("normalizer")) + flat_steps(spec.get("pre_tokenizer")):
+        if step.get("type") == "Prepend" and step.get("prepend") == METASPACE:
+            return True
+        if step.get("type") == "Metaspace":
+            scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
+            return scheme != "never"
+    return False
 
 
 def sentencepiece_adds_prefix(model_path):

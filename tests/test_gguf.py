@@ -314,3 +314,93 @@ def test_llama31_rope_scaling_is_written_as_llama_cpp_reads_it(tmp_path, tiny_ll
     # frequencies: float16 rounding only, not the 1e-2 of default frequencies
     report = gguf_export.compare_with_merged(folder, {"f16": path.name}, ["Is 91 a prime number? Say why. " * 4])
     assert report["f16"]["max_abs_diff"] < 2e-3 and report["f16"]["agreement"] == 1.0, report
+
+
+# ---- tokenizers: sentencepiece (tokenizer.model or tokenizer.json only) and byte-level BPE --------------
+
+
+def vocabulary_of(path):
+    """Every tokenizer.ggml.* key of a GGUF file: what llama.cpp tokenizes with."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.ggml.")}
+
+
+def test_a_sentencepiece_tokenizer_saved_as_tokenizer_json_only_exports_as_its_tokenizer_model(tiny_llama, tmp_path):
+    """transformers 5 saves a sentencepiece tokenizer as tokenizer.json alone (BPE with byte fallback and a
+    Metaspace pre-tokenizer). Its GGUF holds what the tokenizer.model gives llama.cpp's converter: the same
+    pieces, sentencepiece's scores (llama.cpp merges by them) and token types; transformers rebuilds the
+    same tokenizer from it."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from platy.gguf_export import write_gguf
+
+    with_model, json_only = tmp_path / "with-model", tmp_path / "json-only"
+    shutil.copytree(tiny_llama, with_model)
+    shutil.copytree(tiny_llama, json_only, ignore=shutil.ignore_patterns("tokenizer*"))
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(json_only)
+    assert (with_model / "tokenizer.model").is_file() and not (json_only / "tokenizer.model").exists()
+    for folder in (with_model, json_only):
+        write_gguf(folder, "f16", folder / "m-f16.gguf", {"name": "m", "description": "tokenizer"})
+    expected, written = (vocabulary_of(folder / "m-f16.gguf") for folder in (with_model, json_only))
+    assert written == expected
+    assert written["tokenizer.ggml.model"] == "llama" and written["tokenizer.ggml.pre"] == "default"
+    assert written["tokenizer.ggml.add_space_prefix"] is True and written["tokenizer.ggml.add_bos_token"] is True
+    types = written["tokenizer.ggml.token_type"]
+    kinds = (gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.BYTE, gguf.TokenType.NORMAL)
+    assert {int(kind) for kind in kinds} <= set(types)
+    assert len(set(written["tokenizer.ggml.scores"])) > 500, "merge priorities, not one constant"
+    tokenizer = AutoTokenizer.from_pretrained(json_only)
+    rebuilt = AutoTokenizer.from_pretrained(json_only, gguf_file="m-f16.gguf")
+    for text in TEXTS:
+        assert rebuilt(text)["input_ids"] == tokenizer(text)["input_ids"], text
+
+
+@pytest.mark.parametrize(
+    "pre_tokenizer, name",
+    [
+        # SmolLM2 as transformers rebuilds it from its GGUF: ByteLevel's own (GPT-2) split
+        ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, "gpt-2"),
+        # SmolLM / SmolLM2 as published: single digits, then GPT-2's split
+        (
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Digits", "individual_digits": True},
+                    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+                ],
+            },
+            "smollm",
+        ),
+    ],
+)
+def test_byte_level_pre_tokenizers_get_the_name_llama_cpp_splits_them_by(tmp_path, pre_tokenizer, name):
+    from platy.gguf_export import tokenizer_layout
+    from platy.tiny import train_byte_level_tokenizer
+
+    train_byte_level_tokenizer(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert tokenizer_layout(tmp_path, "--gguf")[:2] == ("gpt2", "qwen2")
+    spec["pre_tokenizer"] = pre_tokenizer
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert tokenizer_layout(tmp_path, "--gguf")[:2] == ("gpt2", name)
+
+
+def test_tokenizers_the_export_cannot_write_faithfully_are_refused(tmp_path):
+    from platy.cli import UserError
+    from platy.gguf_export import tokenizer_layout
+    from platy.tiny import train_byte_level_tokenizer
+
+    train_byte_level_tokenizer(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\s+"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=r"--gguf: the byte-level tokenizer in .* splits text in a way llama.cpp"):
+        tokenizer_layout(tmp_path, "--gguf")
+    spec["model"] = {"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0]]}
+    spec["decoder"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=r"--gguf: the tokenizer in .* is a Unigram model; GGUF export writes"):
+        tokenizer_layout(tmp_path, "--gguf")
