@@ -277,7 +277,7 @@ def test_merge_refuses_a_checkpoint_of_a_pissa_run(trained, tmp_path):
 
     adapter, *_ = trained("pissa-none")
     unconverted = tmp_path / "checkpoint-3"
-    shutil.copytree(adapter, unconverted)
+    shutil.copytree(adapter, unconverted, ignore=shutil.ignore_patterns("checkpoint-*"))  # none inside a checkpoint
     saved = json.loads((unconverted / "adapter_config.json").read_text())
     (unconverted / "adapter_config.json").write_text(json.dumps({**saved, "init_lora_weights": "pissa"}))
     reseal(unconverted)  # a checkpoint is saved before the conversion
@@ -343,13 +343,13 @@ def test_loftq_offsets_and_the_run_that_made_them_must_agree(trained, tmp_path):
 
     adapter, *_ = trained("loftq3-4bit")
     missing = tmp_path / "missing"
-    shutil.copytree(adapter, missing)
+    shutil.copytree(adapter, missing, ignore=shutil.ignore_patterns("checkpoint-*"))
     (missing / LOFTQ_OFFSET).unlink()
     reseal(missing)  # as if copied without it
     with pytest.raises(UserError, match=f"{LOFTQ_OFFSET} is missing.*--loftq_iter 3.*copy it from"):
         Adapter(missing)
     stale = tmp_path / "stale"
-    shutil.copytree(trained("plain-4bit")[0], stale)
+    shutil.copytree(trained("plain-4bit")[0], stale, ignore=shutil.ignore_patterns("checkpoint-*"))
     shutil.copy(adapter / LOFTQ_OFFSET, stale / LOFTQ_OFFSET)
     reseal(stale)  # an earlier run's file left in the folder
     with pytest.raises(UserError, match="does not belong to this adapter.*delete it"):

@@ -135,7 +135,8 @@ def test_end_to_end_run_writes_everything(tmp_path):
     assert "More Information Needed" not in card and "A QLoRA adapter for `builtin:tiny-llama`" in card
     assert "base_model:" not in card and "`sample_platypus.json`" in card and "loaded in 4bit nf4" in card
     assert "| learning rate | 0.0004 |" in card and "python finetune.py --base_model builtin:tiny-llama" in card
-    assert "python merge.py --peft_model_path out --output_dir out-merged --verify" in card
+    # the card's commands name the folder so that they work from where finetune.py ran (here, elsewhere)
+    assert f"python merge.py --peft_model_path {out} --output_dir {out}-merged --verify" in card
 
 
 def test_eval_loss_falls_on_learnable_data(tmp_path):
