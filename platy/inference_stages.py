@@ -11,6 +11,7 @@ from pathlib import Path
 
 from platy import checks, cli
 from platy.cli import UserError, say
+from platy.tiny import is_random
 
 PROMPT_SOURCES = ("prompt", "prompts_file", "csv_path", "interactive")
 # flags a GenerationRun holds as they were given
@@ -125,7 +126,7 @@ def resolve(flags):
     if note:
         say(note, err=True)
     trained_on = (record and record.base_model) or base
-    if trained_on.startswith("builtin:"):
+    if is_random(trained_on):
         say(f"Note: {trained_on} is a random tiny model for trying the tools: its answers are meaningless", err=True)
     quantization, as_trained = loading_quantization(adapter, flags["load_4bit"], flags["load_8bit"])
     if bitsandbytes_missing(quantization):

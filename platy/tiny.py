@@ -45,6 +45,11 @@ PACKAGED_MODELS = {
 PACKAGED_VERSION = 3  # bump when convert_packaged changes
 
 
+def is_random(base_model):
+    """Whether a base model is one of the random built-in models (its answers mean nothing)."""
+    return base_model.startswith("builtin:") and base_model.removeprefix("builtin:") in TINY_MODELS
+
+
 def ensure_model(name="tiny-llama", flag="--base_model"):
     """Path of the cached built-in model, building it first if needed; `flag` names the flag that asked for it."""
     if name in PACKAGED_MODELS:

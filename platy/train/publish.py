@@ -24,6 +24,7 @@ from platy.integrity import MANIFEST, config_hash, write_manifest
 from platy.prompts import CHAT_TEMPLATE_NONE
 from platy.quantized import LOFTQ_OFFSET, write_loftq_offsets
 from platy.record import RecordedChatTemplate
+from platy.tiny import is_random
 from platy.train.checkpoints import STAGING, remove_leftovers
 from platy.train.config import changes_base
 from platy.train.lora import attach, convert_to_plain_lora
@@ -233,7 +234,7 @@ def report_done(run, out, result):
     say(f"{'Model' if run.finetuning == 'full' else 'Adapter'}: {out / weights}")
     curves = f"curves: {out / CURVES}; " if (out / CURVES).exists() else ""
     say(f"Run configuration: {out / RUN_CONFIG}; {curves}log: {out / LOG_HISTORY}")
-    if run.base_model.startswith("builtin:"):
+    if is_random(run.base_model):
         learned = f"; its eval loss went {eval_change(result)}" if result.get("first_eval_loss") else ""
         say(
             f"Note: {run.base_model} is a random tiny model that shows the pipeline works: whatever it generates "
