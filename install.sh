@@ -17,7 +17,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     # alone (--index-url): given a second index, pip takes the highest version from either, so anyone
     # publishing a "torch" on PyPI could win (dependency confusion). TORCH_INDEX_URL names a mirror of
     # that index; TORCH_SPEC picks another CPU build.
-    "$PYTHON" -m pip install "${TORCH_SPEC:-torch==2.13.0+cpu}" \
+    "$PYTHON" -m pip install --retries 0 "${TORCH_SPEC:-torch==2.13.0+cpu}" \
       --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
   fi
 fi
