@@ -28,16 +28,12 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
-for arg in "$@"; do
-  case "$arg" in
-    --help | -h) exec "$PYTHON" "$here/finetune.py" --help ;;  # the flags, and nothing run or replaced
-  esac
-done
+case " $* " in *" --help "* | *" -h "*) exec "$PYTHON" "$here/finetune.py" --help ;; esac  # the flags; nothing run
 demo=""  # the quick start (recipes/demo-settings.sh): real (SmolLM2 on tool calls) or tiny (TINY=1)
 if [ -z "${BASE_MODEL:-}" ]; then
   source "$here/recipes/demo-settings.sh"
   if [ -n "${TINY:-}" ] && [ "$TINY" != "0" ]; then
-    demo=tiny BASE_MODEL=builtin:tiny-llama DATA_PATH="${DATA_PATH:-$here/data/sample_platypus.json}"
+    demo=tiny BASE_MODEL=builtin:tiny-llama  # on the sample data, the default below
   else
     demo=real BASE_MODEL="$quickstart_base" DATA_PATH="${DATA_PATH:-$here/$quickstart_data}"
   fi

@@ -13,11 +13,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
-for arg in "$@"; do
-  case "$arg" in
-    --help | -h) exec "$PYTHON" "$here/merge.py" --help ;;  # the flags, and nothing run or replaced
-  esac
-done
+case " $* " in *" --help "* | *" -h "*) exec "$PYTHON" "$here/merge.py" --help ;; esac  # the flags; nothing run
 demo=""
 if [ -z "${PEFT_MODEL_PATH:-}" ] && [ -z "${OUTPUT_DIR:-}" ]; then
   demo=1  # the quick start's adapter

@@ -37,9 +37,7 @@ def temp_beside(path):
     a plain open() would give it. A fixed name could be another writer's file, or a link planted there."""
     path = Path(path)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0o077)  # read it back: the only way to know it
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)
+    os.fchmod(handle, 0o666 & ~current_umask())
     os.close(handle)
     return Path(tmp)
 
@@ -78,6 +76,7 @@ def swap_into_place(tmp, output_dir, aside=None):
 
 
 def current_umask():
+    """The process's umask (setting it is the only way to read it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
