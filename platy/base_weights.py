@@ -5,6 +5,7 @@ Below merging (the streaming merge), quantized (bitsandbytes replayed on these t
 and modeling: it imports none of them.
 """
 
+import functools
 import json
 import os
 import sys
@@ -45,6 +46,7 @@ def resolve_base_model(base_model, flag, weights=True):
     return base_model
 
 
+@functools.cache  # one probe a process: a run resolves its base (and evaluate.py each model) several times
 def offline_when_unreachable(timeout=3):
     """One connection attempt to the hub; when it fails, the libraries go offline (read their caches), so each
     request does not wait through its own retries. Nothing to do when offline mode is set or a proxy is used."""

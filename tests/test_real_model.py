@@ -84,8 +84,9 @@ def test_a_hub_name_without_a_network_goes_offline_at_once(monkeypatch, capsys):
     """One connection attempt, then the hub libraries read their caches instead of retrying for half a minute."""
     import socket
 
-    from platy.base_weights import resolve_base_model
+    from platy.base_weights import offline_when_unreachable, resolve_base_model
 
+    offline_when_unreachable.cache_clear()  # a probe earlier in this process is remembered
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     attempts = []
