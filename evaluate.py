@@ -40,7 +40,8 @@ FLAGS = Flags(
         "openllm (ARC 25-shot acc_norm, HellaSwag 10-shot acc_norm, MMLU 5-shot acc, TruthfulQA 0-shot mc2, "
         "Winogrande 5-shot acc, GSM8K 5-shot exact match, and their average), kobest (COPA, HellaSwag, BoolQ, "
         "SentiNeg: macro F1 at 0, 5, 10 and 50 shots), toolcalls (the quick start's held-out requests, bundled "
-        "and offline: exact match of the tool call), or comma-separated harness task names.",
+        "and offline: exact match of the tool call), arithmetic (held-out questions of the bundled preference "
+        "pairs: answers ending 'The answer is N.' with the right N), or comma-separated harness task names.",
     ),
     Flag(
         "num_fewshot",

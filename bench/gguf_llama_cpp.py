@@ -3,6 +3,8 @@
     python bench/gguf_llama_cpp.py                                    # the embedded tiny Llama (two tokenizer files)
     python bench/gguf_llama_cpp.py --base_model builtin:smollm2-135m  # a model folder or builtin:, as f16 and q8_0
     python bench/gguf_llama_cpp.py --folder ./outputs/merged          # every .gguf of a merge.py --gguf output folder
+    python bench/gguf_llama_cpp.py --folder ./outputs/platypus-merged --prompts data/toolcalls/heldout.json \
+        --max_new_tokens 48                                           # the quick start's held-out requests
 
 The embedded tiny Llama is exported with its sentencepiece tokenizer.model, with its tokenizer as
 transformers 5 saves it (tokenizer.json only), and, as the baseline, with the vocabulary llama.cpp's
@@ -15,7 +17,8 @@ largest difference between llama.cpp's next-token logits after the whole prompt 
 nothing was trained on, rendered with the tokenizer's chat template (the Alpaca template without
 one), tokenized by each side and answered greedily by each up to --max_new_tokens: whether the prompt
 ids are the same, the answer tokens that agree before the first difference (over transformers'
-answer tokens), and the answers whose text is the same.
+answer tokens), and the answers whose text is the same. --prompts replaces the 20 prompts with the rows
+of a JSON file (an instruction, and an input, each), such as a fine-tuned model's held-out requests.
 
 llama-cpp-python builds llama.cpp from source when installed (pip install llama-cpp-python, about
 10 minutes on 2 cores); without it the script says so and measures nothing.
@@ -69,12 +72,13 @@ ALPACA = (
 )
 
 
-def main(folder: str = None, base_model: str = None, max_new_tokens=32, threads=2):
+def main(folder: str = None, base_model: str = None, prompts: str = None, max_new_tokens=32, threads=2):
     """GGUF files in llama.cpp against transformers: token ids, next-token logits and greedy answers.
 
     Args:
         folder: a merge.py --gguf output folder: its .gguf files are measured against its safetensors model.
         base_model: a model folder or builtin:NAME, exported to f16 and q8_0 GGUF here and measured.
+        prompts: a JSON file of rows with an instruction (and an input) each: the answered prompts.
         max_new_tokens: the longest greedy answer compared.
         threads: llama.cpp's CPU threads.
     """
@@ -86,12 +90,23 @@ def main(folder: str = None, base_model: str = None, max_new_tokens=32, threads=
         )
     if folder and base_model:
         raise UserError("--folder and --base_model both given: measure one model at a time")
+    instructions = read_prompts(prompts) if prompts else ANSWER_PROMPTS
     work = Path(tempfile.mkdtemp(prefix="gguf-llama-cpp-"))
     try:
         for model_dir, files in models_and_files(work, folder, base_model):
-            compare(model_dir, files, max_new_tokens, threads)
+            compare(model_dir, files, instructions, max_new_tokens, threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def read_prompts(path):
+    import json
+
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        return [row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "") for row in rows]
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise UserError(f"--prompts {path}: give a JSON list of rows with an instruction each ({error})") from None
 
 
 def models_and_files(work, folder, base_model):
@@ -152,7 +167,7 @@ def export(source, work, name):
     return files
 
 
-def compare(model_dir, files, max_new_tokens, threads):
+def compare(model_dir, files, instructions, max_new_tokens, threads):
     import torch
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,7 +176,7 @@ def compare(model_dir, files, max_new_tokens, threads):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     print(f"\n{model_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
     logits_expected = reference_logits(model, tokenizer)
-    prompts = [rendered(tokenizer, p) for p in ANSWER_PROMPTS]
+    prompts = [rendered(tokenizer, p) for p in instructions]
     stops = stop_ids(model_dir, tokenizer)
     answers_expected = [transformers_answer(model, tokenizer, text, max_new_tokens, stops) for text in prompts]
     del model

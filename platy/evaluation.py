@@ -93,7 +93,18 @@ TOOLCALLS = Suite(
     include=Path(__file__).resolve().parent.parent / "data" / "toolcalls",
 )
 
-SUITES = {suite.name: suite for suite in (OPENLLM, KOBEST, TOOLCALLS)}
+# The preference example's check (data/arithmetic): held-out questions answered in the chosen answers'
+# style, "The answer is N." with the right N.
+ARITHMETIC = Suite(
+    name="arithmetic",
+    scores=(Score("Final answer", "platy_arithmetic", 0, "exact_match", "chosen-style"),),
+    per_task=False,
+    percent=True,
+    average=False,
+    include=Path(__file__).resolve().parent.parent / "data" / "arithmetic",
+)
+
+SUITES = {suite.name: suite for suite in (OPENLLM, KOBEST, TOOLCALLS, ARITHMETIC)}
 
 
 def custom_suite(tasks, shot_counts):
@@ -259,7 +270,8 @@ def answer_rows(samples, count):
     """The first `count` prompts of one task, each as (request, expected, {model label: (answer, scored)}).
 
     samples: {model label: the harness's logged samples of the task}; the request is the row's
-    instruction when it has one, else the prompt's last line.
+    instruction when it has one, else the prompt's last line. The answer is the model's own text, before
+    any filter of the task picked its scored part out of it.
     """
     rows = []
     first = next(iter(samples.values()), [])
@@ -269,11 +281,18 @@ def answer_rows(samples, count):
         answers = {}
         for label, logged in samples.items():
             row = logged[index]
-            answer = row["filtered_resps"][0] if row.get("filtered_resps") else ""
+            answer = raw_answer(row)
             metric = next((k for k in ("exact_match", "acc") if k in row), None)
             answers[label] = (str(answer).strip(), bool(row[metric]) if metric else None)
         rows.append((request, str(sample.get("target", "")).strip(), answers))
     return rows
+
+
+def raw_answer(row):
+    generated = row.get("resps") or [[]]
+    if generated[0]:
+        return generated[0][0]
+    return row["filtered_resps"][0] if row.get("filtered_resps") else ""
 
 
 def render_answers(task, rows):

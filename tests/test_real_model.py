@@ -41,24 +41,51 @@ def test_the_converted_model_is_an_ordinary_bf16_folder():
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
 
-def test_the_toolcalls_task_prompts_as_the_quick_start_trains():
-    """The task YAML's prompt is the Alpaca template's (templates/alpaca.json), and its rows are the held-out
-    file's; held-out entities appear in no training row."""
+@pytest.mark.parametrize(("folder", "file"), [("toolcalls", "toolcalls.yaml"), ("arithmetic", "arithmetic.yaml")])
+def test_the_bundled_tasks_prompt_as_their_adapters_train(folder, file):
+    """A bundled task's prompt is the Alpaca template's (templates/alpaca.json), as the quick start and the DPO
+    run on its adapter train, and its rows are the held-out file's, none of them a training row."""
     import jinja2
 
     from platy.prompts import Prompter
 
-    folder = REPO / "data" / "toolcalls"
-    task = yaml.safe_load((folder / "toolcalls.yaml").read_text())
-    heldout = json.loads((folder / task["dataset_kwargs"]["data_files"]["test"]).read_text())
-    train = json.loads((folder / "train.json").read_text())
+    task = yaml.safe_load((REPO / "data" / folder / file).read_text())
+    heldout = json.loads((REPO / "data" / folder / task["dataset_kwargs"]["data_files"]["test"]).read_text())
     prompter = Prompter("alpaca")
     for row in heldout[:3]:
         rendered = jinja2.Template(task["doc_to_text"], keep_trailing_newline=True).render(**row)
         assert rendered == prompter.generate_prompt(row["instruction"], row["input"])
-    assert not {r["instruction"] for r in heldout} & {r["instruction"] for r in train}
-    calls = [json.loads(r["output"]) for r in heldout]
-    assert {c["name"] for c in calls} == {"get_weather", "set_timer", "convert_currency", "add_to_list", "call_contact"}
+    if folder == "toolcalls":
+        trained = {r["instruction"] for r in json.loads((REPO / "data" / folder / "train.json").read_text())}
+        calls = [json.loads(r["output"]) for r in heldout]
+        tools = {"get_weather", "set_timer", "convert_currency", "add_to_list", "call_contact"}
+        assert {c["name"] for c in calls} == tools
+    else:
+        pairs = json.loads((REPO / "data" / "sample_preference.json").read_text())
+        trained = {p.get("instruction") or p.get("prompt") or p["messages"][-1]["content"] for p in pairs}
+    assert len(heldout) == 30 and not {r["instruction"] for r in heldout} & trained
+
+
+def test_the_arithmetic_task_scores_the_chosen_style_with_the_right_number():
+    """The suite's filter picks the number of "The answer is N." out of an answer: every chosen answer of the
+    bundled pairs scores right against its own result, and every rejected one (a hedge) wrong."""
+    import re
+
+    task = yaml.safe_load((REPO / "data" / "arithmetic" / "arithmetic.yaml").read_text())
+    (pipeline,) = task["filter_list"]
+    regex = pipeline["filter"][0]
+    pattern, fallback = re.compile(regex["regex_pattern"]), regex["fallback"]
+
+    def scored(answer):
+        found = pattern.findall(answer)
+        return found[0] if found else fallback
+
+    pairs = json.loads((REPO / "data" / "sample_preference.json").read_text())
+    for pair in pairs:
+        result = pair["chosen"].rsplit(" ", 1)[-1].rstrip(".")
+        assert scored(pair["chosen"]) == result
+        assert scored(pair["rejected"]) == fallback
+    assert scored("12 + 30 = 42. The answer is 41.") == "41"  # the stated result is what counts
 
 
 def test_the_answers_block_puts_each_models_answer_under_its_request():
