@@ -57,6 +57,7 @@ CONVERTED_NAMES = {"conversation": "a conversation row", "openorca": "an OpenOrc
 # a preference pair as a row: its prompt's fields, which the stages compare, and these two
 PAIR = "_pair"  # the pair as platy/data/pairs.py reads it (prompt, chosen, rejected)
 AS_READ = "_as_read"  # the row as read, which is what the refined file holds
+OPTIONAL_FIELDS = ("input", "data_source")
 SHOWN_MATCHES = 10  # contaminated rows printed on the terminal; the report lists them all
 # similarities of identical texts can come out a hair under 1.0 in float32
 SCORE_TOLERANCE = 1e-6
@@ -297,6 +298,7 @@ def read_and_normalise(run, report):
     report["unit"] = "pair" if one_kind(kinds, run.input_flag) else "row"
     report["rejects"] = rejects
     rows = [row for _, _, clean in groups for row in clean]
+    check_pairs_fit_output(run, rows)
     for row in rows + rejects:
         report["data_sources"][row["data_source"]]["read"] += 1
     read = sum(item["rows_read"] for item in report["inputs"])
@@ -364,6 +366,33 @@ def pairs_as_rows(raw):
             entry["data_source"] = row["data_source"]
         clean.append(entry)
     return clean, bad
+
+
+def check_pairs_fit_output(run, rows):
+    """Pairs bound for a CSV or Parquet file, checked before any work: a table gives every row every column and
+    one kind of value per column (pairs of several layouts would read back as none), and CSV holds text only
+    (turns would be written as Python text that no reader takes back)."""
+    kind = FILE_FORMATS[run.output.suffix.lower()]
+    if kind in ("json", "jsonl") or not rows or PAIR not in rows[0]:
+        return
+
+    def shape(row):  # each field's kind of value; input and data_source may be missing (read back as empty)
+        return {key: type(value).__name__ for key, value in row[AS_READ].items() if key not in OPTIONAL_FIELDS}
+
+    first = shape(rows[0])
+    for row in rows:
+        turns = [key for key, value in row[AS_READ].items() if isinstance(value, (list, dict))]
+        if kind == "csv" and turns:
+            raise UserError(
+                f"--output_path {run.output}: {row['_at']} holds turns in '{turns[0]}', and a CSV file holds text "
+                "only; write a .json, .jsonl or .parquet file"
+            )
+        if shape(row) != first:
+            raise UserError(
+                f"--output_path {run.output}: {row['_at']} is laid out unlike {rows[0]['_at']} "
+                f"({', '.join(sorted(row[AS_READ]))} against {', '.join(sorted(rows[0][AS_READ]))}), and a "
+                f"{kind.upper()} table gives every row the same columns; write a .json or .jsonl file"
+            )
 
 
 def refuse_non_alpaca(raw, bad, source):

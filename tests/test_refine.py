@@ -343,10 +343,20 @@ def bad_input_cases(tmp_path, inputs):
     alpaca, orca = inputs["alpaca"], inputs["orca"]
     pairs = write_rows(tmp_path / "pairs.json", pair_rows("alpaca"))
     mixed = write_rows(tmp_path / "mixed.json", [*pair_rows("prompt")[:2], *alpaca_rows()[:2]])
+    layouts = write_rows(tmp_path / "layouts.json", [pair_rows("alpaca")[0], pair_rows("prompt")[2]])
+    conversations = write_rows(tmp_path / "conversations.json", pair_rows("ultrafeedback"))
     return {
         "pairs and rows in one file": (["--data_path", mixed], ["mixed.json: row 1 is a preference pair", "row 3"]),
         "pairs and rows in a mix": (["--mix", f"{pairs}:1,{alpaca}:0.5"], ["pairs.json holds preference pairs"]),
         "a bad pair, normalise off": (["--data_path", pairs, "--normalise", "False"], ["row 7: 'chosen' and"]),
+        "pairs of two layouts in a table": (
+            ["--data_path", layouts, "--output_path", tmp_path / "refined.parquet"],
+            ["refined.parquet: ", "layouts.json row 2 is laid out unlike", "write a .json or .jsonl file"],
+        ),
+        "turns in a CSV file": (
+            ["--data_path", conversations, "--output_path", tmp_path / "refined.csv"],
+            ["refined.csv: ", "conversations.json row 1 holds turns in 'chosen'", "write a .json, .jsonl"],
+        ),
         "unreadable": (["--data_path", bad_json], ["bad.json", "not valid JSON"]),
         "folder": (["--data_path", tmp_path], ["is a folder"]),
         "missing file": (["--data_path", tmp_path / "rows.jsn"], ["file not found"]),
