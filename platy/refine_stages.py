@@ -265,8 +265,9 @@ def read_and_normalise(run, report):
     groups, rejects, kinds = [], [], []
     for source, fraction in run.sources:
         raw, fingerprint = read_source(source, run.input_flag)
-        kinds.append((source, holds_pairs(raw, source)))
-        if kinds[-1][1]:
+        is_pairs = holds_pairs(raw, source)
+        kinds.append((source, is_pairs))
+        if is_pairs:
             if not run.normalise:
                 check_pairs(raw, source)  # stops the run at any row that is no valid pair
             clean, bad = pairs_as_rows(raw)
@@ -381,13 +382,14 @@ def check_pairs_fit_output(run, rows):
 
     first = shape(rows[0])
     for row in rows:
-        turns = [key for key, value in row[AS_READ].items() if isinstance(value, (list, dict))]
+        fields = shape(row)
+        turns = [key for key, value in fields.items() if value in ("list", "dict")]
         if kind == "csv" and turns:
             raise UserError(
                 f"--output_path {run.output}: {row['_at']} holds turns in '{turns[0]}', and a CSV file holds text "
                 "only; write a .json, .jsonl or .parquet file"
             )
-        if shape(row) != first:
+        if fields != first:
             raise UserError(
                 f"--output_path {run.output}: {row['_at']} is laid out unlike {rows[0]['_at']} "
                 f"({', '.join(sorted(row[AS_READ]))} against {', '.join(sorted(rows[0][AS_READ]))}), and a "
