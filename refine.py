@@ -17,9 +17,11 @@ r"""Refine instruction data the Open-Platypus way: normalise, drop duplicates an
 
 Writes the refined rows (instruction, input, output, data_source) to --output_path, the
 report to <output>.report.json and the rows set aside by normalisation, with the reason,
-to <output>.rejects.jsonl. Stages run in this order: normalise, mix, exact dedup, near
-dedup, decontaminate; sampling comes before deduplication so that the embedding cost
-follows the rows kept, not the size of the sources.
+to <output>.rejects.jsonl. Preference pairs (rows with chosen and rejected, as finetune.py
+--stage dpo reads them) are compared on their prompts and written in the layout they were read
+in. Stages run in this order: normalise, mix, exact dedup, near dedup, decontaminate; sampling
+comes before deduplication so that the embedding cost follows the rows kept, not the size of
+the sources.
 """
 
 from platy import cli
@@ -80,14 +82,15 @@ FLAGS = Flags(
         "exact_dedup",
         True,
         bool,
-        "Drop rows whose instruction + input repeats, keeping the longest output.",
+        "Drop rows whose instruction + input repeats, keeping the longest output (of preference pairs sharing a "
+        "prompt, the first).",
     ),
     Flag(
         "near_dedup",
         True,
         bool,
         "Drop a row when its cosine similarity to a row kept before it is above --near_dedup_threshold "
-        "(embeddings of instruction + input).",
+        "(embeddings of instruction + input, a pair's prompt).",
     ),
     Flag(
         "decontaminate",

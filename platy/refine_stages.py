@@ -16,6 +16,7 @@ import numpy as np
 from platy import checks
 from platy.cli import UserError, say
 from platy.data.examples import prepare_tokenizer
+from platy.data.pairs import ANSWERS, check_pairs, is_pair_row, sft_row, to_pair
 from platy.data.rows import (
     FILE_FORMATS,
     normalise_rows,
@@ -53,6 +54,10 @@ SOURCE_COLUMNS = {
     "kept": "kept",
 }
 CONVERTED_NAMES = {"conversation": "a conversation row", "openorca": "an OpenOrca row"}
+# a preference pair as a row: its prompt's fields, which the stages compare, and these two
+PAIR = "_pair"  # the pair as platy/data/pairs.py reads it (prompt, chosen, rejected)
+AS_READ = "_as_read"  # the row as read, which is what the refined file holds
+OPTIONAL_FIELDS = ("input", "data_source")
 SHOWN_MATCHES = 10  # contaminated rows printed on the terminal; the report lists them all
 # similarities of identical texts can come out a hair under 1.0 in float32
 SCORE_TOLERANCE = 1e-6
@@ -254,15 +259,22 @@ def describe_run(run):
 
 
 def read_and_normalise(run, report):
-    """[(source, fraction, rows)]: every source's rows in Alpaca form, each knowing its place
-    ('file row N'); rejects kept aside."""
+    """[(source, fraction, rows)]: every source's rows in Alpaca form, or its preference pairs (see
+    pairs_as_rows), each knowing its place ('file row N'); rejects kept aside."""
     started = time.time()
-    groups, rejects = [], []
+    groups, rejects, kinds = [], [], []
     for source, fraction in run.sources:
         raw, fingerprint = read_source(source, run.input_flag)
-        clean, bad = normalise_rows(raw, source)
-        if not run.normalise:
-            refuse_non_alpaca(raw, bad, source)
+        is_pairs = holds_pairs(raw, source)
+        kinds.append((source, is_pairs))
+        if is_pairs:
+            if not run.normalise:
+                check_pairs(raw, source)  # stops the run at any row that is no valid pair
+            clean, bad = pairs_as_rows(raw)
+        else:
+            clean, bad = normalise_rows(raw, source)
+            if not run.normalise:
+                refuse_non_alpaca(raw, bad, source)
         rejected = {number for number, _, _ in bad}
         numbers = [n for n in range(1, len(raw) + 1) if n not in rejected]
         name = origin_name(source)
@@ -284,12 +296,16 @@ def read_and_normalise(run, report):
             }
         )
         groups.append((source, fraction, clean))
+    report["unit"] = "pair" if one_kind(kinds, run.input_flag) else "row"
     report["rejects"] = rejects
     rows = [row for _, _, clean in groups for row in clean]
+    check_pairs_fit_output(run, rows)
     for row in rows + rejects:
         report["data_sources"][row["data_source"]]["read"] += 1
     read = sum(item["rows_read"] for item in report["inputs"])
     converted = "converted and checked" if run.normalise else "checked (--normalise False)"
+    if report["unit"] == "pair":  # pairs are never converted: they are written as read
+        converted = "checked as preference pairs" + ("" if run.normalise else " (--normalise False)")
     record(
         report,
         "normalise",
@@ -306,6 +322,79 @@ def read_and_normalise(run, report):
         "(nothing is written on error: rerun with fixed data)",
     )
     return groups
+
+
+def holds_pairs(raw, source):
+    """Whether a source holds preference pairs rather than supervised rows; a file of both stops the run."""
+    pair = next((n for n, row in enumerate(raw, start=1) if is_pair_row(row)), None)
+    if pair is None:
+        return False
+    # a row of neither kind (no known fields, not an object) is a bad pair: set aside with its reason
+    other = next((n for n, row in enumerate(raw, start=1) if not is_pair_row(row) and row_layout(row)), None)
+    if other is not None:
+        raise UserError(
+            f"{source}: row {pair} is a preference pair (chosen, rejected) and row {other} a supervised row "
+            f"({', '.join(sorted(raw[other - 1]))}); put pairs and supervised rows in files of their own and "
+            "refine each"
+        )
+    return True
+
+
+def one_kind(kinds, flag):
+    """Whether the sources ([(source, holds pairs)]) hold preference pairs; pairs and supervised rows are
+    trained by different stages of finetune.py, so one refined file never mixes them."""
+    pairs = [source for source, is_pairs in kinds if is_pairs]
+    rows = [source for source, is_pairs in kinds if not is_pairs]
+    if pairs and rows:
+        raise UserError(
+            f"{flag}: {pairs[0]} holds preference pairs and {rows[0]} supervised rows; refine each kind on its own"
+        )
+    return bool(pairs)
+
+
+def pairs_as_rows(raw):
+    """(pairs, rejects as (row number, reason, row)), as normalise_rows gives rows: each pair is its prompt's
+    fields (instruction and input, or messages), which every stage compares as a row's, with the pair and the
+    row as read under PAIR and AS_READ. A row that is no valid pair is set aside with the reason."""
+    clean, bad = [], []
+    for number, row in enumerate(raw, start=1):
+        pair, reason = to_pair(row)
+        if reason:
+            bad.append((number, reason, row))
+            continue
+        entry = {**pair["prompt"], PAIR: pair, AS_READ: row}
+        if isinstance(row.get("data_source"), str):
+            entry["data_source"] = row["data_source"]
+        clean.append(entry)
+    return clean, bad
+
+
+def check_pairs_fit_output(run, rows):
+    """Pairs bound for a CSV or Parquet file, checked before any work: a table gives every row every column and
+    one kind of value per column (pairs of several layouts would read back as none), and CSV holds text only
+    (turns would be written as Python text that no reader takes back)."""
+    kind = FILE_FORMATS[run.output.suffix.lower()]
+    if kind in ("json", "jsonl") or not rows or PAIR not in rows[0]:
+        return
+
+    def shape(row):  # each field's kind of value; input and data_source may be missing (read back as empty)
+        return {key: type(value).__name__ for key, value in row[AS_READ].items() if key not in OPTIONAL_FIELDS}
+
+    first = shape(rows[0])
+    for row in rows:
+        fields = shape(row)
+        turns = [key for key, value in fields.items() if value in ("list", "dict")]
+        if kind == "csv" and turns:
+            raise UserError(
+                f"--output_path {run.output}: {row['_at']} holds turns in '{turns[0]}', and a CSV file holds text "
+                "only; write a .json, .jsonl or .parquet file"
+            )
+        if fields != first:
+            raise UserError(
+                f"--output_path {run.output}: {row['_at']} is laid out unlike {rows[0]['_at']} "
+                f"({', '.join(sorted(row[AS_READ]))} against {', '.join(sorted(rows[0][AS_READ]))}), and a "
+                f"{kind.upper()} table gives every row the same columns; write a .json or .jsonl file"
+            )
 
 
 def refuse_non_alpaca(raw, bad, source):
@@ -347,16 +436,17 @@ def drop_exact_duplicates(run, rows, report):
         record(report, "exact_dedup", len(rows), rows, [], 0, skipped="--exact_dedup False")
         return rows
     started = time.time()
-    kept, pairs = exact_duplicates(rows)
-    report["exact_duplicates"] = [{"dropped": rows[i]["_at"], "kept": rows[j]["_at"]} for i, j in pairs]
+    pairs = report["unit"] == "pair"
+    kept, matches = exact_duplicates(rows, longest=not pairs)
+    report["exact_duplicates"] = [{"dropped": rows[i]["_at"], "kept": rows[j]["_at"]} for i, j in matches]
     record(
         report,
         "exact_dedup",
         len(rows),
         kept,
-        [rows[i] for i, _ in pairs],
+        [rows[i] for i, _ in matches],
         time.time() - started,
-        note="kept the longest output of each instruction + input",
+        note="kept the first pair of each prompt" if pairs else "kept the longest output of each instruction + input",
     )
     return [rows[i] for i in kept]
 
@@ -490,6 +580,8 @@ def drop_contaminated(run, rows, embeddings, report):
 def measure_lengths(run, rows, report):
     if run.length_tokenizer is None:
         return
+    if report["unit"] == "pair":  # the preference stage renders the prompt with each answer
+        rows = [sft_row(row[PAIR]["prompt"], row[PAIR][key]) for row in rows for key in ANSWERS]
     lengths = token_lengths(rows, run.length_tokenizer, run.prompter)
     report["token_lengths"] = {
         "tokenizer": run.tokenizer,
@@ -538,19 +630,23 @@ def save(run, rows, report):
     write_rows(run.rejects_file, report.pop("rejects"), "jsonl")
     report["rejected_rows"] = report["stages"][0]["dropped"]
     write_json(run.report_file, report)
-    clean = [{key: row[key] for key in saved_fields(row) if key in row} for row in rows]
+    clean = [saved_row(row) for row in rows]
     write_rows(run.output, clean, FILE_FORMATS[run.output.suffix.lower()])
 
 
-def saved_fields(row):
-    """What the refined file holds of a row: its Alpaca fields, or a conversation of several exchanges
-    as messages."""
-    return ("instruction", "input", "output", "data_source") if "instruction" in row else ("messages", "data_source")
+def saved_row(row):
+    """What the refined file holds of a row: its Alpaca fields, a conversation of several exchanges as
+    messages, or a preference pair as it was read (its layout and both answers); with its data_source."""
+    if PAIR in row:
+        return {**row[AS_READ], "data_source": row["data_source"]}
+    fields = ("instruction", "input", "output", "data_source") if "instruction" in row else ("messages", "data_source")
+    return {key: row[key] for key in fields if key in row}
 
 
 def print_summary(report):
     """The report in a few tables: stages, data sources, lengths, contaminated rows, files."""
-    say("\nstage           rows in  dropped  rows out  seconds")
+    unit = report["unit"]
+    say(f"\n{'stage':<14} {unit + 's in':>8} {'dropped':>8} {unit + 's out':>9} {'seconds':>8}")
     for stage in report["stages"]:
         detail = f"skipped: {stage['skipped']}" if "skipped" in stage else stage.get("note", "")
         say(
@@ -587,6 +683,6 @@ def print_summary(report):
         say(f"\nWarning: {warning}")
     out = report["outputs"]
     say(
-        f"\nWrote {out['data']} ({out['rows']:,} rows); report {out['report']}; "
+        f"\nWrote {out['data']} ({out['rows']:,} {unit}s); report {out['report']}; "
         f"rejects {out['rejects']} ({report['rejected_rows']:,} rows)"
     )

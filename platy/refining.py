@@ -50,12 +50,12 @@ def answer_length(row):
 # ---- exact duplicates ----------------------------------------------------------------
 
 
-def exact_duplicates(rows):
+def exact_duplicates(rows, longest=True):
     """(indices kept, [(dropped index, kept index)]).
 
     Key: instruction + input, ignoring surrounding whitespace. Of the rows sharing a key,
     the one with the longest output stays (Platypus's rule; the first one on a tie), in
-    its own place.
+    its own place; without longest (preference pairs: two answers, no one output), the first.
     """
     best = {}
     keys = []
@@ -66,7 +66,7 @@ def exact_duplicates(rows):
             key = tuple(turn.strip() for turn in user_turns(row))
         keys.append(key)
         j = best.get(key)
-        if j is None or answer_length(row) > answer_length(rows[j]):
+        if j is None or (longest and answer_length(row) > answer_length(rows[j])):
             best[key] = i
     kept = sorted(best.values())
     dropped = [(i, best[key]) for i, key in enumerate(keys) if best[key] != i]

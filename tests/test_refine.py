@@ -8,7 +8,8 @@ import pytest
 
 from platy import cli, refining
 from platy.cli import UserError
-from platy.data.rows import load_rows, mix_rows, parse_mix, take_share, to_alpaca
+from platy.data.pairs import check_pairs, load_pairs
+from platy.data.rows import load_rows, mix_rows, parse_mix, read_source, take_share, to_alpaca
 from platy.refining import (
     benchmark_question,
     embed_texts,
@@ -340,7 +341,22 @@ def bad_input_cases(tmp_path, inputs):
     all_bad = write_rows(tmp_path / "all_bad.json", [{"instruction": "q", "output": ""}])
     no_question = write_rows(tmp_path / "t.json", [{"answer": "B"}])
     alpaca, orca = inputs["alpaca"], inputs["orca"]
+    pairs = write_rows(tmp_path / "pairs.json", pair_rows("alpaca"))
+    mixed = write_rows(tmp_path / "mixed.json", [*pair_rows("prompt")[:2], *alpaca_rows()[:2]])
+    layouts = write_rows(tmp_path / "layouts.json", [pair_rows("alpaca")[0], pair_rows("prompt")[2]])
+    conversations = write_rows(tmp_path / "conversations.json", pair_rows("ultrafeedback"))
     return {
+        "pairs and rows in one file": (["--data_path", mixed], ["mixed.json: row 1 is a preference pair", "row 3"]),
+        "pairs and rows in a mix": (["--mix", f"{pairs}:1,{alpaca}:0.5"], ["pairs.json holds preference pairs"]),
+        "a bad pair, normalise off": (["--data_path", pairs, "--normalise", "False"], ["row 7: 'chosen' and"]),
+        "pairs of two layouts in a table": (
+            ["--data_path", layouts, "--output_path", tmp_path / "refined.parquet"],
+            ["refined.parquet: ", "layouts.json row 2 is laid out unlike", "write a .json or .jsonl file"],
+        ),
+        "turns in a CSV file": (
+            ["--data_path", conversations, "--output_path", tmp_path / "refined.csv"],
+            ["refined.csv: ", "conversations.json row 1 holds turns in 'chosen'", "write a .json, .jsonl"],
+        ),
         "unreadable": (["--data_path", bad_json], ["bad.json", "not valid JSON"]),
         "folder": (["--data_path", tmp_path], ["is a folder"]),
         "missing file": (["--data_path", tmp_path / "rows.jsn"], ["file not found"]),
@@ -425,3 +441,82 @@ def test_a_test_question_in_a_later_user_turn_is_found(tmp_path):
     assert [row["messages"] for row in kept] == [rows[1]["messages"]]
     contaminated = json.loads((tmp_path / "out.report.json").read_text())["contaminated"]
     assert [(c["dropped"], c["test_item"]) for c in contaminated] == [(f"{data} row 1", CAPITAL_TEST)]
+
+
+# ---- preference pairs ----------------------------------------------------------------
+
+
+def pair_row(layout, question, chosen, rejected):
+    """A preference pair in one of the layouts finetune.py --stage dpo reads (platy/data/pairs.py)."""
+    if layout == "alpaca":
+        return {"instruction": question, "input": "", "chosen": chosen, "rejected": rejected}
+    if layout == "prompt":
+        return {"prompt": question, "chosen": chosen, "rejected": rejected}
+    asked = [{"role": "user", "content": question}]
+    if layout == "messages":
+        return {
+            "messages": [{"role": "system", "content": "Answer briefly."}, *asked],
+            "chosen": {"role": "assistant", "content": chosen},
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+    return {  # UltraFeedback: two whole conversations
+        "prompt": question,
+        "chosen": [*asked, {"role": "assistant", "content": chosen}],
+        "rejected": [*asked, {"role": "assistant", "content": rejected}],
+    }
+
+
+def pair_rows(layout):
+    return [
+        pair_row(layout, BOILING, "100 degrees.", "About 50 degrees."),
+        pair_row(layout, BOILING, "Water boils at 100 degrees Celsius at sea level.", "At 90."),  # same prompt
+        pair_row(layout, DIFFERENT[0], "100 degrees.", "About 50 degrees."),  # the same answers as row 1
+        pair_row(layout, DIFFERENT[1], "100 degrees.", "About 50 degrees."),
+        pair_row(layout, BOILING_REWORDED, "At 100 degrees.", "At 70 degrees."),  # a near duplicate of row 1
+        pair_row(layout, CAPITAL, "Canberra.", "Sydney."),  # a benchmark test question
+        pair_row(layout, DIFFERENT[2], "No.", "No."),  # no pair: one answer twice
+    ]
+
+
+@pytest.mark.parametrize(
+    "layout, suffix", [("alpaca", ".json"), ("prompt", ".csv"), ("messages", ".parquet"), ("ultrafeedback", ".jsonl")]
+)
+def test_pairs_are_deduplicated_and_decontaminated_on_their_prompts(
+    layout, suffix, inputs, tmp_path, tiny_llama, capsys
+):
+    """Same prompt with other answers: a duplicate (the first stays); same answers to other prompts: kept. The
+    refined pairs keep their layout and load as finetune.py --stage dpo loads them."""
+    rows = pair_rows(layout)
+    data = write_rows(tmp_path / f"{layout}.jsonl", rows)
+    out = tmp_path / f"refined{suffix}"
+    refine_in_process(
+        "--data_path", data, "--output_path", out, "--test_files", inputs["test"], "--tokenizer", tiny_llama
+    )
+    kept, _ = read_source(out)
+    assert kept == [{**rows[i], "data_source": layout} for i in (0, 2, 3)]
+    expected = check_pairs([rows[i] for i in (0, 2, 3)], "expected")
+    loaded, _ = load_pairs(out)
+    assert [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in loaded] == [
+        {k: p[k] for k in ("prompt", "chosen", "rejected")} for p in expected
+    ]
+
+    [reject] = [json.loads(line) for line in (tmp_path / "refined.rejects.jsonl").read_text().splitlines()]
+    assert reject["row"] == 7 and "the same answer" in reject["reason"] and reject["data"] == rows[6]
+    report = json.loads((tmp_path / "refined.report.json").read_text())
+    stages = {s["stage"]: (s["rows_in"], s["dropped"], s["rows_out"]) for s in report["stages"]}
+    assert stages == {
+        "normalise": (7, 1, 6),
+        "mix": (6, 0, 6),
+        "exact_dedup": (6, 1, 5),
+        "near_dedup": (5, 1, 4),
+        "decontaminate": (4, 1, 3),
+    }
+    assert report["exact_duplicates"] == [{"dropped": f"{data} row 2", "kept": f"{data} row 1"}]
+    assert [d["dropped"] for d in report["near_duplicates"]] == [f"{data} row 5"]
+    [hit] = report["contaminated"]
+    assert hit["dropped"] == f"{data} row 6" and hit["test_item"] == CAPITAL_TEST
+    assert report["data_sources"][layout]["kept"] == 3
+    assert report["token_lengths"]["examples"] == 6, "each pair's prompt with either answer"
+    summary = capsys.readouterr().out
+    assert "stage          pairs in  dropped pairs out  seconds" in summary
+    assert f"Wrote {out} (3 pairs)" in summary

@@ -48,6 +48,12 @@ def check_pairs(rows, source):
     return pairs
 
 
+def is_pair_row(row):
+    """Whether a row is laid out as a preference pair: it names a 'chosen' or a 'rejected' answer (to_pair says
+    whether it is a valid one)."""
+    return isinstance(row, dict) and any(key in row for key in ANSWERS)
+
+
 def to_pair(row):
     """({"prompt", "chosen", "rejected"}, None), or (None, the reason the row is no preference pair)."""
     if not isinstance(row, dict):
