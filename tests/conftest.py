@@ -176,6 +176,18 @@ def finetune(output_dir, *extra, base_model="builtin:tiny-llama", data_path=SAMP
     return run_cli(args, cwd=cwd, env=env)
 
 
+FAULTS = str(Path(__file__).parent / "faults")
+
+
+def faulty(fault, rank=None):
+    """The environment of a run that tests/faults/sitecustomize.py hits with PLATY_FAULT (PLATY_FAULT_RANK: one
+    rank only); passing an env makes run_cli start the script as its own process."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [FAULTS, os.environ.get("PYTHONPATH")])), "PLATY_FAULT": fault}
+    if rank is not None:
+        env["PLATY_FAULT_RANK"] = str(rank)
+    return env
+
+
 def write_rows(path, rows):
     path = Path(path)
     if path.suffix == ".jsonl":
