@@ -432,7 +432,7 @@ def assert_resumed_as_the_whole_run(resumed, out, whole, checkpoint):
     assert ours.keys() == theirs.keys() and ours
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
     ours, theirs = logged_steps(out), logged_steps(whole)
-    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [1, 2, 3, 4]
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, len(theirs) + 1))
     for mine, reference in zip(ours, theirs):
         for name in ("loss", *METRICS):
             assert abs(mine[name] - reference[name]) < 1e-5, (mine["step"], name, mine[name], reference[name])
@@ -470,3 +470,17 @@ def test_a_dpo_run_killed_while_writing_a_checkpoint_resumes_to_the_whole_runs_a
     assert "Removing .staging left by an interrupted run" in resumed.stdout
     assert "Reference log-probs (train): computed for 12 pairs" in resumed.stdout
     assert_resumed_as_the_whole_run(resumed, out, whole, "checkpoint-2")
+
+
+def test_an_orpo_run_stopped_by_sigterm_resumes_to_the_whole_runs_adapter(tmp_path):
+    """The losses without a reference resume as exactly: ORPO (its supervised term included), stopped after step
+    1 of 2."""
+    run = ("--stage", "orpo", "--learning_rate", 5e-3, "--max_steps", 2, *FAST)
+    whole = finetune(tmp_path / "whole", *run, data_path=PAIRS)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "out"
+    stopped = finetune(out, *run, data_path=PAIRS, env=faulty("sigterm_after_step=1"))
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    resumed = finetune(out, *run, "--resume_from_checkpoint", "auto", data_path=PAIRS)
+    assert "Reference log-probs" not in resumed.stdout
+    assert_resumed_as_the_whole_run(resumed, out, tmp_path / "whole", "checkpoint-1")
