@@ -17,7 +17,17 @@ from platy.reporting import curve_panels
 from platy.train import checkpoints
 from platy.train.preference import METRICS, PairCollator, pair_loss, reference_logps
 
-from conftest import REPO, SMALL_RUN, assert_user_error, faulty, finetune, merge_cli, run_cli, write_rows
+from conftest import (
+    REPO,
+    SMALL_RUN,
+    assert_user_error,
+    faulty,
+    finetune,
+    merge_cli,
+    run_cli,
+    sigterm_after_step,
+    write_rows,
+)
 
 PAIRS = REPO / "tests" / "fixtures" / "preference_pairs.json"
 TOLERANCE = 1e-5  # the losses and gradients against TRL's, in float32
@@ -438,12 +448,14 @@ def assert_resumed_as_the_whole_run(resumed, out, whole, checkpoint):
             assert abs(mine[name] - reference[name]) < 1e-5, (mine["step"], name, mine[name], reference[name])
 
 
-def test_a_dpo_run_stopped_by_sigterm_resumes_to_the_whole_runs_adapter(tmp_path, whole_dpo_run):
+def test_a_dpo_run_stopped_by_sigterm_resumes_to_the_whole_runs_adapter(tmp_path, whole_dpo_run, monkeypatch):
     """SIGTERM between checkpoints: the run saves the step it reached and exits 75; the resume reads the cached
     reference log-probs."""
     run, whole = whole_dpo_run
     out = tmp_path / "out"
-    stopped = finetune(out, *run, data_path=PAIRS, env=faulty("sigterm_after_step=1"))
+    sigterm_after_step(monkeypatch, 1)
+    stopped = finetune(out, *run, data_path=PAIRS)
+    monkeypatch.undo()
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert "finetune.py: preempted: stopped at optimizer step 1 of 4" in stopped.stderr
     assert checkpoints.missing_parts(out / "checkpoint-1") == []
@@ -472,14 +484,16 @@ def test_a_dpo_run_killed_while_writing_a_checkpoint_resumes_to_the_whole_runs_a
     assert_resumed_as_the_whole_run(resumed, out, whole, "checkpoint-2")
 
 
-def test_an_orpo_run_stopped_by_sigterm_resumes_to_the_whole_runs_adapter(tmp_path):
+def test_an_orpo_run_stopped_by_sigterm_resumes_to_the_whole_runs_adapter(tmp_path, monkeypatch):
     """The losses without a reference resume as exactly: ORPO (its supervised term included), stopped after step
     1 of 2."""
     run = ("--stage", "orpo", "--learning_rate", 5e-3, "--max_steps", 2, *FAST)
     whole = finetune(tmp_path / "whole", *run, data_path=PAIRS)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "out"
-    stopped = finetune(out, *run, data_path=PAIRS, env=faulty("sigterm_after_step=1"))
+    sigterm_after_step(monkeypatch, 1)
+    stopped = finetune(out, *run, data_path=PAIRS)
+    monkeypatch.undo()
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     resumed = finetune(out, *run, "--resume_from_checkpoint", "auto", data_path=PAIRS)
     assert "Reference log-probs" not in resumed.stdout
