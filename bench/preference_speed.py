@@ -13,11 +13,17 @@ no activation checkpointing:
   (c) trl:           TRL DPOTrainer's defaults (the reference computed in every step, adapter disabled), on
                      the prompts as the toolkit renders them (the Alpaca template);
   (d) trl-precomputed: TRL with precompute_ref_log_probs=True (that pass counted).
-Printed: trained (non-pad) tokens per second over the whole call (set-up of the model excluded), peak
-resident memory of the process, and each relative to (c). Needs trl (requirements-bench.txt).
+Printed: trained (non-pad) tokens per second over the whole call (set-up of the model excluded), peak memory
+(GPU: max allocated; CPU: the process's peak resident memory), and each relative to (c); for the toolkit
+also the first logged loss (ln 2 for DPO: the policy starts as its reference) and, with --val_set_size, the
+held-out reward accuracy at step 0 and at the end (those pairs are held out of TRL's training too, and the
+toolkit's two evaluations count in its time). --result_file writes the figures as JSON, rewritten after
+each configuration (bench/gpu_check.py's DPO step reads it). Needs trl for (c) and (d)
+(requirements-bench.txt).
 """
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -29,10 +35,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from platy.cli import run, say  # noqa: E402
+from platy.base_weights import resolve_base_model  # noqa: E402
+from platy.cli import UserError, run, say  # noqa: E402
+from platy.files import write_json  # noqa: E402
 from platy.flags import from_signature  # noqa: E402
 
 CONFIGS = ("toolkit-cold", "toolkit-warm", "trl", "trl-precomputed")
+LABELS = {
+    "toolkit-cold": "(a) toolkit, reference log-probs computed before training (cold cache)",
+    "toolkit-warm": "(b) toolkit, reference log-probs read from the cache",
+    "trl": "(c) TRL DPOTrainer defaults (reference forward in every step)",
+    "trl-precomputed": "(d) TRL with precompute_ref_log_probs",
+}
 
 
 def main(
@@ -42,7 +56,11 @@ def main(
     batch_size: int = 8,
     micro_batch_size: int = 4,
     beta: float = 0.1,
+    learning_rate: float = 1e-4,
     cutoff_len: int = 256,
+    val_set_size: int = 0,
+    configs: str = ",".join(CONFIGS),
+    result_file: str = "",
     config: str = "",
 ):
     """Args:
@@ -52,8 +70,12 @@ def main(
     batch_size: pairs per optimizer step.
     micro_batch_size: pairs per forward pass.
     beta: DPO's beta.
+    learning_rate: the peak learning rate (no warm-up).
     cutoff_len: longest sequence in tokens.
-    config: run one configuration in this process (what the parent starts); empty: all of them.
+    val_set_size: pairs held out (of every configuration's training): the toolkit's held-out reward accuracy.
+    configs: the configurations to run, in this order (comma-separated).
+    result_file: also write the figures as JSON here, rewritten after every configuration.
+    config: run one configuration in this process (what the parent starts); empty: those of --configs.
     """
     settings = dict(
         base_model=base_model,
@@ -62,44 +84,107 @@ def main(
         batch_size=batch_size,
         micro_batch_size=micro_batch_size,
         beta=beta,
+        learning_rate=learning_rate,
         cutoff_len=cutoff_len,
+        val_set_size=val_set_size,
     )
     if config:
         print(json.dumps({"config": config, **measure(config, **settings)}))
         return
+    names = [name for name in configs.split(",") if name]
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        raise UserError(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    # the model is resolved (a builtin one built or converted) once, in the user's cache; each configuration
+    # gets a private cache that holds only the reference log-probs, so (a) starts cold and (b) reads (a)'s
+    settings["base_model"] = resolve_base_model(base_model, "--base_model")
     cache = tempfile.mkdtemp(prefix="platy-preference-bench-")
-    results = {}
-    for name in CONFIGS:
+    figures = {"model": base_model, "settings": {**settings, "base_model": base_model}, "memory": memory_kind()}
+    figures["results"] = results = {}
+    for name in names:
         argv = [sys.executable, __file__, *(f"--{k}={v}" for k, v in settings.items()), f"--config={name}"]
         done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PLATY_CACHE": cache})
         lines = [line for line in done.stdout.splitlines() if line.startswith('{"config"')]
         if done.returncode or not lines:
             say(f"{name}: failed (status {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-            continue
-        results[name] = json.loads(lines[-1])
+            results[name] = None
+        else:
+            results[name] = json.loads(lines[-1])
+        if result_file:
+            write_json(Path(result_file), figures)
+    say("\n".join(report(figures)))
+
+
+def report(figures):
+    """The figures as BENCHMARKS.md shows them: a heading line, the table, the toolkit's loss and accuracy."""
+    settings, results = figures["settings"], {k: v for k, v in figures["results"].items() if v}
     base = results.get("trl")
-    say(f"DPO, {base_model}, {steps} steps of {batch_size} pairs (micro-batches of {micro_batch_size}), beta {beta}")
+    lines = [
+        f"DPO, {figures['model']}, {settings['steps']} steps of {settings['batch_size']} pairs (micro-batches of "
+        f"{settings['micro_batch_size']}), beta {settings['beta']}; peak memory: {figures['memory']}",
+        "",
+        "| configuration | tokens/s | peak memory (MB) | seconds | tokens/s vs (c) | memory vs (c) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in results.items():
-        ratio = f"  {r['tokens_per_second'] / base['tokens_per_second']:.2f}x tokens/s, " if base else "  "
-        ratio += f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}x memory vs trl" if base else ""
-        say(
-            f"{name:16s} {r['tokens_per_second']:9.1f} tokens/s  peak {r['peak_memory_mb']:8.0f} MB  "
-            f"{r['seconds']:6.1f} s  final loss {r['loss']:.4f}{ratio}"
+        vs = ("n/a", "n/a")
+        if base:
+            vs = (
+                f"{r['tokens_per_second'] / base['tokens_per_second']:.2f}x",
+                f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}x",
+            )
+        lines.append(
+            f"| {LABELS[name]} | {r['tokens_per_second']:,.1f} | {r['peak_memory_mb']:,.0f} | {r['seconds']:.1f} | "
+            f"{vs[0]} | {vs[1]} |"
         )
+    for name, r in results.items():
+        if name.startswith("toolkit"):
+            accuracy = r.get("heldout_accuracy")
+            held_out = (
+                f"; held-out reward accuracy {100 * accuracy[0]:.0f}% at step 0 -> {100 * accuracy[-1]:.0f}%"
+                if accuracy
+                else ""
+            )
+            lines.append(
+                f"- {LABELS[name][:3]} first logged loss {r['first_loss']:.4f} (ln 2 = {math.log(2):.4f}), "
+                f"last {r['loss']:.4f}; reference log-probs {r['reference']} in {r['reference_seconds']:.1f} s"
+                + held_out
+            )
+    failed = [name for name, r in figures["results"].items() if not r]
+    if failed:
+        lines.append(f"- failed: {', '.join(failed)}")
+    return lines
 
 
-def measure(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len):
+def measure(config, **settings):
     if config.startswith("toolkit"):
-        return toolkit(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len)
-    return trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len)
+        return toolkit(config, **settings)
+    return trl_run(config, **settings)
+
+
+def memory_kind():
+    import torch
+
+    return "GPU: max allocated" if torch.cuda.is_available() else "CPU: the process's peak resident memory"
 
 
 def peak_mb():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def toolkit(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len):
+def toolkit(
+    config, base_model, data_path, steps, batch_size, micro_batch_size, beta, learning_rate, cutoff_len, val_set_size
+):
+    import gc
+
+    import torch
+
     from platy import cli
+    from platy.files import cache_root
     from platy.train.recipe import Recipe
 
     flags = cli.entry_defaults(cli.script_entry("finetune"))
@@ -110,43 +195,62 @@ def toolkit(config, base_model, data_path, steps, batch_size, micro_batch_size, 
         output_dir=out,
         stage="dpo",
         beta=beta,
+        precision="fp32",  # as TRL runs (bf16=False); --precision auto would pick bf16 on some CPUs and GPUs
         quantization="none",
         gradient_checkpointing=False,
         batch_size=batch_size,
         micro_batch_size=micro_batch_size,
         max_steps=steps,
         warmup_steps=0,
-        learning_rate=1e-4,
+        learning_rate=learning_rate,
         cutoff_len=cutoff_len,
+        val_set_size=val_set_size,
         logging_steps=1,
-        save_steps=10**6,
+        save_steps=10**6,  # no checkpoint; the held-out pairs are evaluated at step 0 and at the end
         report_to="none",
         overwrite=True,
     )
-    if config == "toolkit-warm":  # fill the cache, then measure a run that reads it
-        Recipe.from_flags(dict(flags)).setup()
+
+    def cached():
+        return any((cache_root() / "reference").glob("*.safetensors"))
+
+    if config == "toolkit-warm" and not cached():
+        Recipe.from_flags(dict(flags)).setup()  # fill the cache (when (a) did not), then measure a run reading it
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    reference = "read from the cache" if cached() else "computed"
     recipe = Recipe.from_flags(flags)
     recipe.describe()
     recipe.setup()  # the reference log-probs are computed (or read) here
     result = recipe.train()
     seconds = result["train_seconds"] + recipe.objective.reference_seconds
+    history = recipe.trainer.state.log_history
     return {
         "tokens_per_second": result["trained_tokens"] / seconds,
         "seconds": seconds,
         "peak_memory_mb": peak_mb(),
         "loss": result["last_logged_loss"],
+        "first_loss": next(r["loss"] for r in history if "loss" in r),
+        "reference": reference,
+        "reference_seconds": recipe.objective.reference_seconds,
+        "heldout_accuracy": [r["eval_rewards/accuracies"] for r in history if "eval_rewards/accuracies" in r],
     }
 
 
-def trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len):
+def trl_run(
+    config, base_model, data_path, steps, batch_size, micro_batch_size, beta, learning_rate, cutoff_len, val_set_size
+):
     import datasets
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from platy.base_weights import resolve_base_model
+    from platy import cli
     from platy.data.pairs import load_pairs
+    from platy.data.rows import split_rows
     from platy.prompts import Prompter
 
     path = resolve_base_model(base_model, "--base_model")
@@ -155,6 +259,8 @@ def trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, 
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     pairs, _ = load_pairs(data_path)
+    seed = cli.entry_defaults(cli.script_entry("finetune"))["seed"]
+    pairs, _ = split_rows(pairs, val_set_size, seed)  # the pairs the toolkit trains on, split as it splits them
     prompter = Prompter("alpaca")  # the text the toolkit renders, so both train on the same tokens
     rows = [
         {
@@ -172,7 +278,7 @@ def trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, 
         per_device_train_batch_size=micro_batch_size,
         gradient_accumulation_steps=batch_size // micro_batch_size,
         max_steps=steps,
-        learning_rate=1e-4,
+        learning_rate=learning_rate,
         warmup_steps=0,
         logging_steps=1,
         save_strategy="no",

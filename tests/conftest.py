@@ -176,6 +176,33 @@ def finetune(output_dir, *extra, base_model="builtin:tiny-llama", data_path=SAMP
     return run_cli(args, cwd=cwd, env=env)
 
 
+FAULTS = str(Path(__file__).parent / "faults")
+
+
+def faulty(fault, rank=None):
+    """The environment of a run that tests/faults/sitecustomize.py hits with PLATY_FAULT (PLATY_FAULT_RANK: one
+    rank only); passing an env makes run_cli start the script as its own process."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [FAULTS, os.environ.get("PYTHONPATH")])), "PLATY_FAULT": fault}
+    if rank is not None:
+        env["PLATY_FAULT_RANK"] = str(rank)
+    return env
+
+
+def sigterm_after_step(monkeypatch, step):
+    """faulty(f"sigterm_after_step={step}") for a run in this process (no interpreter to start): the same patch of
+    tests/faults/sitecustomize.py, undone after the test. Only a signal the run itself handles can be sent here."""
+    import importlib.util
+    import signal
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("platy_faults", Path(FAULTS) / "sitecustomize.py")
+    faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(faults)  # without PLATY_FAULT in this environment it patches nothing by itself
+    monkeypatch.setattr(torch.optim.AdamW, "step", torch.optim.AdamW.step)
+    faults.after_steps(step, signal.SIGTERM)
+
+
 def write_rows(path, rows):
     path = Path(path)
     if path.suffix == ".jsonl":

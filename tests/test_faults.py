@@ -22,18 +22,10 @@ from platy.files import RUN_CONFIG
 from platy.integrity import MANIFEST
 from platy.train import checkpoints
 
-from conftest import REPO, assert_user_error, build_model, finetune, merge_cli, run_cli, write_rows
+from conftest import REPO, assert_user_error, build_model, faulty, finetune, merge_cli, run_cli, write_rows
 
-FAULTS = str(Path(__file__).parent / "faults")
 RUN = ("--max_steps", 4, "--save_steps", 1)
 EMPTY_SAFETENSORS = (8).to_bytes(8, "little") + b"{}      "  # a header holding no tensor, as the format pads it
-
-
-def faulty(fault, rank=None):
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [FAULTS, os.environ.get("PYTHONPATH")])), "PLATY_FAULT": fault}
-    if rank is not None:
-        env["PLATY_FAULT_RANK"] = str(rank)
-    return env
 
 
 def adapter(folder):

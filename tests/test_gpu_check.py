@@ -2,6 +2,7 @@
 between the sessions that have a GPU; the wheel folder's checks; recording into BENCHMARKS.md."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -33,9 +34,9 @@ def test_dry_run_runs_every_step_and_brings_back_its_files(dry_run):
     assert {p.name for p in files} >= {"gpu_check.log", "steps.log", "train_speed.json", "results.json", "summary.md"}
     results = json.loads((out / "results.json").read_text())
     steps = results["steps"]
-    names = ["environment", "training table", "real model", "deepspeed", "fsdp", "generation", "generation 7B"]
+    names = ["environment", "training table", "real model", "deepspeed", "fsdp", "generation", "generation 7B", "dpo"]
     assert list(steps) == names
-    assert all(steps[name]["status"] == "ok" for name in list(steps)[:-1]), steps
+    assert all(steps[name]["status"] == "ok" for name in names if name != "generation 7B"), steps
     assert steps["generation 7B"]["status"].startswith("skipped: needs CUDA")
     assert steps["deepspeed"]["note"] == steps["fsdp"]["note"] == "needs CUDA: only the plan ran"
     toolkit = results["training"]["results"]["toolkit"]
@@ -47,6 +48,17 @@ def test_dry_run_runs_every_step_and_brings_back_its_files(dry_run):
     assert real["rows"] == 4 and real["train_s"] > 0 and real["trained"].startswith("Done:"), real
     assert {real["base"]["correct"], real["adapter"]["correct"]} <= set(range(5))
     assert steps["real model"]["base"] == f"{real['base']['correct']}/4"
+    # the DPO step: bench/preference_speed.py with the reference cache cold, then warm, on the tiny model
+    dpo = results["dpo"]["results"]
+    assert list(dpo) == ["toolkit-cold", "toolkit-warm"], dpo
+    cold, warm = dpo["toolkit-cold"], dpo["toolkit-warm"]
+    assert abs(cold["first_loss"] - math.log(2)) < 1e-5 and abs(warm["first_loss"] - math.log(2)) < 1e-5
+    assert cold["reference"] == "computed" and warm["reference"] == "read from the cache"
+    assert cold["reference_seconds"] > warm["reference_seconds"]
+    assert cold["heldout_accuracy"][0] == 0.5 and len(cold["heldout_accuracy"]) == 2, "step 0 and the end"
+    assert cold["heldout_accuracy"] == warm["heldout_accuracy"] and cold["loss"] == pytest.approx(warm["loss"])
+    assert all(r["tokens_per_second"] > 0 and r["peak_memory_mb"] > 0 for r in (cold, warm))
+    assert steps["dpo"]["step-0 loss"] == 0.6931 and steps["dpo"]["held-out reward accuracy"].startswith("50% -> ")
     # the summary table comes last, and summary.md holds the section BENCHMARKS.md gets
     tail = done.stdout.strip().splitlines()
     assert tail[-1] == "Goals: judged on a GPU run only." and any(line.startswith("| generation 7B |") for line in tail)
@@ -54,6 +66,8 @@ def test_dry_run_runs_every_step_and_brings_back_its_files(dry_run):
     assert "| (a) toolkit fastest |" in summary and "measured peak" in summary
     assert "Generation, builtin:tiny-llama" in summary
     assert "Real model, builtin:tiny-llama, the quick start's training" in summary
+    assert "| (b) toolkit, reference log-probs read from the cache |" in summary
+    assert "- (a) first logged loss 0.6931 (ln 2 = 0.6931)" in summary
 
 
 def test_heldout_score_is_exact_match_of_the_first_line_spaces_ignored():
@@ -128,3 +142,37 @@ def test_real_model_step_reads_the_quick_start_from_the_demo_settings(tmp_path):
     settings.write_text("demo_schedule=(--num_epochs 2)\n")
     with pytest.raises(gpu_check.StepFailed, match="defines no quickstart_base"):
         gpu_check.quickstart(settings)
+
+
+def test_dpo_figures_against_trl_are_judged_and_rendered():
+    """A GPU run's DPO figures (here made up) with TRL's runs beside the toolkit's: the goals of the issue judged,
+    the table's ratios against (c), and a configuration the step's cap cut off named."""
+    import gpu_check
+
+    def config(speed, memory, **more):
+        return {"tokens_per_second": speed, "peak_memory_mb": memory, "seconds": 4.0, "loss": 0.2, **more}
+
+    toolkit = {"first_loss": math.log(2) + 1e-6, "reference_seconds": 1.0, "heldout_accuracy": [0.5, 0.875]}
+    dpo = {
+        "model": "builtin:smollm2-135m",
+        "settings": {"steps": 10, "batch_size": 8, "micro_batch_size": 4, "beta": 0.1},
+        "memory": "GPU: max allocated",
+        "results": {
+            "toolkit-cold": config(3000.0, 900.0, reference="computed", **toolkit),
+            "toolkit-warm": config(4000.0, 800.0, reference="read from the cache", **toolkit),
+            "trl": config(2000.0, 1000.0),
+            "trl-precomputed": None,
+        },
+    }
+    results = {"mode": "gpu", "device": "H100", "steps": {}, "dpo": dpo}
+    goals = gpu_check.goals(results)
+    assert "- DPO: first logged loss, distance from ln 2: 0.00 (met; goal 0.001)" in goals
+    assert "- DPO: held-out reward accuracy at the end, %: 87.50 (met; goal 85.0)" in goals
+    assert "- DPO (b) warm cache tokens/s vs (c) TRL defaults: 2.00 (met; goal 1.5)" in goals
+    assert "- DPO (b) peak memory vs (c): 0.80 (met; goal 1.0)" in goals
+    section = gpu_check.section(results)
+    assert "| (b) toolkit, reference log-probs read from the cache | 4,000.0 | 800 | 4.0 | 2.00x | 0.80x |" in section
+    assert "- failed: trl-precomputed" in section
+    assert any(line.startswith("- (a) first logged loss 0.6931") and "50% at step 0 -> 88%" in line for line in section)
+    dpo["results"]["trl"] = None
+    assert "- DPO (b) warm cache tokens/s vs (c) TRL defaults: not measured" in gpu_check.goals(results)

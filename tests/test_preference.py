@@ -4,6 +4,7 @@ and its cache, the step-0 check, and a preference adapter through merge.py and i
 import json
 import math
 import shutil
+import signal
 import sys
 
 import pytest
@@ -13,9 +14,20 @@ from platy import cli
 from platy.data.pairs import PairTokenizer, check_pairs
 from platy.prompts import Prompter
 from platy.reporting import curve_panels
-from platy.train.preference import PairCollator, pair_loss, reference_logps
+from platy.train import checkpoints
+from platy.train.preference import METRICS, PairCollator, pair_loss, reference_logps
 
-from conftest import REPO, SMALL_RUN, assert_user_error, finetune, merge_cli, run_cli, write_rows
+from conftest import (
+    REPO,
+    SMALL_RUN,
+    assert_user_error,
+    faulty,
+    finetune,
+    merge_cli,
+    run_cli,
+    sigterm_after_step,
+    write_rows,
+)
 
 PAIRS = REPO / "tests" / "fixtures" / "preference_pairs.json"
 TOLERANCE = 1e-5  # the losses and gradients against TRL's, in float32
@@ -394,21 +406,95 @@ def test_torchrun_two_processes_give_the_single_process_curve(tmp_path):
     assert one[-1][2] > 0
 
 
-def test_a_resumed_run_ends_where_the_whole_run_did(tmp_path):
-    """Stopped after checkpoint-2 (as a kill -9 leaves it), resumed with auto: the same adapter as the run that
-    went through, and the cached reference reused."""
+# ---- interrupted runs: SIGTERM and kill -9, resumed --------------------------------------------------
+
+RESUMABLE = ("--stage", "dpo", "--learning_rate", 5e-3, "--max_steps", 4, "--save_steps", 2, *FAST)
+
+
+def adapter(folder):
     from safetensors.torch import load_file
 
-    run = ("--stage", "dpo", "--learning_rate", 5e-3, "--max_steps", 4, "--save_steps", 2, *FAST)
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def logged_steps(folder):
+    return [r for r in log_of(folder) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def whole_dpo_run(lora_adapter, tmp_path_factory):
+    """A 4-step DPO run on an SFT adapter that nothing interrupts: every resumed run below must end with its
+    adapter and its log. On an SFT adapter, a resume that took the reference from the checkpoint's adapter
+    instead of the frozen SFT one would end elsewhere."""
+    run = (*RESUMABLE, "--init_adapter", lora_adapter)
+    out = tmp_path_factory.mktemp("whole-dpo") / "out"
+    result = finetune(out, *run, data_path=PAIRS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, out
+
+
+def assert_resumed_as_the_whole_run(resumed, out, whole, checkpoint):
+    """The resume skipped the step-0 check and ended with the whole run's adapter (1e-5, as tests/test_faults.py's
+    resumes) and log: every step once, with the same loss and rewards."""
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {out / checkpoint}" in resumed.stdout and "Step 0" not in resumed.stdout
+    ours, theirs = adapter(out), adapter(whole)
+    assert ours.keys() == theirs.keys() and ours
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
+    ours, theirs = logged_steps(out), logged_steps(whole)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, len(theirs) + 1))
+    for mine, reference in zip(ours, theirs):
+        for name in ("loss", *METRICS):
+            assert abs(mine[name] - reference[name]) < 1e-5, (mine["step"], name, mine[name], reference[name])
+
+
+def test_a_dpo_run_stopped_by_sigterm_resumes_to_the_whole_runs_adapter(tmp_path, whole_dpo_run, monkeypatch):
+    """SIGTERM between checkpoints: the run saves the step it reached and exits 75; the resume reads the cached
+    reference log-probs."""
+    run, whole = whole_dpo_run
+    out = tmp_path / "out"
+    sigterm_after_step(monkeypatch, 1)
+    stopped = finetune(out, *run, data_path=PAIRS)
+    monkeypatch.undo()
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert "finetune.py: preempted: stopped at optimizer step 1 of 4" in stopped.stderr
+    assert checkpoints.missing_parts(out / "checkpoint-1") == []
+    assert not (out / "adapter_model.safetensors").exists()
+    resumed = finetune(out, *run, "--resume_from_checkpoint", "auto", data_path=PAIRS)
+    assert "Reference log-probs (train): reused" in resumed.stdout
+    assert_resumed_as_the_whole_run(resumed, out, whole, "checkpoint-1")
+
+
+def test_a_dpo_run_killed_while_writing_a_checkpoint_resumes_to_the_whole_runs_adapter(
+    tmp_path, whole_dpo_run, platy_cache
+):
+    """kill -9 halfway through checkpoint-4's optimizer file: the resume starts from checkpoint-2. The reference
+    cache is gone too (a node-local cache on another machine): the resume computes the reference again, from
+    the frozen SFT adapter and not from checkpoint-2's, and still ends where the whole run did."""
+    run, whole = whole_dpo_run
+    out = tmp_path / "out"
+    killed = finetune(out, *run, data_path=PAIRS, env=faulty("sigkill_in_write=checkpoint-4/optimizer.pt"))
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoints.latest_checkpoint(out) == str(out / "checkpoint-2")
+    assert (out / checkpoints.STAGING / "checkpoint-4").is_dir()
+    shutil.rmtree(platy_cache / "reference")
+    resumed = finetune(out, *run, "--resume_from_checkpoint", "auto", data_path=PAIRS)
+    assert "Removing .staging left by an interrupted run" in resumed.stdout
+    assert "Reference log-probs (train): computed for 12 pairs" in resumed.stdout
+    assert_resumed_as_the_whole_run(resumed, out, whole, "checkpoint-2")
+
+
+def test_an_orpo_run_stopped_by_sigterm_resumes_to_the_whole_runs_adapter(tmp_path, monkeypatch):
+    """The losses without a reference resume as exactly: ORPO (its supervised term included), stopped after step
+    1 of 2."""
+    run = ("--stage", "orpo", "--learning_rate", 5e-3, "--max_steps", 2, *FAST)
     whole = finetune(tmp_path / "whole", *run, data_path=PAIRS)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    (tmp_path / "cut").mkdir()
-    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
-    resumed = finetune(tmp_path / "cut", *run, "--resume_from_checkpoint", "auto", data_path=PAIRS)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Reference log-probs (train): reused" in resumed.stdout and "Step 0" not in resumed.stdout
-    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "cut" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    out = tmp_path / "out"
+    sigterm_after_step(monkeypatch, 1)
+    stopped = finetune(out, *run, data_path=PAIRS)
+    monkeypatch.undo()
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    resumed = finetune(out, *run, "--resume_from_checkpoint", "auto", data_path=PAIRS)
+    assert "Reference log-probs" not in resumed.stdout
+    assert_resumed_as_the_whole_run(resumed, out, tmp_path / "whole", "checkpoint-1")
