@@ -140,16 +140,13 @@ def smollm2_adapter(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("fault", [None, "layer_missing"])
-def test_verify_on_the_real_model_in_float16(smollm2_adapter, tmp_path, monkeypatch, fault):
-    """SmolLM2-135M's logits reach about 30, where float16 rounds in steps of about 0.03: a correct float16 merge
-    passes, one with a layer's update missing does not."""
-    wrong_merge(monkeypatch, fault)
+def test_verify_warns_on_a_wrong_merge_of_the_real_model(smollm2_adapter, tmp_path, monkeypatch):
+    """SmolLM2-135M's logits reach about 30, where float16 rounds in steps of about 0.03: the tolerance grows with
+    them, and a merge with one layer's update missing still stays far outside it. (A correct float16 merge of the
+    real model passes: tests/test_distributed.py, the README's quick start.)"""
+    wrong_merge(monkeypatch, "layer_missing")
     verify, _, _ = verify_report(smollm2_adapter, tmp_path / "m")
-    if fault is None:
-        assert verify["verdict"] == "PASS" and verify["agreement"] == 1.0, verify
-    else:
-        assert verify["verdict"] == "WARN" and verify["max_abs_diff"] > 3 * verify["tolerance"]["max_abs_diff"], verify
+    assert verify["verdict"] == "WARN" and verify["max_abs_diff"] > 3 * verify["tolerance"]["max_abs_diff"], verify
     assert verify["max_abs_logit"] > 10, verify
 
 
