@@ -547,15 +547,18 @@ def check_merged(run):
 
 def verdict(report, dtype):
     """The verify report with its verdict: PASS within the tolerances of the exported dtype, else WARN. The
-    logit tolerance scales with the reference's logits: float16 rounds a logit of 30 to steps of 0.03, one of 1
-    to steps of 0.001."""
+    logit tolerance scales with the reference's logits (float16 rounds a logit of 30 in steps of 0.016, one of 1
+    in steps of 0.001), in the coarser of the exported dtype and the precision the reference computed in (a GPU
+    reference in bf16 rounds more than a float16 export)."""
     import torch
 
-    k, eps, scale = VERIFY_ROUNDINGS[dtype], torch.finfo(getattr(torch, dtype)).eps, report["max_abs_logit"]
+    rounding = max((dtype, report["reference_dtype"]), key=lambda name: torch.finfo(getattr(torch, name)).eps)
+    k, eps, scale = VERIFY_ROUNDINGS[rounding], torch.finfo(getattr(torch, rounding)).eps, report["max_abs_logit"]
+    computed = f" (the reference computed in {rounding})" if rounding != dtype else ""
     tolerance = {
         "max_abs_diff": k * eps * scale,
         "agreement": VERIFY_AGREEMENT,
-        "derivation": f"{k} x {dtype} eps {eps:.2g} x max |logit| {scale:.3g}",
+        "derivation": f"{k} x {rounding} eps {eps:.2g}{computed} x max |logit| {scale:.3g}",
     }
     within = report["max_abs_diff"] <= tolerance["max_abs_diff"] and report["agreement"] >= tolerance["agreement"]
     return {**report, "verdict": "PASS" if within else "WARN", "dtype": dtype, "tolerance": tolerance}
@@ -639,7 +642,7 @@ def verify_merge(run, prompts=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from platy.modeling import load_model_with_adapter, resolve_precision
+    from platy.modeling import load_model_with_adapter, resolve_precision, torch_dtype
     from platy.quantized import compute_8bit_as_trained, compute_in_fp32
 
     adapter = run.adapter
@@ -695,5 +698,6 @@ def verify_merge(run, prompts=None):
         "positions": positions,
         "prompts": len(prompts),
         "max_abs_logit": largest,  # the scale the tolerance is relative to
+        "reference_dtype": str(torch_dtype(precision)).removeprefix("torch."),
         "rms_logit": (squares / (positions * a.shape[-1])) ** 0.5,
     }

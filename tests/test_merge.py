@@ -81,12 +81,19 @@ def test_the_logit_tolerance_follows_the_scale_of_the_logits():
     from platy.merge_stages import verdict
 
     report = {"max_abs_diff": 0.1, "agreement": 1.0, "positions": 10, "prompts": 1, "max_abs_logit": 30.0}
+    report["reference_dtype"] = "float32"  # the reference's compute precision: on a CPU, float32
     judged = verdict(report, "float16")
     assert judged["verdict"] == "PASS" and judged["tolerance"]["max_abs_diff"] == pytest.approx(8 * 2**-10 * 30)
     assert judged["tolerance"]["derivation"] == "8 x float16 eps 0.00098 x max |logit| 30"
     assert verdict({**report, "max_abs_logit": 3.0}, "float16")["verdict"] == "WARN"  # logits 10 x smaller
     assert verdict(report, "float32")["verdict"] == "WARN"  # 64 x 1.2e-7 x 30 = 2.3e-4
     assert verdict({**report, "agreement": 0.98}, "bfloat16")["verdict"] == "WARN"
+    on_a_gpu = verdict({**report, "max_abs_diff": 1.5, "reference_dtype": "bfloat16"}, "float16")
+    assert on_a_gpu["verdict"] == "PASS" and on_a_gpu["tolerance"]["max_abs_diff"] == pytest.approx(8 * 2**-7 * 30)
+    assert (
+        on_a_gpu["tolerance"]["derivation"]
+        == "8 x bfloat16 eps 0.0078 (the reference computed in bfloat16) x max |logit| 30"
+    )
 
 
 def wrong_merge(monkeypatch, fault):
@@ -141,7 +148,7 @@ def smollm2_adapter(tmp_path_factory):
 
 
 def test_verify_warns_on_a_wrong_merge_of_the_real_model(smollm2_adapter, tmp_path, monkeypatch):
-    """SmolLM2-135M's logits reach about 30, where float16 rounds in steps of about 0.03: the tolerance grows with
+    """SmolLM2-135M's logits reach about 30, where float16 rounds in steps of 0.016: the tolerance grows with
     them, and a merge with one layer's update missing still stays far outside it. (A correct float16 merge of the
     real model passes: tests/test_distributed.py, the README's quick start.)"""
     wrong_merge(monkeypatch, "layer_missing")
