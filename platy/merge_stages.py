@@ -40,7 +40,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # correct merges, tiny model and SmolLM2-135M: float16 0.55 and 3.5, bfloat16 0.59 and 6.7 (rounding each weight
 # and activation once); float32 2.5 and 18 (its weights hold the sum exactly enough that what remains is the order
 # of float32 arithmetic along long sums and many layers, hence the larger k). Wrong merges (the update scaled by 2
-# or 0.5, one layer's update missing) measured 63 and more in float16, 500,000 and more in float32.
+# or 0.5, one layer's update missing) measured 63 and more in float16, 13 and more in bfloat16 (whose greedy
+# agreement also fails), 500,000 and more in float32. Figures and adapters: docs/export.md.
 VERIFY_ROUNDINGS = {"float32": 64, "float16": 8, "bfloat16": 8}
 # GGUF against the merged model: (largest logit difference, greedy agreement) a type's rounding stays within;
 # f16 of a float16 merge holds the same numbers (bf16 and the quantized types round again)
