@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fuse the adapter written by fine-tuning.sh into standalone fp16 weights.
 #
-#   bash merge.sh                                   # ./outputs/platypus-qlora -> ./outputs/platypus-merged (a rerun replaces it;
-#                                                   # float32 for the quick start's model, TINY=1: the tiny one's, float16)
+#   bash merge.sh                                   # ./outputs/platypus-qlora -> ./outputs/platypus-merged, float16
+#                                                   # (the quick start's adapter; a rerun replaces it)
 #   PEFT_MODEL_PATH=./Platypus2-13B-lora OUTPUT_DIR=./Platypus2-13B bash merge.sh --verify
 #   GGUF=f16,q8_0 bash merge.sh --verify                # also platypus-merged-f16.gguf and -q8_0.gguf
 #
@@ -21,11 +21,6 @@ fi
 PEFT_MODEL_PATH="${PEFT_MODEL_PATH:-./outputs/platypus-qlora}"
 OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-merged}"
 
-if [ -n "$demo" ] && { [ -z "${TINY:-}" ] || [ "$TINY" = "0" ]; }; then
-  # the real quick start's 135M model in float32 (0.5 GB): the merge is exact there; in float16 its logits
-  # move by about 0.1, and in bfloat16 a small LoRA update is partly rounded away (docs/export.md)
-  DTYPE="${DTYPE:-float32}"
-fi
 args=(--peft_model_path "$PEFT_MODEL_PATH" --output_dir "$OUTPUT_DIR" --method "${METHOD:-auto}"
       --dtype "${DTYPE:-float16}")
 if [ -n "${GGUF:-}" ]; then

@@ -190,10 +190,11 @@ def data_text(record):
 def verify_text(verify):
     if not verify:
         return "not checked (merge with `--verify` to compare it with base + adapter)"
+    tolerance = verify["tolerance"]
     return (
         f"**{verify['verdict']}**: largest logit difference {verify['max_abs_diff']:.2e} "
-        f"(tolerance {verify['tolerance']['max_abs_diff']:g} for {verify['dtype']}), greedy next-token agreement "
-        f"{100 * verify['agreement']:.1f}% (at least {100 * verify['tolerance']['agreement']:g}%) over "
+        f"(tolerance {tolerance['max_abs_diff']:.2g} = {tolerance['derivation']}), greedy next-token agreement "
+        f"{100 * verify['agreement']:.1f}% (at least {100 * tolerance['agreement']:g}%) over "
         f"{verify['positions']} positions of {verify['prompts']} prompts"
     )
 

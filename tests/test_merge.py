@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_user_error, merge_cli, reseal
+from conftest import REPO, assert_user_error, finetune, merge_cli, reseal
 
 PROMPTS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -74,6 +74,87 @@ def test_dequant_is_closer_than_peft_for_a_qlora_adapter(qlora_adapter, tmp_path
     dequant = (merged_logits(tmp_path / "dequant") - reference).abs().max()
     peft = (merged_logits(tmp_path / "peft") - reference).abs().max()
     assert dequant * 100 < peft, (dequant, peft)
+
+
+def test_the_logit_tolerance_follows_the_scale_of_the_logits():
+    """k units of the exported dtype's rounding (its eps) at the largest reference logit, with the derivation."""
+    from platy.merge_stages import verdict
+
+    report = {"max_abs_diff": 0.1, "agreement": 1.0, "positions": 10, "prompts": 1, "max_abs_logit": 30.0}
+    report["reference_dtype"] = "float32"  # the reference's compute precision: on a CPU, float32
+    judged = verdict(report, "float16")
+    assert judged["verdict"] == "PASS" and judged["tolerance"]["max_abs_diff"] == pytest.approx(8 * 2**-10 * 30)
+    assert judged["tolerance"]["derivation"] == "8 x float16 eps 0.00098 x max |logit| 30"
+    assert verdict({**report, "max_abs_logit": 3.0}, "float16")["verdict"] == "WARN"  # logits 10 x smaller
+    assert verdict(report, "float32")["verdict"] == "WARN"  # 64 x 1.2e-7 x 30 = 2.3e-4
+    assert verdict({**report, "agreement": 0.98}, "bfloat16")["verdict"] == "WARN"
+    on_a_gpu = verdict({**report, "max_abs_diff": 1.5, "reference_dtype": "bfloat16"}, "float16")
+    assert on_a_gpu["verdict"] == "PASS" and on_a_gpu["tolerance"]["max_abs_diff"] == pytest.approx(8 * 2**-7 * 30)
+    assert (
+        on_a_gpu["tolerance"]["derivation"]
+        == "8 x bfloat16 eps 0.0078 (the reference computed in bfloat16) x max |logit| 30"
+    )
+
+
+def wrong_merge(monkeypatch, fault):
+    """The streaming merge made wrong on purpose: every update scaled by 2, or layer 1's updates left out."""
+    from platy import merging
+
+    scale, add_to = merging.Adapter.scale, merging.Adapter.add_to
+    if fault == "scaled":
+        monkeypatch.setattr(merging.Adapter, "scale", lambda self, module: 2 * scale(self, module))
+    elif fault == "layer_missing":
+        monkeypatch.setattr(
+            merging.Adapter,
+            "add_to",
+            lambda self, module, weight: weight if ".layers.1." in module else add_to(self, module, weight),
+        )
+
+
+def verify_report(adapter, output_dir):
+    result = merge_cli(adapter, output_dir, "--dtype", "float16", "--verify")
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("Verify:"))
+    return json.loads((output_dir / "merge_config.json").read_text())["verify"], line, result.stdout
+
+
+@pytest.mark.parametrize("fault", [None, "scaled", "layer_missing"])
+def test_verify_passes_a_float16_merge_and_warns_on_a_wrong_one(qlora_adapter, tmp_path, monkeypatch, fault):
+    wrong_merge(monkeypatch, fault)
+    verify, line, out = verify_report(qlora_adapter, tmp_path / "m")
+    tolerance = verify["tolerance"]["max_abs_diff"]
+    assert f"(tolerance {tolerance:.2g} = 8 x float16 eps 0.00098 x max |logit| " in line
+    if fault is None:
+        assert verify["verdict"] == "PASS" and line.startswith("Verify: PASS") and verify["max_abs_diff"] < tolerance
+    else:
+        assert verify["verdict"] == "WARN" and verify["max_abs_diff"] > 10 * tolerance, verify
+        assert "Warning: the merged model does not reproduce base + adapter" in out
+
+
+@pytest.fixture(scope="module")
+def smollm2_adapter(tmp_path_factory):
+    """The real model with an adapter of the quick start's kind (16-bit base, every linear layer) after one step
+    at a large learning rate: its effect on the logits is far above float16's rounding."""
+    folder = tmp_path_factory.mktemp("smollm2") / "adapter"
+    result = finetune(
+        folder,
+        *("--quantization", "none", "--lora_target_modules", "all-linear", "--learning_rate", 5e-3),
+        *("--max_steps", 1, "--batch_size", 2, "--micro_batch_size", 2, "--cutoff_len", 64),
+        base_model="builtin:smollm2-135m",
+        data_path=REPO / "data" / "toolcalls" / "train.json",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def test_verify_warns_on_a_wrong_merge_of_the_real_model(smollm2_adapter, tmp_path, monkeypatch):
+    """SmolLM2-135M's logits reach about 30, where float16 rounds in steps of 0.016: the tolerance grows with
+    them, and a merge with one layer's update missing still stays far outside it. (A correct float16 merge of the
+    real model passes: tests/test_distributed.py, the README's quick start.)"""
+    wrong_merge(monkeypatch, "layer_missing")
+    verify, _, _ = verify_report(smollm2_adapter, tmp_path / "m")
+    assert verify["verdict"] == "WARN" and verify["max_abs_diff"] > 3 * verify["tolerance"]["max_abs_diff"], verify
+    assert verify["max_abs_logit"] > 10, verify
 
 
 def test_streaming_peft_merge_equals_peft_in_memory_merge(lora_adapter, tmp_path):

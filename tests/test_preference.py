@@ -332,6 +332,37 @@ def test_dpo_run_starts_at_ln2_learns_and_reuses_its_reference_across_betas(tmp_
     assert "Reference log-probs (train): reused from" in again.stdout
 
 
+@pytest.mark.parametrize(
+    "stage, base",
+    [
+        ("dpo", ("--quantization", "4bit")),
+        ("dpo", ("--quantization", "8bit")),
+        ("dpo", ("--quantization", "4bit", "--use_dora", "true")),
+        ("simpo", ("--quantization", "4bit")),
+        ("orpo", ("--quantization", "4bit")),
+    ],
+    ids=["dpo-4bit", "dpo-8bit", "dpo-4bit-dora", "simpo-4bit", "orpo-4bit"],
+)
+def test_preference_stages_on_quantized_bases_and_dora(tmp_path, stage, base):
+    """The reference pass and the policy's first step through bitsandbytes layers (and DoRA's magnitudes) give the
+    same log-probs, so dpo starts at ln 2; every stage learns over a few steps and saves its adapter."""
+    out = tmp_path / stage
+    knobs = ("--learning_rate", 5e-3, "--max_steps", 4, "--gradient_checkpointing", "false", "--cutoff_len", 128)
+    result = finetune(out, "--stage", stage, *knobs, *base, data_path=PAIRS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = [r for r in log_of(out) if "loss" in r]
+    first, last = history[0], history[-1]
+    if stage == "dpo":
+        assert "loss starts at 0.6931 = ln 2" in result.stdout
+        assert abs(first["loss"] - math.log(2)) < 1e-4 and first["rewards/accuracies"] == 0.5, first
+    assert last["loss"] < first["loss"], history
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] == ("--use_dora" in base)
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["flags"]["quantization"] == base[1] and record["flags"]["stage"] == stage
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+
+
 def test_a_policy_that_is_not_its_reference_stops_at_step_0(lora_adapter, tmp_path):
     """An SFT adapter loaded as the start (--resume_from_checkpoint) while the reference is the base."""
     result = finetune(
