@@ -41,6 +41,7 @@ def main(
     learning_rate: float = 2e-4,
     num_epochs: int = 2,
     beta: float = 0.1,
+    lora_target_modules: str = "all-linear",
     show: int = 5,
 ):
     """Args:
@@ -51,6 +52,7 @@ def main(
     learning_rate: DPO's learning rate.
     num_epochs: DPO's epochs over the 40 training pairs (5 optimizer steps each).
     beta: DPO's beta.
+    lora_target_modules: The new adapter's LoRA targets (from --init_adapter: that adapter's own).
     show: Print the answers to the first SHOW questions (at least 1).
     """
     if show < 1:
@@ -65,7 +67,7 @@ def main(
         "--data_path", "data/sample_preference.json", "--val_set_size", 8, "--output_dir", adapter,
         "--batch_size", 8, "--micro_batch_size", 4, "--learning_rate", learning_rate, "--beta", beta,
         "--warmup_steps", 0, "--num_epochs", num_epochs, "--logging_steps", 1, "--eval_steps", 5,
-        "--cutoff_len", 256, "--overwrite", True,
+        "--cutoff_len", 256, "--lora_target_modules", lora_target_modules, "--overwrite", True,
     ]  # fmt: skip
     if init_adapter:
         dpo += ["--init_adapter", init_adapter]
