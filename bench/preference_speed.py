@@ -2,7 +2,7 @@
 pairs and beta.
 
     python bench/preference_speed.py                       # the tiny model on CPU, data/sample_preference.json
-    python bench/preference_speed.py --base_model builtin:smollm2-135m --steps 10
+    python bench/preference_speed.py --base_model builtin:smollm2-135m --chat_template auto --steps 4
 
 Each configuration runs --steps optimizer steps in a process of its own (its peak memory is its own), fp32,
 no quantization, LoRA r 16 on gate/up/down, batch --batch_size in micro-batches of --micro_batch_size pairs,
@@ -11,7 +11,9 @@ no activation checkpointing:
                      computed before training (that time counted);
   (b) toolkit-warm:  the same with the reference log-probs read from the cache;
   (c) trl:           TRL DPOTrainer's defaults (the reference computed in every step, adapter disabled), on
-                     the prompts as the toolkit renders them (the Alpaca template);
+                     the prompts as the toolkit renders them: the Alpaca template as text, or with
+                     --chat_template auto the pairs as conversations, which TRL renders with the model's own
+                     chat template as the toolkit does (ChatML for SmolLM2, its default system prompt included);
   (d) trl-precomputed: TRL with precompute_ref_log_probs=True (that pass counted).
 Printed: trained (non-pad) tokens per second over the whole call (set-up of the model excluded), peak
 resident memory of the process, and each relative to (c). Needs trl (requirements-bench.txt).
@@ -29,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from platy.cli import run, say  # noqa: E402
+from platy.cli import UserError, run, say  # noqa: E402
 from platy.flags import from_signature  # noqa: E402
 
 CONFIGS = ("toolkit-cold", "toolkit-warm", "trl", "trl-precomputed")
@@ -43,6 +45,7 @@ def main(
     micro_batch_size: int = 4,
     beta: float = 0.1,
     cutoff_len: int = 256,
+    chat_template: str = "none",
     config: str = "",
 ):
     """Args:
@@ -53,6 +56,7 @@ def main(
     micro_batch_size: pairs per forward pass.
     beta: DPO's beta.
     cutoff_len: longest sequence in tokens.
+    chat_template: none (the Alpaca template, both sides) or auto (the model's own chat template, both sides).
     config: run one configuration in this process (what the parent starts); empty: all of them.
     """
     settings = dict(
@@ -63,10 +67,18 @@ def main(
         micro_batch_size=micro_batch_size,
         beta=beta,
         cutoff_len=cutoff_len,
+        chat_template=chat_template,
     )
+    if chat_template not in ("none", "auto"):
+        raise UserError(f"--chat_template {chat_template}: choose none (the Alpaca template) or auto")
     if config:
         print(json.dumps({"config": config, **measure(config, **settings)}))
         return
+    from platy.base_weights import resolve_base_model
+
+    # a built-in model's folder, built once in the usual cache: the children's cache is an empty one (no reference
+    # log-probs in it), where building the model again would only cost time
+    settings["base_model"] = resolve_base_model(base_model, "--base_model")
     cache = tempfile.mkdtemp(prefix="platy-preference-bench-")
     results = {}
     for name in CONFIGS:
@@ -78,7 +90,11 @@ def main(
             continue
         results[name] = json.loads(lines[-1])
     base = results.get("trl")
-    say(f"DPO, {base_model}, {steps} steps of {batch_size} pairs (micro-batches of {micro_batch_size}), beta {beta}")
+    rendered = "the model's chat template" if chat_template == "auto" else "the Alpaca template"
+    say(
+        f"DPO, {base_model}, {rendered}, {steps} steps of {batch_size} pairs (micro-batches of {micro_batch_size}), "
+        f"beta {beta}"
+    )
     for name, r in results.items():
         ratio = f"  {r['tokens_per_second'] / base['tokens_per_second']:.2f}x tokens/s, " if base else "  "
         ratio += f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}x memory vs trl" if base else ""
@@ -88,17 +104,15 @@ def main(
         )
 
 
-def measure(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len):
-    if config.startswith("toolkit"):
-        return toolkit(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len)
-    return trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len)
+def measure(config, **settings):
+    return (toolkit if config.startswith("toolkit") else trl_run)(config, **settings)
 
 
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def toolkit(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len):
+def toolkit(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len, chat_template):
     from platy import cli
     from platy.train.recipe import Recipe
 
@@ -118,6 +132,7 @@ def toolkit(config, base_model, data_path, steps, batch_size, micro_batch_size, 
         warmup_steps=0,
         learning_rate=1e-4,
         cutoff_len=cutoff_len,
+        chat_template=chat_template,
         logging_steps=1,
         save_steps=10**6,
         report_to="none",
@@ -138,7 +153,7 @@ def toolkit(config, base_model, data_path, steps, batch_size, micro_batch_size, 
     }
 
 
-def trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len):
+def trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, beta, cutoff_len, chat_template):
     import datasets
     import torch
     from peft import LoraConfig
@@ -147,7 +162,6 @@ def trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, 
 
     from platy.base_weights import resolve_base_model
     from platy.data.pairs import load_pairs
-    from platy.prompts import Prompter
 
     path = resolve_base_model(base_model, "--base_model")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -155,17 +169,7 @@ def trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, 
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     pairs, _ = load_pairs(data_path)
-    prompter = Prompter("alpaca")  # the text the toolkit renders, so both train on the same tokens
-    rows = [
-        {
-            "prompt": prompter.generate_prompt(
-                p["prompt"].get("instruction") or p["prompt"]["messages"][-1]["content"], p["prompt"].get("input")
-            ),
-            "chosen": p["chosen"],
-            "rejected": p["rejected"],
-        }
-        for p in pairs
-    ]
+    rows = [trl_row(pair, chat_template == "auto") for pair in pairs]
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-dpo-"),
         beta=beta,
@@ -202,6 +206,25 @@ def trl_run(config, base_model, data_path, steps, batch_size, micro_batch_size, 
         "peak_memory_mb": peak_mb(),
         "loss": losses[-1] if losses else output.training_loss,
     }
+
+
+def trl_row(pair, chat):
+    """A pair as TRL's DPOTrainer takes it, rendered as the toolkit renders it: the Alpaca prompt as text (TRL
+    appends EOS to each answer), or (chat) the conversation as the toolkit's chat rendering takes it, which TRL
+    renders with the tokenizer's chat template."""
+    from platy.data.pairs import sft_row
+    from platy.data.rows import row_messages
+    from platy.prompts import Prompter
+
+    prompt = pair["prompt"]
+    if chat:
+        conversation = row_messages(sft_row(prompt, pair["chosen"]))[:-1]
+        answers = {key: [{"role": "assistant", "content": pair[key]}] for key in ("chosen", "rejected")}
+        return {"prompt": conversation, **answers}
+    text = Prompter("alpaca").generate_prompt(
+        prompt.get("instruction") or prompt["messages"][-1]["content"], prompt.get("input")
+    )
+    return {"prompt": text, "chosen": pair["chosen"], "rejected": pair["rejected"]}
 
 
 if __name__ == "__main__":
