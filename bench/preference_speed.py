@@ -2,19 +2,22 @@
 pairs and beta.
 
     python bench/preference_speed.py                       # the tiny model on CPU, data/sample_preference.json
-    python bench/preference_speed.py --base_model builtin:smollm2-135m --chat_template auto --steps 4
+    python bench/preference_speed.py --base_model builtin:smollm2-135m --chat_template auto --steps 6
 
 Each configuration runs --steps optimizer steps in a process of its own (its peak memory is its own), fp32,
 no quantization, LoRA r 16 on gate/up/down, batch --batch_size in micro-batches of --micro_batch_size pairs,
 no activation checkpointing:
   (a) toolkit-cold:  finetune.py --stage dpo with an empty reference cache: the reference log-probs are
-                     computed before training (that time counted);
+                     computed before training (that time counted), for every pair: with fewer steps than one
+                     epoch (6 for the bundled 48 pairs in batches of 8) it counts pairs that are never trained;
   (b) toolkit-warm:  the same with the reference log-probs read from the cache;
   (c) trl:           TRL DPOTrainer's defaults (the reference computed in every step, adapter disabled), on
                      the prompts as the toolkit renders them: the Alpaca template as text, or with
                      --chat_template auto the pairs as conversations, which TRL renders with the model's own
-                     chat template as the toolkit does (ChatML for SmolLM2, its default system prompt included);
-  (d) trl-precomputed: TRL with precompute_ref_log_probs=True (that pass counted).
+                     chat template as the toolkit does (ChatML for SmolLM2, its default system prompt included;
+                     TRL's answers also hold the newline after <|im_end|>, one token the toolkit does not score).
+                     TRL 1.16 computes its lm_head only at the answer positions too (its fused_lm_head);
+  (d) trl-precomputed: TRL with precompute_ref_log_probs=True (that pass counted, every pair as in (a)).
 Printed: trained (non-pad) tokens per second over the whole call (set-up of the model excluded), peak
 resident memory of the process, and each relative to (c). Needs trl (requirements-bench.txt).
 """
