@@ -2,17 +2,22 @@
 pairs and beta.
 
     python bench/preference_speed.py                       # the tiny model on CPU, data/sample_preference.json
-    python bench/preference_speed.py --base_model builtin:smollm2-135m --steps 10
+    python bench/preference_speed.py --base_model builtin:smollm2-135m --chat_template auto --steps 6
 
 Each configuration runs --steps optimizer steps in a process of its own (its peak memory is its own), fp32,
 no quantization, LoRA r 16 on gate/up/down, batch --batch_size in micro-batches of --micro_batch_size pairs,
 no activation checkpointing:
   (a) toolkit-cold:  finetune.py --stage dpo with an empty reference cache: the reference log-probs are
-                     computed before training (that time counted);
+                     computed before training (that time counted), for every pair: with fewer steps than one
+                     epoch (6 for the bundled 48 pairs in batches of 8) it counts pairs that are never trained;
   (b) toolkit-warm:  the same with the reference log-probs read from the cache;
   (c) trl:           TRL DPOTrainer's defaults (the reference computed in every step, adapter disabled), on
-                     the prompts as the toolkit renders them (the Alpaca template);
-  (d) trl-precomputed: TRL with precompute_ref_log_probs=True (that pass counted).
+                     the prompts as the toolkit renders them: the Alpaca template as text, or with
+                     --chat_template auto the pairs as conversations, which TRL renders with the model's own
+                     chat template as the toolkit does (ChatML for SmolLM2, its default system prompt included;
+                     TRL's answers also hold the newline after <|im_end|>, one token the toolkit does not score).
+                     TRL 1.16 computes its lm_head only at the answer positions too (its fused_lm_head);
+  (d) trl-precomputed: TRL with precompute_ref_log_probs=True (that pass counted, every pair as in (a)).
 Printed: trained (non-pad) tokens per second over the whole call (set-up of the model excluded), peak memory
 (GPU: max allocated; CPU: the process's peak resident memory), and each relative to (c); for the toolkit
 also the first logged loss (ln 2 for DPO: the policy starts as its reference) and, with --val_set_size, the
@@ -40,6 +45,7 @@ from platy.cli import UserError, run, say  # noqa: E402
 from platy.files import write_json  # noqa: E402
 from platy.flags import from_signature  # noqa: E402
 
+RENDERED = {"none": "the Alpaca template", "auto": "the model's chat template"}
 CONFIGS = ("toolkit-cold", "toolkit-warm", "trl", "trl-precomputed")
 LABELS = {
     "toolkit-cold": "(a) toolkit, reference log-probs computed before training (cold cache)",
@@ -59,6 +65,7 @@ def main(
     learning_rate: float = 1e-4,
     cutoff_len: int = 256,
     val_set_size: int = 0,
+    chat_template: str = "none",
     configs: str = ",".join(CONFIGS),
     result_file: str = "",
     config: str = "",
@@ -73,6 +80,7 @@ def main(
     learning_rate: the peak learning rate (no warm-up).
     cutoff_len: longest sequence in tokens.
     val_set_size: pairs held out (of every configuration's training): the toolkit's held-out reward accuracy.
+    chat_template: none (the Alpaca template, both sides) or auto (the model's own chat template, both sides).
     configs: the configurations to run, in this order (comma-separated).
     result_file: also write the figures as JSON here, rewritten after every configuration.
     config: run one configuration in this process (what the parent starts); empty: those of --configs.
@@ -87,7 +95,10 @@ def main(
         learning_rate=learning_rate,
         cutoff_len=cutoff_len,
         val_set_size=val_set_size,
+        chat_template=chat_template,
     )
+    if chat_template not in ("none", "auto"):
+        raise UserError(f"--chat_template {chat_template}: choose none (the Alpaca template) or auto")
     if config:
         print(json.dumps({"config": config, **measure(config, **settings)}))
         return
@@ -120,7 +131,8 @@ def report(figures):
     settings, results = figures["settings"], {k: v for k, v in figures["results"].items() if v}
     base = results.get("trl")
     lines = [
-        f"DPO, {figures['model']}, {settings['steps']} steps of {settings['batch_size']} pairs (micro-batches of "
+        f"DPO, {figures['model']}, {RENDERED[settings.get('chat_template', 'none')]}, "
+        f"{settings['steps']} steps of {settings['batch_size']} pairs (micro-batches of "
         f"{settings['micro_batch_size']}), beta {settings['beta']}; peak memory: {figures['memory']}",
         "",
         "| configuration | tokens/s | peak memory (MB) | seconds | tokens/s vs (c) | memory vs (c) |",
@@ -177,7 +189,17 @@ def peak_mb():
 
 
 def toolkit(
-    config, base_model, data_path, steps, batch_size, micro_batch_size, beta, learning_rate, cutoff_len, val_set_size
+    config,
+    base_model,
+    data_path,
+    steps,
+    batch_size,
+    micro_batch_size,
+    beta,
+    learning_rate,
+    cutoff_len,
+    val_set_size,
+    chat_template,
 ):
     import gc
 
@@ -205,6 +227,7 @@ def toolkit(
         learning_rate=learning_rate,
         cutoff_len=cutoff_len,
         val_set_size=val_set_size,
+        chat_template=chat_template,
         logging_steps=1,
         save_steps=10**6,  # no checkpoint; the held-out pairs are evaluated at step 0 and at the end
         report_to="none",
@@ -240,7 +263,17 @@ def toolkit(
 
 
 def trl_run(
-    config, base_model, data_path, steps, batch_size, micro_batch_size, beta, learning_rate, cutoff_len, val_set_size
+    config,
+    base_model,
+    data_path,
+    steps,
+    batch_size,
+    micro_batch_size,
+    beta,
+    learning_rate,
+    cutoff_len,
+    val_set_size,
+    chat_template,
 ):
     import datasets
     import torch
@@ -251,7 +284,6 @@ def trl_run(
     from platy import cli
     from platy.data.pairs import load_pairs
     from platy.data.rows import split_rows
-    from platy.prompts import Prompter
 
     path = resolve_base_model(base_model, "--base_model")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -261,17 +293,7 @@ def trl_run(
     pairs, _ = load_pairs(data_path)
     seed = cli.entry_defaults(cli.script_entry("finetune"))["seed"]
     pairs, _ = split_rows(pairs, val_set_size, seed)  # the pairs the toolkit trains on, split as it splits them
-    prompter = Prompter("alpaca")  # the text the toolkit renders, so both train on the same tokens
-    rows = [
-        {
-            "prompt": prompter.generate_prompt(
-                p["prompt"].get("instruction") or p["prompt"]["messages"][-1]["content"], p["prompt"].get("input")
-            ),
-            "chosen": p["chosen"],
-            "rejected": p["rejected"],
-        }
-        for p in pairs
-    ]
+    rows = [trl_row(pair, chat_template == "auto") for pair in pairs]
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-dpo-"),
         beta=beta,
@@ -308,6 +330,25 @@ def trl_run(
         "peak_memory_mb": peak_mb(),
         "loss": losses[-1] if losses else output.training_loss,
     }
+
+
+def trl_row(pair, chat):
+    """A pair as TRL's DPOTrainer takes it, rendered as the toolkit renders it: the Alpaca prompt as text (TRL
+    appends EOS to each answer), or (chat) the conversation as the toolkit's chat rendering takes it, which TRL
+    renders with the tokenizer's chat template."""
+    from platy.data.pairs import sft_row
+    from platy.data.rows import row_messages
+    from platy.prompts import Prompter
+
+    prompt = pair["prompt"]
+    if chat:
+        conversation = row_messages(sft_row(prompt, pair["chosen"]))[:-1]
+        answers = {key: [{"role": "assistant", "content": pair[key]}] for key in ("chosen", "rejected")}
+        return {"prompt": conversation, **answers}
+    text = Prompter("alpaca").generate_prompt(
+        prompt.get("instruction") or prompt["messages"][-1]["content"], prompt.get("input")
+    )
+    return {"prompt": text, "chosen": pair["chosen"], "rejected": pair["rejected"]}
 
 
 if __name__ == "__main__":

@@ -122,6 +122,42 @@ def test_dpo_and_ipo_equal_trls_loss_and_gradients(trl_dpo, stage, trl_loss):
     assert_same(ours, theirs, our_grads, gradients(model, theirs))
 
 
+class EveryPositionLogits(torch.nn.Module):
+    """A model that takes no logits_to_keep: it returns the logits of every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, logits_to_keep=None, **inputs):
+        return self.model(**inputs)
+
+
+def test_the_lm_head_runs_only_where_an_answer_token_is_predicted(tiny_llama, tokenizer):
+    """Through a peft model with activation checkpointing, the lm_head sees one position per answer token (not the
+    prompts and padding), and the sums and gradients equal those from every position's logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch, _ = our_batch(tokenizer, check_pairs(json.loads(PAIRS.read_text())[:3], "pairs"))
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    kept = pair_loss(model, batch, "simpo", 2.0, 0.7)[0]
+    kept_grads = gradients(model, kept)
+    answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    assert seen[0] == (answer_tokens, base.config.hidden_size)
+    assert answer_tokens < batch["input_ids"].numel() / 2, "the batch's prompts and padding are most of it"
+    seen.clear()
+    full = pair_loss(EveryPositionLogits(model), batch, "simpo", 2.0, 0.7)[0]
+    assert seen[0] == batch["input_ids"].shape + (base.config.hidden_size,)
+    assert_same(kept, full, kept_grads, gradients(model, full))
+
+
 def trl_pair_batch(batch, pad_id):
     """A PairCollator batch in the layout of TRL's CPO and ORPO trainers (chosen_* and rejected_* rows)."""
     pairs = batch["row"].shape[0]

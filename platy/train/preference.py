@@ -30,7 +30,9 @@ from platy.train.trainer import Trainer
 
 WITH_REFERENCE = ("dpo", "ipo")  # the losses that compare the policy with a reference
 IGNORE_INDEX = -100
-REFERENCE_VERSION = 1  # bump when what the cached reference log-probs hold changes
+# bump when what the cached reference log-probs hold changes; 2: the lm_head only at answer positions, which moves
+# the float32 sums by a few ulps
+REFERENCE_VERSION = 2
 # the largest |log pi_theta - log pi_ref| per answer token at step 0 that still counts as "the same model": the
 # reference and the first step see other batches (other padding), which moves float32 sums by ~1e-6
 START_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
@@ -40,14 +42,32 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 # ---- the losses --------------------------------------------------------------------------------------
 
 
-def answer_logps(logits, labels):
-    """(sum of the answer tokens' log-probs, their count) per row; labels hold IGNORE_INDEX off the answer."""
-    labels = labels[:, 1:]
-    logits = logits[:, :-1].float()
-    mask = labels != IGNORE_INDEX
-    picked = torch.gather(logits, 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-    per_token = (picked - torch.logsumexp(logits, dim=2)) * mask
-    return per_token.sum(dim=1), mask.sum(dim=1)
+def answer_positions(labels):
+    """Where the logits predict an answer token: position t predicts labels[t + 1] (the model shifts inside), so
+    a row's last position predicts nothing."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def answer_logps(model, input_ids, attention_mask, labels):
+    """(sum of the answer tokens' log-probs, their count) per row; labels hold IGNORE_INDEX off the answer.
+
+    The lm_head and the log-softmax run only at the positions that predict an answer token (transformers'
+    logits_to_keep with a boolean mask, through peft and DDP wrappers alike): over a 49k-token vocabulary they
+    are a large share of a step, and prompt and padding positions enter no loss. Each kept position's logits are
+    the ones a full forward computes there, so the sums are the same."""
+    keep = answer_positions(labels)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep
+    ).logits.float()
+    if logits.dim() == 3:  # a model without logits_to_keep computed every position
+        logits = logits[keep]
+    targets = labels[:, 1:][keep[:, :-1]]
+    per_token = torch.gather(logits, 1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
+    counts = keep.sum(dim=1)
+    rows = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), counts)
+    return per_token.new_zeros(len(labels)).index_add(0, rows, per_token), counts
 
 
 def log1mexp(x):
@@ -87,8 +107,7 @@ def pair_loss(model, inputs, stage, beta, gamma, check=None):
     in one forward pass, the reference's from the batch (dpo, ipo). check(chosen, rejected, ref_chosen,
     ref_rejected, rows), when given, sees the log-probs before the loss."""
     pairs = inputs["row"].shape[0]
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
-    logps, counts = answer_logps(logits, inputs["labels"])
+    logps, counts = answer_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
     chosen, rejected = (logps[:pairs], counts[:pairs]), (logps[pairs:], counts[pairs:])
     ref_chosen = ref_rejected = None
     if stage in WITH_REFERENCE:
@@ -278,12 +297,9 @@ def reference_logps(model, dataset, collator, batch_size, use_adapter, precision
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             pairs = batch["row"].shape[0]
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            ).logits
-            logps, _ = answer_logps(logits, batch["labels"].to(device))
+            logps, _ = answer_logps(
+                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
+            )
             chosen.append(logps[:pairs].double().cpu())
             rejected.append(logps[pairs:].double().cpu())
     model.train(was_training)
