@@ -144,3 +144,20 @@ def test_launcher_help_runs_and_replaces_nothing(tmp_path, launcher, first_line)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(first_line) and "Replacing" not in result.stdout
     assert (earlier / "run_config.json").read_text() == record
+
+
+def test_the_preference_benchmark_counts_style_right_answers_and_hedges():
+    """bench/preference_quality.py's counts of answers: the chosen style with any N, with the expected N, and
+    the rejected answers' hedging, on answers written as the models write them."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import preference_quality
+
+    rows = [
+        ("What is 16 + 25?", "41", "16 + 25 = 41. The answer is 41."),
+        ("What is 26 times 3?", "78", "26 x 3 = 86. The answer is 86."),
+        ("What is 10 + 17?", "27", "Hmm, maybe around 25, but I am not sure."),
+        ("How many minutes are in 4 hours?", "240", "The answer is 240 minutes."),
+    ]
+    assert preference_quality.shares(rows) == {"questions": 4, "style": 2, "right": 1, "hedged": 1}
