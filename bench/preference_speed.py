@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -169,9 +170,8 @@ def report(figures):
 
 
 def measure(config, **settings):
-    if config.startswith("toolkit"):
-        return toolkit(config, **settings)
-    return trl_run(config, **settings)
+    """One configuration's figures; settings are main's flags, read as attributes."""
+    return (toolkit if config.startswith("toolkit") else trl_run)(config, SimpleNamespace(**settings))
 
 
 def memory_kind():
@@ -188,19 +188,7 @@ def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def toolkit(
-    config,
-    base_model,
-    data_path,
-    steps,
-    batch_size,
-    micro_batch_size,
-    beta,
-    learning_rate,
-    cutoff_len,
-    val_set_size,
-    chat_template,
-):
+def toolkit(config, s):
     import gc
 
     import torch
@@ -212,22 +200,22 @@ def toolkit(
     flags = cli.entry_defaults(cli.script_entry("finetune"))
     out = tempfile.mkdtemp(prefix="platy-bench-dpo-")
     flags.update(
-        base_model=base_model,
-        data_path=data_path,
+        base_model=s.base_model,
+        data_path=s.data_path,
         output_dir=out,
         stage="dpo",
-        beta=beta,
+        beta=s.beta,
         precision="fp32",  # as TRL runs (bf16=False); --precision auto would pick bf16 on some CPUs and GPUs
         quantization="none",
         gradient_checkpointing=False,
-        batch_size=batch_size,
-        micro_batch_size=micro_batch_size,
-        max_steps=steps,
+        batch_size=s.batch_size,
+        micro_batch_size=s.micro_batch_size,
+        max_steps=s.steps,
         warmup_steps=0,
-        learning_rate=learning_rate,
-        cutoff_len=cutoff_len,
-        val_set_size=val_set_size,
-        chat_template=chat_template,
+        learning_rate=s.learning_rate,
+        cutoff_len=s.cutoff_len,
+        val_set_size=s.val_set_size,
+        chat_template=s.chat_template,
         logging_steps=1,
         save_steps=10**6,  # no checkpoint; the held-out pairs are evaluated at step 0 and at the end
         report_to="none",
@@ -262,19 +250,7 @@ def toolkit(
     }
 
 
-def trl_run(
-    config,
-    base_model,
-    data_path,
-    steps,
-    batch_size,
-    micro_batch_size,
-    beta,
-    learning_rate,
-    cutoff_len,
-    val_set_size,
-    chat_template,
-):
+def trl_run(config, s):
     import datasets
     import torch
     from peft import LoraConfig
@@ -285,22 +261,22 @@ def trl_run(
     from platy.data.pairs import load_pairs
     from platy.data.rows import split_rows
 
-    path = resolve_base_model(base_model, "--base_model")
+    path = resolve_base_model(s.base_model, "--base_model")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    pairs, _ = load_pairs(data_path)
+    pairs, _ = load_pairs(s.data_path)
     seed = cli.entry_defaults(cli.script_entry("finetune"))["seed"]
-    pairs, _ = split_rows(pairs, val_set_size, seed)  # the pairs the toolkit trains on, split as it splits them
-    rows = [trl_row(pair, chat_template == "auto") for pair in pairs]
+    pairs, _ = split_rows(pairs, s.val_set_size, seed)  # the pairs the toolkit trains on, split as it splits them
+    rows = [trl_row(pair, s.chat_template == "auto") for pair in pairs]
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-dpo-"),
-        beta=beta,
-        per_device_train_batch_size=micro_batch_size,
-        gradient_accumulation_steps=batch_size // micro_batch_size,
-        max_steps=steps,
-        learning_rate=learning_rate,
+        beta=s.beta,
+        per_device_train_batch_size=s.micro_batch_size,
+        gradient_accumulation_steps=s.batch_size // s.micro_batch_size,
+        max_steps=s.steps,
+        learning_rate=s.learning_rate,
         warmup_steps=0,
         logging_steps=1,
         save_strategy="no",
@@ -308,7 +284,7 @@ def trl_run(
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
         gradient_checkpointing=False,
-        max_length=cutoff_len,
+        max_length=s.cutoff_len,
         precompute_ref_log_probs=config == "trl-precomputed",
     )
     lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=["gate_proj", "down_proj", "up_proj"])
