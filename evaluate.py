@@ -41,7 +41,7 @@ FLAGS = Flags(
         "Winogrande 5-shot acc, GSM8K 5-shot exact match, and their average), kobest (COPA, HellaSwag, BoolQ, "
         "SentiNeg: macro F1 at 0, 5, 10 and 50 shots), toolcalls (the quick start's held-out requests, bundled "
         "and offline: exact match of the tool call), arithmetic (held-out questions of the bundled preference "
-        "pairs: answers ending 'The answer is N.' with the right N), or comma-separated harness task names.",
+        "pairs: answers stating 'The answer is N.' with the right N), or comma-separated harness task names.",
     ),
     Flag(
         "num_fewshot",

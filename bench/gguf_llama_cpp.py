@@ -104,9 +104,12 @@ def read_prompts(path):
 
     try:
         rows = json.loads(Path(path).read_text(encoding="utf-8"))
-        return [row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "") for row in rows]
+        prompts = [row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "") for row in rows]
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise UserError(f"--prompts {path}: give a JSON list of rows with an instruction each ({error})") from None
+    if not isinstance(rows, list) or not prompts:
+        raise UserError(f"--prompts {path}: give a JSON list of rows with an instruction each (it holds none)")
+    return prompts
 
 
 def models_and_files(work, folder, base_model):

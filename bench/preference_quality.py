@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from platy.cli import UserError, run  # noqa: E402
+from platy.evaluate_stages import unique_folders  # noqa: E402
+from platy.evaluation import model_labels  # noqa: E402
 from platy.flags import from_signature  # noqa: E402
 
 STYLE = re.compile(r"The answer is (-?[0-9]+)\.")  # data/arithmetic/arithmetic.yaml's filter
@@ -57,7 +59,11 @@ def main(
     """
     if show < 1:
         raise UserError(f"--show {show}: give 1 or more (the answers are read from evaluate.py's samples)")
-    out = Path(output_dir)
+    out = Path(output_dir).expanduser().resolve()  # the commands run from the repository's root
+    if init_adapter:
+        init_adapter = str(Path(init_adapter).expanduser().resolve())
+    if Path(base_model).expanduser().exists():
+        base_model = str(Path(base_model).expanduser().resolve())
     if out.exists() and any(out.iterdir()) and not (out / "quality.json").exists():
         raise UserError(f"--output_dir {out}: holds other files; give a new or empty folder")
     adapter, merged, evaluation = out / "dpo", out / "dpo-merged", out / "eval"
@@ -79,7 +85,8 @@ def main(
     seconds = {name: command(name, argv) for name, argv in (("DPO", dpo), ("merge", merge), ("evaluate", score))}
 
     rewards = held_out_rewards(adapter / "log_history.json")
-    answers = {label: read_answers(evaluation, label) for label in labels(models)}
+    labels = model_labels(models.split(","))
+    answers = {label: read_answers(evaluation / folder) for label, folder in zip(labels, unique_folders(labels))}
     figures = {"before": before, "rewards": rewards, "cpu_seconds": seconds}
     figures["answers"] = {label: shares(rows) for label, rows in answers.items()}
     (out / "quality.json").write_text(json.dumps(figures, indent=1) + "\n")
@@ -105,14 +112,9 @@ def held_out_rewards(log_file):
     return [[row[k] for k in keys] for row in history if "eval_rewards/accuracies" in row]
 
 
-def labels(models):
-    """evaluate.py's row labels: a folder's name, a GGUF file's name, or the model as given."""
-    return [Path(m).name if Path(m).exists() else m for m in models.split(",")]
-
-
-def read_answers(evaluation, label):
-    """(question, expected N, the model's own answer) of every held-out question, from evaluate.py's samples."""
-    folder = evaluation / label.replace(":", "_").replace("/", "_")
+def read_answers(folder):
+    """(question, expected N, the model's own answer) of every held-out question, from the samples evaluate.py
+    wrote in a model's results folder."""
     samples = json.loads((folder / "0-shot-samples.json").read_text())["platy_arithmetic"]
     return [(s["doc"]["instruction"], s["target"], s["resps"][0][0].strip()) for s in samples]
 

@@ -145,8 +145,8 @@ def test_real_model_step_reads_the_quick_start_from_the_demo_settings(tmp_path):
 
 
 def test_dpo_figures_against_trl_are_judged_and_rendered():
-    """A GPU run's DPO figures (here made up) with TRL's runs beside the toolkit's: the goals of the issue judged,
-    the table's ratios against (c), and a configuration the step's cap cut off named."""
+    """A GPU run's DPO figures (here made up) with TRL's runs beside the toolkit's: the preference goals of
+    docs/gpu-check.md judged, the table's ratios against (c), and a configuration the step's cap cut off named."""
     import gpu_check
 
     def config(speed, memory, **more):

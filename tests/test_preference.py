@@ -326,6 +326,15 @@ def test_preference_flags_are_checked_together():
     assert any("--beta applies to preference tuning" in p for p in check_flags(flags(stage="sft", beta=0.5)))
 
 
+def test_liger_is_turned_off_for_a_preference_stage(capsys):
+    """Liger's forward and fused loss are SFT's: a preference stage trains with the model's own layers, saying so."""
+    from platy.train.config import derive
+
+    run = derive(flags(stage="dpo", liger=True))
+    assert run.liger is False
+    assert "Note: --liger is off: --stage dpo computes its own loss" in capsys.readouterr().out
+
+
 # ---- runs: the reference, its cache, the step-0 check, merge and inference -----------------------------
 
 

@@ -355,7 +355,13 @@ def derive(flags):
     """The TrainRun of the flags alone: values derived from them and the template read; --liger is turned off
     (with a note) where it cannot run."""
     values = dict(flags)
-    if values["liger"] and (why := liger_unavailable()):
+    if values["liger"] and values["stage"] != "sft":
+        # Liger replaces the model's forward, whose logits_to_keep the preference losses pass as a mask of answer
+        # positions; its fused loss is SFT's cross-entropy, which no preference stage uses
+        why = f"--stage {values['stage']} computes its own loss from the answer positions' log-probs"
+    else:
+        why = values["liger"] and liger_unavailable()
+    if why:
         say(f"Note: --liger is off: {why}; training with the model's own layers")
         values["liger"] = False
     world = cli.world_size()
