@@ -10,9 +10,9 @@ Row layouts (one file may mix them):
 """
 
 from platy.cli import UserError
-from platy.data.examples import ExampleTokenizer
-from platy.data.rows import MAX_ROW_PROBLEMS_SHOWN, conversation_messages, read_source, to_row
-from platy.data.tokenize import TOKENIZE_BATCH, text_columns
+from platy.data.examples import IGNORE_INDEX, ExampleTokenizer, masked_labels
+from platy.data.rows import conversation_messages, first_problems, read_source, to_row
+from platy.data.tokenize import tokenized_batches
 
 ANSWERS = ("chosen", "rejected")
 PAIR_LAYOUTS = (
@@ -40,9 +40,7 @@ def check_pairs(rows, source):
         else:
             pairs.append({"row": number, **pair})
     if problems:
-        more = len(problems) - MAX_ROW_PROBLEMS_SHOWN
-        shown = "; ".join(problems[:MAX_ROW_PROBLEMS_SHOWN]) + (f"; and {more} more rows" if more > 0 else "")
-        raise UserError(f"{source}: {shown}. {PAIR_LAYOUTS}; fix or remove those rows")
+        raise UserError(f"{source}: {first_problems(problems)}. {PAIR_LAYOUTS}; fix or remove those rows")
     if not pairs:
         raise UserError(f"{source}: no rows; the data set is empty")
     return pairs
@@ -193,22 +191,16 @@ class PairTokenizer:
                 answer, lost = self.without_end_of_turn(pair[key])
                 stripped += lost
                 rows[key].append(sft_row(pair["prompt"], answer))
-        encoded = {key: self.compact(rows[key]) for key in ANSWERS}
         columns = {"row": [pair["row"] for pair in pairs]}
         problems, truncated = [], 0
         for key in ANSWERS:
-            part = encoded[key]
+            part = self.compact(rows[key])
             columns[f"{key}_input_ids"], columns[f"{key}_labels"] = [], []
             for pair, ids, masked, n_response, cut in zip(
                 pairs, part["input_ids"], part["masked"], part["n_response"], part["truncated"]
             ):
-                labels = [False] * len(ids)
-                begin = 0
-                for start, end in masked:
-                    labels[begin:start] = [True] * (start - begin)
-                    begin = end
-                labels[begin:] = [True] * (len(ids) - begin)
-                labels[0] = False  # labels are shifted inside the model: position 0 is never a target
+                labels = masked_labels(ids, masked)
+                labels[0] = IGNORE_INDEX  # labels are shifted inside the model: position 0 is never a target
                 if n_response == 0:
                     problems.append(
                         f"row {pair['row']}: the prompt alone fills --cutoff_len {self.cutoff_len}, leaving no "
@@ -220,11 +212,9 @@ class PairTokenizer:
                     )
                 truncated += cut
                 columns[f"{key}_input_ids"].append(ids)
-                columns[f"{key}_labels"].append([tok if label else -100 for tok, label in zip(ids, labels)])
+                columns[f"{key}_labels"].append(labels)
         if problems:
-            more = len(problems) - MAX_ROW_PROBLEMS_SHOWN
-            shown = "; ".join(problems[:MAX_ROW_PROBLEMS_SHOWN]) + (f"; and {more} more" if more > 0 else "")
-            raise UserError(f"{source}: {shown}. Raise --cutoff_len or fix those rows")
+            raise UserError(f"{source}: {first_problems(problems, 'more')}. Raise --cutoff_len or fix those rows")
         stats = {
             "pairs": len(pairs),
             "answers_cut_at_cutoff_len": truncated,
@@ -234,19 +224,16 @@ class PairTokenizer:
         return columns, stats
 
     def compact(self, rows):
+        """ExampleTokenizer.compact's columns of all rows, tokenized in batches as supervised rows are."""
         out = {}
-        columns = text_columns(rows)
-        for start in range(0, len(rows), TOKENIZE_BATCH):
-            part = self.examples.compact(
-                {key: values[start : start + TOKENIZE_BATCH] for key, values in columns.items()}
-            )
+        for part in tokenized_batches(rows, self.examples):
             for key, values in part.items():
                 out.setdefault(key, []).extend(values)
         return out
 
     def end_count(self, ids, labels):
         """How many end-of-turn tokens the answer's labels hold (one, at its end, when rendered right)."""
-        return sum(1 for tok, label in zip(ids, labels) if label and tok in self.end_ids)
+        return sum(1 for tok, label in zip(ids, labels) if label != IGNORE_INDEX and tok in self.end_ids)
 
 
 def tokenize_pairs(pairs, pair_tokenizer, source):

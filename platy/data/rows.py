@@ -247,7 +247,7 @@ def _parse_json(text):
     except json.JSONDecodeError as err:
         # a .json file holding JSON Lines is common (and what many exporters write)
         try:
-            return _parse_jsonl(text)
+            return _parse_jsonl(text.splitlines())
         except UserError:
             raise UserError(
                 f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); fix the file"
@@ -262,13 +262,16 @@ def _parse_json(text):
     return data
 
 
-def _parse_jsonl(text):
+def _parse_jsonl(lines):
+    """The rows of JSON Lines: lines of text, or of UTF-8 bytes."""
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(json.loads(line.decode("utf-8") if isinstance(line, bytes) else line))
+        except UnicodeDecodeError:
+            raise UserError(f"line {number} is not UTF-8 text; save the file as UTF-8") from None
         except json.JSONDecodeError as err:
             raise UserError(f"line {number} is not valid JSON ({err.msg}); fix that line") from None
     return rows
@@ -276,18 +279,15 @@ def _parse_jsonl(text):
 
 def _stream_jsonl(path):
     """(rows, sha256 hex) of a JSON Lines file read line by line, each line hashed and parsed as it comes."""
-    digest, rows = hashlib.sha256(), []
-    with open(path, "rb") as file:
-        for number, line in enumerate(file, start=1):
+    digest = hashlib.sha256()
+
+    def hashed(file):
+        for line in file:
             digest.update(line)
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line.decode("utf-8")))
-            except UnicodeDecodeError:
-                raise UserError(f"line {number} is not UTF-8 text; save the file as UTF-8") from None
-            except json.JSONDecodeError as err:
-                raise UserError(f"line {number} is not valid JSON ({err.msg}); fix that line") from None
+            yield line
+
+    with open(path, "rb") as file:
+        rows = _parse_jsonl(hashed(file))
     return rows, digest.hexdigest()
 
 
@@ -314,16 +314,20 @@ def check_rows(rows, source):
     clean, rejects = normalise_rows(rows, source)
     if rejects:
         problems = [f"row {number}: {reason}" for number, reason, _ in rejects]
-        more = len(problems) - MAX_ROW_PROBLEMS_SHOWN
-        shown = "; ".join(problems[:MAX_ROW_PROBLEMS_SHOWN]) + (f"; and {more} more rows" if more > 0 else "")
         raise UserError(
-            f"{source}: {shown}. Every row needs non-empty text fields 'instruction' and 'output' "
+            f"{source}: {first_problems(problems)}. Every row needs non-empty text fields 'instruction' and 'output' "
             "('input' is optional), or a 'messages' / 'conversations' list whose user and assistant turns "
             "alternate after an optional system message and end with an assistant turn; fix or remove those rows"
         )
     if not clean:
         raise UserError(f"{source}: no rows; the data set is empty")
     return clean
+
+
+def first_problems(problems, more="more rows"):
+    """The first MAX_ROW_PROBLEMS_SHOWN problems joined by '; ', and how many more there are."""
+    left = len(problems) - MAX_ROW_PROBLEMS_SHOWN
+    return "; ".join(problems[:MAX_ROW_PROBLEMS_SHOWN]) + (f"; and {left} {more}" if left > 0 else "")
 
 
 def normalise_rows(rows, source):

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from platy.cli import UserError, say
-from platy.files import cache_root
+from platy.data.examples import IGNORE_INDEX
+from platy.files import ADAPTER_FILES, cache_root
 from platy.train.trainer import Trainer
 
 WITH_REFERENCE = ("dpo", "ipo")  # the losses that compare the policy with a reference
-IGNORE_INDEX = -100
 # bump when what the cached reference log-probs hold changes; 2: the lm_head only at answer positions, which moves
 # the float32 sums by a few ulps
 REFERENCE_VERSION = 2
@@ -255,8 +255,6 @@ def base_fingerprint(path):
 
 def adapter_fingerprint(folder):
     """sha256 of the adapter's weights file."""
-    from platy.files import ADAPTER_FILES
-
     digest = hashlib.sha256()
     for name in ADAPTER_FILES:
         path = Path(folder) / name

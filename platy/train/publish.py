@@ -14,6 +14,7 @@ from platy.files import (
     CURVES,
     LOG_HISTORY,
     RUN_CONFIG,
+    STAGING,
     readable_as_umask_allows,
     sync_folder,
     sync_tree,
@@ -25,7 +26,7 @@ from platy.prompts import CHAT_TEMPLATE_NONE
 from platy.quantized import LOFTQ_OFFSET, write_loftq_offsets
 from platy.record import RecordedChatTemplate
 from platy.tiny import is_random
-from platy.train.checkpoints import STAGING, remove_leftovers
+from platy.train.checkpoints import remove_leftovers
 from platy.train.config import changes_base
 from platy.train.lora import attach, convert_to_plain_lora
 

@@ -26,9 +26,10 @@ import transformers
 from transformers.trainer_callback import TrainerCallback
 
 from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, Terminated, UserError, error_detail, say
+from platy.files import STAGING
 from platy.integrity import PICKLE_SUFFIXES, config_hash, file_problem, write_manifest
 from platy.quantized import write_loftq_offsets
-from platy.train.checkpoints import STAGING, latest_checkpoint, publish, rotate
+from platy.train.checkpoints import latest_checkpoint, publish, rotate
 
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 # torchrun passes a signal on to its workers, which got it from the terminal already:
