@@ -138,9 +138,15 @@ def add_lora(run, model, layout, new_tokens=()):
     if changes_base(run.init_lora_weights) and cli.is_main_process():
         initial = save_initial_adapter(model)
     if run.resume and run.resume.adapter:
-        load_adapter_weights(model, run.resume.path)
+        load_adapter_weights(model, run.resume.path, "--resume_from_checkpoint")
+        say(
+            f"Loaded adapter weights from {run.resume.path}. The optimizer state and learning-rate schedule restart "
+            "from step 0 (an adapter folder holds no optimizer state; resume from a checkpoint-N folder to continue "
+            "them)."
+        )
     elif run.init_adapter:  # a preference run on an SFT adapter: the policy starts as a trainable copy of it
         load_adapter_weights(model, run.init_adapter, "--init_adapter")
+        say(f"Loaded the SFT adapter's weights from {run.init_adapter} as the starting policy")
     if cli.is_main_process():
         trainable, total = model.get_nb_trainable_parameters()
         say(
@@ -239,7 +245,8 @@ def low_rank(matrix, rank):
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
-def load_adapter_weights(model, folder, flag="--resume_from_checkpoint"):
+def load_adapter_weights(model, folder, flag):
+    """The adapter's weights of folder into model; a UserError naming flag where they do not fit it."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
@@ -252,13 +259,6 @@ def load_adapter_weights(model, folder, flag="--resume_from_checkpoint"):
             f"({len(missing)} LoRA weights missing, e.g. {missing[0]}); check --base_model and "
             "--lora_target_modules"
         )
-    if flag == "--init_adapter":
-        say(f"Loaded the SFT adapter's weights from {folder} as the starting policy")
-        return
-    say(
-        f"Loaded adapter weights from {folder}. The optimizer state and learning-rate schedule restart from step 0 "
-        "(an adapter folder holds no optimizer state; resume from a checkpoint-N folder to continue them)."
-    )
 
 
 def convert_to_plain_lora(model, initial, staged):
