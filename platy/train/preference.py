@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from platy.cli import UserError, say
 from platy.data.examples import IGNORE_INDEX
 from platy.files import ADAPTER_FILES, cache_root
-from platy.train.trainer import Trainer
+from platy.train.trainer import Trainer, every_rank
 
 WITH_REFERENCE = ("dpo", "ipo")  # the losses that compare the policy with a reference
 # bump when what the cached reference log-probs hold changes; 2: the lm_head only at answer positions, which moves
@@ -217,16 +217,11 @@ class PreferenceTrainer(Trainer):
     def log(self, logs, start_time=None):
         """The logged loss with the mean rewards of the pairs since the last log (eval_ ones after evaluation)."""
         mode, prefix = ("eval", "eval_") if "eval_loss" in logs else ("train", "")
-        totals = torch.tensor([*self.sums[mode].values(), self.counts[mode]], dtype=torch.float64)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # every rank logs (the Trainer gathers the loss the same way): the pairs of all ranks count
-            device = self.accelerator.device if "nccl" in str(dist.get_backend()) else "cpu"
-            totals = totals.to(device)
-            dist.all_reduce(totals)
-            totals = totals.cpu()
+        # every rank logs (the Trainer gathers the loss the same way): the pairs of all ranks count
+        mine = [*self.sums[mode].values(), float(self.counts[mode])]
+        totals = [sum(column) for column in zip(*every_rank(mine))]
         if totals[-1] > 0:
-            logs.update({prefix + name: float(total / totals[-1]) for name, total in zip(METRICS, totals)})
+            logs.update({prefix + name: total / totals[-1] for name, total in zip(METRICS, totals)})
         self.sums[mode] = dict.fromkeys(METRICS, 0.0)
         self.counts[mode] = 0
         super().log(logs, start_time)
