@@ -162,7 +162,6 @@ class Preference:
         from platy.data.cache import tokenizer_fingerprint
         from platy.train.preference import (
             WITH_REFERENCE,
-            adapter_fingerprint,
             cached_reference,
             disable_dropout,
             reference_key,
@@ -174,7 +173,7 @@ class Preference:
         if self.name not in WITH_REFERENCE:
             record.set_reference({"model": f"none ({self.name} compares the two answers alone)"})
             return train_set, val_set
-        reference = reference_of(run, adapter_fingerprint(run.init_adapter) if run.init_adapter else {})
+        reference = reference_of(run)
         record.set_reference(reference)
         started = time.time()
         collator = self.collator(run, tokenizer)

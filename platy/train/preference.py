@@ -230,12 +230,13 @@ class PreferenceTrainer(Trainer):
 # ---- the reference ----------------------------------------------------------------------------------
 
 
-def reference_of(run, adapter_hash):
+def reference_of(run):
     """What the reference is, for the record and the cache key: the SFT adapter (--init_adapter, its weights'
     hash) on the base, or the base with the adapter disabled."""
     base = {"base_model": run.base_model, "quantization": run.quantization, "precision": run.precision}
     if run.init_adapter:
-        return {"model": "the frozen SFT adapter on the base", "adapter": run.init_adapter, **base, **adapter_hash}
+        adapter = adapter_fingerprint(run.init_adapter)
+        return {"model": "the frozen SFT adapter on the base", "adapter": run.init_adapter, **base, **adapter}
     return {"model": "the base (adapter disabled)", **base, **base_fingerprint(run.base_model_path)}
 
 
