@@ -140,8 +140,7 @@ def tokenizer_layout(folder, flag, base_folder=None):
     folder = Path(folder)
     if any((Path(f) / "tokenizer.model").is_file() for f in (folder, base_folder) if f):
         return TokenizerLayout("llama", "default", "tokenizer.model")
-    path = folder / "tokenizer.json"
-    spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    spec = tokenizer_json(folder)
     model = spec.get("model") or {}
     if model and model.get("type") != "BPE":
         raise UserError(
@@ -164,6 +163,12 @@ def tokenizer_layout(folder, flag, base_folder=None):
         f"{flag}: no sentencepiece tokenizer.model and no BPE tokenizer.json (sentencepiece-style or byte-level) "
         f"in {folder}; GGUF export needs one of them"
     )
+
+
+def tokenizer_json(folder):
+    """A folder's tokenizer.json, parsed ({} where it has none)."""
+    path = Path(folder) / "tokenizer.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def pre_tokenizer_name(pre_tokenizer):
@@ -410,7 +415,8 @@ def add_vocabulary(writer, folder, rows):
     import gguf
 
     layout = tokenizer_layout(folder, "--output_dir")
-    tokens, scores, types = read_tokens(folder, layout)
+    spec = tokenizer_json(folder)
+    tokens, scores, types = read_tokens(folder, layout, spec)
     if len(tokens) > rows:
         raise UserError(
             f"--gguf: the tokenizer has {len(tokens)} tokens but the embedding only {rows} rows; "
@@ -426,7 +432,7 @@ def add_vocabulary(writer, folder, rows):
     writer.add_token_types(types)
     if layout.model == "llama":  # byte-level BPE merges by its merge list, and llama.cpp's converter writes no scores
         writer.add_token_scores(scores)
-        writer.add_add_space_prefix(adds_space_prefix(folder, layout))
+        writer.add_add_space_prefix(adds_space_prefix(folder, layout, spec))
     special = gguf.SpecialVocab(folder, load_merges=layout.model == "gpt2", n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
     if "bos" not in special.add_special_token:  # llama.cpp would add BOS to every Llama-graph prompt
@@ -445,18 +451,19 @@ def adds_bos(folder):
     return tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
 
 
-def read_tokens(folder, layout):
+def read_tokens(folder, layout, spec):
     """(tokens as bytes, scores, token types): the vocabulary read from layout.source (gguf's readers for a
     tokenizer.model and for byte-level BPE), then the tokens the Hugging Face tokenizer added beyond it (gguf's
-    readers only know added_tokens.json, which transformers 5 no longer writes), typed as transformers marks them."""
+    readers only know added_tokens.json, which transformers 5 no longer writes), typed as transformers marks them.
+    spec: the folder's tokenizer.json (tokenizer_json)."""
     import gguf
 
-    path = folder / "tokenizer.json"
-    spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if layout.source == "tokenizer.model":
         base = gguf.SentencePieceVocab(folder).sentencepiece_tokens()
     elif layout.model == "llama":
-        base = sentencepiece_json_tokens(path, spec, gguf.SpecialVocab(folder).special_token_ids.get("unk"))
+        base = sentencepiece_json_tokens(
+            folder / "tokenizer.json", spec, gguf.SpecialVocab(folder).special_token_ids.get("unk")
+        )
     else:
         base = gguf.BpeVocab(folder).bpe_tokens()
     tokens, scores, types = [], [], []
@@ -529,13 +536,12 @@ def sentencepiece_json_tokens(path, spec, unknown_id):
             unmerged += 1
 
 
-def adds_space_prefix(folder, layout):
+def adds_space_prefix(folder, layout, spec):
     """Whether the sentencepiece tokenizer puts ▁ before a text: the tokenizer.model's add_dummy_prefix,
     or in a tokenizer.json the Metaspace pre-tokenizer's prepend_scheme (first or always; older files say
     add_prefix_space) or a normalizer that prepends ▁ (older Llama files)."""
     if layout.source == "tokenizer.model":
         return sentencepiece_adds_prefix(folder / "tokenizer.model")
-    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     for step in flat_steps(spec.get("normalizer")) + flat_steps(spec.get("pre_tokenizer")):
         if step.get("type") == "Prepend" and step.get("prepend") == METASPACE:
             return True

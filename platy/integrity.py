@@ -213,10 +213,11 @@ def check_index(folder, index_name, who, fix):
             raise TypeError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise UserError(f"{who}: {index_name} is damaged (not a readable weight map); {fix}") from None
-    for name in sorted(set(weight_map.values())):
+    names = sorted(set(weight_map.values()))
+    for name in names:
         if problem := outside_problem(folder, name):
             raise UserError(f"{who}: {index_name} {problem}; {fix}")
-    files = [folder / name for name in sorted(set(weight_map.values()))]
+    files = [folder / name for name in names]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise UserError(f"{who}: {index_name} lists {len(missing)} missing weight file(s), e.g. {missing[0]}; {fix}")

@@ -428,11 +428,9 @@ def toolkit_version():
 
 def update_record(run, **fields):
     """Add fields to merge_config.json and write the model card again from it."""
-    import json
-
     from platy.model_card import model_card
 
-    path = run.output_dir / "merge_config.json"
+    path = run.output_dir / MERGE_CONFIG
     info = json.loads(path.read_text(encoding="utf-8"))
     info.update(fields)
     write_json(path, info)
@@ -442,9 +440,7 @@ def update_record(run, **fields):
 
 def check_gguf(run):
     """--verify with --gguf: each file loaded back by transformers' GGUF loader against the merged model."""
-    import json
-
-    info = json.loads((run.output_dir / "merge_config.json").read_text(encoding="utf-8"))
+    info = json.loads((run.output_dir / MERGE_CONFIG).read_text(encoding="utf-8"))
     written = info["gguf"]
     prompts = [verify_prompter(run).generate_prompt(q) for q in VERIFY_PROMPTS]
     reports = gguf_export.compare_with_merged(
@@ -553,8 +549,9 @@ def verdict(report, dtype):
     reference in bf16 rounds more than a float16 export)."""
     import torch
 
-    rounding = max((dtype, report["reference_dtype"]), key=lambda name: torch.finfo(getattr(torch, name)).eps)
-    k, eps, scale = VERIFY_ROUNDINGS[rounding], torch.finfo(getattr(torch, rounding)).eps, report["max_abs_logit"]
+    epsilons = {name: torch.finfo(getattr(torch, name)).eps for name in (dtype, report["reference_dtype"])}
+    rounding = max(epsilons, key=epsilons.get)
+    k, eps, scale = VERIFY_ROUNDINGS[rounding], epsilons[rounding], report["max_abs_logit"]
     computed = f" (the reference computed in {rounding})" if rounding != dtype else ""
     tolerance = {
         "max_abs_diff": k * eps * scale,
@@ -682,7 +679,7 @@ def verify_merge(run, prompts=None):
     reference.eval()
     compute_8bit_as_trained(reference)
     merged.eval()
-    worst, agree, positions, largest, squares = 0.0, 0, 0, 0.0, 0.0
+    worst, agree, positions, largest = 0.0, 0, 0, 0.0
     with torch.no_grad():
         for text in prompts:
             ids = tokenizer(text, return_tensors="pt")
@@ -692,7 +689,6 @@ def verify_merge(run, prompts=None):
             agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
             positions += a.shape[1]
             largest = max(largest, a.abs().max().item())
-            squares += a.double().square().sum().item()
     return {
         "max_abs_diff": worst,
         "agreement": agree / positions,
@@ -700,5 +696,4 @@ def verify_merge(run, prompts=None):
         "prompts": len(prompts),
         "max_abs_logit": largest,  # the scale the tolerance is relative to
         "reference_dtype": str(torch_dtype(precision)).removeprefix("torch."),
-        "rms_logit": (squares / (positions * a.shape[-1])) ** 0.5,
     }
