@@ -42,7 +42,7 @@ demo=""  # the quick start (recipes/demo-settings.sh): real (SmolLM2 on tool cal
 if [ -z "${BASE_MODEL:-}" ]; then
   source "$here/recipes/demo-settings.sh"  # after NPROC and NNODES: its batch is split over them
   if [ -n "${TINY:-}" ] && [ "$TINY" != "0" ]; then
-    demo=tiny BASE_MODEL=builtin:tiny-llama  # on the sample data, the default below
+    demo=tiny BASE_MODEL="$demo_base"  # on the sample data, the default below
   else
     demo=real BASE_MODEL="$quickstart_base" DATA_PATH="${DATA_PATH:-$here/$quickstart_data}"
   fi
@@ -145,10 +145,10 @@ if [ "$demo" != real ]; then
 fi
 "$PYTHON" "$here/finetune.py" "${args[@]}" "$@"
 # the quick start's proof: the held-out requests answered by the base and by base + adapter
+compare=(--models "$BASE_MODEL,$OUTPUT_DIR" --suite toolcalls --show_answers 5)
 if ! "$PYTHON" -c "import lm_eval" 2>/dev/null; then
   echo "To compare the base with the fine-tuned model: pip install -r $here/requirements-eval.txt, then:"
-  echo "  python $here/evaluate.py --models $BASE_MODEL,$OUTPUT_DIR --suite toolcalls --show_answers 5"
+  echo "  python $here/evaluate.py ${compare[*]}"
   exit 0
 fi
-exec "$PYTHON" "$here/evaluate.py" --models "$BASE_MODEL,$OUTPUT_DIR" --suite toolcalls --show_answers 5 \
-  --output_dir "$(dirname "$OUTPUT_DIR")/quickstart-eval"
+exec "$PYTHON" "$here/evaluate.py" "${compare[@]}" --output_dir "$(dirname "$OUTPUT_DIR")/quickstart-eval"
