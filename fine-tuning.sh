@@ -29,18 +29,6 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
 case " $* " in *" --help "* | *" -h "*) exec "$PYTHON" "$here/finetune.py" --help ;; esac  # the flags; nothing run
-demo=""  # the quick start (recipes/demo-settings.sh): real (SmolLM2 on tool calls) or tiny (TINY=1)
-if [ -z "${BASE_MODEL:-}" ]; then
-  source "$here/recipes/demo-settings.sh"
-  if [ -n "${TINY:-}" ] && [ "$TINY" != "0" ]; then
-    demo=tiny BASE_MODEL=builtin:tiny-llama  # on the sample data, the default below
-  else
-    demo=real BASE_MODEL="$quickstart_base" DATA_PATH="${DATA_PATH:-$here/$quickstart_data}"
-  fi
-fi
-DATA_PATH="${DATA_PATH:-$here/data/sample_platypus.json}"
-OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-qlora}"
-
 if [ -z "${NPROC:-}" ]; then
   # the GPUs this process may use (CUDA_VISIBLE_DEVICES included), at least 1
   NPROC=$("$PYTHON" -c 'import torch; print(max(torch.cuda.device_count(), 1))' 2>/dev/null || echo 1)
@@ -49,6 +37,18 @@ NNODES="${NNODES:-${SLURM_NNODES:-1}}"
 NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+
+demo=""  # the quick start (recipes/demo-settings.sh): real (SmolLM2 on tool calls) or tiny (TINY=1)
+if [ -z "${BASE_MODEL:-}" ]; then
+  source "$here/recipes/demo-settings.sh"  # after NPROC and NNODES: its batch is split over them
+  if [ -n "${TINY:-}" ] && [ "$TINY" != "0" ]; then
+    demo=tiny BASE_MODEL="$demo_base"  # on the sample data, the default below
+  else
+    demo=real BASE_MODEL="$quickstart_base" DATA_PATH="${DATA_PATH:-$here/$quickstart_data}"
+  fi
+fi
+DATA_PATH="${DATA_PATH:-$here/data/sample_platypus.json}"
+OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-qlora}"
 
 # Platypus's published hyperparameters, spelled out so this file documents the recipe; each
 # equals finetune.py's default (tests/test_defaults.py checks it).
@@ -145,10 +145,10 @@ if [ "$demo" != real ]; then
 fi
 "$PYTHON" "$here/finetune.py" "${args[@]}" "$@"
 # the quick start's proof: the held-out requests answered by the base and by base + adapter
+compare=(--models "$BASE_MODEL,$OUTPUT_DIR" --suite toolcalls --show_answers 5)
 if ! "$PYTHON" -c "import lm_eval" 2>/dev/null; then
   echo "To compare the base with the fine-tuned model: pip install -r $here/requirements-eval.txt, then:"
-  echo "  python $here/evaluate.py --models $BASE_MODEL,$OUTPUT_DIR --suite toolcalls --show_answers 5"
+  echo "  python $here/evaluate.py ${compare[*]}"
   exit 0
 fi
-exec "$PYTHON" "$here/evaluate.py" --models "$BASE_MODEL,$OUTPUT_DIR" --suite toolcalls --show_answers 5 \
-  --output_dir "$(dirname "$OUTPUT_DIR")/quickstart-eval"
+exec "$PYTHON" "$here/evaluate.py" "${compare[@]}" --output_dir "$(dirname "$OUTPUT_DIR")/quickstart-eval"

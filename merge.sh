@@ -27,10 +27,13 @@ if [ -n "${GGUF:-}" ]; then
   args+=(--gguf "$GGUF")
 fi
 # a rerun of the quick start replaces its previous merged model (never a merge of another base model)
-if [ -n "$demo" ] && [ -f "$OUTPUT_DIR/merge_config.json" ] \
-    && grep -Eq '"base_model": "builtin:(tiny-llama|smollm2-135m)"' "$OUTPUT_DIR/merge_config.json"; then
-  echo "Replacing the previous quick-start merge in $OUTPUT_DIR"
-  args+=(--overwrite True)
+if [ -n "$demo" ]; then
+  source "$here/recipes/demo-settings.sh"  # the quick starts' base models: $quickstart_base, $demo_base
+  if [ -f "$OUTPUT_DIR/merge_config.json" ] && grep -qF -e "\"base_model\": \"$quickstart_base\"" \
+      -e "\"base_model\": \"$demo_base\"" "$OUTPUT_DIR/merge_config.json"; then
+    echo "Replacing the previous quick-start merge in $OUTPUT_DIR"
+    args+=(--overwrite True)
+  fi
 fi
 if [ -n "${BASE_MODEL:-}" ]; then
   args+=(--base_model_name_or_path "$BASE_MODEL")

@@ -268,9 +268,9 @@ def read_and_normalise(run, report):
         is_pairs = holds_pairs(raw, source)
         kinds.append((source, is_pairs))
         if is_pairs:
-            if not run.normalise:
-                check_pairs(raw, source)  # stops the run at any row that is no valid pair
             clean, bad = pairs_as_rows(raw)
+            if bad and not run.normalise:
+                check_pairs(raw, source)  # stops the run, naming the rows that are no valid pair
         else:
             clean, bad = normalise_rows(raw, source)
             if not run.normalise:

@@ -22,6 +22,7 @@ quickstart_settings=(
 # 220 training rows (24 held out for the eval loss), 2 epochs in batches of 8: 56 optimizer steps,
 # about 10 s on 2 CPU cores; the eval loss falls from about 7.0 to about 5.8. Platypus's 100 warmup
 # steps over the sample set's 16 optimizer steps would keep the learning rate at 0.
+demo_base=builtin:tiny-llama
 demo_schedule=(
   --learning_rate 1e-2    # a random tiny model needs a large step to move within a minute
   --warmup_steps 5        # about a tenth of the run

@@ -126,6 +126,25 @@ def test_launcher_uses_torchrun_for_several_processes(tmp_path):
     assert (config["flags"]["batch_size"], config["flags"]["micro_batch_size"]) == (8, 4)
 
 
+def test_launcher_splits_the_quick_start_over_the_gpus_it_counts(tmp_path):
+    """Without NPROC the launcher counts the GPUs (two here, as a stand-in python reports them) before the quick
+    start's batch is split: 8 rows per step over two processes."""
+    recorder = tmp_path / "python"
+    recorder.write_text(
+        '#!/usr/bin/env bash\nif [ "$1" = "-c" ]; then echo 2; exit 0; fi\nprintf "%s\\n" "$@" > "$RECORD"\n'
+    )
+    recorder.chmod(0o755)
+    record = tmp_path / "args"
+    result = run_cli(
+        ["bash", str(REPO / "fine-tuning.sh")], cwd=tmp_path, env={"PYTHON": str(recorder), "RECORD": str(record)}
+    )
+    assert result.returncode == 0, result.stderr
+    words = record.read_text().splitlines()
+    assert words[:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes"]
+    flags = {words[i][2:]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}  # last wins
+    assert (flags["batch_size"], flags["micro_batch_size"]) == ("8", "4")
+
+
 def test_launcher_works_from_a_copy_of_the_repository(tmp_path):
     """Templates and data are found next to the code, wherever it lives and runs from."""
     copy = tmp_path / "toolkit"
