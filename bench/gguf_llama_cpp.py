@@ -66,10 +66,6 @@ ANSWER_PROMPTS = (
     "Is 91 a prime number? Answer yes or no.",
     "Give one tip for staying focused while studying.",
 )
-ALPACA = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 
 def main(folder: str = None, base_model: str = None, prompts: str = None, max_new_tokens=32, threads=2):
@@ -222,7 +218,9 @@ def rendered(tokenizer, instruction):
         messages = [{"role": "user", "content": instruction}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text, tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own specials
-    text = ALPACA.format(instruction=instruction)
+    from platy.prompts import Prompter
+
+    text = Prompter("alpaca").generate_prompt(instruction)
     return text, tokenizer(text)["input_ids"]
 
 

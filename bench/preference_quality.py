@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from platy.cli import UserError, run  # noqa: E402
 from platy.evaluate_stages import unique_folders  # noqa: E402
 from platy.evaluation import model_labels  # noqa: E402
+from platy.files import write_json  # noqa: E402
 from platy.flags import from_signature  # noqa: E402
 
 STYLE = re.compile(r"The answer is (-?[0-9]+)\.")  # data/arithmetic/arithmetic.yaml's filter
@@ -89,7 +90,7 @@ def main(
     answers = {label: read_answers(evaluation / folder) for label, folder in zip(labels, unique_folders(labels))}
     figures = {"before": before, "rewards": rewards, "cpu_seconds": seconds}
     figures["answers"] = {label: shares(rows) for label, rows in answers.items()}
-    (out / "quality.json").write_text(json.dumps(figures, indent=1) + "\n")
+    write_json(out / "quality.json", figures)
     report(figures, answers, show)
 
 

@@ -67,8 +67,7 @@ from platy.train.speed import cpu_precision, liger_unavailable  # noqa: E402
 
 from synthetic import synthetic_rows  # noqa: E402
 
-# real weights: the built-in model's name for each such --arch
-REAL_MODELS = {"smollm2-135m": "smollm2-135m"}
+REAL_MODELS = tiny.PACKAGED_MODELS  # real weights: an --arch of these is the built-in model of that name
 SHAPES = {
     "tiny": tiny.TINY_MODELS["tiny-llama"],
     "llama2-7b": sizing.LLAMA2_7B,
@@ -376,7 +375,7 @@ def device_name():
 def bench_model(arch):
     """The folder of --arch's model: the built-in real model, or random weights of the shapes."""
     if arch in REAL_MODELS:
-        return tiny.ensure_model(REAL_MODELS[arch], flag="--arch")
+        return tiny.ensure_model(arch, flag="--arch")
     return random_model(arch)
 
 

@@ -5,8 +5,8 @@
 Five tools; each request is one of a few phrasings filled with an entity (a city, a number, an item).
 The held-out rows use entities that no training row has, in the trained phrasings, so a model scores
 only by having learned the tools and their argument layout, not the rows. The answer is compact JSON
-with keys in a fixed order; platy/tasks.py scores it by comparing the parsed objects. Deterministic:
-the same files every time.
+with keys in a fixed order; evaluate.py --suite toolcalls (toolcalls.yaml) scores it by exact match, spaces
+ignored. Deterministic: the same files every time.
 """
 
 import json

@@ -38,17 +38,23 @@ def after_steps(count, signum):
     torch.optim.AdamW.step = step
 
 
-def while_loading(signum):
-    from transformers import PreTrainedModel
-
-    load = PreTrainedModel.from_pretrained.__func__
+def before_loading(owner, action):
+    """action() at the start of every owner.from_pretrained call."""
+    load = owner.from_pretrained.__func__
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        os.kill(os.getpid(), signum)  # Python runs the handler before the next bytecode: inside the load
+        action()
         return load(cls, *args, **kwargs)
 
-    PreTrainedModel.from_pretrained = from_pretrained
+    owner.from_pretrained = from_pretrained
+
+
+def while_loading(signum):
+    from transformers import PreTrainedModel
+
+    # Python runs the handler before the next bytecode: inside the load
+    before_loading(PreTrainedModel, lambda: os.kill(os.getpid(), signum))
 
 
 def slow_tokenizer(seconds):
@@ -56,14 +62,7 @@ def slow_tokenizer(seconds):
 
     from transformers import AutoTokenizer
 
-    load = AutoTokenizer.from_pretrained.__func__
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        time.sleep(seconds)
-        return load(cls, *args, **kwargs)
-
-    AutoTokenizer.from_pretrained = from_pretrained
+    before_loading(AutoTokenizer, lambda: time.sleep(seconds))
 
 
 def in_writes(text, action):
