@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from platy.caches import cache_folder
 from platy.cli import UserError, say
 from platy.data.examples import IGNORE_INDEX
-from platy.files import ADAPTER_FILES, cache_root
+from platy.files import ADAPTER_FILES, temp_beside
 from platy.train.trainer import Trainer, every_rank
 
 WITH_REFERENCE = ("dpo", "ipo")  # the losses that compare the policy with a reference
@@ -304,7 +305,7 @@ def cached_reference(key, compute, label):
     """The reference log-probs of the cache entry key (reused), or computed and cached; says which."""
     from safetensors.torch import load_file, save_file
 
-    path = cache_root() / "reference" / f"{key}.safetensors"
+    path = cache_folder("reference") / f"{key}.safetensors"  # private, as every cache the toolkit reads back
     if path.is_file():
         saved = load_file(str(path))
         say(
@@ -314,10 +315,12 @@ def cached_reference(key, compute, label):
         return saved["chosen"], saved["rejected"]
     started = time.time()
     chosen, rejected = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{time.time_ns()}")
-    save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(partial))
-    partial.replace(path)
+    partial = temp_beside(path)
+    try:
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(partial))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     say(
         f"Reference log-probs ({label}): computed for {len(chosen)} pairs in {time.time() - started:.1f} s, cached in "
         f"{path}"
