@@ -283,6 +283,10 @@ def test_chat_template_answers_end_with_one_end_of_turn_token(tiny_llama):
         labels = [t for t in columns[f"{key}_labels"][0] if t != -100]
         assert tokenizer.decode(labels).replace(" ", "") == text
         assert "<|im_start|>assistant" in tokenizer.decode(columns[f"{key}_input_ids"][0])
+    prompt = [{"role": "user", "content": "word " * 300}]
+    long = check_pairs([{"messages": prompt, "chosen": "5", "rejected": "6"}], "p")
+    with pytest.raises(cli.UserError, match="row 1: the prompt alone fills --cutoff_len 64"):
+        PairTokenizer(tokenizer, Prompter("alpaca"), 64, chat_template=chat)(long, "pairs")
 
 
 def test_answers_cut_at_cutoff_len_are_counted(tokenizer):

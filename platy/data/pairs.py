@@ -200,7 +200,8 @@ class PairTokenizer:
                 pairs, part["input_ids"], part["masked"], part["n_response"], part["truncated"]
             ):
                 labels = masked_labels(ids, masked)
-                labels[0] = IGNORE_INDEX  # labels are shifted inside the model: position 0 is never a target
+                if labels:  # a conversation whose prompt fills cutoff_len keeps no token at all (n_response is 0)
+                    labels[0] = IGNORE_INDEX  # labels are shifted inside the model: position 0 is never a target
                 if n_response == 0:
                     problems.append(
                         f"row {pair['row']}: the prompt alone fills --cutoff_len {self.cutoff_len}, leaving no "
