@@ -578,3 +578,26 @@ def test_an_orpo_run_stopped_by_sigterm_resumes_to_the_whole_runs_adapter(tmp_pa
     resumed = finetune(out, *run, "--resume_from_checkpoint", "auto", data_path=PAIRS)
     assert "Reference log-probs" not in resumed.stdout
     assert_resumed_as_the_whole_run(resumed, out, tmp_path / "whole", "checkpoint-1")
+
+
+def test_the_reference_cache_key_follows_the_scored_tokens():
+    """The key holds what the reference scores: the same tokens give the same key whatever produced them, one id
+    of another rendering (an edited chat template file, another tokenizer) another key, and so does the reference."""
+    from datasets import Dataset
+
+    from platy.train.preference import reference_key
+
+    def pairs(last):
+        return Dataset.from_dict(
+            {
+                "chosen_input_ids": [[1, 5, 6, last]],
+                "chosen_labels": [[-100, -100, 6, last]],
+                "rejected_input_ids": [[1, 5, 7, 2]],
+                "rejected_labels": [[-100, -100, 7, 2]],
+            }
+        )
+
+    reference = {"model": "the base (adapter disabled)", "base_files": "abc"}
+    assert reference_key(reference, pairs(2)) == reference_key(dict(reference), pairs(2))
+    assert reference_key(reference, pairs(2)) != reference_key(reference, pairs(3))
+    assert reference_key(reference, pairs(2)) != reference_key({**reference, "base_files": "abd"}, pairs(2))

@@ -159,7 +159,6 @@ class Preference:
     def prepare(self, run, start, tokenizer, train_set, val_set, record):
         """The policy's dropout turned off, and (dpo, ipo) the reference's log-probs of every pair added to the
         data sets: read from the cache, or computed now and cached; the record names the reference."""
-        from platy.data.cache import tokenizer_fingerprint
         from platy.train.preference import (
             WITH_REFERENCE,
             cached_reference,
@@ -177,15 +176,12 @@ class Preference:
         record.set_reference(reference)
         started = time.time()
         collator = self.collator(run, tokenizer)
-        template = {"prompt": run.prompter.template, "chat_template": run.chat_template, "eos": run.add_eos_token}
-        split = {"data": run.data_fingerprint, "seed": run.seed, "val_set_size": run.val_set_size}
-        ids = tokenizer_fingerprint(tokenizer)
         sets = []
         for label, dataset in (("train", train_set), ("held out", val_set)):
             if dataset is None:
                 sets.append(None)
                 continue
-            key = reference_key(reference, {**split, "part": label}, ids, template, run.cutoff_len)
+            key = reference_key(reference, dataset)
 
             def compute(dataset=dataset):
                 return reference_logps(

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from platy.caches import cache_folder
 from platy.cli import UserError, say
 from platy.data.examples import IGNORE_INDEX
+from platy.data.pairs import ANSWERS
 from platy.files import ADAPTER_FILES, temp_beside
 from platy.train.trainer import Trainer, every_rank
 
@@ -260,18 +261,16 @@ def adapter_fingerprint(folder):
     return {"adapter_sha256": digest.hexdigest()}
 
 
-def reference_key(reference, data, tokenizer_fingerprint, template, cutoff_len):
-    """The cache key of a reference's log-probs: the reference's weights, the data and its split, the tokenizer,
-    the template and chat template, cutoff_len; not the stage's beta, so every beta reuses them."""
-    parts = {
-        "version": REFERENCE_VERSION,
-        "reference": reference,
-        "data": data,
-        "tokenizer": tokenizer_fingerprint,
-        "template": template,
-        "cutoff_len": cutoff_len,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+def reference_key(reference, dataset):
+    """The cache key of a reference's log-probs: the reference (its weights, quantization and precision) and the
+    token ids and labels it scores, in order. Whatever renders, cuts or splits the pairs otherwise (the data, the
+    template or chat template and its file, the tokenizer, cutoff_len, the seed) gives other ids; beta is in
+    neither, so every beta reuses them."""
+    digest = hashlib.sha256(json.dumps([REFERENCE_VERSION, reference], sort_keys=True, default=str).encode())
+    for key in ANSWERS:
+        for column in (f"{key}_input_ids", f"{key}_labels"):
+            digest.update(json.dumps(list(dataset[column])).encode())
+    return digest.hexdigest()[:32]
 
 
 def reference_logps(model, dataset, collator, batch_size, use_adapter, precision="fp32"):
