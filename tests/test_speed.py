@@ -416,3 +416,37 @@ def test_bf16_on_a_cpu_trains_a_4bit_base_and_merges_within_verify(tmp_path):
     )
     merged = merge_stages.merge(merge_flags)
     assert merged.verify["verdict"] == "PASS", merged.verify
+
+
+def test_the_cheaper_lora_dropout_drops_what_torchs_does():
+    """WideDrawDropout keeps each element with probability 1 - p (p rounded to 1/65536), scales the kept ones so
+    the expected output is the input, passes gradients through the same mask, repeats under the same seed, and
+    leaves the input alone in evaluation or with p 0."""
+    from platy.train.dropout import WideDrawDropout
+
+    x = torch.randn(512, 1536, requires_grad=True)
+    dropout = WideDrawDropout(0.05).train()
+    torch.manual_seed(0)
+    out = dropout(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - (1 - 3277 / 65536)) < 2e-3  # 786,432 elements: 4 sigma is 1e-3
+    torch.testing.assert_close(out[kept], x[kept] * 65536 / (65536 - 3277))
+    assert abs(out.sum().item() - x.sum().item()) < 0.01 * x.abs().sum().item()
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * 65536 / (65536 - 3277))
+    rows = kept.float().mean(dim=1)
+    assert rows.min() > 0.9 and rows.max() < 0.99, "every part of the input is masked, not only its start"
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out), "the same seed gives the same mask (resumed runs repeat their steps)"
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(WideDrawDropout(0.0).train()(x), x)
+
+
+def test_a_cpu_run_uses_the_cheaper_lora_dropout(tmp_path):
+    from platy.train.dropout import WideDrawDropout
+
+    prepared = Recipe.from_flags(flags(output_dir=str(tmp_path / "out"), lora_dropout=0.1)).setup()
+    model = prepared.trainer.model
+    dropouts = [d for layer in model.modules() if hasattr(layer, "lora_dropout") for d in layer.lora_dropout.values()]
+    layers = model.config.num_hidden_layers * len(prepared.run.lora_targets)
+    assert len(dropouts) == layers and all(type(d) is WideDrawDropout and d.p == 0.1 for d in dropouts)

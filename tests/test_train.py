@@ -87,6 +87,43 @@ def test_gradients_are_unchanged_by_an_evaluation_pass(tmp_path):
         torch.testing.assert_close(again[name], fresh[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_lm_head_runs_only_where_a_label_is_predicted(tmp_path, packing):
+    """The Trainer's loss runs the lm_head at the positions that predict a label only (not the prompts, the padding
+    or a row's last position), through peft and 4-bit layers, and its loss and LoRA gradients are those of the
+    model's own loss over every position's logits, padded or packed."""
+    import transformers
+
+    run, trainer = build(tmp_path, lora_dropout=0.0, micro_batch_size=3, batch_size=3, packing=packing)
+    model = trainer.model
+    model.train()
+    with torch.no_grad():  # a non-zero lora_B, so every adapter has a gradient
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    items = (batch["labels"][:, 1:] != -100).sum()
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1]))
+
+    def loss_and_grads(compute_loss):
+        model.zero_grad()
+        loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept, kept_grads = loss_and_grads(type(trainer).compute_loss)
+    assert seen == [(int(items),)]
+    assert items < batch["input_ids"].numel() / 2, "the batch's prompts and padding are most of it"
+    seen.clear()
+    full, full_grads = loss_and_grads(transformers.Trainer.compute_loss)
+    assert seen == [batch["input_ids"].shape]
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+    assert kept_grads.keys() == full_grads.keys() and len(kept_grads) == 2 * 3 * model.config.num_hidden_layers
+    for name in kept_grads:
+        torch.testing.assert_close(kept_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_end_to_end_run_writes_everything(tmp_path):
     out = tmp_path / "out"
     result = finetune(out, "--val_set_size", 8, "--save_steps", 2, "--max_steps", 4)

@@ -103,6 +103,8 @@ def add_lora(run, model, layout, new_tokens=()):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from platy.train.dropout import cheaper_lora_dropout
+
     label = f"--resume_from_checkpoint {run.resume.path}" if run.resume else None
     saved = read_loftq_offsets(run.resume.path, label) if run.resume else {}
     if saved:  # the resumed adapter trained on LoftQ's requantized base: rebuild exactly that one
@@ -125,6 +127,8 @@ def add_lora(run, model, layout, new_tokens=()):
         trainable_token_indices=trainable_tokens(model, new_tokens),
     )
     model = get_peft_model(model, lora)
+    if run.device == "cpu":  # a GPU draws its random numbers in parallel: torch's own dropout is cheap there
+        cheaper_lora_dropout(model)
     if new_tokens and cli.is_main_process():
         say(
             f"New tokens {new_tokens[0]}-{new_tokens[-1]}: their embedding and lm_head rows are trained "

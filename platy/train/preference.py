@@ -29,7 +29,7 @@ from platy.cli import UserError, say
 from platy.data.examples import IGNORE_INDEX
 from platy.data.pairs import ANSWERS
 from platy.files import ADAPTER_FILES, temp_beside
-from platy.train.trainer import Trainer, every_rank
+from platy.train.trainer import Trainer, answer_positions, every_rank
 
 WITH_REFERENCE = ("dpo", "ipo")  # the losses that compare the policy with a reference
 # bump when what the cached reference log-probs hold changes; 2: the lm_head only at answer positions, which moves
@@ -42,14 +42,6 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 
 
 # ---- the losses --------------------------------------------------------------------------------------
-
-
-def answer_positions(labels):
-    """Where the logits predict an answer token: position t predicts labels[t + 1] (the model shifts inside), so
-    a row's last position predicts nothing."""
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep
 
 
 def answer_logps(model, input_ids, attention_mask, labels):

@@ -12,6 +12,7 @@
 """
 
 import contextlib
+import inspect
 import os
 import pickle
 import re
@@ -26,6 +27,7 @@ import transformers
 from transformers.trainer_callback import TrainerCallback
 
 from platy.cli import DIVERGED, LOST_PEER, WRITE_FAILED, Stopped, Terminated, UserError, error_detail, say
+from platy.data.examples import IGNORE_INDEX
 from platy.files import STAGING
 from platy.integrity import PICKLE_SUFFIXES, config_hash, file_problem, write_manifest
 from platy.quantized import write_loftq_offsets
@@ -150,6 +152,21 @@ class NonFiniteGuard(TrainerCallback):
             record["fp16_overflow_steps"] = self.overflows
 
 
+def answer_positions(labels):
+    """Where the logits predict a label: position t predicts labels[t + 1] (the model shifts inside), so a row's
+    last position predicts nothing."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def slices_logits_by_mask(model):
+    """Whether the causal LM (under peft's wrapper) takes logits_to_keep, which transformers' causal LMs read as a
+    boolean mask of the positions to run the lm_head on."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 class Trainer(transformers.Trainer):
     """transformers.Trainer with atomic checkpoints, the run record inside each, and loss checks."""
 
@@ -173,6 +190,20 @@ class Trainer(transformers.Trainer):
         self._staging = False
         self.nonfinite_guard = NonFiniteGuard(self, skip_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
+        # Liger's forward fuses the lm_head with the loss and never computes the logits at all
+        self.logits_at_labels_only = slices_logits_by_mask(self.model) and not self.args.use_liger_kernel
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's own loss, with the lm_head (and the log-softmax over the vocabulary) run only at the
+        positions that predict a label: prompt, padding and each row's last position enter no loss, and over a
+        vocabulary of 32k-150k tokens they are a large share of a step's time and memory. The kept positions'
+        logits are the ones a full forward computes there, so the loss is the same."""
+        labels = inputs.get("labels")
+        if labels is not None and self.logits_at_labels_only:
+            keep = answer_positions(labels)
+            # shift_labels: the loss's targets, already aligned with the kept (flattened) logits
+            inputs = {**inputs, "logits_to_keep": keep, "shift_labels": labels[:, 1:][keep[:, :-1]]}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
         """--loraplus_lr_ratio: peft's LoRA+ groups (B matrices at ratio x the learning rate) for the optimizer
