@@ -12,7 +12,8 @@ allocator fragmentation and library versions. Rules used (bytes per parameter):
 - Activations per layer of a micro batch: about tokens x (17 x hidden + 6 x intermediate)
   bytes at 16-bit (attention through SDPA / FlashAttention, so no seq x seq scores kept),
   scaled for fp32; with gradient checkpointing only each layer's input is kept, plus one
-  layer recomputed in backward; plus fp32 logits and their gradient over the vocabulary.
+  layer recomputed in backward; plus fp32 logits and their gradient over the vocabulary, counted
+  at every token (the lm_head runs only where a label is predicted: fewer when prompts are masked).
 - Sharding: ZeRO-2 splits gradients and optimizer states over all processes; ZeRO-3 and
   FSDP split weights too; one process spreading the layers over its GPUs splits all of it.
 """
