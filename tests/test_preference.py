@@ -243,6 +243,12 @@ def test_every_pair_layout_converts_to_one_prompt_and_two_answers():
     assert pairs[1]["prompt"] == {"instruction": "Add 2 and 3.", "input": ""}
     assert pairs[2]["prompt"] == pairs[3]["prompt"] == {"messages": [{"role": "user", "content": "Add 2 and 3."}]}
     assert all((p["chosen"], p["rejected"]) == ("5", "six") for p in pairs)
+    # every assistant role an SFT conversation accepts names an answer too; another role's message is none
+    for role in ("gpt", "chatgpt", "bard", "model"):
+        pair = check_pairs([{**LAYOUTS[0], "chosen": {"from": role, "value": "5"}}], "pairs")[0]
+        assert pair["chosen"] == "5"
+    with pytest.raises(cli.UserError, match="'chosen' is a human message; the answers are the assistant's"):
+        check_pairs([{**LAYOUTS[0], "chosen": {"from": "human", "value": "5"}}], "pairs")
 
 
 def test_pairs_render_as_the_sft_rows_with_each_answer_ending_once(tokenizer):

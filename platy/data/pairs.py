@@ -11,7 +11,7 @@ Row layouts (one file may mix them):
 
 from platy.cli import UserError
 from platy.data.examples import IGNORE_INDEX, ExampleTokenizer, masked_labels
-from platy.data.rows import conversation_messages, first_problems, read_source, to_row
+from platy.data.rows import ASSISTANT_ROLES, conversation_messages, first_problems, read_source, to_row
 from platy.data.tokenize import tokenized_batches
 
 ANSWERS = ("chosen", "rejected")
@@ -110,7 +110,7 @@ def answer_text(value, key):
         value = value[0]
     if isinstance(value, dict):
         role = str(value.get("role", value.get("from", "assistant"))).lower()
-        if role not in ("assistant", "gpt", "model"):
+        if role not in ASSISTANT_ROLES:
             return None, f"'{key}' is a {role} message; the answers are the assistant's"
         value = value.get("content", value.get("value"))
     if not isinstance(value, str):
