@@ -683,8 +683,9 @@ TOKENIZER_TEXTS = (
 def compare_with_merged(folder, files, prompts, dtype="float32"):
     """{type: report} for GGUF files in folder, each loaded back by transformers' GGUF loader (gguf's
     reader and dequantization, transformers' own tensor mapping and tokenizer rebuild): largest logit
-    difference to the merged safetensors model, greedy agreement, and whether its tokenizer gives the
-    same ids on the prompts and on Korean, emoji and code."""
+    difference to the merged safetensors model (and the merged model's largest |logit|, which the rounding
+    scales with), greedy agreement, and whether its tokenizer gives the same ids on the prompts and on Korean,
+    emoji and code."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -702,6 +703,7 @@ def compare_with_merged(folder, files, prompts, dtype="float32"):
     with torch.no_grad():
         reference = [merged(**ids).logits.float() for ids in batches]
     del merged
+    max_abs_logit = max(logits.abs().max().item() for logits in reference)
     reports = {}
     for gguf_type, name in files.items():
         loaded = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
@@ -724,5 +726,6 @@ def compare_with_merged(folder, files, prompts, dtype="float32"):
             "positions": positions,
             "tokenizer_texts": len(texts),
             "tokenizer_same_ids": same_ids,
+            "max_abs_logit": max_abs_logit,
         }
     return reports

@@ -43,8 +43,13 @@ DEVICES = ("auto", "cpu", "cuda")
 # or 0.5, one layer's update missing) measured 63 and more in float16, 13 and more in bfloat16 (whose greedy
 # agreement also fails), 500,000 and more in float32. Figures and adapters: docs/export.md.
 VERIFY_ROUNDINGS = {"float32": 64, "float16": 8, "bfloat16": 8}
-# GGUF against the merged model: (largest logit difference, greedy agreement) a type's rounding stays within;
-# f16 of a float16 merge holds the same numbers (bf16 and the quantized types round again)
+# GGUF against the merged model: (largest logit difference, greedy agreement) a type's rounding stays within.
+# The difference allowed is the larger of the floor here and k x the type's rounding step x max |logit|, as for
+# --verify: a model with logits of 40 moves 40 times more than one with logits of 1 under the same rounding.
+# The step is relative to a block's scale: q8_0 rounds to 1/127 of it, q5_0 1/16, q5_1 1/31, q4_0 1/8, q4_1
+# 1/15. f16 of a float16 merge holds the same numbers (bf16 and the quantized types round again). Measured on
+# SmolLM2-135M's quick-start adapter: q8_0 1.18 at max |logit| 40.3 (3.7 x its step x max |logit|), greedy
+# agreement 99.5%, and the same answers to the 30 held-out requests.
 GGUF_TOLERANCE = {
     "f16": (0.05, 0.99),
     "bf16": (0.5, 0.98),
@@ -54,6 +59,16 @@ GGUF_TOLERANCE = {
     "q4_1": (3.0, 0.85),
     "q4_0": (3.0, 0.85),
 }
+GGUF_STEP = {
+    "f16": 2**-10,
+    "bf16": 2**-7,
+    "q8_0": 1 / 127,
+    "q5_1": 1 / 31,
+    "q5_0": 1 / 16,
+    "q4_1": 1 / 15,
+    "q4_0": 1 / 8,
+}
+GGUF_ROUNDINGS = 8  # k
 VERIFY_AGREEMENT = 0.99  # least share of positions where both pick the same greedy next token
 VERIFY_PROMPTS = (
     "What is the boiling point of water at sea level?",
@@ -447,24 +462,43 @@ def check_gguf(run):
         run.output_dir, {t: w["file"] for t, w in written.items()}, prompts, run.dtype
     )
     for gguf_type, report in reports.items():
-        worst, agreement = GGUF_TOLERANCE[gguf_type]
-        tokenizer_ok = report["tokenizer_same_ids"] == report["tokenizer_texts"]
-        report["verdict"] = (
-            "PASS" if tokenizer_ok and report["max_abs_diff"] <= worst and report["agreement"] >= agreement else "WARN"
-        )
+        report = gguf_verdict(gguf_type, report)
+        worst, agreement = report["tolerance"]["max_abs_diff"], report["tolerance"]["agreement"]
         say(
             f"Verify GGUF {gguf_type}: largest |logit difference| {report['max_abs_diff']:.2e} against the merged "
-            f"model, greedy agreement {100 * report['agreement']:.1f}%, tokenizer ids equal on "
+            f"model (tolerance {worst:.2g} = {report['tolerance']['derivation']}), greedy agreement "
+            f"{100 * report['agreement']:.1f}% (at least {100 * agreement:.0f}%), tokenizer ids equal on "
             f"{report['tokenizer_same_ids']}/{report['tokenizer_texts']} texts: {report['verdict']}"
         )
         if report["verdict"] == "WARN":
             say(
                 f"Warning: {written[gguf_type]['file']} does not reproduce the merged model within what {gguf_type} "
-                f"rounding explains (|difference| <= {worst}, agreement >= {100 * agreement:.0f}%, same token ids)"
+                "rounding explains"
             )
-        written[gguf_type]["verify"] = report
+        reports[gguf_type] = written[gguf_type]["verify"] = report
     update_record(run, gguf=written)
     return reports
+
+
+def gguf_verdict(gguf_type, report):
+    """check_gguf's report with its tolerance and verdict: PASS when the tokenizer gives the same ids, the
+    largest logit difference is within what the type's rounding explains at these logits, and greedy agreement
+    holds."""
+    floor, agreement = GGUF_TOLERANCE[gguf_type]
+    step, scale = GGUF_STEP[gguf_type], report["max_abs_logit"]
+    scaled = GGUF_ROUNDINGS * step * scale
+    derivation = (
+        f"{GGUF_ROUNDINGS} x {gguf_type} step {step:.2g} x max |logit| {scale:.3g}"
+        if scaled > floor
+        else f"the {gguf_type} floor {floor:g}, above {GGUF_ROUNDINGS} x step {step:.2g} x max |logit| {scale:.3g}"
+    )
+    tolerance = {"max_abs_diff": max(floor, scaled), "agreement": agreement, "derivation": derivation}
+    within = (
+        report["tokenizer_same_ids"] == report["tokenizer_texts"]
+        and report["max_abs_diff"] <= tolerance["max_abs_diff"]
+        and report["agreement"] >= agreement
+    )
+    return {**report, "verdict": "PASS" if within else "WARN", "tolerance": tolerance}
 
 
 def verify_prompter(run):

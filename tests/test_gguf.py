@@ -404,3 +404,30 @@ def test_tokenizers_the_export_cannot_write_faithfully_are_refused(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(UserError, match=r"--gguf: the tokenizer in .* is a Unigram model; GGUF export writes"):
         tokenizer_layout(tmp_path, "--gguf")
+
+
+def test_the_gguf_tolerance_scales_with_the_logits():
+    """A GGUF file's logit difference is judged against its type's rounding step x the merged model's largest
+    logit (with a floor for small logits): the real SmolLM2 quick-start adapter's q8_0 file (1.18 at max |logit|
+    40.3, agreement 99.5%, the same 30 held-out answers) passes; the same difference on logits of 3 does not,
+    nor does a low agreement or a tokenizer that splits a text otherwise."""
+    from platy.merge_stages import gguf_verdict
+
+    real = {
+        "max_abs_diff": 1.18,
+        "max_abs_logit": 40.3,
+        "agreement": 0.995,
+        "tokenizer_same_ids": 8,
+        "tokenizer_texts": 8,
+    }
+    passed = gguf_verdict("q8_0", real)
+    assert passed["verdict"] == "PASS"
+    assert passed["tolerance"]["max_abs_diff"] == pytest.approx(8 / 127 * 40.3)
+    assert passed["tolerance"]["derivation"] == "8 x q8_0 step 0.0079 x max |logit| 40.3"
+    small = gguf_verdict("q8_0", {**real, "max_abs_logit": 3.0})
+    assert small["verdict"] == "WARN" and small["tolerance"]["max_abs_diff"] == 0.5
+    assert small["tolerance"]["derivation"].startswith("the q8_0 floor 0.5")
+    assert gguf_verdict("q8_0", {**real, "agreement": 0.9})["verdict"] == "WARN"
+    assert gguf_verdict("q8_0", {**real, "tokenizer_same_ids": 7})["verdict"] == "WARN"
+    # f16 of a float16 merge holds the same numbers: a difference of 1 is no rounding at these logits
+    assert gguf_verdict("f16", {**real, "max_abs_diff": 1.0})["verdict"] == "WARN"
