@@ -83,12 +83,14 @@ if [ -n "$demo" ]; then
   else
     args+=("${demo_batch[@]}" "${quickstart_settings[@]}")
   fi
-  # a rerun replaces the previous quick-start run (never a run of another base model, nor one resumed)
+  # a rerun replaces the previous quick-start run, of either quick start (TINY=1 after the real one, as
+  # docs/preference.md does), never a run of another base model, nor one resumed
   case " $* ${DRY_RUN:-0}" in
     *" --resume_from_checkpoint"* | *" --dry_run"* | *" 1") ;;
     *)
       for record in "$OUTPUT_DIR"/run_config.json "$OUTPUT_DIR"/checkpoint-*/run_config.json; do
-        if [ -f "$record" ] && grep -q "\"base_model\": \"$BASE_MODEL\"" "$record"; then
+        if [ -f "$record" ] && grep -qF -e "\"base_model\": \"$quickstart_base\"" \
+            -e "\"base_model\": \"$demo_base\"" "$record"; then
           echo "Replacing the previous quick-start run in $OUTPUT_DIR"
           args+=(--overwrite True)
           break

@@ -17,12 +17,13 @@ TINY = {"TINY": "1"}  # the launchers' quick start on the tiny model (without it
 
 @pytest.fixture(scope="module")
 def quick_start(tmp_path_factory):
-    """`bash fine-tuning.sh` where an earlier quick-start run already is; one epoch of the demo's two keeps the
-    test short (test_demo_settings_only_without_a_base_model checks the settings of the full quick start)."""
+    """`TINY=1 bash fine-tuning.sh` where the real quick start's run already is (docs/preference.md's order); one
+    epoch of the demo's two keeps the test short (test_demo_settings_only_without_a_base_model checks the
+    settings of the full quick start)."""
     cwd = tmp_path_factory.mktemp("quick")
     earlier = cwd / "outputs" / "platypus-qlora"
     earlier.mkdir(parents=True)
-    (earlier / "run_config.json").write_text(json.dumps({"flags": {"base_model": "builtin:tiny-llama"}}, indent=2))
+    (earlier / "run_config.json").write_text(json.dumps({"flags": {"base_model": "builtin:smollm2-135m"}}, indent=2))
     result = run_cli(["bash", str(REPO / "fine-tuning.sh"), "--num_epochs", "1"], cwd=cwd, env=TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result
