@@ -77,6 +77,10 @@ args=(
 if [ -n "${DEEPSPEED:-}" ]; then
   args+=(--deepspeed "$DEEPSPEED")
 fi
+quick_start_run() {  # whether run_config.json $1 is either quick start's: its base model and its data
+  { grep -qF "\"base_model\": \"$quickstart_base\"" "$1" && grep -qF "\"data_path\": \"$here/$quickstart_data\"" "$1"; } ||
+    { grep -qF "\"base_model\": \"$demo_base\"" "$1" && grep -qF "\"data_path\": \"$here/data/sample_platypus.json\"" "$1"; }
+}
 if [ -n "$demo" ]; then
   if [ "$demo" = tiny ]; then
     args+=("${demo_batch[@]}" "${demo_schedule[@]}")  # after Platypus's values: these win
@@ -84,13 +88,12 @@ if [ -n "$demo" ]; then
     args+=("${demo_batch[@]}" "${quickstart_settings[@]}")
   fi
   # a rerun replaces the previous quick-start run, of either quick start (TINY=1 after the real one, as
-  # docs/preference.md does), never a run of another base model, nor one resumed
+  # docs/preference.md does: its base model and its data), never another run, nor one resumed
   case " $* ${DRY_RUN:-0}" in
     *" --resume_from_checkpoint"* | *" --dry_run"* | *" 1") ;;
     *)
       for record in "$OUTPUT_DIR"/run_config.json "$OUTPUT_DIR"/checkpoint-*/run_config.json; do
-        if [ -f "$record" ] && grep -qF -e "\"base_model\": \"$quickstart_base\"" \
-            -e "\"base_model\": \"$demo_base\"" "$record"; then
+        if [ -f "$record" ] && quick_start_run "$record"; then
           echo "Replacing the previous quick-start run in $OUTPUT_DIR"
           args+=(--overwrite True)
           break

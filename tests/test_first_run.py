@@ -23,7 +23,8 @@ def quick_start(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("quick")
     earlier = cwd / "outputs" / "platypus-qlora"
     earlier.mkdir(parents=True)
-    (earlier / "run_config.json").write_text(json.dumps({"flags": {"base_model": "builtin:smollm2-135m"}}, indent=2))
+    flags = {"base_model": "builtin:smollm2-135m", "data_path": str(REPO / "data" / "toolcalls" / "train.json")}
+    (earlier / "run_config.json").write_text(json.dumps({"flags": flags}, indent=2))
     result = run_cli(["bash", str(REPO / "fine-tuning.sh"), "--num_epochs", "1"], cwd=cwd, env=TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd, result
@@ -81,10 +82,17 @@ def test_an_adapter_given_as_the_base_model_points_to_lora_weights(quick_start):
     assert_user_error(result, "inference.py", "an adapter folder, not a model", f"--lora_weights {adapter}")
 
 
-def test_a_users_finished_run_is_never_replaced(tmp_path):
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"base_model": "meta-llama/Llama-2-13b-hf", "data_path": "mine.json"},
+        {"base_model": "builtin:tiny-llama", "data_path": "mine.json"},  # the quick start's base, the user's data
+    ],
+)
+def test_a_users_finished_run_is_never_replaced(tmp_path, flags):
     user_run = tmp_path / "outputs" / "platypus-qlora"
     user_run.mkdir(parents=True)
-    record = json.dumps({"flags": {"base_model": "meta-llama/Llama-2-13b-hf"}}, indent=2)
+    record = json.dumps({"flags": flags}, indent=2)
     (user_run / "run_config.json").write_text(record)
     result = run_cli(["bash", str(REPO / "fine-tuning.sh")], cwd=tmp_path, env=TINY)
     assert_user_error(result, "finetune.py", "already holds a finished run")

@@ -106,22 +106,42 @@ def test_the_lm_head_runs_only_where_a_label_is_predicted(tmp_path, packing):
     seen = []
     model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1]))
 
-    def loss_and_grads(compute_loss):
+    def loss_and_grads(compute_loss, count):
         model.zero_grad()
-        loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
+        loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=count)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    kept, kept_grads = loss_and_grads(type(trainer).compute_loss)
-    assert seen == [(int(items),)]
     assert items < batch["input_ids"].numel() / 2, "the batch's prompts and padding are most of it"
-    seen.clear()
-    full, full_grads = loss_and_grads(transformers.Trainer.compute_loss)
-    assert seen == [batch["input_ids"].shape]
-    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
-    assert kept_grads.keys() == full_grads.keys() and len(kept_grads) == 2 * 3 * model.config.num_hidden_layers
-    for name in kept_grads:
-        torch.testing.assert_close(kept_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for count in (items, None):  # None: the mean over the micro-batch's labels
+        seen.clear()
+        kept, kept_grads = loss_and_grads(type(trainer).compute_loss, count)
+        assert seen == [(int(items),)]
+        seen.clear()
+        full, full_grads = loss_and_grads(transformers.Trainer.compute_loss, count)
+        assert seen == [batch["input_ids"].shape]
+        torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-6)
+        assert kept_grads.keys() == full_grads.keys() and len(kept_grads) == 2 * 3 * model.config.num_hidden_layers
+        for name in kept_grads:
+            torch.testing.assert_close(kept_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_remote_code_and_a_model_over_several_gpus_get_every_positions_logits(tmp_path):
+    """The lm_head mask goes only to transformers' own causal LMs on one device: remote code may read
+    logits_to_keep as a count, and across GPUs the mask and the hidden states sit on different devices."""
+    from platy.train.trainer import slices_logits_by_mask
+
+    _, trainer = build(tmp_path)
+    model = trainer.model
+    assert slices_logits_by_mask(model)
+    base = model.get_base_model()
+    base.hf_device_map = {"model.embed_tokens": 0, "model.layers": 0, "lm_head": 1}
+    assert not slices_logits_by_mask(model)
+    base.hf_device_map = {"": 0}
+    assert slices_logits_by_mask(model)
+    remote = type("RemoteLlama", (type(base),), {"__module__": "transformers_modules.someone.modeling_llama"})
+    base.__class__ = remote
+    assert not slices_logits_by_mask(model)
 
 
 def test_end_to_end_run_writes_everything(tmp_path):

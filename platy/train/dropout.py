@@ -2,8 +2,8 @@
 
 A CPU draws random numbers one element at a time (about 5 ns each on a server core), so the dropout peft applies
 to the input of every adapted layer costs a few percent of a step of a small model. This mask takes 16 random
-bits per element, four elements from each 64-bit draw; the keep probability is rounded to a multiple of 1/65536
-(0.05 becomes 0.0500031), and the kept values are scaled by the inverse of that rounded probability, so the
+bits per element, four elements from each 64-bit draw; the drop probability is rounded to a multiple of 1/65536
+(0.05 becomes 0.0500031), and the kept values are scaled by the inverse of the rounded keep probability, so the
 expected output is the input, as with torch's dropout.
 """
 

@@ -29,7 +29,7 @@ from platy.cli import UserError, say
 from platy.data.examples import IGNORE_INDEX
 from platy.data.pairs import ANSWERS
 from platy.files import ADAPTER_FILES, temp_beside
-from platy.train.trainer import Trainer, answer_positions, every_rank
+from platy.train.trainer import Trainer, answer_positions, every_rank, slices_logits_by_mask
 
 WITH_REFERENCE = ("dpo", "ipo")  # the losses that compare the policy with a reference
 # bump when what the cached reference log-probs hold changes; 2: the lm_head only at answer positions, which moves
@@ -48,19 +48,18 @@ def answer_logps(model, input_ids, attention_mask, labels):
     """(sum of the answer tokens' log-probs, their count) per row; labels hold IGNORE_INDEX off the answer.
 
     The lm_head and the log-softmax run only at the positions that predict an answer token (transformers'
-    logits_to_keep with a boolean mask, through peft and DDP wrappers alike): over a 49k-token vocabulary they
-    are a large share of a step, and prompt and padding positions enter no loss. Each kept position's logits are
-    the ones a full forward computes there, so the sums are the same."""
+    logits_to_keep with a boolean mask, through peft and DDP wrappers alike, where slices_logits_by_mask allows
+    it): over a 49k-token vocabulary they are a large share of a step, and prompt and padding positions enter no
+    loss. Each kept position's logits are the ones a full forward computes there, so the sums are the same."""
     keep = answer_positions(labels)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep
-    ).logits.float()
-    if logits.dim() == 3:  # a model without logits_to_keep computed every position
-        logits = logits[keep]
-    targets = labels[:, 1:][keep[:, :-1]]
+    by_mask = {"logits_to_keep": keep} if slices_logits_by_mask(model) else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **by_mask).logits.float()
+    if logits.dim() == 3:  # every position's logits (a model that cannot take the mask)
+        logits = logits[keep.to(logits.device)]
+    targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
     per_token = torch.gather(logits, 1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=1)
     counts = keep.sum(dim=1)
-    rows = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), counts)
+    rows = torch.repeat_interleave(torch.arange(len(labels), device=logits.device), counts.to(logits.device))
     return per_token.new_zeros(len(labels)).index_add(0, rows, per_token), counts
 
 

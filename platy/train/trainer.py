@@ -161,10 +161,17 @@ def answer_positions(labels):
 
 
 def slices_logits_by_mask(model):
-    """Whether the causal LM (under peft's wrapper) takes logits_to_keep, which transformers' causal LMs read as a
-    boolean mask of the positions to run the lm_head on."""
+    """Whether the causal LM under its wrappers (DDP, DeepSpeed, peft) takes logits_to_keep as a boolean mask of
+    the positions to run the lm_head on: transformers' own causal LMs do (remote code may slice it as a count),
+    on one device (across several GPUs the mask would sit on the input's device, the hidden states on another)."""
+    model = getattr(model, "module", model)
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    return (
+        type(model).__module__.startswith("transformers.models.")
+        and "logits_to_keep" in inspect.signature(model.forward).parameters
+        and len(devices) <= 1
+    )
 
 
 class Trainer(transformers.Trainer):
