@@ -47,7 +47,8 @@ if [ -z "${BASE_MODEL:-}" ]; then
     demo=real BASE_MODEL="$quickstart_base" DATA_PATH="${DATA_PATH:-$here/$quickstart_data}"
   fi
 fi
-DATA_PATH="${DATA_PATH:-$here/data/sample_platypus.json}"
+sample_data="$here/data/sample_platypus.json"
+DATA_PATH="${DATA_PATH:-$sample_data}"
 OUTPUT_DIR="${OUTPUT_DIR:-./outputs/platypus-qlora}"
 
 # Platypus's published hyperparameters, spelled out so this file documents the recipe; each
@@ -79,7 +80,7 @@ if [ -n "${DEEPSPEED:-}" ]; then
 fi
 quick_start_run() {  # whether run_config.json $1 is either quick start's: its base model and its data
   { grep -qF "\"base_model\": \"$quickstart_base\"" "$1" && grep -qF "\"data_path\": \"$here/$quickstart_data\"" "$1"; } ||
-    { grep -qF "\"base_model\": \"$demo_base\"" "$1" && grep -qF "\"data_path\": \"$here/data/sample_platypus.json\"" "$1"; }
+    { grep -qF "\"base_model\": \"$demo_base\"" "$1" && grep -qF "\"data_path\": \"$sample_data\"" "$1"; }
 }
 if [ -n "$demo" ]; then
   if [ "$demo" = tiny ]; then

@@ -129,18 +129,19 @@ class TokenizerLayout(NamedTuple):
     source: str
 
 
-def tokenizer_layout(folder, flag, base_folder=None):
+def tokenizer_layout(folder, flag, base_folder=None, spec=None):
     """The TokenizerLayout of the tokenizer in folder, decided in the order of llama.cpp's converter for the
     Llama family: a sentencepiece tokenizer.model, else sentencepiece-style BPE in tokenizer.json (byte
     fallback, spaces as ▁; transformers 5 saves sentencepiece tokenizers so), else byte-level BPE whose
     split llama.cpp knows by name; anything else is a UserError naming the folder.
 
     A sentencepiece tokenizer.model may come from base_folder: the merge copies the base's beside tokenizer.json.
+    spec: the folder's tokenizer.json (tokenizer_json), when the caller has read it already.
     """
     folder = Path(folder)
     if any((Path(f) / "tokenizer.model").is_file() for f in (folder, base_folder) if f):
         return TokenizerLayout("llama", "default", "tokenizer.model")
-    spec = tokenizer_json(folder)
+    spec = tokenizer_json(folder) if spec is None else spec
     model = spec.get("model") or {}
     if model and model.get("type") != "BPE":
         raise UserError(
@@ -414,8 +415,8 @@ def add_vocabulary(writer, folder, rows):
     """tokenizer.ggml.*: tokens, scores and types, merges, special ids, add BOS/EOS, chat template, EOT."""
     import gguf
 
-    layout = tokenizer_layout(folder, "--output_dir")
     spec = tokenizer_json(folder)
+    layout = tokenizer_layout(folder, "--output_dir", spec=spec)
     tokens, scores, types = read_tokens(folder, layout, spec)
     if len(tokens) > rows:
         raise UserError(

@@ -52,23 +52,15 @@ VERIFY_ROUNDINGS = {"float32": 64, "float16": 8, "bfloat16": 8}
 # 1.6, 100%; q8_0 3.7-4.2, 97-99.5% (and the same answers to the 30 held-out requests); q5_0 5.9, 82%; q4_0 3.9,
 # 71%; q5_1 14.5, 58%; q4_1 11.6, 48%. The 5- and 4-bit files of a model this small change its greedy tokens
 # more than their agreement floor allows: they warn, and their answers are worth checking (evaluate.py).
+# type: (floor of the logit difference, least greedy agreement, rounding step)
 GGUF_TOLERANCE = {
-    "f16": (0.05, 0.99),
-    "bf16": (0.5, 0.98),
-    "q8_0": (0.5, 0.95),
-    "q5_1": (1.5, 0.9),
-    "q5_0": (1.5, 0.9),
-    "q4_1": (3.0, 0.85),
-    "q4_0": (3.0, 0.85),
-}
-GGUF_STEP = {
-    "f16": 2**-10,
-    "bf16": 2**-7,
-    "q8_0": 1 / 127,
-    "q5_1": 1 / 31,
-    "q5_0": 1 / 16,
-    "q4_1": 1 / 15,
-    "q4_0": 1 / 8,
+    "f16": (0.05, 0.99, 2**-10),
+    "bf16": (0.5, 0.98, 2**-7),
+    "q8_0": (0.5, 0.95, 1 / 127),
+    "q5_1": (1.5, 0.9, 1 / 31),
+    "q5_0": (1.5, 0.9, 1 / 16),
+    "q4_1": (3.0, 0.85, 1 / 15),
+    "q4_0": (3.0, 0.85, 1 / 8),
 }
 GGUF_ROUNDINGS = 8  # k
 VERIFY_AGREEMENT = 0.99  # least share of positions where both pick the same greedy next token
@@ -487,8 +479,8 @@ def gguf_verdict(gguf_type, report):
     """check_gguf's report with its tolerance and verdict: PASS when the tokenizer gives the same ids, the
     largest logit difference is within what the type's rounding explains at these logits, and greedy agreement
     holds."""
-    floor, agreement = GGUF_TOLERANCE[gguf_type]
-    step, scale = GGUF_STEP[gguf_type], report["max_abs_logit"]
+    floor, agreement, step = GGUF_TOLERANCE[gguf_type]
+    scale = report["max_abs_logit"]
     scaled = GGUF_ROUNDINGS * step * scale
     derivation = (
         f"{GGUF_ROUNDINGS} x {gguf_type} step {step:.2g} x max |logit| {scale:.3g}"

@@ -29,14 +29,10 @@ class WideDrawDropout(torch.nn.Dropout):
 
 
 def cheaper_lora_dropout(model):
-    """Replace the nn.Dropout of every LoRA layer with WideDrawDropout of the same p; returns how many."""
-    replaced = 0
+    """Replace the nn.Dropout of every LoRA layer with WideDrawDropout of the same p."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, torch.nn.ModuleDict):
-            continue
-        for name, dropout in dropouts.items():
-            if type(dropout) is torch.nn.Dropout:
-                dropouts[name] = WideDrawDropout(dropout.p)
-                replaced += 1
-    return replaced
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if type(dropout) is torch.nn.Dropout:
+                    dropouts[name] = WideDrawDropout(dropout.p)

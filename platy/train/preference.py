@@ -44,16 +44,19 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 # ---- the losses --------------------------------------------------------------------------------------
 
 
-def answer_logps(model, input_ids, attention_mask, labels):
+def answer_logps(model, input_ids, attention_mask, labels, by_mask=None):
     """(sum of the answer tokens' log-probs, their count) per row; labels hold IGNORE_INDEX off the answer.
 
     The lm_head and the log-softmax run only at the positions that predict an answer token (transformers'
     logits_to_keep with a boolean mask, through peft and DDP wrappers alike, where slices_logits_by_mask allows
     it): over a 49k-token vocabulary they are a large share of a step, and prompt and padding positions enter no
-    loss. Each kept position's logits are the ones a full forward computes there, so the sums are the same."""
+    loss. Each kept position's logits are the ones a full forward computes there, so the sums are the same.
+    by_mask: slices_logits_by_mask(model), when the caller has it already."""
     keep = answer_positions(labels)
-    by_mask = {"logits_to_keep": keep} if slices_logits_by_mask(model) else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **by_mask).logits.float()
+    if by_mask is None:
+        by_mask = slices_logits_by_mask(model)
+    mask = {"logits_to_keep": keep} if by_mask else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **mask).logits.float()
     if logits.dim() == 3:  # every position's logits (a model that cannot take the mask)
         logits = logits[keep.to(logits.device)]
     targets = labels[:, 1:][keep[:, :-1]].to(logits.device)
@@ -95,12 +98,12 @@ def starting_loss(stage, beta):
     return math.log(2) if stage == "dpo" else (1 / (2 * beta)) ** 2
 
 
-def pair_loss(model, inputs, stage, beta, gamma, check=None):
+def pair_loss(model, inputs, stage, beta, gamma, check=None, by_mask=None):
     """(loss, chosen rewards, rejected rewards) of a PairCollator batch: the policy's log-probs of both answers
     in one forward pass, the reference's from the batch (dpo, ipo). check(chosen, rejected, ref_chosen,
     ref_rejected, rows), when given, sees the log-probs before the loss."""
     pairs = inputs["row"].shape[0]
-    logps, counts = answer_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+    logps, counts = answer_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], by_mask)
     chosen, rejected = (logps[:pairs], counts[:pairs]), (logps[pairs:], counts[pairs:])
     ref_chosen = ref_rejected = None
     if stage in WITH_REFERENCE:
@@ -161,7 +164,13 @@ class PreferenceTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         check = self.stage in WITH_REFERENCE and model.training and not self.start_checked
         loss, reward_w, reward_l = pair_loss(
-            model, inputs, self.stage, self.beta, self.gamma, self.check_start if check else None
+            model,
+            inputs,
+            self.stage,
+            self.beta,
+            self.gamma,
+            self.check_start if check else None,
+            by_mask=self.logits_at_labels_only,
         )
         self.note(model.training, reward_w, reward_l)
         return (loss, None) if return_outputs else loss
@@ -278,12 +287,17 @@ def reference_logps(model, dataset, collator, batch_size, use_adapter, precision
     device = next(model.parameters()).device
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = torch.autocast(device.type, dtype=half) if half else contextlib.nullcontext()
+    by_mask = slices_logits_by_mask(model)
     with torch.no_grad(), context, autocast:
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             pairs = batch["row"].shape[0]
             logps, _ = answer_logps(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
+                model,
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["labels"].to(device),
+                by_mask,
             )
             chosen.append(logps[:pairs].double().cpu())
             rejected.append(logps[pairs:].double().cpu())
